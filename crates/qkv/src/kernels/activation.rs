@@ -1,0 +1,93 @@
+//! Bias + activation, fused into one pass after the matrix product (position-wise FFN, §3.3).
+
+use crate::parallel::{reduce_rows, rows_per_task};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// max(0, x), as in the paper (§3.3).
+    Relu,
+    /// Exact GELU, x·Φ(x) with the erf form (PyTorch's default, BERT's).
+    Gelu,
+    /// No activation: the bias-only case, used for plain linear layers.
+    Identity,
+}
+
+const SQRT_1_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+impl Activation {
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Relu => x.max(0.0),
+            Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * SQRT_1_2)),
+            Activation::Identity => x,
+        }
+    }
+    /// d act / dx at pre-activation `x`.
+    #[inline(always)]
+    pub fn derivative(self, x: f32) -> f32 {
+        match self {
+            Activation::Relu => (x > 0.0) as u8 as f32,
+            Activation::Gelu => 0.5 * (1.0 + libm::erff(x * SQRT_1_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp(),
+            Activation::Identity => 1.0,
+        }
+    }
+}
+
+/// In one pass: `pre += bias` (in place) and `post = act(pre)`.
+/// pre, post: (N, F); bias: (F). With `Identity`, `post` may be empty and only the bias is added.
+pub fn bias_act_forward(pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Activation) {
+    let f = bias.len();
+    let n = pre.len() / f;
+    let chunk = rows_per_task(n, f) * f;
+    if act == Activation::Identity {
+        pre.par_chunks_mut(chunk).for_each(|p| {
+            for row in p.chunks_mut(f) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        });
+        return;
+    }
+    pre.par_chunks_mut(chunk).zip(post[..n * f].par_chunks_mut(chunk)).for_each(|(p, q)| {
+        for (prow, qrow) in p.chunks_mut(f).zip(q.chunks_mut(f)) {
+            for i in 0..f {
+                let v = prow[i] + bias[i];
+                prow[i] = v;
+                qrow[i] = act.apply(v);
+            }
+        }
+    });
+}
+
+/// Backward of [`bias_act_forward`] in one pass: `dpre = dpost * act'(pre)` and `dbias += Σ_rows dpre`.
+/// `dpre` may alias nothing; pass `dpost` as the upstream gradient. For `Identity`, `dpre` is
+/// not written (callers use `dpost` directly) and only the bias gradient is formed.
+pub fn bias_act_backward(dpre: &mut [f32], dbias: &mut [f32], dpost: &[f32], pre: &[f32], act: Activation) {
+    let f = dbias.len();
+    let n = dpost.len() / f;
+    if act != Activation::Identity {
+        let chunk = rows_per_task(n, f) * f;
+        dpre[..n * f].par_chunks_mut(chunk).enumerate().for_each(|(ci, d)| {
+            let base = ci * chunk;
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = dpost[base + i] * act.derivative(pre[base + i]);
+            }
+        });
+    }
+    let src: &[f32] = if act == Activation::Identity { dpost } else { dpre };
+    column_sum(dbias, src, f);
+}
+
+/// `acc += Σ_rows x`, x: (N, F); acc: (F)
+pub fn column_sum(acc: &mut [f32], x: &[f32], f: usize) {
+    let n = x.len() / f;
+    reduce_rows(acc, n, f, |start, len, out| {
+        for row in x[start * f..(start + len) * f].chunks(f) {
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+        }
+    });
+}

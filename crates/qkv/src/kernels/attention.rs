@@ -1,0 +1,156 @@
+//! Scaled dot-product attention, the materialized reference (§3.2.1, Eq. 1):
+//! `Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V`, with key-padding and causal masks.
+//!
+//! Heads are strided views into the fused projection buffers (e.g. a (B·T, 3C) QKV buffer):
+//! head h of operand X is columns `[offset + h·D, offset + (h+1)·D)` with row stride `rs`,
+//! so neither the head split nor the transposes need copies.
+//! The scores are materialized as `probs` (B, H, Tq, Tk) and kept for backward.
+
+use super::matmul::{gemm_strided, MatMut, MatRef};
+use super::softmax::{softmax_row_backward, softmax_row_masked};
+use rayon::prelude::*;
+use std::marker::PhantomData;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    pub k_len: usize,
+    pub head_dim: usize,
+}
+
+/// Which scores are removed before the softmax.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Masks<'a> {
+    /// (B, Tk): `true` where the key is padding.
+    pub key_padding: Option<&'a [bool]>,
+    /// Query i may not see keys j > i (decoder self-attention, §3.2.3).
+    pub causal: bool,
+}
+
+impl Masks<'_> {
+    #[inline(always)]
+    fn masked(&self, b: usize, k_len: usize, i: usize, j: usize) -> bool {
+        (self.causal && j > i) || self.key_padding.is_some_and(|m| m[b * k_len + j])
+    }
+}
+
+/// Read-only per-head view: row `t` of batch `b` starts at `(b·len + t)·rs + offset`.
+#[derive(Clone, Copy)]
+pub struct HeadsRef<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub offset: usize,
+}
+
+impl HeadsRef<'_> {
+    fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatRef {
+        MatRef { ptr: self.data[(b * len) * self.rs + self.offset + h * d..].as_ptr(), rs: self.rs as isize, cs: 1 }
+    }
+}
+
+/// Writable per-head view. Several may point into one buffer (dQ, dK, dV inside one (B·T, 3C)
+/// gradient buffer): [`HeadsMut::split`] checks their column ranges are disjoint.
+pub struct HeadsMut<'a> {
+    ptr: *mut f32,
+    len: usize,
+    rs: usize,
+    offset: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+unsafe impl Send for HeadsMut<'_> {}
+unsafe impl Sync for HeadsMut<'_> {}
+
+impl<'a> HeadsMut<'a> {
+    /// Views of `width` columns starting at each of `offsets`, rows of stride `rs`.
+    pub fn split<const N: usize>(buf: &'a mut [f32], rs: usize, width: usize, offsets: [usize; N]) -> [HeadsMut<'a>; N] {
+        for (i, &a) in offsets.iter().enumerate() {
+            assert!(a + width <= rs, "view exceeds row");
+            for &b in &offsets[i + 1..] {
+                assert!(a + width <= b || b + width <= a, "overlapping views");
+            }
+        }
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        offsets.map(|offset| HeadsMut { ptr, len, rs, offset, _borrow: PhantomData })
+    }
+
+    /// The (len, D) block of head `h` in batch `b`.
+    fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatMut {
+        let start = (b * len) * self.rs + self.offset + h * d;
+        assert!(start + (len - 1) * self.rs + d <= self.len);
+        // SAFETY: in bounds (checked); callers write each (b, h) block from one task only.
+        MatMut { ptr: unsafe { self.ptr.add(start) }, rs: self.rs as isize, cs: 1 }
+    }
+}
+
+fn check(s: &AttentionShape, q: &HeadsRef, k: &HeadsRef, v: &HeadsRef) {
+    let w = s.heads * s.head_dim;
+    for (x, len) in [(q, s.q_len), (k, s.k_len), (v, s.k_len)] {
+        assert!(x.offset + w <= x.rs && x.data.len() >= s.batch * len * x.rs, "attention operand too small");
+    }
+}
+
+/// Forward. out: (B, Tq, H·D) contiguous; probs: (B, H, Tq, Tk).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: HeadsRef, k: HeadsRef, v: HeadsRef, s: AttentionShape, masks: &Masks, scale: f32) {
+    check(&s, &q, &k, &v);
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let w = hh * d;
+    assert!(out.len() >= s.batch * tq * w && probs.len() >= s.batch * hh * tq * tk);
+    let [o] = HeadsMut::split(out, w, w, [0]);
+    probs[..s.batch * hh * tq * tk].par_chunks_mut(tq * tk).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / hh, bh % hh);
+        let none = gemm::Parallelism::None;
+        let pm = MatMut { ptr: p.as_mut_ptr(), rs: tk as isize, cs: 1 };
+        let kh = k.head(b, tk, h, d);
+        let kt = MatRef { ptr: kh.ptr, rs: kh.cs, cs: kh.rs };
+        // SAFETY: operand bounds were checked; each task owns its probs block and its out block.
+        unsafe { gemm_strided(tq, tk, d, pm, false, q.head(b, tq, h, d), kt, scale, none) };
+        for (i, row) in p.chunks_mut(tk).enumerate() {
+            softmax_row_masked(row, |j| masks.masked(b, tk, i, j));
+        }
+        let pr = MatRef { ptr: p.as_ptr(), rs: tk as isize, cs: 1 };
+        unsafe { gemm_strided(tq, d, tk, o.head(b, tq, h, d), false, pr, v.head(b, tk, h, d), 1.0, none) };
+    });
+}
+
+/// Backward. dout: (B, Tq, H·D); probs from forward; scratch: (B, H, Tq, Tk).
+/// Writes (overwrites) dq, dk, dv.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &HeadsMut, dk: &HeadsMut, dv: &HeadsMut, dout: &[f32], probs: &[f32], q: HeadsRef, k: HeadsRef, v: HeadsRef,
+    scratch: &mut [f32], s: AttentionShape, scale: f32,
+) {
+    check(&s, &q, &k, &v);
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let dov = HeadsRef { data: dout, rs: hh * d, offset: 0 };
+    scratch[..s.batch * hh * tq * tk].par_chunks_mut(tq * tk).enumerate().for_each(|(bh, ds)| {
+        let (b, h) = (bh / hh, bh % hh);
+        let none = gemm::Parallelism::None;
+        let p = &probs[bh * tq * tk..(bh + 1) * tq * tk];
+        let pt = MatRef { ptr: p.as_ptr(), rs: 1, cs: tk as isize };
+        let doh = dov.head(b, tq, h, d);
+        let vh = v.head(b, tk, h, d);
+        let vt = MatRef { ptr: vh.ptr, rs: vh.cs, cs: vh.rs };
+        let dsm = MatMut { ptr: ds.as_mut_ptr(), rs: tk as isize, cs: 1 };
+        // SAFETY: bounds checked; each (b, h) block of dq/dk/dv and scratch is written by this task only.
+        unsafe {
+            // dV = Pᵀ dO ; dP = dO Vᵀ
+            gemm_strided(tk, d, tq, dv.head(b, tk, h, d), false, pt, doh, 1.0, none);
+            gemm_strided(tq, tk, d, dsm, false, doh, vt, 1.0, none);
+        }
+        // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale ; masked entries have P = 0, hence dS = 0.
+        for (dr, prow) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
+            softmax_row_backward(dr, prow, scale);
+        }
+        let dsr = MatRef { ptr: ds.as_ptr(), rs: tk as isize, cs: 1 };
+        let dst = MatRef { ptr: ds.as_ptr(), rs: 1, cs: tk as isize };
+        unsafe {
+            // dQ = dS K ; dK = dSᵀ Q
+            gemm_strided(tq, d, tk, dq.head(b, tq, h, d), false, dsr, k.head(b, tk, h, d), 1.0, none);
+            gemm_strided(tk, d, tq, dk.head(b, tk, h, d), false, dst, q.head(b, tq, h, d), 1.0, none);
+        }
+    });
+}

@@ -1,0 +1,105 @@
+//! Layer normalisation (Ba et al., 2016), fused with the residual connection around it
+//! ("Add & Norm", Figure 1) so the sum is formed in the same pass that normalises it.
+
+use crate::kernels::dropout::{self, Dropout};
+use crate::parallel::{reduce_rows, rows_per_task};
+use rayon::prelude::*;
+
+/// `out = LN(x) * w + b` over rows of width `c`; saves per-row `mean` and `rstd` for backward.
+/// x, out: (N, C); mean, rstd: (N)
+pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) {
+    let n = x.len() / c;
+    let chunk = rows_per_task(n, c);
+    out[..n * c]
+        .par_chunks_mut(chunk * c)
+        .zip(mean[..n].par_chunks_mut(chunk))
+        .zip(rstd[..n].par_chunks_mut(chunk))
+        .enumerate()
+        .for_each(|(ci, ((o, mu), rs))| {
+            let r0 = ci * chunk;
+            for (r, orow) in o.chunks_mut(c).enumerate() {
+                let xr = &x[(r0 + r) * c..(r0 + r + 1) * c];
+                let (m, s) = normalise_row(orow, xr, w, b, eps);
+                mu[r] = m;
+                rs[r] = s;
+            }
+        });
+}
+
+#[inline]
+fn normalise_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) -> (f32, f32) {
+    let c = x.len() as f32;
+    let m = x.iter().sum::<f32>() / c;
+    let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c;
+    let s = 1.0 / (var + eps).sqrt();
+    for i in 0..x.len() {
+        out[i] = (x[i] - m) * s * w[i] + b[i];
+    }
+    (m, s)
+}
+
+/// Post-LN "Add & Norm": `sum = x + dropout(sub)`, `out = LN(sum)`. `sum` is saved for backward.
+/// x, sub, sum, out: (N, C)
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_forward(
+    sum: &mut [f32], out: &mut [f32], mean: &mut [f32], rstd: &mut [f32],
+    x: &[f32], sub: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32, drop: Option<Dropout>,
+) {
+    dropout::residual_add(sum, x, sub, drop);
+    layernorm_forward(out, mean, rstd, sum, w, b, c, eps);
+}
+
+/// Backward of [`layernorm_forward`]: `dx (+)= ∂L/∂x`, `dw += …`, `db += …`.
+/// With `accumulate_dx`, the result is added to `dx` — this is how the residual branch's
+/// gradient is fused in without a separate pass.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dx: &mut [f32], dw: &mut [f32], db: &mut [f32], dy: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], w: &[f32], c: usize,
+    accumulate_dx: bool,
+) {
+    let n = x.len() / c;
+    let chunk = rows_per_task(n, c);
+    dx[..n * c].par_chunks_mut(chunk * c).enumerate().for_each(|(ci, dxc)| {
+        let r0 = ci * chunk;
+        for (r, dxr) in dxc.chunks_mut(c).enumerate() {
+            let row = r0 + r;
+            let (xr, dyr) = (&x[row * c..(row + 1) * c], &dy[row * c..(row + 1) * c]);
+            let (m, s) = (mean[row], rstd[row]);
+            // dxhat = dy * w; dx = s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+            let mut sum_d = 0.0f32;
+            let mut sum_dx = 0.0f32;
+            for i in 0..c {
+                let xhat = (xr[i] - m) * s;
+                let d = dyr[i] * w[i];
+                sum_d += d;
+                sum_dx += d * xhat;
+            }
+            let (mean_d, mean_dx) = (sum_d / c as f32, sum_dx / c as f32);
+            for i in 0..c {
+                let xhat = (xr[i] - m) * s;
+                let g = s * (dyr[i] * w[i] - mean_d - xhat * mean_dx);
+                dxr[i] = if accumulate_dx { dxr[i] + g } else { g };
+            }
+        }
+    });
+    layernorm_param_grads(dw, db, dy, x, mean, rstd, c);
+}
+
+/// `dw += Σ_rows dy * xhat`, `db += Σ_rows dy`.
+pub fn layernorm_param_grads(dw: &mut [f32], db: &mut [f32], dy: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+    let n = x.len() / c;
+    let mut acc = vec![0.0f32; 2 * c];
+    reduce_rows(&mut acc, n, c, |start, len, out| {
+        let (ow, ob) = out.split_at_mut(c);
+        for row in start..start + len {
+            let (xr, dyr) = (&x[row * c..(row + 1) * c], &dy[row * c..(row + 1) * c]);
+            let (m, s) = (mean[row], rstd[row]);
+            for i in 0..c {
+                ow[i] += dyr[i] * (xr[i] - m) * s;
+                ob[i] += dyr[i];
+            }
+        }
+    });
+    dw.iter_mut().zip(&acc[..c]).for_each(|(a, b)| *a += b);
+    db.iter_mut().zip(&acc[c..]).for_each(|(a, b)| *a += b);
+}

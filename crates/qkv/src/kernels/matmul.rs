@@ -1,0 +1,85 @@
+//! Matrix products through the `gemm` crate (it reaches the cores' f32 peak and takes
+//! arbitrary row/column strides, so transposes and per-head views need no copies).
+
+use crate::parallel::gemm_par;
+
+/// A read-only strided matrix: element (i, j) is at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// A writable strided matrix, same addressing as [`MatRef`].
+#[derive(Clone, Copy)]
+pub struct MatMut {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+unsafe impl Send for MatRef {}
+unsafe impl Sync for MatRef {}
+unsafe impl Send for MatMut {}
+unsafe impl Sync for MatMut {}
+
+impl MatRef {
+    /// Row-major (rows, cols) slice; with `transpose`, the view of its transpose.
+    pub fn rows(s: &[f32], cols: usize, transpose: bool) -> Self {
+        let (rs, cs) = if transpose { (1, cols as isize) } else { (cols as isize, 1) };
+        Self { ptr: s.as_ptr(), rs, cs }
+    }
+}
+
+/// `dst (m, n) = [dst +] scale * a (m, k) · b (k, n)` on strided views.
+///
+/// # Safety
+/// The views must address valid memory for the given sizes, and `dst` must not overlap `a`/`b`
+/// or be written by another thread at the same time.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(m: usize, n: usize, k: usize, dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, scale: f32, par: gemm::Parallelism) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.ptr.offset(i as isize * dst.rs + j as isize * dst.cs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, scale, false, false, false, par);
+}
+
+/// `out (m, n) = [out +] op(a) · op(b)` for contiguous row-major operands, multi-threaded.
+/// `op(a)` is (m, k): `a` is stored (m, k), or (k, m) when `ta`. Likewise `b` is (k, n) or (n, k) when `tb`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul operand too small");
+    let av = MatRef::rows(a, if ta { m } else { k }, ta);
+    let bv = MatRef::rows(b, if tb { k } else { n }, tb);
+    let dst = MatMut { ptr: out.as_mut_ptr(), rs: n as isize, cs: 1 };
+    // SAFETY: sizes checked above; `out` is uniquely borrowed.
+    unsafe { gemm_strided(m, n, k, dst, accumulate, av, bv, 1.0, gemm_par()) }
+}
+
+/// Reference triple loop, kept for tests of [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_naive(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                let x = if ta { a[p * m + i] } else { a[i * k + p] };
+                let y = if tb { b[j * k + p] } else { b[p * n + j] };
+                s += x as f64 * y as f64;
+            }
+            let o = &mut out[i * n + j];
+            *o = if accumulate { *o + s as f32 } else { s as f32 };
+        }
+    }
+}

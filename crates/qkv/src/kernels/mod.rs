@@ -1,0 +1,13 @@
+//! Numeric kernels over flat `f32` slices: each has a forward and a backward, shapes are given
+//! as comments in one alphabet — B batch, T/Tq/Tk sequence, C model width, H heads, D head
+//! width, F feed-forward width, V vocabulary, N = B·T rows. Kernels know nothing of models.
+
+pub mod activation;
+pub mod attention;
+pub mod dropout;
+pub mod embedding;
+pub mod layernorm;
+pub mod loss;
+pub mod matmul;
+pub mod optim;
+pub mod softmax;

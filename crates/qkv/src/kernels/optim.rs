@@ -1,0 +1,41 @@
+//! Fused optimizer passes over flat buffers: AdamW (Loshchilov & Hutter, 2019) and the
+//! global gradient norm used for clipping.
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 16384;
+
+/// One AdamW update in a single pass over (param, grad, m, v), matching `torch.optim.AdamW`:
+/// decoupled decay `p -= lr·wd·p`, then `p -= lr/(1-β1^t) · m / (√v/√(1-β2^t) + ε)`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u64) {
+    let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
+    let bc2 = 1.0 - (beta2 as f64).powi(step as i32);
+    let step_size = (lr as f64 / bc1) as f32;
+    let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+    let decay = 1.0 - lr * weight_decay;
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(ci, ((p, m), v))| {
+            let g = &grads[ci * CHUNK..ci * CHUNK + p.len()];
+            for i in 0..p.len() {
+                m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
+                v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
+                let denom = v[i].sqrt() * inv_sqrt_bc2 + eps;
+                p[i] = p[i] * decay - step_size * m[i] / denom;
+            }
+        });
+}
+
+/// Sum of squares in f64 (so the norm of millions of parameters stays exact enough).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum()
+}
+
+/// Multiply in place.
+pub fn scale(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}

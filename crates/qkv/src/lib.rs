@@ -1,0 +1,20 @@
+//! qkv: the Transformer of "Attention Is All You Need" (Vaswani et al., 2017) on a
+//! hand-written CPU engine with explicit forward and backward passes.
+//!
+//! Layering (see ARCHITECTURE.md):
+//! - [`kernels`]: numeric kernels over flat `f32` slices; they know nothing of models.
+//! - [`params`]: one flat parameter buffer and one gradient buffer with the same layout.
+//! - [`model`]: layers, blocks and the three model families; no IO.
+//! - [`optim`]: AdamW and gradient clipping over the flat buffers.
+//! - [`checkpoint`]: safetensors weights, config JSON and optimizer state (the only IO in the library).
+
+pub mod checkpoint;
+pub mod error;
+pub mod kernels;
+pub mod model;
+pub mod optim;
+pub mod parallel;
+pub mod params;
+pub mod rng;
+
+pub use error::{Error, Result};

@@ -1,0 +1,171 @@
+//! Model configuration: plain serde data with named presets, saved beside every checkpoint.
+
+use crate::error::{Error, Result};
+use crate::kernels::activation::Activation;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Encoder-decoder (Figure 1).
+    Seq2seq,
+    /// Encoder-only with a pooled class head.
+    Classifier,
+    /// Decoder-only, causal.
+    Lm,
+}
+
+/// Where LayerNorm sits around each sublayer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormPlacement {
+    /// `LN(x + Sublayer(x))`, the paper's placement (§3.1).
+    Post,
+    /// `x + Sublayer(LN(x))`, with a final LN after the stack (Xiong et al., 2020).
+    Pre,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positional {
+    /// Fixed sinusoids (§3.5).
+    Sinusoidal,
+    /// A learned (max_len, C) table.
+    Learned,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean over non-padding positions.
+    Mean,
+    /// The first position (a [CLS]-style token).
+    First,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub family: Family,
+    /// Source (or only) vocabulary size.
+    pub vocab_size: usize,
+    /// Target vocabulary for seq2seq; `None` means the same as `vocab_size`.
+    #[serde(default)]
+    pub tgt_vocab_size: Option<usize>,
+    /// Classes of the classifier head.
+    #[serde(default)]
+    pub n_classes: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+    #[serde(default)]
+    pub n_encoder_layers: usize,
+    #[serde(default)]
+    pub n_decoder_layers: usize,
+    pub max_len: usize,
+    pub dropout: f32,
+    pub activation: Activation,
+    pub norm: NormPlacement,
+    pub positional: Positional,
+    /// Multiply embeddings by √C (§3.4).
+    pub scale_embeddings: bool,
+    /// Output projection shares the target embedding (§3.4).
+    pub tie_output: bool,
+    /// Seq2seq: one table for source, target and output (requires one vocabulary).
+    #[serde(default)]
+    pub share_embeddings: bool,
+    #[serde(default = "default_pooling")]
+    pub pooling: Pooling,
+    #[serde(default)]
+    pub pad_id: u32,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f32,
+}
+
+fn default_pooling() -> Pooling {
+    Pooling::Mean
+}
+fn default_eps() -> f32 {
+    1e-5
+}
+
+impl ModelConfig {
+    /// Named presets. `base` is the paper's base model (Table 3); `small` and `tiny` fit this
+    /// 2-core machine. The family decides which stacks exist.
+    pub fn preset(name: &str, family: Family, vocab_size: usize) -> Result<Self> {
+        let (layers, d_model, n_heads, d_ff, dropout) = match name {
+            "base" => (6, 512, 8, 2048, 0.1),
+            "small" => (3, 256, 4, 1024, 0.1),
+            "tiny" => (2, 64, 4, 256, 0.1),
+            other => return Err(Error::Config(format!("unknown preset '{other}' (expected base, small or tiny)"))),
+        };
+        Ok(Self {
+            family,
+            vocab_size,
+            tgt_vocab_size: None,
+            n_classes: if family == Family::Classifier { 2 } else { 0 },
+            d_model,
+            n_heads,
+            d_ff,
+            n_encoder_layers: if family == Family::Lm { 0 } else { layers },
+            n_decoder_layers: if family == Family::Classifier { 0 } else { layers },
+            max_len: 512,
+            dropout,
+            activation: Activation::Relu,
+            norm: NormPlacement::Post,
+            positional: Positional::Sinusoidal,
+            scale_embeddings: true,
+            tie_output: family != Family::Classifier,
+            share_embeddings: false,
+            pooling: Pooling::Mean,
+            pad_id: 0,
+            layer_norm_eps: 1e-5,
+        })
+    }
+
+    pub fn tgt_vocab(&self) -> usize {
+        self.tgt_vocab_size.unwrap_or(self.vocab_size)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads.max(1)
+    }
+
+    /// Reject configurations the model cannot be built from, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.d_model == 0 || self.n_heads == 0 || self.d_ff == 0 || self.max_len == 0 || self.vocab_size == 0 {
+            return bad("d_model, n_heads, d_ff, max_len and vocab_size must be positive".into());
+        }
+        if self.d_model % self.n_heads != 0 {
+            return bad(format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {} is outside [0, 1)", self.dropout));
+        }
+        if self.pad_id as usize >= self.vocab_size {
+            return bad(format!("pad_id {} is outside the vocabulary (size {})", self.pad_id, self.vocab_size));
+        }
+        match self.family {
+            Family::Seq2seq => {
+                if self.n_encoder_layers == 0 || self.n_decoder_layers == 0 {
+                    return bad("seq2seq needs n_encoder_layers > 0 and n_decoder_layers > 0".into());
+                }
+                if self.share_embeddings && self.tgt_vocab() != self.vocab_size {
+                    return bad(format!("share_embeddings needs one vocabulary, got {} and {}", self.vocab_size, self.tgt_vocab()));
+                }
+            }
+            Family::Classifier => {
+                if self.n_encoder_layers == 0 || self.n_classes < 2 {
+                    return bad(format!("classifier needs n_encoder_layers > 0 and n_classes >= 2 (got {} and {})", self.n_encoder_layers, self.n_classes));
+                }
+            }
+            Family::Lm => {
+                if self.n_decoder_layers == 0 {
+                    return bad("lm needs n_decoder_layers > 0".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! The encoder (Figure 1, left): N identical layers of self-attention and feed-forward, each
+//! wrapped in Add & Norm. The same block with a causal mask is the decoder-only LM's layer.
+
+use super::attention::SelfAttention;
+use super::config::{ModelConfig, NormPlacement};
+use super::feed_forward::FeedForward;
+use super::norm::{AddNorm, LayerNorm};
+use super::{buf, Mode, SiteIds};
+use crate::kernels::attention::Masks;
+use crate::params::ParamBuilder;
+
+#[derive(Clone, Debug)]
+pub struct EncoderLayer {
+    pub self_attn: SelfAttention,
+    pub self_attn_norm: AddNorm,
+    pub ffn: FeedForward,
+    pub ffn_norm: AddNorm,
+    mid: Vec<f32>,  // (N, C) output of the attention sublayer's Add & Norm
+    dmid: Vec<f32>, // (N, C)
+}
+
+impl EncoderLayer {
+    pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig, sites: &mut SiteIds) -> Self {
+        let (c, eps, placement) = (cfg.d_model, cfg.layer_norm_eps, cfg.norm);
+        Self {
+            self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), c, cfg.n_heads),
+            self_attn_norm: AddNorm::new(pb, &format!("{name}.self_attn_norm"), c, eps, placement, sites.next()),
+            ffn: FeedForward::new(pb, &format!("{name}.ffn"), c, cfg.d_ff, cfg.activation),
+            ffn_norm: AddNorm::new(pb, &format!("{name}.ffn_norm"), c, eps, placement, sites.next()),
+            mid: Vec::new(),
+            dmid: Vec::new(),
+        }
+    }
+
+    /// x, y: (B, T, C)
+    pub fn forward(&mut self, p: &[f32], x: &[f32], y: &mut [f32], batch: usize, t: usize, masks: &Masks, mode: Mode) {
+        let n = x.len();
+        let a_in = self.self_attn_norm.sublayer_input(p, x);
+        let a = self.self_attn.forward(p, a_in, batch, t, masks);
+        let mid = buf(&mut self.mid, n);
+        self.self_attn_norm.finish(p, x, a, mid, mode);
+        let mid = &self.mid[..n];
+        let f_in = self.ffn_norm.sublayer_input(p, mid);
+        let f = self.ffn.forward(p, f_in);
+        self.ffn_norm.finish(p, mid, f, y, mode);
+    }
+
+    /// dy → dx (overwritten), for the `x` of the last forward.
+    pub fn backward(&mut self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let n = x.len();
+        let mid = &self.mid[..n];
+        let dmid = buf(&mut self.dmid, n);
+        let s = self.ffn_norm.backward_output(p, g, mid, dy, dmid);
+        self.ffn.backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+        self.ffn_norm.backward_input(p, g, mid, dmid);
+        let s = self.self_attn_norm.backward_output(p, g, x, &self.dmid[..n], dx);
+        self.self_attn.backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+        self.self_attn_norm.backward_input(p, g, x, dx);
+    }
+}
+
+/// A stack of layers with the pre-LN final norm; owns the hidden states between layers.
+#[derive(Clone, Debug)]
+pub struct EncoderStack {
+    pub layers: Vec<EncoderLayer>,
+    pub final_norm: Option<LayerNorm>,
+    hidden: Vec<Vec<f32>>, // L + 1 buffers of (N, C): input, each layer's output
+    out: Vec<f32>,         // final_norm output (pre-LN)
+    dh: [Vec<f32>; 2],
+}
+
+impl EncoderStack {
+    pub fn new(pb: &mut ParamBuilder, name: &str, n_layers: usize, cfg: &ModelConfig, sites: &mut SiteIds) -> Self {
+        let layers = (0..n_layers).map(|i| EncoderLayer::new(pb, &format!("{name}.layers.{i}"), cfg, sites)).collect();
+        let final_norm = (cfg.norm == NormPlacement::Pre).then(|| LayerNorm::new(pb, &format!("{name}.final_norm"), cfg.d_model, cfg.layer_norm_eps));
+        Self { layers, final_norm, hidden: vec![Vec::new(); n_layers + 1], out: Vec::new(), dh: [Vec::new(), Vec::new()] }
+    }
+
+    /// x: (B, T, C) → (B, T, C)
+    pub fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, t: usize, masks: &Masks, mode: Mode) -> &[f32] {
+        let n = x.len();
+        buf(&mut self.hidden[0], n).copy_from_slice(x);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (lo, hi) = self.hidden.split_at_mut(i + 1);
+            layer.forward(p, &lo[i][..n], buf(&mut hi[0], n), batch, t, masks, mode);
+        }
+        let last = &self.hidden[self.layers.len()][..n];
+        match &mut self.final_norm {
+            Some(norm) => {
+                norm.forward(p, last, buf(&mut self.out, n));
+                &self.out[..n]
+            }
+            None => last,
+        }
+    }
+
+    /// The output of the last forward, (N, C).
+    pub fn output(&self, n: usize) -> &[f32] {
+        match self.final_norm {
+            Some(_) => &self.out[..n],
+            None => &self.hidden[self.layers.len()][..n],
+        }
+    }
+
+    /// dy: gradient of the stack output → gradient of its input.
+    pub fn backward(&mut self, p: &[f32], g: &mut [f32], dy: &[f32]) -> &[f32] {
+        let n = dy.len();
+        let l = self.layers.len();
+        let [d0, d1] = &mut self.dh;
+        let (mut cur, mut next) = (buf(d0, n), buf(d1, n));
+        match &self.final_norm {
+            Some(norm) => norm.backward(p, g, &self.hidden[l][..n], dy, cur, false),
+            None => cur.copy_from_slice(dy),
+        }
+        for i in (0..l).rev() {
+            self.layers[i].backward(p, g, &self.hidden[i][..n], cur, next);
+            std::mem::swap(&mut cur, &mut next);
+        }
+        cur
+    }
+}

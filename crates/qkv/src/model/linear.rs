@@ -1,0 +1,74 @@
+//! A fully connected layer in PyTorch's layout: weight (O, I), `y = x Wᵀ + b`.
+
+use super::buf;
+use crate::kernels::activation::{bias_act_forward, column_sum, Activation};
+use crate::kernels::matmul::matmul;
+use crate::params::{two_mut, Init, Param, ParamBuilder};
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    /// Xavier-uniform weight (as PyTorch's attention projections), zero bias.
+    pub fn new(pb: &mut ParamBuilder, name: &str, in_features: usize, out_features: usize, bias: bool) -> Self {
+        let a = (6.0 / (in_features + out_features) as f32).sqrt();
+        let weight = pb.add(format!("{name}.weight"), &[out_features, in_features], Init::Uniform(a));
+        let bias = bias.then(|| pb.add(format!("{name}.bias"), &[out_features], Init::Zeros));
+        Self { weight, bias, in_features, out_features }
+    }
+
+    /// `y = x Wᵀ` without the bias (callers fuse the bias into their next pass). x: (N, I), y: (N, O)
+    pub fn matmul(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
+        let n = x.len() / self.in_features;
+        matmul(y, x, self.weight.of(p), n, self.in_features, self.out_features, false, true, false);
+    }
+
+    /// `y = x Wᵀ + b`. x: (N, I), y: (N, O)
+    pub fn forward(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
+        self.matmul(p, x, y);
+        if let Some(b) = self.bias {
+            bias_act_forward(y, &mut [], b.of(p), Activation::Identity);
+        }
+    }
+
+    /// `dW += dyᵀ x`, `db += Σ_rows dy` (unless `bias_done`), and `dx (+)= dy W` when `dx` is given.
+    /// x: (N, I), dy: (N, O), dx: (N, I)
+    pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, accumulate_dx: bool, bias_done: bool) {
+        let (i, o) = (self.in_features, self.out_features);
+        let n = x.len() / i;
+        match self.bias {
+            Some(b) if !bias_done => {
+                let (dw, db) = two_mut(g, self.weight, b);
+                matmul(dw, dy, x, o, n, i, true, false, true);
+                column_sum(db, dy, o);
+            }
+            _ => matmul(self.weight.of_mut(g), dy, x, o, n, i, true, false, true),
+        }
+        if let Some(dx) = dx {
+            matmul(dx, dy, self.weight.of(p), n, o, i, false, false, accumulate_dx);
+        }
+    }
+}
+
+/// Output projection to the vocabulary, possibly sharing an embedding table (§3.4):
+/// `logits = h Eᵀ`, no bias. h: (N, C), logits: (N, V)
+pub fn project_out(p: &[f32], table: Param, h: &[f32], logits: &mut Vec<f32>, c: usize) -> usize {
+    let v = table.len / c;
+    let n = h.len() / c;
+    let out = buf(logits, n * v);
+    matmul(out, h, table.of(p), n, c, v, false, true, false);
+    v
+}
+
+/// Backward of [`project_out`]: `dE += dlogitsᵀ h`, `dh = dlogits E`.
+pub fn project_out_backward(p: &[f32], g: &mut [f32], table: Param, h: &[f32], dlogits: &[f32], dh: &mut [f32], c: usize) {
+    let v = table.len / c;
+    let n = h.len() / c;
+    matmul(table.of_mut(g), dlogits, h, v, n, c, true, false, true);
+    matmul(dh, dlogits, table.of(p), n, v, c, false, false, false);
+}

@@ -1,0 +1,176 @@
+//! The encoder-decoder Transformer (Figure 1): source embedding → encoder; target embedding →
+//! decoder over the encoder output → linear projection to target-vocabulary logits.
+
+use super::config::{Family, ModelConfig};
+use super::decoder::{DecoderStack, Memory};
+use super::embedding::Embedding;
+use super::encoder::EncoderStack;
+use super::linear::{project_out, project_out_backward};
+use super::{buf, finite, Mode, Model, SiteIds, Tokens};
+use crate::error::{shape_err, Error, Result};
+use crate::kernels::attention::Masks;
+use crate::kernels::loss::cross_entropy_forward_backward;
+use crate::params::{Init, Param, ParamBuilder, Params};
+
+pub struct Seq2Seq {
+    pub config: ModelConfig,
+    pub params: Params,
+    pub src_embed: Embedding,
+    pub tgt_embed: Embedding,
+    pub encoder: EncoderStack,
+    pub decoder: DecoderStack,
+    /// (Vt, C): `output.weight`, or the target (or shared) embedding table when tied.
+    pub output: Param,
+    src_pad: Vec<bool>,
+    tgt_pad: Vec<bool>,
+    memory: Vec<f32>,
+    logits: Vec<f32>,
+    dlogits: Vec<f32>,
+    dmemory: Vec<f32>,
+    ddec: Vec<f32>,
+    shape: Option<(usize, usize, usize)>, // (B, S, T) of the last forward
+}
+
+impl Seq2Seq {
+    pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        if config.family != Family::Seq2seq {
+            return Err(Error::Config(format!("expected family seq2seq, got {:?}", config.family)));
+        }
+        let cfg = &config;
+        let (c, vt) = (cfg.d_model, cfg.tgt_vocab());
+        let mut pb = ParamBuilder::default();
+        let mut sites = SiteIds::default();
+        let src_embed = Embedding::new(&mut pb, "src_embed", None, "src_pos", cfg.vocab_size, c, cfg.max_len, cfg.positional, cfg.scale_embeddings, "source", sites.next());
+        let shared = cfg.share_embeddings.then_some(src_embed.table);
+        let tgt_embed = Embedding::new(&mut pb, "tgt_embed", shared, "tgt_pos", vt, c, cfg.max_len, cfg.positional, cfg.scale_embeddings, "target", sites.next());
+        let encoder = EncoderStack::new(&mut pb, "encoder", cfg.n_encoder_layers, cfg, &mut sites);
+        let decoder = DecoderStack::new(&mut pb, "decoder", cfg, &mut sites);
+        let output = if cfg.share_embeddings || cfg.tie_output {
+            tgt_embed.table
+        } else {
+            pb.add("output.weight", &[vt, c], Init::Normal((c as f32).powf(-0.5)))
+        };
+        Ok(Self {
+            params: pb.build(seed),
+            config,
+            src_embed,
+            tgt_embed,
+            encoder,
+            decoder,
+            output,
+            src_pad: Vec::new(),
+            tgt_pad: Vec::new(),
+            memory: Vec::new(),
+            logits: Vec::new(),
+            dlogits: Vec::new(),
+            dmemory: Vec::new(),
+            ddec: Vec::new(),
+            shape: None,
+        })
+    }
+
+    /// Encode the source: (B, S) → memory (B, S, C), kept for the decoder.
+    pub fn encode(&mut self, src: Tokens, mode: Mode) -> Result<&[f32]> {
+        let p = &self.params.data;
+        let x = self.src_embed.forward(p, src, mode)?;
+        src.padding_mask(self.config.pad_id, &mut self.src_pad);
+        let masks = Masks { key_padding: Some(&self.src_pad), causal: false };
+        let h = self.encoder.forward(p, x, src.batch, src.len, &masks, mode);
+        let out = buf(&mut self.memory, h.len());
+        out.copy_from_slice(h);
+        Ok(out)
+    }
+
+    /// Decode over the memory of the last [`Seq2Seq::encode`]: tgt_in (B, T) → logits (B, T, Vt).
+    pub fn decode(&mut self, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
+        let (b, s) = (tgt_in.batch, self.src_pad.len() / tgt_in.batch.max(1));
+        if self.src_pad.len() != b * s || s == 0 {
+            return Err(shape_err("decoder batch", format!("{} rows (the encoded source)", self.src_pad.len() / s.max(1)), b));
+        }
+        let p = &self.params.data;
+        let c = self.config.d_model;
+        let y = self.tgt_embed.forward(p, tgt_in, mode)?;
+        tgt_in.padding_mask(self.config.pad_id, &mut self.tgt_pad);
+        let masks = Masks { key_padding: Some(&self.tgt_pad), causal: true };
+        let memory = Memory { states: &self.memory[..b * s * c], len: s, padding: Some(&self.src_pad) };
+        let h = self.decoder.forward(p, y, b, tgt_in.len, &masks, memory, mode);
+        let v = project_out(p, self.output, h, &mut self.logits, c);
+        self.shape = Some((b, s, tgt_in.len));
+        Ok(&self.logits[..b * tgt_in.len * v])
+    }
+
+    /// Full forward: (src (B, S), tgt_in (B, T)) → logits (B, T, Vt).
+    pub fn forward(&mut self, src: Tokens, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
+        if src.batch != tgt_in.batch {
+            return Err(shape_err("target batch", format!("{} rows (as the source)", src.batch), tgt_in.batch));
+        }
+        self.encode(src, mode)?;
+        self.decode(tgt_in, mode)
+    }
+
+    /// Loss of the last forward against `tgt_out` (B, T), and every parameter's gradient
+    /// (overwriting `params.grad`).
+    pub fn backward(&mut self, tgt_out: &[u32], label_smoothing: f32) -> Result<f32> {
+        let (b, s, t) = self.shape.ok_or_else(|| Error::Config("backward called before forward".into()))?;
+        let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
+        if tgt_out.len() != b * t {
+            return Err(shape_err("target output", format!("{b} x {t}"), tgt_out.len()));
+        }
+        Tokens { ids: tgt_out, batch: b, len: t }.check_vocab("target output", vt)?;
+        let dlogits = buf(&mut self.dlogits, b * t * vt);
+        let (loss, _) = cross_entropy_forward_backward(dlogits, &self.logits[..b * t * vt], tgt_out, vt, Some(self.config.pad_id), label_smoothing);
+        finite("loss", loss)?;
+        self.params.zero_grad();
+        let (p, g) = (&self.params.data, &mut self.params.grad);
+        let h = self.decoder.output(b * t * c);
+        let ddec = buf(&mut self.ddec, b * t * c);
+        project_out_backward(p, g, self.output, h, &self.dlogits[..b * t * vt], ddec, c);
+        let dmemory = buf(&mut self.dmemory, b * s * c);
+        dmemory.iter_mut().for_each(|v| *v = 0.0);
+        let dy = self.decoder.backward(p, g, &self.memory[..b * s * c], &self.ddec[..b * t * c], dmemory);
+        self.tgt_embed.backward(g, dy);
+        let dx = self.encoder.backward(p, g, &self.dmemory[..b * s * c]);
+        self.src_embed.backward(g, dx);
+        Ok(loss)
+    }
+
+    /// Greedy decoding without a cache: re-runs the decoder on the growing prefix.
+    /// src: (B, S). Returns, per row, the generated ids after `bos`, up to and excluding `eos`.
+    pub fn greedy(&mut self, src: Tokens, bos: u32, eos: u32, max_len: usize) -> Result<Vec<Vec<u32>>> {
+        self.encode(src, Mode::EVAL)?;
+        let b = src.batch;
+        let vt = self.config.tgt_vocab();
+        let mut prefix = vec![vec![bos]; b];
+        let mut done = vec![false; b];
+        for step in 0..max_len.min(self.config.max_len) {
+            let t = step + 1;
+            let ids: Vec<u32> = prefix.iter().flat_map(|r| r.iter().copied()).collect();
+            let logits = self.decode(Tokens::new(&ids, b, t)?, Mode::EVAL)?;
+            for (row, pre) in prefix.iter_mut().enumerate() {
+                let last = &logits[(row * t + t - 1) * vt..(row * t + t) * vt];
+                let best = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0 as u32;
+                if best == eos {
+                    done[row] = true;
+                }
+                pre.push(if done[row] { eos } else { best });
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        Ok(prefix.into_iter().map(|r| r[1..].iter().copied().take_while(|&x| x != eos).collect()).collect())
+    }
+}
+
+impl Model for Seq2Seq {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn params(&self) -> &Params {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+}

@@ -1,0 +1,72 @@
+//! AdamW with global-norm gradient clipping over the flat parameter/gradient buffers.
+
+use crate::error::{Error, Result};
+use crate::kernels::optim::{adamw_step, scale, sum_squares};
+use crate::params::Params;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this value (`None`: no clipping).
+    pub clip_norm: Option<f32>,
+}
+
+impl Default for AdamWConfig {
+    /// The paper's Adam settings (§5.3: β1 = 0.9, β2 = 0.98, ε = 1e-9) with decoupled decay.
+    fn default() -> Self {
+        Self { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-9, weight_decay: 0.01, clip_norm: Some(1.0) }
+    }
+}
+
+/// Optimizer state: first and second moments in the parameters' layout, and the step count.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, n_params: usize) -> Self {
+        Self { config, m: vec![0.0; n_params], v: vec![0.0; n_params], step: 0 }
+    }
+
+    /// Clip (if configured) and apply one update with learning rate `lr`.
+    /// Returns the gradient norm before clipping. A non-finite gradient is an error naming the
+    /// first parameter that holds one; the parameters are left untouched.
+    pub fn step(&mut self, params: &mut Params, lr: f32) -> Result<f32> {
+        let norm = grad_norm(params)?;
+        if let Some(max) = self.config.clip_norm {
+            // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), applied when < 1.
+            let coef = max / (norm + 1e-6);
+            if coef < 1.0 {
+                scale(&mut params.grad, coef);
+            }
+        }
+        self.step += 1;
+        let c = &self.config;
+        adamw_step(&mut params.data, &params.grad, &mut self.m, &mut self.v, lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step);
+        Ok(norm)
+    }
+}
+
+/// Global L2 norm of all gradients; errors on NaN/Inf, naming the parameter.
+pub fn grad_norm(params: &Params) -> Result<f32> {
+    let norm = sum_squares(&params.grad).sqrt() as f32;
+    if norm.is_finite() {
+        return Ok(norm);
+    }
+    for s in &params.specs {
+        let g = &params.grad[s.offset..s.offset + s.len];
+        if let Some(i) = g.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: format!("gradient of {} (element {i})", s.name), value: g[i] });
+        }
+    }
+    Err(Error::NonFinite { what: "gradient norm".into(), value: norm })
+}

@@ -1,0 +1,114 @@
+//! One flat parameter buffer and one flat gradient buffer with the same layout (as llm.c).
+//! Layers hold [`Param`] handles (offset, length) into them; names follow the checkpoint
+//! layout, so initialisation, saving and loading share one table.
+
+use crate::rng::Rng;
+
+/// A parameter's place in the flat buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Param {
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len
+    }
+    pub fn of<'a>(&self, buf: &'a [f32]) -> &'a [f32] {
+        &buf[self.range()]
+    }
+    pub fn of_mut<'a>(&self, buf: &'a mut [f32]) -> &'a mut [f32] {
+        &mut buf[self.range()]
+    }
+}
+
+/// Two disjoint parameters' gradient slices at once (e.g. a weight and its bias).
+pub fn two_mut(buf: &mut [f32], a: Param, b: Param) -> (&mut [f32], &mut [f32]) {
+    assert!(a.offset + a.len <= b.offset, "parameters must be registered in order");
+    let (lo, hi) = buf.split_at_mut(b.offset);
+    (&mut lo[a.range()], &mut hi[..b.len])
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// U(−a, a)
+    Uniform(f32),
+    /// N(0, σ²)
+    Normal(f32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Collects parameter specs while a model is constructed.
+#[derive(Default)]
+pub struct ParamBuilder {
+    specs: Vec<ParamSpec>,
+    inits: Vec<Init>,
+    len: usize,
+}
+
+impl ParamBuilder {
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> Param {
+        let len = shape.iter().product();
+        let p = Param { offset: self.len, len };
+        self.specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), offset: self.len, len });
+        self.inits.push(init);
+        self.len += len;
+        p
+    }
+
+    /// Allocate and initialise the buffers.
+    pub fn build(self, seed: u64) -> Params {
+        let mut data = vec![0.0f32; self.len];
+        let mut rng = Rng::new(seed);
+        for (spec, init) in self.specs.iter().zip(&self.inits) {
+            let d = &mut data[spec.offset..spec.offset + spec.len];
+            match *init {
+                Init::Zeros => {}
+                Init::Ones => d.iter_mut().for_each(|v| *v = 1.0),
+                Init::Uniform(a) => d.iter_mut().for_each(|v| *v = (2.0 * rng.uniform() - 1.0) * a),
+                Init::Normal(s) => d.iter_mut().for_each(|v| *v = rng.normal() * s),
+            }
+        }
+        Params { grad: vec![0.0; self.len], data, specs: self.specs }
+    }
+}
+
+/// The model's parameters and gradients.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub specs: Vec<ParamSpec>,
+    pub data: Vec<f32>,
+    pub grad: Vec<f32>,
+}
+
+impl Params {
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    pub fn spec(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
+    }
+    pub fn zero_grad(&mut self) {
+        self.grad.iter_mut().for_each(|g| *g = 0.0);
+    }
+    /// Slice of a named parameter (tests, checkpoints).
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.spec(name).map(|s| &self.data[s.offset..s.offset + s.len])
+    }
+    pub fn grad_of(&self, name: &str) -> Option<&[f32]> {
+        self.spec(name).map(|s| &self.grad[s.offset..s.offset + s.len])
+    }
+}
