@@ -16,5 +16,6 @@ pub mod optim;
 pub mod parallel;
 pub mod params;
 pub mod rng;
+pub mod schedule;
 
 pub use error::{Error, Result};
