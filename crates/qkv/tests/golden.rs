@@ -1,0 +1,201 @@
+//! Golden tests against PyTorch: `scripts/reference/make_fixtures.py` builds the same tiny
+//! models in PyTorch (float64), and writes inputs, parameters, logits, loss, every parameter
+//! gradient and a 10-step AdamW loss trajectory. Every tensor is compared by name.
+
+mod common;
+use common::rel_err;
+use qkv::checkpoint::{TensorData, TensorFile};
+use qkv::model::{Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq, Tokens};
+use qkv::optim::{AdamW, AdamWConfig};
+use qkv::params::Params;
+use std::path::PathBuf;
+
+const TOL: f32 = 1e-4;
+
+fn fixture(name: &str) -> TensorFile {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(format!("{name}.safetensors"));
+    TensorFile::open(&path).unwrap_or_else(|e| panic!("{e} (regenerate with scripts/reference/make_fixtures.py)"))
+}
+
+fn ids(f: &TensorFile, name: &str) -> (Vec<u32>, Vec<usize>) {
+    match f.get(name).unwrap() {
+        (shape, TensorData::I64(v)) => (v.into_iter().map(|x| x as u32).collect(), shape),
+        _ => panic!("{name} is not int64"),
+    }
+}
+
+fn f32s(f: &TensorFile, name: &str) -> Vec<f32> {
+    match f.get(name).unwrap() {
+        (_, TensorData::F32(v)) => v,
+        _ => panic!("{name} is not f32"),
+    }
+}
+
+fn meta(f: &TensorFile, key: &str) -> f32 {
+    f.metadata()[key].parse().unwrap()
+}
+
+/// Every `param.*` tensor of the fixture is a parameter of the model, and vice versa.
+fn load_params(f: &TensorFile, params: &mut Params) {
+    let fixture_names: Vec<String> = f.names().into_iter().filter_map(|n| n.strip_prefix("param.").map(String::from)).collect();
+    let mut model_names: Vec<String> = params.specs.iter().map(|s| s.name.clone()).collect();
+    let mut fixture_sorted = fixture_names.clone();
+    fixture_sorted.sort();
+    model_names.sort();
+    assert_eq!(model_names, fixture_sorted, "parameter names differ from PyTorch's");
+    for spec in params.specs.clone() {
+        let v = f.f32_exact(&format!("param.{}", spec.name), &spec.shape).unwrap();
+        params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
+    }
+}
+
+fn check_grads(f: &TensorFile, params: &Params, what: &str) {
+    for spec in &params.specs {
+        let want = f32s(f, &format!("grad.{}", spec.name));
+        let got = params.grad_of(&spec.name).unwrap();
+        let e = rel_err(got, &want);
+        assert!(e <= TOL, "{what}: gradient of {} differs from PyTorch: relative error {e:.2e}", spec.name);
+    }
+}
+
+fn adamw(f: &TensorFile) -> AdamWConfig {
+    AdamWConfig {
+        lr: meta(f, "lr"),
+        beta1: meta(f, "beta1"),
+        beta2: meta(f, "beta2"),
+        eps: meta(f, "eps"),
+        weight_decay: meta(f, "weight_decay"),
+        clip_norm: Some(meta(f, "clip_norm")),
+    }
+}
+
+/// Runs `step` (forward + backward → loss) for the fixture's trajectory and compares it.
+fn check_trajectory(f: &TensorFile, params_of: &mut dyn FnMut() -> f32, params: &mut dyn FnMut(&mut AdamW, f32), what: &str) {
+    let want = f32s(f, "train.losses");
+    let cfg = adamw(f);
+    let lr = cfg.lr;
+    let mut opt = None;
+    for (i, &w) in want.iter().enumerate() {
+        let loss = params_of();
+        let rel = (loss - w).abs() / w.abs();
+        assert!(rel <= 1e-4, "{what}: loss at step {i} is {loss}, PyTorch {w} (relative error {rel:.2e})");
+        let o = opt.get_or_insert_with(|| AdamW::new(cfg.clone(), 0));
+        params(o, lr);
+    }
+}
+
+fn config(f: &TensorFile) -> ModelConfig {
+    serde_json::from_str(&f.metadata()["config"]).expect("fixture config parses as ModelConfig")
+}
+
+fn golden_seq2seq(name: &str) {
+    let f = fixture(name);
+    let cfg = config(&f);
+    assert_eq!(cfg.family, Family::Seq2seq);
+    let mut m = Seq2Seq::new(cfg, 0).unwrap();
+    load_params(&f, &mut m.params);
+    let ((src, ss), (tin, ts), (tout, _)) = (ids(&f, "input.src"), ids(&f, "input.tgt_in"), ids(&f, "input.tgt_out"));
+    let ls = meta(&f, "label_smoothing");
+    let logits = m.forward(Tokens::new(&src, ss[0], ss[1]).unwrap(), Tokens::new(&tin, ts[0], ts[1]).unwrap(), Mode::EVAL).unwrap().to_vec();
+    let e = rel_err(&logits, &f32s(&f, "output.logits"));
+    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
+    let loss = m.backward(&tout, ls).unwrap();
+    assert!(rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL, "{name}: loss {loss} vs {:?}", f32s(&f, "output.loss"));
+    check_grads(&f, &m.params, name);
+
+    let m = std::cell::RefCell::new(m);
+    check_trajectory(
+        &f,
+        &mut || {
+            let mut m = m.borrow_mut();
+            m.forward(Tokens::new(&src, ss[0], ss[1]).unwrap(), Tokens::new(&tin, ts[0], ts[1]).unwrap(), Mode::EVAL).unwrap();
+            m.backward(&tout, ls).unwrap()
+        },
+        &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
+        name,
+    );
+}
+
+fn step(opt: &mut AdamW, params: &mut Params, lr: f32) {
+    if opt.m.len() != params.len() {
+        *opt = AdamW::new(opt.config.clone(), params.len());
+    }
+    opt.step(params, lr).unwrap();
+}
+
+fn golden_classifier(name: &str) {
+    let f = fixture(name);
+    let cfg = config(&f);
+    let mut m = Classifier::new(cfg, 0).unwrap();
+    load_params(&f, &mut m.params);
+    let ((x, xs), (y, _)) = (ids(&f, "input.tokens"), ids(&f, "input.labels"));
+    let ls = meta(&f, "label_smoothing");
+    let logits = m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap().to_vec();
+    let e = rel_err(&logits, &f32s(&f, "output.logits"));
+    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
+    let loss = m.backward(&y, ls).unwrap();
+    assert!(rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL, "{name}: loss {loss}");
+    check_grads(&f, &m.params, name);
+    let m = std::cell::RefCell::new(m);
+    check_trajectory(
+        &f,
+        &mut || {
+            let mut m = m.borrow_mut();
+            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap();
+            m.backward(&y, ls).unwrap()
+        },
+        &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
+        name,
+    );
+}
+
+fn golden_lm(name: &str) {
+    let f = fixture(name);
+    let cfg = config(&f);
+    let mut m = LanguageModel::new(cfg, 0).unwrap();
+    load_params(&f, &mut m.params);
+    let ((x, xs), (y, _)) = (ids(&f, "input.tokens"), ids(&f, "input.targets"));
+    let ls = meta(&f, "label_smoothing");
+    let logits = m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap().to_vec();
+    let e = rel_err(&logits, &f32s(&f, "output.logits"));
+    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
+    let loss = m.backward(&y, ls).unwrap();
+    assert!(rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL, "{name}: loss {loss}");
+    check_grads(&f, &m.params, name);
+    let m = std::cell::RefCell::new(m);
+    check_trajectory(
+        &f,
+        &mut || {
+            let mut m = m.borrow_mut();
+            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap();
+            m.backward(&y, ls).unwrap()
+        },
+        &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
+        name,
+    );
+}
+
+#[test]
+fn seq2seq_post_ln_matches_pytorch() {
+    golden_seq2seq("seq2seq_post");
+}
+#[test]
+fn seq2seq_pre_ln_shared_embeddings_matches_pytorch() {
+    golden_seq2seq("seq2seq_pre");
+}
+#[test]
+fn classifier_post_ln_matches_pytorch() {
+    golden_classifier("classifier_post");
+}
+#[test]
+fn classifier_pre_ln_matches_pytorch() {
+    golden_classifier("classifier_pre");
+}
+#[test]
+fn lm_post_ln_matches_pytorch() {
+    golden_lm("lm_post");
+}
+#[test]
+fn lm_pre_ln_matches_pytorch() {
+    golden_lm("lm_pre");
+}
