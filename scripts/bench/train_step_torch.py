@@ -22,7 +22,9 @@ Models (dropout 0, post-LN, ReLU, batch_first):
 
 A step is forward + loss + backward + AdamW(lr=1e-4).step() + zero_grad(set_to_none=True).
 After --warmup untimed steps, --steps steps are timed one by one; prints one JSON line
-with the median ms_per_step, tokens_per_s = batch*seq / median seconds, and peak RSS.
+with the median ms_per_step, tokens_per_s = batch*seq / median seconds, peak_rss_mb
+(getrusage ru_maxrss / 1024) and base_rss_mb (the same, measured right after importing
+torch, before the model is built).
 """
 
 import argparse
@@ -146,6 +148,9 @@ def main():
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    # Peak RSS of the interpreter with torch imported, before any model exists: the
+    # fixed cost of the framework, to read peak_rss_mb against.
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, loss_fn = build(a)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -173,6 +178,7 @@ def main():
         "ms_per_step": med * 1e3,
         "tokens_per_s": a.batch * a.seq / med,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "base_rss_mb": base_rss,
         "batch": a.batch,
         "seq": a.seq,
         "d_model": a.d_model,
@@ -184,7 +190,7 @@ def main():
         "steps": a.steps,
         "warmup": a.warmup,
         "min_ms": min(times) * 1e3,
-        "final_loss": float(loss) if loss is not None else None,
+        "final_loss": loss.item() if loss is not None else None,
         "torch_version": torch.__version__,
     }
     print(json.dumps(out), flush=True)

@@ -1,1 +1,113 @@
-fn main(){}
+//! The `qkv` command.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use qkv::bench::{self, BenchModel, TrainStepBench};
+
+#[derive(Parser)]
+#[command(name = "qkv", version, about = "Train, evaluate, inspect and serve Transformers (Vaswani et al., 2017) on the CPU")]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks (print one JSON line).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// Train the copy task (the Annotated Transformer's first example) and report exact match.
+    Copy(copy::CopyArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time one training step (forward, backward, AdamW) of a model.
+    TrainStep(TrainStepArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelKind {
+    Encoder,
+    Seq2seq,
+    Lm,
+    Classifier,
+}
+
+#[derive(clap::Args)]
+struct TrainStepArgs {
+    #[arg(long, value_enum, default_value = "encoder")]
+    model: ModelKind,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    #[arg(long, default_value_t = 256)]
+    d_model: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 1024)]
+    d_ff: usize,
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
+    #[arg(long, default_value_t = 8000)]
+    vocab: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+}
+
+mod copy;
+
+/// Peak resident set size of this process in MiB (Linux: VmHWM).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("starting the thread pool")?;
+    match cli.command {
+        Command::Bench { what: BenchCommand::TrainStep(a) } => {
+            if a.steps == 0 || a.batch == 0 || a.seq == 0 || a.layers == 0 || a.vocab < 2 {
+                bail!("--steps, --batch, --seq and --layers must be positive and --vocab at least 2");
+            }
+            let model = match a.model {
+                ModelKind::Encoder => BenchModel::Encoder,
+                ModelKind::Seq2seq => BenchModel::Seq2seq,
+                ModelKind::Lm => BenchModel::Lm,
+                ModelKind::Classifier => BenchModel::Classifier,
+            };
+            let b = TrainStepBench { model, batch: a.batch, seq: a.seq, d_model: a.d_model, heads: a.heads, d_ff: a.d_ff, layers: a.layers, vocab: a.vocab, steps: a.steps, warmup: a.warmup };
+            let times = bench::train_step(&b)?;
+            let ms = bench::median(&times);
+            let line = serde_json::json!({
+                "impl": "qkv",
+                "model": format!("{:?}", model).to_lowercase(),
+                "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
+                "threads": threads,
+                "ms_per_step": (ms * 1000.0).round() / 1000.0,
+                "min_ms": (times.iter().cloned().fold(f64::INFINITY, f64::min) * 1000.0).round() / 1000.0,
+                "tokens_per_s": ((a.batch * a.seq) as f64 / (ms / 1e3)).round(),
+                "peak_rss_mb": peak_rss_mb().map(|m| (m * 10.0).round() / 10.0),
+            });
+            println!("{line}");
+        }
+        Command::Copy(args) => copy::run(args)?,
+    }
+    Ok(())
+}

@@ -8,6 +8,7 @@
 //! - [`optim`]: AdamW and gradient clipping over the flat buffers.
 //! - [`checkpoint`]: safetensors weights, config JSON and optimizer state (the only IO in the library).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod error;
 pub mod kernels;
@@ -17,5 +18,6 @@ pub mod parallel;
 pub mod params;
 pub mod rng;
 pub mod schedule;
+pub mod toy;
 
 pub use error::{Error, Result};

@@ -5,27 +5,13 @@ use qkv::model::{Family, Mode, ModelConfig, Seq2Seq, Tokens};
 use qkv::optim::{AdamW, AdamWConfig};
 use qkv::rng::Rng;
 use qkv::schedule::Schedule;
+use qkv::toy::{copy_batch, BOS, EOS, PAD};
 
-const PAD: u32 = 0;
-const BOS: u32 = 1;
-const EOS: u32 = 2;
-const FIRST_SYMBOL: u32 = 3;
 const VOCAB: usize = 13;
 const LEN: usize = 8;
 
-/// (src, tgt_in, tgt_out) for `b` random sequences of `LEN` symbols.
 fn batch(rng: &mut Rng, b: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
-    let (mut src, mut tin, mut tout) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..b {
-        let seq: Vec<u32> = (0..LEN).map(|_| FIRST_SYMBOL + rng.below((VOCAB as u32 - FIRST_SYMBOL) as u64) as u32).collect();
-        src.extend(&seq);
-        src.push(EOS);
-        tin.push(BOS);
-        tin.extend(&seq);
-        tout.extend(&seq);
-        tout.push(EOS);
-    }
-    (src, tin, tout)
+    copy_batch(rng, b, LEN, VOCAB)
 }
 
 #[test]
