@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use qkv::bench::{self, BenchModel, TrainStepBench};
 
 #[derive(Parser)]
-#[command(name = "qkv", version, about = "Train, evaluate, inspect and serve Transformers (Vaswani et al., 2017) on the CPU")]
+#[command(
+    name = "qkv",
+    version,
+    about = "Train, evaluate, inspect and serve Transformers (Vaswani et al., 2017) on the CPU"
+)]
 struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -76,15 +80,26 @@ fn peak_rss_mb() -> Option<f64> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = cli.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("starting the thread pool")?;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("starting the thread pool")?;
     match cli.command {
-        Command::Bench { what: BenchCommand::TrainStep(a) } => {
+        Command::Bench {
+            what: BenchCommand::TrainStep(a),
+        } => {
             if a.steps == 0 || a.batch == 0 || a.seq == 0 || a.layers == 0 || a.vocab < 2 {
-                bail!("--steps, --batch, --seq and --layers must be positive and --vocab at least 2");
+                bail!(
+                    "--steps, --batch, --seq and --layers must be positive and --vocab at least 2"
+                );
             }
             let model = match a.model {
                 ModelKind::Encoder => BenchModel::Encoder,
@@ -92,7 +107,18 @@ fn main() -> Result<()> {
                 ModelKind::Lm => BenchModel::Lm,
                 ModelKind::Classifier => BenchModel::Classifier,
             };
-            let b = TrainStepBench { model, batch: a.batch, seq: a.seq, d_model: a.d_model, heads: a.heads, d_ff: a.d_ff, layers: a.layers, vocab: a.vocab, steps: a.steps, warmup: a.warmup };
+            let b = TrainStepBench {
+                model,
+                batch: a.batch,
+                seq: a.seq,
+                d_model: a.d_model,
+                heads: a.heads,
+                d_ff: a.d_ff,
+                layers: a.layers,
+                vocab: a.vocab,
+                steps: a.steps,
+                warmup: a.warmup,
+            };
             let times = bench::train_step(&b)?;
             let ms = bench::median(&times);
             let line = serde_json::json!({
@@ -106,6 +132,16 @@ fn main() -> Result<()> {
                 "peak_rss_mb": peak_rss_mb().map(|m| (m * 10.0).round() / 10.0),
             });
             println!("{line}");
+            if qkv::profile::enabled() {
+                let steps = (a.steps + a.warmup) as f64;
+                for (name, ms, calls) in qkv::profile::report() {
+                    eprintln!(
+                        "{:>9.3} ms/step  {:>6} calls/step  {name}",
+                        ms / steps,
+                        calls as f64 / steps
+                    );
+                }
+            }
         }
         Command::Copy(args) => copy::run(args)?,
     }

@@ -4,7 +4,9 @@
 use crate::error::Result;
 use crate::kernels::attention::Masks;
 use crate::model::encoder::EncoderStack;
-use crate::model::{Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq, SiteIds, Tokens};
+use crate::model::{
+    Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq, SiteIds, Tokens,
+};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{ParamBuilder, Params};
 use crate::rng::Rng;
@@ -45,7 +47,11 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     cfg.n_heads = b.heads;
     cfg.d_ff = b.d_ff;
     cfg.n_encoder_layers = if family == Family::Lm { 0 } else { b.layers };
-    cfg.n_decoder_layers = if family == Family::Classifier { 0 } else { b.layers };
+    cfg.n_decoder_layers = if family == Family::Classifier {
+        0
+    } else {
+        b.layers
+    };
     cfg.max_len = b.seq.max(1);
     cfg.dropout = 0.0;
     if family == Family::Classifier {
@@ -53,9 +59,17 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     }
     let mut rng = Rng::new(7);
     let (n, c) = (b.batch * b.seq, b.d_model);
-    let tokens: Vec<u32> = (0..n).map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32).collect();
-    let opt_cfg = AdamWConfig { lr: 1e-4, clip_norm: None, ..AdamWConfig::default() };
+    let tokens: Vec<u32> = (0..n)
+        .map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..n)
+        .map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32)
+        .collect();
+    let opt_cfg = AdamWConfig {
+        lr: 1e-4,
+        clip_norm: None,
+        ..AdamWConfig::default()
+    };
     let mut times = Vec::with_capacity(b.steps);
     let mut time = |i: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
         let t0 = Instant::now();
@@ -69,7 +83,8 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     match b.model {
         BenchModel::Encoder => {
             let mut pb = ParamBuilder::default();
-            let mut stack = EncoderStack::new(&mut pb, "encoder", b.layers, &cfg, &mut SiteIds::default());
+            let mut stack =
+                EncoderStack::new(&mut pb, "encoder", b.layers, &cfg, &mut SiteIds::default());
             let mut params: Params = pb.build(1);
             let mut opt = AdamW::new(opt_cfg, params.len());
             let x: Vec<f32> = (0..n * c).map(|_| rng.normal()).collect();
@@ -81,7 +96,10 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
                     let y = stack.forward(&params.data, &x, b.batch, b.seq, &masks, Mode::EVAL);
                     // MSE loss: dL/dy = 2 (y − target) / numel
                     let s = 2.0 / (n * c) as f32;
-                    dy.iter_mut().zip(y).zip(&target).for_each(|((d, y), t)| *d = (y - t) * s);
+                    dy.iter_mut()
+                        .zip(y)
+                        .zip(&target)
+                        .for_each(|((d, y), t)| *d = (y - t) * s);
                     params.zero_grad();
                     stack.backward(&params.data, &mut params.grad, &dy);
                     opt.step(&mut params, 1e-4)?;

@@ -19,11 +19,17 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 fn ck_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Write `bytes` to `path` via a temporary file and a rename.
@@ -38,14 +44,22 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 }
 
 /// Serialize named f32 tensors with string metadata.
-pub fn save_tensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])], metadata: HashMap<String, String>) -> Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), f32_bytes(d))).collect();
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), f32_bytes(d)))
+        .collect();
     let views = bytes
         .iter()
         .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| ck_err(path, e.to_string()))?;
-    let out = safetensors::serialize(views, Some(metadata)).map_err(|e| ck_err(path, e.to_string()))?;
+    let out =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| ck_err(path, e.to_string()))?;
     write_atomic(path, &out)
 }
 
@@ -65,8 +79,12 @@ pub enum TensorData {
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(io_err(path))?;
-        SafeTensors::deserialize(&bytes).map_err(|e| ck_err(path, format!("not a valid safetensors file ({e})")))?;
-        Ok(Self { path: path.to_path_buf(), bytes })
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| ck_err(path, format!("not a valid safetensors file ({e})")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+        })
     }
 
     fn st(&self) -> SafeTensors<'_> {
@@ -74,7 +92,10 @@ impl TensorFile {
     }
 
     pub fn metadata(&self) -> HashMap<String, String> {
-        SafeTensors::read_metadata(&self.bytes).ok().and_then(|(_, m)| m.metadata().clone()).unwrap_or_default()
+        SafeTensors::read_metadata(&self.bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .unwrap_or_default()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -84,12 +105,27 @@ impl TensorFile {
     /// Shape and data of `name`, converted from F32 or I64.
     pub fn get(&self, name: &str) -> Result<(Vec<usize>, TensorData)> {
         let st = self.st();
-        let t = st.tensor(name).map_err(|_| ck_err(&self.path, format!("missing tensor '{name}'")))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| ck_err(&self.path, format!("missing tensor '{name}'")))?;
         let data = t.data();
         let d = match t.dtype() {
-            Dtype::F32 => TensorData::F32(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
-            Dtype::I64 => TensorData::I64(data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()),
-            other => return Err(ck_err(&self.path, format!("tensor '{name}' has dtype {other}, expected F32 or I64"))),
+            Dtype::F32 => TensorData::F32(
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            Dtype::I64 => TensorData::I64(
+                data.chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .collect(),
+            ),
+            other => {
+                return Err(ck_err(
+                    &self.path,
+                    format!("tensor '{name}' has dtype {other}, expected F32 or I64"),
+                ))
+            }
         };
         Ok((t.shape().to_vec(), d))
     }
@@ -98,7 +134,10 @@ impl TensorFile {
     pub fn f32_exact(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         match self.get(name)? {
             (s, TensorData::F32(v)) if s == shape => Ok(v),
-            (s, TensorData::F32(_)) => Err(ck_err(&self.path, format!("tensor '{name}' has shape {s:?}, the model expects {shape:?}"))),
+            (s, TensorData::F32(_)) => Err(ck_err(
+                &self.path,
+                format!("tensor '{name}' has shape {s:?}, the model expects {shape:?}"),
+            )),
             _ => Err(ck_err(&self.path, format!("tensor '{name}' is not F32"))),
         }
     }
@@ -106,7 +145,17 @@ impl TensorFile {
 
 /// Save the model's parameters under their names, with the config in the metadata too.
 pub fn save_params(path: &Path, config: &ModelConfig, params: &Params) -> Result<()> {
-    let tensors: Vec<_> = params.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &params.data[s.offset..s.offset + s.len])).collect();
+    let tensors: Vec<_> = params
+        .specs
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.shape.clone(),
+                &params.data[s.offset..s.offset + s.len],
+            )
+        })
+        .collect();
     let cfg = serde_json::to_string(config).map_err(|e| ck_err(path, e.to_string()))?;
     save_tensors(path, &tensors, HashMap::from([("config".to_string(), cfg)]))
 }
@@ -116,7 +165,10 @@ pub fn load_params(path: &Path, params: &mut Params) -> Result<()> {
     let file = TensorFile::open(path)?;
     let names = file.names();
     if let Some(extra) = names.iter().find(|n| params.spec(n).is_none()) {
-        return Err(ck_err(path, format!("unexpected tensor '{extra}' (not a parameter of this model)")));
+        return Err(ck_err(
+            path,
+            format!("unexpected tensor '{extra}' (not a parameter of this model)"),
+        ));
     }
     for spec in params.specs.clone() {
         let v = file.f32_exact(&spec.name, &spec.shape)?;
@@ -126,7 +178,12 @@ pub fn load_params(path: &Path, params: &mut Params) -> Result<()> {
 }
 
 /// Write a checkpoint directory: config, parameters and (optionally) optimizer state.
-pub fn save(dir: &Path, config: &ModelConfig, params: &Params, optimizer: Option<&AdamW>) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    config: &ModelConfig,
+    params: &Params,
+    optimizer: Option<&AdamW>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cfg = serde_json::to_string_pretty(config).map_err(|e| ck_err(dir, e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), cfg.as_bytes())?;
@@ -135,12 +192,23 @@ pub fn save(dir: &Path, config: &ModelConfig, params: &Params, optimizer: Option
         let path = dir.join(OPTIMIZER_FILE);
         let mut tensors = Vec::new();
         for s in &params.specs {
-            tensors.push((format!("m.{}", s.name), s.shape.clone(), &opt.m[s.offset..s.offset + s.len]));
-            tensors.push((format!("v.{}", s.name), s.shape.clone(), &opt.v[s.offset..s.offset + s.len]));
+            tensors.push((
+                format!("m.{}", s.name),
+                s.shape.clone(),
+                &opt.m[s.offset..s.offset + s.len],
+            ));
+            tensors.push((
+                format!("v.{}", s.name),
+                s.shape.clone(),
+                &opt.v[s.offset..s.offset + s.len],
+            ));
         }
         let meta = HashMap::from([
             ("step".to_string(), opt.step.to_string()),
-            ("adamw".to_string(), serde_json::to_string(&opt.config).map_err(|e| ck_err(&path, e.to_string()))?),
+            (
+                "adamw".to_string(),
+                serde_json::to_string(&opt.config).map_err(|e| ck_err(&path, e.to_string()))?,
+            ),
         ]);
         save_tensors(&path, &tensors, meta)?;
     }
@@ -151,7 +219,8 @@ pub fn save(dir: &Path, config: &ModelConfig, params: &Params, optimizer: Option
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("invalid config: {e}")))?;
+    let cfg: ModelConfig =
+        serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("invalid config: {e}")))?;
     cfg.validate().map_err(|e| ck_err(&path, e.to_string()))?;
     Ok(cfg)
 }
@@ -160,7 +229,10 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
 pub fn load(dir: &Path, expected: &ModelConfig, params: &mut Params) -> Result<()> {
     let saved = load_config(dir)?;
     if &saved != expected {
-        return Err(ck_err(&dir.join(CONFIG_FILE), format!("config does not match the model: saved {saved:?}, model {expected:?}")));
+        return Err(ck_err(
+            &dir.join(CONFIG_FILE),
+            format!("config does not match the model: saved {saved:?}, model {expected:?}"),
+        ));
     }
     load_params(&dir.join(MODEL_FILE), params)
 }
@@ -170,7 +242,10 @@ pub fn load_optimizer(dir: &Path, params: &Params) -> Result<AdamW> {
     let path = dir.join(OPTIMIZER_FILE);
     let file = TensorFile::open(&path)?;
     let meta = file.metadata();
-    let step = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| ck_err(&path, "missing or invalid 'step' metadata"))?;
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ck_err(&path, "missing or invalid 'step' metadata"))?;
     let config: AdamWConfig = meta
         .get("adamw")
         .and_then(|s| serde_json::from_str(s).ok())
@@ -178,8 +253,10 @@ pub fn load_optimizer(dir: &Path, params: &Params) -> Result<AdamW> {
     let mut opt = AdamW::new(config, params.len());
     opt.step = step;
     for s in &params.specs {
-        opt.m[s.offset..s.offset + s.len].copy_from_slice(&file.f32_exact(&format!("m.{}", s.name), &s.shape)?);
-        opt.v[s.offset..s.offset + s.len].copy_from_slice(&file.f32_exact(&format!("v.{}", s.name), &s.shape)?);
+        opt.m[s.offset..s.offset + s.len]
+            .copy_from_slice(&file.f32_exact(&format!("m.{}", s.name), &s.shape)?);
+        opt.v[s.offset..s.offset + s.len]
+            .copy_from_slice(&file.f32_exact(&format!("v.{}", s.name), &s.shape)?);
     }
     Ok(opt)
 }

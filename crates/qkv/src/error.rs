@@ -5,16 +5,35 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{input}: token id {value} at batch row {row}, position {pos} is outside the vocabulary (size {vocab})")]
-    TokenOutOfRange { input: &'static str, value: u32, row: usize, pos: usize, vocab: usize },
+    TokenOutOfRange {
+        input: &'static str,
+        value: u32,
+        row: usize,
+        pos: usize,
+        vocab: usize,
+    },
 
     #[error("{input}: label {value} at batch row {row} is outside 0..{n_classes}")]
-    LabelOutOfRange { input: &'static str, value: u32, row: usize, n_classes: usize },
+    LabelOutOfRange {
+        input: &'static str,
+        value: u32,
+        row: usize,
+        n_classes: usize,
+    },
 
     #[error("{input}: sequence length {len} exceeds the positional table (max_len {max_len})")]
-    SequenceTooLong { input: &'static str, len: usize, max_len: usize },
+    SequenceTooLong {
+        input: &'static str,
+        len: usize,
+        max_len: usize,
+    },
 
     #[error("shape mismatch in {what}: expected {expected}, got {got}")]
-    Shape { what: String, expected: String, got: String },
+    Shape {
+        what: String,
+        expected: String,
+        got: String,
+    },
 
     #[error("non-finite value ({value}) in {what}")]
     NonFinite { what: String, value: f32 },
@@ -26,11 +45,22 @@ pub enum Error {
     Checkpoint { path: PathBuf, msg: String },
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-pub(crate) fn shape_err(what: impl Into<String>, expected: impl ToString, got: impl ToString) -> Error {
-    Error::Shape { what: what.into(), expected: expected.to_string(), got: got.to_string() }
+pub(crate) fn shape_err(
+    what: impl Into<String>,
+    expected: impl ToString,
+    got: impl ToString,
+) -> Error {
+    Error::Shape {
+        what: what.into(),
+        expected: expected.to_string(),
+        got: got.to_string(),
+    }
 }

@@ -16,6 +16,7 @@ pub mod model;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod profile;
 pub mod rng;
 pub mod schedule;
 pub mod toy;

@@ -19,7 +19,14 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// The paper's Adam settings (§5.3: β1 = 0.9, β2 = 0.98, ε = 1e-9) with decoupled decay.
     fn default() -> Self {
-        Self { lr: 5e-4, beta1: 0.9, beta2: 0.98, eps: 1e-9, weight_decay: 0.01, clip_norm: Some(1.0) }
+        Self {
+            lr: 5e-4,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            weight_decay: 0.01,
+            clip_norm: Some(1.0),
+        }
     }
 }
 
@@ -34,7 +41,12 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(config: AdamWConfig, n_params: usize) -> Self {
-        Self { config, m: vec![0.0; n_params], v: vec![0.0; n_params], step: 0 }
+        Self {
+            config,
+            m: vec![0.0; n_params],
+            v: vec![0.0; n_params],
+            step: 0,
+        }
     }
 
     /// Clip (if configured) and apply one update with learning rate `lr`.
@@ -51,7 +63,18 @@ impl AdamW {
         }
         self.step += 1;
         let c = &self.config;
-        adamw_step(&mut params.data, &params.grad, &mut self.m, &mut self.v, lr, c.beta1, c.beta2, c.eps, c.weight_decay, self.step);
+        adamw_step(
+            &mut params.data,
+            &params.grad,
+            &mut self.m,
+            &mut self.v,
+            lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step,
+        );
         Ok(norm)
     }
 }
@@ -65,8 +88,14 @@ pub fn grad_norm(params: &Params) -> Result<f32> {
     for s in &params.specs {
         let g = &params.grad[s.offset..s.offset + s.len];
         if let Some(i) = g.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: format!("gradient of {} (element {i})", s.name), value: g[i] });
+            return Err(Error::NonFinite {
+                what: format!("gradient of {} (element {i})", s.name),
+                value: g[i],
+            });
         }
     }
-    Err(Error::NonFinite { what: "gradient norm".into(), value: norm })
+    Err(Error::NonFinite {
+        what: "gradient norm".into(),
+        value: norm,
+    })
 }

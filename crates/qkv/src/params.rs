@@ -25,7 +25,10 @@ impl Param {
 
 /// Two disjoint parameters' gradient slices at once (e.g. a weight and its bias).
 pub fn two_mut(buf: &mut [f32], a: Param, b: Param) -> (&mut [f32], &mut [f32]) {
-    assert!(a.offset + a.len <= b.offset, "parameters must be registered in order");
+    assert!(
+        a.offset + a.len <= b.offset,
+        "parameters must be registered in order"
+    );
     let (lo, hi) = buf.split_at_mut(b.offset);
     (&mut lo[a.range()], &mut hi[..b.len])
 }
@@ -59,8 +62,16 @@ pub struct ParamBuilder {
 impl ParamBuilder {
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> Param {
         let len = shape.iter().product();
-        let p = Param { offset: self.len, len };
-        self.specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), offset: self.len, len });
+        let p = Param {
+            offset: self.len,
+            len,
+        };
+        self.specs.push(ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            offset: self.len,
+            len,
+        });
         self.inits.push(init);
         self.len += len;
         p
@@ -75,11 +86,17 @@ impl ParamBuilder {
             match *init {
                 Init::Zeros => {}
                 Init::Ones => d.iter_mut().for_each(|v| *v = 1.0),
-                Init::Uniform(a) => d.iter_mut().for_each(|v| *v = (2.0 * rng.uniform() - 1.0) * a),
+                Init::Uniform(a) => d
+                    .iter_mut()
+                    .for_each(|v| *v = (2.0 * rng.uniform() - 1.0) * a),
                 Init::Normal(s) => d.iter_mut().for_each(|v| *v = rng.normal() * s),
             }
         }
-        Params { grad: vec![0.0; self.len], data, specs: self.specs }
+        Params {
+            grad: vec![0.0; self.len],
+            data,
+            specs: self.specs,
+        }
     }
 }
 
@@ -102,13 +119,16 @@ impl Params {
         self.specs.iter().find(|s| s.name == name)
     }
     pub fn zero_grad(&mut self) {
+        let _p = crate::profile::scope("zero grad");
         self.grad.iter_mut().for_each(|g| *g = 0.0);
     }
     /// Slice of a named parameter (tests, checkpoints).
     pub fn get(&self, name: &str) -> Option<&[f32]> {
-        self.spec(name).map(|s| &self.data[s.offset..s.offset + s.len])
+        self.spec(name)
+            .map(|s| &self.data[s.offset..s.offset + s.len])
     }
     pub fn grad_of(&self, name: &str) -> Option<&[f32]> {
-        self.spec(name).map(|s| &self.grad[s.offset..s.offset + s.len])
+        self.spec(name)
+            .map(|s| &self.grad[s.offset..s.offset + s.len])
     }
 }

@@ -24,14 +24,29 @@ fn copy_task_reaches_exact_match() {
     cfg.dropout = 0.0;
     cfg.pad_id = PAD;
     let mut model = Seq2Seq::new(cfg, 0).unwrap();
-    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }, model.params.len());
-    let schedule = Schedule::InverseSqrt { peak: 3e-3, warmup: 100 };
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        model.params.len(),
+    );
+    let schedule = Schedule::InverseSqrt {
+        peak: 3e-3,
+        warmup: 100,
+    };
     let mut rng = Rng::new(1);
     let b = 32;
     let mut last = f32::INFINITY;
     for step in 1..=800 {
         let (src, tin, tout) = batch(&mut rng, b);
-        model.forward(Tokens::new(&src, b, LEN + 1).unwrap(), Tokens::new(&tin, b, LEN + 1).unwrap(), Mode::EVAL).unwrap();
+        model
+            .forward(
+                Tokens::new(&src, b, LEN + 1).unwrap(),
+                Tokens::new(&tin, b, LEN + 1).unwrap(),
+                Mode::EVAL,
+            )
+            .unwrap();
         last = model.backward(&tout, 0.0).unwrap();
         opt.step(&mut model.params, schedule.lr(step)).unwrap();
     }
@@ -41,7 +56,19 @@ fn copy_task_reaches_exact_match() {
     let mut test_rng = Rng::new(999);
     let n = 100;
     let (src, _, _) = batch(&mut test_rng, n);
-    let out = model.greedy(Tokens::new(&src, n, LEN + 1).unwrap(), BOS, EOS, LEN + 2).unwrap();
-    let exact = out.iter().enumerate().filter(|(i, o)| o.as_slice() == &src[i * (LEN + 1)..i * (LEN + 1) + LEN]).count();
-    assert_eq!(exact, n, "exact match {exact}/{n}; first output {:?} for {:?}", out[0], &src[..LEN]);
+    let out = model
+        .greedy(Tokens::new(&src, n, LEN + 1).unwrap(), BOS, EOS, LEN + 2)
+        .unwrap();
+    let exact = out
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| o.as_slice() == &src[i * (LEN + 1)..i * (LEN + 1) + LEN])
+        .count();
+    assert_eq!(
+        exact,
+        n,
+        "exact match {exact}/{n}; first output {:?} for {:?}",
+        out[0],
+        &src[..LEN]
+    );
 }

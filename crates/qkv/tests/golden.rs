@@ -13,8 +13,11 @@ use std::path::PathBuf;
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> TensorFile {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(format!("{name}.safetensors"));
-    TensorFile::open(&path).unwrap_or_else(|e| panic!("{e} (regenerate with scripts/reference/make_fixtures.py)"))
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(format!("{name}.safetensors"));
+    TensorFile::open(&path)
+        .unwrap_or_else(|e| panic!("{e} (regenerate with scripts/reference/make_fixtures.py)"))
 }
 
 fn ids(f: &TensorFile, name: &str) -> (Vec<u32>, Vec<usize>) {
@@ -37,14 +40,23 @@ fn meta(f: &TensorFile, key: &str) -> f32 {
 
 /// Every `param.*` tensor of the fixture is a parameter of the model, and vice versa.
 fn load_params(f: &TensorFile, params: &mut Params) {
-    let fixture_names: Vec<String> = f.names().into_iter().filter_map(|n| n.strip_prefix("param.").map(String::from)).collect();
+    let fixture_names: Vec<String> = f
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("param.").map(String::from))
+        .collect();
     let mut model_names: Vec<String> = params.specs.iter().map(|s| s.name.clone()).collect();
     let mut fixture_sorted = fixture_names.clone();
     fixture_sorted.sort();
     model_names.sort();
-    assert_eq!(model_names, fixture_sorted, "parameter names differ from PyTorch's");
+    assert_eq!(
+        model_names, fixture_sorted,
+        "parameter names differ from PyTorch's"
+    );
     for spec in params.specs.clone() {
-        let v = f.f32_exact(&format!("param.{}", spec.name), &spec.shape).unwrap();
+        let v = f
+            .f32_exact(&format!("param.{}", spec.name), &spec.shape)
+            .unwrap();
         params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
     }
 }
@@ -54,7 +66,11 @@ fn check_grads(f: &TensorFile, params: &Params, what: &str) {
         let want = f32s(f, &format!("grad.{}", spec.name));
         let got = params.grad_of(&spec.name).unwrap();
         let e = rel_err(got, &want);
-        assert!(e <= TOL, "{what}: gradient of {} differs from PyTorch: relative error {e:.2e}", spec.name);
+        assert!(
+            e <= TOL,
+            "{what}: gradient of {} differs from PyTorch: relative error {e:.2e}",
+            spec.name
+        );
     }
 }
 
@@ -70,7 +86,12 @@ fn adamw(f: &TensorFile) -> AdamWConfig {
 }
 
 /// Runs `step` (forward + backward → loss) for the fixture's trajectory and compares it.
-fn check_trajectory(f: &TensorFile, params_of: &mut dyn FnMut() -> f32, params: &mut dyn FnMut(&mut AdamW, f32), what: &str) {
+fn check_trajectory(
+    f: &TensorFile,
+    params_of: &mut dyn FnMut() -> f32,
+    params: &mut dyn FnMut(&mut AdamW, f32),
+    what: &str,
+) {
     let want = f32s(f, "train.losses");
     let cfg = adamw(f);
     let lr = cfg.lr;
@@ -78,7 +99,10 @@ fn check_trajectory(f: &TensorFile, params_of: &mut dyn FnMut() -> f32, params: 
     for (i, &w) in want.iter().enumerate() {
         let loss = params_of();
         let rel = (loss - w).abs() / w.abs();
-        assert!(rel <= 1e-4, "{what}: loss at step {i} is {loss}, PyTorch {w} (relative error {rel:.2e})");
+        assert!(
+            rel <= 1e-4,
+            "{what}: loss at step {i} is {loss}, PyTorch {w} (relative error {rel:.2e})"
+        );
         let o = opt.get_or_insert_with(|| AdamW::new(cfg.clone(), 0));
         params(o, lr);
     }
@@ -94,13 +118,28 @@ fn golden_seq2seq(name: &str) {
     assert_eq!(cfg.family, Family::Seq2seq);
     let mut m = Seq2Seq::new(cfg, 0).unwrap();
     load_params(&f, &mut m.params);
-    let ((src, ss), (tin, ts), (tout, _)) = (ids(&f, "input.src"), ids(&f, "input.tgt_in"), ids(&f, "input.tgt_out"));
+    let ((src, ss), (tin, ts), (tout, _)) = (
+        ids(&f, "input.src"),
+        ids(&f, "input.tgt_in"),
+        ids(&f, "input.tgt_out"),
+    );
     let ls = meta(&f, "label_smoothing");
-    let logits = m.forward(Tokens::new(&src, ss[0], ss[1]).unwrap(), Tokens::new(&tin, ts[0], ts[1]).unwrap(), Mode::EVAL).unwrap().to_vec();
+    let logits = m
+        .forward(
+            Tokens::new(&src, ss[0], ss[1]).unwrap(),
+            Tokens::new(&tin, ts[0], ts[1]).unwrap(),
+            Mode::EVAL,
+        )
+        .unwrap()
+        .to_vec();
     let e = rel_err(&logits, &f32s(&f, "output.logits"));
     assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
     let loss = m.backward(&tout, ls).unwrap();
-    assert!(rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL, "{name}: loss {loss} vs {:?}", f32s(&f, "output.loss"));
+    assert!(
+        rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL,
+        "{name}: loss {loss} vs {:?}",
+        f32s(&f, "output.loss")
+    );
     check_grads(&f, &m.params, name);
 
     let m = std::cell::RefCell::new(m);
@@ -108,7 +147,12 @@ fn golden_seq2seq(name: &str) {
         &f,
         &mut || {
             let mut m = m.borrow_mut();
-            m.forward(Tokens::new(&src, ss[0], ss[1]).unwrap(), Tokens::new(&tin, ts[0], ts[1]).unwrap(), Mode::EVAL).unwrap();
+            m.forward(
+                Tokens::new(&src, ss[0], ss[1]).unwrap(),
+                Tokens::new(&tin, ts[0], ts[1]).unwrap(),
+                Mode::EVAL,
+            )
+            .unwrap();
             m.backward(&tout, ls).unwrap()
         },
         &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
@@ -130,18 +174,25 @@ fn golden_classifier(name: &str) {
     load_params(&f, &mut m.params);
     let ((x, xs), (y, _)) = (ids(&f, "input.tokens"), ids(&f, "input.labels"));
     let ls = meta(&f, "label_smoothing");
-    let logits = m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap().to_vec();
+    let logits = m
+        .forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
+        .unwrap()
+        .to_vec();
     let e = rel_err(&logits, &f32s(&f, "output.logits"));
     assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
     let loss = m.backward(&y, ls).unwrap();
-    assert!(rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL, "{name}: loss {loss}");
+    assert!(
+        rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL,
+        "{name}: loss {loss}"
+    );
     check_grads(&f, &m.params, name);
     let m = std::cell::RefCell::new(m);
     check_trajectory(
         &f,
         &mut || {
             let mut m = m.borrow_mut();
-            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap();
+            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
+                .unwrap();
             m.backward(&y, ls).unwrap()
         },
         &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
@@ -156,18 +207,25 @@ fn golden_lm(name: &str) {
     load_params(&f, &mut m.params);
     let ((x, xs), (y, _)) = (ids(&f, "input.tokens"), ids(&f, "input.targets"));
     let ls = meta(&f, "label_smoothing");
-    let logits = m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap().to_vec();
+    let logits = m
+        .forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
+        .unwrap()
+        .to_vec();
     let e = rel_err(&logits, &f32s(&f, "output.logits"));
     assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
     let loss = m.backward(&y, ls).unwrap();
-    assert!(rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL, "{name}: loss {loss}");
+    assert!(
+        rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL,
+        "{name}: loss {loss}"
+    );
     check_grads(&f, &m.params, name);
     let m = std::cell::RefCell::new(m);
     check_trajectory(
         &f,
         &mut || {
             let mut m = m.borrow_mut();
-            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL).unwrap();
+            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
+                .unwrap();
             m.backward(&y, ls).unwrap()
         },
         &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),

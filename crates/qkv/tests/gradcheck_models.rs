@@ -26,26 +26,47 @@ fn check(mut m: AnyModel, what: &str) {
             let a = analytic[i];
             let err = (a - numeric).abs() / (a.abs().max(numeric.abs()) + 2e-3);
             if err > worst.0 {
-                worst = (err, format!("{} [{}]: analytic {a}, numeric {numeric}", spec.name, i - spec.offset));
+                worst = (
+                    err,
+                    format!(
+                        "{} [{}]: analytic {a}, numeric {numeric}",
+                        spec.name,
+                        i - spec.offset
+                    ),
+                );
             }
         }
     }
-    assert!(worst.0 < 3e-2, "{what}: worst gradient mismatch {:.3e} at {}", worst.0, worst.1);
+    assert!(
+        worst.0 < 3e-2,
+        "{what}: worst gradient mismatch {:.3e} at {}",
+        worst.0,
+        worst.1
+    );
 }
 
 #[test]
 fn seq2seq_post_ln_gradients() {
-    check(AnyModel::random(tiny(Family::Seq2seq, NormPlacement::Post, true, false), 1), "seq2seq post");
+    check(
+        AnyModel::random(tiny(Family::Seq2seq, NormPlacement::Post, true, false), 1),
+        "seq2seq post",
+    );
 }
 
 #[test]
 fn seq2seq_pre_ln_gradients_learned_positions() {
-    check(AnyModel::random(tiny(Family::Seq2seq, NormPlacement::Pre, true, true), 2), "seq2seq pre");
+    check(
+        AnyModel::random(tiny(Family::Seq2seq, NormPlacement::Pre, true, true), 2),
+        "seq2seq pre",
+    );
 }
 
 #[test]
 fn classifier_gradients_both_poolings() {
-    for (norm, pooling) in [(NormPlacement::Post, qkv::model::Pooling::Mean), (NormPlacement::Pre, qkv::model::Pooling::First)] {
+    for (norm, pooling) in [
+        (NormPlacement::Post, qkv::model::Pooling::Mean),
+        (NormPlacement::Pre, qkv::model::Pooling::First),
+    ] {
         let mut cfg = tiny(Family::Classifier, norm, true, norm == NormPlacement::Pre);
         cfg.pooling = pooling;
         check(AnyModel::random(cfg, 3), "classifier");
@@ -99,6 +120,11 @@ fn dropout_gradients_match_finite_differences() {
         m.params().data[i] = orig;
         let numeric = (lp - lm) / (2.0 * h);
         let err = (analytic[i] - numeric).abs() / (analytic[i].abs().max(numeric.abs()) + 2e-3);
-        assert!(err < 3e-2, "{}: analytic {} numeric {numeric}", spec.name, analytic[i]);
+        assert!(
+            err < 3e-2,
+            "{}: analytic {} numeric {numeric}",
+            spec.name,
+            analytic[i]
+        );
     }
 }

@@ -22,7 +22,14 @@ impl Activation {
     #[inline(always)]
     pub fn apply(self, x: f32) -> f32 {
         match self {
-            Activation::Relu => x.max(0.0),
+            // Not `x.max(0.0)`: that maps NaN to 0 and would hide a diverged model.
+            Activation::Relu => {
+                if x > 0.0 || x.is_nan() {
+                    x
+                } else {
+                    0.0
+                }
+            }
             Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * SQRT_1_2)),
             Activation::Identity => x,
         }
@@ -32,7 +39,9 @@ impl Activation {
     pub fn derivative(self, x: f32) -> f32 {
         match self {
             Activation::Relu => (x > 0.0) as u8 as f32,
-            Activation::Gelu => 0.5 * (1.0 + libm::erff(x * SQRT_1_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp(),
+            Activation::Gelu => {
+                0.5 * (1.0 + libm::erff(x * SQRT_1_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+            }
             Activation::Identity => 1.0,
         }
     }
@@ -41,6 +50,7 @@ impl Activation {
 /// In one pass: `pre += bias` (in place) and `post = act(pre)`.
 /// pre, post: (N, F); bias: (F). With `Identity`, `post` may be empty and only the bias is added.
 pub fn bias_act_forward(pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Activation) {
+    let _p = crate::profile::scope("bias+act forward");
     let f = bias.len();
     let n = pre.len() / f;
     let chunk = rows_per_task(n, f) * f;
@@ -52,38 +62,55 @@ pub fn bias_act_forward(pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Ac
         });
         return;
     }
-    pre.par_chunks_mut(chunk).zip(post[..n * f].par_chunks_mut(chunk)).for_each(|(p, q)| {
-        for (prow, qrow) in p.chunks_mut(f).zip(q.chunks_mut(f)) {
-            for i in 0..f {
-                let v = prow[i] + bias[i];
-                prow[i] = v;
-                qrow[i] = act.apply(v);
+    pre.par_chunks_mut(chunk)
+        .zip(post[..n * f].par_chunks_mut(chunk))
+        .for_each(|(p, q)| {
+            for (prow, qrow) in p.chunks_mut(f).zip(q.chunks_mut(f)) {
+                for i in 0..f {
+                    let v = prow[i] + bias[i];
+                    prow[i] = v;
+                    qrow[i] = act.apply(v);
+                }
             }
-        }
-    });
+        });
 }
 
 /// Backward of [`bias_act_forward`] in one pass: `dpre = dpost * act'(pre)` and `dbias += Σ_rows dpre`.
 /// `dpre` may alias nothing; pass `dpost` as the upstream gradient. For `Identity`, `dpre` is
 /// not written (callers use `dpost` directly) and only the bias gradient is formed.
-pub fn bias_act_backward(dpre: &mut [f32], dbias: &mut [f32], dpost: &[f32], pre: &[f32], act: Activation) {
+pub fn bias_act_backward(
+    dpre: &mut [f32],
+    dbias: &mut [f32],
+    dpost: &[f32],
+    pre: &[f32],
+    act: Activation,
+) {
+    let _p = crate::profile::scope("act backward");
     let f = dbias.len();
     let n = dpost.len() / f;
     if act != Activation::Identity {
         let chunk = rows_per_task(n, f) * f;
-        dpre[..n * f].par_chunks_mut(chunk).enumerate().for_each(|(ci, d)| {
-            let base = ci * chunk;
-            for (i, v) in d.iter_mut().enumerate() {
-                *v = dpost[base + i] * act.derivative(pre[base + i]);
-            }
-        });
+        dpre[..n * f]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(ci, d)| {
+                let base = ci * chunk;
+                for (i, v) in d.iter_mut().enumerate() {
+                    *v = dpost[base + i] * act.derivative(pre[base + i]);
+                }
+            });
     }
-    let src: &[f32] = if act == Activation::Identity { dpost } else { dpre };
+    let src: &[f32] = if act == Activation::Identity {
+        dpost
+    } else {
+        dpre
+    };
     column_sum(dbias, src, f);
 }
 
 /// `acc += Σ_rows x`, x: (N, F); acc: (F)
 pub fn column_sum(acc: &mut [f32], x: &[f32], f: usize) {
+    let _p = crate::profile::scope("bias grad (column sum)");
     let n = x.len() / f;
     reduce_rows(acc, n, f, |start, len, out| {
         for row in x[start * f..(start + len) * f].chunks(f) {

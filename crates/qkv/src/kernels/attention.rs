@@ -46,7 +46,11 @@ pub struct HeadsRef<'a> {
 
 impl HeadsRef<'_> {
     fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatRef {
-        MatRef { ptr: self.data[(b * len) * self.rs + self.offset + h * d..].as_ptr(), rs: self.rs as isize, cs: 1 }
+        MatRef {
+            ptr: self.data[(b * len) * self.rs + self.offset + h * d..].as_ptr(),
+            rs: self.rs as isize,
+            cs: 1,
+        }
     }
 }
 
@@ -65,7 +69,12 @@ unsafe impl Sync for HeadsMut<'_> {}
 
 impl<'a> HeadsMut<'a> {
     /// Views of `width` columns starting at each of `offsets`, rows of stride `rs`.
-    pub fn split<const N: usize>(buf: &'a mut [f32], rs: usize, width: usize, offsets: [usize; N]) -> [HeadsMut<'a>; N] {
+    pub fn split<const N: usize>(
+        buf: &'a mut [f32],
+        rs: usize,
+        width: usize,
+        offsets: [usize; N],
+    ) -> [HeadsMut<'a>; N] {
         for (i, &a) in offsets.iter().enumerate() {
             assert!(a + width <= rs, "view exceeds row");
             for &b in &offsets[i + 1..] {
@@ -73,7 +82,13 @@ impl<'a> HeadsMut<'a> {
             }
         }
         let (ptr, len) = (buf.as_mut_ptr(), buf.len());
-        offsets.map(|offset| HeadsMut { ptr, len, rs, offset, _borrow: PhantomData })
+        offsets.map(|offset| HeadsMut {
+            ptr,
+            len,
+            rs,
+            offset,
+            _borrow: PhantomData,
+        })
     }
 
     /// The (len, D) block of head `h` in batch `b`.
@@ -81,76 +96,177 @@ impl<'a> HeadsMut<'a> {
         let start = (b * len) * self.rs + self.offset + h * d;
         assert!(start + (len - 1) * self.rs + d <= self.len);
         // SAFETY: in bounds (checked); callers write each (b, h) block from one task only.
-        MatMut { ptr: unsafe { self.ptr.add(start) }, rs: self.rs as isize, cs: 1 }
+        MatMut {
+            ptr: unsafe { self.ptr.add(start) },
+            rs: self.rs as isize,
+            cs: 1,
+        }
     }
 }
 
 fn check(s: &AttentionShape, q: &HeadsRef, k: &HeadsRef, v: &HeadsRef) {
     let w = s.heads * s.head_dim;
     for (x, len) in [(q, s.q_len), (k, s.k_len), (v, s.k_len)] {
-        assert!(x.offset + w <= x.rs && x.data.len() >= s.batch * len * x.rs, "attention operand too small");
+        assert!(
+            x.offset + w <= x.rs && x.data.len() >= s.batch * len * x.rs,
+            "attention operand too small"
+        );
     }
 }
 
 /// Forward. out: (B, Tq, H·D) contiguous; probs: (B, H, Tq, Tk).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: HeadsRef, k: HeadsRef, v: HeadsRef, s: AttentionShape, masks: &Masks, scale: f32) {
+pub fn attention_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: HeadsRef,
+    k: HeadsRef,
+    v: HeadsRef,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let _p = crate::profile::scope("attention forward");
     check(&s, &q, &k, &v);
     let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
     let w = hh * d;
     assert!(out.len() >= s.batch * tq * w && probs.len() >= s.batch * hh * tq * tk);
     let [o] = HeadsMut::split(out, w, w, [0]);
-    probs[..s.batch * hh * tq * tk].par_chunks_mut(tq * tk).enumerate().for_each(|(bh, p)| {
-        let (b, h) = (bh / hh, bh % hh);
-        let none = gemm::Parallelism::None;
-        let pm = MatMut { ptr: p.as_mut_ptr(), rs: tk as isize, cs: 1 };
-        let kh = k.head(b, tk, h, d);
-        let kt = MatRef { ptr: kh.ptr, rs: kh.cs, cs: kh.rs };
-        // SAFETY: operand bounds were checked; each task owns its probs block and its out block.
-        unsafe { gemm_strided(tq, tk, d, pm, false, q.head(b, tq, h, d), kt, scale, none) };
-        for (i, row) in p.chunks_mut(tk).enumerate() {
-            softmax_row_masked(row, |j| masks.masked(b, tk, i, j));
-        }
-        let pr = MatRef { ptr: p.as_ptr(), rs: tk as isize, cs: 1 };
-        unsafe { gemm_strided(tq, d, tk, o.head(b, tq, h, d), false, pr, v.head(b, tk, h, d), 1.0, none) };
-    });
+    probs[..s.batch * hh * tq * tk]
+        .par_chunks_mut(tq * tk)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (b, h) = (bh / hh, bh % hh);
+            let none = gemm::Parallelism::None;
+            let pm = MatMut {
+                ptr: p.as_mut_ptr(),
+                rs: tk as isize,
+                cs: 1,
+            };
+            let kh = k.head(b, tk, h, d);
+            let kt = MatRef {
+                ptr: kh.ptr,
+                rs: kh.cs,
+                cs: kh.rs,
+            };
+            // SAFETY: operand bounds were checked; each task owns its probs block and its out block.
+            unsafe { gemm_strided(tq, tk, d, pm, false, q.head(b, tq, h, d), kt, scale, none) };
+            for (i, row) in p.chunks_mut(tk).enumerate() {
+                softmax_row_masked(row, |j| masks.masked(b, tk, i, j));
+            }
+            let pr = MatRef {
+                ptr: p.as_ptr(),
+                rs: tk as isize,
+                cs: 1,
+            };
+            unsafe {
+                gemm_strided(
+                    tq,
+                    d,
+                    tk,
+                    o.head(b, tq, h, d),
+                    false,
+                    pr,
+                    v.head(b, tk, h, d),
+                    1.0,
+                    none,
+                )
+            };
+        });
 }
 
 /// Backward. dout: (B, Tq, H·D); probs from forward; scratch: (B, H, Tq, Tk).
 /// Writes (overwrites) dq, dk, dv.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    dq: &HeadsMut, dk: &HeadsMut, dv: &HeadsMut, dout: &[f32], probs: &[f32], q: HeadsRef, k: HeadsRef, v: HeadsRef,
-    scratch: &mut [f32], s: AttentionShape, scale: f32,
+    dq: &HeadsMut,
+    dk: &HeadsMut,
+    dv: &HeadsMut,
+    dout: &[f32],
+    probs: &[f32],
+    q: HeadsRef,
+    k: HeadsRef,
+    v: HeadsRef,
+    scratch: &mut [f32],
+    s: AttentionShape,
+    scale: f32,
 ) {
+    let _p = crate::profile::scope("attention backward");
     check(&s, &q, &k, &v);
     let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
-    let dov = HeadsRef { data: dout, rs: hh * d, offset: 0 };
-    scratch[..s.batch * hh * tq * tk].par_chunks_mut(tq * tk).enumerate().for_each(|(bh, ds)| {
-        let (b, h) = (bh / hh, bh % hh);
-        let none = gemm::Parallelism::None;
-        let p = &probs[bh * tq * tk..(bh + 1) * tq * tk];
-        let pt = MatRef { ptr: p.as_ptr(), rs: 1, cs: tk as isize };
-        let doh = dov.head(b, tq, h, d);
-        let vh = v.head(b, tk, h, d);
-        let vt = MatRef { ptr: vh.ptr, rs: vh.cs, cs: vh.rs };
-        let dsm = MatMut { ptr: ds.as_mut_ptr(), rs: tk as isize, cs: 1 };
-        // SAFETY: bounds checked; each (b, h) block of dq/dk/dv and scratch is written by this task only.
-        unsafe {
-            // dV = Pᵀ dO ; dP = dO Vᵀ
-            gemm_strided(tk, d, tq, dv.head(b, tk, h, d), false, pt, doh, 1.0, none);
-            gemm_strided(tq, tk, d, dsm, false, doh, vt, 1.0, none);
-        }
-        // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale ; masked entries have P = 0, hence dS = 0.
-        for (dr, prow) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
-            softmax_row_backward(dr, prow, scale);
-        }
-        let dsr = MatRef { ptr: ds.as_ptr(), rs: tk as isize, cs: 1 };
-        let dst = MatRef { ptr: ds.as_ptr(), rs: 1, cs: tk as isize };
-        unsafe {
-            // dQ = dS K ; dK = dSᵀ Q
-            gemm_strided(tq, d, tk, dq.head(b, tq, h, d), false, dsr, k.head(b, tk, h, d), 1.0, none);
-            gemm_strided(tk, d, tq, dk.head(b, tk, h, d), false, dst, q.head(b, tq, h, d), 1.0, none);
-        }
-    });
+    let dov = HeadsRef {
+        data: dout,
+        rs: hh * d,
+        offset: 0,
+    };
+    scratch[..s.batch * hh * tq * tk]
+        .par_chunks_mut(tq * tk)
+        .enumerate()
+        .for_each(|(bh, ds)| {
+            let (b, h) = (bh / hh, bh % hh);
+            let none = gemm::Parallelism::None;
+            let p = &probs[bh * tq * tk..(bh + 1) * tq * tk];
+            let pt = MatRef {
+                ptr: p.as_ptr(),
+                rs: 1,
+                cs: tk as isize,
+            };
+            let doh = dov.head(b, tq, h, d);
+            let vh = v.head(b, tk, h, d);
+            let vt = MatRef {
+                ptr: vh.ptr,
+                rs: vh.cs,
+                cs: vh.rs,
+            };
+            let dsm = MatMut {
+                ptr: ds.as_mut_ptr(),
+                rs: tk as isize,
+                cs: 1,
+            };
+            // SAFETY: bounds checked; each (b, h) block of dq/dk/dv and scratch is written by this task only.
+            unsafe {
+                // dV = Pᵀ dO ; dP = dO Vᵀ
+                gemm_strided(tk, d, tq, dv.head(b, tk, h, d), false, pt, doh, 1.0, none);
+                gemm_strided(tq, tk, d, dsm, false, doh, vt, 1.0, none);
+            }
+            // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale ; masked entries have P = 0, hence dS = 0.
+            for (dr, prow) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
+                softmax_row_backward(dr, prow, scale);
+            }
+            let dsr = MatRef {
+                ptr: ds.as_ptr(),
+                rs: tk as isize,
+                cs: 1,
+            };
+            let dst = MatRef {
+                ptr: ds.as_ptr(),
+                rs: 1,
+                cs: tk as isize,
+            };
+            unsafe {
+                // dQ = dS K ; dK = dSᵀ Q
+                gemm_strided(
+                    tq,
+                    d,
+                    tk,
+                    dq.head(b, tq, h, d),
+                    false,
+                    dsr,
+                    k.head(b, tk, h, d),
+                    1.0,
+                    none,
+                );
+                gemm_strided(
+                    tk,
+                    d,
+                    tq,
+                    dk.head(b, tk, h, d),
+                    false,
+                    dst,
+                    q.head(b, tq, h, d),
+                    1.0,
+                    none,
+                );
+            }
+        });
 }

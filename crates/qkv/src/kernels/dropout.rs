@@ -32,15 +32,26 @@ const CHUNK: usize = 16384;
 
 /// `out = x + dropout(sub)`; x, sub, out: (N)
 pub fn residual_add(out: &mut [f32], x: &[f32], sub: &[f32], drop: Option<Dropout>) {
+    let _p = crate::profile::scope("residual add");
     let n = x.len();
-    out[..n].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
-        let base = ci * CHUNK;
-        let (xs, ss) = (&x[base..base + o.len()], &sub[base..base + o.len()]);
-        match drop {
-            None => o.iter_mut().zip(xs).zip(ss).for_each(|((o, x), s)| *o = x + s),
-            Some(d) => o.iter_mut().enumerate().for_each(|(i, o)| *o = xs[i] + ss[i] * d.factor(base + i)),
-        }
-    });
+    out[..n]
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(ci, o)| {
+            let base = ci * CHUNK;
+            let (xs, ss) = (&x[base..base + o.len()], &sub[base..base + o.len()]);
+            match drop {
+                None => o
+                    .iter_mut()
+                    .zip(xs)
+                    .zip(ss)
+                    .for_each(|((o, x), s)| *o = x + s),
+                Some(d) => o
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, o)| *o = xs[i] + ss[i] * d.factor(base + i)),
+            }
+        });
 }
 
 /// In place `x = dropout(x)` (forward), or `dx = dropout'(dx)` (backward: same mask, same scale).
@@ -48,21 +59,29 @@ pub fn apply(x: &mut [f32], drop: Option<Dropout>) {
     if let Some(d) = drop {
         x.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, xs)| {
             let base = ci * CHUNK;
-            xs.iter_mut().enumerate().for_each(|(i, v)| *v *= d.factor(base + i));
+            xs.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v *= d.factor(base + i));
         });
     }
 }
 
 /// `out = dropout'(dy)` into a separate buffer (backward of the dropped branch of a residual).
 pub fn backward_into(out: &mut [f32], dy: &[f32], drop: Option<Dropout>) {
+    let _p = crate::profile::scope("residual grad copy");
     let n = dy.len();
     match drop {
         None => out[..n].copy_from_slice(dy),
         Some(d) => {
-            out[..n].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, o)| {
-                let base = ci * CHUNK;
-                o.iter_mut().enumerate().for_each(|(i, v)| *v = dy[base + i] * d.factor(base + i));
-            });
+            out[..n]
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(ci, o)| {
+                    let base = ci * CHUNK;
+                    o.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = dy[base + i] * d.factor(base + i));
+                });
         }
     }
 }

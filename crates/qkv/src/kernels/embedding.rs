@@ -19,22 +19,44 @@ pub fn sinusoidal_table(max_len: usize, c: usize) -> Vec<f32> {
 
 /// `out[b, t] = dropout(table[tokens[b, t]] · scale + pos[t])`.
 /// tokens: (B, T) already validated against the vocabulary; table: (V, C); pos: (≥T, C); out: (B, T, C)
-pub fn embedding_forward(out: &mut [f32], tokens: &[u32], table: &[f32], pos: &[f32], scale: f32, t_len: usize, c: usize, drop: Option<Dropout>) {
-    out[..tokens.len() * c].par_chunks_mut(c).enumerate().for_each(|(row, o)| {
-        let tok = tokens[row] as usize;
-        let e = &table[tok * c..(tok + 1) * c];
-        let p = &pos[(row % t_len) * c..(row % t_len + 1) * c];
-        for i in 0..c {
-            o[i] = e[i] * scale + p[i];
-        }
-    });
+pub fn embedding_forward(
+    out: &mut [f32],
+    tokens: &[u32],
+    table: &[f32],
+    pos: &[f32],
+    scale: f32,
+    t_len: usize,
+    c: usize,
+    drop: Option<Dropout>,
+) {
+    let _p = crate::profile::scope("embedding forward");
+    out[..tokens.len() * c]
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let tok = tokens[row] as usize;
+            let e = &table[tok * c..(tok + 1) * c];
+            let p = &pos[(row % t_len) * c..(row % t_len + 1) * c];
+            for i in 0..c {
+                o[i] = e[i] * scale + p[i];
+            }
+        });
     dropout::apply(&mut out[..tokens.len() * c], drop);
 }
 
 /// Backward: `dtable[tokens[b, t]] += dout[b, t] · scale` and, for learned positions,
 /// `dpos[t] += Σ_b dout[b, t]`. `dout` must already have the dropout mask applied.
 /// Split over column ranges so that rows repeated in `tokens` never race.
-pub fn embedding_backward(dtable: &mut [f32], dpos: Option<&mut [f32]>, dout: &[f32], tokens: &[u32], scale: f32, t_len: usize, c: usize) {
+pub fn embedding_backward(
+    dtable: &mut [f32],
+    dpos: Option<&mut [f32]>,
+    dout: &[f32],
+    tokens: &[u32],
+    scale: f32,
+    t_len: usize,
+    c: usize,
+) {
+    let _p = crate::profile::scope("embedding backward");
     let threads = rayon::current_num_threads().max(1);
     let width = c.div_ceil(threads).max(16).min(c);
     let cols: Vec<usize> = (0..c).step_by(width).collect();
@@ -55,7 +77,10 @@ pub fn embedding_backward(dtable: &mut [f32], dpos: Option<&mut [f32]>, dout: &[
     if let Some(dp) = dpos {
         for (row, d) in dout[..tokens.len() * c].chunks(c).enumerate() {
             let t = row % t_len;
-            dp[t * c..(t + 1) * c].iter_mut().zip(d).for_each(|(a, b)| *a += b);
+            dp[t * c..(t + 1) * c]
+                .iter_mut()
+                .zip(d)
+                .for_each(|(a, b)| *a += b);
         }
     }
 }

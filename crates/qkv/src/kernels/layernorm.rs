@@ -7,7 +7,17 @@ use rayon::prelude::*;
 
 /// `out = LN(x) * w + b` over rows of width `c`; saves per-row `mean` and `rstd` for backward.
 /// x, out: (N, C); mean, rstd: (N)
-pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) {
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    c: usize,
+    eps: f32,
+) {
+    let _p = crate::profile::scope("layernorm forward");
     let n = x.len() / c;
     let chunk = rows_per_task(n, c);
     out[..n * c]
@@ -42,8 +52,17 @@ fn normalise_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) -> 
 /// x, sub, sum, out: (N, C)
 #[allow(clippy::too_many_arguments)]
 pub fn residual_layernorm_forward(
-    sum: &mut [f32], out: &mut [f32], mean: &mut [f32], rstd: &mut [f32],
-    x: &[f32], sub: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32, drop: Option<Dropout>,
+    sum: &mut [f32],
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    sub: &[f32],
+    w: &[f32],
+    b: &[f32],
+    c: usize,
+    eps: f32,
+    drop: Option<Dropout>,
 ) {
     dropout::residual_add(sum, x, sub, drop);
     layernorm_forward(out, mean, rstd, sum, w, b, c, eps);
@@ -54,39 +73,60 @@ pub fn residual_layernorm_forward(
 /// gradient is fused in without a separate pass.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
-    dx: &mut [f32], dw: &mut [f32], db: &mut [f32], dy: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], w: &[f32], c: usize,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    c: usize,
     accumulate_dx: bool,
 ) {
+    let _p = crate::profile::scope("layernorm backward");
     let n = x.len() / c;
     let chunk = rows_per_task(n, c);
-    dx[..n * c].par_chunks_mut(chunk * c).enumerate().for_each(|(ci, dxc)| {
-        let r0 = ci * chunk;
-        for (r, dxr) in dxc.chunks_mut(c).enumerate() {
-            let row = r0 + r;
-            let (xr, dyr) = (&x[row * c..(row + 1) * c], &dy[row * c..(row + 1) * c]);
-            let (m, s) = (mean[row], rstd[row]);
-            // dxhat = dy * w; dx = s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-            let mut sum_d = 0.0f32;
-            let mut sum_dx = 0.0f32;
-            for i in 0..c {
-                let xhat = (xr[i] - m) * s;
-                let d = dyr[i] * w[i];
-                sum_d += d;
-                sum_dx += d * xhat;
+    dx[..n * c]
+        .par_chunks_mut(chunk * c)
+        .enumerate()
+        .for_each(|(ci, dxc)| {
+            let r0 = ci * chunk;
+            for (r, dxr) in dxc.chunks_mut(c).enumerate() {
+                let row = r0 + r;
+                let (xr, dyr) = (&x[row * c..(row + 1) * c], &dy[row * c..(row + 1) * c]);
+                let (m, s) = (mean[row], rstd[row]);
+                // dxhat = dy * w; dx = s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+                let mut sum_d = 0.0f32;
+                let mut sum_dx = 0.0f32;
+                for i in 0..c {
+                    let xhat = (xr[i] - m) * s;
+                    let d = dyr[i] * w[i];
+                    sum_d += d;
+                    sum_dx += d * xhat;
+                }
+                let (mean_d, mean_dx) = (sum_d / c as f32, sum_dx / c as f32);
+                for i in 0..c {
+                    let xhat = (xr[i] - m) * s;
+                    let g = s * (dyr[i] * w[i] - mean_d - xhat * mean_dx);
+                    dxr[i] = if accumulate_dx { dxr[i] + g } else { g };
+                }
             }
-            let (mean_d, mean_dx) = (sum_d / c as f32, sum_dx / c as f32);
-            for i in 0..c {
-                let xhat = (xr[i] - m) * s;
-                let g = s * (dyr[i] * w[i] - mean_d - xhat * mean_dx);
-                dxr[i] = if accumulate_dx { dxr[i] + g } else { g };
-            }
-        }
-    });
+        });
     layernorm_param_grads(dw, db, dy, x, mean, rstd, c);
 }
 
 /// `dw += Σ_rows dy * xhat`, `db += Σ_rows dy`.
-pub fn layernorm_param_grads(dw: &mut [f32], db: &mut [f32], dy: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+pub fn layernorm_param_grads(
+    dw: &mut [f32],
+    db: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
+    let _p = crate::profile::scope("layernorm param grads");
     let n = x.len() / c;
     let mut acc = vec![0.0f32; 2 * c];
     reduce_rows(&mut acc, n, c, |start, len, out| {

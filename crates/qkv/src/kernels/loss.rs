@@ -7,7 +7,15 @@ use rayon::prelude::*;
 /// smoothing semantics: `(1-ε)·(−log p_y) + ε·mean_j(−log p_j)`.
 /// logits, dlogits: (N, V); targets: (N). Returns (mean loss, number of counted rows).
 /// `dlogits` receives ∂(mean loss)/∂logits (zero rows for ignored targets).
-pub fn cross_entropy_forward_backward(dlogits: &mut [f32], logits: &[f32], targets: &[u32], v: usize, ignore: Option<u32>, smoothing: f32) -> (f32, usize) {
+pub fn cross_entropy_forward_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    v: usize,
+    ignore: Option<u32>,
+    smoothing: f32,
+) -> (f32, usize) {
+    let _p = crate::profile::scope("cross-entropy");
     let n = targets.len();
     let count = targets.iter().filter(|&&t| Some(t) != ignore).count();
     if count == 0 {

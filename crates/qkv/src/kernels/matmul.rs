@@ -27,8 +27,16 @@ unsafe impl Sync for MatMut {}
 impl MatRef {
     /// Row-major (rows, cols) slice; with `transpose`, the view of its transpose.
     pub fn rows(s: &[f32], cols: usize, transpose: bool) -> Self {
-        let (rs, cs) = if transpose { (1, cols as isize) } else { (cols as isize, 1) };
-        Self { ptr: s.as_ptr(), rs, cs }
+        let (rs, cs) = if transpose {
+            (1, cols as isize)
+        } else {
+            (cols as isize, 1)
+        };
+        Self {
+            ptr: s.as_ptr(),
+            rs,
+            cs,
+        }
     }
 }
 
@@ -38,7 +46,17 @@ impl MatRef {
 /// The views must address valid memory for the given sizes, and `dst` must not overlap `a`/`b`
 /// or be written by another thread at the same time.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_strided(m: usize, n: usize, k: usize, dst: MatMut, accumulate: bool, a: MatRef, b: MatRef, scale: f32, par: gemm::Parallelism) {
+pub unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    a: MatRef,
+    b: MatRef,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -52,24 +70,59 @@ pub unsafe fn gemm_strided(m: usize, n: usize, k: usize, dst: MatMut, accumulate
         }
         return;
     }
-    gemm::gemm(m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, scale, false, false, false, par);
+    gemm::gemm(
+        m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0,
+        scale, false, false, false, par,
+    );
 }
 
 /// `out (m, n) = [out +] op(a) · op(b)` for contiguous row-major operands, multi-threaded.
 /// `op(a)` is (m, k): `a` is stored (m, k), or (k, m) when `ta`. Likewise `b` is (k, n) or (n, k) when `tb`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
-    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul operand too small");
+pub fn matmul(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
+    let _p = crate::profile::scope(match (ta, tb) {
+        (false, true) => "matmul x·Wᵀ",
+        (true, false) => "matmul dyᵀ·x",
+        _ => "matmul dy·W",
+    });
+    assert!(
+        out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul operand too small"
+    );
     let av = MatRef::rows(a, if ta { m } else { k }, ta);
     let bv = MatRef::rows(b, if tb { k } else { n }, tb);
-    let dst = MatMut { ptr: out.as_mut_ptr(), rs: n as isize, cs: 1 };
+    let dst = MatMut {
+        ptr: out.as_mut_ptr(),
+        rs: n as isize,
+        cs: 1,
+    };
     // SAFETY: sizes checked above; `out` is uniquely borrowed.
     unsafe { gemm_strided(m, n, k, dst, accumulate, av, bv, 1.0, gemm_par()) }
 }
 
 /// Reference triple loop, kept for tests of [`matmul`].
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_naive(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+pub fn matmul_naive(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
     for i in 0..m {
         for j in 0..n {
             let mut s = 0.0f64;

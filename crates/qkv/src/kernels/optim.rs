@@ -8,7 +8,19 @@ const CHUNK: usize = 16384;
 /// One AdamW update in a single pass over (param, grad, m, v), matching `torch.optim.AdamW`:
 /// decoupled decay `p -= lr·wd·p`, then `p -= lr/(1-β1^t) · m / (√v/√(1-β2^t) + ε)`.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_step(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, step: u64) {
+pub fn adamw_step(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    step: u64,
+) {
+    let _p = crate::profile::scope("adamw");
     let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
     let bc2 = 1.0 - (beta2 as f64).powi(step as i32);
     let step_size = (lr as f64 / bc1) as f32;
@@ -32,10 +44,14 @@ pub fn adamw_step(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32
 
 /// Sum of squares in f64 (so the norm of millions of parameters stays exact enough).
 pub fn sum_squares(x: &[f32]) -> f64 {
-    x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum()
+    let _p = crate::profile::scope("grad norm");
+    x.par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum()
 }
 
 /// Multiply in place.
 pub fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }

@@ -36,7 +36,9 @@ pub fn softmax_forward(x: &mut [f32], n: usize) {
 #[inline]
 pub fn softmax_row_backward(d: &mut [f32], p: &[f32], scale: f32) {
     let dot: f32 = d.iter().zip(p).map(|(a, b)| a * b).sum();
-    d.iter_mut().zip(p).for_each(|(dv, pv)| *dv = pv * (*dv - dot) * scale);
+    d.iter_mut()
+        .zip(p)
+        .for_each(|(dv, pv)| *dv = pv * (*dv - dot) * scale);
 }
 
 /// Backward over rows of width `n`: `d` holds ∂L/∂p on entry and ∂L/∂x on exit; p: (R, N).

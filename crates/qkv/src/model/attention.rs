@@ -6,7 +6,9 @@
 
 use super::buf;
 use super::linear::Linear;
-use crate::kernels::attention::{attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef, Masks};
+use crate::kernels::attention::{
+    attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef, Masks,
+};
 use crate::params::ParamBuilder;
 
 /// Buffers shared by both kinds: the attention core and the output projection.
@@ -26,8 +28,8 @@ pub struct SelfAttention {
     pub out: Linear,
     pub heads: usize,
     c: usize,
-    qkv_buf: Vec<f32>,  // (B, T, 3C)
-    dqkv: Vec<f32>,     // (B, T, 3C)
+    qkv_buf: Vec<f32>, // (B, T, 3C)
+    dqkv: Vec<f32>,    // (B, T, 3C)
     core: Core,
 }
 
@@ -45,14 +47,32 @@ impl SelfAttention {
     }
 
     /// x: (B, T, C) → (B, T, C)
-    pub fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, t: usize, masks: &Masks) -> &[f32] {
+    pub fn forward(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        batch: usize,
+        t: usize,
+        masks: &Masks,
+    ) -> &[f32] {
         let c = self.c;
         let n = batch * t;
         let qkv = buf(&mut self.qkv_buf, n * 3 * c);
         self.qkv.forward(p, x, qkv);
-        let shape = AttentionShape { batch, heads: self.heads, q_len: t, k_len: t, head_dim: c / self.heads };
-        let view = |offset| HeadsRef { data: &self.qkv_buf[..n * 3 * c], rs: 3 * c, offset };
-        self.core.forward(p, &self.out, view(0), view(c), view(2 * c), shape, masks)
+        let shape = AttentionShape {
+            batch,
+            heads: self.heads,
+            q_len: t,
+            k_len: t,
+            head_dim: c / self.heads,
+        };
+        let view = |offset| HeadsRef {
+            data: &self.qkv_buf[..n * 3 * c],
+            rs: 3 * c,
+            offset,
+        };
+        self.core
+            .forward(p, &self.out, view(0), view(c), view(2 * c), shape, masks)
     }
 
     /// Attention weights of the last forward, (B, H, T, T).
@@ -61,18 +81,49 @@ impl SelfAttention {
     }
 
     /// dy: (B, T, C) → `dx (+)= ∂L/∂x`.
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+    pub fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
         let c = self.c;
         let s = self.core.shape.expect("backward before forward");
         let n = s.batch * s.q_len;
         let qkv = &self.qkv_buf[..n * 3 * c];
-        let view = |offset| HeadsRef { data: qkv, rs: 3 * c, offset };
+        let view = |offset| HeadsRef {
+            data: qkv,
+            rs: 3 * c,
+            offset,
+        };
         let dqkv = buf(&mut self.dqkv, n * 3 * c);
         {
             let [dq, dk, dv] = HeadsMut::split(dqkv, 3 * c, c, [0, c, 2 * c]);
-            self.core.backward(p, g, &self.out, dy, &dq, &dk, &dv, view(0), view(c), view(2 * c));
+            self.core.backward(
+                p,
+                g,
+                &self.out,
+                dy,
+                &dq,
+                &dk,
+                &dv,
+                view(0),
+                view(c),
+                view(2 * c),
+            );
         }
-        self.qkv.backward(p, g, x, &self.dqkv[..n * 3 * c], Some(dx), accumulate, false);
+        self.qkv.backward(
+            p,
+            g,
+            x,
+            &self.dqkv[..n * 3 * c],
+            Some(dx),
+            accumulate,
+            false,
+        );
     }
 }
 
@@ -108,15 +159,43 @@ impl CrossAttention {
 
     /// x: (B, Tq, C) queries; memory: (B, Tk, C) encoder output → (B, Tq, C)
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&mut self, p: &[f32], x: &[f32], memory: &[f32], batch: usize, tq: usize, tk: usize, memory_padding: Option<&[bool]>) -> &[f32] {
+    pub fn forward(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        memory: &[f32],
+        batch: usize,
+        tq: usize,
+        tk: usize,
+        memory_padding: Option<&[bool]>,
+    ) -> &[f32] {
         let c = self.c;
         self.q.forward(p, x, buf(&mut self.q_buf, batch * tq * c));
-        self.kv.forward(p, memory, buf(&mut self.kv_buf, batch * tk * 2 * c));
-        let shape = AttentionShape { batch, heads: self.heads, q_len: tq, k_len: tk, head_dim: c / self.heads };
-        let q = HeadsRef { data: &self.q_buf[..batch * tq * c], rs: c, offset: 0 };
-        let kv = |offset| HeadsRef { data: &self.kv_buf[..batch * tk * 2 * c], rs: 2 * c, offset };
-        let masks = Masks { key_padding: memory_padding, causal: false };
-        self.core.forward(p, &self.out, q, kv(0), kv(c), shape, &masks)
+        self.kv
+            .forward(p, memory, buf(&mut self.kv_buf, batch * tk * 2 * c));
+        let shape = AttentionShape {
+            batch,
+            heads: self.heads,
+            q_len: tq,
+            k_len: tk,
+            head_dim: c / self.heads,
+        };
+        let q = HeadsRef {
+            data: &self.q_buf[..batch * tq * c],
+            rs: c,
+            offset: 0,
+        };
+        let kv = |offset| HeadsRef {
+            data: &self.kv_buf[..batch * tk * 2 * c],
+            rs: 2 * c,
+            offset,
+        };
+        let masks = Masks {
+            key_padding: memory_padding,
+            causal: false,
+        };
+        self.core
+            .forward(p, &self.out, q, kv(0), kv(c), shape, &masks)
     }
 
     pub fn weights(&self) -> Option<&[f32]> {
@@ -125,25 +204,62 @@ impl CrossAttention {
 
     /// `dx (+)= ∂L/∂x`; `dmemory += ∂L/∂memory` (several decoder layers read one memory).
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], x: &[f32], memory: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool, dmemory: &mut [f32]) {
+    pub fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        memory: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+        dmemory: &mut [f32],
+    ) {
         let c = self.c;
         let s = self.core.shape.expect("backward before forward");
         let (nq, nk) = (s.batch * s.q_len, s.batch * s.k_len);
-        let q = HeadsRef { data: &self.q_buf[..nq * c], rs: c, offset: 0 };
-        let kv = |offset| HeadsRef { data: &self.kv_buf[..nk * 2 * c], rs: 2 * c, offset };
+        let q = HeadsRef {
+            data: &self.q_buf[..nq * c],
+            rs: c,
+            offset: 0,
+        };
+        let kv = |offset| HeadsRef {
+            data: &self.kv_buf[..nk * 2 * c],
+            rs: 2 * c,
+            offset,
+        };
         {
             let [dq] = HeadsMut::split(buf(&mut self.dq, nq * c), c, c, [0]);
             let [dk, dv] = HeadsMut::split(buf(&mut self.dkv, nk * 2 * c), 2 * c, c, [0, c]);
-            self.core.backward(p, g, &self.out, dy, &dq, &dk, &dv, q, kv(0), kv(c));
+            self.core
+                .backward(p, g, &self.out, dy, &dq, &dk, &dv, q, kv(0), kv(c));
         }
-        self.q.backward(p, g, x, &self.dq[..nq * c], Some(dx), accumulate, false);
-        self.kv.backward(p, g, memory, &self.dkv[..nk * 2 * c], Some(dmemory), true, false);
+        self.q
+            .backward(p, g, x, &self.dq[..nq * c], Some(dx), accumulate, false);
+        self.kv.backward(
+            p,
+            g,
+            memory,
+            &self.dkv[..nk * 2 * c],
+            Some(dmemory),
+            true,
+            false,
+        );
     }
 }
 
 impl Core {
     #[allow(clippy::too_many_arguments)]
-    fn forward(&mut self, p: &[f32], out_proj: &Linear, q: HeadsRef, k: HeadsRef, v: HeadsRef, s: AttentionShape, masks: &Masks) -> &[f32] {
+    fn forward(
+        &mut self,
+        p: &[f32],
+        out_proj: &Linear,
+        q: HeadsRef,
+        k: HeadsRef,
+        v: HeadsRef,
+        s: AttentionShape,
+        masks: &Masks,
+    ) -> &[f32] {
         let c = s.heads * s.head_dim;
         let n = s.batch * s.q_len;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
@@ -156,11 +272,24 @@ impl Core {
     }
 
     fn weights(&self) -> Option<&[f32]> {
-        self.shape.map(|s| &self.probs[..s.batch * s.heads * s.q_len * s.k_len])
+        self.shape
+            .map(|s| &self.probs[..s.batch * s.heads * s.q_len * s.k_len])
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn backward(&mut self, p: &[f32], g: &mut [f32], out_proj: &Linear, dy: &[f32], dq: &HeadsMut, dk: &HeadsMut, dv: &HeadsMut, q: HeadsRef, k: HeadsRef, v: HeadsRef) {
+    fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        out_proj: &Linear,
+        dy: &[f32],
+        dq: &HeadsMut,
+        dk: &HeadsMut,
+        dv: &HeadsMut,
+        q: HeadsRef,
+        k: HeadsRef,
+        v: HeadsRef,
+    ) {
         let s = self.shape.expect("backward before forward");
         let c = s.heads * s.head_dim;
         let n = s.batch * s.q_len;
@@ -168,6 +297,18 @@ impl Core {
         out_proj.backward(p, g, &self.ctx[..n * c], dy, Some(dctx), false, false);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let scratch = buf(&mut self.scratch, s.batch * s.heads * s.q_len * s.k_len);
-        attention_backward(dq, dk, dv, &self.dctx[..n * c], &self.probs, q, k, v, scratch, s, scale);
+        attention_backward(
+            dq,
+            dk,
+            dv,
+            &self.dctx[..n * c],
+            &self.probs,
+            q,
+            k,
+            v,
+            scratch,
+            s,
+            scale,
+        );
     }
 }

@@ -30,12 +30,27 @@ impl Classifier {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         if config.family != Family::Classifier {
-            return Err(Error::Config(format!("expected family classifier, got {:?}", config.family)));
+            return Err(Error::Config(format!(
+                "expected family classifier, got {:?}",
+                config.family
+            )));
         }
         let cfg = &config;
         let mut pb = ParamBuilder::default();
         let mut sites = SiteIds::default();
-        let embed = Embedding::new(&mut pb, "embed", None, "pos", cfg.vocab_size, cfg.d_model, cfg.max_len, cfg.positional, cfg.scale_embeddings, "tokens", sites.next());
+        let embed = Embedding::new(
+            &mut pb,
+            "embed",
+            None,
+            "pos",
+            cfg.vocab_size,
+            cfg.d_model,
+            cfg.max_len,
+            cfg.positional,
+            cfg.scale_embeddings,
+            "tokens",
+            sites.next(),
+        );
         let encoder = EncoderStack::new(&mut pb, "encoder", cfg.n_encoder_layers, cfg, &mut sites);
         let head = Linear::new(&mut pb, "head", cfg.d_model, cfg.n_classes, true);
         Ok(Self {
@@ -56,7 +71,11 @@ impl Classifier {
 
     /// Number of real (non-padding) tokens in row `b`, at least 1 to keep the mean defined.
     fn real_tokens(pad: &[bool], b: usize, t: usize) -> usize {
-        pad[b * t..(b + 1) * t].iter().filter(|&&m| !m).count().max(1)
+        pad[b * t..(b + 1) * t]
+            .iter()
+            .filter(|&&m| !m)
+            .count()
+            .max(1)
     }
 
     /// tokens: (B, T) → logits (B, K)
@@ -65,7 +84,10 @@ impl Classifier {
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
         let x = self.embed.forward(p, tokens, mode)?;
         tokens.padding_mask(self.config.pad_id, &mut self.pad);
-        let masks = Masks { key_padding: Some(&self.pad), causal: false };
+        let masks = Masks {
+            key_padding: Some(&self.pad),
+            causal: false,
+        };
         let h = self.encoder.forward(p, x, b, t, &masks, mode);
         let pooled = buf(&mut self.pooled, b * c);
         for (row, out) in pooled.chunks_mut(c).enumerate() {
@@ -82,28 +104,51 @@ impl Classifier {
             }
         }
         let k = self.config.n_classes;
-        self.head.forward(p, &self.pooled[..b * c], buf(&mut self.logits, b * k));
+        self.head
+            .forward(p, &self.pooled[..b * c], buf(&mut self.logits, b * k));
         self.shape = Some((b, t));
         Ok(&self.logits[..b * k])
     }
 
     /// Loss of the last forward against `labels` (B), and every parameter's gradient.
     pub fn backward(&mut self, labels: &[u32], label_smoothing: f32) -> Result<f32> {
-        let (b, t) = self.shape.ok_or_else(|| Error::Config("backward called before forward".into()))?;
+        let (b, t) = self
+            .shape
+            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
         let (c, k) = (self.config.d_model, self.config.n_classes);
         if labels.len() != b {
             return Err(shape_err("labels", b, labels.len()));
         }
         if let Some(row) = labels.iter().position(|&l| l as usize >= k) {
-            return Err(Error::LabelOutOfRange { input: "labels", value: labels[row], row, n_classes: k });
+            return Err(Error::LabelOutOfRange {
+                input: "labels",
+                value: labels[row],
+                row,
+                n_classes: k,
+            });
         }
         let dlogits = buf(&mut self.dlogits, b * k);
-        let (loss, _) = cross_entropy_forward_backward(dlogits, &self.logits[..b * k], labels, k, None, label_smoothing);
+        let (loss, _) = cross_entropy_forward_backward(
+            dlogits,
+            &self.logits[..b * k],
+            labels,
+            k,
+            None,
+            label_smoothing,
+        );
         finite("loss", loss)?;
         self.params.zero_grad();
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dpooled = buf(&mut self.dpooled, b * c);
-        self.head.backward(p, g, &self.pooled[..b * c], &self.dlogits[..b * k], Some(dpooled), false, false);
+        self.head.backward(
+            p,
+            g,
+            &self.pooled[..b * c],
+            &self.dlogits[..b * k],
+            Some(dpooled),
+            false,
+            false,
+        );
         let dh = buf(&mut self.dh, b * t * c);
         dh.iter_mut().for_each(|v| *v = 0.0);
         for (row, dp) in self.dpooled[..b * c].chunks(c).enumerate() {

@@ -97,7 +97,11 @@ impl ModelConfig {
             "base" => (6, 512, 8, 2048, 0.1),
             "small" => (3, 256, 4, 1024, 0.1),
             "tiny" => (2, 64, 4, 256, 0.1),
-            other => return Err(Error::Config(format!("unknown preset '{other}' (expected base, small or tiny)"))),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown preset '{other}' (expected base, small or tiny)"
+                )))
+            }
         };
         Ok(Self {
             family,
@@ -108,7 +112,11 @@ impl ModelConfig {
             n_heads,
             d_ff,
             n_encoder_layers: if family == Family::Lm { 0 } else { layers },
-            n_decoder_layers: if family == Family::Classifier { 0 } else { layers },
+            n_decoder_layers: if family == Family::Classifier {
+                0
+            } else {
+                layers
+            },
             max_len: 512,
             dropout,
             activation: Activation::Relu,
@@ -134,30 +142,50 @@ impl ModelConfig {
     /// Reject configurations the model cannot be built from, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.d_model == 0 || self.n_heads == 0 || self.d_ff == 0 || self.max_len == 0 || self.vocab_size == 0 {
+        if self.d_model == 0
+            || self.n_heads == 0
+            || self.d_ff == 0
+            || self.max_len == 0
+            || self.vocab_size == 0
+        {
             return bad("d_model, n_heads, d_ff, max_len and vocab_size must be positive".into());
         }
         if self.d_model % self.n_heads != 0 {
-            return bad(format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads));
+            return bad(format!(
+                "d_model {} is not divisible by n_heads {}",
+                self.d_model, self.n_heads
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout {} is outside [0, 1)", self.dropout));
         }
         if self.pad_id as usize >= self.vocab_size {
-            return bad(format!("pad_id {} is outside the vocabulary (size {})", self.pad_id, self.vocab_size));
+            return bad(format!(
+                "pad_id {} is outside the vocabulary (size {})",
+                self.pad_id, self.vocab_size
+            ));
         }
         match self.family {
             Family::Seq2seq => {
                 if self.n_encoder_layers == 0 || self.n_decoder_layers == 0 {
-                    return bad("seq2seq needs n_encoder_layers > 0 and n_decoder_layers > 0".into());
+                    return bad(
+                        "seq2seq needs n_encoder_layers > 0 and n_decoder_layers > 0".into(),
+                    );
                 }
                 if self.share_embeddings && self.tgt_vocab() != self.vocab_size {
-                    return bad(format!("share_embeddings needs one vocabulary, got {} and {}", self.vocab_size, self.tgt_vocab()));
+                    return bad(format!(
+                        "share_embeddings needs one vocabulary, got {} and {}",
+                        self.vocab_size,
+                        self.tgt_vocab()
+                    ));
                 }
             }
             Family::Classifier => {
                 if self.n_encoder_layers == 0 || self.n_classes < 2 {
-                    return bad(format!("classifier needs n_encoder_layers > 0 and n_classes >= 2 (got {} and {})", self.n_encoder_layers, self.n_classes));
+                    return bad(format!(
+                        "classifier needs n_encoder_layers > 0 and n_classes >= 2 (got {} and {})",
+                        self.n_encoder_layers, self.n_classes
+                    ));
                 }
             }
             Family::Lm => {

@@ -36,11 +36,32 @@ impl DecoderLayer {
         let (c, eps, placement) = (cfg.d_model, cfg.layer_norm_eps, cfg.norm);
         Self {
             self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), c, cfg.n_heads),
-            self_attn_norm: AddNorm::new(pb, &format!("{name}.self_attn_norm"), c, eps, placement, sites.next()),
+            self_attn_norm: AddNorm::new(
+                pb,
+                &format!("{name}.self_attn_norm"),
+                c,
+                eps,
+                placement,
+                sites.next(),
+            ),
             cross_attn: CrossAttention::new(pb, &format!("{name}.cross_attn"), c, cfg.n_heads),
-            cross_attn_norm: AddNorm::new(pb, &format!("{name}.cross_attn_norm"), c, eps, placement, sites.next()),
+            cross_attn_norm: AddNorm::new(
+                pb,
+                &format!("{name}.cross_attn_norm"),
+                c,
+                eps,
+                placement,
+                sites.next(),
+            ),
             ffn: FeedForward::new(pb, &format!("{name}.ffn"), c, cfg.d_ff, cfg.activation),
-            ffn_norm: AddNorm::new(pb, &format!("{name}.ffn_norm"), c, eps, placement, sites.next()),
+            ffn_norm: AddNorm::new(
+                pb,
+                &format!("{name}.ffn_norm"),
+                c,
+                eps,
+                placement,
+                sites.next(),
+            ),
             mid1: Vec::new(),
             mid2: Vec::new(),
             dmid1: Vec::new(),
@@ -50,15 +71,29 @@ impl DecoderLayer {
 
     /// x, y: (B, T, C)
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&mut self, p: &[f32], x: &[f32], y: &mut [f32], batch: usize, t: usize, masks: &Masks, memory: Memory, mode: Mode) {
+    pub fn forward(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        y: &mut [f32],
+        batch: usize,
+        t: usize,
+        masks: &Masks,
+        memory: Memory,
+        mode: Mode,
+    ) {
         let n = x.len();
         let a_in = self.self_attn_norm.sublayer_input(p, x);
         let a = self.self_attn.forward(p, a_in, batch, t, masks);
-        self.self_attn_norm.finish(p, x, a, buf(&mut self.mid1, n), mode);
+        self.self_attn_norm
+            .finish(p, x, a, buf(&mut self.mid1, n), mode);
         let mid1 = &self.mid1[..n];
         let c_in = self.cross_attn_norm.sublayer_input(p, mid1);
-        let ca = self.cross_attn.forward(p, c_in, memory.states, batch, t, memory.len, memory.padding);
-        self.cross_attn_norm.finish(p, mid1, ca, buf(&mut self.mid2, n), mode);
+        let ca =
+            self.cross_attn
+                .forward(p, c_in, memory.states, batch, t, memory.len, memory.padding);
+        self.cross_attn_norm
+            .finish(p, mid1, ca, buf(&mut self.mid2, n), mode);
         let mid2 = &self.mid2[..n];
         let f_in = self.ffn_norm.sublayer_input(p, mid2);
         let f = self.ffn.forward(p, f_in);
@@ -66,18 +101,40 @@ impl DecoderLayer {
     }
 
     /// dy → dx (overwritten); `dmemory += ∂L/∂memory`.
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], x: &[f32], memory: &[f32], dy: &[f32], dx: &mut [f32], dmemory: &mut [f32]) {
+    pub fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        memory: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dmemory: &mut [f32],
+    ) {
         let n = x.len();
         let (mid1, mid2) = (&self.mid1[..n], &self.mid2[..n]);
         let (dmid1, dmid2) = (buf(&mut self.dmid1, n), buf(&mut self.dmid2, n));
         let s = self.ffn_norm.backward_output(p, g, mid2, dy, dmid2);
-        self.ffn.backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+        self.ffn
+            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
         self.ffn_norm.backward_input(p, g, mid2, dmid2);
-        let s = self.cross_attn_norm.backward_output(p, g, mid1, dmid2, dmid1);
-        self.cross_attn.backward(p, g, s.input, memory, s.d_output, s.d_input, s.accumulate, dmemory);
+        let s = self
+            .cross_attn_norm
+            .backward_output(p, g, mid1, dmid2, dmid1);
+        self.cross_attn.backward(
+            p,
+            g,
+            s.input,
+            memory,
+            s.d_output,
+            s.d_input,
+            s.accumulate,
+            dmemory,
+        );
         self.cross_attn_norm.backward_input(p, g, mid1, dmid1);
         let s = self.self_attn_norm.backward_output(p, g, x, dmid1, dx);
-        self.self_attn.backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+        self.self_attn
+            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
         self.self_attn_norm.backward_input(p, g, x, dx);
     }
 }
@@ -94,19 +151,52 @@ pub struct DecoderStack {
 impl DecoderStack {
     pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig, sites: &mut SiteIds) -> Self {
         let n_layers = cfg.n_decoder_layers;
-        let layers = (0..n_layers).map(|i| DecoderLayer::new(pb, &format!("{name}.layers.{i}"), cfg, sites)).collect();
-        let final_norm = (cfg.norm == NormPlacement::Pre).then(|| LayerNorm::new(pb, &format!("{name}.final_norm"), cfg.d_model, cfg.layer_norm_eps));
-        Self { layers, final_norm, hidden: vec![Vec::new(); n_layers + 1], out: Vec::new(), dh: [Vec::new(), Vec::new()] }
+        let layers = (0..n_layers)
+            .map(|i| DecoderLayer::new(pb, &format!("{name}.layers.{i}"), cfg, sites))
+            .collect();
+        let final_norm = (cfg.norm == NormPlacement::Pre).then(|| {
+            LayerNorm::new(
+                pb,
+                &format!("{name}.final_norm"),
+                cfg.d_model,
+                cfg.layer_norm_eps,
+            )
+        });
+        Self {
+            layers,
+            final_norm,
+            hidden: vec![Vec::new(); n_layers + 1],
+            out: Vec::new(),
+            dh: [Vec::new(), Vec::new()],
+        }
     }
 
     /// x: (B, T, C) target embeddings → (B, T, C)
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, t: usize, masks: &Masks, memory: Memory, mode: Mode) -> &[f32] {
+    pub fn forward(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        batch: usize,
+        t: usize,
+        masks: &Masks,
+        memory: Memory,
+        mode: Mode,
+    ) -> &[f32] {
         let n = x.len();
         buf(&mut self.hidden[0], n).copy_from_slice(x);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let (lo, hi) = self.hidden.split_at_mut(i + 1);
-            layer.forward(p, &lo[i][..n], buf(&mut hi[0], n), batch, t, masks, memory, mode);
+            layer.forward(
+                p,
+                &lo[i][..n],
+                buf(&mut hi[0], n),
+                batch,
+                t,
+                masks,
+                memory,
+                mode,
+            );
         }
         let last = &self.hidden[self.layers.len()][..n];
         match &mut self.final_norm {
@@ -127,7 +217,14 @@ impl DecoderStack {
     }
 
     /// dy → gradient of the target embeddings; `dmemory += ∂L/∂memory`.
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], memory: &[f32], dy: &[f32], dmemory: &mut [f32]) -> &[f32] {
+    pub fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        memory: &[f32],
+        dy: &[f32],
+        dmemory: &mut [f32],
+    ) -> &[f32] {
         let n = dy.len();
         let l = self.layers.len();
         let [d0, d1] = &mut self.dh;

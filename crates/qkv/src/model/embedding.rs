@@ -33,17 +33,49 @@ impl Embedding {
     /// A new token table named `table_name`, or an existing one (`shared`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        pb: &mut ParamBuilder, table_name: &str, shared: Option<Param>, pos_name: &str, vocab: usize, c: usize, max_len: usize,
-        positional: Positional, scale: bool, input: &'static str, site: u64,
+        pb: &mut ParamBuilder,
+        table_name: &str,
+        shared: Option<Param>,
+        pos_name: &str,
+        vocab: usize,
+        c: usize,
+        max_len: usize,
+        positional: Positional,
+        scale: bool,
+        input: &'static str,
+        site: u64,
     ) -> Self {
         // N(0, C^-1/2) as fairseq, so table·√C starts at unit scale.
-        let table = shared.unwrap_or_else(|| pb.add(format!("{table_name}.weight"), &[vocab, c], Init::Normal((c as f32).powf(-0.5))));
+        let table = shared.unwrap_or_else(|| {
+            pb.add(
+                format!("{table_name}.weight"),
+                &[vocab, c],
+                Init::Normal((c as f32).powf(-0.5)),
+            )
+        });
         let positions = match positional {
             Positional::Sinusoidal => PositionTable::Sinusoidal(sinusoidal_table(max_len, c)),
-            Positional::Learned => PositionTable::Learned(pb.add(format!("{pos_name}.weight"), &[max_len, c], Init::Normal(0.02))),
+            Positional::Learned => PositionTable::Learned(pb.add(
+                format!("{pos_name}.weight"),
+                &[max_len, c],
+                Init::Normal(0.02),
+            )),
         };
         let scale = if scale { (c as f32).sqrt() } else { 1.0 };
-        Self { table, positions, scale, c, max_len, input, site, drop: None, tokens: Vec::new(), t_len: 0, out: Vec::new(), dout: Vec::new() }
+        Self {
+            table,
+            positions,
+            scale,
+            c,
+            max_len,
+            input,
+            site,
+            drop: None,
+            tokens: Vec::new(),
+            t_len: 0,
+            out: Vec::new(),
+            dout: Vec::new(),
+        }
     }
 
     pub fn vocab(&self) -> usize {
@@ -54,7 +86,11 @@ impl Embedding {
     pub fn forward(&mut self, p: &[f32], tokens: Tokens, mode: Mode) -> Result<&[f32]> {
         tokens.check_vocab(self.input, self.vocab())?;
         if tokens.len > self.max_len {
-            return Err(Error::SequenceTooLong { input: self.input, len: tokens.len, max_len: self.max_len });
+            return Err(Error::SequenceTooLong {
+                input: self.input,
+                len: tokens.len,
+                max_len: self.max_len,
+            });
         }
         self.drop = mode.site(self.site);
         self.tokens.clear();
@@ -65,7 +101,16 @@ impl Embedding {
             PositionTable::Sinusoidal(t) => t,
             PositionTable::Learned(pp) => pp.of(p),
         };
-        embedding_forward(buf(&mut self.out, n), tokens.ids, self.table.of(p), pos, self.scale, tokens.len, self.c, self.drop);
+        embedding_forward(
+            buf(&mut self.out, n),
+            tokens.ids,
+            self.table.of(p),
+            pos,
+            self.scale,
+            tokens.len,
+            self.c,
+            self.drop,
+        );
         Ok(&self.out[..n])
     }
 
@@ -78,13 +123,37 @@ impl Embedding {
         match self.positions {
             PositionTable::Learned(pp) if pp.offset > table.offset => {
                 let (lo, hi) = g.split_at_mut(pp.offset);
-                embedding_backward(table.of_mut(lo), Some(&mut hi[..pp.len]), &self.dout[..n], &self.tokens, scale, t_len, c);
+                embedding_backward(
+                    table.of_mut(lo),
+                    Some(&mut hi[..pp.len]),
+                    &self.dout[..n],
+                    &self.tokens,
+                    scale,
+                    t_len,
+                    c,
+                );
             }
             PositionTable::Learned(pp) => {
                 let (lo, hi) = g.split_at_mut(table.offset);
-                embedding_backward(&mut hi[..table.len], Some(pp.of_mut(lo)), &self.dout[..n], &self.tokens, scale, t_len, c);
+                embedding_backward(
+                    &mut hi[..table.len],
+                    Some(pp.of_mut(lo)),
+                    &self.dout[..n],
+                    &self.tokens,
+                    scale,
+                    t_len,
+                    c,
+                );
             }
-            PositionTable::Sinusoidal(_) => embedding_backward(table.of_mut(g), None, &self.dout[..n], &self.tokens, scale, t_len, c),
+            PositionTable::Sinusoidal(_) => embedding_backward(
+                table.of_mut(g),
+                None,
+                &self.dout[..n],
+                &self.tokens,
+                scale,
+                t_len,
+                c,
+            ),
         }
     }
 }

@@ -24,16 +24,39 @@ impl EncoderLayer {
         let (c, eps, placement) = (cfg.d_model, cfg.layer_norm_eps, cfg.norm);
         Self {
             self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), c, cfg.n_heads),
-            self_attn_norm: AddNorm::new(pb, &format!("{name}.self_attn_norm"), c, eps, placement, sites.next()),
+            self_attn_norm: AddNorm::new(
+                pb,
+                &format!("{name}.self_attn_norm"),
+                c,
+                eps,
+                placement,
+                sites.next(),
+            ),
             ffn: FeedForward::new(pb, &format!("{name}.ffn"), c, cfg.d_ff, cfg.activation),
-            ffn_norm: AddNorm::new(pb, &format!("{name}.ffn_norm"), c, eps, placement, sites.next()),
+            ffn_norm: AddNorm::new(
+                pb,
+                &format!("{name}.ffn_norm"),
+                c,
+                eps,
+                placement,
+                sites.next(),
+            ),
             mid: Vec::new(),
             dmid: Vec::new(),
         }
     }
 
     /// x, y: (B, T, C)
-    pub fn forward(&mut self, p: &[f32], x: &[f32], y: &mut [f32], batch: usize, t: usize, masks: &Masks, mode: Mode) {
+    pub fn forward(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        y: &mut [f32],
+        batch: usize,
+        t: usize,
+        masks: &Masks,
+        mode: Mode,
+    ) {
         let n = x.len();
         let a_in = self.self_attn_norm.sublayer_input(p, x);
         let a = self.self_attn.forward(p, a_in, batch, t, masks);
@@ -51,10 +74,14 @@ impl EncoderLayer {
         let mid = &self.mid[..n];
         let dmid = buf(&mut self.dmid, n);
         let s = self.ffn_norm.backward_output(p, g, mid, dy, dmid);
-        self.ffn.backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+        self.ffn
+            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
         self.ffn_norm.backward_input(p, g, mid, dmid);
-        let s = self.self_attn_norm.backward_output(p, g, x, &self.dmid[..n], dx);
-        self.self_attn.backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+        let s = self
+            .self_attn_norm
+            .backward_output(p, g, x, &self.dmid[..n], dx);
+        self.self_attn
+            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
         self.self_attn_norm.backward_input(p, g, x, dx);
     }
 }
@@ -70,14 +97,43 @@ pub struct EncoderStack {
 }
 
 impl EncoderStack {
-    pub fn new(pb: &mut ParamBuilder, name: &str, n_layers: usize, cfg: &ModelConfig, sites: &mut SiteIds) -> Self {
-        let layers = (0..n_layers).map(|i| EncoderLayer::new(pb, &format!("{name}.layers.{i}"), cfg, sites)).collect();
-        let final_norm = (cfg.norm == NormPlacement::Pre).then(|| LayerNorm::new(pb, &format!("{name}.final_norm"), cfg.d_model, cfg.layer_norm_eps));
-        Self { layers, final_norm, hidden: vec![Vec::new(); n_layers + 1], out: Vec::new(), dh: [Vec::new(), Vec::new()] }
+    pub fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        n_layers: usize,
+        cfg: &ModelConfig,
+        sites: &mut SiteIds,
+    ) -> Self {
+        let layers = (0..n_layers)
+            .map(|i| EncoderLayer::new(pb, &format!("{name}.layers.{i}"), cfg, sites))
+            .collect();
+        let final_norm = (cfg.norm == NormPlacement::Pre).then(|| {
+            LayerNorm::new(
+                pb,
+                &format!("{name}.final_norm"),
+                cfg.d_model,
+                cfg.layer_norm_eps,
+            )
+        });
+        Self {
+            layers,
+            final_norm,
+            hidden: vec![Vec::new(); n_layers + 1],
+            out: Vec::new(),
+            dh: [Vec::new(), Vec::new()],
+        }
     }
 
     /// x: (B, T, C) → (B, T, C)
-    pub fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, t: usize, masks: &Masks, mode: Mode) -> &[f32] {
+    pub fn forward(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        batch: usize,
+        t: usize,
+        masks: &Masks,
+        mode: Mode,
+    ) -> &[f32] {
         let n = x.len();
         buf(&mut self.hidden[0], n).copy_from_slice(x);
         for (i, layer) in self.layers.iter_mut().enumerate() {

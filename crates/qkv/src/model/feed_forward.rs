@@ -18,7 +18,13 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, f: usize, activation: Activation) -> Self {
+    pub fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        c: usize,
+        f: usize,
+        activation: Activation,
+    ) -> Self {
         Self {
             up: Linear::new(pb, &format!("{name}.up"), c, f, true),
             down: Linear::new(pb, &format!("{name}.down"), f, c, true),
@@ -39,21 +45,38 @@ impl FeedForward {
         self.up.matmul(p, x, pre);
         let b1 = self.up.bias.expect("ffn has biases");
         bias_act_forward(pre, buf(&mut self.post, n * f), b1.of(p), self.activation);
-        self.down.forward(p, &self.post[..n * f], buf(&mut self.out, n * c));
+        self.down
+            .forward(p, &self.post[..n * f], buf(&mut self.out, n * c));
         &self.out[..n * c]
     }
 
     /// `dx (+)= ∂L/∂x` from dy: (N, C)
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+    pub fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
         let (c, f) = (self.up.in_features, self.up.out_features);
         let n = x.len() / c;
         let dpost = buf(&mut self.dpost, n * f);
-        self.down.backward(p, g, &self.post[..n * f], dy, Some(dpost), false, false);
+        self.down
+            .backward(p, g, &self.post[..n * f], dy, Some(dpost), false, false);
         let b1 = self.up.bias.expect("ffn has biases");
         {
             let (_, db1) = two_mut(g, self.up.weight, b1);
-            bias_act_backward(buf(&mut self.dpre, n * f), db1, &self.dpost[..n * f], &self.pre[..n * f], self.activation);
+            bias_act_backward(
+                buf(&mut self.dpre, n * f),
+                db1,
+                &self.dpost[..n * f],
+                &self.pre[..n * f],
+                self.activation,
+            );
         }
-        self.up.backward(p, g, x, &self.dpre[..n * f], Some(dx), accumulate, true);
+        self.up
+            .backward(p, g, x, &self.dpre[..n * f], Some(dx), accumulate, true);
     }
 }

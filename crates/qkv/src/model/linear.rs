@@ -15,17 +15,42 @@ pub struct Linear {
 
 impl Linear {
     /// Xavier-uniform weight (as PyTorch's attention projections), zero bias.
-    pub fn new(pb: &mut ParamBuilder, name: &str, in_features: usize, out_features: usize, bias: bool) -> Self {
+    pub fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Self {
         let a = (6.0 / (in_features + out_features) as f32).sqrt();
-        let weight = pb.add(format!("{name}.weight"), &[out_features, in_features], Init::Uniform(a));
+        let weight = pb.add(
+            format!("{name}.weight"),
+            &[out_features, in_features],
+            Init::Uniform(a),
+        );
         let bias = bias.then(|| pb.add(format!("{name}.bias"), &[out_features], Init::Zeros));
-        Self { weight, bias, in_features, out_features }
+        Self {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        }
     }
 
     /// `y = x Wᵀ` without the bias (callers fuse the bias into their next pass). x: (N, I), y: (N, O)
     pub fn matmul(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
         let n = x.len() / self.in_features;
-        matmul(y, x, self.weight.of(p), n, self.in_features, self.out_features, false, true, false);
+        matmul(
+            y,
+            x,
+            self.weight.of(p),
+            n,
+            self.in_features,
+            self.out_features,
+            false,
+            true,
+            false,
+        );
     }
 
     /// `y = x Wᵀ + b`. x: (N, I), y: (N, O)
@@ -38,7 +63,16 @@ impl Linear {
 
     /// `dW += dyᵀ x`, `db += Σ_rows dy` (unless `bias_done`), and `dx (+)= dy W` when `dx` is given.
     /// x: (N, I), dy: (N, O), dx: (N, I)
-    pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: Option<&mut [f32]>, accumulate_dx: bool, bias_done: bool) {
+    pub fn backward(
+        &self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        accumulate_dx: bool,
+        bias_done: bool,
+    ) {
         let (i, o) = (self.in_features, self.out_features);
         let n = x.len() / i;
         match self.bias {
@@ -50,7 +84,17 @@ impl Linear {
             _ => matmul(self.weight.of_mut(g), dy, x, o, n, i, true, false, true),
         }
         if let Some(dx) = dx {
-            matmul(dx, dy, self.weight.of(p), n, o, i, false, false, accumulate_dx);
+            matmul(
+                dx,
+                dy,
+                self.weight.of(p),
+                n,
+                o,
+                i,
+                false,
+                false,
+                accumulate_dx,
+            );
         }
     }
 }
@@ -66,7 +110,15 @@ pub fn project_out(p: &[f32], table: Param, h: &[f32], logits: &mut Vec<f32>, c:
 }
 
 /// Backward of [`project_out`]: `dE += dlogitsᵀ h`, `dh = dlogits E`.
-pub fn project_out_backward(p: &[f32], g: &mut [f32], table: Param, h: &[f32], dlogits: &[f32], dh: &mut [f32], c: usize) {
+pub fn project_out_backward(
+    p: &[f32],
+    g: &mut [f32],
+    table: Param,
+    h: &[f32],
+    dlogits: &[f32],
+    dh: &mut [f32],
+    c: usize,
+) {
     let v = table.len / c;
     let n = h.len() / c;
     matmul(table.of_mut(g), dlogits, h, v, n, c, true, false, true);

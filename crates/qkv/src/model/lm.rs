@@ -29,15 +29,38 @@ impl LanguageModel {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         if config.family != Family::Lm {
-            return Err(Error::Config(format!("expected family lm, got {:?}", config.family)));
+            return Err(Error::Config(format!(
+                "expected family lm, got {:?}",
+                config.family
+            )));
         }
         let cfg = &config;
         let c = cfg.d_model;
         let mut pb = ParamBuilder::default();
         let mut sites = SiteIds::default();
-        let embed = Embedding::new(&mut pb, "embed", None, "pos", cfg.vocab_size, c, cfg.max_len, cfg.positional, cfg.scale_embeddings, "tokens", sites.next());
+        let embed = Embedding::new(
+            &mut pb,
+            "embed",
+            None,
+            "pos",
+            cfg.vocab_size,
+            c,
+            cfg.max_len,
+            cfg.positional,
+            cfg.scale_embeddings,
+            "tokens",
+            sites.next(),
+        );
         let decoder = EncoderStack::new(&mut pb, "decoder", cfg.n_decoder_layers, cfg, &mut sites);
-        let output = if cfg.tie_output { embed.table } else { pb.add("output.weight", &[cfg.vocab_size, c], Init::Normal((c as f32).powf(-0.5))) };
+        let output = if cfg.tie_output {
+            embed.table
+        } else {
+            pb.add(
+                "output.weight",
+                &[cfg.vocab_size, c],
+                Init::Normal((c as f32).powf(-0.5)),
+            )
+        };
         Ok(Self {
             params: pb.build(seed),
             config,
@@ -58,7 +81,10 @@ impl LanguageModel {
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
         let x = self.embed.forward(p, tokens, mode)?;
         tokens.padding_mask(self.config.pad_id, &mut self.pad);
-        let masks = Masks { key_padding: Some(&self.pad), causal: true };
+        let masks = Masks {
+            key_padding: Some(&self.pad),
+            causal: true,
+        };
         let h = self.decoder.forward(p, x, b, t, &masks, mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
         self.shape = Some((b, t));
@@ -67,19 +93,41 @@ impl LanguageModel {
 
     /// Loss of the last forward against next-token `targets` (B, T), and every gradient.
     pub fn backward(&mut self, targets: &[u32], label_smoothing: f32) -> Result<f32> {
-        let (b, t) = self.shape.ok_or_else(|| Error::Config("backward called before forward".into()))?;
+        let (b, t) = self
+            .shape
+            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
         let (c, v) = (self.config.d_model, self.config.vocab_size);
         if targets.len() != b * t {
             return Err(shape_err("targets", format!("{b} x {t}"), targets.len()));
         }
-        Tokens { ids: targets, batch: b, len: t }.check_vocab("targets", v)?;
+        Tokens {
+            ids: targets,
+            batch: b,
+            len: t,
+        }
+        .check_vocab("targets", v)?;
         let dlogits = buf(&mut self.dlogits, b * t * v);
-        let (loss, _) = cross_entropy_forward_backward(dlogits, &self.logits[..b * t * v], targets, v, Some(self.config.pad_id), label_smoothing);
+        let (loss, _) = cross_entropy_forward_backward(
+            dlogits,
+            &self.logits[..b * t * v],
+            targets,
+            v,
+            Some(self.config.pad_id),
+            label_smoothing,
+        );
         finite("loss", loss)?;
         self.params.zero_grad();
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dh = buf(&mut self.dh, b * t * c);
-        project_out_backward(p, g, self.output, self.decoder.output(b * t * c), &self.dlogits[..b * t * v], dh, c);
+        project_out_backward(
+            p,
+            g,
+            self.output,
+            self.decoder.output(b * t * c),
+            &self.dlogits[..b * t * v],
+            dh,
+            c,
+        );
         let dx = self.decoder.backward(p, g, &self.dh[..b * t * c]);
         self.embed.backward(g, dx);
         Ok(loss)

@@ -37,9 +37,15 @@ pub struct Mode {
 }
 
 impl Mode {
-    pub const EVAL: Mode = Mode { dropout: 0.0, seed: 0 };
+    pub const EVAL: Mode = Mode {
+        dropout: 0.0,
+        seed: 0,
+    };
     pub fn train(dropout: f32, step_seed: u64) -> Self {
-        Self { dropout, seed: step_seed }
+        Self {
+            dropout,
+            seed: step_seed,
+        }
     }
     /// The dropout of one site (`id` unique per place in the model).
     pub fn site(&self, id: u64) -> Option<Dropout> {
@@ -68,7 +74,11 @@ pub struct Tokens<'a> {
 impl<'a> Tokens<'a> {
     pub fn new(ids: &'a [u32], batch: usize, len: usize) -> Result<Self> {
         if ids.len() != batch * len || batch == 0 || len == 0 {
-            return Err(shape_err("token batch", format!("{batch} x {len} = {} ids (both > 0)", batch * len), ids.len()));
+            return Err(shape_err(
+                "token batch",
+                format!("{batch} x {len} = {} ids (both > 0)", batch * len),
+                ids.len(),
+            ));
         }
         Ok(Self { ids, batch, len })
     }
@@ -76,7 +86,13 @@ impl<'a> Tokens<'a> {
     /// Every id must be in the vocabulary; names the first offender and its position.
     pub fn check_vocab(&self, input: &'static str, vocab: usize) -> Result<()> {
         match self.ids.iter().position(|&t| t as usize >= vocab) {
-            Some(i) => Err(Error::TokenOutOfRange { input, value: self.ids[i], row: i / self.len, pos: i % self.len, vocab }),
+            Some(i) => Err(Error::TokenOutOfRange {
+                input,
+                value: self.ids[i],
+                row: i / self.len,
+                pos: i % self.len,
+                vocab,
+            }),
             None => Ok(()),
         }
     }
@@ -107,6 +123,9 @@ pub(crate) fn finite(what: &str, value: f32) -> Result<f32> {
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(Error::NonFinite { what: what.to_string(), value })
+        Err(Error::NonFinite {
+            what: what.to_string(),
+            value,
+        })
     }
 }

@@ -3,7 +3,9 @@
 
 use super::{buf, config::NormPlacement, Mode};
 use crate::kernels::dropout::{self, Dropout};
-use crate::kernels::layernorm::{layernorm_backward, layernorm_forward, residual_layernorm_forward};
+use crate::kernels::layernorm::{
+    layernorm_backward, layernorm_forward, residual_layernorm_forward,
+};
 use crate::params::{two_mut, Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -20,20 +22,55 @@ impl LayerNorm {
     pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, eps: f32) -> Self {
         let weight = pb.add(format!("{name}.weight"), &[c], Init::Ones);
         let bias = pb.add(format!("{name}.bias"), &[c], Init::Zeros);
-        Self { weight, bias, eps, c, mean: Vec::new(), rstd: Vec::new() }
+        Self {
+            weight,
+            bias,
+            eps,
+            c,
+            mean: Vec::new(),
+            rstd: Vec::new(),
+        }
     }
 
     /// x, out: (N, C)
     pub fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32]) {
         let n = x.len() / self.c;
-        layernorm_forward(out, buf(&mut self.mean, n), buf(&mut self.rstd, n), x, self.weight.of(p), self.bias.of(p), self.c, self.eps);
+        layernorm_forward(
+            out,
+            buf(&mut self.mean, n),
+            buf(&mut self.rstd, n),
+            x,
+            self.weight.of(p),
+            self.bias.of(p),
+            self.c,
+            self.eps,
+        );
     }
 
     /// `dx (+)= LN'(dy)` for the `x` given to the last forward.
-    pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+    pub fn backward(
+        &self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
         let n = x.len() / self.c;
         let (dw, db) = two_mut(g, self.weight, self.bias);
-        layernorm_backward(dx, dw, db, dy, x, &self.mean[..n], &self.rstd[..n], self.weight.of(p), self.c, accumulate);
+        layernorm_backward(
+            dx,
+            dw,
+            db,
+            dy,
+            x,
+            &self.mean[..n],
+            &self.rstd[..n],
+            self.weight.of(p),
+            self.c,
+            accumulate,
+        );
     }
 }
 
@@ -52,7 +89,14 @@ pub struct AddNorm {
 }
 
 impl AddNorm {
-    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, eps: f32, placement: NormPlacement, site: u64) -> Self {
+    pub fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        c: usize,
+        eps: f32,
+        placement: NormPlacement,
+        site: u64,
+    ) -> Self {
         Self {
             norm: LayerNorm::new(pb, name, c, eps),
             placement,
@@ -85,7 +129,19 @@ impl AddNorm {
                 let sum = buf(&mut self.saved, x.len());
                 let (w, b) = (self.norm.weight.of(p), self.norm.bias.of(p));
                 let (mean, rstd) = (buf(&mut self.norm.mean, n), buf(&mut self.norm.rstd, n));
-                residual_layernorm_forward(sum, y, mean, rstd, x, f, w, b, self.norm.c, self.norm.eps, self.drop);
+                residual_layernorm_forward(
+                    sum,
+                    y,
+                    mean,
+                    rstd,
+                    x,
+                    f,
+                    w,
+                    b,
+                    self.norm.c,
+                    self.norm.eps,
+                    self.drop,
+                );
             }
             NormPlacement::Pre => dropout::residual_add(y, x, f, self.drop),
         }
@@ -94,20 +150,37 @@ impl AddNorm {
     /// First half of backward, from `dy` (gradient of `y`): sets `dx` to the residual path's
     /// gradient and returns what the sublayer's backward needs (then call
     /// [`AddNorm::backward_input`]). `x` is the block input of the last forward.
-    pub fn backward_output<'a>(&'a mut self, p: &[f32], g: &mut [f32], x: &'a [f32], dy: &[f32], dx: &'a mut [f32]) -> SublayerGrad<'a> {
+    pub fn backward_output<'a>(
+        &'a mut self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &'a [f32],
+        dy: &[f32],
+        dx: &'a mut [f32],
+    ) -> SublayerGrad<'a> {
         let n = dy.len();
         match self.placement {
             NormPlacement::Post => {
                 self.norm.backward(p, g, &self.saved[..n], dy, dx, false);
                 dropout::backward_into(buf(&mut self.dsub_out, n), dx, self.drop);
                 // The sublayer read x itself: its input gradient adds onto the residual's.
-                SublayerGrad { d_output: &self.dsub_out[..n], input: x, d_input: dx, accumulate: true }
+                SublayerGrad {
+                    d_output: &self.dsub_out[..n],
+                    input: x,
+                    d_input: dx,
+                    accumulate: true,
+                }
             }
             NormPlacement::Pre => {
                 dx[..n].copy_from_slice(dy);
                 dropout::backward_into(buf(&mut self.dsub_out, n), dy, self.drop);
                 buf(&mut self.dsub_in, n);
-                SublayerGrad { d_output: &self.dsub_out[..n], input: &self.saved[..n], d_input: &mut self.dsub_in[..n], accumulate: false }
+                SublayerGrad {
+                    d_output: &self.dsub_out[..n],
+                    input: &self.saved[..n],
+                    d_input: &mut self.dsub_in[..n],
+                    accumulate: false,
+                }
             }
         }
     }
@@ -115,7 +188,8 @@ impl AddNorm {
     /// Second half: pre-LN adds `LN'(dsub_in)` onto `dx`; post-LN has nothing left to do.
     pub fn backward_input(&self, p: &[f32], g: &mut [f32], x: &[f32], dx: &mut [f32]) {
         if self.placement == NormPlacement::Pre {
-            self.norm.backward(p, g, x, &self.dsub_in[..x.len()], dx, true);
+            self.norm
+                .backward(p, g, x, &self.dsub_in[..x.len()], dx, true);
         }
     }
 }

@@ -35,21 +35,52 @@ impl Seq2Seq {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         if config.family != Family::Seq2seq {
-            return Err(Error::Config(format!("expected family seq2seq, got {:?}", config.family)));
+            return Err(Error::Config(format!(
+                "expected family seq2seq, got {:?}",
+                config.family
+            )));
         }
         let cfg = &config;
         let (c, vt) = (cfg.d_model, cfg.tgt_vocab());
         let mut pb = ParamBuilder::default();
         let mut sites = SiteIds::default();
-        let src_embed = Embedding::new(&mut pb, "src_embed", None, "src_pos", cfg.vocab_size, c, cfg.max_len, cfg.positional, cfg.scale_embeddings, "source", sites.next());
+        let src_embed = Embedding::new(
+            &mut pb,
+            "src_embed",
+            None,
+            "src_pos",
+            cfg.vocab_size,
+            c,
+            cfg.max_len,
+            cfg.positional,
+            cfg.scale_embeddings,
+            "source",
+            sites.next(),
+        );
         let shared = cfg.share_embeddings.then_some(src_embed.table);
-        let tgt_embed = Embedding::new(&mut pb, "tgt_embed", shared, "tgt_pos", vt, c, cfg.max_len, cfg.positional, cfg.scale_embeddings, "target", sites.next());
+        let tgt_embed = Embedding::new(
+            &mut pb,
+            "tgt_embed",
+            shared,
+            "tgt_pos",
+            vt,
+            c,
+            cfg.max_len,
+            cfg.positional,
+            cfg.scale_embeddings,
+            "target",
+            sites.next(),
+        );
         let encoder = EncoderStack::new(&mut pb, "encoder", cfg.n_encoder_layers, cfg, &mut sites);
         let decoder = DecoderStack::new(&mut pb, "decoder", cfg, &mut sites);
         let output = if cfg.share_embeddings || cfg.tie_output {
             tgt_embed.table
         } else {
-            pb.add("output.weight", &[vt, c], Init::Normal((c as f32).powf(-0.5)))
+            pb.add(
+                "output.weight",
+                &[vt, c],
+                Init::Normal((c as f32).powf(-0.5)),
+            )
         };
         Ok(Self {
             params: pb.build(seed),
@@ -75,7 +106,10 @@ impl Seq2Seq {
         let p = &self.params.data;
         let x = self.src_embed.forward(p, src, mode)?;
         src.padding_mask(self.config.pad_id, &mut self.src_pad);
-        let masks = Masks { key_padding: Some(&self.src_pad), causal: false };
+        let masks = Masks {
+            key_padding: Some(&self.src_pad),
+            causal: false,
+        };
         let h = self.encoder.forward(p, x, src.batch, src.len, &masks, mode);
         let out = buf(&mut self.memory, h.len());
         out.copy_from_slice(h);
@@ -86,15 +120,31 @@ impl Seq2Seq {
     pub fn decode(&mut self, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
         let (b, s) = (tgt_in.batch, self.src_pad.len() / tgt_in.batch.max(1));
         if self.src_pad.len() != b * s || s == 0 {
-            return Err(shape_err("decoder batch", format!("{} rows (the encoded source)", self.src_pad.len() / s.max(1)), b));
+            return Err(shape_err(
+                "decoder batch",
+                format!(
+                    "{} rows (the encoded source)",
+                    self.src_pad.len() / s.max(1)
+                ),
+                b,
+            ));
         }
         let p = &self.params.data;
         let c = self.config.d_model;
         let y = self.tgt_embed.forward(p, tgt_in, mode)?;
         tgt_in.padding_mask(self.config.pad_id, &mut self.tgt_pad);
-        let masks = Masks { key_padding: Some(&self.tgt_pad), causal: true };
-        let memory = Memory { states: &self.memory[..b * s * c], len: s, padding: Some(&self.src_pad) };
-        let h = self.decoder.forward(p, y, b, tgt_in.len, &masks, memory, mode);
+        let masks = Masks {
+            key_padding: Some(&self.tgt_pad),
+            causal: true,
+        };
+        let memory = Memory {
+            states: &self.memory[..b * s * c],
+            len: s,
+            padding: Some(&self.src_pad),
+        };
+        let h = self
+            .decoder
+            .forward(p, y, b, tgt_in.len, &masks, memory, mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
         self.shape = Some((b, s, tgt_in.len));
         Ok(&self.logits[..b * tgt_in.len * v])
@@ -103,7 +153,11 @@ impl Seq2Seq {
     /// Full forward: (src (B, S), tgt_in (B, T)) → logits (B, T, Vt).
     pub fn forward(&mut self, src: Tokens, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
         if src.batch != tgt_in.batch {
-            return Err(shape_err("target batch", format!("{} rows (as the source)", src.batch), tgt_in.batch));
+            return Err(shape_err(
+                "target batch",
+                format!("{} rows (as the source)", src.batch),
+                tgt_in.batch,
+            ));
         }
         self.encode(src, mode)?;
         self.decode(tgt_in, mode)
@@ -112,14 +166,32 @@ impl Seq2Seq {
     /// Loss of the last forward against `tgt_out` (B, T), and every parameter's gradient
     /// (overwriting `params.grad`).
     pub fn backward(&mut self, tgt_out: &[u32], label_smoothing: f32) -> Result<f32> {
-        let (b, s, t) = self.shape.ok_or_else(|| Error::Config("backward called before forward".into()))?;
+        let (b, s, t) = self
+            .shape
+            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
         let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
         if tgt_out.len() != b * t {
-            return Err(shape_err("target output", format!("{b} x {t}"), tgt_out.len()));
+            return Err(shape_err(
+                "target output",
+                format!("{b} x {t}"),
+                tgt_out.len(),
+            ));
         }
-        Tokens { ids: tgt_out, batch: b, len: t }.check_vocab("target output", vt)?;
+        Tokens {
+            ids: tgt_out,
+            batch: b,
+            len: t,
+        }
+        .check_vocab("target output", vt)?;
         let dlogits = buf(&mut self.dlogits, b * t * vt);
-        let (loss, _) = cross_entropy_forward_backward(dlogits, &self.logits[..b * t * vt], tgt_out, vt, Some(self.config.pad_id), label_smoothing);
+        let (loss, _) = cross_entropy_forward_backward(
+            dlogits,
+            &self.logits[..b * t * vt],
+            tgt_out,
+            vt,
+            Some(self.config.pad_id),
+            label_smoothing,
+        );
         finite("loss", loss)?;
         self.params.zero_grad();
         let (p, g) = (&self.params.data, &mut self.params.grad);
@@ -128,7 +200,13 @@ impl Seq2Seq {
         project_out_backward(p, g, self.output, h, &self.dlogits[..b * t * vt], ddec, c);
         let dmemory = buf(&mut self.dmemory, b * s * c);
         dmemory.iter_mut().for_each(|v| *v = 0.0);
-        let dy = self.decoder.backward(p, g, &self.memory[..b * s * c], &self.ddec[..b * t * c], dmemory);
+        let dy = self.decoder.backward(
+            p,
+            g,
+            &self.memory[..b * s * c],
+            &self.ddec[..b * t * c],
+            dmemory,
+        );
         self.tgt_embed.backward(g, dy);
         let dx = self.encoder.backward(p, g, &self.dmemory[..b * s * c]);
         self.src_embed.backward(g, dx);
@@ -137,7 +215,13 @@ impl Seq2Seq {
 
     /// Greedy decoding without a cache: re-runs the decoder on the growing prefix.
     /// src: (B, S). Returns, per row, the generated ids after `bos`, up to and excluding `eos`.
-    pub fn greedy(&mut self, src: Tokens, bos: u32, eos: u32, max_len: usize) -> Result<Vec<Vec<u32>>> {
+    pub fn greedy(
+        &mut self,
+        src: Tokens,
+        bos: u32,
+        eos: u32,
+        max_len: usize,
+    ) -> Result<Vec<Vec<u32>>> {
         self.encode(src, Mode::EVAL)?;
         let b = src.batch;
         let vt = self.config.tgt_vocab();
@@ -149,7 +233,14 @@ impl Seq2Seq {
             let logits = self.decode(Tokens::new(&ids, b, t)?, Mode::EVAL)?;
             for (row, pre) in prefix.iter_mut().enumerate() {
                 let last = &logits[(row * t + t - 1) * vt..(row * t + t) * vt];
-                let best = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0 as u32;
+                let best = last
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |a, (i, &v)| if v > a.1 { (i, v) } else { a },
+                    )
+                    .0 as u32;
                 if best == eos {
                     done[row] = true;
                 }
@@ -159,7 +250,10 @@ impl Seq2Seq {
                 break;
             }
         }
-        Ok(prefix.into_iter().map(|r| r[1..].iter().copied().take_while(|&x| x != eos).collect()).collect())
+        Ok(prefix
+            .into_iter()
+            .map(|r| r[1..].iter().copied().take_while(|&x| x != eos).collect())
+            .collect())
     }
 }
 

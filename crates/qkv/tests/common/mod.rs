@@ -6,7 +6,11 @@ use qkv::rng::Rng;
 /// Max |a - b| relative to max |b| (with a floor), the metric used against references.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max).max(1e-6);
     diff / scale
 }
@@ -35,7 +39,12 @@ impl AnyModel {
     pub fn loss_and_grad(&mut self, smoothing: f32, mode: Mode) -> f32 {
         match self {
             AnyModel::Seq2Seq(m, src, tin, tout, b, s, t) => {
-                m.forward(Tokens::new(src, *b, *s).unwrap(), Tokens::new(tin, *b, *t).unwrap(), mode).unwrap();
+                m.forward(
+                    Tokens::new(src, *b, *s).unwrap(),
+                    Tokens::new(tin, *b, *t).unwrap(),
+                    mode,
+                )
+                .unwrap();
                 m.backward(tout, smoothing).unwrap()
             }
             AnyModel::Classifier(m, x, y, b, t) => {
@@ -51,9 +60,22 @@ impl AnyModel {
 
     pub fn logits(&mut self, mode: Mode) -> Vec<f32> {
         match self {
-            AnyModel::Seq2Seq(m, src, tin, _, b, s, t) => m.forward(Tokens::new(src, *b, *s).unwrap(), Tokens::new(tin, *b, *t).unwrap(), mode).unwrap().to_vec(),
-            AnyModel::Classifier(m, x, _, b, t) => m.forward(Tokens::new(x, *b, *t).unwrap(), mode).unwrap().to_vec(),
-            AnyModel::Lm(m, x, _, b, t) => m.forward(Tokens::new(x, *b, *t).unwrap(), mode).unwrap().to_vec(),
+            AnyModel::Seq2Seq(m, src, tin, _, b, s, t) => m
+                .forward(
+                    Tokens::new(src, *b, *s).unwrap(),
+                    Tokens::new(tin, *b, *t).unwrap(),
+                    mode,
+                )
+                .unwrap()
+                .to_vec(),
+            AnyModel::Classifier(m, x, _, b, t) => m
+                .forward(Tokens::new(x, *b, *t).unwrap(), mode)
+                .unwrap()
+                .to_vec(),
+            AnyModel::Lm(m, x, _, b, t) => m
+                .forward(Tokens::new(x, *b, *t).unwrap(), mode)
+                .unwrap()
+                .to_vec(),
         }
     }
 
@@ -63,7 +85,9 @@ impl AnyModel {
         let (b, s, t) = (3usize, 7usize, 6usize);
         let pad = cfg.pad_id;
         let mut ids = |n: usize, len: usize, v: usize| -> Vec<u32> {
-            let mut x: Vec<u32> = (0..n * len).map(|_| 1 + rng.below(v as u64 - 1) as u32).collect();
+            let mut x: Vec<u32> = (0..n * len)
+                .map(|_| 1 + rng.below(v as u64 - 1) as u32)
+                .collect();
             for pos in len - 2..len {
                 x[len + pos] = pad; // row 1 ends in padding
             }
@@ -103,7 +127,12 @@ impl AnyModel {
 }
 
 /// A tiny config of each family.
-pub fn tiny(family: qkv::model::Family, norm: qkv::model::NormPlacement, gelu: bool, learned: bool) -> ModelConfig {
+pub fn tiny(
+    family: qkv::model::Family,
+    norm: qkv::model::NormPlacement,
+    gelu: bool,
+    learned: bool,
+) -> ModelConfig {
     use qkv::kernels::activation::Activation;
     let mut c = ModelConfig::preset("tiny", family, 13).unwrap();
     c.d_model = 16;
@@ -112,8 +141,16 @@ pub fn tiny(family: qkv::model::Family, norm: qkv::model::NormPlacement, gelu: b
     c.max_len = 16;
     c.dropout = 0.0;
     c.norm = norm;
-    c.activation = if gelu { Activation::Gelu } else { Activation::Relu };
-    c.positional = if learned { qkv::model::Positional::Learned } else { qkv::model::Positional::Sinusoidal };
+    c.activation = if gelu {
+        Activation::Gelu
+    } else {
+        Activation::Relu
+    };
+    c.positional = if learned {
+        qkv::model::Positional::Learned
+    } else {
+        qkv::model::Positional::Sinusoidal
+    };
     if family == qkv::model::Family::Classifier {
         c.n_classes = 3;
     }
