@@ -19,6 +19,7 @@ pub mod params;
 pub mod profile;
 pub mod rng;
 pub mod schedule;
+pub mod simd;
 pub mod toy;
 
 pub use error::{Error, Result};

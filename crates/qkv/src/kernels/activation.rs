@@ -1,6 +1,7 @@
 //! Bias + activation, fused into one pass after the matrix product (position-wise FFN, §3.3).
 
 use crate::parallel::{reduce_rows, rows_per_task};
+use crate::simd::multiversion;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -23,11 +24,12 @@ impl Activation {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             // Not `x.max(0.0)`: that maps NaN to 0 and would hide a diverged model.
+            // `x <= 0` is false for NaN, so NaN passes through; one compare + select.
             Activation::Relu => {
-                if x > 0.0 || x.is_nan() {
-                    x
-                } else {
+                if x <= 0.0 {
                     0.0
+                } else {
+                    x
                 }
             }
             Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * SQRT_1_2)),
@@ -55,29 +57,29 @@ pub fn bias_act_forward(pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Ac
     let n = pre.len() / f;
     let chunk = rows_per_task(n, f) * f;
     if act == Activation::Identity {
-        pre.par_chunks_mut(chunk).for_each(|p| {
-            for row in p.chunks_mut(f) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
-        });
+        pre.par_chunks_mut(chunk)
+            .for_each(|p| add_bias_rows(p, bias));
         return;
     }
     pre.par_chunks_mut(chunk)
         .zip(post[..n * f].par_chunks_mut(chunk))
-        .for_each(|(p, q)| {
-            for (prow, qrow) in p.chunks_mut(f).zip(q.chunks_mut(f)) {
-                for i in 0..f {
-                    let v = prow[i] + bias[i];
-                    prow[i] = v;
-                    qrow[i] = act.apply(v);
+        .for_each(|(p, q)| match act {
+            Activation::Relu => bias_relu_rows(p, q, bias),
+            _ => {
+                for (prow, qrow) in p.chunks_mut(f).zip(q.chunks_mut(f)) {
+                    for i in 0..f {
+                        let v = prow[i] + bias[i];
+                        prow[i] = v;
+                        qrow[i] = act.apply(v);
+                    }
                 }
             }
         });
 }
 
 /// Backward of [`bias_act_forward`] in one pass: `dpre = dpost * act'(pre)` and `dbias += Σ_rows dpre`.
-/// `dpre` may alias nothing; pass `dpost` as the upstream gradient. For `Identity`, `dpre` is
-/// not written (callers use `dpost` directly) and only the bias gradient is formed.
+/// For `Identity`, `dpre` is not written (callers use `dpost` directly) and only the bias
+/// gradient is formed.
 pub fn bias_act_backward(
     dpre: &mut [f32],
     dbias: &mut [f32],
@@ -95,8 +97,14 @@ pub fn bias_act_backward(
             .enumerate()
             .for_each(|(ci, d)| {
                 let base = ci * chunk;
-                for (i, v) in d.iter_mut().enumerate() {
-                    *v = dpost[base + i] * act.derivative(pre[base + i]);
+                let (dp, pr) = (&dpost[base..base + d.len()], &pre[base..base + d.len()]);
+                match act {
+                    Activation::Relu => relu_backward(d, dp, pr),
+                    _ => d
+                        .iter_mut()
+                        .zip(dp)
+                        .zip(pr)
+                        .for_each(|((v, g), x)| *v = g * act.derivative(*x)),
                 }
             });
     }
@@ -113,8 +121,43 @@ pub fn column_sum(acc: &mut [f32], x: &[f32], f: usize) {
     let _p = crate::profile::scope("bias grad (column sum)");
     let n = x.len() / f;
     reduce_rows(acc, n, f, |start, len, out| {
-        for row in x[start * f..(start + len) * f].chunks(f) {
+        add_rows(out, &x[start * f..(start + len) * f])
+    });
+}
+
+multiversion! {
+    /// `out += Σ rows` for rows of width `out.len()`.
+    fn add_rows(out: &mut [f32], rows: &[f32]) {
+        for row in rows.chunks_exact(out.len()) {
             out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
         }
-    });
+    }
+}
+
+multiversion! {
+    fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
+        for row in rows.chunks_exact_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+}
+
+multiversion! {
+    fn bias_relu_rows(pre: &mut [f32], post: &mut [f32], bias: &[f32]) {
+        for (prow, qrow) in pre.chunks_exact_mut(bias.len()).zip(post.chunks_exact_mut(bias.len())) {
+            for ((p, q), b) in prow.iter_mut().zip(qrow.iter_mut()).zip(bias) {
+                let v = *p + b;
+                *p = v;
+                *q = if v <= 0.0 { 0.0 } else { v };
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn relu_backward(d: &mut [f32], dpost: &[f32], pre: &[f32]) {
+        for ((v, g), x) in d.iter_mut().zip(dpost).zip(pre) {
+            *v = if *x > 0.0 { *g } else { 0.0 };
+        }
+    }
 }

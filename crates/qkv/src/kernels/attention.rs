@@ -7,7 +7,7 @@
 //! The scores are materialized as `probs` (B, H, Tq, Tk) and kept for backward.
 
 use super::matmul::{gemm_strided, MatMut, MatRef};
-use super::softmax::{softmax_row_backward, softmax_row_masked};
+use super::softmax::{softmax_row, softmax_row_backward};
 use rayon::prelude::*;
 use std::marker::PhantomData;
 
@@ -30,9 +30,18 @@ pub struct Masks<'a> {
 }
 
 impl Masks<'_> {
-    #[inline(always)]
-    fn masked(&self, b: usize, k_len: usize, i: usize, j: usize) -> bool {
-        (self.causal && j > i) || self.key_padding.is_some_and(|m| m[b * k_len + j])
+    /// For query `i` of batch row `b`: keys `0..valid` may be seen, subject to `padding`.
+    #[inline]
+    fn row(&self, b: usize, k_len: usize, i: usize) -> (usize, Option<&[bool]>) {
+        let valid = if self.causal {
+            (i + 1).min(k_len)
+        } else {
+            k_len
+        };
+        (
+            valid,
+            self.key_padding.map(|m| &m[b * k_len..(b + 1) * k_len]),
+        )
     }
 }
 
@@ -152,7 +161,8 @@ pub fn attention_forward(
             // SAFETY: operand bounds were checked; each task owns its probs block and its out block.
             unsafe { gemm_strided(tq, tk, d, pm, false, q.head(b, tq, h, d), kt, scale, none) };
             for (i, row) in p.chunks_mut(tk).enumerate() {
-                softmax_row_masked(row, |j| masks.masked(b, tk, i, j));
+                let (valid, padding) = masks.row(b, tk, i);
+                softmax_row(row, valid, padding);
             }
             let pr = MatRef {
                 ptr: p.as_ptr(),

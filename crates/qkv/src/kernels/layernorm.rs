@@ -3,10 +3,12 @@
 
 use crate::kernels::dropout::{self, Dropout};
 use crate::parallel::{reduce_rows, rows_per_task};
+use crate::simd::{self, multiversion};
 use rayon::prelude::*;
 
 /// `out = LN(x) * w + b` over rows of width `c`; saves per-row `mean` and `rstd` for backward.
 /// x, out: (N, C); mean, rstd: (N)
+#[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     out: &mut [f32],
     mean: &mut [f32],
@@ -34,18 +36,6 @@ pub fn layernorm_forward(
                 rs[r] = s;
             }
         });
-}
-
-#[inline]
-fn normalise_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) -> (f32, f32) {
-    let c = x.len() as f32;
-    let m = x.iter().sum::<f32>() / c;
-    let var = x.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / c;
-    let s = 1.0 / (var + eps).sqrt();
-    for i in 0..x.len() {
-        out[i] = (x[i] - m) * s * w[i] + b[i];
-    }
-    (m, s)
 }
 
 /// Post-LN "Add & Norm": `sum = x + dropout(sub)`, `out = LN(sum)`. `sum` is saved for backward.
@@ -95,22 +85,7 @@ pub fn layernorm_backward(
             for (r, dxr) in dxc.chunks_mut(c).enumerate() {
                 let row = r0 + r;
                 let (xr, dyr) = (&x[row * c..(row + 1) * c], &dy[row * c..(row + 1) * c]);
-                let (m, s) = (mean[row], rstd[row]);
-                // dxhat = dy * w; dx = s * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-                let mut sum_d = 0.0f32;
-                let mut sum_dx = 0.0f32;
-                for i in 0..c {
-                    let xhat = (xr[i] - m) * s;
-                    let d = dyr[i] * w[i];
-                    sum_d += d;
-                    sum_dx += d * xhat;
-                }
-                let (mean_d, mean_dx) = (sum_d / c as f32, sum_dx / c as f32);
-                for i in 0..c {
-                    let xhat = (xr[i] - m) * s;
-                    let g = s * (dyr[i] * w[i] - mean_d - xhat * mean_dx);
-                    dxr[i] = if accumulate_dx { dxr[i] + g } else { g };
-                }
+                backward_row(dxr, dyr, xr, w, mean[row], rstd[row], accumulate_dx);
             }
         });
     layernorm_param_grads(dw, db, dy, x, mean, rstd, c);
@@ -131,15 +106,83 @@ pub fn layernorm_param_grads(
     let mut acc = vec![0.0f32; 2 * c];
     reduce_rows(&mut acc, n, c, |start, len, out| {
         let (ow, ob) = out.split_at_mut(c);
-        for row in start..start + len {
-            let (xr, dyr) = (&x[row * c..(row + 1) * c], &dy[row * c..(row + 1) * c]);
-            let (m, s) = (mean[row], rstd[row]);
-            for i in 0..c {
-                ow[i] += dyr[i] * (xr[i] - m) * s;
-                ob[i] += dyr[i];
-            }
-        }
+        let rows = start * c..(start + len) * c;
+        param_grad_rows(
+            ow,
+            ob,
+            &dy[rows.clone()],
+            &x[rows],
+            &mean[start..start + len],
+            &rstd[start..start + len],
+        );
     });
     dw.iter_mut().zip(&acc[..c]).for_each(|(a, b)| *a += b);
     db.iter_mut().zip(&acc[c..]).for_each(|(a, b)| *a += b);
+}
+
+multiversion! {
+    fn normalise_row(out: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) -> (f32, f32) {
+        let c = x.len() as f32;
+        let m = simd::sum(x) / c;
+        let mut acc = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let rest: f32 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
+        for ch in chunks {
+            for l in 0..16 {
+                acc[l] += (ch[l] - m) * (ch[l] - m);
+            }
+        }
+        let var = (acc.iter().sum::<f32>() + rest) / c;
+        let s = 1.0 / (var + eps).sqrt();
+        for (((o, xv), wv), bv) in out.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (xv - m) * s * wv + bv;
+        }
+        (m, s)
+    }
+}
+
+multiversion! {
+    /// One row of LayerNorm backward: `dx (+)= s · (dy∘w − mean(dy∘w) − x̂ · mean(dy∘w∘x̂))`.
+    fn backward_row(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], m: f32, s: f32, accumulate: bool) {
+        let c = x.len();
+        let mut acc_d = [0.0f32; 16];
+        let mut acc_dx = [0.0f32; 16];
+        let mut i = 0;
+        while i + 16 <= c {
+            for l in 0..16 {
+                let xhat = (x[i + l] - m) * s;
+                let d = dy[i + l] * w[i + l];
+                acc_d[l] += d;
+                acc_dx[l] += d * xhat;
+            }
+            i += 16;
+        }
+        let (mut sum_d, mut sum_dx) = (acc_d.iter().sum::<f32>(), acc_dx.iter().sum::<f32>());
+        for j in i..c {
+            let xhat = (x[j] - m) * s;
+            let d = dy[j] * w[j];
+            sum_d += d;
+            sum_dx += d * xhat;
+        }
+        let (mean_d, mean_dx) = (sum_d / c as f32, sum_dx / c as f32);
+        for j in 0..c {
+            let xhat = (x[j] - m) * s;
+            let g = s * (dy[j] * w[j] - mean_d - xhat * mean_dx);
+            dx[j] = if accumulate { dx[j] + g } else { g };
+        }
+    }
+}
+
+multiversion! {
+    /// `dw += Σ dy∘x̂`, `db += Σ dy` over rows of width `dw.len()`.
+    fn param_grad_rows(dw: &mut [f32], db: &mut [f32], dy: &[f32], x: &[f32], mean: &[f32], rstd: &[f32]) {
+        let c = dw.len();
+        for (r, (xr, dyr)) in x.chunks_exact(c).zip(dy.chunks_exact(c)).enumerate() {
+            let (m, s) = (mean[r], rstd[r]);
+            for i in 0..c {
+                dw[i] += dyr[i] * (xr[i] - m) * s;
+                db[i] += dyr[i];
+            }
+        }
+    }
 }

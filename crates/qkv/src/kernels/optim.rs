@@ -1,6 +1,7 @@
 //! Fused optimizer passes over flat buffers: AdamW (Loshchilov & Hutter, 2019) and the
 //! global gradient norm used for clipping.
 
+use crate::simd::multiversion;
 use rayon::prelude::*;
 
 const CHUNK: usize = 16384;
@@ -33,21 +34,52 @@ pub fn adamw_step(
         .enumerate()
         .for_each(|(ci, ((p, m), v))| {
             let g = &grads[ci * CHUNK..ci * CHUNK + p.len()];
-            for i in 0..p.len() {
-                m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
-                v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
-                let denom = v[i].sqrt() * inv_sqrt_bc2 + eps;
-                p[i] = p[i] * decay - step_size * m[i] / denom;
-            }
+            adamw_chunk(
+                p,
+                g,
+                m,
+                v,
+                step_size,
+                inv_sqrt_bc2,
+                decay,
+                beta1,
+                beta2,
+                eps,
+            );
         });
+}
+
+multiversion! {
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], step_size: f32, inv_sqrt_bc2: f32, decay: f32, beta1: f32, beta2: f32, eps: f32) {
+        let n = p.len().min(g.len()).min(m.len()).min(v.len());
+        for i in 0..n {
+            m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
+            v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
+            let denom = v[i].sqrt() * inv_sqrt_bc2 + eps;
+            p[i] = p[i] * decay - step_size * m[i] / denom;
+        }
+    }
+}
+
+multiversion! {
+    fn sum_squares_chunk(x: &[f32]) -> f64 {
+        // f32 lanes within a chunk, f64 across chunks.
+        let mut acc = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let rest: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for l in 0..16 {
+                acc[l] += c[l] * c[l];
+            }
+        }
+        acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64
+    }
 }
 
 /// Sum of squares in f64 (so the norm of millions of parameters stays exact enough).
 pub fn sum_squares(x: &[f32]) -> f64 {
     let _p = crate::profile::scope("grad norm");
-    x.par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
-        .sum()
+    x.par_chunks(CHUNK).map(sum_squares_chunk).sum()
 }
 
 /// Multiply in place.
