@@ -13,7 +13,7 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct CopyArgs {
     /// Training steps.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 2000)]
     steps: u64,
     #[arg(long, default_value_t = 32)]
     batch: usize,
