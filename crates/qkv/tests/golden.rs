@@ -3,9 +3,9 @@
 //! gradient and a 10-step AdamW loss trajectory. Every tensor is compared by name.
 
 mod common;
-use common::rel_err;
+use common::{rel_err, AnyModel};
 use qkv::checkpoint::{TensorData, TensorFile};
-use qkv::model::{Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq, Tokens};
+use qkv::model::{Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq};
 use qkv::optim::{AdamW, AdamWConfig};
 use qkv::params::Params;
 use std::path::PathBuf;
@@ -85,175 +85,89 @@ fn adamw(f: &TensorFile) -> AdamWConfig {
     }
 }
 
-/// Runs `step` (forward + backward → loss) for the fixture's trajectory and compares it.
-fn check_trajectory(
-    f: &TensorFile,
-    params_of: &mut dyn FnMut() -> f32,
-    params: &mut dyn FnMut(&mut AdamW, f32),
-    what: &str,
-) {
-    let want = f32s(f, "train.losses");
-    let cfg = adamw(f);
-    let lr = cfg.lr;
-    let mut opt = None;
-    for (i, &w) in want.iter().enumerate() {
-        let loss = params_of();
+/// The fixture's model (any family) with its parameters and batch loaded.
+fn model(f: &TensorFile) -> AnyModel {
+    let cfg: ModelConfig = serde_json::from_str(&f.metadata()["config"])
+        .expect("fixture config parses as ModelConfig");
+    let mut m = match cfg.family {
+        Family::Seq2seq => {
+            let ((src, ss), (tin, ts), (tout, _)) = (
+                ids(f, "input.src"),
+                ids(f, "input.tgt_in"),
+                ids(f, "input.tgt_out"),
+            );
+            AnyModel::Seq2Seq(
+                Seq2Seq::new(cfg, 0).unwrap(),
+                src,
+                tin,
+                tout,
+                ss[0],
+                ss[1],
+                ts[1],
+            )
+        }
+        Family::Classifier => {
+            let ((x, xs), (y, _)) = (ids(f, "input.tokens"), ids(f, "input.labels"));
+            AnyModel::Classifier(Classifier::new(cfg, 0).unwrap(), x, y, xs[0], xs[1])
+        }
+        Family::Lm => {
+            let ((x, xs), (y, _)) = (ids(f, "input.tokens"), ids(f, "input.targets"));
+            AnyModel::Lm(LanguageModel::new(cfg, 0).unwrap(), x, y, xs[0], xs[1])
+        }
+    };
+    load_params(f, m.params());
+    m
+}
+
+/// Logits, loss, every gradient and the AdamW loss trajectory, each against PyTorch.
+fn golden(name: &str) {
+    let f = fixture(name);
+    let mut m = model(&f);
+    let ls = meta(&f, "label_smoothing");
+    let e = rel_err(&m.logits(Mode::EVAL), &f32s(&f, "output.logits"));
+    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
+    let loss = m.loss_and_grad(ls, Mode::EVAL);
+    let want = f32s(&f, "output.loss");
+    assert!(
+        rel_err(&[loss], &want) <= TOL,
+        "{name}: loss {loss}, PyTorch {want:?}"
+    );
+    check_grads(&f, m.params(), name);
+
+    let cfg = adamw(&f);
+    let mut opt = AdamW::new(cfg.clone(), m.params().len());
+    for (i, &w) in f32s(&f, "train.losses").iter().enumerate() {
+        let loss = m.loss_and_grad(ls, Mode::EVAL);
         let rel = (loss - w).abs() / w.abs();
         assert!(
-            rel <= 1e-4,
-            "{what}: loss at step {i} is {loss}, PyTorch {w} (relative error {rel:.2e})"
+            rel <= TOL,
+            "{name}: loss at step {i} is {loss}, PyTorch {w} (relative error {rel:.2e})"
         );
-        let o = opt.get_or_insert_with(|| AdamW::new(cfg.clone(), 0));
-        params(o, lr);
+        opt.step(m.params(), cfg.lr).unwrap();
     }
-}
-
-fn config(f: &TensorFile) -> ModelConfig {
-    serde_json::from_str(&f.metadata()["config"]).expect("fixture config parses as ModelConfig")
-}
-
-fn golden_seq2seq(name: &str) {
-    let f = fixture(name);
-    let cfg = config(&f);
-    assert_eq!(cfg.family, Family::Seq2seq);
-    let mut m = Seq2Seq::new(cfg, 0).unwrap();
-    load_params(&f, &mut m.params);
-    let ((src, ss), (tin, ts), (tout, _)) = (
-        ids(&f, "input.src"),
-        ids(&f, "input.tgt_in"),
-        ids(&f, "input.tgt_out"),
-    );
-    let ls = meta(&f, "label_smoothing");
-    let logits = m
-        .forward(
-            Tokens::new(&src, ss[0], ss[1]).unwrap(),
-            Tokens::new(&tin, ts[0], ts[1]).unwrap(),
-            Mode::EVAL,
-        )
-        .unwrap()
-        .to_vec();
-    let e = rel_err(&logits, &f32s(&f, "output.logits"));
-    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
-    let loss = m.backward(&tout, ls).unwrap();
-    assert!(
-        rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL,
-        "{name}: loss {loss} vs {:?}",
-        f32s(&f, "output.loss")
-    );
-    check_grads(&f, &m.params, name);
-
-    let m = std::cell::RefCell::new(m);
-    check_trajectory(
-        &f,
-        &mut || {
-            let mut m = m.borrow_mut();
-            m.forward(
-                Tokens::new(&src, ss[0], ss[1]).unwrap(),
-                Tokens::new(&tin, ts[0], ts[1]).unwrap(),
-                Mode::EVAL,
-            )
-            .unwrap();
-            m.backward(&tout, ls).unwrap()
-        },
-        &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
-        name,
-    );
-}
-
-fn step(opt: &mut AdamW, params: &mut Params, lr: f32) {
-    if opt.m.len() != params.len() {
-        *opt = AdamW::new(opt.config.clone(), params.len());
-    }
-    opt.step(params, lr).unwrap();
-}
-
-fn golden_classifier(name: &str) {
-    let f = fixture(name);
-    let cfg = config(&f);
-    let mut m = Classifier::new(cfg, 0).unwrap();
-    load_params(&f, &mut m.params);
-    let ((x, xs), (y, _)) = (ids(&f, "input.tokens"), ids(&f, "input.labels"));
-    let ls = meta(&f, "label_smoothing");
-    let logits = m
-        .forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
-        .unwrap()
-        .to_vec();
-    let e = rel_err(&logits, &f32s(&f, "output.logits"));
-    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
-    let loss = m.backward(&y, ls).unwrap();
-    assert!(
-        rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL,
-        "{name}: loss {loss}"
-    );
-    check_grads(&f, &m.params, name);
-    let m = std::cell::RefCell::new(m);
-    check_trajectory(
-        &f,
-        &mut || {
-            let mut m = m.borrow_mut();
-            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
-                .unwrap();
-            m.backward(&y, ls).unwrap()
-        },
-        &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
-        name,
-    );
-}
-
-fn golden_lm(name: &str) {
-    let f = fixture(name);
-    let cfg = config(&f);
-    let mut m = LanguageModel::new(cfg, 0).unwrap();
-    load_params(&f, &mut m.params);
-    let ((x, xs), (y, _)) = (ids(&f, "input.tokens"), ids(&f, "input.targets"));
-    let ls = meta(&f, "label_smoothing");
-    let logits = m
-        .forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
-        .unwrap()
-        .to_vec();
-    let e = rel_err(&logits, &f32s(&f, "output.logits"));
-    assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
-    let loss = m.backward(&y, ls).unwrap();
-    assert!(
-        rel_err(&[loss], &f32s(&f, "output.loss")) <= TOL,
-        "{name}: loss {loss}"
-    );
-    check_grads(&f, &m.params, name);
-    let m = std::cell::RefCell::new(m);
-    check_trajectory(
-        &f,
-        &mut || {
-            let mut m = m.borrow_mut();
-            m.forward(Tokens::new(&x, xs[0], xs[1]).unwrap(), Mode::EVAL)
-                .unwrap();
-            m.backward(&y, ls).unwrap()
-        },
-        &mut |opt, lr| step(opt, &mut m.borrow_mut().params, lr),
-        name,
-    );
 }
 
 #[test]
 fn seq2seq_post_ln_matches_pytorch() {
-    golden_seq2seq("seq2seq_post");
+    golden("seq2seq_post");
 }
 #[test]
 fn seq2seq_pre_ln_shared_embeddings_matches_pytorch() {
-    golden_seq2seq("seq2seq_pre");
+    golden("seq2seq_pre");
 }
 #[test]
 fn classifier_post_ln_matches_pytorch() {
-    golden_classifier("classifier_post");
+    golden("classifier_post");
 }
 #[test]
 fn classifier_pre_ln_matches_pytorch() {
-    golden_classifier("classifier_pre");
+    golden("classifier_pre");
 }
 #[test]
 fn lm_post_ln_matches_pytorch() {
-    golden_lm("lm_post");
+    golden("lm_post");
 }
 #[test]
 fn lm_pre_ln_matches_pytorch() {
-    golden_lm("lm_pre");
+    golden("lm_pre");
 }
