@@ -23,7 +23,6 @@ pub struct Seq2Seq {
     pub output: Param,
     src_pad: Vec<bool>,
     tgt_pad: Vec<bool>,
-    memory: Vec<f32>,
     logits: Vec<f32>,
     dlogits: Vec<f32>,
     dmemory: Vec<f32>,
@@ -92,7 +91,6 @@ impl Seq2Seq {
             output,
             src_pad: Vec::new(),
             tgt_pad: Vec::new(),
-            memory: Vec::new(),
             logits: Vec::new(),
             dlogits: Vec::new(),
             dmemory: Vec::new(),
@@ -101,7 +99,8 @@ impl Seq2Seq {
         })
     }
 
-    /// Encode the source: (B, S) → memory (B, S, C), kept for the decoder.
+    /// Encode the source: (B, S) → memory (B, S, C). The encoder stack keeps it as its output,
+    /// which the decoder reads until the next `encode`.
     pub fn encode(&mut self, src: Tokens, mode: Mode) -> Result<&[f32]> {
         let p = &self.params.data;
         let x = self.src_embed.forward(p, src, mode)?;
@@ -110,10 +109,7 @@ impl Seq2Seq {
             key_padding: Some(&self.src_pad),
             causal: false,
         };
-        let h = self.encoder.forward(p, x, src.batch, src.len, &masks, mode);
-        let out = buf(&mut self.memory, h.len());
-        out.copy_from_slice(h);
-        Ok(out)
+        Ok(self.encoder.forward(p, x, src.batch, src.len, &masks, mode))
     }
 
     /// Decode over the memory of the last [`Seq2Seq::encode`]: tgt_in (B, T) → logits (B, T, Vt).
@@ -138,7 +134,7 @@ impl Seq2Seq {
             causal: true,
         };
         let memory = Memory {
-            states: &self.memory[..b * s * c],
+            states: self.encoder.output(b * s * c),
             len: s,
             padding: Some(&self.src_pad),
         };
@@ -203,7 +199,7 @@ impl Seq2Seq {
         let dy = self.decoder.backward(
             p,
             g,
-            &self.memory[..b * s * c],
+            self.encoder.output(b * s * c),
             &self.ddec[..b * t * c],
             dmemory,
         );
