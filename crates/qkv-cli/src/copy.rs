@@ -2,11 +2,8 @@
 //! exact match on held-out sequences, and save the model.
 
 use anyhow::{Context, Result};
-use qkv::model::{Family, Mode, ModelConfig, Seq2Seq, Tokens};
-use qkv::optim::{AdamW, AdamWConfig};
-use qkv::rng::Rng;
-use qkv::schedule::Schedule;
-use qkv::toy::{copy_batch, BOS, EOS, PAD};
+use qkv::model::{Family, ModelConfig, Seq2Seq};
+use qkv::toy::{evaluate_copy, train_copy, CopyTask, PAD};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -45,55 +42,31 @@ pub fn run(a: CopyArgs) -> Result<()> {
     cfg.dropout = 0.0;
     cfg.pad_id = PAD;
     let mut model = Seq2Seq::new(cfg, a.seed)?;
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            weight_decay: 0.0,
-            ..AdamWConfig::default()
-        },
-        model.params.len(),
-    );
-    let schedule = Schedule::InverseSqrt {
-        peak: 3e-3,
-        warmup: 100,
+    let task = CopyTask {
+        len: a.len,
+        vocab: a.vocab,
+        batch: a.batch,
+        steps: a.steps,
+        seed: a.seed + 1,
     };
-    let mut rng = Rng::new(a.seed + 1);
-    let t = a.len + 1;
     let start = Instant::now();
-    for step in 1..=a.steps {
-        let (src, tin, tout) = copy_batch(&mut rng, a.batch, a.len, a.vocab);
-        model.forward(
-            Tokens::new(&src, a.batch, t)?,
-            Tokens::new(&tin, a.batch, t)?,
-            Mode::EVAL,
-        )?;
-        let loss = model.backward(&tout, 0.0)?;
-        opt.step(&mut model.params, schedule.lr(step))?;
+    let opt = train_copy(&mut model, &task, &mut |step, loss, lr| {
         if step % 100 == 0 || step == a.steps {
             eprintln!(
-                "step {step:>5}  loss {loss:.4}  lr {:.2e}  {:.1}s",
-                schedule.lr(step),
+                "step {step:>5}  loss {loss:.4}  lr {lr:.2e}  {:.1}s",
                 start.elapsed().as_secs_f32()
             );
         }
-    }
+    })?;
     let n = 200;
-    let (src, _, _) = copy_batch(&mut Rng::new(a.seed + 999), n, a.len, a.vocab);
-    let out = model.greedy(Tokens::new(&src, n, t)?, BOS, EOS, t + 1)?;
-    let exact = out
-        .iter()
-        .enumerate()
-        .filter(|(i, o)| o.as_slice() == &src[i * t..i * t + a.len])
-        .count();
+    let eval = evaluate_copy(&mut model, &task, n, a.seed + 999)?;
     println!(
-        "held-out exact match: {exact}/{n} ({:.1}%)",
-        100.0 * exact as f64 / n as f64
+        "held-out exact match: {}/{n} ({:.1}%)",
+        eval.exact,
+        100.0 * eval.exact as f64 / n as f64
     );
-    for (i, o) in out.iter().take(3).enumerate() {
-        println!(
-            "  source {:?}\n  output {:?}",
-            &src[i * t..i * t + a.len],
-            o
-        );
+    for (s, o) in eval.sources.iter().zip(&eval.outputs).take(3) {
+        println!("  source {s:?}\n  output {o:?}");
     }
     qkv::checkpoint::save(&a.out, &model.config, &model.params, Some(&opt))
         .with_context(|| format!("saving to {}", a.out.display()))?;

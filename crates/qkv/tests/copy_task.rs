@@ -1,22 +1,19 @@
 //! The Annotated Transformer's first example: learn to copy random symbol sequences, then
 //! decode held-out sequences greedily. Trained from scratch inside the suite.
 
-use qkv::model::{Family, Mode, ModelConfig, Seq2Seq, Tokens};
-use qkv::optim::{AdamW, AdamWConfig};
-use qkv::rng::Rng;
-use qkv::schedule::Schedule;
-use qkv::toy::{copy_batch, BOS, EOS, PAD};
-
-const VOCAB: usize = 13;
-const LEN: usize = 8;
-
-fn batch(rng: &mut Rng, b: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
-    copy_batch(rng, b, LEN, VOCAB)
-}
+use qkv::model::{Family, ModelConfig, Seq2Seq};
+use qkv::toy::{evaluate_copy, train_copy, CopyTask, PAD};
 
 #[test]
 fn copy_task_reaches_exact_match() {
-    let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, VOCAB).unwrap();
+    let task = CopyTask {
+        len: 8,
+        vocab: 13,
+        batch: 32,
+        steps: 1500,
+        seed: 1,
+    };
+    let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, task.vocab).unwrap();
     cfg.d_model = 32;
     cfg.n_heads = 4;
     cfg.d_ff = 64;
@@ -24,51 +21,15 @@ fn copy_task_reaches_exact_match() {
     cfg.dropout = 0.0;
     cfg.pad_id = PAD;
     let mut model = Seq2Seq::new(cfg, 0).unwrap();
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            weight_decay: 0.0,
-            ..AdamWConfig::default()
-        },
-        model.params.len(),
-    );
-    let schedule = Schedule::InverseSqrt {
-        peak: 3e-3,
-        warmup: 100,
-    };
-    let mut rng = Rng::new(1);
-    let b = 32;
     let mut last = f32::INFINITY;
-    for step in 1..=1500 {
-        let (src, tin, tout) = batch(&mut rng, b);
-        model
-            .forward(
-                Tokens::new(&src, b, LEN + 1).unwrap(),
-                Tokens::new(&tin, b, LEN + 1).unwrap(),
-                Mode::EVAL,
-            )
-            .unwrap();
-        last = model.backward(&tout, 0.0).unwrap();
-        opt.step(&mut model.params, schedule.lr(step)).unwrap();
-    }
+    train_copy(&mut model, &task, &mut |_, loss, _| last = loss).unwrap();
     assert!(last < 0.05, "training loss stayed at {last}");
 
-    // Held-out sequences, decoded greedily.
-    let mut test_rng = Rng::new(999);
     let n = 100;
-    let (src, _, _) = batch(&mut test_rng, n);
-    let out = model
-        .greedy(Tokens::new(&src, n, LEN + 1).unwrap(), BOS, EOS, LEN + 2)
-        .unwrap();
-    let exact = out
-        .iter()
-        .enumerate()
-        .filter(|(i, o)| o.as_slice() == &src[i * (LEN + 1)..i * (LEN + 1) + LEN])
-        .count();
+    let eval = evaluate_copy(&mut model, &task, n, 999).unwrap();
     assert_eq!(
-        exact,
-        n,
-        "exact match {exact}/{n}; first output {:?} for {:?}",
-        out[0],
-        &src[..LEN]
+        eval.exact, n,
+        "exact match {}/{n}; first output {:?} for {:?}",
+        eval.exact, eval.outputs[0], eval.sources[0]
     );
 }
