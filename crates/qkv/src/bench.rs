@@ -57,6 +57,8 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     if family == Family::Classifier {
         cfg.n_classes = 2;
     }
+    // The encoder variant builds a bare stack, so validate here as the models' constructors do.
+    cfg.validate()?;
     let mut rng = Rng::new(7);
     let (n, c) = (b.batch * b.seq, b.d_model);
     let tokens: Vec<u32> = (0..n)
