@@ -44,6 +44,16 @@ pub enum Error {
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
 
+    #[error("{path}:{line}: {msg}")]
+    Data {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -10,6 +10,8 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod data;
+pub mod decode;
 pub mod error;
 pub mod kernels;
 pub mod model;

@@ -99,7 +99,8 @@ pub fn evaluate_copy(
 ) -> Result<CopyEval> {
     let t = task.len + 1;
     let (src, _, _) = copy_batch(&mut Rng::new(seed), n, task.len, task.vocab);
-    let outputs = model.greedy(Tokens::new(&src, n, t)?, BOS, EOS, t + 1)?;
+    let mut cache = model.start_decoding(Tokens::new(&src, n, t)?, t + 2)?;
+    let outputs = crate::decode::greedy(model, &mut cache, BOS, EOS)?;
     let sources: Vec<Vec<u32>> = src.chunks(t).map(|r| r[..task.len].to_vec()).collect();
     let exact = sources.iter().zip(&outputs).filter(|(s, o)| s == o).count();
     Ok(CopyEval {

@@ -8,6 +8,7 @@
 
 use super::matmul::{gemm_strided, MatMut, MatRef};
 use super::softmax::{softmax_row, softmax_row_backward};
+use crate::simd;
 use rayon::prelude::*;
 use std::marker::PhantomData;
 
@@ -277,6 +278,61 @@ pub fn attention_backward(
                     1.0,
                     none,
                 );
+            }
+        });
+}
+
+/// Keys and values of incremental decoding: block `b` holds `rows` positions of `rs` floats,
+/// key head h at columns `[k_offset + h·D, …)` and value head h at `[v_offset + h·D, …)`.
+#[derive(Clone, Copy)]
+pub struct KvBlocks<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub rs: usize,
+    pub k_offset: usize,
+    pub v_offset: usize,
+}
+
+/// One query per row against keys `0..k_len` of its block (incremental decoding, where the
+/// query is the newest position): `out[r] = softmax(q[r]·K[block[r]]ᵀ · scale) V[block[r]]`.
+/// out: (R, H·D); q: (R, ·) with row stride `q_rs`; `block[r]` picks row r's key/value block
+/// (beam hypotheses of one source share its cross-attention block); padding: (blocks, rows).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_one_query(
+    out: &mut [f32],
+    q: &[f32],
+    q_rs: usize,
+    kv: KvBlocks,
+    block: &[usize],
+    k_len: usize,
+    padding: Option<&[bool]>,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) {
+    let (w, d) = (heads * head_dim, head_dim);
+    assert!(k_len <= kv.rows && out.len() >= block.len() * w);
+    out[..block.len() * w]
+        .par_chunks_mut(w)
+        .zip(block.par_iter())
+        .enumerate()
+        .for_each(|(r, (o, &blk))| {
+            let mut scores = vec![0.0f32; k_len];
+            let base = blk * kv.rows * kv.rs;
+            let pad = padding.map(|m| &m[blk * kv.rows..blk * kv.rows + k_len]);
+            for h in 0..heads {
+                let qh = &q[r * q_rs + h * d..][..d];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kj = &kv.data[base + j * kv.rs + kv.k_offset + h * d..][..d];
+                    *s = simd::dot(qh, kj) * scale;
+                }
+                softmax_row(&mut scores, k_len, pad);
+                let oh = &mut o[h * d..(h + 1) * d];
+                oh.iter_mut().for_each(|x| *x = 0.0);
+                for (j, &pj) in scores.iter().enumerate() {
+                    let vj = &kv.data[base + j * kv.rs + kv.v_offset + h * d..][..d];
+                    oh.iter_mut().zip(vj).for_each(|(x, v)| *x += pj * v);
+                }
             }
         });
 }

@@ -5,9 +5,11 @@
 //! ("memory"). Heads are strided views into those buffers (see `kernels::attention`).
 
 use super::buf;
+use super::kv_cache::{LayerKv, StepCtx};
 use super::linear::Linear;
 use crate::kernels::attention::{
-    attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef, Masks,
+    attention_backward, attention_forward, attention_one_query, AttentionShape, HeadsMut, HeadsRef,
+    KvBlocks, Masks,
 };
 use crate::params::ParamBuilder;
 
@@ -310,5 +312,87 @@ impl Core {
             s,
             scale,
         );
+    }
+}
+
+/// Incremental decoding (see `kv_cache`): one new position per row.
+impl SelfAttention {
+    /// x: (R, C) for position `ctx.pos` → (R, C); appends this position's K, V to `kv`.
+    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], kv: &mut LayerKv, ctx: StepCtx) -> &[f32] {
+        let c = self.c;
+        let r = x.len() / c;
+        let qkv = buf(&mut self.qkv_buf, r * 3 * c);
+        self.qkv.forward(p, x, qkv);
+        for row in 0..r {
+            let dst = (row * kv.rows + ctx.pos) * 2 * c;
+            kv.data[dst..dst + 2 * c].copy_from_slice(&qkv[row * 3 * c + c..(row + 1) * 3 * c]);
+        }
+        let blocks = KvBlocks {
+            data: &kv.data,
+            rows: kv.rows,
+            rs: 2 * c,
+            k_offset: 0,
+            v_offset: c,
+        };
+        let d = c / self.heads;
+        let ctx_buf = buf(&mut self.core.ctx, r * c);
+        let scale = 1.0 / (d as f32).sqrt();
+        attention_one_query(
+            ctx_buf,
+            &self.qkv_buf,
+            3 * c,
+            blocks,
+            ctx.own,
+            ctx.pos + 1,
+            None,
+            self.heads,
+            d,
+            scale,
+        );
+        self.out
+            .forward(p, &self.core.ctx[..r * c], buf(&mut self.core.out, r * c));
+        &self.core.out[..r * c]
+    }
+}
+
+impl CrossAttention {
+    /// Keys and values of the encoder output, computed once per source: memory (B, S, C) →
+    /// (B, S, 2C).
+    pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> LayerKv {
+        let mut data = vec![0.0; memory.len() * 2];
+        self.kv.forward(p, memory, &mut data);
+        LayerKv { data, rows: s_len }
+    }
+
+    /// x: (R, C) → (R, C), attending over the row's source in `kv` (B, S, 2C).
+    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], kv: &LayerKv, ctx: StepCtx) -> &[f32] {
+        let c = self.c;
+        let r = x.len() / c;
+        self.q.forward(p, x, buf(&mut self.q_buf, r * c));
+        let blocks = KvBlocks {
+            data: &kv.data,
+            rows: kv.rows,
+            rs: 2 * c,
+            k_offset: 0,
+            v_offset: c,
+        };
+        let d = c / self.heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let ctx_buf = buf(&mut self.core.ctx, r * c);
+        attention_one_query(
+            ctx_buf,
+            &self.q_buf,
+            c,
+            blocks,
+            ctx.source_of,
+            kv.rows,
+            Some(ctx.src_padding),
+            self.heads,
+            d,
+            scale,
+        );
+        self.out
+            .forward(p, &self.core.ctx[..r * c], buf(&mut self.core.out, r * c));
+        &self.core.out[..r * c]
     }
 }

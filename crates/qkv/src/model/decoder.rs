@@ -4,6 +4,7 @@
 use super::attention::{CrossAttention, SelfAttention};
 use super::config::{ModelConfig, NormPlacement};
 use super::feed_forward::FeedForward;
+use super::kv_cache::{KvCache, LayerKv, StepCtx};
 use super::norm::{AddNorm, LayerNorm};
 use super::{buf, Mode, SiteIds};
 use crate::kernels::attention::Masks;
@@ -238,5 +239,75 @@ impl DecoderStack {
             std::mem::swap(&mut cur, &mut next);
         }
         cur
+    }
+}
+
+/// Incremental decoding (see `kv_cache`).
+impl DecoderLayer {
+    /// x, y: (R, C) at position `ctx.pos`.
+    pub(crate) fn step(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        y: &mut [f32],
+        self_kv: &mut LayerKv,
+        cross_kv: &LayerKv,
+        ctx: StepCtx,
+    ) {
+        let n = x.len();
+        let a_in = self.self_attn_norm.sublayer_input(p, x);
+        let a = self.self_attn.step(p, a_in, self_kv, ctx);
+        self.self_attn_norm
+            .finish(p, x, a, buf(&mut self.mid1, n), Mode::EVAL);
+        let mid1 = &self.mid1[..n];
+        let c_in = self.cross_attn_norm.sublayer_input(p, mid1);
+        let ca = self.cross_attn.step(p, c_in, cross_kv, ctx);
+        self.cross_attn_norm
+            .finish(p, mid1, ca, buf(&mut self.mid2, n), Mode::EVAL);
+        let mid2 = &self.mid2[..n];
+        let f_in = self.ffn_norm.sublayer_input(p, mid2);
+        let f = self.ffn.forward(p, f_in);
+        self.ffn_norm.finish(p, mid2, f, y, Mode::EVAL);
+    }
+}
+
+impl DecoderStack {
+    /// Cross-attention keys/values of every layer for the memory (B, S, C).
+    pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> Vec<LayerKv> {
+        self.layers
+            .iter()
+            .map(|l| l.cross_attn.memory_kv(p, memory, s_len))
+            .collect()
+    }
+
+    /// x: (R, C) embeddings of the newest position → (R, C).
+    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], cache: &mut KvCache) -> &[f32] {
+        let n = x.len();
+        buf(&mut self.hidden[0], n).copy_from_slice(x);
+        let ctx = StepCtx {
+            pos: cache.len,
+            own: &cache.own,
+            source_of: &cache.source_of,
+            src_padding: &cache.src_padding,
+        };
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (lo, hi) = self.hidden.split_at_mut(i + 1);
+            layer.step(
+                p,
+                &lo[i][..n],
+                buf(&mut hi[0], n),
+                &mut cache.self_kv[i],
+                &cache.cross_kv[i],
+                ctx,
+            );
+        }
+        let last = &self.hidden[self.layers.len()][..n];
+        match &mut self.final_norm {
+            Some(norm) => {
+                norm.forward(p, last, buf(&mut self.out, n));
+                &self.out[..n]
+            }
+            None => last,
+        }
     }
 }

@@ -157,3 +157,36 @@ impl Embedding {
         }
     }
 }
+
+impl Embedding {
+    /// Incremental decoding: ids (R) at position `pos` → (R, C), no dropout.
+    pub fn step(&mut self, p: &[f32], ids: &[u32], pos: usize) -> Result<&[f32]> {
+        let one = Tokens::new(ids, ids.len(), 1)?;
+        one.check_vocab(self.input, self.vocab())?;
+        if pos >= self.max_len {
+            return Err(Error::SequenceTooLong {
+                input: self.input,
+                len: pos + 1,
+                max_len: self.max_len,
+            });
+        }
+        let c = self.c;
+        let pos_rows: &[f32] = match &self.positions {
+            PositionTable::Sinusoidal(t) => t,
+            PositionTable::Learned(pp) => pp.of(p),
+        };
+        let out = buf(&mut self.out, ids.len() * c);
+        // Every row is at `pos`: a table of one position starting there, with T = 1.
+        embedding_forward(
+            out,
+            ids,
+            self.table.of(p),
+            &pos_rows[pos * c..],
+            self.scale,
+            1,
+            c,
+            None,
+        );
+        Ok(&self.out[..ids.len() * c])
+    }
+}

@@ -4,6 +4,7 @@
 use super::attention::SelfAttention;
 use super::config::{ModelConfig, NormPlacement};
 use super::feed_forward::FeedForward;
+use super::kv_cache::{KvCache, LayerKv, StepCtx};
 use super::norm::{AddNorm, LayerNorm};
 use super::{buf, Mode, SiteIds};
 use crate::kernels::attention::Masks;
@@ -173,5 +174,60 @@ impl EncoderStack {
             std::mem::swap(&mut cur, &mut next);
         }
         cur
+    }
+}
+
+/// Incremental decoding for the decoder-only LM, whose layers are this block with a causal mask.
+impl EncoderLayer {
+    /// x, y: (R, C) at position `ctx.pos`.
+    pub(crate) fn step(
+        &mut self,
+        p: &[f32],
+        x: &[f32],
+        y: &mut [f32],
+        kv: &mut LayerKv,
+        ctx: StepCtx,
+    ) {
+        let n = x.len();
+        let a_in = self.self_attn_norm.sublayer_input(p, x);
+        let a = self.self_attn.step(p, a_in, kv, ctx);
+        self.self_attn_norm
+            .finish(p, x, a, buf(&mut self.mid, n), Mode::EVAL);
+        let mid = &self.mid[..n];
+        let f_in = self.ffn_norm.sublayer_input(p, mid);
+        let f = self.ffn.forward(p, f_in);
+        self.ffn_norm.finish(p, mid, f, y, Mode::EVAL);
+    }
+}
+
+impl EncoderStack {
+    /// x: (R, C) embeddings of the newest position → (R, C).
+    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], cache: &mut KvCache) -> &[f32] {
+        let n = x.len();
+        buf(&mut self.hidden[0], n).copy_from_slice(x);
+        let ctx = StepCtx {
+            pos: cache.len,
+            own: &cache.own,
+            source_of: &cache.source_of,
+            src_padding: &cache.src_padding,
+        };
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let (lo, hi) = self.hidden.split_at_mut(i + 1);
+            layer.step(
+                p,
+                &lo[i][..n],
+                buf(&mut hi[0], n),
+                &mut cache.self_kv[i],
+                ctx,
+            );
+        }
+        let last = &self.hidden[self.layers.len()][..n];
+        match &mut self.final_norm {
+            Some(norm) => {
+                norm.forward(p, last, buf(&mut self.out, n));
+                &self.out[..n]
+            }
+            None => last,
+        }
     }
 }

@@ -4,6 +4,7 @@
 use super::config::{Family, ModelConfig};
 use super::embedding::Embedding;
 use super::encoder::EncoderStack;
+use super::kv_cache::{Incremental, KvCache};
 use super::linear::{project_out, project_out_backward};
 use super::{buf, finite, Mode, Model, SiteIds, Tokens};
 use crate::error::{shape_err, Error, Result};
@@ -131,6 +132,35 @@ impl LanguageModel {
         let dx = self.decoder.backward(p, g, &self.dh[..b * t * c]);
         self.embed.backward(g, dx);
         Ok(loss)
+    }
+}
+
+impl LanguageModel {
+    /// Start incremental decoding of `rows` sequences of at most `max_len` positions.
+    pub fn start_decoding(&self, rows: usize, max_len: usize) -> KvCache {
+        let capacity = max_len.min(self.config.max_len);
+        KvCache::new(
+            rows,
+            capacity,
+            self.config.d_model,
+            self.decoder.layers.len(),
+        )
+    }
+}
+
+impl Incremental for LanguageModel {
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
+        cache.check_step(tokens, self.decoder.layers.len(), false)?;
+        let (p, c) = (&self.params.data, self.config.d_model);
+        let x = self.embed.step(p, tokens, cache.len)?;
+        let h = self.decoder.step(p, x, cache);
+        let v = project_out(p, self.output, h, &mut self.logits, c);
+        cache.len += 1;
+        Ok(&self.logits[..tokens.len() * v])
     }
 }
 

@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod embedding;
 pub mod encoder;
 pub mod feed_forward;
+pub mod kv_cache;
 pub mod linear;
 pub mod lm;
 pub mod norm;
@@ -21,6 +22,7 @@ pub mod seq2seq;
 
 pub use classifier::Classifier;
 pub use config::{Family, ModelConfig, NormPlacement, Pooling, Positional};
+pub use kv_cache::{Incremental, KvCache};
 pub use lm::LanguageModel;
 pub use seq2seq::Seq2Seq;
 

@@ -5,6 +5,7 @@ use super::config::{Family, ModelConfig};
 use super::decoder::{DecoderStack, Memory};
 use super::embedding::Embedding;
 use super::encoder::EncoderStack;
+use super::kv_cache::{Incremental, KvCache};
 use super::linear::{project_out, project_out_backward};
 use super::{buf, finite, Mode, Model, SiteIds, Tokens};
 use crate::error::{shape_err, Error, Result};
@@ -209,47 +210,35 @@ impl Seq2Seq {
         Ok(loss)
     }
 
-    /// Greedy decoding without a cache: re-runs the decoder on the growing prefix.
-    /// src: (B, S). Returns, per row, the generated ids after `bos`, up to and excluding `eos`.
-    pub fn greedy(
-        &mut self,
-        src: Tokens,
-        bos: u32,
-        eos: u32,
-        max_len: usize,
-    ) -> Result<Vec<Vec<u32>>> {
+    /// Encode the source and start incremental decoding of its `B` rows for at most
+    /// `max_len` target positions (BOS included): the cross-attention keys and values of every
+    /// decoder layer are computed here, once.
+    pub fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache> {
         self.encode(src, Mode::EVAL)?;
-        let b = src.batch;
-        let vt = self.config.tgt_vocab();
-        let mut prefix = vec![vec![bos]; b];
-        let mut done = vec![false; b];
-        for step in 0..max_len.min(self.config.max_len) {
-            let t = step + 1;
-            let ids: Vec<u32> = prefix.iter().flat_map(|r| r.iter().copied()).collect();
-            let logits = self.decode(Tokens::new(&ids, b, t)?, Mode::EVAL)?;
-            for (row, pre) in prefix.iter_mut().enumerate() {
-                let last = &logits[(row * t + t - 1) * vt..(row * t + t) * vt];
-                let best = last
-                    .iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |a, (i, &v)| if v > a.1 { (i, v) } else { a },
-                    )
-                    .0 as u32;
-                if best == eos {
-                    done[row] = true;
-                }
-                pre.push(if done[row] { eos } else { best });
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-        }
-        Ok(prefix
-            .into_iter()
-            .map(|r| r[1..].iter().copied().take_while(|&x| x != eos).collect())
-            .collect())
+        let (b, s, c) = (src.batch, src.len, self.config.d_model);
+        let capacity = max_len.min(self.config.max_len);
+        let mut cache = KvCache::new(b, capacity, c, self.decoder.layers.len());
+        cache.cross_kv =
+            self.decoder
+                .memory_kv(&self.params.data, self.encoder.output(b * s * c), s);
+        cache.src_padding = self.src_pad.clone();
+        Ok(cache)
+    }
+}
+
+impl Incremental for Seq2Seq {
+    fn vocab(&self) -> usize {
+        self.config.tgt_vocab()
+    }
+
+    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
+        cache.check_step(tokens, self.decoder.layers.len(), true)?;
+        let (p, c) = (&self.params.data, self.config.d_model);
+        let x = self.tgt_embed.step(p, tokens, cache.len)?;
+        let h = self.decoder.step(p, x, cache);
+        let v = project_out(p, self.output, h, &mut self.logits, c);
+        cache.len += 1;
+        Ok(&self.logits[..tokens.len() * v])
     }
 }
 

@@ -1,0 +1,307 @@
+//! Decoding over a caller-owned [`KvCache`]: greedy, beam search (length penalty, n-best) and
+//! sampling (temperature, top-k, top-p), for any [`Incremental`] model and for many inputs at
+//! once. Rows that finish leave the cache, so long outputs do not slow down short ones.
+
+use crate::error::{Error, Result};
+use crate::model::{Incremental, KvCache};
+use crate::rng::{hash, Rng};
+
+/// How the next token of a row is chosen from its logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Choice {
+    Greedy,
+    Sample(Sampling),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// Logits are divided by this (> 0); below 1 sharpens, above 1 flattens.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches `p` (nucleus).
+    pub top_p: Option<f32>,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Config(format!(
+                "temperature must be > 0, got {}",
+                self.temperature
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::Config("top-k must be at least 1".into()));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Config(format!("top-p must be in (0, 1], got {p}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Draw one token from `logits` after temperature, top-k and top-p filtering.
+fn sample_token(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.truncate(s.top_k.unwrap_or(idx.len()).max(1));
+    let max = logits[idx[0]];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - max) / s.temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = s.top_p {
+        let mut cum = 0.0;
+        let keep = probs
+            .iter()
+            .position(|&p| {
+                cum += p;
+                cum >= top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.uniform() as f64 * total;
+    for (k, &p) in probs.iter().enumerate() {
+        if u < p {
+            return idx[k];
+        }
+        u -= p;
+    }
+    idx[probs.len() - 1]
+}
+
+/// Extend each row of `cache` token by token. `prefixes[r]` is fed first (e.g. `[BOS]`, or BOS
+/// and a prompt); after it, tokens are chosen by `choice` until `eos` or the cache is full.
+/// Returns, per row, the chosen tokens after the prefix, without `eos`.
+pub fn generate<M: Incremental>(
+    model: &mut M,
+    cache: &mut KvCache,
+    prefixes: &[Vec<u32>],
+    eos: u32,
+    choice: &Choice,
+) -> Result<Vec<Vec<u32>>> {
+    if prefixes.len() != cache.rows() || prefixes.iter().any(|p| p.is_empty()) {
+        return Err(Error::Config(format!(
+            "generate needs one non-empty prefix per cache row ({} rows, {} prefixes)",
+            cache.rows(),
+            prefixes.len()
+        )));
+    }
+    if let Choice::Sample(s) = choice {
+        s.validate()?;
+    }
+    let n = prefixes.len();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+    // One generator per input row, so a row's sample does not depend on what it is batched with.
+    let mut rngs: Vec<Rng> = match choice {
+        Choice::Sample(s) => (0..n).map(|r| Rng::new(hash(s.seed, r as u64))).collect(),
+        Choice::Greedy => Vec::new(),
+    };
+    let mut live: Vec<usize> = (0..n).collect(); // cache row i decodes input row live[i]
+    let mut next: Vec<u32> = prefixes.iter().map(|p| p[0]).collect();
+    while !live.is_empty() && cache.len < cache.capacity {
+        let pos = cache.len;
+        let vocab = model.vocab();
+        let logits = model.step(cache, &next)?;
+        let mut keep = Vec::with_capacity(live.len());
+        for (i, &row) in live.iter().enumerate() {
+            let prefix = &prefixes[row];
+            let token = if pos + 1 < prefix.len() {
+                prefix[pos + 1]
+            } else {
+                let l = &logits[i * vocab..(i + 1) * vocab];
+                let t = match choice {
+                    Choice::Greedy => argmax(l),
+                    Choice::Sample(s) => sample_token(l, s, &mut rngs[row]),
+                } as u32;
+                if t == eos {
+                    continue;
+                }
+                out[row].push(t);
+                t
+            };
+            next[keep.len()] = token;
+            keep.push(i);
+        }
+        if keep.len() != live.len() {
+            cache.reorder(&keep);
+            live = keep.iter().map(|&i| live[i]).collect();
+            next.truncate(live.len());
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy decoding of every row from `bos`.
+pub fn greedy<M: Incremental>(
+    model: &mut M,
+    cache: &mut KvCache,
+    bos: u32,
+    eos: u32,
+) -> Result<Vec<Vec<u32>>> {
+    let prefixes = vec![vec![bos]; cache.rows()];
+    generate(model, cache, &prefixes, eos, &Choice::Greedy)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BeamConfig {
+    pub beam: usize,
+    /// Finished hypotheses are ranked by `log p / length^length_penalty` (fairseq's `--lenpen`;
+    /// length counts EOS): above 1 favours longer outputs, 0 ranks by raw log-probability.
+    pub length_penalty: f32,
+    /// How many hypotheses to return per input (≤ beam).
+    pub nbest: usize,
+}
+
+impl Default for BeamConfig {
+    fn default() -> Self {
+        Self {
+            beam: 4,
+            length_penalty: 1.0,
+            nbest: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hypothesis {
+    /// Tokens after BOS, without EOS.
+    pub tokens: Vec<u32>,
+    /// Sum of the tokens' log-probabilities (EOS included when the hypothesis ended with it).
+    pub log_prob: f32,
+    /// The ranking score: `log_prob / length^length_penalty`.
+    pub score: f32,
+}
+
+/// Log-softmax of one row, in f64 for stable sums.
+fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let lse = (x.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>()).ln() as f32 + max;
+    x.iter().map(|&v| v - lse).collect()
+}
+
+/// The `k` largest entries of `x` as (index, value), best first.
+fn top_k(x: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    let k = k.min(x.len());
+    if k < x.len() {
+        idx.select_nth_unstable_by(k, |&a, &b| x[b].total_cmp(&x[a]));
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(|&a, &b| x[b].total_cmp(&x[a]));
+    idx.into_iter().map(|i| (i, x[i])).collect()
+}
+
+/// Beam search for every row of a freshly started `cache` (one row per input). A hypothesis
+/// ends at EOS; an input is done once it has `beam` finished hypotheses (as fairseq), and any
+/// still unfinished when the cache is full are finished there. Returns, per input, up to
+/// `nbest` hypotheses, best first.
+pub fn beam_search<M: Incremental>(
+    model: &mut M,
+    cache: &mut KvCache,
+    bos: u32,
+    eos: u32,
+    cfg: &BeamConfig,
+) -> Result<Vec<Vec<Hypothesis>>> {
+    if cfg.beam == 0 || cfg.nbest == 0 || cfg.nbest > cfg.beam {
+        return Err(Error::Config(format!(
+            "beam search needs 1 <= nbest <= beam, got nbest {} and beam {}",
+            cfg.nbest, cfg.beam
+        )));
+    }
+    if cache.len != 0 {
+        return Err(Error::Config(
+            "beam search needs a freshly started cache".into(),
+        ));
+    }
+    let n_inputs = cache.rows();
+    let norm = |log_prob: f32, len: usize| log_prob / (len as f32).powf(cfg.length_penalty);
+    let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); n_inputs];
+    // Live hypotheses, one per cache row: (input, tokens, log_prob).
+    let mut live: Vec<(usize, Vec<u32>, f32)> =
+        (0..n_inputs).map(|i| (i, Vec::new(), 0.0)).collect();
+    let mut next: Vec<u32> = vec![bos; n_inputs];
+    while !live.is_empty() {
+        let vocab = model.vocab();
+        let last_step = cache.len + 1 >= cache.capacity;
+        let logits = model.step(cache, &next)?;
+        // Candidates per input: (score, cache row, token), the best 2·beam of each row.
+        let mut cands: Vec<Vec<(f32, usize, u32)>> = vec![Vec::new(); n_inputs];
+        for (r, (input, _, lp)) in live.iter().enumerate() {
+            let row = log_softmax(&logits[r * vocab..(r + 1) * vocab]);
+            for (tok, v) in top_k(&row, 2 * cfg.beam) {
+                cands[*input].push((lp + v, r, tok as u32));
+            }
+        }
+        let mut new_live = Vec::new();
+        let mut order = Vec::new();
+        for (input, mut c) in cands.into_iter().enumerate() {
+            if c.is_empty() {
+                continue;
+            }
+            c.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut kept = 0;
+            for (score, r, tok) in c {
+                if finished[input].len() >= cfg.beam || kept >= cfg.beam {
+                    break;
+                }
+                let tokens = &live[r].1;
+                if tok == eos || last_step {
+                    // At the cache's end the hypothesis is finished without EOS.
+                    let mut t = tokens.clone();
+                    let (lp, len) = if tok == eos {
+                        (score, t.len() + 1)
+                    } else {
+                        t.push(tok);
+                        (score, t.len())
+                    };
+                    finished[input].push(Hypothesis {
+                        score: norm(lp, len),
+                        tokens: t,
+                        log_prob: lp,
+                    });
+                } else {
+                    let mut t = tokens.clone();
+                    t.push(tok);
+                    new_live.push((input, t, score));
+                    order.push(r);
+                    kept += 1;
+                }
+            }
+        }
+        // An input stops expanding once it has `beam` finished hypotheses.
+        let keep: Vec<usize> = (0..new_live.len())
+            .filter(|&i| finished[new_live[i].0].len() < cfg.beam)
+            .collect();
+        order = keep.iter().map(|&i| order[i]).collect();
+        live = keep.into_iter().map(|i| new_live[i].clone()).collect();
+        cache.reorder(&order);
+        next = live.iter().map(|h| *h.1.last().unwrap_or(&bos)).collect();
+    }
+    Ok(finished
+        .into_iter()
+        .map(|mut hyps| {
+            hyps.sort_by(|a, b| b.score.total_cmp(&a.score));
+            hyps.truncate(cfg.nbest);
+            hyps
+        })
+        .collect())
+}

@@ -1,0 +1,132 @@
+//! The key/value cache of incremental decoding, owned by the caller. Decoder self-attention
+//! appends one position per step; cross-attention keys and values are computed once per source
+//! (§3.2.3: every decoder position attends over all encoder positions, which do not change).
+//!
+//! Rows are what is being decoded (batch × beam). Beam search reorders rows with
+//! [`KvCache::reorder`]; the cross-attention blocks stay per source and rows point at them.
+
+use crate::error::{shape_err, Error, Result};
+
+/// One layer's keys and values: `blocks` blocks of `rows` positions of `[K | V]` (2C floats).
+#[derive(Clone, Debug, Default)]
+pub struct LayerKv {
+    pub data: Vec<f32>,
+    pub rows: usize,
+}
+
+impl LayerKv {
+    pub(crate) fn zeros(blocks: usize, rows: usize, c: usize) -> Self {
+        Self {
+            data: vec![0.0; blocks * rows * 2 * c],
+            rows,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    /// Positions decoded so far; the next token goes to position `len`.
+    pub len: usize,
+    /// Most positions this cache can hold.
+    pub capacity: usize,
+    pub(crate) c: usize,
+    /// Per decoder layer: self-attention keys/values, one block per row: (R, capacity, 2C).
+    pub(crate) self_kv: Vec<LayerKv>,
+    /// Per decoder layer: cross-attention keys/values, one block per source: (B, S, 2C).
+    /// Empty for decoder-only models.
+    pub(crate) cross_kv: Vec<LayerKv>,
+    /// (B, S): `true` where the source is padding.
+    pub(crate) src_padding: Vec<bool>,
+    /// Which source block each row reads in cross-attention.
+    pub(crate) source_of: Vec<usize>,
+    /// `0..R`: row r's self-attention block is r.
+    pub(crate) own: Vec<usize>,
+}
+
+impl KvCache {
+    pub(crate) fn new(rows: usize, capacity: usize, c: usize, layers: usize) -> Self {
+        Self {
+            len: 0,
+            capacity,
+            c,
+            self_kv: (0..layers)
+                .map(|_| LayerKv::zeros(rows, capacity, c))
+                .collect(),
+            cross_kv: Vec::new(),
+            src_padding: Vec::new(),
+            source_of: (0..rows).collect(),
+            own: (0..rows).collect(),
+        }
+    }
+
+    /// Rows being decoded.
+    pub fn rows(&self) -> usize {
+        self.own.len()
+    }
+
+    /// The source (batch row of the encoded input) that row `r` translates.
+    pub fn source_of(&self, r: usize) -> usize {
+        self.source_of[r]
+    }
+
+    /// Keep rows `order[i]` as the new row i (rows may repeat or be dropped): beam search calls
+    /// this after choosing which hypotheses continue. Only the decoded positions are copied.
+    pub fn reorder(&mut self, order: &[usize]) {
+        let (n, w) = (self.len, 2 * self.c);
+        for layer in &mut self.self_kv {
+            let rows = layer.rows;
+            let mut data = vec![0.0; order.len() * rows * w];
+            for (dst, &src) in order.iter().enumerate() {
+                data[dst * rows * w..][..n * w]
+                    .copy_from_slice(&layer.data[src * rows * w..][..n * w]);
+            }
+            layer.data = data;
+        }
+        self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
+        self.own = (0..order.len()).collect();
+    }
+}
+
+impl KvCache {
+    /// Errors (not panics) for a step that does not fit this cache.
+    pub(crate) fn check_step(&self, tokens: &[u32], layers: usize, cross: bool) -> Result<()> {
+        if tokens.len() != self.rows() {
+            return Err(shape_err(
+                "decoding step",
+                format!("{} tokens (one per row)", self.rows()),
+                tokens.len(),
+            ));
+        }
+        if self.self_kv.len() != layers || (cross && self.cross_kv.len() != layers) {
+            return Err(Error::Config(
+                "this cache was started by a different model".into(),
+            ));
+        }
+        if self.len >= self.capacity {
+            return Err(Error::SequenceTooLong {
+                input: "decoded sequence",
+                len: self.len + 1,
+                max_len: self.capacity,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A model that extends every row by one token per call, over a cache owned by the caller
+/// (greedy, beam search and sampling in `decode` are written against this).
+pub trait Incremental {
+    fn vocab(&self) -> usize;
+    /// tokens: (R) the newest token of each row → logits (R, V) for the next position.
+    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]>;
+}
+
+/// What one decoding step of a layer needs besides its own cache.
+#[derive(Clone, Copy)]
+pub(crate) struct StepCtx<'a> {
+    /// Position of the token being decoded.
+    pub pos: usize,
+    pub own: &'a [usize],
+    pub source_of: &'a [usize],
+    pub src_padding: &'a [bool],
+}
