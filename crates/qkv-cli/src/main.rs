@@ -25,6 +25,8 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Train a model from a job config (translate, classify or lm).
+    Train(train::TrainArgs),
     /// Train the copy task (the Annotated Transformer's first example) and report exact match.
     Copy(copy::CopyArgs),
 }
@@ -69,6 +71,8 @@ struct TrainStepArgs {
 }
 
 mod copy;
+mod job;
+mod train;
 
 /// Peak resident set size of this process in MiB (Linux: VmHWM).
 fn peak_rss_mb() -> Option<f64> {
@@ -144,6 +148,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Copy(args) => copy::run(args)?,
+        Command::Train(args) => train::run(args)?,
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod kernels;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod parallel;
@@ -22,6 +23,8 @@ pub mod profile;
 pub mod rng;
 pub mod schedule;
 pub mod simd;
+pub mod tasks;
 pub mod toy;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! Line-oriented corpus readers. Files are read lazily, line by line; a malformed line is an
+//! Line-oriented corpus readers. Files (optionally gzip-compressed) are read lazily, line by line; a malformed line is an
 //! error naming the file and line, or (when the caller asks) skipped and counted.
 
 use crate::error::{Error, Result};
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Lines of a UTF-8 file, numbered from 1, without their line terminator (`\n` or `\r\n`).
 pub struct Lines {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: Box<dyn BufRead + Send>,
     line: usize,
     buf: Vec<u8>,
 }
@@ -20,9 +20,15 @@ impl Lines {
             path: path.to_path_buf(),
             source,
         })?;
+        // Gzip-compressed corpora (`.gz`) are read transparently (the bundled data is stored so).
+        let reader: Box<dyn BufRead + Send> = if path.extension().is_some_and(|e| e == "gz") {
+            Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(file)))
+        } else {
+            Box::new(BufReader::new(file))
+        };
         Ok(Self {
             path: path.to_path_buf(),
-            reader: BufReader::new(file),
+            reader,
             line: 0,
             buf: Vec::new(),
         })
