@@ -140,6 +140,7 @@ impl Job {
         if let Some(t) = &mut job.tokenizer.path {
             fix(t);
         }
+        fix(&mut job.out);
         Ok(job)
     }
 

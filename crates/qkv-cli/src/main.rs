@@ -27,6 +27,16 @@ enum Command {
     },
     /// Train a model from a job config (translate, classify or lm).
     Train(train::TrainArgs),
+    /// Score a model directory on test data (BLEU/chrF, accuracy/F1, perplexity).
+    Eval(eval::EvalArgs),
+    /// Translate stdin to stdout, one sentence per line (batched beam search).
+    Translate(infer::TranslateArgs),
+    /// Classify stdin lines: prints `label<TAB>probability` per line.
+    Classify(infer::ClassifyArgs),
+    /// Continue a prompt with a language model (sampling or greedy).
+    Generate(infer::GenerateArgs),
+    /// Average the parameters of several checkpoints.
+    Average(infer::AverageArgs),
     /// Train the copy task (the Annotated Transformer's first example) and report exact match.
     Copy(copy::CopyArgs),
 }
@@ -71,6 +81,8 @@ struct TrainStepArgs {
 }
 
 mod copy;
+mod eval;
+mod infer;
 mod job;
 mod train;
 
@@ -149,6 +161,11 @@ fn main() -> Result<()> {
         }
         Command::Copy(args) => copy::run(args)?,
         Command::Train(args) => train::run(args)?,
+        Command::Eval(args) => eval::run(args)?,
+        Command::Translate(args) => infer::run_translate(args)?,
+        Command::Classify(args) => infer::run_classify(args)?,
+        Command::Generate(args) => infer::run_generate(args)?,
+        Command::Average(args) => infer::run_average(args)?,
     }
     Ok(())
 }

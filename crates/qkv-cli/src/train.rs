@@ -1,16 +1,18 @@
 //! `qkv train`: run a job (see `job.rs`) with a progress bar, Ctrl-C handling and a final
 //! evaluation on the test set.
 
+use crate::eval::{eval_classify, eval_lm, eval_translate, save_labels, LABELS_FILE};
 use crate::job::{Job, Task};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use qkv::data::{read_parallel, Tokenizer};
-use qkv::decode::BeamConfig;
-use qkv::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, ChrfOptions};
-use qkv::model::{Model, Seq2Seq};
+use qkv::data::{read_labelled, read_parallel, read_text, Tokenizer};
+use qkv::decode::{BeamConfig, Choice, Sampling};
+use qkv::model::{Classifier, LanguageModel, Seq2Seq};
 use qkv::optim::AdamW;
-use qkv::tasks::translate::{encode_pairs, translate, TranslateOptions};
-use qkv::train::{self, Observer, Outcome, RunDir, StepLog, TrainerState, Validation};
+use qkv::tasks::classify::{argmax, encode_labelled, predict, Labels};
+use qkv::tasks::lm::{complete, encode_text};
+use qkv::tasks::translate::{encode_pairs, TranslateOptions};
+use qkv::train::{self, Observer, Outcome, RunDir, StepLog, Trainable, TrainerState, Validation};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -105,7 +107,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::create_dir_all(&job.out).with_context(|| format!("creating {}", job.out.display()))?;
     match job.task {
         Task::Translate => run_translate(&job, args.resume),
-        Task::Classify | Task::Lm => bail!("task {:?} is not wired into `qkv train` yet", job.task),
+        Task::Classify => run_classify(&job, args.resume),
+        Task::Lm => run_lm(&job, args.resume),
     }
 }
 
@@ -136,22 +139,94 @@ fn latest_checkpoint(run: &RunDir) -> Result<Option<PathBuf>> {
     Ok(run.checkpoints()?.pop().map(|(_, p)| p))
 }
 
-fn run_translate(job: &Job, resume: bool) -> Result<()> {
-    let read = |p: &Path| -> Result<Vec<(String, String)>> {
-        let r = read_parallel(p, job.data.skip_malformed)?;
-        if r.skipped > 0 {
-            eprintln!(
-                "{}: skipped {} malformed lines (first: {})",
-                p.display(),
-                r.skipped,
-                r.first_skipped.unwrap_or_default()
-            );
+/// Build or resume the optimizer and state, train, and report how it ended.
+fn fit<M: Trainable>(
+    job: &Job,
+    run: &RunDir,
+    model: &mut M,
+    resume: bool,
+    epoch: &dyn Fn(u64) -> Vec<M::Batch>,
+    validate: &mut dyn FnMut(&mut M) -> qkv::Result<Validation>,
+) -> Result<Outcome> {
+    let mut opt = AdamW::new(job.train.optimizer.clone(), model.params().len());
+    let mut state = TrainerState::default();
+    if resume {
+        match latest_checkpoint(run)? {
+            Some(dir) => {
+                let cfg = model.config().clone();
+                qkv::checkpoint::load(&dir, &cfg, model.params_mut())?;
+                opt = qkv::checkpoint::load_optimizer(&dir, model.params())?;
+                state = train::load_state(&dir)?;
+                eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            }
+            None => eprintln!(
+                "no checkpoint in {} yet; starting fresh",
+                run.path.display()
+            ),
         }
-        Ok(r.records)
+    }
+    eprintln!(
+        "model: {} parameters; training for {} updates",
+        model.params().len(),
+        job.train.max_steps
+    );
+    let mut cli = Cli {
+        bar: progress_bar(),
+        stop: ctrl_c_flag(),
     };
-    let train_pairs = read(&job.data.train)?;
-    let valid_pairs = read(&job.data.valid)?;
-    let test_pairs = job.data.test.as_deref().map(read).transpose()?;
+    let t0 = Instant::now();
+    let outcome = train::train(
+        model,
+        &mut opt,
+        &mut state,
+        &job.train,
+        epoch,
+        validate,
+        Some(run),
+        &mut cli,
+    )?;
+    cli.bar.finish_and_clear();
+    eprintln!(
+        "{} after {} updates in {:.0} s ({:.0} s in this process); best checkpoint: {}",
+        match outcome {
+            Outcome::Finished => "finished",
+            Outcome::TimeLimit => "stopped at the time limit",
+            Outcome::Interrupted => "interrupted; checkpoint saved",
+        },
+        state.step,
+        state.elapsed_s,
+        t0.elapsed().as_secs_f64(),
+        run.path.join("best").display()
+    );
+    Ok(outcome)
+}
+
+fn read_pairs(job: &Job, path: &Path, labelled: bool) -> Result<Vec<(String, String)>> {
+    let r = if labelled {
+        read_labelled(path, job.data.skip_malformed)?
+    } else {
+        read_parallel(path, job.data.skip_malformed)?
+    };
+    if r.skipped > 0 {
+        eprintln!(
+            "{}: skipped {} malformed lines (first: {})",
+            path.display(),
+            r.skipped,
+            r.first_skipped.unwrap_or_default()
+        );
+    }
+    Ok(r.records)
+}
+
+fn run_translate(job: &Job, resume: bool) -> Result<()> {
+    let train_pairs = read_pairs(job, &job.data.train, false)?;
+    let valid_pairs = read_pairs(job, &job.data.valid, false)?;
+    let test_pairs = job
+        .data
+        .test
+        .as_deref()
+        .map(|p| read_pairs(job, p, false))
+        .transpose()?;
     let texts = train_pairs
         .iter()
         .flat_map(|(s, t)| [s.clone(), t.clone()])
@@ -173,27 +248,6 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
         extra_files: vec![tok_path],
     };
     let mut model = Seq2Seq::new(cfg.clone(), job.train.seed)?;
-    let mut opt = AdamW::new(job.train.optimizer.clone(), model.params().len());
-    let mut state = TrainerState::default();
-    if resume {
-        match latest_checkpoint(&run)? {
-            Some(dir) => {
-                qkv::checkpoint::load(&dir, &cfg, &mut model.params)?;
-                opt = qkv::checkpoint::load_optimizer(&dir, &model.params)?;
-                state = train::load_state(&dir)?;
-                eprintln!("resuming from {} (step {})", dir.display(), state.step);
-            }
-            None => eprintln!(
-                "no checkpoint in {} yet; starting fresh",
-                run.path.display()
-            ),
-        }
-    }
-    let n_params = model.params().len();
-    eprintln!(
-        "model: {n_params} parameters; training for {} updates",
-        job.train.max_steps
-    );
     let valid_batches = valid_data.epoch_batches(&tok, job.train.max_tokens, 0, 0);
     let epoch = |e: u64| train_data.epoch_batches(&tok, job.train.max_tokens, job.train.seed, e);
     let mut validate = |m: &mut Seq2Seq| -> qkv::Result<Validation> {
@@ -202,34 +256,7 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
             metric: None,
         })
     };
-    let mut cli = Cli {
-        bar: progress_bar(),
-        stop: ctrl_c_flag(),
-    };
-    let t0 = Instant::now();
-    let outcome = train::train(
-        &mut model,
-        &mut opt,
-        &mut state,
-        &job.train,
-        &epoch,
-        &mut validate,
-        Some(&run),
-        &mut cli,
-    )?;
-    cli.bar.finish_and_clear();
-    eprintln!(
-        "{} after {} updates in {:.0} s ({:.0} s in this process)",
-        match outcome {
-            Outcome::Finished => "finished",
-            Outcome::TimeLimit => "stopped at the time limit",
-            Outcome::Interrupted => "interrupted; checkpoint saved",
-        },
-        state.step,
-        state.elapsed_s,
-        t0.elapsed().as_secs_f64()
-    );
-    if outcome == Outcome::Interrupted {
+    if fit(job, &run, &mut model, resume, &epoch, &mut validate)? == Outcome::Interrupted {
         return Ok(());
     }
     let best = run.path.join("best");
@@ -247,29 +274,146 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
         max_len_b: job.decode.max_len_b,
         ..TranslateOptions::default()
     };
-    let t1 = Instant::now();
-    let sources: Vec<String> = test.iter().map(|(s, _)| s.clone()).collect();
-    let refs: Vec<String> = test.iter().map(|(_, t)| t.clone()).collect();
-    let hyps: Vec<String> = translate(&mut model, &tok, &sources, &opts)?
-        .into_iter()
-        .map(|mut h| h.swap_remove(0))
-        .collect();
-    let bleu = corpus_bleu(&hyps, &[refs.clone()], &BleuOptions::default())?;
-    let chrf = corpus_chrf(&hyps, &[refs.clone()], &ChrfOptions::default())?;
+    print!("test: ");
+    let hyps = eval_translate(&mut model, &tok, &test, &opts)?;
     std::fs::write(run.path.join("test.hyp"), hyps.join("\n") + "\n")?;
-    println!(
-        "test ({} sentences, beam {}, {:.0} s): {bleu}",
-        hyps.len(),
-        job.decode.beam,
-        t1.elapsed().as_secs_f64()
-    );
-    println!("test: {chrf}");
     for i in 0..job.samples.min(hyps.len()) {
         let k = i * hyps.len() / job.samples.max(1);
         println!(
             "\nsource:    {}\nreference: {}\nqkv:       {}",
-            sources[k], refs[k], hyps[k]
+            test[k].0, test[k].1, hyps[k]
         );
+    }
+    println!("\nmodel: {}", best.display());
+    Ok(())
+}
+
+fn run_classify(job: &Job, resume: bool) -> Result<()> {
+    let train_ex = read_pairs(job, &job.data.train, true)?;
+    let valid_ex = read_pairs(job, &job.data.valid, true)?;
+    let test_ex = job
+        .data
+        .test
+        .as_deref()
+        .map(|p| read_pairs(job, p, true))
+        .transpose()?;
+    let labels = Labels::from_examples(&train_ex);
+    if labels.0.len() < 2 {
+        bail!(
+            "{}: classification needs at least 2 labels, found {:?}",
+            job.data.train.display(),
+            labels.0
+        );
+    }
+    let labels_path = job.out.join(LABELS_FILE);
+    save_labels(&labels_path, &labels)?;
+    let (tok, tok_path) = tokenizer_for(
+        job,
+        train_ex
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect::<Vec<_>>()
+            .into_iter(),
+    )?;
+    let cfg = job.model_config(tok.vocab_size(), labels.0.len())?;
+    let train_data = encode_labelled(&tok, &labels, &train_ex, cfg.max_len, "train")?;
+    let valid_data = encode_labelled(&tok, &labels, &valid_ex, cfg.max_len, "valid")?;
+    eprintln!(
+        "train: {} examples, valid: {}, labels: {}, vocabulary {}",
+        train_data.examples.len(),
+        valid_data.examples.len(),
+        labels.0.join(", "),
+        tok.vocab_size()
+    );
+    let run = RunDir {
+        path: job.out.clone(),
+        extra_files: vec![tok_path, labels_path],
+    };
+    let mut model = Classifier::new(cfg.clone(), job.train.seed)?;
+    let valid_batches = valid_data.epoch_batches(tok.pad, job.train.max_tokens, 0, 0);
+    let epoch = |e: u64| train_data.epoch_batches(tok.pad, job.train.max_tokens, job.train.seed, e);
+    let valid_texts: Vec<String> = valid_ex.iter().map(|(_, t)| t.clone()).collect();
+    let gold: Vec<u32> = valid_data.examples.iter().map(|(_, l)| *l).collect();
+    let mut validate = |m: &mut Classifier| -> qkv::Result<Validation> {
+        let probs = predict(m, &tok, &valid_texts, job.train.max_tokens)?;
+        let pred: Vec<u32> = probs.iter().map(|p| argmax(p)).collect();
+        let acc = qkv::metrics::classification_report(&gold, &pred, labels.0.len()).accuracy;
+        Ok(Validation {
+            loss: train::mean_loss(m, &valid_batches)?,
+            metric: Some(("accuracy".into(), 100.0 * acc)),
+        })
+    };
+    if fit(job, &run, &mut model, resume, &epoch, &mut validate)? == Outcome::Interrupted {
+        return Ok(());
+    }
+    let best = run.path.join("best");
+    qkv::checkpoint::load(&best, &cfg, &mut model.params)?;
+    if let Some(test) = test_ex {
+        print!("test: ");
+        eval_classify(&mut model, &tok, &labels, &test)?;
+    }
+    println!("\nmodel: {}", best.display());
+    Ok(())
+}
+
+fn run_lm(job: &Job, resume: bool) -> Result<()> {
+    let train_text = read_text(&job.data.train)?;
+    let valid_text = read_text(&job.data.valid)?;
+    let test_text = job.data.test.as_deref().map(read_text).transpose()?;
+    let lines: Vec<String> = train_text
+        .split_inclusive('\n')
+        .map(str::to_string)
+        .collect();
+    let (tok, tok_path) = tokenizer_for(job, lines.into_iter())?;
+    let cfg = job.model_config(tok.vocab_size(), 0)?;
+    let train_data = encode_text(&tok, &train_text)?;
+    let valid_data = encode_text(&tok, &valid_text)?;
+    let block = cfg.max_len - 1;
+    eprintln!(
+        "train: {} tokens, valid: {} tokens, blocks of {block}, vocabulary {}",
+        train_data.ids.len(),
+        valid_data.ids.len(),
+        tok.vocab_size()
+    );
+    let run = RunDir {
+        path: job.out.clone(),
+        extra_files: vec![tok_path],
+    };
+    let mut model = LanguageModel::new(cfg.clone(), job.train.seed)?;
+    let valid_batches = valid_data.epoch_batches(block, job.train.max_tokens, 0, 0)?;
+    let train_batches = |e: u64| {
+        train_data
+            .epoch_batches(block, job.train.max_tokens, job.train.seed, e)
+            .unwrap_or_default()
+    };
+    train_data.epoch_batches(block, job.train.max_tokens, job.train.seed, 0)?;
+    let mut validate = |m: &mut LanguageModel| -> qkv::Result<Validation> {
+        Ok(Validation {
+            loss: train::mean_loss(m, &valid_batches)?,
+            metric: None,
+        })
+    };
+    if fit(job, &run, &mut model, resume, &train_batches, &mut validate)? == Outcome::Interrupted {
+        return Ok(());
+    }
+    let best = run.path.join("best");
+    qkv::checkpoint::load(&best, &cfg, &mut model.params)?;
+    if let Some(test) = test_text {
+        print!("test: ");
+        eval_lm(&mut model, &tok, &test)?;
+    }
+    let choice = Choice::Sample(Sampling {
+        temperature: 0.8,
+        top_k: Some(40),
+        top_p: None,
+        seed: job.train.seed,
+    });
+    let prompts: Vec<String> = (0..job.samples).map(|_| String::new()).collect();
+    for (i, text) in complete(&mut model, &tok, &prompts, 120, &choice)?
+        .iter()
+        .enumerate()
+    {
+        println!("\nsample {}:\n{text}", i + 1);
     }
     println!("\nmodel: {}", best.display());
     Ok(())

@@ -364,6 +364,9 @@ pub fn train<M: Trainable>(
     observer: &mut dyn Observer,
 ) -> Result<Outcome> {
     cfg.validate()?;
+    if let Some(run) = run {
+        std::fs::create_dir_all(&run.path).map_err(io_err(&run.path))?;
+    }
     let dropout = model.config().dropout;
     let start = Instant::now();
     let elapsed_before = state.elapsed_s;

@@ -2,4 +2,6 @@
 //! ([`classify`]) and language modelling ([`lm`]). Each turns text into model batches and model
 //! outputs back into text or scores; none touches the terminal.
 
+pub mod classify;
+pub mod lm;
 pub mod translate;

@@ -1,0 +1,216 @@
+//! The trainer: resuming from a checkpoint reproduces an uninterrupted run exactly; a NaN stops
+//! training with the last checkpoint intact; best/last-K checkpoint bookkeeping.
+
+mod common;
+use common::tiny;
+use qkv::data::Seq2SeqBatch;
+use qkv::model::{Family, Model, NormPlacement, Seq2Seq};
+use qkv::optim::AdamW;
+use qkv::rng::Rng;
+use qkv::schedule::Schedule;
+use qkv::train::{self, Observer, Outcome, RunDir, StepLog, TrainConfig, TrainerState, Validation};
+use std::path::Path;
+
+struct Losses(Vec<(u64, f32)>);
+impl Observer for Losses {
+    fn on_step(&mut self, log: &StepLog) {
+        self.0.push((log.step, log.loss));
+    }
+}
+
+/// A small synthetic corpus: reverse-copy of random symbol strings of varied lengths.
+fn corpus() -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut rng = Rng::new(3);
+    (0..40)
+        .map(|_| {
+            let len = 2 + rng.below(8) as usize;
+            let s: Vec<u32> = (0..len).map(|_| 3 + rng.below(8) as u32).collect();
+            let t: Vec<u32> = s.iter().rev().copied().collect();
+            (s, t)
+        })
+        .collect()
+}
+
+fn epoch(data: &[(Vec<u32>, Vec<u32>)], seed: u64, e: u64) -> Vec<Seq2SeqBatch> {
+    let lengths: Vec<usize> = data.iter().map(|(s, t)| s.len().max(t.len()) + 1).collect();
+    qkv::data::batches_by_tokens(&lengths, 48, seed, e)
+        .into_iter()
+        .map(|idx| {
+            let pairs: Vec<(&[u32], &[u32])> = idx
+                .iter()
+                .map(|&i| (data[i].0.as_slice(), data[i].1.as_slice()))
+                .collect();
+            Seq2SeqBatch::new(&pairs, 0, 1, 2)
+        })
+        .collect()
+}
+
+fn config(max_steps: u64) -> TrainConfig {
+    TrainConfig {
+        max_steps,
+        max_tokens: 48,
+        accumulate: 2,
+        schedule: Schedule::Cosine {
+            peak: 3e-3,
+            min: 1e-4,
+            warmup: 3,
+            total: 10,
+        },
+        label_smoothing: 0.1,
+        seed: 7,
+        valid_every: 4,
+        save_every: 3,
+        keep_last: 2,
+        ..TrainConfig::default()
+    }
+}
+
+fn model() -> Seq2Seq {
+    let mut cfg = tiny(Family::Seq2seq, NormPlacement::Post, false, false);
+    cfg.dropout = 0.1; // masks must be reproduced too
+    Seq2Seq::new(cfg, 1).unwrap()
+}
+
+fn run(dir: &Path, cfg: &TrainConfig, resume: bool) -> (Vec<(u64, f32)>, Outcome, Seq2Seq) {
+    let data = corpus();
+    let valid = epoch(&data[..8], 0, 0);
+    let mut m = model();
+    let mut opt = AdamW::new(cfg.optimizer.clone(), m.params().len());
+    let mut state = TrainerState::default();
+    let run = RunDir {
+        path: dir.to_path_buf(),
+        extra_files: vec![],
+    };
+    if resume {
+        let (_, last) = run.checkpoints().unwrap().pop().unwrap();
+        qkv::checkpoint::load(&last, &m.config.clone(), &mut m.params).unwrap();
+        opt = qkv::checkpoint::load_optimizer(&last, &m.params).unwrap();
+        state = train::load_state(&last).unwrap();
+    }
+    let mut losses = Losses(Vec::new());
+    let mut validate = |m: &mut Seq2Seq| -> qkv::Result<Validation> {
+        Ok(Validation {
+            loss: train::mean_loss(m, &valid)?,
+            metric: None,
+        })
+    };
+    let ep = |e: u64| epoch(&data, cfg.seed, e);
+    let outcome = train::train(
+        &mut m,
+        &mut opt,
+        &mut state,
+        cfg,
+        &ep,
+        &mut validate,
+        Some(&run),
+        &mut losses,
+    )
+    .unwrap();
+    (losses.0, outcome, m)
+}
+
+#[test]
+fn resumed_run_reproduces_uninterrupted_losses_exactly() {
+    let tmp = std::env::temp_dir().join(format!("qkv-resume-{}", std::process::id()));
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (full, outcome, full_model) = run(&a, &config(10), false);
+    assert_eq!(outcome, Outcome::Finished);
+    assert_eq!(full.len(), 10);
+    // Several epochs pass in 10 updates of this corpus, so the epoch boundary is crossed.
+    let (first, _, _) = run(&b, &config(5), false);
+    assert_eq!(first[..], full[..5]);
+    let (rest, _, resumed_model) = run(&b, &config(10), true);
+    assert_eq!(
+        rest.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (6..=10).collect::<Vec<_>>()
+    );
+    for ((s, x), (_, y)) in rest.iter().zip(&full[5..]) {
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "step {s}: resumed loss {x} vs uninterrupted {y}"
+        );
+    }
+    assert_eq!(resumed_model.params.data, full_model.params.data);
+    // keep_last = 2 checkpoints, plus best/.
+    let ckpts = RunDir {
+        path: a.clone(),
+        extra_files: vec![],
+    }
+    .checkpoints()
+    .unwrap();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![9, 10]);
+    assert!(a.join("best").join("model.safetensors").exists());
+    let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().filter(|l| l.contains(",train,")).count(), 10);
+    assert!(csv.lines().any(|l| l.contains(",valid,")));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn nan_stops_training_and_keeps_the_last_checkpoint() {
+    let tmp = std::env::temp_dir().join(format!("qkv-nan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = corpus();
+    let mut m = model();
+    let cfg = TrainConfig {
+        save_every: 2,
+        valid_every: 0,
+        ..config(8)
+    };
+    let mut opt = AdamW::new(cfg.optimizer.clone(), m.params().len());
+    let mut state = TrainerState::default();
+    let run = RunDir {
+        path: tmp.clone(),
+        extra_files: vec![],
+    };
+    let mut validate = |_: &mut Seq2Seq| -> qkv::Result<Validation> {
+        Ok(Validation {
+            loss: 0.0,
+            metric: None,
+        })
+    };
+    // Poison one weight after step 2 is saved: the next forward produces NaN.
+    struct Poison;
+    impl Observer for Poison {}
+    let ep = |e: u64| epoch(&data, cfg.seed, e);
+    let first = TrainConfig {
+        max_steps: 2,
+        ..cfg.clone()
+    };
+    train::train(
+        &mut m,
+        &mut opt,
+        &mut state,
+        &first,
+        &ep,
+        &mut validate,
+        Some(&run),
+        &mut Poison,
+    )
+    .unwrap();
+    let saved = std::fs::read(tmp.join("checkpoint-0000002").join("model.safetensors")).unwrap();
+    m.params.data[0] = f32::NAN;
+    let err = train::train(
+        &mut m,
+        &mut opt,
+        &mut state,
+        &cfg,
+        &ep,
+        &mut validate,
+        Some(&run),
+        &mut Poison,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("non-finite") && msg.contains("step 3"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(tmp.join("checkpoint-0000002").join("model.safetensors")).unwrap(),
+        saved
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
