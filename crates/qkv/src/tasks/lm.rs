@@ -97,7 +97,18 @@ pub fn complete(
     }
     let mut cache = model.start_decoding(prompts.len(), longest + max_new);
     let out = generate(model, &mut cache, &prefixes, tok.eos, choice)?;
-    out.iter()
-        .map(|ids| tok.decode(&ids[..ids.len().min(max_new)]))
-        .collect()
+    // Decode prompt and continuation together (subword decoders join pieces across the
+    // boundary, e.g. the space before a word-initial piece), then cut the prompt off.
+    let mut texts = Vec::with_capacity(out.len());
+    for (prefix, ids) in prefixes.iter().zip(&out) {
+        let prompt = tok.decode(prefix)?;
+        let mut all = prefix.clone();
+        all.extend_from_slice(&ids[..ids.len().min(max_new)]);
+        let full = tok.decode(&all)?;
+        texts.push(match full.strip_prefix(&prompt) {
+            Some(rest) => rest.to_string(),
+            None => full,
+        });
+    }
+    Ok(texts)
 }

@@ -1,0 +1,332 @@
+//! The tasks end to end through the binary, on tiny generated corpora: `qkv train` for each
+//! task (tokenizer, batching, trainer, checkpoints, final evaluation), then `eval`, `translate`,
+//! `classify`, `generate`, `average`, resuming, and bad input that must fail cleanly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn qkv(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qkv"))
+        .args(["--threads", "2"])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qkv");
+    let mut input = child.stdin.take().unwrap();
+    // The process may exit (on bad input) before reading stdin.
+    let _ = input.write_all(stdin.unwrap_or("").as_bytes());
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!e.contains("panicked"), "qkv panicked: {e}");
+    (out.status.success(), o, e)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qkv-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const WORDS: [(&str, &str); 8] = [
+    ("the", "el"),
+    ("king", "rey"),
+    ("house", "casa"),
+    ("god", "dios"),
+    ("land", "tierra"),
+    ("son", "hijo"),
+    ("great", "grande"),
+    ("people", "pueblo"),
+];
+
+/// Word-for-word "translations" of random word strings.
+fn parallel(n: usize, seed: usize) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let len = 2 + (i * 7 + seed) % 5;
+        let idx: Vec<usize> = (0..len)
+            .map(|j| (i * 31 + j * 17 + seed * 3) % WORDS.len())
+            .collect();
+        let en: Vec<&str> = idx.iter().map(|&k| WORDS[k].0).collect();
+        let es: Vec<&str> = idx.iter().map(|&k| WORDS[k].1).collect();
+        out += &format!("{}\t{}\n", en.join(" "), es.join(" "));
+    }
+    out
+}
+
+fn job(dir: &Path, task: &str, model: &str, max_steps: u64, files: [&str; 3]) -> PathBuf {
+    let cfg = format!(
+        r#"{{
+  "task": "{task}",
+  "data": {{ "train": "{}", "valid": "{}", "test": "{}" }},
+  "tokenizer": {{ "vocab_size": 60 }},
+  "model": {model},
+  "train": {{
+    "max_steps": {max_steps}, "max_tokens": 256, "accumulate": 1,
+    "schedule": {{ "kind": "cosine", "peak": 0.003, "min": 0.0001, "warmup": 10, "total": {max_steps} }},
+    "optimizer": {{ "lr": 0.003, "beta1": 0.9, "beta2": 0.98, "eps": 1e-9, "weight_decay": 0.0, "clip_norm": 1.0 }},
+    "label_smoothing": 0.1, "seed": 1, "valid_every": 20, "save_every": 20, "keep_last": 2, "time_limit_s": null
+  }},
+  "decode": {{ "beam": 2 }},
+  "out": "run",
+  "samples": 1
+}}"#,
+        files[0], files[1], files[2]
+    );
+    let path = dir.join(format!("{task}.json"));
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+const TINY: &str = r#"{ "preset": "tiny", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_len": 24, "dropout": 0.0 }"#;
+
+#[test]
+fn translate_train_eval_translate_average_resume() {
+    let dir = scratch("translate");
+    std::fs::write(dir.join("train.tsv"), parallel(300, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), parallel(20, 2)).unwrap();
+    std::fs::write(dir.join("test.tsv"), parallel(20, 3)).unwrap();
+    let model = TINY.replace(
+        "\"preset\": \"tiny\"",
+        "\"preset\": \"tiny\", \"share_embeddings\": true",
+    );
+    let cfg = job(
+        &dir,
+        "translate",
+        &model,
+        60,
+        ["train.tsv", "valid.tsv", "test.tsv"],
+    );
+    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("BLEU = ") && out.contains("chrF2 = "), "{out}");
+    let run = dir.join("run");
+    for f in [
+        "best/model.safetensors",
+        "best/tokenizer.json",
+        "best/trainer_state.json",
+        "metrics.csv",
+        "test.hyp",
+    ] {
+        assert!(run.join(f).exists(), "missing {f}");
+    }
+    let best = run.join("best");
+    let (ok, out, err) = qkv(
+        &[
+            "eval",
+            "--model",
+            best.to_str().unwrap(),
+            "--data",
+            dir.join("test.tsv").to_str().unwrap(),
+            "--beam",
+            "1",
+        ],
+        None,
+    );
+    assert!(ok && out.contains("BLEU = "), "{out}{err}");
+    // A word-for-word task this small is learned: BLEU well above zero.
+    let bleu: f64 = out
+        .split("BLEU = ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(bleu > 20.0, "BLEU {bleu}");
+    let (ok, out, err) = qkv(
+        &[
+            "translate",
+            "--model",
+            best.to_str().unwrap(),
+            "--beam",
+            "3",
+            "--nbest",
+            "2",
+        ],
+        Some("the king\ngreat house god\n"),
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines.iter().all(|l| l.split('\t').count() == 2), "{out}");
+    // Averaging the kept checkpoints gives a loadable model.
+    let ckpts: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+        })
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ckpts.len(), 2);
+    let avg = dir.join("avg");
+    let mut args = vec!["average", "--output", avg.to_str().unwrap(), "--inputs"];
+    args.extend(ckpts.iter().map(|s| s.as_str()));
+    let (ok, _, err) = qkv(&args, None);
+    assert!(ok, "{err}");
+    let (ok, out, err) = qkv(
+        &["translate", "--model", avg.to_str().unwrap()],
+        Some("the son\n"),
+    );
+    assert!(ok && out.lines().count() == 1, "{out}{err}");
+    // Resuming a finished run with more steps continues from step 60.
+    let (ok, _, err) = qkv(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--resume",
+            "--max-steps",
+            "70",
+        ],
+        None,
+    );
+    assert!(
+        ok && err.contains("resuming from") && err.contains("step 60"),
+        "{err}"
+    );
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert!(
+        csv.lines().any(|l| l.starts_with("70,")),
+        "no step 70 in metrics"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn classify_and_lm_train_and_predict() {
+    let dir = scratch("classify-lm");
+    // Sentiment from the words alone.
+    let mut tsv = String::new();
+    for i in 0..300 {
+        let (label, word) = if i % 2 == 0 {
+            ("positive", "great good happy")
+        } else {
+            ("negative", "bad awful sad")
+        };
+        tsv += &format!(
+            "{label}\t{} day {}\n",
+            word.split(' ').nth(i % 3).unwrap(),
+            ["today", "again", "now"][i % 3]
+        );
+    }
+    for f in ["train.tsv", "valid.tsv", "test.tsv"] {
+        std::fs::write(dir.join(f), &tsv).unwrap();
+    }
+    let cfg = job(
+        &dir,
+        "classify",
+        TINY,
+        40,
+        ["train.tsv", "valid.tsv", "test.tsv"],
+    );
+    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("accuracy 100.00%"), "{out}");
+    let best = dir.join("run/best");
+    let (ok, out, err) = qkv(
+        &["classify", "--model", best.to_str().unwrap()],
+        Some("happy day now\nawful day again\n"),
+    );
+    assert!(ok, "{err}");
+    let labels: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(labels, ["positive", "negative"]);
+
+    let text = "to be or not to be that is the question\n".repeat(80);
+    for f in ["train.txt", "valid.txt"] {
+        std::fs::write(dir.join(f), &text).unwrap();
+    }
+    std::fs::remove_dir_all(dir.join("run")).unwrap();
+    let cfg = job(
+        &dir,
+        "lm",
+        TINY,
+        40,
+        ["train.txt", "valid.txt", "valid.txt"],
+    );
+    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("perplexity") && out.contains("bits per character"),
+        "{out}"
+    );
+    let best = dir.join("run/best");
+    let (ok, out, err) = qkv(
+        &[
+            "generate",
+            "--model",
+            best.to_str().unwrap(),
+            "--prompt",
+            "to be or",
+            "--greedy",
+            "--max-new-tokens",
+            "6",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("to be or not to be"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let dir = scratch("bad");
+    std::fs::write(dir.join("train.tsv"), "ok line\tbuena\nno tab here\n").unwrap();
+    std::fs::write(dir.join("valid.tsv"), "a\tb\n").unwrap();
+    let cfg = job(
+        &dir,
+        "translate",
+        TINY,
+        5,
+        ["train.tsv", "valid.tsv", "valid.tsv"],
+    );
+    let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("train.tsv:2") && err.contains("0 tab(s)"),
+        "{err}"
+    );
+    // Invalid UTF-8 names the line.
+    std::fs::write(dir.join("train.tsv"), b"a\tb\n\xff\xfe\tc\n").unwrap();
+    let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("train.tsv:2") && err.contains("UTF-8"),
+        "{err}"
+    );
+    // A typo in the model config is named.
+    std::fs::write(dir.join("train.tsv"), "a\tb\n").unwrap();
+    let bad = job(
+        &dir,
+        "translate",
+        r#"{ "preset": "tiny", "d_modle": 32 }"#,
+        5,
+        ["train.tsv", "valid.tsv", "valid.tsv"],
+    );
+    let (ok, _, err) = qkv(&["train", "--config", bad.to_str().unwrap()], None);
+    assert!(!ok && err.contains("d_modle"), "{err}");
+    // Missing files and non-model directories.
+    let (ok, _, err) = qkv(
+        &["train", "--config", dir.join("nope.json").to_str().unwrap()],
+        None,
+    );
+    assert!(!ok && err.contains("nope.json"), "{err}");
+    let (ok, _, err) = qkv(
+        &["translate", "--model", dir.to_str().unwrap()],
+        Some("x\n"),
+    );
+    assert!(!ok && err.contains("config.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
