@@ -84,6 +84,7 @@ mod copy;
 mod eval;
 mod infer;
 mod job;
+mod plot;
 mod train;
 
 /// Peak resident set size of this process in MiB (Linux: VmHWM).

@@ -43,6 +43,7 @@ pub struct TrainArgs {
 struct Cli {
     bar: ProgressBar,
     stop: Arc<AtomicBool>,
+    run_dir: PathBuf,
 }
 
 impl Observer for Cli {
@@ -60,6 +61,9 @@ impl Observer for Cli {
             .as_ref()
             .map(|(n, x)| format!(" {n} {x:.2}"))
             .unwrap_or_default();
+        if let Err(e) = crate::plot::loss_curve(&self.run_dir) {
+            self.bar.println(format!("warning: no loss curve: {e:#}"));
+        }
         self.bar.println(format!(
             "step {step}: valid loss {:.4} ppl {:.2}{metric}",
             v.loss,
@@ -173,6 +177,7 @@ fn fit<M: Trainable>(
     let mut cli = Cli {
         bar: progress_bar(),
         stop: ctrl_c_flag(),
+        run_dir: run.path.clone(),
     };
     let t0 = Instant::now();
     let outcome = train::train(

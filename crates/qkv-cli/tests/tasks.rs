@@ -118,6 +118,11 @@ fn translate_train_eval_translate_average_resume() {
     ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
+    // The loss curve is an 800 × 500 PNG (width and height are bytes 16..24 of the IHDR chunk).
+    let png = std::fs::read(run.join("loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 800);
+    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 500);
     let best = run.join("best");
     let (ok, out, err) = qkv(
         &[

@@ -543,7 +543,6 @@ fn run_validation<M: Trainable>(
     elapsed_s: f64,
 ) -> Result<()> {
     let v = validate(model)?;
-    observer.on_validation(state.step, &v);
     let improved = state.best.is_none_or(|(best, _)| v.score() > best);
     if improved {
         state.best = Some((v.score(), state.step));
@@ -569,6 +568,7 @@ fn run_validation<M: Trainable>(
             observer.on_checkpoint(&dir);
         }
     }
+    observer.on_validation(state.step, &v);
     Ok(())
 }
 
