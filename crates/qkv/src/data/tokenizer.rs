@@ -73,8 +73,23 @@ impl Tokenizer {
 
     /// Load a `tokenizer.json` written by qkv or by HF tokenizers.
     pub fn load(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // tokenizers 0.22 panics (an `expect` in its decoder deserializer) on some malformed
+        // files instead of returning an error; turn that into an error naming the file. The
+        // default hook is silenced meanwhile so no panic message reaches the user.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path));
+        std::panic::set_hook(hook);
+        let inner = match loaded {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(Error::Tokenizer(format!("{}: {e}", path.display()))),
+            Err(_) => {
+                return Err(Error::Tokenizer(format!(
+                    "{}: not a valid tokenizer.json",
+                    path.display()
+                )))
+            }
+        };
         Self::from_inner(inner)
     }
 
@@ -91,7 +106,10 @@ impl Tokenizer {
         };
         Ok(Self {
             pad: find(&PAD_NAMES).ok_or_else(|| missing("padding", &PAD_NAMES))?,
-            bos: find(&BOS_NAMES).ok_or_else(|| missing("begin-of-sequence", &BOS_NAMES))?,
+            // Some vocabularies (T5's Unigram) have no BOS; decoding then starts from EOS.
+            bos: find(&BOS_NAMES)
+                .or_else(|| find(&EOS_NAMES))
+                .ok_or_else(|| missing("begin-of-sequence", &BOS_NAMES))?,
             eos: find(&EOS_NAMES).ok_or_else(|| missing("end-of-sequence", &EOS_NAMES))?,
             unk: find(&UNK_NAMES),
             inner,
@@ -120,5 +138,90 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("qkv-tok-{name}-{}.json", std::process::id()))
+    }
+
+    #[test]
+    fn trained_bpe_round_trips_text_and_specials() {
+        let text = [
+            "In the beginning God created the heaven and the earth.",
+            "Y la tierra estaba desordenada y vacía",
+        ];
+        let tok = Tokenizer::train_bpe(text.iter().cycle().take(20), 80, false).unwrap();
+        assert_eq!((tok.pad, tok.bos, tok.eos, tok.unk), (0, 1, 2, Some(3)));
+        let path = scratch("bpe");
+        tok.save(&path).unwrap();
+        let back = Tokenizer::load(&path).unwrap();
+        for t in text {
+            let ids = back.encode(t).unwrap();
+            assert_eq!(ids, tok.encode(t).unwrap());
+            assert_eq!(back.decode(&ids).unwrap(), t);
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A BERT-style WordPiece `tokenizer.json` written by hand, as HF ships them.
+    #[test]
+    fn loads_wordpiece_and_unigram_tokenizer_json() {
+        let special = |id: u32, s: &str| {
+            format!(
+                r#"{{"id":{id},"content":"{s}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
+            )
+        };
+        let wordpiece = format!(
+            r###"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{},{},{}],
+            "normalizer":{{"type":"BertNormalizer","clean_text":true,"handle_chinese_chars":true,"strip_accents":null,"lowercase":true}},
+            "pre_tokenizer":{{"type":"BertPreTokenizer"}},"post_processor":null,
+            "decoder":{{"type":"WordPiece","prefix":"##","cleanup":true}},
+            "model":{{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100,
+              "vocab":{{"[PAD]":0,"[UNK]":1,"[CLS]":2,"[SEP]":3,"the":4,"king":5,"##s":6,"house":7}}}}}}"###,
+            special(0, "[PAD]"),
+            special(1, "[UNK]"),
+            special(2, "[CLS]"),
+            special(3, "[SEP]")
+        );
+        let path = scratch("wordpiece");
+        std::fs::write(&path, wordpiece).unwrap();
+        let tok = Tokenizer::load(&path).unwrap();
+        assert_eq!((tok.pad, tok.bos, tok.eos, tok.unk), (0, 2, 3, Some(1)));
+        let ids = tok.encode("The Kings house zebra").unwrap();
+        assert_eq!(ids, vec![4, 5, 6, 7, 1]);
+        assert_eq!(tok.decode(&ids[..4]).unwrap(), "the kings house");
+
+        let unigram = format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{},{}],
+            "normalizer":null,
+            "pre_tokenizer":{{"type":"Metaspace","replacement":"▁","prepend_scheme":"always","split":true}},
+            "post_processor":null,
+            "decoder":{{"type":"Metaspace","replacement":"▁","prepend_scheme":"always","split":true}},
+            "model":{{"type":"Unigram","unk_id":2,"byte_fallback":false,
+              "vocab":[["<pad>",0.0],["</s>",0.0],["<unk>",0.0],["▁the",-1.0],["▁king",-2.0],["s",-3.0],["▁",-4.0],["k",-5.0],["i",-5.0],["n",-5.0],["g",-5.0]]}}}}"#,
+            special(0, "<pad>"),
+            special(1, "</s>"),
+            special(2, "<unk>")
+        );
+        std::fs::write(&path, unigram).unwrap();
+        let tok = Tokenizer::load(&path).unwrap();
+        // No BOS in this vocabulary: decoding starts from EOS.
+        assert_eq!((tok.pad, tok.bos, tok.eos, tok.unk), (0, 1, 1, Some(2)));
+        let ids = tok.encode("the kings").unwrap();
+        assert_eq!(ids, vec![3, 4, 5]);
+        assert_eq!(tok.decode(&ids).unwrap(), "the kings");
+        // Not a tokenizer, or a malformed part that makes tokenizers panic: clear errors.
+        std::fs::write(&path, "{\"model\": 3}").unwrap();
+        let err = Tokenizer::load(&path).err().unwrap().to_string();
+        assert!(err.contains("qkv-tok-wordpiece"), "{err}");
+        std::fs::write(&path, r#"{"version":"1.0","added_tokens":[],"decoder":{"type":"WordPiece","prefix":"\q"},"model":{"type":"WordPiece","vocab":{}}}"#).unwrap();
+        let err = Tokenizer::load(&path).err().unwrap().to_string();
+        assert!(err.contains("qkv-tok-wordpiece"), "{err}");
+        let _ = std::fs::remove_file(path);
     }
 }
