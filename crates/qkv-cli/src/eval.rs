@@ -40,6 +40,14 @@ pub fn load_model_dir(dir: &Path) -> Result<Loaded> {
     }
     let cfg = qkv::checkpoint::load_config(dir)?;
     let tok = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    if tok.pad != cfg.pad_id {
+        bail!(
+            "{}: the tokenizer pads with id {} but the model with {}",
+            dir.display(),
+            tok.pad,
+            cfg.pad_id
+        );
+    }
     let model = match cfg.family {
         Family::Seq2seq => {
             let mut m = Seq2Seq::new(cfg.clone(), 0)?;

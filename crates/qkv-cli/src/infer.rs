@@ -9,7 +9,7 @@ use qkv::tasks::translate::{translate, TranslateOptions};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-/// Non-empty lines of stdin, with a clear error on invalid UTF-8.
+/// Lines of stdin (empty ones kept, so outputs align with inputs); invalid UTF-8 names the line.
 fn stdin_lines() -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (i, line) in std::io::stdin().lock().lines().enumerate() {
@@ -41,6 +41,13 @@ pub struct TranslateArgs {
 }
 
 pub fn run_translate(a: TranslateArgs) -> Result<()> {
+    if a.beam == 0 || a.nbest == 0 || a.nbest > a.beam {
+        bail!(
+            "need 1 <= --nbest <= --beam, got --nbest {} --beam {}",
+            a.nbest,
+            a.beam
+        );
+    }
     let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
     let AnyModel::Seq2Seq(mut model) = model else {
         bail!("{} is not a translation model", a.model.display());
@@ -130,8 +137,8 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let max_new = a.max_new_tokens.min(model.config.max_len.saturating_sub(1));
     let out = complete(&mut model, &tok, &prompts, max_new, &choice)?;
     let mut stdout = std::io::stdout().lock();
-    for (p, o) in prompts.iter().zip(out) {
-        writeln!(stdout, "{p}{o}")?;
+    for text in out {
+        writeln!(stdout, "{text}")?;
     }
     Ok(())
 }

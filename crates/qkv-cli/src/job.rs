@@ -144,8 +144,9 @@ impl Job {
         Ok(job)
     }
 
-    /// The model config: preset, then overrides, then sizes from the data.
-    pub fn model_config(&self, vocab: usize, n_classes: usize) -> Result<ModelConfig> {
+    /// The model config: preset, then overrides, then what the data decides (vocabulary size,
+    /// padding id, class count).
+    pub fn model_config(&self, vocab: usize, pad_id: u32, n_classes: usize) -> Result<ModelConfig> {
         let mut spec = self.model.clone();
         let obj = spec
             .as_object_mut()
@@ -172,6 +173,7 @@ impl Job {
             m.insert(k.clone(), v.clone());
         }
         m.insert("vocab_size".into(), vocab.into());
+        m.insert("pad_id".into(), pad_id.into());
         if self.task == Task::Translate {
             m.insert("tgt_vocab_size".into(), serde_json::Value::Null);
         }

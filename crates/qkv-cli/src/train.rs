@@ -108,6 +108,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         job.train.seed = s;
     }
     job.train.validate()?;
+    // A fresh run never mixes with (or prunes) an earlier run's checkpoints and metrics.
+    if !args.resume && (job.out.join("metrics.csv").exists() || job.out.join("best").exists()) {
+        bail!(
+            "{} already holds a run: pass --resume to continue it, or --out DIR (or remove it) to start anew",
+            job.out.display()
+        );
+    }
     std::fs::create_dir_all(&job.out).with_context(|| format!("creating {}", job.out.display()))?;
     match job.task {
         Task::Translate => run_translate(&job, args.resume),
@@ -237,9 +244,19 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
         .flat_map(|(s, t)| [s.clone(), t.clone()])
         .collect::<Vec<_>>();
     let (tok, tok_path) = tokenizer_for(job, texts.into_iter())?;
-    let cfg = job.model_config(tok.vocab_size(), 0)?;
+    let cfg = job.model_config(tok.vocab_size(), tok.pad, 0)?;
     let train_data = encode_pairs(&tok, &train_pairs, cfg.max_len)?;
     let valid_data = encode_pairs(&tok, &valid_pairs, cfg.max_len)?;
+    if valid_data.pairs.is_empty() {
+        bail!(
+            "{}: no validation pairs (within max_len {})",
+            job.data.valid.display(),
+            cfg.max_len
+        );
+    }
+    if test_pairs.as_ref().is_some_and(|t| t.is_empty()) {
+        bail!("the test set is empty");
+    }
     eprintln!(
         "train: {} pairs ({} dropped as longer than {} tokens), valid: {}, vocabulary {}",
         train_data.pairs.len(),
@@ -320,9 +337,12 @@ fn run_classify(job: &Job, resume: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .into_iter(),
     )?;
-    let cfg = job.model_config(tok.vocab_size(), labels.0.len())?;
+    let cfg = job.model_config(tok.vocab_size(), tok.pad, labels.0.len())?;
     let train_data = encode_labelled(&tok, &labels, &train_ex, cfg.max_len, "train")?;
     let valid_data = encode_labelled(&tok, &labels, &valid_ex, cfg.max_len, "valid")?;
+    if valid_data.examples.is_empty() || test_ex.as_ref().is_some_and(|t| t.is_empty()) {
+        bail!("the validation and test sets must not be empty");
+    }
     eprintln!(
         "train: {} examples, valid: {}, labels: {}, vocabulary {}",
         train_data.examples.len(),
@@ -370,7 +390,7 @@ fn run_lm(job: &Job, resume: bool) -> Result<()> {
         .map(str::to_string)
         .collect();
     let (tok, tok_path) = tokenizer_for(job, lines.into_iter())?;
-    let cfg = job.model_config(tok.vocab_size(), 0)?;
+    let cfg = job.model_config(tok.vocab_size(), tok.pad, 0)?;
     let train_data = encode_text(&tok, &train_text)?;
     let valid_data = encode_text(&tok, &valid_text)?;
     let block = cfg.max_len - 1;

@@ -89,7 +89,8 @@ fn sample_token(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
 }
 
 /// Extend each row of `cache` token by token. `prefixes[r]` is fed first (e.g. `[BOS]`, or BOS
-/// and a prompt); after it, tokens are chosen by `choice` until `eos` or the cache is full.
+/// and a prompt); after it, tokens are chosen by `choice` until `eos` or the cache is full (so
+/// a row holds at most `capacity - prefix length` new tokens).
 /// Returns, per row, the chosen tokens after the prefix, without `eos`.
 pub fn generate<M: Incremental>(
     model: &mut M,
@@ -104,6 +105,11 @@ pub fn generate<M: Incremental>(
             cache.rows(),
             prefixes.len()
         )));
+    }
+    if cache.len != 0 {
+        return Err(Error::Config(
+            "generate needs a freshly started cache".into(),
+        ));
     }
     if let Choice::Sample(s) = choice {
         s.validate()?;
@@ -121,6 +127,11 @@ pub fn generate<M: Incremental>(
         let pos = cache.len;
         let vocab = model.vocab();
         let logits = model.step(cache, &next)?;
+        if pos + 1 >= cache.capacity {
+            // The length limit: a token chosen here could never be fed back, so the rows end
+            // (as beam search, which forces EOS at the limit).
+            break;
+        }
         let mut keep = Vec::with_capacity(live.len());
         for (i, &row) in live.iter().enumerate() {
             let prefix = &prefixes[row];
@@ -210,9 +221,10 @@ fn top_k(x: &[f32], k: usize) -> Vec<(usize, f32)> {
     idx.into_iter().map(|i| (i, x[i])).collect()
 }
 
-/// Beam search for every row of a freshly started `cache` (one row per input). A hypothesis
-/// ends at EOS; an input is done once it has `beam` finished hypotheses (as fairseq), and any
-/// still unfinished when the cache is full are finished there. Returns, per input, up to
+/// Beam search for every row of a freshly started `cache` (one row per input), as fairseq: each
+/// step keeps the best `beam` continuations per input from the 2·`beam` best candidates; an
+/// EOS among the top `beam` finishes a hypothesis; an input is done once it has `beam`
+/// finished hypotheses; at the length limit (the cache's capacity) EOS is forced. Returns, per input, up to
 /// `nbest` hypotheses, best first.
 pub fn beam_search<M: Incremental>(
     model: &mut M,
@@ -232,6 +244,12 @@ pub fn beam_search<M: Incremental>(
             "beam search needs a freshly started cache".into(),
         ));
     }
+    if eos as usize >= model.vocab() {
+        return Err(Error::Config(format!(
+            "EOS id {eos} is outside the vocabulary ({})",
+            model.vocab()
+        )));
+    }
     let n_inputs = cache.rows();
     let norm = |log_prob: f32, len: usize| log_prob / (len as f32).powf(cfg.length_penalty);
     let mut finished: Vec<Vec<Hypothesis>> = vec![Vec::new(); n_inputs];
@@ -247,6 +265,11 @@ pub fn beam_search<M: Incremental>(
         let mut cands: Vec<Vec<(f32, usize, u32)>> = vec![Vec::new(); n_inputs];
         for (r, (input, _, lp)) in live.iter().enumerate() {
             let row = log_softmax(&logits[r * vocab..(r + 1) * vocab]);
+            if last_step {
+                // The length limit: every live hypothesis ends here, with EOS forced (fairseq).
+                cands[*input].push((lp + row[eos as usize], r, eos));
+                continue;
+            }
             for (tok, v) in top_k(&row, 2 * cfg.beam) {
                 cands[*input].push((lp + v, r, tok as u32));
             }
@@ -259,25 +282,21 @@ pub fn beam_search<M: Incremental>(
             }
             c.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut kept = 0;
-            for (score, r, tok) in c {
+            for (rank, (score, r, tok)) in c.into_iter().enumerate() {
                 if finished[input].len() >= cfg.beam || kept >= cfg.beam {
                     break;
                 }
                 let tokens = &live[r].1;
-                if tok == eos || last_step {
-                    // At the cache's end the hypothesis is finished without EOS.
-                    let mut t = tokens.clone();
-                    let (lp, len) = if tok == eos {
-                        (score, t.len() + 1)
-                    } else {
-                        t.push(tok);
-                        (score, t.len())
-                    };
-                    finished[input].push(Hypothesis {
-                        score: norm(lp, len),
-                        tokens: t,
-                        log_prob: lp,
-                    });
+                if tok == eos {
+                    // As fairseq: an EOS candidate finishes a hypothesis only if it ranks among
+                    // the best `beam` candidates of this step.
+                    if rank < cfg.beam {
+                        finished[input].push(Hypothesis {
+                            score: norm(score, tokens.len() + 1),
+                            tokens: tokens.clone(),
+                            log_prob: score,
+                        });
+                    }
                 } else {
                     let mut t = tokens.clone();
                     t.push(tok);

@@ -153,8 +153,8 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.max_tokens == 0 || self.accumulate == 0 {
-            return bad("max_tokens and accumulate must be at least 1".into());
+        if self.max_tokens == 0 || self.accumulate == 0 || self.max_steps == 0 {
+            return bad("max_steps, max_tokens and accumulate must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(format!(
@@ -380,6 +380,7 @@ pub fn train<M: Trainable>(
     let mut acc: Vec<f32> = Vec::new();
     let mut window = (Instant::now(), 0usize);
     let mut last_saved = None;
+    let mut last_validated = None;
     let save = |model: &M,
                 opt: &AdamW,
                 state: &mut TrainerState,
@@ -410,27 +411,30 @@ pub fn train<M: Trainable>(
         if observer.should_stop() {
             break Outcome::Interrupted;
         }
-        // Gather this update's batches, moving to the next epoch when one runs out.
-        let mut micro = Vec::with_capacity(cfg.accumulate);
-        for _ in 0..cfg.accumulate {
+        let step = state.step + 1;
+        let mut loss_sum = 0.0f64;
+        let mut tokens = 0usize;
+        for m in 0..cfg.accumulate {
+            // The next batch, moving to the next epoch when this one runs out.
             if state.batch_in_epoch >= batches.len() {
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
                 batches = epoch_batches(state.epoch);
+                if batches.is_empty() {
+                    return Err(Error::Config(format!(
+                        "epoch {} of the training data produced no batches",
+                        state.epoch
+                    )));
+                }
             }
-            micro.push(state.batch_in_epoch);
+            let batch = &batches[state.batch_in_epoch];
             state.batch_in_epoch += 1;
-        }
-        let step = state.step + 1;
-        let mut loss_sum = 0.0f64;
-        let mut tokens = 0usize;
-        for (m, &bi) in micro.iter().enumerate() {
             let mode = Mode::train(
                 dropout,
                 hash(cfg.seed, step * cfg.accumulate as u64 + m as u64),
             );
             let (loss, n) = model
-                .train_batch(&batches[bi], mode, cfg.label_smoothing)
+                .train_batch(batch, mode, cfg.label_smoothing)
                 .map_err(|e| match e {
                     Error::NonFinite { what, value } => Error::NonFinite {
                         what: format!("{what} at step {step} (the last checkpoint is intact)"),
@@ -506,13 +510,14 @@ pub fn train<M: Trainable>(
                 observer,
                 elapsed(&start),
             )?;
+            last_validated = Some(step);
         }
         if cfg.save_every > 0 && step % cfg.save_every == 0 && !last {
             save(model, opt, state, observer, elapsed(&start))?;
             last_saved = Some(step);
         }
     };
-    if state.step > 0 {
+    if state.step > 0 && last_validated != Some(state.step) {
         run_validation(
             model,
             opt,
@@ -543,7 +548,8 @@ fn run_validation<M: Trainable>(
     elapsed_s: f64,
 ) -> Result<()> {
     let v = validate(model)?;
-    let improved = state.best.is_none_or(|(best, _)| v.score() > best);
+    // A non-finite score (e.g. a diverging model) never counts as an improvement.
+    let improved = v.score().is_finite() && state.best.is_none_or(|(best, _)| v.score() > best);
     if improved {
         state.best = Some((v.score(), state.step));
     }

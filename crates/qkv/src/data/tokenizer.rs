@@ -12,7 +12,8 @@ use tokenizers::AddedToken;
 /// Special tokens of tokenizers trained by qkv, in id order (so `<pad>` is 0, as models assume).
 pub const SPECIAL_TOKENS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
 
-/// Names other tokenizers use for the same roles (BERT's WordPiece, GPT-2's byte-level BPE).
+/// Names other tokenizers use for the same roles (BERT's WordPiece, SentencePiece models).
+/// A padding token is required (GPT-2's vocabulary has none: add one to its tokenizer.json).
 const PAD_NAMES: [&str; 3] = ["<pad>", "[PAD]", "<|pad|>"];
 const BOS_NAMES: [&str; 4] = ["<s>", "[CLS]", "<bos>", "<|endoftext|>"];
 const EOS_NAMES: [&str; 4] = ["</s>", "[SEP]", "<eos>", "<|endoftext|>"];

@@ -46,6 +46,11 @@ impl TokenStream {
         seed: u64,
         epoch: u64,
     ) -> Result<Vec<LmBatch>> {
+        if len == 0 {
+            return Err(Error::Config(
+                "language-model blocks need max_len >= 2".into(),
+            ));
+        }
         if self.ids.len() < len + 2 {
             return Err(Error::Config(format!(
                 "the text has {} tokens, fewer than one block of {} (lower max_len)",
@@ -54,10 +59,12 @@ impl TokenStream {
             )));
         }
         let mut rng = Rng::new(hash(seed, epoch));
+        // Never so far that not one whole block is left.
+        let max_offset = len.min(self.ids.len() - 1 - len);
         let offset = if seed == 0 && epoch == 0 {
             0
         } else {
-            rng.below(len as u64) as usize
+            rng.below(max_offset as u64 + 1) as usize
         };
         let shifted = TokenStream {
             ids: self.ids[offset..].to_vec(),
@@ -73,7 +80,8 @@ impl TokenStream {
     }
 }
 
-/// Continue each prompt: `max_new` tokens at most, stopping at EOS.
+/// Continue each prompt: `max_new` tokens at most, stopping at EOS. Returns prompt and
+/// continuation as one text.
 pub fn complete(
     model: &mut LanguageModel,
     tok: &Tokenizer,
@@ -95,20 +103,15 @@ pub fn complete(
             max_len: model.config.max_len,
         });
     }
-    let mut cache = model.start_decoding(prompts.len(), longest + max_new);
+    let mut cache = model.start_decoding(prompts.len(), longest.saturating_add(max_new));
     let out = generate(model, &mut cache, &prefixes, tok.eos, choice)?;
-    // Decode prompt and continuation together (subword decoders join pieces across the
-    // boundary, e.g. the space before a word-initial piece), then cut the prompt off.
+    // Prompt and continuation are decoded together: subword decoders join pieces across the
+    // boundary (e.g. the space before a word-initial piece).
     let mut texts = Vec::with_capacity(out.len());
     for (prefix, ids) in prefixes.iter().zip(&out) {
-        let prompt = tok.decode(prefix)?;
         let mut all = prefix.clone();
         all.extend_from_slice(&ids[..ids.len().min(max_new)]);
-        let full = tok.decode(&all)?;
-        texts.push(match full.strip_prefix(&prompt) {
-            Some(rest) => rest.to_string(),
-            None => full,
-        });
+        texts.push(tok.decode(&all)?);
     }
     Ok(texts)
 }

@@ -116,10 +116,13 @@ pub fn translate(
             src.extend_from_slice(&encoded[i]);
             src.extend(std::iter::repeat_n(tok.pad, longest - encoded[i].len()));
         }
-        let out_len = ((opts.max_len_a * longest as f32) as usize + opts.max_len_b).min(max_len);
-        // Capacity counts BOS and lets the last position emit EOS.
-        let mut cache = model.start_decoding(Tokens::new(&src, rows, longest)?, out_len + 1)?;
-        let hyps: Vec<Vec<Vec<u32>>> = if opts.beam.beam <= 1 {
+        // Each of the `out_len` positions fed (BOS first) yields one token, so outputs hold at
+        // most `out_len` tokens, EOS included.
+        let out_len = ((opts.max_len_a.max(0.0) * longest as f32) as usize)
+            .saturating_add(opts.max_len_b)
+            .clamp(1, max_len);
+        let mut cache = model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)?;
+        let hyps: Vec<Vec<Vec<u32>>> = if opts.beam.beam <= 1 && opts.beam.nbest <= 1 {
             greedy(model, &mut cache, tok.bos, tok.eos)?
                 .into_iter()
                 .map(|t| vec![t])
