@@ -335,3 +335,45 @@ fn bad_input_fails_cleanly() {
     assert!(!ok && err.contains("config.json"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = scratch("sigint");
+    std::fs::write(dir.join("train.tsv"), parallel(300, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), parallel(20, 2)).unwrap();
+    let cfg = job(
+        &dir,
+        "translate",
+        TINY,
+        1_000_000,
+        ["train.tsv", "valid.tsv", "valid.tsv"],
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_qkv"))
+        .args(["--threads", "1", "train", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (metrics are being written), then send SIGINT.
+    let metrics = dir.join("run/metrics.csv");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 5) {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("interrupted; checkpoint saved"), "{err}");
+    let ckpt = std::fs::read_dir(dir.join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("checkpoint-"));
+    assert!(ckpt.is_some(), "no checkpoint after Ctrl-C");
+    let _ = std::fs::remove_dir_all(&dir);
+}
