@@ -15,6 +15,8 @@ use std::path::Path;
 use std::time::Instant;
 
 pub const LABELS_FILE: &str = "labels.json";
+/// The target side's vocabulary when a translation model has one per side.
+pub const TARGET_TOKENIZER: &str = "target_tokenizer.json";
 
 pub enum AnyModel {
     Seq2Seq(Seq2Seq),
@@ -25,6 +27,8 @@ pub enum AnyModel {
 pub struct Loaded {
     pub model: AnyModel,
     pub tok: Tokenizer,
+    /// The target tokenizer of a translation model (the same as `tok` when joint).
+    pub tgt_tok: Tokenizer,
     pub labels: Option<Labels>,
 }
 
@@ -65,6 +69,14 @@ pub fn load_model_dir(dir: &Path) -> Result<Loaded> {
             AnyModel::Lm(m)
         }
     };
+    let tgt_path = dir.join(TARGET_TOKENIZER);
+    let tgt_tok = if tgt_path.exists() {
+        let t = Tokenizer::load(&tgt_path)?;
+        qkv::tasks::translate::check_specials(&tok, &t)?;
+        t
+    } else {
+        tok.clone()
+    };
     let labels = match cfg.family {
         Family::Classifier => {
             let path = dir.join(LABELS_FILE);
@@ -85,20 +97,26 @@ pub fn load_model_dir(dir: &Path) -> Result<Loaded> {
         }
         _ => None,
     };
-    Ok(Loaded { model, tok, labels })
+    Ok(Loaded {
+        model,
+        tok,
+        tgt_tok,
+        labels,
+    })
 }
 
 /// Translate the sources of `pairs` and score against their targets; returns the hypotheses.
 pub fn eval_translate(
     model: &mut Seq2Seq,
-    tok: &Tokenizer,
+    src_tok: &Tokenizer,
+    tgt_tok: &Tokenizer,
     pairs: &[(String, String)],
     opts: &TranslateOptions,
 ) -> Result<Vec<String>> {
     let t = Instant::now();
     let sources: Vec<String> = pairs.iter().map(|(s, _)| s.clone()).collect();
     let refs: Vec<String> = pairs.iter().map(|(_, t)| t.clone()).collect();
-    let hyps: Vec<String> = translate(model, tok, &sources, opts)?
+    let hyps: Vec<String> = translate(model, src_tok, tgt_tok, &sources, opts)?
         .into_iter()
         .map(|mut h| h.swap_remove(0))
         .collect();
@@ -198,7 +216,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let Loaded { model, tok, labels } = load_model_dir(&args.model)?;
+    let Loaded {
+        model,
+        tok,
+        tgt_tok,
+        labels,
+    } = load_model_dir(&args.model)?;
     match model {
         AnyModel::Seq2Seq(mut m) => {
             let pairs = read_parallel(&args.data, false)?.records;
@@ -210,7 +233,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 },
                 ..TranslateOptions::default()
             };
-            let hyps = eval_translate(&mut m, &tok, &pairs, &opts)?;
+            let hyps = eval_translate(&mut m, &tok, &tgt_tok, &pairs, &opts)?;
             if let Some(out) = args.output {
                 std::fs::write(&out, hyps.join("\n") + "\n")
                     .with_context(|| format!("writing {}", out.display()))?;

@@ -48,7 +48,12 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
             a.beam
         );
     }
-    let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
+    let Loaded {
+        model,
+        tok,
+        tgt_tok,
+        ..
+    } = load_model_dir(&a.model)?;
     let AnyModel::Seq2Seq(mut model) = model else {
         bail!("{} is not a translation model", a.model.display());
     };
@@ -63,7 +68,7 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
         max_tokens: a.max_tokens.max(1),
     };
     let lines = stdin_lines()?;
-    let out = translate(&mut model, &tok, &lines, &opts)?;
+    let out = translate(&mut model, &tok, &tgt_tok, &lines, &opts)?;
     let mut stdout = std::io::stdout().lock();
     for hyps in out {
         writeln!(stdout, "{}", hyps.join("\t"))?;
@@ -79,7 +84,9 @@ pub struct ClassifyArgs {
 
 /// One line per input: `label<TAB>probability`.
 pub fn run_classify(a: ClassifyArgs) -> Result<()> {
-    let Loaded { model, tok, labels } = load_model_dir(&a.model)?;
+    let Loaded {
+        model, tok, labels, ..
+    } = load_model_dir(&a.model)?;
     let (AnyModel::Classifier(mut model), Some(labels)) = (model, labels) else {
         bail!("{} is not a classification model", a.model.display());
     };
@@ -169,7 +176,11 @@ pub fn run_average(a: AverageArgs) -> Result<()> {
     }
     qkv::train::average_checkpoints(&a.inputs, &mut params)?;
     qkv::checkpoint::save(&a.output, &cfg, &params, None)?;
-    for f in ["tokenizer.json", crate::eval::LABELS_FILE] {
+    for f in [
+        "tokenizer.json",
+        crate::eval::TARGET_TOKENIZER,
+        crate::eval::LABELS_FILE,
+    ] {
         if first.join(f).exists() {
             std::fs::copy(first.join(f), a.output.join(f))
                 .with_context(|| format!("copying {f}"))?;

@@ -47,6 +47,14 @@ pub struct TokenizerSpec {
     /// …or load this `tokenizer.json` (BPE, WordPiece or Unigram).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Translation: one vocabulary for both sides (and shared embeddings possible), or one
+    /// per side (`tokenizer.json` for the source, `target_tokenizer.json` for the target).
+    #[serde(default = "yes")]
+    pub joint: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_vocab() -> usize {
@@ -114,6 +122,7 @@ fn default_tokenizer() -> TokenizerSpec {
     TokenizerSpec {
         vocab_size: default_vocab(),
         path: None,
+        joint: true,
     }
 }
 fn default_samples() -> usize {

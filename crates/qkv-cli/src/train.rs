@@ -1,7 +1,9 @@
 //! `qkv train`: run a job (see `job.rs`) with a progress bar, Ctrl-C handling and a final
 //! evaluation on the test set.
 
-use crate::eval::{eval_classify, eval_lm, eval_translate, save_labels, LABELS_FILE};
+use crate::eval::{
+    eval_classify, eval_lm, eval_translate, save_labels, LABELS_FILE, TARGET_TOKENIZER,
+};
 use crate::job::{Job, Task};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,7 +13,7 @@ use qkv::model::{Classifier, LanguageModel, Seq2Seq};
 use qkv::optim::AdamW;
 use qkv::tasks::classify::{argmax, encode_labelled, predict, Labels};
 use qkv::tasks::lm::{complete, encode_text};
-use qkv::tasks::translate::{encode_pairs, TranslateOptions};
+use qkv::tasks::translate::{check_specials, encode_pairs, TranslateOptions};
 use qkv::train::{self, Observer, Outcome, RunDir, StepLog, Trainable, TrainerState, Validation};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,9 +128,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// The tokenizer of a run: reuse the run's, load the configured one, or train one.
 fn tokenizer_for(
     job: &Job,
+    file: &str,
     texts: impl Iterator<Item = String> + Send,
 ) -> Result<(Tokenizer, PathBuf)> {
-    let path = job.out.join("tokenizer.json");
+    let path = job.out.join(file);
     if path.exists() {
         return Ok((Tokenizer::load(&path)?, path));
     }
@@ -136,7 +139,7 @@ fn tokenizer_for(
         Some(p) => Tokenizer::load(p)?,
         None => {
             eprintln!(
-                "training a BPE tokenizer ({} tokens)…",
+                "training a BPE tokenizer ({} tokens) for {file}…",
                 job.tokenizer.vocab_size
             );
             Tokenizer::train_bpe(texts, job.tokenizer.vocab_size, false)?
@@ -243,10 +246,36 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
         .iter()
         .flat_map(|(s, t)| [s.clone(), t.clone()])
         .collect::<Vec<_>>();
-    let (tok, tok_path) = tokenizer_for(job, texts.into_iter())?;
-    let cfg = job.model_config(tok.vocab_size(), tok.pad, 0)?;
-    let train_data = encode_pairs(&tok, &train_pairs, cfg.max_len)?;
-    let valid_data = encode_pairs(&tok, &valid_pairs, cfg.max_len)?;
+    let (src_tok, tgt_tok, tok_files) = if job.tokenizer.joint {
+        let (tok, path) = tokenizer_for(job, "tokenizer.json", texts.into_iter())?;
+        (tok.clone(), tok, vec![path])
+    } else {
+        if job.tokenizer.path.is_some() {
+            bail!("tokenizer.path gives one vocabulary; per-side vocabularies (joint: false) are trained from the data");
+        }
+        let sources = train_pairs
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect::<Vec<_>>();
+        let targets = train_pairs
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect::<Vec<_>>();
+        let (src, p1) = tokenizer_for(job, "tokenizer.json", sources.into_iter())?;
+        let (tgt, p2) = tokenizer_for(job, TARGET_TOKENIZER, targets.into_iter())?;
+        (src, tgt, vec![p1, p2])
+    };
+    check_specials(&src_tok, &tgt_tok)?;
+    let mut cfg = job.model_config(src_tok.vocab_size(), src_tok.pad, 0)?;
+    if !job.tokenizer.joint {
+        if cfg.share_embeddings {
+            bail!("share_embeddings needs one vocabulary for both sides (tokenizer.joint: true)");
+        }
+        cfg.tgt_vocab_size = Some(tgt_tok.vocab_size());
+        cfg.validate()?;
+    }
+    let train_data = encode_pairs(&src_tok, &tgt_tok, &train_pairs, cfg.max_len)?;
+    let valid_data = encode_pairs(&src_tok, &tgt_tok, &valid_pairs, cfg.max_len)?;
     if valid_data.pairs.is_empty() {
         bail!(
             "{}: no validation pairs (within max_len {})",
@@ -258,20 +287,22 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
         bail!("the test set is empty");
     }
     eprintln!(
-        "train: {} pairs ({} dropped as longer than {} tokens), valid: {}, vocabulary {}",
+        "train: {} pairs ({} dropped as longer than {} tokens), valid: {}, vocabulary {} / {}",
         train_data.pairs.len(),
         train_data.dropped_long,
         cfg.max_len,
         valid_data.pairs.len(),
-        tok.vocab_size()
+        src_tok.vocab_size(),
+        tgt_tok.vocab_size()
     );
     let run = RunDir {
         path: job.out.clone(),
-        extra_files: vec![tok_path],
+        extra_files: tok_files,
     };
     let mut model = Seq2Seq::new(cfg.clone(), job.train.seed)?;
-    let valid_batches = valid_data.epoch_batches(&tok, job.train.max_tokens, 0, 0);
-    let epoch = |e: u64| train_data.epoch_batches(&tok, job.train.max_tokens, job.train.seed, e);
+    let valid_batches = valid_data.epoch_batches(&tgt_tok, job.train.max_tokens, 0, 0);
+    let epoch =
+        |e: u64| train_data.epoch_batches(&tgt_tok, job.train.max_tokens, job.train.seed, e);
     let mut validate = |m: &mut Seq2Seq| -> qkv::Result<Validation> {
         Ok(Validation {
             loss: train::mean_loss(m, &valid_batches)?,
@@ -297,7 +328,7 @@ fn run_translate(job: &Job, resume: bool) -> Result<()> {
         ..TranslateOptions::default()
     };
     print!("test: ");
-    let hyps = eval_translate(&mut model, &tok, &test, &opts)?;
+    let hyps = eval_translate(&mut model, &src_tok, &tgt_tok, &test, &opts)?;
     std::fs::write(run.path.join("test.hyp"), hyps.join("\n") + "\n")?;
     for i in 0..job.samples.min(hyps.len()) {
         let k = i * hyps.len() / job.samples.max(1);
@@ -331,6 +362,7 @@ fn run_classify(job: &Job, resume: bool) -> Result<()> {
     save_labels(&labels_path, &labels)?;
     let (tok, tok_path) = tokenizer_for(
         job,
+        "tokenizer.json",
         train_ex
             .iter()
             .map(|(_, t)| t.clone())
@@ -389,7 +421,7 @@ fn run_lm(job: &Job, resume: bool) -> Result<()> {
         .split_inclusive('\n')
         .map(str::to_string)
         .collect();
-    let (tok, tok_path) = tokenizer_for(job, lines.into_iter())?;
+    let (tok, tok_path) = tokenizer_for(job, "tokenizer.json", lines.into_iter())?;
     let cfg = job.model_config(tok.vocab_size(), tok.pad, 0)?;
     let train_data = encode_text(&tok, &train_text)?;
     let valid_data = encode_text(&tok, &valid_text)?;

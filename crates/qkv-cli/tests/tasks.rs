@@ -377,3 +377,44 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(ckpt.is_some(), "no checkpoint after Ctrl-C");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn per_side_vocabularies_train_and_translate() {
+    let dir = scratch("per-side");
+    std::fs::write(dir.join("train.tsv"), parallel(200, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), parallel(20, 2)).unwrap();
+    let cfg = job(
+        &dir,
+        "translate",
+        TINY,
+        20,
+        ["train.tsv", "valid.tsv", "valid.tsv"],
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        r#""tokenizer": { "vocab_size": 60 }"#,
+        r#""tokenizer": { "vocab_size": 40, "joint": false }"#,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(ok && out.contains("BLEU = "), "{out}{err}");
+    let best = dir.join("run/best");
+    assert!(best.join("target_tokenizer.json").exists());
+    let (ok, out, err) = qkv(
+        &["translate", "--model", best.to_str().unwrap()],
+        Some("the king\n"),
+    );
+    assert!(ok && out.lines().count() == 1, "{out}{err}");
+    // Sharing embeddings across two vocabularies is refused with a reason.
+    std::fs::remove_dir_all(dir.join("run")).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        r#""preset": "tiny","#,
+        r#""preset": "tiny", "share_embeddings": true,"#,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("share_embeddings needs one vocabulary"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,4 +1,6 @@
 //! Translation: tokenized sentence pairs, epoch batches, and batched beam/greedy translation.
+//! Source and target tokenizers may be one (a joint vocabulary) or two (one per side); their
+//! special-token ids must agree.
 
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
 use crate::decode::{beam_search, greedy, BeamConfig};
@@ -16,13 +18,14 @@ pub struct ParallelData {
 /// Tokenize `pairs`; pairs with a side longer than `max_len - 1` tokens (room for BOS/EOS)
 /// are dropped and counted (fairseq's `--skip-invalid-size-inputs-valid-test`).
 pub fn encode_pairs(
-    tok: &Tokenizer,
+    src_tok: &Tokenizer,
+    tgt_tok: &Tokenizer,
     pairs: &[(String, String)],
     max_len: usize,
 ) -> Result<ParallelData> {
     let mut out = ParallelData::default();
     for (s, t) in pairs {
-        let (s, t) = (tok.encode(s)?, tok.encode(t)?);
+        let (s, t) = (src_tok.encode(s)?, tgt_tok.encode(t)?);
         if s.len() + 1 > max_len || t.len() + 1 > max_len {
             out.dropped_long += 1;
         } else {
@@ -87,16 +90,17 @@ impl Default for TranslateOptions {
 /// Sources longer than the model's `max_len` are truncated to fit.
 pub fn translate(
     model: &mut Seq2Seq,
-    tok: &Tokenizer,
+    src_tok: &Tokenizer,
+    tgt_tok: &Tokenizer,
     sources: &[String],
     opts: &TranslateOptions,
 ) -> Result<Vec<Vec<String>>> {
     let max_len = model.config.max_len;
     let mut encoded = Vec::with_capacity(sources.len());
     for s in sources {
-        let mut ids = tok.encode(s)?;
+        let mut ids = src_tok.encode(s)?;
         ids.truncate(max_len - 1);
-        ids.push(tok.eos);
+        ids.push(src_tok.eos);
         encoded.push(ids);
     }
     // Longest first, so the first batches are the slowest and memory peaks early.
@@ -114,7 +118,7 @@ pub fn translate(
         let mut src = Vec::with_capacity(rows * longest);
         for &i in chunk {
             src.extend_from_slice(&encoded[i]);
-            src.extend(std::iter::repeat_n(tok.pad, longest - encoded[i].len()));
+            src.extend(std::iter::repeat_n(src_tok.pad, longest - encoded[i].len()));
         }
         // Each of the `out_len` positions fed (BOS first) yields one token, so outputs hold at
         // most `out_len` tokens, EOS included.
@@ -123,19 +127,32 @@ pub fn translate(
             .clamp(1, max_len);
         let mut cache = model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)?;
         let hyps: Vec<Vec<Vec<u32>>> = if opts.beam.beam <= 1 && opts.beam.nbest <= 1 {
-            greedy(model, &mut cache, tok.bos, tok.eos)?
+            greedy(model, &mut cache, tgt_tok.bos, tgt_tok.eos)?
                 .into_iter()
                 .map(|t| vec![t])
                 .collect()
         } else {
-            beam_search(model, &mut cache, tok.bos, tok.eos, &opts.beam)?
+            beam_search(model, &mut cache, tgt_tok.bos, tgt_tok.eos, &opts.beam)?
                 .into_iter()
                 .map(|h| h.into_iter().map(|h| h.tokens).collect())
                 .collect()
         };
         for (&i, h) in chunk.iter().zip(hyps) {
-            out[i] = h.iter().map(|t| tok.decode(t)).collect::<Result<_>>()?;
+            out[i] = h.iter().map(|t| tgt_tok.decode(t)).collect::<Result<_>>()?;
         }
     }
     Ok(out)
+}
+
+/// Per-side tokenizers must agree on the special ids the model and batches use.
+pub fn check_specials(src_tok: &Tokenizer, tgt_tok: &Tokenizer) -> Result<()> {
+    let ids = |t: &Tokenizer| (t.pad, t.bos, t.eos);
+    if ids(src_tok) != ids(tgt_tok) {
+        return Err(crate::error::Error::Tokenizer(format!(
+            "source and target tokenizers disagree on (pad, bos, eos): {:?} vs {:?}",
+            ids(src_tok),
+            ids(tgt_tok)
+        )));
+    }
+    Ok(())
 }
