@@ -17,11 +17,11 @@ qkv_venv_python() {
         echo "venv.sh: creating $venv" >&2
         python3 -m venv "$venv" >&2 || return 1
         "$py" -m pip install --upgrade pip >&2 || true
-        "$py" -m pip install torch numpy safetensors sacrebleu >&2 || return 1
-    elif ! "$py" -c "import torch, numpy, safetensors" >/dev/null 2>&1; then
+        "$py" -m pip install torch numpy safetensors sacrebleu tokenizers >&2 || return 1
+    elif ! "$py" -c "import torch, numpy, safetensors, sacrebleu, tokenizers" >/dev/null 2>&1; then
         # The venv exists but an earlier install was interrupted: finish it.
         echo "venv.sh: installing missing packages into $venv" >&2
-        "$py" -m pip install torch numpy safetensors sacrebleu >&2 || return 1
+        "$py" -m pip install torch numpy safetensors sacrebleu tokenizers >&2 || return 1
     fi
     echo "$py"
 }
