@@ -187,6 +187,25 @@ fn translate_train_eval_translate_average_resume() {
         Some("the son\n"),
     );
     assert!(ok && out.lines().count() == 1, "{out}{err}");
+    // A fresh run never overwrites a used run directory; nbest must fit the beam.
+    let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(
+        !ok && err.contains("already holds a run") && err.contains("--resume"),
+        "{err}"
+    );
+    let (ok, _, err) = qkv(
+        &[
+            "translate",
+            "--model",
+            best.to_str().unwrap(),
+            "--beam",
+            "2",
+            "--nbest",
+            "3",
+        ],
+        Some("the king\n"),
+    );
+    assert!(!ok && err.contains("--nbest"), "{err}");
     // Resuming a finished run with more steps continues from step 60.
     let (ok, _, err) = qkv(
         &[
