@@ -349,6 +349,17 @@ pub fn load_train_config(dir: &Path) -> Result<TrainConfig> {
     serde_json::from_str(&text).map_err(|e| json_err(&path, e))
 }
 
+/// Say at which update a loss or gradient went non-finite (nothing is saved after it).
+fn at_step(e: Error, step: u64) -> Error {
+    match e {
+        Error::NonFinite { what, value } => Error::NonFinite {
+            what: format!("{what} at step {step} (the last checkpoint is intact)"),
+            value,
+        },
+        e => e,
+    }
+}
+
 /// Train `model` from `state` (fresh: `TrainerState::default()`, resumed: [`load_state`]) for
 /// `cfg.max_steps` updates. `epoch_batches(epoch)` builds an epoch's batches (deterministically);
 /// `validate` scores the model on held-out data.
@@ -435,13 +446,7 @@ pub fn train<M: Trainable>(
             );
             let (loss, n) = model
                 .train_batch(batch, mode, cfg.label_smoothing)
-                .map_err(|e| match e {
-                    Error::NonFinite { what, value } => Error::NonFinite {
-                        what: format!("{what} at step {step} (the last checkpoint is intact)"),
-                        value,
-                    },
-                    e => e,
-                })?;
+                .map_err(|e| at_step(e, step))?;
             loss_sum += loss as f64 * n as f64;
             tokens += n;
             if cfg.accumulate > 1 {
@@ -461,13 +466,9 @@ pub fn train<M: Trainable>(
             g.iter_mut().zip(&acc).for_each(|(g, &a)| *g = a * inv);
         }
         let lr = cfg.schedule.lr(step);
-        let grad_norm = opt.step(model.params_mut(), lr).map_err(|e| match e {
-            Error::NonFinite { what, value } => Error::NonFinite {
-                what: format!("{what} at step {step} (the last checkpoint is intact)"),
-                value,
-            },
-            e => e,
-        })?;
+        let grad_norm = opt
+            .step(model.params_mut(), lr)
+            .map_err(|e| at_step(e, step))?;
         state.step = step;
         window.1 += tokens;
         let secs = window.0.elapsed().as_secs_f64();

@@ -5,7 +5,7 @@ use super::attention::{CrossAttention, SelfAttention};
 use super::config::{ModelConfig, NormPlacement};
 use super::feed_forward::FeedForward;
 use super::kv_cache::{KvCache, LayerKv, StepCtx};
-use super::norm::{AddNorm, LayerNorm};
+use super::norm::{final_output, AddNorm, LayerNorm};
 use super::{buf, Mode, SiteIds};
 use crate::kernels::attention::Masks;
 use crate::params::ParamBuilder;
@@ -200,13 +200,7 @@ impl DecoderStack {
             );
         }
         let last = &self.hidden[self.layers.len()][..n];
-        match &mut self.final_norm {
-            Some(norm) => {
-                norm.forward(p, last, buf(&mut self.out, n));
-                &self.out[..n]
-            }
-            None => last,
-        }
+        final_output(&mut self.final_norm, p, last, &mut self.out)
     }
 
     /// The output of the last forward, (N, C).
@@ -302,12 +296,6 @@ impl DecoderStack {
             );
         }
         let last = &self.hidden[self.layers.len()][..n];
-        match &mut self.final_norm {
-            Some(norm) => {
-                norm.forward(p, last, buf(&mut self.out, n));
-                &self.out[..n]
-            }
-            None => last,
-        }
+        final_output(&mut self.final_norm, p, last, &mut self.out)
     }
 }

@@ -5,7 +5,7 @@ use super::attention::SelfAttention;
 use super::config::{ModelConfig, NormPlacement};
 use super::feed_forward::FeedForward;
 use super::kv_cache::{KvCache, LayerKv, StepCtx};
-use super::norm::{AddNorm, LayerNorm};
+use super::norm::{final_output, AddNorm, LayerNorm};
 use super::{buf, Mode, SiteIds};
 use crate::kernels::attention::Masks;
 use crate::params::ParamBuilder;
@@ -142,13 +142,7 @@ impl EncoderStack {
             layer.forward(p, &lo[i][..n], buf(&mut hi[0], n), batch, t, masks, mode);
         }
         let last = &self.hidden[self.layers.len()][..n];
-        match &mut self.final_norm {
-            Some(norm) => {
-                norm.forward(p, last, buf(&mut self.out, n));
-                &self.out[..n]
-            }
-            None => last,
-        }
+        final_output(&mut self.final_norm, p, last, &mut self.out)
     }
 
     /// The output of the last forward, (N, C).
@@ -222,12 +216,6 @@ impl EncoderStack {
             );
         }
         let last = &self.hidden[self.layers.len()][..n];
-        match &mut self.final_norm {
-            Some(norm) => {
-                norm.forward(p, last, buf(&mut self.out, n));
-                &self.out[..n]
-            }
-            None => last,
-        }
+        final_output(&mut self.final_norm, p, last, &mut self.out)
     }
 }

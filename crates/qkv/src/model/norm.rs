@@ -204,3 +204,20 @@ pub struct SublayerGrad<'a> {
     pub d_input: &'a mut [f32],
     pub accumulate: bool,
 }
+
+/// A stack's output: the last layer's `x` itself (post-LN), or `final_norm(x)` written to `out`
+/// (pre-LN, whose residual stream is never normalized inside the layers). x: (N, C)
+pub fn final_output<'a>(
+    final_norm: &mut Option<LayerNorm>,
+    p: &[f32],
+    x: &'a [f32],
+    out: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    match final_norm {
+        Some(norm) => {
+            norm.forward(p, x, buf(out, x.len()));
+            &out[..x.len()]
+        }
+        None => x,
+    }
+}
