@@ -55,3 +55,10 @@ where
 pub struct SendPtr<T>(pub *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}

@@ -4,7 +4,9 @@
 mod common;
 use common::{rel_err, tiny};
 use qkv::decode::{beam_search, generate, greedy, BeamConfig, Choice, Sampling};
-use qkv::model::{Family, Incremental, LanguageModel, Mode, NormPlacement, Seq2Seq, Tokens};
+use qkv::model::{
+    AttentionKind, Family, Incremental, LanguageModel, Mode, NormPlacement, Seq2Seq, Tokens,
+};
 use qkv::rng::Rng;
 
 fn random_ids(rng: &mut Rng, n: usize, lo: u32, vocab: u32) -> Vec<u32> {
@@ -61,7 +63,24 @@ fn seq2seq_cached_steps_equal_full_forward() {
 
 #[test]
 fn lm_cached_steps_equal_full_forward() {
-    let cfg = tiny(Family::Lm, NormPlacement::Pre, false, true);
+    let base = tiny(Family::Lm, NormPlacement::Pre, false, true);
+    // Softmax attention over the cache, a sliding window over it, and linear attention's
+    // recurrent state, each against its own full forward.
+    for (kind, window) in [
+        (AttentionKind::Flash, None),
+        (AttentionKind::Materialized, Some(3)),
+        (AttentionKind::Flash, Some(3)),
+        (AttentionKind::Linear, None),
+    ] {
+        let mut cfg = base.clone();
+        cfg.attention = kind;
+        cfg.attention_window = window;
+        lm_cached_steps_equal_full_forward_for(cfg);
+    }
+}
+
+fn lm_cached_steps_equal_full_forward_for(cfg: qkv::model::ModelConfig) {
+    let what = format!("{:?} window {:?}", cfg.attention, cfg.attention_window);
     let mut model = LanguageModel::new(cfg, 9).unwrap();
     let mut rng = Rng::new(2);
     let (b, t) = (2, 9);
@@ -80,7 +99,7 @@ fn lm_cached_steps_equal_full_forward() {
                 &step[r * v..(r + 1) * v],
                 &full[(r * t + pos) * v..(r * t + pos + 1) * v],
             );
-            assert!(err < 1e-5, "row {r} pos {pos}: rel err {err}");
+            assert!(err < 1e-5, "{what}: row {r} pos {pos}: rel err {err}");
         }
     }
 }

@@ -83,6 +83,43 @@ fn lm_gradients_tied_and_untied() {
 }
 
 #[test]
+fn linear_and_windowed_attention_gradients() {
+    use qkv::model::AttentionKind;
+    for (family, kind, window) in [
+        (Family::Lm, AttentionKind::Linear, None),
+        (Family::Classifier, AttentionKind::Linear, None),
+        (Family::Seq2seq, AttentionKind::Flash, Some(2)),
+        (Family::Lm, AttentionKind::Materialized, Some(2)),
+    ] {
+        let mut cfg = tiny(family, NormPlacement::Pre, true, false);
+        cfg.attention = kind;
+        cfg.attention_window = window;
+        check(
+            AnyModel::random(cfg, 6),
+            &format!("{family:?} {kind:?} {window:?}"),
+        );
+    }
+}
+
+#[test]
+fn flash_and_materialized_models_compute_the_same_function() {
+    use qkv::model::AttentionKind;
+    for family in [Family::Seq2seq, Family::Classifier, Family::Lm] {
+        let mut cfg = tiny(family, NormPlacement::Post, true, false);
+        let mut grads = Vec::new();
+        for kind in [AttentionKind::Flash, AttentionKind::Materialized] {
+            cfg.attention = kind;
+            let mut m = AnyModel::random(cfg.clone(), 7);
+            let loss = m.loss_and_grad(0.1, Mode::EVAL);
+            grads.push((loss, m.params().grad.clone()));
+        }
+        assert!((grads[0].0 - grads[1].0).abs() < 1e-5, "{family:?} loss");
+        let e = common::rel_err(&grads[0].1, &grads[1].1);
+        assert!(e < 1e-4, "{family:?} gradients differ: {e}");
+    }
+}
+
+#[test]
 fn dropout_is_reproducible_per_seed_and_trains_differently_from_eval() {
     let mut cfg = tiny(Family::Lm, NormPlacement::Post, false, false);
     cfg.dropout = 0.3;

@@ -72,13 +72,14 @@ fn matmul_matches_naive_in_every_transpose_combination() {
 
 /// Naive materialized attention in f64, one (b, h) at a time, with explicit masks.
 #[allow(clippy::too_many_arguments)]
-fn attention_naive(
+pub fn attention_naive(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     s: AttentionShape,
     pad: Option<&[bool]>,
     causal: bool,
+    window: Option<usize>,
 ) -> Vec<f32> {
     let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
     let c = h * d;
@@ -88,7 +89,9 @@ fn attention_naive(
             for i in 0..tq {
                 let mut sc: Vec<f64> = (0..tk)
                     .map(|j| {
-                        let masked = (causal && j > i) || pad.is_some_and(|p| p[bi * tk + j]);
+                        let outside = window.is_some_and(|w| i.abs_diff(j) >= w);
+                        let masked =
+                            (causal && j > i) || outside || pad.is_some_and(|p| p[bi * tk + j]);
                         if masked {
                             f64::NEG_INFINITY
                         } else {
@@ -145,6 +148,7 @@ fn attention_matches_naive_reference_and_finite_differences() {
         let masks = Masks {
             key_padding: padded.then_some(pad.as_slice()),
             causal,
+            window: None,
         };
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
@@ -168,7 +172,7 @@ fn attention_matches_naive_reference_and_finite_differences() {
             (out, probs)
         };
         let (out, probs) = run(&q, &k, &v);
-        let want = attention_naive(&q, &k, &v, s, masks.key_padding, causal);
+        let want = attention_naive(&q, &k, &v, s, masks.key_padding, causal, None);
         assert!(
             rel_err(&out, &want) < 1e-5,
             "forward tq{tq} tk{tk} causal{causal} padded{padded}"

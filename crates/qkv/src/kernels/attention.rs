@@ -28,21 +28,33 @@ pub struct Masks<'a> {
     pub key_padding: Option<&'a [bool]>,
     /// Query i may not see keys j > i (decoder self-attention, §3.2.3).
     pub causal: bool,
+    /// Sliding window w: query i sees only keys j with |i − j| < w (with `causal`, the w most
+    /// recent keys i−w+1..=i).
+    pub window: Option<usize>,
 }
 
 impl Masks<'_> {
-    /// For query `i` of batch row `b`: keys `0..valid` may be seen, subject to `padding`.
+    /// Keys `[lo, hi)` that query `i` may see under the causal and window masks (key padding
+    /// is applied per element on top).
     #[inline]
-    fn row(&self, b: usize, k_len: usize, i: usize) -> (usize, Option<&[bool]>) {
-        let valid = if self.causal {
+    pub fn visible(&self, i: usize, k_len: usize) -> (usize, usize) {
+        let mut hi = if self.causal {
             (i + 1).min(k_len)
         } else {
             k_len
         };
-        (
-            valid,
-            self.key_padding.map(|m| &m[b * k_len..(b + 1) * k_len]),
-        )
+        let mut lo = 0;
+        if let Some(w) = self.window {
+            lo = (i + 1).saturating_sub(w);
+            if !self.causal {
+                hi = hi.min(i + w);
+            }
+        }
+        (lo.min(hi), hi)
+    }
+
+    fn padding(&self, b: usize, k_len: usize) -> Option<&[bool]> {
+        self.key_padding.map(|m| &m[b * k_len..(b + 1) * k_len])
     }
 }
 
@@ -55,7 +67,7 @@ pub struct HeadsRef<'a> {
 }
 
 impl HeadsRef<'_> {
-    fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatRef {
+    pub(crate) fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatRef {
         MatRef {
             ptr: self.data[(b * len) * self.rs + self.offset + h * d..].as_ptr(),
             rs: self.rs as isize,
@@ -102,7 +114,7 @@ impl<'a> HeadsMut<'a> {
     }
 
     /// The (len, D) block of head `h` in batch `b`.
-    fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatMut {
+    pub(crate) fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatMut {
         let start = (b * len) * self.rs + self.offset + h * d;
         assert!(start + (len - 1) * self.rs + d <= self.len);
         // SAFETY: in bounds (checked); callers write each (b, h) block from one task only.
@@ -114,7 +126,7 @@ impl<'a> HeadsMut<'a> {
     }
 }
 
-fn check(s: &AttentionShape, q: &HeadsRef, k: &HeadsRef, v: &HeadsRef) {
+pub(crate) fn check(s: &AttentionShape, q: &HeadsRef, k: &HeadsRef, v: &HeadsRef) {
     let w = s.heads * s.head_dim;
     for (x, len) in [(q, s.q_len), (k, s.k_len), (v, s.k_len)] {
         assert!(
@@ -162,8 +174,9 @@ pub fn attention_forward(
             // SAFETY: operand bounds were checked; each task owns its probs block and its out block.
             unsafe { gemm_strided(tq, tk, d, pm, false, q.head(b, tq, h, d), kt, scale, none) };
             for (i, row) in p.chunks_mut(tk).enumerate() {
-                let (valid, padding) = masks.row(b, tk, i);
-                softmax_row(row, valid, padding);
+                let (lo, hi) = masks.visible(i, tk);
+                row[..lo].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                softmax_row(row, hi, masks.padding(b, tk));
             }
             let pr = MatRef {
                 ptr: p.as_ptr(),
@@ -293,7 +306,7 @@ pub struct KvBlocks<'a> {
     pub v_offset: usize,
 }
 
-/// One query per row against keys `0..k_len` of its block (incremental decoding, where the
+/// One query per row against keys `k_start..k_len` of its block (incremental decoding, where the
 /// query is the newest position): `out[r] = softmax(q[r]·K[block[r]]ᵀ · scale) V[block[r]]`.
 /// out: (R, H·D); q: (R, ·) with row stride `q_rs`; `block[r]` picks row r's key/value block
 /// (beam hypotheses of one source share its cross-attention block); padding: (blocks, rows).
@@ -304,6 +317,7 @@ pub fn attention_one_query(
     q_rs: usize,
     kv: KvBlocks,
     block: &[usize],
+    k_start: usize,
     k_len: usize,
     padding: Option<&[bool]>,
     heads: usize,
@@ -311,22 +325,23 @@ pub fn attention_one_query(
     scale: f32,
 ) {
     let (w, d) = (heads * head_dim, head_dim);
-    assert!(k_len <= kv.rows && out.len() >= block.len() * w);
+    assert!(k_start < k_len && k_len <= kv.rows && out.len() >= block.len() * w);
     out[..block.len() * w]
         .par_chunks_mut(w)
         .zip(block.par_iter())
         .enumerate()
         .for_each(|(r, (o, &blk))| {
-            let mut scores = vec![0.0f32; k_len];
-            let base = blk * kv.rows * kv.rs;
-            let pad = padding.map(|m| &m[blk * kv.rows..blk * kv.rows + k_len]);
+            let n = k_len - k_start;
+            let mut scores = vec![0.0f32; n];
+            let base = (blk * kv.rows + k_start) * kv.rs;
+            let pad = padding.map(|m| &m[blk * kv.rows + k_start..blk * kv.rows + k_len]);
             for h in 0..heads {
                 let qh = &q[r * q_rs + h * d..][..d];
                 for (j, s) in scores.iter_mut().enumerate() {
                     let kj = &kv.data[base + j * kv.rs + kv.k_offset + h * d..][..d];
                     *s = simd::dot(qh, kj) * scale;
                 }
-                softmax_row(&mut scores, k_len, pad);
+                softmax_row(&mut scores, n, pad);
                 let oh = &mut o[h * d..(h + 1) * d];
                 oh.iter_mut().for_each(|x| *x = 0.0);
                 for (j, &pj) in scores.iter().enumerate() {

@@ -40,6 +40,76 @@ impl MatRef {
     }
 }
 
+impl MatRef {
+    /// The view starting `n` rows further down.
+    pub fn offset_rows(self, n: usize) -> Self {
+        Self {
+            ptr: self.ptr.wrapping_offset(n as isize * self.rs),
+            ..self
+        }
+    }
+
+    /// The transpose, as a view of the same memory.
+    pub fn transposed(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Row 0 as a slice of `n` elements.
+    ///
+    /// # Safety
+    /// The view must be row-contiguous (`cs == 1`) and address `n` valid elements.
+    pub unsafe fn row<'a>(self, n: usize) -> &'a [f32] {
+        debug_assert_eq!(self.cs, 1);
+        std::slice::from_raw_parts(self.ptr, n)
+    }
+}
+
+impl MatMut {
+    /// The view starting `n` rows further down.
+    pub fn offset_rows(self, n: usize) -> Self {
+        Self {
+            ptr: self.ptr.wrapping_offset(n as isize * self.rs),
+            ..self
+        }
+    }
+
+    pub fn as_ref(self) -> MatRef {
+        MatRef {
+            ptr: self.ptr,
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
+    /// Set the (rows, cols) block to `value`.
+    ///
+    /// # Safety
+    /// The block must be valid memory that no other thread accesses meanwhile.
+    pub unsafe fn fill(self, rows: usize, cols: usize, value: f32) {
+        for i in 0..rows {
+            for j in 0..cols {
+                *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) = value;
+            }
+        }
+    }
+
+    /// Multiply the (rows, cols) block by `factor`.
+    ///
+    /// # Safety
+    /// As [`MatMut::fill`].
+    pub unsafe fn fill_scale(self, rows: usize, cols: usize, factor: f32) {
+        for i in 0..rows {
+            for j in 0..cols {
+                *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) *= factor;
+            }
+        }
+    }
+}
+
 /// `dst (m, n) = [dst +] scale * a (m, k) · b (k, n)` on strided views.
 ///
 /// # Safety

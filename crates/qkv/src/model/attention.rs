@@ -5,23 +5,66 @@
 //! ("memory"). Heads are strided views into those buffers (see `kernels::attention`).
 
 use super::buf;
+use super::config::{AttentionKind, ModelConfig};
 use super::kv_cache::{LayerKv, StepCtx};
 use super::linear::Linear;
 use crate::kernels::attention::{
     attention_backward, attention_forward, attention_one_query, AttentionShape, HeadsMut, HeadsRef,
     KvBlocks, Masks,
 };
+use crate::kernels::flash::{flash_backward, flash_forward};
+use crate::kernels::linear_attention::{
+    linear_attention_backward, linear_attention_forward, linear_attention_step,
+};
 use crate::params::ParamBuilder;
+
+/// The masks of the last forward, owned, because the fused kernels apply them again in backward.
+#[derive(Clone, Debug, Default)]
+struct SavedMasks {
+    padding: Option<Vec<bool>>,
+    causal: bool,
+    window: Option<usize>,
+}
+
+impl SavedMasks {
+    fn save(&mut self, m: &Masks) {
+        match (m.key_padding, &mut self.padding) {
+            (Some(src), Some(dst)) => {
+                dst.clear();
+                dst.extend_from_slice(src);
+            }
+            (Some(src), None) => self.padding = Some(src.to_vec()),
+            (None, p) => *p = None,
+        }
+        self.causal = m.causal;
+        self.window = m.window;
+    }
+
+    fn masks(&self) -> Masks<'_> {
+        Masks {
+            key_padding: self.padding.as_deref(),
+            causal: self.causal,
+            window: self.window,
+        }
+    }
+}
 
 /// Buffers shared by both kinds: the attention core and the output projection.
 #[derive(Clone, Debug, Default)]
 struct Core {
-    probs: Vec<f32>,   // (B, H, Tq, Tk)
+    kind: AttentionKind,
+    /// Run the materialized kernel and keep its weights, whatever `kind` says.
+    record_weights: bool,
+    /// What backward needs from forward: the probabilities (B, H, Tq, Tk) when materialized,
+    /// the log-sum-exp (B, H, Tq) for flash, the normalisers (B, H, Tq) for linear.
+    saved: Vec<f32>,
     ctx: Vec<f32>,     // (B, Tq, C) concatenated heads
     out: Vec<f32>,     // (B, Tq, C) after Wᴼ
     dctx: Vec<f32>,    // (B, Tq, C)
-    scratch: Vec<f32>, // (B, H, Tq, Tk)
-    shape: Option<AttentionShape>,
+    scratch: Vec<f32>, // (B, H, Tq, Tk), materialized backward only
+    masks: SavedMasks,
+    /// Shape and kernel of the last forward.
+    last: Option<(AttentionShape, AttentionKind)>,
 }
 
 #[derive(Clone, Debug)]
@@ -30,22 +73,34 @@ pub struct SelfAttention {
     pub out: Linear,
     pub heads: usize,
     c: usize,
+    window: Option<usize>,
     qkv_buf: Vec<f32>, // (B, T, 3C)
     dqkv: Vec<f32>,    // (B, T, 3C)
     core: Core,
 }
 
 impl SelfAttention {
-    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, heads: usize) -> Self {
+    pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig) -> Self {
+        let c = cfg.d_model;
         Self {
             qkv: Linear::new(pb, &format!("{name}.qkv"), c, 3 * c, true),
             out: Linear::new(pb, &format!("{name}.out"), c, c, true),
-            heads,
+            heads: cfg.n_heads,
             c,
+            window: cfg.attention_window,
             qkv_buf: Vec::new(),
             dqkv: Vec::new(),
-            core: Core::default(),
+            core: Core {
+                kind: cfg.attention,
+                ..Core::default()
+            },
         }
+    }
+
+    /// Keep the attention weights of every following forward (see [`SelfAttention::weights`]);
+    /// this runs the materialized kernel, which computes the same function.
+    pub fn record_weights(&mut self, on: bool) {
+        self.core.record_weights = on;
     }
 
     /// x: (B, T, C) → (B, T, C)
@@ -73,11 +128,15 @@ impl SelfAttention {
             rs: 3 * c,
             offset,
         };
+        let masks = Masks {
+            window: self.window,
+            ..*masks
+        };
         self.core
-            .forward(p, &self.out, view(0), view(c), view(2 * c), shape, masks)
+            .forward(p, &self.out, view(0), view(c), view(2 * c), shape, &masks)
     }
 
-    /// Attention weights of the last forward, (B, H, T, T).
+    /// Attention weights of the last forward, (B, H, T, T), if it recorded them.
     pub fn weights(&self) -> Option<&[f32]> {
         self.core.weights()
     }
@@ -93,7 +152,7 @@ impl SelfAttention {
         accumulate: bool,
     ) {
         let c = self.c;
-        let s = self.core.shape.expect("backward before forward");
+        let (s, _) = self.core.last.expect("backward before forward");
         let n = s.batch * s.q_len;
         let qkv = &self.qkv_buf[..n * 3 * c];
         let view = |offset| HeadsRef {
@@ -144,19 +203,33 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, heads: usize) -> Self {
+    pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig) -> Self {
+        let c = cfg.d_model;
+        // Linear attention is a self-attention model; the source is attended with softmax.
+        let kind = match cfg.attention {
+            AttentionKind::Linear => AttentionKind::Flash,
+            k => k,
+        };
         Self {
             q: Linear::new(pb, &format!("{name}.q"), c, c, true),
             kv: Linear::new(pb, &format!("{name}.kv"), c, 2 * c, true),
             out: Linear::new(pb, &format!("{name}.out"), c, c, true),
-            heads,
+            heads: cfg.n_heads,
             c,
             q_buf: Vec::new(),
             kv_buf: Vec::new(),
             dq: Vec::new(),
             dkv: Vec::new(),
-            core: Core::default(),
+            core: Core {
+                kind,
+                ..Core::default()
+            },
         }
+    }
+
+    /// As [`SelfAttention::record_weights`].
+    pub fn record_weights(&mut self, on: bool) {
+        self.core.record_weights = on;
     }
 
     /// x: (B, Tq, C) queries; memory: (B, Tk, C) encoder output → (B, Tq, C)
@@ -195,6 +268,7 @@ impl CrossAttention {
         let masks = Masks {
             key_padding: memory_padding,
             causal: false,
+            window: None,
         };
         self.core
             .forward(p, &self.out, q, kv(0), kv(c), shape, &masks)
@@ -218,7 +292,7 @@ impl CrossAttention {
         dmemory: &mut [f32],
     ) {
         let c = self.c;
-        let s = self.core.shape.expect("backward before forward");
+        let (s, _) = self.core.last.expect("backward before forward");
         let (nq, nk) = (s.batch * s.q_len, s.batch * s.k_len);
         let q = HeadsRef {
             data: &self.q_buf[..nq * c],
@@ -264,18 +338,39 @@ impl Core {
     ) -> &[f32] {
         let c = s.heads * s.head_dim;
         let n = s.batch * s.q_len;
+        let rows = s.batch * s.heads * s.q_len;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let probs = buf(&mut self.probs, s.batch * s.heads * s.q_len * s.k_len);
+        let kind = if self.record_weights {
+            AttentionKind::Materialized
+        } else {
+            self.kind
+        };
         let ctx = buf(&mut self.ctx, n * c);
-        attention_forward(ctx, probs, q, k, v, s, masks, scale);
+        match kind {
+            AttentionKind::Materialized => {
+                let probs = buf(&mut self.saved, rows * s.k_len);
+                attention_forward(ctx, probs, q, k, v, s, masks, scale);
+            }
+            AttentionKind::Flash => {
+                flash_forward(ctx, buf(&mut self.saved, rows), q, k, v, s, masks, scale)
+            }
+            AttentionKind::Linear => {
+                linear_attention_forward(ctx, buf(&mut self.saved, rows), q, k, v, s, masks)
+            }
+        }
+        self.masks.save(masks);
         out_proj.forward(p, &self.ctx[..n * c], buf(&mut self.out, n * c));
-        self.shape = Some(s);
+        self.last = Some((s, kind));
         &self.out[..n * c]
     }
 
     fn weights(&self) -> Option<&[f32]> {
-        self.shape
-            .map(|s| &self.probs[..s.batch * s.heads * s.q_len * s.k_len])
+        match self.last {
+            Some((s, AttentionKind::Materialized)) => {
+                Some(&self.saved[..s.batch * s.heads * s.q_len * s.k_len])
+            }
+            _ => None,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -292,26 +387,37 @@ impl Core {
         k: HeadsRef,
         v: HeadsRef,
     ) {
-        let s = self.shape.expect("backward before forward");
+        let (s, kind) = self.last.expect("backward before forward");
         let c = s.heads * s.head_dim;
         let n = s.batch * s.q_len;
         let dctx = buf(&mut self.dctx, n * c);
         out_proj.backward(p, g, &self.ctx[..n * c], dy, Some(dctx), false, false);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let scratch = buf(&mut self.scratch, s.batch * s.heads * s.q_len * s.k_len);
-        attention_backward(
-            dq,
-            dk,
-            dv,
-            &self.dctx[..n * c],
-            &self.probs,
-            q,
-            k,
-            v,
-            scratch,
-            s,
-            scale,
-        );
+        let (dctx, ctx) = (&self.dctx[..n * c], &self.ctx[..n * c]);
+        let masks = self.masks.masks();
+        match kind {
+            AttentionKind::Materialized => {
+                let scratch = buf(&mut self.scratch, s.batch * s.heads * s.q_len * s.k_len);
+                attention_backward(dq, dk, dv, dctx, &self.saved, q, k, v, scratch, s, scale);
+            }
+            AttentionKind::Flash => flash_backward(
+                dq,
+                dk,
+                dv,
+                dctx,
+                ctx,
+                &self.saved,
+                q,
+                k,
+                v,
+                s,
+                &masks,
+                scale,
+            ),
+            AttentionKind::Linear => {
+                linear_attention_backward(dq, dk, dv, dctx, ctx, &self.saved, q, k, v, s, &masks)
+            }
+        }
     }
 }
 
@@ -323,6 +429,20 @@ impl SelfAttention {
         let r = x.len() / c;
         let qkv = buf(&mut self.qkv_buf, r * 3 * c);
         self.qkv.forward(p, x, qkv);
+        let d = c / self.heads;
+        if self.core.kind == AttentionKind::Linear {
+            let ctx_buf = buf(&mut self.core.ctx, r * c);
+            linear_attention_step(
+                ctx_buf,
+                &mut kv.data,
+                &self.qkv_buf[..r * 3 * c],
+                self.heads,
+                d,
+            );
+            self.out
+                .forward(p, &self.core.ctx[..r * c], buf(&mut self.core.out, r * c));
+            return &self.core.out[..r * c];
+        }
         for row in 0..r {
             let dst = (row * kv.rows + ctx.pos) * 2 * c;
             kv.data[dst..dst + 2 * c].copy_from_slice(&qkv[row * 3 * c + c..(row + 1) * 3 * c]);
@@ -334,15 +454,16 @@ impl SelfAttention {
             k_offset: 0,
             v_offset: c,
         };
-        let d = c / self.heads;
         let ctx_buf = buf(&mut self.core.ctx, r * c);
         let scale = 1.0 / (d as f32).sqrt();
+        let start = self.window.map_or(0, |w| (ctx.pos + 1).saturating_sub(w));
         attention_one_query(
             ctx_buf,
             &self.qkv_buf,
             3 * c,
             blocks,
             ctx.own,
+            start,
             ctx.pos + 1,
             None,
             self.heads,
@@ -361,7 +482,11 @@ impl CrossAttention {
     pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> LayerKv {
         let mut data = vec![0.0; memory.len() * 2];
         self.kv.forward(p, memory, &mut data);
-        LayerKv { data, rows: s_len }
+        LayerKv {
+            data,
+            rows: s_len,
+            state: 0,
+        }
     }
 
     /// x: (R, C) → (R, C), attending over the row's source in `kv` (B, S, 2C).
@@ -385,6 +510,7 @@ impl CrossAttention {
             c,
             blocks,
             ctx.source_of,
+            0,
             kv.rows,
             Some(ctx.src_padding),
             self.heads,

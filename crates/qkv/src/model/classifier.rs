@@ -87,6 +87,7 @@ impl Classifier {
         let masks = Masks {
             key_padding: Some(&self.pad),
             causal: false,
+            window: None,
         };
         let h = self.encoder.forward(p, x, b, t, &masks, mode);
         let pooled = buf(&mut self.pooled, b * c);

@@ -43,6 +43,22 @@ pub enum Pooling {
     First,
 }
 
+/// How attention is computed. The softmax kinds give the same function (Eq. 1) and differ only
+/// in memory and speed; `linear` is a different model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// Fused FlashAttention-2 kernel: scores never materialized, memory linear in T.
+    #[default]
+    Flash,
+    /// Scores materialized as a (B, H, Tq, Tk) tensor: the reference, and the only kind that
+    /// can return attention weights.
+    Materialized,
+    /// Linear attention with feature map elu(x)+1 (Katharopoulos et al., 2020); self-attention
+    /// only (cross-attention stays softmax).
+    Linear,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -80,6 +96,12 @@ pub struct ModelConfig {
     pub pad_id: u32,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f32,
+    #[serde(default)]
+    pub attention: AttentionKind,
+    /// Sliding-window self-attention: each query sees the `w` nearest keys on each side
+    /// (|i − j| < w), or the `w` most recent ones under the causal mask. Softmax kinds only.
+    #[serde(default)]
+    pub attention_window: Option<usize>,
 }
 
 fn default_pooling() -> Pooling {
@@ -128,11 +150,22 @@ impl ModelConfig {
             pooling: Pooling::Mean,
             pad_id: 0,
             layer_norm_eps: 1e-5,
+            attention: AttentionKind::Flash,
+            attention_window: None,
         })
     }
 
     pub fn tgt_vocab(&self) -> usize {
         self.tgt_vocab_size.unwrap_or(self.vocab_size)
+    }
+
+    /// Floats of recurrent decoding state per row and layer: linear attention keeps (S, z) per
+    /// head, (D·D + D) floats; softmax attention keeps keys and values instead (0 here).
+    pub fn recurrent_state(&self) -> usize {
+        match self.attention {
+            AttentionKind::Linear => self.d_model * (self.head_dim() + 1),
+            _ => 0,
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -164,6 +197,13 @@ impl ModelConfig {
                 "pad_id {} is outside the vocabulary (size {})",
                 self.pad_id, self.vocab_size
             ));
+        }
+        match (self.attention, self.attention_window) {
+            (_, Some(0)) => return bad("attention_window must be positive".into()),
+            (AttentionKind::Linear, Some(_)) => {
+                return bad("attention_window applies to softmax attention, not linear".into())
+            }
+            _ => {}
         }
         match self.family {
             Family::Seq2seq => {

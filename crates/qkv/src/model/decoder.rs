@@ -36,7 +36,7 @@ impl DecoderLayer {
     pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig, sites: &mut SiteIds) -> Self {
         let (c, eps, placement) = (cfg.d_model, cfg.layer_norm_eps, cfg.norm);
         Self {
-            self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), c, cfg.n_heads),
+            self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), cfg),
             self_attn_norm: AddNorm::new(
                 pb,
                 &format!("{name}.self_attn_norm"),
@@ -45,7 +45,7 @@ impl DecoderLayer {
                 placement,
                 sites.next(),
             ),
-            cross_attn: CrossAttention::new(pb, &format!("{name}.cross_attn"), c, cfg.n_heads),
+            cross_attn: CrossAttention::new(pb, &format!("{name}.cross_attn"), cfg),
             cross_attn_norm: AddNorm::new(
                 pb,
                 &format!("{name}.cross_attn_norm"),

@@ -24,7 +24,7 @@ impl EncoderLayer {
     pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig, sites: &mut SiteIds) -> Self {
         let (c, eps, placement) = (cfg.d_model, cfg.layer_norm_eps, cfg.norm);
         Self {
-            self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), c, cfg.n_heads),
+            self_attn: SelfAttention::new(pb, &format!("{name}.self_attn"), cfg),
             self_attn_norm: AddNorm::new(
                 pb,
                 &format!("{name}.self_attn_norm"),

@@ -8,17 +8,23 @@
 use crate::error::{shape_err, Error, Result};
 
 /// One layer's keys and values: `blocks` blocks of `rows` positions of `[K | V]` (2C floats).
+/// A linear-attention layer keeps instead a fixed recurrent state of `state` floats per block
+/// (its (S, z) per head), whatever the position.
 #[derive(Clone, Debug, Default)]
 pub struct LayerKv {
     pub data: Vec<f32>,
     pub rows: usize,
+    pub state: usize,
 }
 
 impl LayerKv {
-    pub(crate) fn zeros(blocks: usize, rows: usize, c: usize) -> Self {
+    /// `state == 0`: room for `rows` positions per block; otherwise one recurrent state each.
+    pub(crate) fn zeros(blocks: usize, rows: usize, c: usize, state: usize) -> Self {
+        let per_block = if state > 0 { state } else { rows * 2 * c };
         Self {
-            data: vec![0.0; blocks * rows * 2 * c],
+            data: vec![0.0; blocks * per_block],
             rows,
+            state,
         }
     }
 }
@@ -44,13 +50,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub(crate) fn new(rows: usize, capacity: usize, c: usize, layers: usize) -> Self {
+    /// `state`: floats of recurrent state per row for linear-attention layers, else 0.
+    pub(crate) fn new(rows: usize, capacity: usize, c: usize, layers: usize, state: usize) -> Self {
         Self {
             len: 0,
             capacity,
             c,
             self_kv: (0..layers)
-                .map(|_| LayerKv::zeros(rows, capacity, c))
+                .map(|_| LayerKv::zeros(rows, capacity, c, state))
                 .collect(),
             cross_kv: Vec::new(),
             src_padding: Vec::new(),
@@ -74,11 +81,15 @@ impl KvCache {
     pub fn reorder(&mut self, order: &[usize]) {
         let (n, w) = (self.len, 2 * self.c);
         for layer in &mut self.self_kv {
-            let rows = layer.rows;
-            let mut data = vec![0.0; order.len() * rows * w];
+            // Copy a row's recurrent state, or its decoded positions.
+            let (block, used) = if layer.state > 0 {
+                (layer.state, layer.state)
+            } else {
+                (layer.rows * w, n * w)
+            };
+            let mut data = vec![0.0; order.len() * block];
             for (dst, &src) in order.iter().enumerate() {
-                data[dst * rows * w..][..n * w]
-                    .copy_from_slice(&layer.data[src * rows * w..][..n * w]);
+                data[dst * block..][..used].copy_from_slice(&layer.data[src * block..][..used]);
             }
             layer.data = data;
         }

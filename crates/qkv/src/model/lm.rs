@@ -85,6 +85,7 @@ impl LanguageModel {
         let masks = Masks {
             key_padding: Some(&self.pad),
             causal: true,
+            window: None,
         };
         let h = self.decoder.forward(p, x, b, t, &masks, mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
@@ -144,6 +145,7 @@ impl LanguageModel {
             capacity,
             self.config.d_model,
             self.decoder.layers.len(),
+            self.config.recurrent_state(),
         )
     }
 }

@@ -21,7 +21,7 @@ pub mod norm;
 pub mod seq2seq;
 
 pub use classifier::Classifier;
-pub use config::{Family, ModelConfig, NormPlacement, Pooling, Positional};
+pub use config::{AttentionKind, Family, ModelConfig, NormPlacement, Pooling, Positional};
 pub use kv_cache::{Incremental, KvCache};
 pub use lm::LanguageModel;
 pub use seq2seq::Seq2Seq;

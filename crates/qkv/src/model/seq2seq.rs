@@ -109,6 +109,7 @@ impl Seq2Seq {
         let masks = Masks {
             key_padding: Some(&self.src_pad),
             causal: false,
+            window: None,
         };
         Ok(self.encoder.forward(p, x, src.batch, src.len, &masks, mode))
     }
@@ -133,6 +134,7 @@ impl Seq2Seq {
         let masks = Masks {
             key_padding: Some(&self.tgt_pad),
             causal: true,
+            window: None,
         };
         let memory = Memory {
             states: self.encoder.output(b * s * c),
@@ -217,7 +219,13 @@ impl Seq2Seq {
         self.encode(src, Mode::EVAL)?;
         let (b, s, c) = (src.batch, src.len, self.config.d_model);
         let capacity = max_len.min(self.config.max_len);
-        let mut cache = KvCache::new(b, capacity, c, self.decoder.layers.len());
+        let mut cache = KvCache::new(
+            b,
+            capacity,
+            c,
+            self.decoder.layers.len(),
+            self.config.recurrent_state(),
+        );
         cache.cross_kv =
             self.decoder
                 .memory_kv(&self.params.data, self.encoder.output(b * s * c), s);

@@ -1,0 +1,327 @@
+//! Fused attention, the FlashAttention-2 algorithm (Dao, 2023) on the CPU: the same math as the
+//! materialized reference in [`super::attention`] (Eq. 1 of the paper, same masks, same
+//! strided per-head views), but the (Tq, Tk) score matrix never exists. A tile of `BR` queries
+//! streams over tiles of `BC` keys, keeping a running row maximum `m` and normaliser `l` (the
+//! "online softmax"); forward saves only the log-sum-exp `lse = m + ln l` per query row, and
+//! backward recomputes each score tile from it. Extra memory is O(threads · BR · BC), not
+//! O(Tq · Tk), so a 16k-token sequence costs no more scratch than a 64-token one.
+//!
+//! Tile products go through the `gemm` crate (single-threaded inside a task); the parallelism is
+//! over (batch, head, query tile) in forward and over (batch, head) in backward, where each task
+//! owns its head's dQ and so needs no atomics.
+
+use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
+use super::matmul::{gemm_strided, MatMut, MatRef};
+use crate::parallel::SendPtr;
+use crate::simd::{self, multiversion};
+use rayon::prelude::*;
+
+/// Query rows per tile.
+const BR: usize = 64;
+/// Key columns per tile. A (BR, BC) score tile is 64 KB: it and the Q, K and V tiles stay in L2.
+const BC: usize = 256;
+
+/// Does query tile `[i0, i1)` see anything of key tile `[j0, j1)`?
+#[inline]
+fn tile_visible(masks: &Masks, i0: usize, i1: usize, j0: usize, j1: usize, k_len: usize) -> bool {
+    let (lo_first, _) = masks.visible(i0, k_len);
+    let (_, hi_last) = masks.visible(i1 - 1, k_len);
+    // lo and hi are non-decreasing in i, so the tile's visible band is [lo(i0), hi(i1 − 1)).
+    j0 < hi_last && lo_first < j1
+}
+
+/// Set masked entries of one score row (keys `j0..j0 + row.len()`) to −∞.
+#[inline]
+fn mask_row(row: &mut [f32], j0: usize, lo: usize, hi: usize, padding: Option<&[bool]>) {
+    let n = row.len();
+    let a = lo.saturating_sub(j0).min(n);
+    let b = hi.saturating_sub(j0).min(n).max(a);
+    row[..a].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    row[b..].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+    if let Some(pad) = padding {
+        for (v, &m) in row[a..b].iter_mut().zip(&pad[j0 + a..j0 + b]) {
+            if m {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One row of the online softmax: `row` holds masked scores (−∞ = hidden); on exit it holds
+    /// `exp(score − m_new)` (0 where hidden). Returns (m_new, the factor `exp(m_old − m_new)` that
+    /// rescales the running sum and output, and the row's sum).
+    fn online_row(row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
+        let m_new = simd::max(row).max(m_old);
+        if m_new == f32::NEG_INFINITY {
+            row.iter_mut().for_each(|v| *v = 0.0);
+            return (m_new, 1.0, 0.0);
+        }
+        for v in row.iter_mut() {
+            let e = simd::exp(*v - m_new);
+            *v = if *v == f32::NEG_INFINITY { 0.0 } else { e };
+        }
+        let alpha = if m_old == f32::NEG_INFINITY { 0.0 } else { simd::exp(m_old - m_new) };
+        (m_new, alpha, simd::sum(row))
+    }
+}
+
+multiversion! {
+    /// `row ← exp(row − lse)` with hidden (−∞) entries 0: the probabilities, recomputed.
+    fn probs_row(row: &mut [f32], lse: f32) {
+        if lse == f32::NEG_INFINITY {
+            row.iter_mut().for_each(|v| *v = 0.0);
+            return;
+        }
+        for v in row.iter_mut() {
+            let e = simd::exp(*v - lse);
+            *v = if *v == f32::NEG_INFINITY { 0.0 } else { e };
+        }
+    }
+}
+
+multiversion! {
+    /// `dp ← p ∘ (dp − delta) · scale`: the score gradient of one row.
+    fn dscore_row(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) {
+        dp.iter_mut().zip(p).for_each(|(d, &pv)| *d = pv * (*d - delta) * scale);
+    }
+}
+
+/// Scratch of one forward task.
+struct FwdScratch {
+    s: Vec<f32>, // (BR, BC) scores, then probabilities
+    m: Vec<f32>, // (BR,) running max
+    l: Vec<f32>, // (BR,) running sum
+}
+
+/// Forward. out: (B, Tq, H·D) contiguous; lse: (B, H, Tq) log-sum-exp per query row (−∞ for a
+/// row that sees no key; its output is 0, as in the reference).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: HeadsRef,
+    k: HeadsRef,
+    v: HeadsRef,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let _p = crate::profile::scope("attention forward");
+    super::attention::check(&s, &q, &k, &v);
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let w = hh * d;
+    assert!(out.len() >= s.batch * tq * w && lse.len() >= s.batch * hh * tq);
+    let [o] = HeadsMut::split(out, w, w, [0]);
+    let lse_ptr = SendPtr(lse.as_mut_ptr());
+    let q_tiles = tq.div_ceil(BR);
+    (0..s.batch * hh * q_tiles).into_par_iter().for_each_init(
+        || FwdScratch {
+            s: vec![0.0; BR * BC],
+            m: vec![0.0; BR],
+            l: vec![0.0; BR],
+        },
+        |sc, task| {
+            let (bh, qt) = (task / q_tiles, task % q_tiles);
+            let (b, h) = (bh / hh, bh % hh);
+            let i0 = qt * BR;
+            let rows = BR.min(tq - i0);
+            let none = gemm::Parallelism::None;
+            let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let qh = q.head(b, tq, h, d).offset_rows(i0);
+            let kh = k.head(b, tk, h, d);
+            let vh = v.head(b, tk, h, d);
+            let oh = o.head(b, tq, h, d).offset_rows(i0);
+            // SAFETY: this task alone writes rows [i0, i0 + rows) of head (b, h).
+            unsafe { oh.fill(rows, d, 0.0) };
+            let (m, l) = (&mut sc.m[..rows], &mut sc.l[..rows]);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            for j0 in (0..tk).step_by(BC) {
+                let cols = BC.min(tk - j0);
+                if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
+                    continue;
+                }
+                let st = MatMut {
+                    ptr: sc.s.as_mut_ptr(),
+                    rs: cols as isize,
+                    cs: 1,
+                };
+                // SAFETY: operand bounds were checked; the score tile is this task's scratch.
+                unsafe {
+                    gemm_strided(
+                        rows,
+                        cols,
+                        d,
+                        st,
+                        false,
+                        qh,
+                        kh.offset_rows(j0).transposed(),
+                        scale,
+                        none,
+                    )
+                };
+                for (r, row) in sc.s[..rows * cols].chunks_mut(cols).enumerate() {
+                    let (lo, hi) = masks.visible(i0 + r, tk);
+                    mask_row(row, j0, lo, hi, padding);
+                    let (m_new, alpha, sum) = online_row(row, m[r]);
+                    m[r] = m_new;
+                    l[r] = l[r] * alpha + sum;
+                    if alpha != 1.0 {
+                        // SAFETY: as above.
+                        unsafe { oh.offset_rows(r).fill_scale(1, d, alpha) };
+                    }
+                }
+                let pt = MatRef {
+                    ptr: sc.s.as_ptr(),
+                    rs: cols as isize,
+                    cs: 1,
+                };
+                // SAFETY: as above; O += P V over this key tile.
+                unsafe { gemm_strided(rows, d, cols, oh, true, pt, vh.offset_rows(j0), 1.0, none) };
+            }
+            for r in 0..rows {
+                let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+                // SAFETY: as above.
+                unsafe { oh.offset_rows(r).fill_scale(1, d, inv) };
+                let val = if l[r] > 0.0 {
+                    m[r] + l[r].ln()
+                } else {
+                    f32::NEG_INFINITY
+                };
+                // SAFETY: lse row (b, h, i0 + r) belongs to this task; length was checked.
+                unsafe { *lse_ptr.get().add(bh * tq + i0 + r) = val };
+            }
+        },
+    );
+}
+
+/// Scratch of one backward task.
+struct BwdScratch {
+    p: Vec<f32>,     // (BR, BC) probabilities
+    dp: Vec<f32>,    // (BR, BC) probability, then score, gradients
+    delta: Vec<f32>, // (Tq,) rowsum(dO ∘ O)
+}
+
+/// Backward. dout, out: (B, Tq, H·D); lse from [`flash_forward`]. Writes (overwrites) dq, dk, dv.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(
+    dq: &HeadsMut,
+    dk: &HeadsMut,
+    dv: &HeadsMut,
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    q: HeadsRef,
+    k: HeadsRef,
+    v: HeadsRef,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let _p = crate::profile::scope("attention backward");
+    super::attention::check(&s, &q, &k, &v);
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let w = hh * d;
+    assert!(
+        dout.len() >= s.batch * tq * w
+            && out.len() >= s.batch * tq * w
+            && lse.len() >= s.batch * hh * tq
+    );
+    let (dov, ov) = (
+        HeadsRef {
+            data: dout,
+            rs: w,
+            offset: 0,
+        },
+        HeadsRef {
+            data: out,
+            rs: w,
+            offset: 0,
+        },
+    );
+    (0..s.batch * hh).into_par_iter().for_each_init(
+        || BwdScratch {
+            p: vec![0.0; BR * BC],
+            dp: vec![0.0; BR * BC],
+            delta: Vec::new(),
+        },
+        |sc, bh| {
+            let (b, h) = (bh / hh, bh % hh);
+            let none = gemm::Parallelism::None;
+            let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let lse = &lse[bh * tq..(bh + 1) * tq];
+            let (qh, kh, vh) = (
+                q.head(b, tq, h, d),
+                k.head(b, tk, h, d),
+                v.head(b, tk, h, d),
+            );
+            let (doh, oh) = (dov.head(b, tq, h, d), ov.head(b, tq, h, d));
+            let (dqh, dkh, dvh) = (
+                dq.head(b, tq, h, d),
+                dk.head(b, tk, h, d),
+                dv.head(b, tk, h, d),
+            );
+            sc.delta.clear();
+            sc.delta.extend((0..tq).map(|i| {
+                // SAFETY: rows of heads checked by `check` / the assert above.
+                let (a, c) = unsafe { (doh.offset_rows(i).row(d), oh.offset_rows(i).row(d)) };
+                simd::dot(a, c)
+            }));
+            // SAFETY: this task alone writes head (b, h) of dq, dk and dv.
+            unsafe {
+                dqh.fill(tq, d, 0.0);
+                dkh.fill(tk, d, 0.0);
+                dvh.fill(tk, d, 0.0);
+            }
+            for j0 in (0..tk).step_by(BC) {
+                let cols = BC.min(tk - j0);
+                let (kj, vj) = (kh.offset_rows(j0), vh.offset_rows(j0));
+                let (dkj, dvj) = (dkh.offset_rows(j0), dvh.offset_rows(j0));
+                for i0 in (0..tq).step_by(BR) {
+                    let rows = BR.min(tq - i0);
+                    if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
+                        continue;
+                    }
+                    let (qi, doi, dqi) =
+                        (qh.offset_rows(i0), doh.offset_rows(i0), dqh.offset_rows(i0));
+                    let tile = |buf: &mut Vec<f32>| MatMut {
+                        ptr: buf.as_mut_ptr(),
+                        rs: cols as isize,
+                        cs: 1,
+                    };
+                    let (pm, dpm) = (tile(&mut sc.p), tile(&mut sc.dp));
+                    let (pr, dsr) = (pm.as_ref(), dpm.as_ref());
+                    // SAFETY: operand bounds checked; scratch and this head's gradients are the
+                    // task's own.
+                    unsafe {
+                        // S = scale · Q_i K_jᵀ, then P = exp(S − lse)
+                        gemm_strided(rows, cols, d, pm, false, qi, kj.transposed(), scale, none);
+                    }
+                    for (r, row) in sc.p[..rows * cols].chunks_mut(cols).enumerate() {
+                        let (lo, hi) = masks.visible(i0 + r, tk);
+                        mask_row(row, j0, lo, hi, padding);
+                        probs_row(row, lse[i0 + r]);
+                    }
+                    unsafe {
+                        // dV_j += P_ijᵀ dO_i ; dP = dO_i V_jᵀ
+                        gemm_strided(cols, d, rows, dvj, true, pr.transposed(), doi, 1.0, none);
+                        gemm_strided(rows, cols, d, dpm, false, doi, vj.transposed(), 1.0, none);
+                    }
+                    for (r, (dpr, prow)) in sc.dp[..rows * cols]
+                        .chunks_mut(cols)
+                        .zip(sc.p[..rows * cols].chunks(cols))
+                        .enumerate()
+                    {
+                        dscore_row(dpr, prow, sc.delta[i0 + r], scale);
+                    }
+                    unsafe {
+                        // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
+                        gemm_strided(rows, d, cols, dqi, true, dsr, kj, 1.0, none);
+                        gemm_strided(cols, d, rows, dkj, true, dsr.transposed(), qi, 1.0, none);
+                    }
+                }
+            }
+        },
+    );
+}
