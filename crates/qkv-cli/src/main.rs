@@ -45,6 +45,52 @@ enum Command {
 enum BenchCommand {
     /// Time one training step (forward, backward, AdamW) of a model.
     TrainStep(TrainStepArgs),
+    /// Time one self-attention call (Tq = Tk = N) of one kernel; reports its peak memory.
+    Attention(AttentionArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionKindArg {
+    Flash,
+    Reference,
+    Linear,
+    Window,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(clap::Args)]
+struct AttentionArgs {
+    /// Sequence length (queries = keys).
+    #[arg(long)]
+    n: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long)]
+    causal: bool,
+    /// Time forward + backward instead of forward only.
+    #[arg(long)]
+    backward: bool,
+    #[arg(long, value_enum, default_value = "flash")]
+    kind: AttentionKindArg,
+    /// Keys per query for `--kind window`.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Timed calls (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -160,6 +206,9 @@ fn main() -> Result<()> {
                 }
             }
         }
+        Command::Bench {
+            what: BenchCommand::Attention(a),
+        } => bench_attention(a, threads)?,
         Command::Copy(args) => copy::run(args)?,
         Command::Train(args) => train::run(args)?,
         Command::Eval(args) => eval::run(args)?,
@@ -169,4 +218,64 @@ fn main() -> Result<()> {
         Command::Average(args) => infer::run_average(args)?,
     }
     Ok(())
+}
+
+fn bench_attention(a: AttentionArgs, threads: usize) -> Result<()> {
+    use qkv::bench::{AttentionBench, AttentionKernel};
+    if let DtypeArg::Bf16 = a.dtype {
+        bail!("--dtype bf16: bf16 attention is not implemented yet; use --dtype f32");
+    }
+    if a.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    let kernel = match a.kind {
+        AttentionKindArg::Flash => AttentionKernel::Flash,
+        AttentionKindArg::Reference => AttentionKernel::Reference,
+        AttentionKindArg::Linear => AttentionKernel::Linear,
+        AttentionKindArg::Window => AttentionKernel::Window(a.window),
+    };
+    let b = AttentionBench {
+        kernel,
+        batch: a.batch,
+        heads: a.heads,
+        n: a.n,
+        head_dim: a.head_dim,
+        causal: a.causal,
+        backward: a.backward,
+        steps: a.steps,
+        warmup: a.warmup,
+    };
+    let base = peak_rss_mb();
+    let times = bench::attention(&b)?;
+    let ms = bench::median(&times);
+    let peak = peak_rss_mb();
+    let tensors = b.tensor_bytes() as f64 / (1024.0 * 1024.0);
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    let line = serde_json::json!({
+        "impl": "qkv",
+        "kind": a.kind_name(),
+        "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
+        "causal": a.causal, "backward": a.backward, "dtype": "f32", "threads": threads,
+        "ms": (ms * 1000.0).round() / 1000.0,
+        "min_ms": (times.iter().cloned().fold(f64::INFINITY, f64::min) * 1000.0).round() / 1000.0,
+        "peak_rss_mb": peak.map(round),
+        // What the process held before the benchmark, and Q, K, V, O (+ dO, dQ, dK, dV):
+        // peak − baseline − tensors is the kernel's own extra memory.
+        "baseline_rss_mb": base.map(round),
+        "tensors_mb": round(tensors),
+        "extra_mb": peak.zip(base).map(|(p, b)| round(p - b - tensors)),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+impl AttentionArgs {
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            AttentionKindArg::Flash => "flash",
+            AttentionKindArg::Reference => "reference",
+            AttentionKindArg::Linear => "linear",
+            AttentionKindArg::Window => "window",
+        }
+    }
 }

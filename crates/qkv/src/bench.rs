@@ -162,3 +162,142 @@ pub fn median(xs: &[f64]) -> f64 {
         0.5 * (v[m - 1] + v[m])
     }
 }
+
+/// Which attention kernel [`attention`] times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    Flash,
+    /// The materialized reference (scores stored as (B, H, N, N)).
+    Reference,
+    Linear,
+    /// Flash with a sliding window of this many keys.
+    Window(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct AttentionBench {
+    pub kernel: AttentionKernel,
+    pub batch: usize,
+    pub heads: usize,
+    pub n: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    /// Time forward + backward (else forward only).
+    pub backward: bool,
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+impl AttentionBench {
+    /// Bytes of Q, K, V, O and (with backward) dO, dQ, dK, dV: what any implementation holds.
+    pub fn tensor_bytes(&self) -> usize {
+        let one = self.batch * self.n * self.heads * self.head_dim * 4;
+        one * if self.backward { 8 } else { 4 }
+    }
+}
+
+/// Per-call wall times in milliseconds of self-attention (Tq = Tk = n) on random inputs laid
+/// out as the models hold them, (B, N, H·D).
+pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
+    use crate::kernels::attention::{
+        attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef,
+    };
+    use crate::kernels::flash::{flash_backward, flash_forward};
+    use crate::kernels::linear_attention::{linear_attention_backward, linear_attention_forward};
+    if b.batch == 0 || b.heads == 0 || b.n == 0 || b.head_dim == 0 || b.steps == 0 {
+        return Err(crate::error::Error::Config(
+            "attention bench: batch, heads, n, head_dim and steps must be positive".into(),
+        ));
+    }
+    let s = AttentionShape {
+        batch: b.batch,
+        heads: b.heads,
+        q_len: b.n,
+        k_len: b.n,
+        head_dim: b.head_dim,
+    };
+    let w = b.heads * b.head_dim;
+    let len = b.batch * b.n * w;
+    let mut rng = Rng::new(3);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal()).collect() };
+    let (q, k, v, dout) = (rand(len), rand(len), rand(len), rand(len));
+    let mut out = vec![0.0f32; len];
+    let (mut dq, mut dk, mut dv) = if b.backward {
+        (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len])
+    } else {
+        (Vec::new(), Vec::new(), Vec::new())
+    };
+    let rows = b.batch * b.heads * b.n;
+    let materialized = b.kernel == AttentionKernel::Reference;
+    let mut saved = vec![0.0f32; if materialized { rows * b.n } else { rows }];
+    let mut scratch = vec![
+        0.0f32;
+        if materialized && b.backward {
+            rows * b.n
+        } else {
+            0
+        }
+    ];
+    let masks = Masks {
+        key_padding: None,
+        causal: b.causal,
+        window: match b.kernel {
+            AttentionKernel::Window(w) => Some(w),
+            _ => None,
+        },
+    };
+    let scale = 1.0 / (b.head_dim as f32).sqrt();
+    fn view(data: &[f32], rs: usize) -> HeadsRef<'_> {
+        HeadsRef {
+            data,
+            rs,
+            offset: 0,
+        }
+    }
+    let mut times = Vec::with_capacity(b.steps);
+    for i in 0..b.warmup + b.steps {
+        let t0 = Instant::now();
+        let (qv, kv, vv) = (view(&q, w), view(&k, w), view(&v, w));
+        match b.kernel {
+            AttentionKernel::Reference => {
+                attention_forward(&mut out, &mut saved, qv, kv, vv, s, &masks, scale)
+            }
+            AttentionKernel::Flash | AttentionKernel::Window(_) => {
+                flash_forward(&mut out, &mut saved, qv, kv, vv, s, &masks, scale)
+            }
+            AttentionKernel::Linear => {
+                linear_attention_forward(&mut out, &mut saved, qv, kv, vv, s, &masks)
+            }
+        }
+        if b.backward {
+            let [a] = HeadsMut::split(&mut dq, w, w, [0]);
+            let [c] = HeadsMut::split(&mut dk, w, w, [0]);
+            let [d] = HeadsMut::split(&mut dv, w, w, [0]);
+            match b.kernel {
+                AttentionKernel::Reference => attention_backward(
+                    &a,
+                    &c,
+                    &d,
+                    &dout,
+                    &saved,
+                    qv,
+                    kv,
+                    vv,
+                    &mut scratch,
+                    s,
+                    scale,
+                ),
+                AttentionKernel::Flash | AttentionKernel::Window(_) => flash_backward(
+                    &a, &c, &d, &dout, &out, &saved, qv, kv, vv, s, &masks, scale,
+                ),
+                AttentionKernel::Linear => linear_attention_backward(
+                    &a, &c, &d, &dout, &out, &saved, qv, kv, vv, s, &masks,
+                ),
+            }
+        }
+        if i >= b.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}

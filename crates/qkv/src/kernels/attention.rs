@@ -113,6 +113,11 @@ impl<'a> HeadsMut<'a> {
         })
     }
 
+    /// Row stride.
+    pub fn rs(&self) -> usize {
+        self.rs
+    }
+
     /// The (len, D) block of head `h` in batch `b`.
     pub(crate) fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatMut {
         let start = (b * len) * self.rs + self.offset + h * d;

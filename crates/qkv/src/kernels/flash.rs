@@ -11,7 +11,8 @@
 //! owns its head's dQ and so needs no atomics.
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
-use super::matmul::{gemm_strided, MatMut, MatRef};
+use super::matmul::MatRef;
+use super::tile::gemm_rows;
 use crate::parallel::SendPtr;
 use crate::simd::{self, multiversion};
 use rayon::prelude::*;
@@ -57,12 +58,25 @@ multiversion! {
             row.iter_mut().for_each(|v| *v = 0.0);
             return (m_new, 1.0, 0.0);
         }
-        for v in row.iter_mut() {
+        // One pass: exponentiate and sum, 16 independent lanes so it vectorizes.
+        let mut acc = [0.0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for l in 0..16 {
+                let e = simd::exp(c[l] - m_new);
+                let e = if c[l] == f32::NEG_INFINITY { 0.0 } else { e };
+                c[l] = e;
+                acc[l] += e;
+            }
+        }
+        let mut sum: f32 = 0.0;
+        for v in chunks.into_remainder() {
             let e = simd::exp(*v - m_new);
             *v = if *v == f32::NEG_INFINITY { 0.0 } else { e };
+            sum += *v;
         }
         let alpha = if m_old == f32::NEG_INFINITY { 0.0 } else { simd::exp(m_old - m_new) };
-        (m_new, alpha, simd::sum(row))
+        (m_new, alpha, sum + acc.iter().sum::<f32>())
     }
 }
 
@@ -114,6 +128,13 @@ pub fn flash_forward(
     assert!(out.len() >= s.batch * tq * w && lse.len() >= s.batch * hh * tq);
     let [o] = HeadsMut::split(out, w, w, [0]);
     let lse_ptr = SendPtr(lse.as_mut_ptr());
+    // Every query tile of a head reads all of its keys: transpose them once, (B·H, D, Tk), so
+    // the score products read contiguous rows. Linear in Tk, like K itself.
+    let mut kt = vec![0.0f32; s.batch * hh * d * tk];
+    kt.par_chunks_mut(d * tk)
+        .enumerate()
+        .for_each(|(bh, dst)| pack_transposed(dst, k.head(bh / hh, tk, bh % hh, d), tk, d));
+    let kt = &kt;
     let q_tiles = tq.div_ceil(BR);
     (0..s.batch * hh * q_tiles).into_par_iter().for_each_init(
         || FwdScratch {
@@ -126,10 +147,9 @@ pub fn flash_forward(
             let (b, h) = (bh / hh, bh % hh);
             let i0 = qt * BR;
             let rows = BR.min(tq - i0);
-            let none = gemm::Parallelism::None;
             let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let (q_rs, v_rs) = (q.rs, v.rs);
             let qh = q.head(b, tq, h, d).offset_rows(i0);
-            let kh = k.head(b, tk, h, d);
             let vh = v.head(b, tk, h, d);
             let oh = o.head(b, tq, h, d).offset_rows(i0);
             // SAFETY: this task alone writes rows [i0, i0 + rows) of head (b, h).
@@ -142,23 +162,23 @@ pub fn flash_forward(
                 if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
                     continue;
                 }
-                let st = MatMut {
-                    ptr: sc.s.as_mut_ptr(),
-                    rs: cols as isize,
-                    cs: 1,
-                };
+                let ktj = kt[bh * d * tk + j0..].as_ptr();
                 // SAFETY: operand bounds were checked; the score tile is this task's scratch.
+                // S = scale · Q_i K_jᵀ
                 unsafe {
-                    gemm_strided(
+                    gemm_rows(
                         rows,
                         cols,
                         d,
-                        st,
-                        false,
-                        qh,
-                        kh.offset_rows(j0).transposed(),
+                        qh.ptr,
+                        q_rs,
+                        1,
+                        ktj,
+                        tk,
+                        sc.s.as_mut_ptr(),
+                        cols,
                         scale,
-                        none,
+                        false,
                     )
                 };
                 for (r, row) in sc.s[..rows * cols].chunks_mut(cols).enumerate() {
@@ -172,13 +192,23 @@ pub fn flash_forward(
                         unsafe { oh.offset_rows(r).fill_scale(1, d, alpha) };
                     }
                 }
-                let pt = MatRef {
-                    ptr: sc.s.as_ptr(),
-                    rs: cols as isize,
-                    cs: 1,
+                // SAFETY: as above; O += P V_j.
+                unsafe {
+                    gemm_rows(
+                        rows,
+                        d,
+                        cols,
+                        sc.s.as_ptr(),
+                        cols,
+                        1,
+                        vh.offset_rows(j0).ptr,
+                        v_rs,
+                        oh.ptr,
+                        w,
+                        1.0,
+                        true,
+                    )
                 };
-                // SAFETY: as above; O += P V over this key tile.
-                unsafe { gemm_strided(rows, d, cols, oh, true, pt, vh.offset_rows(j0), 1.0, none) };
             }
             for r in 0..rows {
                 let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
@@ -198,6 +228,8 @@ pub fn flash_forward(
 
 /// Scratch of one backward task.
 struct BwdScratch {
+    kt: Vec<f32>,    // (D, BC) the key tile transposed
+    vt: Vec<f32>,    // (D, BC) the value tile transposed
     p: Vec<f32>,     // (BR, BC) probabilities
     dp: Vec<f32>,    // (BR, BC) probability, then score, gradients
     delta: Vec<f32>, // (Tq,) rowsum(dO ∘ O)
@@ -242,15 +274,18 @@ pub fn flash_backward(
     );
     (0..s.batch * hh).into_par_iter().for_each_init(
         || BwdScratch {
+            kt: vec![0.0; d * BC],
+            vt: vec![0.0; d * BC],
             p: vec![0.0; BR * BC],
             dp: vec![0.0; BR * BC],
             delta: Vec::new(),
         },
         |sc, bh| {
             let (b, h) = (bh / hh, bh % hh);
-            let none = gemm::Parallelism::None;
             let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
             let lse = &lse[bh * tq..(bh + 1) * tq];
+            let (q_rs, k_rs, do_rs) = (q.rs, k.rs, w);
+            let (dq_rs, dk_rs, dv_rs) = (dq.rs(), dk.rs(), dv.rs());
             let (qh, kh, vh) = (
                 q.head(b, tq, h, d),
                 k.head(b, tk, h, d),
@@ -278,6 +313,8 @@ pub fn flash_backward(
                 let cols = BC.min(tk - j0);
                 let (kj, vj) = (kh.offset_rows(j0), vh.offset_rows(j0));
                 let (dkj, dvj) = (dkh.offset_rows(j0), dvh.offset_rows(j0));
+                pack_transposed(&mut sc.kt, kj, cols, d);
+                pack_transposed(&mut sc.vt, vj, cols, d);
                 for i0 in (0..tq).step_by(BR) {
                     let rows = BR.min(tq - i0);
                     if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
@@ -285,18 +322,25 @@ pub fn flash_backward(
                     }
                     let (qi, doi, dqi) =
                         (qh.offset_rows(i0), doh.offset_rows(i0), dqh.offset_rows(i0));
-                    let tile = |buf: &mut Vec<f32>| MatMut {
-                        ptr: buf.as_mut_ptr(),
-                        rs: cols as isize,
-                        cs: 1,
-                    };
-                    let (pm, dpm) = (tile(&mut sc.p), tile(&mut sc.dp));
-                    let (pr, dsr) = (pm.as_ref(), dpm.as_ref());
-                    // SAFETY: operand bounds checked; scratch and this head's gradients are the
-                    // task's own.
+                    let (p, dp) = (sc.p.as_mut_ptr(), sc.dp.as_mut_ptr());
+                    // SAFETY (all products below): operand bounds checked; the scratch and this
+                    // head's gradients belong to this task.
                     unsafe {
                         // S = scale · Q_i K_jᵀ, then P = exp(S − lse)
-                        gemm_strided(rows, cols, d, pm, false, qi, kj.transposed(), scale, none);
+                        gemm_rows(
+                            rows,
+                            cols,
+                            d,
+                            qi.ptr,
+                            q_rs,
+                            1,
+                            sc.kt.as_ptr(),
+                            cols,
+                            p,
+                            cols,
+                            scale,
+                            false,
+                        );
                     }
                     for (r, row) in sc.p[..rows * cols].chunks_mut(cols).enumerate() {
                         let (lo, hi) = masks.visible(i0 + r, tk);
@@ -305,8 +349,23 @@ pub fn flash_backward(
                     }
                     unsafe {
                         // dV_j += P_ijᵀ dO_i ; dP = dO_i V_jᵀ
-                        gemm_strided(cols, d, rows, dvj, true, pr.transposed(), doi, 1.0, none);
-                        gemm_strided(rows, cols, d, dpm, false, doi, vj.transposed(), 1.0, none);
+                        gemm_rows(
+                            cols, d, rows, p, 1, cols, doi.ptr, do_rs, dvj.ptr, dv_rs, 1.0, true,
+                        );
+                        gemm_rows(
+                            rows,
+                            cols,
+                            d,
+                            doi.ptr,
+                            do_rs,
+                            1,
+                            sc.vt.as_ptr(),
+                            cols,
+                            dp,
+                            cols,
+                            1.0,
+                            false,
+                        );
                     }
                     for (r, (dpr, prow)) in sc.dp[..rows * cols]
                         .chunks_mut(cols)
@@ -317,11 +376,27 @@ pub fn flash_backward(
                     }
                     unsafe {
                         // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
-                        gemm_strided(rows, d, cols, dqi, true, dsr, kj, 1.0, none);
-                        gemm_strided(cols, d, rows, dkj, true, dsr.transposed(), qi, 1.0, none);
+                        gemm_rows(
+                            rows, d, cols, dp, cols, 1, kj.ptr, k_rs, dqi.ptr, dq_rs, 1.0, true,
+                        );
+                        gemm_rows(
+                            cols, d, rows, dp, 1, cols, qi.ptr, q_rs, dkj.ptr, dk_rs, 1.0, true,
+                        );
                     }
                 }
             }
         },
     );
+}
+
+/// `dst (D, cols) ← src (cols, D)ᵀ`: a key or value tile with contiguous columns, so the tile
+/// products can read it row by row.
+fn pack_transposed(dst: &mut [f32], src: MatRef, cols: usize, d: usize) {
+    for j in 0..cols {
+        // SAFETY: the caller's tile rows are inside the checked operand.
+        let row = unsafe { src.offset_rows(j).row(d) };
+        for (p, &x) in row.iter().enumerate() {
+            dst[p * cols + j] = x;
+        }
+    }
 }

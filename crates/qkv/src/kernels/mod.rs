@@ -13,3 +13,4 @@ pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod softmax;
+pub mod tile;
