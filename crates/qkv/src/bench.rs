@@ -190,6 +190,7 @@ pub struct AttentionBench {
 
 impl AttentionBench {
     /// Bytes of Q, K, V, O and (with backward) dO, dQ, dK, dV: what any implementation holds.
+    /// The kernel's own state (log-sum-exp, or the materialized probabilities) is not counted.
     pub fn tensor_bytes(&self) -> usize {
         let one = self.batch * self.n * self.heads * self.head_dim * 4;
         one * if self.backward { 8 } else { 4 }
@@ -220,24 +221,25 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
     let len = b.batch * b.n * w;
     let mut rng = Rng::new(3);
     let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal()).collect() };
-    let (q, k, v, dout) = (rand(len), rand(len), rand(len), rand(len));
-    let mut out = vec![0.0f32; len];
-    let (mut dq, mut dk, mut dv) = if b.backward {
-        (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len])
+    let (q, k, v) = (rand(len), rand(len), rand(len));
+    // Every buffer is written here, so its pages are resident before the kernels run and the
+    // process's peak memory is (tensors + the kernel's own scratch), not less.
+    let mut out = vec![f32::NAN; len];
+    let (dout, mut dq, mut dk, mut dv) = if b.backward {
+        let nan = || vec![f32::NAN; len];
+        (rand(len), nan(), nan(), nan())
     } else {
-        (Vec::new(), Vec::new(), Vec::new())
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new())
     };
     let rows = b.batch * b.heads * b.n;
     let materialized = b.kernel == AttentionKernel::Reference;
-    let mut saved = vec![0.0f32; if materialized { rows * b.n } else { rows }];
-    let mut scratch = vec![
-        0.0f32;
-        if materialized && b.backward {
-            rows * b.n
-        } else {
-            0
-        }
-    ];
+    let mut saved = vec![f32::NAN; if materialized { rows * b.n } else { rows }];
+    let scratch_len = if materialized && b.backward {
+        rows * b.n
+    } else {
+        0
+    };
+    let mut scratch = vec![f32::NAN; scratch_len];
     let masks = Masks {
         key_padding: None,
         causal: b.causal,
