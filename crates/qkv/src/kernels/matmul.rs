@@ -102,6 +102,13 @@ impl MatMut {
     /// # Safety
     /// As [`MatMut::fill`].
     pub unsafe fn fill_scale(self, rows: usize, cols: usize, factor: f32) {
+        if self.cs == 1 {
+            for i in 0..rows {
+                let row = self.ptr.offset(i as isize * self.rs);
+                scale_slice(std::slice::from_raw_parts_mut(row, cols), factor);
+            }
+            return;
+        }
         for i in 0..rows {
             for j in 0..cols {
                 *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) *= factor;
@@ -204,5 +211,12 @@ pub fn matmul_naive(
             let o = &mut out[i * n + j];
             *o = if accumulate { *o + s as f32 } else { s as f32 };
         }
+    }
+}
+
+crate::simd::multiversion! {
+    /// `x ← x · factor`, vectorized (flash attention rescales output rows with it).
+    fn scale_slice(x: &mut [f32], factor: f32) {
+        x.iter_mut().for_each(|v| *v *= factor);
     }
 }
