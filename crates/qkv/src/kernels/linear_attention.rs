@@ -84,6 +84,38 @@ fn contiguous_mut(m: &mut [f32], cols: usize) -> MatMut {
     }
 }
 
+/// The state over `n` keys: `S (+)= φ(K)ᵀ V` (D, D) and `z (+)= Σ_j φ(k_j)` (D); fk: (n, D).
+fn add_to_state(
+    st: &mut [f32],
+    z: &mut [f32],
+    fk: &[f32],
+    v: MatRef,
+    n: usize,
+    d: usize,
+    accumulate: bool,
+) {
+    if !accumulate {
+        z.fill(0.0);
+    }
+    // SAFETY: `st` is (D, D) scratch; `fk` holds n rows; `v` is a checked head view of n rows.
+    unsafe {
+        gemm_strided(
+            d,
+            d,
+            n,
+            contiguous_mut(st, d),
+            accumulate,
+            contiguous(fk, d).transposed(),
+            v,
+            1.0,
+            gemm::Parallelism::None,
+        )
+    };
+    for row in fk.chunks(d) {
+        z.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+}
+
 fn check_masks(masks: &Masks, s: &AttentionShape) {
     assert!(masks.window.is_none(), "linear attention has no window");
     assert!(
@@ -153,19 +185,9 @@ pub fn linear_attention_forward(
             let (fq, fk) = (&sc.fq, &sc.fk);
             if !masks.causal {
                 // S = φ(K)ᵀ V ; z = Σ_j φ(k_j) ; out = φ(Q) S ; den = φ(Q) z
+                add_to_state(&mut sc.st, &mut sc.z, fk, vh, tk, d, false);
                 // SAFETY: operands are this task's scratch or checked head views.
                 unsafe {
-                    gemm_strided(
-                        d,
-                        d,
-                        tk,
-                        contiguous_mut(&mut sc.st, d),
-                        false,
-                        contiguous(fk, d).transposed(),
-                        vh,
-                        1.0,
-                        none,
-                    );
                     gemm_strided(
                         tq,
                         d,
@@ -177,9 +199,6 @@ pub fn linear_attention_forward(
                         1.0,
                         none,
                     );
-                }
-                for row in fk.chunks(d) {
-                    sc.z.iter_mut().zip(row).for_each(|(a, b)| *a += b);
                 }
                 for (i, dv) in den.iter_mut().enumerate() {
                     *dv = simd::dot(&fq[i * d..(i + 1) * d], &sc.z);
@@ -235,22 +254,8 @@ pub fn linear_attention_forward(
                             1.0,
                             none,
                         );
-                        // S += φ(K_c)ᵀ V_c
-                        gemm_strided(
-                            d,
-                            d,
-                            n,
-                            contiguous_mut(&mut sc.st, d),
-                            true,
-                            contiguous(fkc, d).transposed(),
-                            vh.offset_rows(c0),
-                            1.0,
-                            none,
-                        );
                     }
-                    for row in fkc.chunks(d) {
-                        sc.z.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-                    }
+                    add_to_state(&mut sc.st, &mut sc.z, fkc, vh.offset_rows(c0), n, d, true);
                 }
             }
             for (i, &dv) in den.iter().enumerate() {
@@ -339,18 +344,8 @@ pub fn linear_attention_backward(
             // views, and this task alone writes head (b, h) of dq, dk, dv.
             if !masks.causal {
                 // S = φ(K)ᵀ V, z = Σ φ(k_j); dS = φ(Q)ᵀ G, dz = Σ e_i φ(q_i)
+                add_to_state(&mut sc.st, &mut sc.z, fk, vh, tk, d, false);
                 unsafe {
-                    gemm_strided(
-                        d,
-                        d,
-                        tk,
-                        contiguous_mut(&mut sc.st, d),
-                        false,
-                        contiguous(fk, d).transposed(),
-                        vh,
-                        1.0,
-                        none,
-                    );
                     gemm_strided(
                         d,
                         d,
@@ -362,9 +357,6 @@ pub fn linear_attention_backward(
                         1.0,
                         none,
                     );
-                }
-                for row in fk.chunks(d) {
-                    sc.z.iter_mut().zip(row).for_each(|(a, b)| *a += b);
                 }
                 let mut dz = vec![0.0f32; d];
                 for (i, row) in fq.chunks(d).enumerate() {
@@ -468,22 +460,7 @@ pub fn linear_attention_backward(
                             .zip(&sc.z)
                             .for_each(|(a, b)| *a += e[c0 + i] * b);
                     }
-                    unsafe {
-                        gemm_strided(
-                            d,
-                            d,
-                            n,
-                            contiguous_mut(&mut sc.st, d),
-                            true,
-                            contiguous(fkc, d).transposed(),
-                            vh.offset_rows(c0),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for row in fkc.chunks(d) {
-                        sc.z.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-                    }
+                    add_to_state(&mut sc.st, &mut sc.z, fkc, vh.offset_rows(c0), n, d, true);
                 }
                 // Reverse sweep: dφ(K_c) = dAᵀ φ(Q_c) + V_c Rᵀ + r ; dV_c = Aᵀ G_c + φ(K_c) R,
                 // with R, r summed over later chunks (here `st` holds R and `z` holds r).
