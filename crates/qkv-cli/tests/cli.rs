@@ -15,6 +15,17 @@ fn qkv(args: &[&str]) -> (bool, String) {
     )
 }
 
+fn qkv_stdout(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qkv"))
+        .args(args)
+        .output()
+        .expect("run qkv");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn zero_threads_is_rejected() {
     let (ok, err) = qkv(&["--threads", "0", "bench", "train-step"]);
@@ -28,6 +39,39 @@ fn bench_rejects_empty_shapes() {
         assert!(!ok && err.contains("must be positive"), "{flag}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn bench_attention_rejects_bad_arguments() {
+    for (args, want) in [
+        (&["--n", "0"][..], "must be positive"),
+        (&["--n", "8", "--heads", "0"][..], "must be positive"),
+        (
+            &["--n", "8", "--kind", "window", "--window", "0"][..],
+            "--window",
+        ),
+        (&["--n", "8", "--dtype", "bf16"][..], "bf16"),
+        (&["--n", "8", "--kind", "sparse"][..], "sparse"),
+    ] {
+        let mut all = vec!["bench", "attention", "--steps", "1", "--warmup", "0"];
+        all.extend_from_slice(args);
+        let (ok, err) = qkv(&all);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, out) = qkv_stdout(&[
+        "bench",
+        "attention",
+        "--n",
+        "70",
+        "--steps",
+        "1",
+        "--backward",
+    ]);
+    assert!(
+        ok && out.contains("\"ms\"") && out.contains("\"extra_mb\""),
+        "{out}"
+    );
 }
 
 #[test]

@@ -161,4 +161,22 @@ fn invalid_configs_are_rejected_with_the_field() {
         .unwrap()
         .to_string()
         .contains("expected family seq2seq"));
+    let mut c = ModelConfig::preset("tiny", Family::Lm, 10).unwrap();
+    c.attention_window = Some(0);
+    let e = LanguageModel::new(c.clone(), 0).err().unwrap().to_string();
+    assert!(e.contains("attention_window"), "{e}");
+    c.attention_window = Some(4);
+    c.attention = qkv::model::AttentionKind::Linear;
+    let e = LanguageModel::new(c, 0).err().unwrap().to_string();
+    assert!(
+        e.contains("attention_window") && e.contains("linear"),
+        "{e}"
+    );
+    // An unknown kernel name in a config file names the field's choices.
+    let mut v = serde_json::to_value(ModelConfig::preset("tiny", Family::Lm, 10).unwrap()).unwrap();
+    v["attention"] = "sparse".into();
+    let e = serde_json::from_value::<ModelConfig>(v)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sparse") && e.contains("flash"), "{e}");
 }
