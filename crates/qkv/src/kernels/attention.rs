@@ -53,7 +53,8 @@ impl Masks<'_> {
         (lo.min(hi), hi)
     }
 
-    fn padding(&self, b: usize, k_len: usize) -> Option<&[bool]> {
+    /// Batch row `b`'s key-padding mask, (Tk).
+    pub fn padding(&self, b: usize, k_len: usize) -> Option<&[bool]> {
         self.key_padding.map(|m| &m[b * k_len..(b + 1) * k_len])
     }
 }

@@ -158,7 +158,7 @@ pub fn flash_forward(
             let (b, h) = (bh / hh, bh % hh);
             let i0 = qt * BR;
             let rows = BR.min(tq - i0);
-            let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let padding = masks.padding(b, tk);
             let (q_rs, v_rs) = (q.rs, v.rs);
             let qh = q.head(b, tq, h, d).offset_rows(i0);
             let vh = v.head(b, tk, h, d);
@@ -293,7 +293,7 @@ pub fn flash_backward(
         },
         |sc, bh| {
             let (b, h) = (bh / hh, bh % hh);
-            let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let padding = masks.padding(b, tk);
             let lse = &lse[bh * tq..(bh + 1) * tq];
             let (q_rs, k_rs, do_rs) = (q.rs, k.rs, w);
             let (dq_rs, dk_rs, dv_rs) = (dq.rs(), dk.rs(), dv.rs());

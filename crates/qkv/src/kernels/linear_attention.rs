@@ -164,7 +164,7 @@ pub fn linear_attention_forward(
         .for_each_init(Scratch::default, |sc, bh| {
             let (b, h) = (bh / hh, bh % hh);
             let none = gemm::Parallelism::None;
-            let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let padding = masks.padding(b, tk);
             let (kh, vh) = (k.head(b, tk, h, d), v.head(b, tk, h, d));
             let oh = o.head(b, tq, h, d);
             features(
@@ -305,7 +305,7 @@ pub fn linear_attention_backward(
         .for_each_init(Scratch::default, |sc, bh| {
             let (b, h) = (bh / hh, bh % hh);
             let none = gemm::Parallelism::None;
-            let padding = masks.key_padding.map(|m| &m[b * tk..(b + 1) * tk]);
+            let padding = masks.padding(b, tk);
             let (qh, kh, vh) = (
                 q.head(b, tq, h, d),
                 k.head(b, tk, h, d),
