@@ -77,14 +77,6 @@ impl MatMut {
         }
     }
 
-    pub fn as_ref(self) -> MatRef {
-        MatRef {
-            ptr: self.ptr,
-            rs: self.rs,
-            cs: self.cs,
-        }
-    }
-
     /// Set the (rows, cols) block to `value`.
     ///
     /// # Safety
