@@ -37,10 +37,21 @@ pub fn save_labels(path: &Path, labels: &Labels) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Load `config.json`, `model.safetensors`, `tokenizer.json` (and `labels.json`) from `dir`.
+/// Load `config.json`, `model.safetensors`, `tokenizer.json` (and `labels.json`) from `dir`:
+/// a qkv checkpoint, or a Hugging Face BERT-family encoder (an embedding model).
 pub fn load_model_dir(dir: &Path) -> Result<Loaded> {
     if !dir.is_dir() {
         bail!("{}: not a model directory", dir.display());
+    }
+    if qkv::hf::is_hf_dir(dir) {
+        let enc = qkv::hf::HfEncoder::open(dir)?;
+        let model = enc.embedding_model()?;
+        return Ok(Loaded {
+            model: AnyModel::Classifier(model),
+            tgt_tok: enc.tokenizer.clone(),
+            tok: enc.tokenizer,
+            labels: None,
+        });
     }
     let cfg = qkv::checkpoint::load_config(dir)?;
     let tok = Tokenizer::load(&dir.join("tokenizer.json"))?;
@@ -78,7 +89,7 @@ pub fn load_model_dir(dir: &Path) -> Result<Loaded> {
         tok.clone()
     };
     let labels = match cfg.family {
-        Family::Classifier => {
+        Family::Classifier if cfg.n_classes > 0 => {
             let path = dir.join(LABELS_FILE);
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;

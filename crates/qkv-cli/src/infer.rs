@@ -3,7 +3,7 @@
 use crate::eval::{load_model_dir, AnyModel, Loaded};
 use anyhow::{bail, Context, Result};
 use qkv::decode::{BeamConfig, Choice, Sampling};
-use qkv::tasks::classify::{argmax, predict};
+use qkv::tasks::classify::{argmax, embed, predict};
 use qkv::tasks::lm::complete;
 use qkv::tasks::translate::{translate, TranslateOptions};
 use std::io::{BufRead, Write};
@@ -146,6 +146,35 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     for text in out {
         writeln!(stdout, "{text}")?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    /// A Hugging Face BERT-family encoder (config.json, model.safetensors, tokenizer.json), or a
+    /// qkv classifier directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Input tokens per batch.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+}
+
+/// Sentence embeddings of stdin lines: one JSON array (mean-pooled, unit length) per line.
+pub fn run_embed(a: EmbedArgs) -> Result<()> {
+    let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
+    let AnyModel::Classifier(mut model) = model else {
+        bail!(
+            "{} is not an encoder (embeddings need a classifier or a BERT-family model)",
+            a.model.display()
+        );
+    };
+    let lines = stdin_lines()?;
+    let out = embed(&mut model, &tok, &lines, a.max_tokens.max(1))?;
+    let mut stdout = std::io::stdout().lock();
+    for v in out {
+        writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
     }
     Ok(())
 }

@@ -35,6 +35,9 @@ enum Command {
     Classify(infer::ClassifyArgs),
     /// Continue a prompt with a language model (sampling or greedy).
     Generate(infer::GenerateArgs),
+    /// Sentence embeddings of stdin lines (JSON arrays), from a BERT-family encoder such as
+    /// all-MiniLM-L6-v2 or a qkv classifier.
+    Embed(infer::EmbedArgs),
     /// Average the parameters of several checkpoints.
     Average(infer::AverageArgs),
     /// Train the copy task (the Annotated Transformer's first example) and report exact match.
@@ -215,6 +218,7 @@ fn main() -> Result<()> {
         Command::Translate(args) => infer::run_translate(args)?,
         Command::Classify(args) => infer::run_classify(args)?,
         Command::Generate(args) => infer::run_generate(args)?,
+        Command::Embed(args) => infer::run_embed(args)?,
         Command::Average(args) => infer::run_average(args)?,
     }
     Ok(())

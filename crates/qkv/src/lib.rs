@@ -6,13 +6,15 @@
 //! - [`params`]: one flat parameter buffer and one gradient buffer with the same layout.
 //! - [`model`]: layers, blocks and the three model families; no IO.
 //! - [`optim`]: AdamW and gradient clipping over the flat buffers.
-//! - [`checkpoint`]: safetensors weights, config JSON and optimizer state (the only IO in the library).
+//! - [`checkpoint`]: safetensors weights, config JSON and optimizer state (the only IO in the library,
+//!   with [`hf`], which reads pretrained Hugging Face encoders).
 
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod decode;
 pub mod error;
+pub mod hf;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

@@ -81,7 +81,7 @@ impl Tokenizer {
         std::panic::set_hook(Box::new(|_| {}));
         let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path));
         std::panic::set_hook(hook);
-        let inner = match loaded {
+        let mut inner = match loaded {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(Error::Tokenizer(format!("{}: {e}", path.display()))),
             Err(_) => {
@@ -91,6 +91,12 @@ impl Tokenizer {
                 )))
             }
         };
+        // qkv pads batches itself and truncates per task; a file's own settings (BERT's
+        // tokenizer.json pads every input to 128) would otherwise leak into every encoding.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Self::from_inner(inner)
     }
 
@@ -124,6 +130,23 @@ impl Tokenizer {
     /// Text → ids, without special tokens (callers add BOS/EOS where their model wants them).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// One input as an encoder reads it: the file's own post-processing (BERT's
+    /// `[CLS] … [SEP]`; nothing for qkv's tokenizers), with the text truncated so the result has
+    /// at most `max_len` ids, specials included (as HF truncation does).
+    pub fn encode_single(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        use tokenizers::tokenizer::{PostProcessor, TruncationDirection};
+        let mut enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |pp| pp.added_tokens(false));
+        if enc.len() + added > max_len {
+            enc.truncate(max_len.saturating_sub(added), 0, TruncationDirection::Right);
+        }
+        let enc = self.inner.post_process(enc, None, true).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 

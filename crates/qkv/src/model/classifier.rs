@@ -1,5 +1,6 @@
 //! Encoder-only classifier: embedding → encoder → pooling (mean over real tokens, or the first
-//! token) → linear class head.
+//! token) → linear class head. With `n_classes: 0` there is no head and the model computes
+//! sentence embeddings (`features`), as sentence-transformers does with a BERT-family encoder.
 
 use super::config::{Family, ModelConfig, Pooling};
 use super::embedding::Embedding;
@@ -16,7 +17,8 @@ pub struct Classifier {
     pub params: Params,
     pub embed: Embedding,
     pub encoder: EncoderStack,
-    pub head: Linear,
+    /// None when `n_classes` is 0 (an embedding model).
+    pub head: Option<Linear>,
     pad: Vec<bool>,
     pooled: Vec<f32>, // (B, C)
     logits: Vec<f32>, // (B, K)
@@ -50,9 +52,12 @@ impl Classifier {
             cfg.scale_embeddings,
             "tokens",
             sites.next(),
-        );
+        )
+        .with_token_types(&mut pb, "embed_types", cfg.token_types)
+        .with_norm(&mut pb, "embed_norm", cfg.embed_norm, cfg.layer_norm_eps);
         let encoder = EncoderStack::new(&mut pb, "encoder", cfg.n_encoder_layers, cfg, &mut sites);
-        let head = Linear::new(&mut pb, "head", cfg.d_model, cfg.n_classes, true);
+        let head = (cfg.n_classes > 0)
+            .then(|| Linear::new(&mut pb, "head", cfg.d_model, cfg.n_classes, true));
         Ok(Self {
             params: pb.build(seed),
             config,
@@ -80,6 +85,40 @@ impl Classifier {
 
     /// tokens: (B, T) → logits (B, K)
     pub fn forward(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
+        if self.head.is_none() {
+            return Err(Error::Config(
+                "this model has no class head (n_classes 0): use it for embeddings".into(),
+            ));
+        }
+        let b = tokens.batch;
+        self.pool(tokens, mode)?;
+        let head = self.head.as_ref().expect("checked above");
+        let k = self.config.n_classes;
+        let c = self.config.d_model;
+        head.forward(
+            &self.params.data,
+            &self.pooled[..b * c],
+            buf(&mut self.logits, b * k),
+        );
+        Ok(&self.logits[..b * k])
+    }
+
+    /// Sentence embeddings: tokens (B, T) → pooled encoder states (B, C), each row scaled to
+    /// unit L2 norm (sentence-transformers' `Normalize`). Evaluation mode.
+    pub fn features(&mut self, tokens: Tokens) -> Result<&[f32]> {
+        let (b, c) = (tokens.batch, self.config.d_model);
+        self.pool(tokens, Mode::EVAL)?;
+        for row in self.pooled[..b * c].chunks_mut(c) {
+            // F.normalize's eps keeps an all-zero row finite.
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= norm);
+        }
+        self.shape = None;
+        Ok(&self.pooled[..b * c])
+    }
+
+    /// Embedding → encoder → pooling into `self.pooled` (B, C).
+    fn pool(&mut self, tokens: Tokens, mode: Mode) -> Result<()> {
         let p = &self.params.data;
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
         let x = self.embed.forward(p, tokens, mode)?;
@@ -104,11 +143,8 @@ impl Classifier {
                 }
             }
         }
-        let k = self.config.n_classes;
-        self.head
-            .forward(p, &self.pooled[..b * c], buf(&mut self.logits, b * k));
         self.shape = Some((b, t));
-        Ok(&self.logits[..b * k])
+        Ok(())
     }
 
     /// Loss of the last forward against `labels` (B), and every parameter's gradient.
@@ -117,6 +153,10 @@ impl Classifier {
             .shape
             .ok_or_else(|| Error::Config("backward called before forward".into()))?;
         let (c, k) = (self.config.d_model, self.config.n_classes);
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Config("this model has no class head (n_classes 0)".into()))?;
         if labels.len() != b {
             return Err(shape_err("labels", b, labels.len()));
         }
@@ -141,7 +181,7 @@ impl Classifier {
         self.params.zero_grad();
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dpooled = buf(&mut self.dpooled, b * c);
-        self.head.backward(
+        head.backward(
             p,
             g,
             &self.pooled[..b * c],
@@ -165,7 +205,7 @@ impl Classifier {
             }
         }
         let dx = self.encoder.backward(p, g, &self.dh[..b * t * c]);
-        self.embed.backward(g, dx);
+        self.embed.backward(p, g, dx);
         Ok(loss)
     }
 }

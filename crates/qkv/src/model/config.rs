@@ -102,6 +102,13 @@ pub struct ModelConfig {
     /// (|i − j| < w), or the `w` most recent ones under the causal mask. Softmax kinds only.
     #[serde(default)]
     pub attention_window: Option<usize>,
+    /// Token-type (segment) embeddings, BERT's `type_vocab_size`; 0 means none. qkv feeds one
+    /// segment per input, so every token has type 0. Classifier only.
+    #[serde(default)]
+    pub token_types: usize,
+    /// LayerNorm over the summed embeddings, applied before dropout (BERT). Classifier only.
+    #[serde(default)]
+    pub embed_norm: bool,
 }
 
 fn default_pooling() -> Pooling {
@@ -152,6 +159,8 @@ impl ModelConfig {
             layer_norm_eps: 1e-5,
             attention: AttentionKind::Flash,
             attention_window: None,
+            token_types: 0,
+            embed_norm: false,
         })
     }
 
@@ -205,6 +214,9 @@ impl ModelConfig {
             }
             _ => {}
         }
+        if self.family != Family::Classifier && (self.token_types > 0 || self.embed_norm) {
+            return bad("token_types and embed_norm are supported by the classifier only".into());
+        }
         match self.family {
             Family::Seq2seq => {
                 if self.n_encoder_layers == 0 || self.n_decoder_layers == 0 {
@@ -221,9 +233,10 @@ impl ModelConfig {
                 }
             }
             Family::Classifier => {
-                if self.n_encoder_layers == 0 || self.n_classes < 2 {
+                // n_classes 0 is an encoder without a head: it computes sentence embeddings.
+                if self.n_encoder_layers == 0 || self.n_classes == 1 {
                     return bad(format!(
-                        "classifier needs n_encoder_layers > 0 and n_classes >= 2 (got {} and {})",
+                        "classifier needs n_encoder_layers > 0 and n_classes 0 (embeddings only) or >= 2 (got {} and {})",
                         self.n_encoder_layers, self.n_classes
                     ));
                 }

@@ -1,6 +1,8 @@
 //! Input embedding: token table × √C (optional) + positional encoding, then dropout (§3.4, §3.5, §5.4).
+//! BERT-family encoders add a token-type row and a LayerNorm before the dropout
+//! (`with_token_types`, `with_norm`).
 
-use super::{buf, config::Positional, Mode, Tokens};
+use super::{buf, config::Positional, norm::LayerNorm, Mode, Tokens};
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{self, Dropout};
 use crate::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
@@ -23,10 +25,16 @@ pub struct Embedding {
     input: &'static str,
     site: u64,
     drop: Option<Dropout>,
+    /// (types, C) token-type table; every token uses row 0.
+    types: Option<Param>,
+    norm: Option<LayerNorm>,
     tokens: Vec<u32>,
     t_len: usize,
+    /// The summed embeddings before `norm` (kept for its backward).
+    pre: Vec<f32>,
     out: Vec<f32>,
     dout: Vec<f32>,
+    dpre: Vec<f32>,
 }
 
 impl Embedding {
@@ -71,10 +79,48 @@ impl Embedding {
             input,
             site,
             drop: None,
+            types: None,
+            norm: None,
             tokens: Vec::new(),
             t_len: 0,
+            pre: Vec::new(),
             out: Vec::new(),
             dout: Vec::new(),
+            dpre: Vec::new(),
+        }
+    }
+
+    /// Add a (types, C) token-type table named `{name}.weight` (BERT's segment embeddings).
+    pub fn with_token_types(mut self, pb: &mut ParamBuilder, name: &str, types: usize) -> Self {
+        if types > 0 {
+            let shape = [types, self.c];
+            self.types = Some(pb.add(format!("{name}.weight"), &shape, Init::Normal(0.02)));
+        }
+        self
+    }
+
+    /// LayerNorm the summed embeddings before dropout (BERT's `embeddings.LayerNorm`).
+    pub fn with_norm(mut self, pb: &mut ParamBuilder, name: &str, enabled: bool, eps: f32) -> Self {
+        if enabled {
+            self.norm = Some(LayerNorm::new(pb, name, self.c, eps));
+        }
+        self
+    }
+
+    /// Token-type row and LayerNorm over `self.out[..n]` (the plain sums), then dropout when
+    /// there is a norm (without one, dropout was already fused into the sum).
+    fn finish(&mut self, p: &[f32], n: usize) {
+        if let Some(tp) = self.types {
+            let row = &tp.of(p)[..self.c];
+            self.out[..n]
+                .chunks_mut(self.c)
+                .for_each(|o| o.iter_mut().zip(row).for_each(|(o, t)| *o += t));
+        }
+        if let Some(norm) = &mut self.norm {
+            let pre = buf(&mut self.pre, n);
+            pre.copy_from_slice(&self.out[..n]);
+            norm.forward(p, &self.pre[..n], &mut self.out[..n]);
+            dropout::apply(&mut self.out[..n], self.drop);
         }
     }
 
@@ -101,6 +147,11 @@ impl Embedding {
             PositionTable::Sinusoidal(t) => t,
             PositionTable::Learned(pp) => pp.of(p),
         };
+        let fused_drop = if self.norm.is_some() {
+            None
+        } else {
+            self.drop
+        };
         embedding_forward(
             buf(&mut self.out, n),
             tokens.ids,
@@ -109,16 +160,28 @@ impl Embedding {
             self.scale,
             tokens.len,
             self.c,
-            self.drop,
+            fused_drop,
         );
+        self.finish(p, n);
         Ok(&self.out[..n])
     }
 
-    /// dy: (B, T, C); accumulates into the table (and learned positions).
-    pub fn backward(&mut self, g: &mut [f32], dy: &[f32]) {
+    /// dy: (B, T, C); accumulates into the table (and learned positions, token types, norm).
+    pub fn backward(&mut self, p: &[f32], g: &mut [f32], dy: &[f32]) {
         let n = self.tokens.len() * self.c;
         let d = buf(&mut self.dout, n);
         dropout::backward_into(d, &dy[..n], self.drop);
+        if let Some(norm) = &self.norm {
+            let dpre = buf(&mut self.dpre, n);
+            norm.backward(p, g, &self.pre[..n], &self.dout[..n], dpre, false);
+            std::mem::swap(&mut self.dout, &mut self.dpre);
+        }
+        if let Some(tp) = self.types {
+            let drow = &mut tp.of_mut(g)[..self.c];
+            for d in self.dout[..n].chunks(self.c) {
+                drow.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+            }
+        }
         let (table, c, scale, t_len) = (self.table, self.c, self.scale, self.t_len);
         match self.positions {
             PositionTable::Learned(pp) if pp.offset > table.offset => {
@@ -187,6 +250,8 @@ impl Embedding {
             c,
             None,
         );
+        self.drop = None;
+        self.finish(p, ids.len() * c);
         Ok(&self.out[..ids.len() * c])
     }
 }

