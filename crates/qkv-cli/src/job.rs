@@ -113,6 +113,11 @@ pub struct Job {
     pub decode: DecodeSpec,
     /// Run directory (checkpoints, metrics, tokenizer).
     pub out: PathBuf,
+    /// Classification: fine-tune this pretrained Hugging Face BERT-family encoder (its
+    /// config, weights and tokenizer; `model` then only overrides fields such as dropout,
+    /// max_len or attention) instead of training one from scratch.
+    #[serde(default)]
+    pub pretrained: Option<PathBuf>,
     /// Sample translations / generations printed at the end.
     #[serde(default = "default_samples")]
     pub samples: usize,
@@ -149,6 +154,15 @@ impl Job {
         if let Some(t) = &mut job.tokenizer.path {
             fix(t);
         }
+        if let Some(p) = &mut job.pretrained {
+            fix(p);
+        }
+        if job.pretrained.is_some() && job.task != Task::Classify {
+            bail!(
+                "{}: `pretrained` encoders are fine-tuned by the classify task only",
+                path.display()
+            );
+        }
         fix(&mut job.out);
         Ok(job)
     }
@@ -156,10 +170,22 @@ impl Job {
     /// The model config: preset, then overrides, then what the data decides (vocabulary size,
     /// padding id, class count).
     pub fn model_config(&self, vocab: usize, pad_id: u32, n_classes: usize) -> Result<ModelConfig> {
+        self.model_config_over(None, vocab, pad_id, n_classes)
+    }
+
+    /// As `model_config`, starting from `base` (a pretrained model's config) instead of a preset.
+    pub fn model_config_over(
+        &self,
+        base: Option<&ModelConfig>,
+        vocab: usize,
+        pad_id: u32,
+        n_classes: usize,
+    ) -> Result<ModelConfig> {
         let mut spec = self.model.clone();
         let obj = spec
             .as_object_mut()
             .context("`model` must be a JSON object")?;
+        let has_preset = obj.contains_key("preset");
         let preset = obj
             .remove("preset")
             .map(|v| {
@@ -169,7 +195,15 @@ impl Job {
             })
             .transpose()?
             .unwrap_or_else(|| "small".to_string());
-        let base = ModelConfig::preset(&preset, self.task.family(), vocab)?;
+        let base = match base {
+            Some(b) => {
+                if has_preset {
+                    bail!("`model.preset` does not apply to a pretrained encoder");
+                }
+                b.clone()
+            }
+            None => ModelConfig::preset(&preset, self.task.family(), vocab)?,
+        };
         let mut merged = serde_json::to_value(&base)?;
         let m = merged.as_object_mut().context("model config")?;
         for (k, v) in obj.iter() {

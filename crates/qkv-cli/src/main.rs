@@ -38,6 +38,8 @@ enum Command {
     /// Sentence embeddings of stdin lines (JSON arrays), from a BERT-family encoder such as
     /// all-MiniLM-L6-v2 or a qkv classifier.
     Embed(infer::EmbedArgs),
+    /// Serve a model over HTTP (translate, classify, generate, embed) with dynamic batching.
+    Serve(serve::ServeArgs),
     /// Average the parameters of several checkpoints.
     Average(infer::AverageArgs),
     /// Train the copy task (the Annotated Transformer's first example) and report exact match.
@@ -50,6 +52,8 @@ enum BenchCommand {
     TrainStep(TrainStepArgs),
     /// Time one self-attention call (Tq = Tk = N) of one kernel; reports its peak memory.
     Attention(AttentionArgs),
+    /// Load-test a running `qkv serve`: throughput and latency percentiles.
+    Serve(serve::load::LoadArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,6 +138,7 @@ mod eval;
 mod infer;
 mod job;
 mod plot;
+mod serve;
 mod train;
 
 /// Peak resident set size of this process in MiB (Linux: VmHWM).
@@ -212,6 +217,10 @@ fn main() -> Result<()> {
         Command::Bench {
             what: BenchCommand::Attention(a),
         } => bench_attention(a, threads)?,
+        Command::Bench {
+            what: BenchCommand::Serve(a),
+        } => serve::load::run(a)?,
+        Command::Serve(args) => serve::run(args)?,
         Command::Copy(args) => copy::run(args)?,
         Command::Train(args) => train::run(args)?,
         Command::Eval(args) => eval::run(args)?,

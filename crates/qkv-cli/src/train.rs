@@ -360,16 +360,33 @@ fn run_classify(job: &Job, resume: bool) -> Result<()> {
     }
     let labels_path = job.out.join(LABELS_FILE);
     save_labels(&labels_path, &labels)?;
-    let (tok, tok_path) = tokenizer_for(
-        job,
-        "tokenizer.json",
-        train_ex
-            .iter()
-            .map(|(_, t)| t.clone())
-            .collect::<Vec<_>>()
-            .into_iter(),
+    let pretrained = job
+        .pretrained
+        .as_deref()
+        .map(qkv::hf::HfEncoder::open)
+        .transpose()?;
+    let (tok, tok_path) = match &pretrained {
+        Some(enc) => {
+            let path = job.out.join("tokenizer.json");
+            enc.tokenizer.save(&path)?;
+            (enc.tokenizer.clone(), path)
+        }
+        None => tokenizer_for(
+            job,
+            "tokenizer.json",
+            train_ex
+                .iter()
+                .map(|(_, t)| t.clone())
+                .collect::<Vec<_>>()
+                .into_iter(),
+        )?,
+    };
+    let cfg = job.model_config_over(
+        pretrained.as_ref().map(|e| &e.config),
+        tok.vocab_size(),
+        tok.pad,
+        labels.0.len(),
     )?;
-    let cfg = job.model_config(tok.vocab_size(), tok.pad, labels.0.len())?;
     let train_data = encode_labelled(&tok, &labels, &train_ex, cfg.max_len, "train")?;
     let valid_data = encode_labelled(&tok, &labels, &valid_ex, cfg.max_len, "valid")?;
     if valid_data.examples.is_empty() || test_ex.as_ref().is_some_and(|t| t.is_empty()) {
@@ -387,6 +404,10 @@ fn run_classify(job: &Job, resume: bool) -> Result<()> {
         extra_files: vec![tok_path, labels_path],
     };
     let mut model = Classifier::new(cfg.clone(), job.train.seed)?;
+    if let Some(enc) = &pretrained {
+        enc.load_weights(&mut model)?;
+        eprintln!("fine-tuning {}", enc.dir.display());
+    }
     let valid_batches = valid_data.epoch_batches(tok.pad, job.train.max_tokens, 0, 0);
     let epoch = |e: u64| train_data.epoch_batches(tok.pad, job.train.max_tokens, job.train.seed, e);
     let valid_texts: Vec<String> = valid_ex.iter().map(|(_, t)| t.clone()).collect();

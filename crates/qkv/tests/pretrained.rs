@@ -89,7 +89,10 @@ fn minilm_matches_sentence_transformers() {
     let Some(dir) = model_dir() else { return };
     let fx = fixture();
     let enc = HfEncoder::open(&dir).unwrap();
-    assert_eq!(enc.config.max_len, 256, "sentence_bert_config caps inputs at 256");
+    assert_eq!(
+        enc.config.max_len, 256,
+        "sentence_bert_config caps inputs at 256"
+    );
     for (s, &n) in fx.sentences.iter().zip(&fx.token_counts) {
         let ids = enc.tokenizer.encode_single(s, enc.config.max_len).unwrap();
         assert_eq!(ids.len(), n, "token count of {s:?}");
@@ -132,11 +135,17 @@ fn unsupported_or_broken_hf_directories_are_errors() {
             config.replace("\"gelu\"", "\"swish\""),
             "hidden_act 'swish' is not supported",
         ),
-        (config.replace("\"hidden_size\"", "\"hidden\""), "config.json"),
+        (
+            config.replace("\"hidden_size\"", "\"hidden\""),
+            "config.json",
+        ),
     ];
     for (text, want) in cases {
         std::fs::write(scratch.join("config.json"), text).unwrap();
-        let err = HfEncoder::open(&scratch).err().expect("must fail").to_string();
+        let err = HfEncoder::open(&scratch)
+            .err()
+            .expect("must fail")
+            .to_string();
         assert!(err.contains(want), "{err}");
     }
     // A config without its weights file: the error names the missing file.
@@ -150,8 +159,11 @@ fn unsupported_or_broken_hf_directories_are_errors() {
         config.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
     )
     .unwrap();
-    std::os::unix::fs::symlink(dir.join("model.safetensors"), scratch.join("model.safetensors"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        dir.join("model.safetensors"),
+        scratch.join("model.safetensors"),
+    )
+    .unwrap();
     let enc = HfEncoder::open(&scratch).unwrap();
     let err = enc.embedding_model().err().expect("7 layers").to_string();
     assert!(err.contains("missing tensor 'encoder.layer.6."), "{err}");

@@ -147,11 +147,7 @@ impl Embedding {
             PositionTable::Sinusoidal(t) => t,
             PositionTable::Learned(pp) => pp.of(p),
         };
-        let fused_drop = if self.norm.is_some() {
-            None
-        } else {
-            self.drop
-        };
+        let fused_drop = if self.norm.is_some() { None } else { self.drop };
         embedding_forward(
             buf(&mut self.out, n),
             tokens.ids,

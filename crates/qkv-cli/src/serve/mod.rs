@@ -1,0 +1,514 @@
+//! `qkv serve`: an HTTP inference service (axum on tokio) with dynamic batching.
+//!
+//! Handlers read the body (size limit), parse JSON, tokenize and check the input limits, then
+//! put a job on a bounded queue (full → 429) for the model worker (`worker.rs`), which batches
+//! concurrent requests into one forward pass. Every error is a JSON `{"error": …}` with a 4xx
+//! status for bad requests. SIGTERM or Ctrl-C stops accepting connections and lets in-flight
+//! requests finish.
+//!
+//! Endpoints: `POST /v1/translate`, `/v1/classify`, `/v1/generate`, `/v1/embed` (whichever the
+//! loaded model supports; the others answer 404), `GET /health`, `GET /metrics`.
+
+pub mod load;
+mod metrics;
+mod worker;
+
+use crate::eval::{load_model_dir, AnyModel};
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics::Metrics;
+use qkv::data::Tokenizer;
+use qkv::decode::{Choice, Sampling};
+use qkv::tasks::classify::{argmax, Labels};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use worker::{BatchPolicy, Job, Reply, Work};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Model directory (a qkv checkpoint or a Hugging Face BERT-family encoder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Inputs per batch at most; 1 turns dynamic batching off.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// How long a request waits for others to share its batch, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub batch_window_ms: u64,
+    /// Requests waiting for the model at most; more are refused with 429.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// Request body size limit in bytes (413 beyond).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Tokens per input text at most (422 beyond).
+    #[arg(long, default_value_t = 512)]
+    pub max_input_tokens: usize,
+    /// Texts per request at most (422 beyond).
+    #[arg(long, default_value_t = 64)]
+    pub max_texts: usize,
+    /// Largest `max_new_tokens` a generate request may ask for (422 beyond).
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Largest beam a translate request may ask for (422 beyond).
+    #[arg(long, default_value_t = 8)]
+    pub max_beam: usize,
+    /// Time a request may take, queueing included, in milliseconds (408 beyond).
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Endpoint {
+    Translate,
+    Classify,
+    Generate,
+    Embed,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Translate => "translate",
+            Endpoint::Classify => "classify",
+            Endpoint::Generate => "generate",
+            Endpoint::Embed => "embed",
+        }
+    }
+}
+
+struct AppState {
+    queue: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+    tok: Tokenizer,
+    tgt_tok: Tokenizer,
+    labels: Option<Labels>,
+    endpoints: Vec<Endpoint>,
+    family: &'static str,
+    max_len: usize,
+    limits: Limits,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    max_body_bytes: usize,
+    max_input_tokens: usize,
+    max_texts: usize,
+    max_new_tokens: usize,
+    max_beam: usize,
+    timeout: Duration,
+}
+
+/// An error answered as `{"error": message}` with its status.
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+    fn invalid(msg: impl Into<String>) -> Self {
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    if a.max_batch == 0 || a.queue == 0 || a.max_texts == 0 || a.max_beam == 0 {
+        anyhow::bail!("--max-batch, --queue, --max-texts and --max-beam must be at least 1");
+    }
+    let loaded = load_model_dir(&a.model)?;
+    let (endpoints, family, max_len) = match &loaded.model {
+        AnyModel::Seq2Seq(m) => (vec![Endpoint::Translate], "seq2seq", m.config.max_len),
+        AnyModel::Classifier(m) if m.head.is_some() => (
+            vec![Endpoint::Classify, Endpoint::Embed],
+            "classifier",
+            m.config.max_len,
+        ),
+        AnyModel::Classifier(m) => (vec![Endpoint::Embed], "encoder", m.config.max_len),
+        AnyModel::Lm(m) => (vec![Endpoint::Generate], "lm", m.config.max_len),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = sync_channel::<Job>(a.queue);
+    let state = Arc::new(AppState {
+        queue: tx,
+        metrics: metrics.clone(),
+        tok: loaded.tok.clone(),
+        tgt_tok: loaded.tgt_tok.clone(),
+        labels: loaded.labels.clone(),
+        endpoints,
+        family,
+        max_len,
+        limits: Limits {
+            max_body_bytes: a.max_body_bytes,
+            max_input_tokens: a.max_input_tokens,
+            max_texts: a.max_texts,
+            max_new_tokens: a.max_new_tokens,
+            max_beam: a.max_beam,
+            timeout: Duration::from_millis(a.timeout_ms),
+        },
+    });
+    let policy = BatchPolicy {
+        max_batch: a.max_batch,
+        window: Duration::from_millis(a.batch_window_ms),
+    };
+    let worker = std::thread::Builder::new()
+        .name("qkv-model".into())
+        .spawn(move || worker::run(loaded, rx, policy, metrics))
+        .context("starting the model worker")?;
+
+    // Two threads for HTTP; the cores' compute belongs to the model's rayon pool.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.addr)
+            .await
+            .with_context(|| format!("binding {}", a.addr))?;
+        let addr = listener.local_addr()?;
+        eprintln!("serving {} ({family}) on http://{addr}", a.model.display());
+        let app = router(state);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")?;
+        eprintln!("shut down: in-flight requests finished");
+        anyhow::Ok(())
+    })?;
+    // The router (and with it the queue's sender) is gone: the worker drains and stops.
+    let _ = worker.join();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: finishing in-flight requests");
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let endpoint = |e: Endpoint| {
+        post(
+            move |State(s): State<Arc<AppState>>, body: Body| async move {
+                let start = Instant::now();
+                let resp = handle(&s, e, body).await;
+                let resp = match resp {
+                    Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+                    Err(err) => err.into_response(),
+                };
+                s.metrics
+                    .request(e.name(), resp.status().as_u16(), start.elapsed());
+                resp
+            },
+        )
+    };
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/translate", endpoint(Endpoint::Translate))
+        .route("/v1/classify", endpoint(Endpoint::Classify))
+        .route("/v1/generate", endpoint(Endpoint::Generate))
+        .route("/v1/embed", endpoint(Endpoint::Embed))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        // Bodies are read with our own limit, so that its error is JSON too.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    let endpoints: Vec<String> = s
+        .endpoints
+        .iter()
+        .map(|e| format!("/v1/{}", e.name()))
+        .collect();
+    axum::Json(json!({"status": "ok", "model": s.family, "endpoints": endpoints})).into_response()
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `{"text": "…"}` or `{"texts": ["…", …]}`, plus a beam for translation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextsRequest {
+    text: Option<String>,
+    texts: Option<Vec<String>>,
+    beam: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateRequest {
+    prompt: String,
+    max_new_tokens: Option<usize>,
+    /// Pick the most likely token instead of sampling.
+    #[serde(default)]
+    greedy: bool,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: u64,
+}
+
+async fn handle(s: &AppState, e: Endpoint, body: Body) -> Result<Value, ApiError> {
+    if !s.endpoints.contains(&e) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "/v1/{} is not served by this model ({}); it serves {}",
+                e.name(),
+                s.family,
+                s.endpoints
+                    .iter()
+                    .map(|e| format!("/v1/{}", e.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, s.limits.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes", s.limits.max_body_bytes),
+            )
+        })?;
+    let (work, single, input_tokens) = match e {
+        Endpoint::Generate => {
+            let r: GenerateRequest = parse(&bytes)?;
+            let n = check_text(s, &r.prompt, 0)?;
+            // The prompt is fed after a start token, and generation needs room to continue.
+            if n + 1 >= s.max_len {
+                return Err(ApiError::invalid(format!(
+                    "prompt has {n} tokens; this model's context is {} tokens",
+                    s.max_len
+                )));
+            }
+            let max_new = r.max_new_tokens.unwrap_or(64);
+            if max_new == 0 || max_new > s.limits.max_new_tokens {
+                return Err(ApiError::invalid(format!(
+                    "max_new_tokens must be in 1..={} (got {max_new})",
+                    s.limits.max_new_tokens
+                )));
+            }
+            let choice = if r.greedy {
+                Choice::Greedy
+            } else {
+                let sampling = Sampling {
+                    temperature: r.temperature.unwrap_or(0.8),
+                    top_k: r.top_k,
+                    top_p: r.top_p,
+                    seed: r.seed,
+                };
+                sampling
+                    .validate()
+                    .map_err(|e| ApiError::invalid(e.to_string()))?;
+                Choice::Sample(sampling)
+            };
+            let work = Work::Generate {
+                prompt: r.prompt,
+                max_new: max_new.min(s.max_len - n - 1),
+                choice,
+            };
+            (work, true, n)
+        }
+        _ => {
+            let r: TextsRequest = parse(&bytes)?;
+            let (texts, single) = match (r.text, r.texts) {
+                (Some(t), None) => (vec![t], true),
+                (None, Some(ts)) => (ts, false),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "give exactly one of `text` (a string) or `texts` (a list of strings)",
+                    ))
+                }
+            };
+            if texts.is_empty() || texts.len() > s.limits.max_texts {
+                return Err(ApiError::invalid(format!(
+                    "`texts` must hold 1..={} strings (got {})",
+                    s.limits.max_texts,
+                    texts.len()
+                )));
+            }
+            let mut tokens = 0;
+            for (i, t) in texts.iter().enumerate() {
+                tokens += check_text(s, t, i)?;
+            }
+            let work = match e {
+                Endpoint::Translate => {
+                    let beam = r.beam.unwrap_or(4);
+                    if beam == 0 || beam > s.limits.max_beam {
+                        return Err(ApiError::invalid(format!(
+                            "beam must be in 1..={} (got {beam})",
+                            s.limits.max_beam
+                        )));
+                    }
+                    Work::Translate { texts, beam }
+                }
+                _ if r.beam.is_some() => {
+                    return Err(ApiError::invalid("`beam` applies to /v1/translate only"))
+                }
+                Endpoint::Classify => Work::Classify { texts },
+                _ => Work::Embed { texts },
+            };
+            (work, single, tokens)
+        }
+    };
+    let reply = submit(s, work).await?;
+    let mut output_tokens = 0;
+    let body = match (e, reply) {
+        (Endpoint::Translate | Endpoint::Generate, Reply::Texts(texts)) => {
+            for t in &texts {
+                output_tokens += s.tgt_tok.encode(t).map(|v| v.len()).unwrap_or(0);
+            }
+            let key = if e == Endpoint::Translate {
+                "translation"
+            } else {
+                "text"
+            };
+            if single {
+                json!({ key: texts[0] })
+            } else {
+                json!({ format!("{key}s"): texts })
+            }
+        }
+        (Endpoint::Classify, Reply::Rows(rows)) => {
+            let names = &s.labels.as_ref().expect("classifiers have labels").0;
+            let one = |p: &Vec<f32>| {
+                let k = argmax(p) as usize;
+                let probs: serde_json::Map<String, Value> = names
+                    .iter()
+                    .zip(p)
+                    .map(|(n, v)| (n.clone(), json!(v)))
+                    .collect();
+                json!({"label": names[k], "probability": p[k], "probabilities": probs})
+            };
+            if single {
+                one(&rows[0])
+            } else {
+                json!({ "results": rows.iter().map(one).collect::<Vec<_>>() })
+            }
+        }
+        (Endpoint::Embed, Reply::Rows(rows)) => {
+            if single {
+                json!({ "embedding": rows[0] })
+            } else {
+                json!({ "embeddings": rows })
+            }
+        }
+        (_, other) => {
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("unexpected model reply {other:?}"),
+            ))
+        }
+    };
+    s.metrics.tokens(input_tokens, output_tokens);
+    Ok(body)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::bad("empty request body: expected a JSON object"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("invalid JSON request: {e}")))
+}
+
+/// Tokens of one input text; empty or over-long inputs are refused.
+fn check_text(s: &AppState, text: &str, index: usize) -> Result<usize, ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid(format!("input {index} is empty")));
+    }
+    // Refuse absurd inputs before tokenizing them (a token is at least one byte).
+    let limit = s.limits.max_input_tokens;
+    let n = if text.len() > 64 * limit {
+        text.len()
+    } else {
+        s.tok
+            .encode(text)
+            .map_err(|e| ApiError::invalid(format!("input {index}: {e}")))?
+            .len()
+    };
+    if n > limit {
+        return Err(ApiError::invalid(format!(
+            "input {index} has {n} tokens; the limit is {limit}"
+        )));
+    }
+    Ok(n)
+}
+
+async fn submit(s: &AppState, work: Work) -> Result<Reply, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.metrics.queued.fetch_add(1, Ordering::Relaxed);
+    match s.queue.try_send(Job { work, reply: tx }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            s.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the request queue is full; retry later".into(),
+            ));
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            s.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model worker has stopped".into(),
+            ));
+        }
+    }
+    match tokio::time::timeout(s.limits.timeout, rx).await {
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} ms",
+                s.limits.timeout.as_millis()
+            ),
+        )),
+        Ok(Err(_)) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model worker has stopped".into(),
+        )),
+        Ok(Ok(Err(msg))) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)),
+        Ok(Ok(Ok(reply))) => Ok(reply),
+    }
+}
