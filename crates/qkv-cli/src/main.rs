@@ -38,6 +38,8 @@ enum Command {
     /// Sentence embeddings of stdin lines (JSON arrays), from a BERT-family encoder such as
     /// all-MiniLM-L6-v2 or a qkv classifier.
     Embed(infer::EmbedArgs),
+    /// Attention maps of one input for every layer and head: PNG heatmaps and an HTML viewer.
+    Attention(attention::AttentionArgs),
     /// Serve a model over HTTP (translate, classify, generate, embed) with dynamic batching.
     Serve(serve::ServeArgs),
     /// Average the parameters of several checkpoints.
@@ -133,6 +135,7 @@ struct TrainStepArgs {
     warmup: usize,
 }
 
+mod attention;
 mod copy;
 mod eval;
 mod infer;
@@ -221,6 +224,7 @@ fn main() -> Result<()> {
             what: BenchCommand::Serve(a),
         } => serve::load::run(a)?,
         Command::Serve(args) => serve::run(args)?,
+        Command::Attention(args) => attention::run(args)?,
         Command::Copy(args) => copy::run(args)?,
         Command::Train(args) => train::run(args)?,
         Command::Eval(args) => eval::run(args)?,

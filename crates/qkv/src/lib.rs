@@ -15,6 +15,7 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod hf;
+pub mod inspect;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

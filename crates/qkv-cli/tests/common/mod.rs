@@ -1,0 +1,47 @@
+//! Helpers shared by the integration tests that need a model directory.
+#![allow(dead_code)]
+
+use qkv::data::Tokenizer;
+use qkv::model::{Classifier, Family, LanguageModel, ModelConfig, Seq2Seq};
+use std::path::PathBuf;
+
+pub const TEXTS: [&str; 6] = [
+    "the king went to the house",
+    "great people of the land",
+    "the son of god",
+    "a house in the great land",
+    "people and kings",
+    "the land of the son",
+];
+
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qkv-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A random-weight model of `family` with a tokenizer (and labels) saved as a model directory.
+pub fn tiny_model(family: Family, name: &str) -> PathBuf {
+    let dir = scratch(name);
+    let tok = Tokenizer::train_bpe(TEXTS.iter().cycle().take(60), 80, false).unwrap();
+    let mut cfg = ModelConfig::preset("tiny", family, tok.vocab_size()).unwrap();
+    cfg.max_len = 64;
+    cfg.pad_id = tok.pad;
+    let params = match family {
+        Family::Classifier => {
+            cfg.n_classes = 3;
+            std::fs::write(
+                dir.join("labels.json"),
+                r#"["negative", "neutral", "positive"]"#,
+            )
+            .unwrap();
+            Classifier::new(cfg.clone(), 1).unwrap().params
+        }
+        Family::Seq2seq => Seq2Seq::new(cfg.clone(), 1).unwrap().params,
+        Family::Lm => LanguageModel::new(cfg.clone(), 1).unwrap().params,
+    };
+    qkv::checkpoint::save(&dir, &cfg, &params, None).unwrap();
+    tok.save(&dir.join("tokenizer.json")).unwrap();
+    dir
+}
