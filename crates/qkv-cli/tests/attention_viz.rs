@@ -8,23 +8,11 @@
 
 mod common;
 
-use common::{scratch, tiny_model};
+use common::{qkv, scratch, tiny_model};
 use qkv::model::Family;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn qkv(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qkv"))
-        .args(["--threads", "2"])
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run qkv");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!err.contains("panicked"), "qkv panicked: {err}");
-    (out.status.success(), err)
-}
 
 /// Width and height from a PNG's IHDR chunk.
 fn png_size(path: &Path) -> (u32, u32) {
@@ -92,17 +80,20 @@ fn translation_attention_maps_png_json_and_browser() {
     let out = scratch("viz-out");
     let out_s = out.to_str().unwrap();
     let model_s = model.to_str().unwrap();
-    let (ok, err) = qkv(&[
-        "attention",
-        "--model",
-        model_s,
-        "--input",
-        "the king went to the house",
-        "--target",
-        "great people",
-        "--out",
-        out_s,
-    ]);
+    let (ok, _, err) = qkv(
+        &[
+            "attention",
+            "--model",
+            model_s,
+            "--input",
+            "the king went to the house",
+            "--target",
+            "great people",
+            "--out",
+            out_s,
+        ],
+        None,
+    );
     assert!(ok, "{err}");
 
     let data: Value =
@@ -178,25 +169,31 @@ fn translation_attention_maps_png_json_and_browser() {
     assert_eq!(pngs, heads);
 
     // Bad input fails cleanly.
-    let (ok, err) = qkv(&[
-        "attention",
-        "--model",
-        model_s,
-        "--input",
-        "  ",
-        "--out",
-        out_s,
-    ]);
+    let (ok, _, err) = qkv(
+        &[
+            "attention",
+            "--model",
+            model_s,
+            "--input",
+            "  ",
+            "--out",
+            out_s,
+        ],
+        None,
+    );
     assert!(!ok && err.contains("--input is empty"), "{err}");
-    let (ok, err) = qkv(&[
-        "attention",
-        "--model",
-        out_s,
-        "--input",
-        "x",
-        "--out",
-        out_s,
-    ]);
+    let (ok, _, err) = qkv(
+        &[
+            "attention",
+            "--model",
+            out_s,
+            "--input",
+            "x",
+            "--out",
+            out_s,
+        ],
+        None,
+    );
     assert!(!ok && err.contains("config.json"), "{err}");
 
     // The viewer in a real browser.

@@ -5,10 +5,8 @@
 
 mod common;
 
-use common::scratch;
-use std::io::Write;
+use common::{qkv, scratch};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 fn minilm() -> Option<PathBuf> {
     let dir = std::env::var_os("QKV_MINILM_DIR")
@@ -27,26 +25,6 @@ fn minilm() -> Option<PathBuf> {
     );
     eprintln!("skipping: all-MiniLM-L6-v2 not fetched (scripts/fetch_minilm.sh)");
     None
-}
-
-fn qkv(args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qkv"))
-        .args(["--threads", "2"])
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
-    let out = child.wait_with_output().unwrap();
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!e.contains("panicked"), "{e}");
-    (out.status.success(), o, e)
 }
 
 const GOOD: [&str; 6] = [
@@ -117,7 +95,7 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
     );
     let cfg = dir.join("job.json");
     std::fs::write(&cfg, job).unwrap();
-    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], "");
+    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
     assert!(ok, "{err}");
     assert!(err.contains("fine-tuning"), "{err}");
     let acc: f64 = out
@@ -141,12 +119,12 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
     assert_eq!(cfg["n_classes"], 2);
     let (ok, out, err) = qkv(
         &["classify", "--model", best_s],
-        "I love the food\nI hate this flight\n",
+        Some("I love the food\nI hate this flight\n"),
     );
     assert!(ok, "{err}");
     let labels: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(labels, ["positive", "negative"], "{out}");
-    let (ok, out, err) = qkv(&["embed", "--model", best_s], "I love the food\n");
+    let (ok, out, err) = qkv(&["embed", "--model", best_s], Some("I love the food\n"));
     assert!(ok, "{err}");
     let v: Vec<f64> = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v.len(), 384);
@@ -158,7 +136,7 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
     std::fs::write(dir.join("lm.json"), lm_job).unwrap();
     let (ok, _, err) = qkv(
         &["train", "--config", dir.join("lm.json").to_str().unwrap()],
-        "",
+        None,
     );
     assert!(!ok && err.contains("classify task only"), "{err}");
 }

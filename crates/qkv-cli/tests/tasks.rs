@@ -2,39 +2,11 @@
 //! task (tokenizer, batching, trainer, checkpoints, final evaluation), then `eval`, `translate`,
 //! `classify`, `generate`, `average`, resuming, and bad input that must fail cleanly.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn qkv(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qkv"))
-        .args(["--threads", "2"])
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run qkv");
-    let mut input = child.stdin.take().unwrap();
-    // The process may exit (on bad input) before reading stdin.
-    let _ = input.write_all(stdin.unwrap_or("").as_bytes());
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(!e.contains("panicked"), "qkv panicked: {e}");
-    (out.status.success(), o, e)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qkv-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{qkv, scratch};
 
 const WORDS: [(&str, &str); 8] = [
     ("the", "el"),

@@ -6,6 +6,7 @@
 //! materialized kernel for that forward; the flags are cleared again before returning.
 
 use crate::error::Result;
+use crate::model::encoder::EncoderStack;
 use crate::model::{Classifier, LanguageModel, Mode, Seq2Seq, Tokens};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -96,31 +97,12 @@ fn set_seq2seq(model: &mut Seq2Seq, on: bool) {
 /// Encoder self-attention maps of one input (T).
 pub fn classifier_maps(model: &mut Classifier, tokens: &[u32]) -> Result<Vec<AttentionMap>> {
     let h = model.config.n_heads;
-    model
-        .encoder
-        .layers
-        .iter_mut()
-        .for_each(|l| l.self_attn.record_weights(true));
+    record(&mut model.encoder, true);
     let run = model
         .features(Tokens::new(tokens, 1, tokens.len())?)
         .map(|_| ());
-    let t = tokens.len();
-    let maps = model
-        .encoder
-        .layers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            l.self_attn
-                .weights()
-                .map(|w| map(MapKind::EncoderSelf, i, h, t, t, w))
-        })
-        .collect();
-    model
-        .encoder
-        .layers
-        .iter_mut()
-        .for_each(|l| l.self_attn.record_weights(false));
+    let maps = collect(&model.encoder, MapKind::EncoderSelf, h, tokens.len());
+    record(&mut model.encoder, false);
     run?;
     Ok(maps)
 }
@@ -128,31 +110,29 @@ pub fn classifier_maps(model: &mut Classifier, tokens: &[u32]) -> Result<Vec<Att
 /// Masked self-attention maps of a language model over one sequence (T).
 pub fn lm_maps(model: &mut LanguageModel, tokens: &[u32]) -> Result<Vec<AttentionMap>> {
     let h = model.config.n_heads;
-    model
-        .decoder
-        .layers
-        .iter_mut()
-        .for_each(|l| l.self_attn.record_weights(true));
+    record(&mut model.decoder, true);
     let run = model
         .forward(Tokens::new(tokens, 1, tokens.len())?, Mode::EVAL)
         .map(|_| ());
-    let t = tokens.len();
-    let maps = model
-        .decoder
+    let maps = collect(&model.decoder, MapKind::DecoderSelf, h, tokens.len());
+    record(&mut model.decoder, false);
+    run?;
+    Ok(maps)
+}
+
+fn record(stack: &mut EncoderStack, on: bool) {
+    stack
+        .layers
+        .iter_mut()
+        .for_each(|l| l.self_attn.record_weights(on));
+}
+
+/// The self-attention maps a stack recorded over a sequence of `t` tokens.
+fn collect(stack: &EncoderStack, kind: MapKind, heads: usize, t: usize) -> Vec<AttentionMap> {
+    stack
         .layers
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| {
-            l.self_attn
-                .weights()
-                .map(|w| map(MapKind::DecoderSelf, i, h, t, t, w))
-        })
-        .collect();
-    model
-        .decoder
-        .layers
-        .iter_mut()
-        .for_each(|l| l.self_attn.record_weights(false));
-    run?;
-    Ok(maps)
+        .filter_map(|(i, l)| l.self_attn.weights().map(|w| map(kind, i, heads, t, t, w)))
+        .collect()
 }

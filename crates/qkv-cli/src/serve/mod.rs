@@ -458,16 +458,19 @@ fn check_text(s: &AppState, text: &str, index: usize) -> Result<usize, ApiError>
     if text.trim().is_empty() {
         return Err(ApiError::invalid(format!("input {index} is empty")));
     }
-    // Refuse absurd inputs before tokenizing them (a token is at least one byte).
+    // Refuse absurd inputs before tokenizing them: no tokenizer packs 64 bytes into a token.
     let limit = s.limits.max_input_tokens;
-    let n = if text.len() > 64 * limit {
-        text.len()
-    } else {
-        s.tok
-            .encode(text)
-            .map_err(|e| ApiError::invalid(format!("input {index}: {e}")))?
-            .len()
-    };
+    if text.len() > 64 * limit {
+        return Err(ApiError::invalid(format!(
+            "input {index} is {} bytes, far beyond the limit of {limit} tokens",
+            text.len()
+        )));
+    }
+    let n = s
+        .tok
+        .encode(text)
+        .map_err(|e| ApiError::invalid(format!("input {index}: {e}")))?
+        .len();
     if n > limit {
         return Err(ApiError::invalid(format!(
             "input {index} has {n} tokens; the limit is {limit}"

@@ -3,7 +3,9 @@
 
 use qkv::data::Tokenizer;
 use qkv::model::{Classifier, Family, LanguageModel, ModelConfig, Seq2Seq};
+use std::io::Write;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 pub const TEXTS: [&str; 6] = [
     "the king went to the house",
@@ -44,4 +46,28 @@ pub fn tiny_model(family: Family, name: &str) -> PathBuf {
     qkv::checkpoint::save(&dir, &cfg, &params, None).unwrap();
     tok.save(&dir.join("tokenizer.json")).unwrap();
     dir
+}
+
+/// Run the binary with 2 threads: (success, stdout, stderr). A panic fails the test.
+pub fn qkv(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qkv"))
+        .args(["--threads", "2"])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qkv");
+    let mut input = child.stdin.take().unwrap();
+    // The process may exit (on bad input) before reading stdin.
+    let _ = input.write_all(stdin.unwrap_or("").as_bytes());
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!e.contains("panicked"), "qkv panicked: {e}");
+    (out.status.success(), o, e)
 }

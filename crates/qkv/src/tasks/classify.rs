@@ -74,6 +74,38 @@ impl LabelledData {
     }
 }
 
+/// Each text as the encoder reads it (specials, at most `max_len` ids; never empty).
+fn encode_inputs(tok: &Tokenizer, texts: &[String], max_len: usize) -> Result<Vec<Vec<u32>>> {
+    texts
+        .iter()
+        .map(|t| {
+            let mut ids = tok.encode_single(t, max_len)?;
+            if ids.is_empty() {
+                ids.push(tok.unk.unwrap_or(tok.eos));
+            }
+            Ok(ids)
+        })
+        .collect()
+}
+
+/// Run `f` on length-bucketed batches of `texts`; it gets the batch and the text index of each
+/// of its rows.
+fn for_batches(
+    tok: &Tokenizer,
+    texts: &[String],
+    max_len: usize,
+    max_tokens: usize,
+    mut f: impl FnMut(&ClassifyBatch, &[usize]) -> Result<()>,
+) -> Result<()> {
+    let encoded = encode_inputs(tok, texts, max_len)?;
+    let lengths: Vec<usize> = encoded.iter().map(|e| e.len()).collect();
+    for idx in batches_by_tokens(&lengths, max_tokens, 0, 0) {
+        let ex: Vec<(&[u32], u32)> = idx.iter().map(|&i| (encoded[i].as_slice(), 0)).collect();
+        f(&ClassifyBatch::new(&ex, tok.pad), &idx)?;
+    }
+    Ok(())
+}
+
 /// Class probabilities (N, K) for each text, batched by length.
 pub fn predict(
     model: &mut Classifier,
@@ -81,21 +113,9 @@ pub fn predict(
     texts: &[String],
     max_tokens: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let max_len = model.config.max_len;
     let k = model.config.n_classes;
-    let mut encoded = Vec::with_capacity(texts.len());
-    for t in texts {
-        let mut ids = tok.encode_single(t, max_len)?;
-        if ids.is_empty() {
-            ids.push(tok.unk.unwrap_or(tok.eos));
-        }
-        encoded.push(ids);
-    }
-    let lengths: Vec<usize> = encoded.iter().map(|e| e.len()).collect();
     let mut out = vec![Vec::new(); texts.len()];
-    for idx in batches_by_tokens(&lengths, max_tokens, 0, 0) {
-        let ex: Vec<(&[u32], u32)> = idx.iter().map(|&i| (encoded[i].as_slice(), 0)).collect();
-        let b = ClassifyBatch::new(&ex, tok.pad);
+    for_batches(tok, texts, model.config.max_len, max_tokens, |b, idx| {
         let logits = model.forward(Tokens::new(&b.tokens, b.batch, b.len)?, Mode::EVAL)?;
         for (row, &i) in idx.iter().enumerate() {
             let l = &logits[row * k..(row + 1) * k];
@@ -104,7 +124,8 @@ pub fn predict(
             let s: f32 = e.iter().sum();
             out[i] = e.iter().map(|x| x / s).collect();
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -116,25 +137,15 @@ pub fn embed(
     texts: &[String],
     max_tokens: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let (max_len, c) = (model.config.max_len, model.config.d_model);
-    let mut encoded = Vec::with_capacity(texts.len());
-    for t in texts {
-        let mut ids = tok.encode_single(t, max_len)?;
-        if ids.is_empty() {
-            ids.push(tok.unk.unwrap_or(tok.eos));
-        }
-        encoded.push(ids);
-    }
-    let lengths: Vec<usize> = encoded.iter().map(|e| e.len()).collect();
+    let c = model.config.d_model;
     let mut out = vec![Vec::new(); texts.len()];
-    for idx in batches_by_tokens(&lengths, max_tokens, 0, 0) {
-        let ex: Vec<(&[u32], u32)> = idx.iter().map(|&i| (encoded[i].as_slice(), 0)).collect();
-        let b = ClassifyBatch::new(&ex, tok.pad);
+    for_batches(tok, texts, model.config.max_len, max_tokens, |b, idx| {
         let features = model.features(Tokens::new(&b.tokens, b.batch, b.len)?)?;
         for (row, &i) in idx.iter().enumerate() {
             out[i] = features[row * c..(row + 1) * c].to_vec();
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
