@@ -412,7 +412,16 @@ async fn handle(s: &AppState, e: Endpoint, body: Body) -> Result<Value, ApiError
             }
         }
         (Endpoint::Classify, Reply::Rows(rows)) => {
-            let names = &s.labels.as_ref().expect("classifiers have labels").0;
+            let names = &s
+                .labels
+                .as_ref()
+                .ok_or_else(|| {
+                    ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the model has no labels".into(),
+                    )
+                })?
+                .0;
             let one = |p: &Vec<f32>| {
                 let k = argmax(p) as usize;
                 let probs: serde_json::Map<String, Value> = names

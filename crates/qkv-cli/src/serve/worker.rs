@@ -112,7 +112,17 @@ fn run_group(loaded: &mut Loaded, group: Vec<Job>, metrics: &Metrics) {
     let counts: Vec<usize> = group.iter().map(|j| j.work.inputs()).collect();
     let total: usize = counts.iter().sum();
     metrics.batch(total);
-    let result = call_model(loaded, &group);
+    let result = call_model(loaded, &group).and_then(|r| {
+        let got = match &r {
+            Reply::Texts(t) => t.len(),
+            Reply::Rows(rows) => rows.len(),
+        };
+        if got == total {
+            Ok(r)
+        } else {
+            Err(format!("the model answered {got} of {total} inputs"))
+        }
+    });
     let mut start = 0;
     for (job, n) in group.into_iter().zip(counts) {
         let answer = match &result {
