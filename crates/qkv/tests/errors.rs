@@ -155,6 +155,25 @@ fn invalid_configs_are_rejected_with_the_field() {
         .unwrap()
         .to_string()
         .contains("n_classes"));
+    // Token types and an embedding norm belong to (BERT-style) classifiers.
+    let mut c = ModelConfig::preset("tiny", Family::Lm, 10).unwrap();
+    c.token_types = 2;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("token_types"), "{e}");
+    // Without a head (n_classes 0) a classifier embeds but refuses to classify or train.
+    let mut c = ModelConfig::preset("tiny", Family::Classifier, 10).unwrap();
+    c.n_classes = 0;
+    let mut m = Classifier::new(c, 0).unwrap();
+    let ids = [4u32, 5, 6];
+    let tokens = qkv::model::Tokens::new(&ids, 1, 3).unwrap();
+    assert_eq!(m.features(tokens).unwrap().len(), 64);
+    let e = m
+        .forward(tokens, qkv::model::Mode::EVAL)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no class head"), "{e}");
+    let e = m.backward(&[0], 0.0).unwrap_err().to_string();
+    assert!(e.contains("no class head"), "{e}");
     let c = ModelConfig::preset("tiny", Family::Lm, 10).unwrap();
     assert!(Seq2Seq::new(c, 0)
         .err()

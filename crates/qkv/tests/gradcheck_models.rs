@@ -1,13 +1,19 @@
 //! Finite-difference checks of every layer's backward through whole models: all three
-//! families, both LayerNorm placements, ReLU/GELU, sinusoidal/learned positions, tied outputs.
+//! families, both LayerNorm placements, ReLU/GELU, sinusoidal/learned positions, tied outputs,
+//! BERT-style embeddings (token types, LayerNorm).
 
 mod common;
 use common::{tiny, AnyModel};
 use qkv::model::{Family, Mode, NormPlacement};
 
-fn check(mut m: AnyModel, what: &str) {
+fn check(m: AnyModel, what: &str) {
+    check_in(m, what, Mode::EVAL);
+}
+
+/// As `check`, in `mode` (a fixed dropout seed makes the dropped network a fixed function).
+fn check_in(mut m: AnyModel, what: &str, mode: Mode) {
     let smoothing = 0.1;
-    m.loss_and_grad(smoothing, Mode::EVAL);
+    m.loss_and_grad(smoothing, mode);
     let analytic = m.params().grad.clone();
     let specs = m.params().specs.clone();
     let h = 1e-2f32;
@@ -18,9 +24,9 @@ fn check(mut m: AnyModel, what: &str) {
             let i = spec.offset + (k * 7919 + 13) % spec.len;
             let orig = m.params().data[i];
             m.params().data[i] = orig + h;
-            let lp = m.loss_and_grad(smoothing, Mode::EVAL) as f64;
+            let lp = m.loss_and_grad(smoothing, mode) as f64;
             m.params().data[i] = orig - h;
-            let lm = m.loss_and_grad(smoothing, Mode::EVAL) as f64;
+            let lm = m.loss_and_grad(smoothing, mode) as f64;
             m.params().data[i] = orig;
             let numeric = ((lp - lm) / (2.0 * h as f64)) as f32;
             let a = analytic[i];
@@ -71,6 +77,23 @@ fn classifier_gradients_both_poolings() {
         cfg.pooling = pooling;
         check(AnyModel::random(cfg, 3), "classifier");
     }
+}
+
+#[test]
+fn bert_style_classifier_gradients() {
+    // A BERT-family encoder's embeddings: token types and a LayerNorm over the sum, with the
+    // dropout after the norm.
+    let mut cfg = tiny(Family::Classifier, NormPlacement::Post, true, true);
+    cfg.token_types = 2;
+    cfg.embed_norm = true;
+    cfg.scale_embeddings = false;
+    check(AnyModel::random(cfg.clone(), 8), "bert-style classifier");
+    cfg.dropout = 0.2;
+    check_in(
+        AnyModel::random(cfg, 9),
+        "bert-style classifier with dropout",
+        Mode::train(0.2, 7),
+    );
 }
 
 #[test]

@@ -149,14 +149,14 @@ impl Classifier {
 
     /// Loss of the last forward against `labels` (B), and every parameter's gradient.
     pub fn backward(&mut self, labels: &[u32], label_smoothing: f32) -> Result<f32> {
-        let (b, t) = self
-            .shape
-            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
-        let (c, k) = (self.config.d_model, self.config.n_classes);
         let head = self
             .head
             .as_ref()
             .ok_or_else(|| Error::Config("this model has no class head (n_classes 0)".into()))?;
+        let (b, t) = self
+            .shape
+            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
+        let (c, k) = (self.config.d_model, self.config.n_classes);
         if labels.len() != b {
             return Err(shape_err("labels", b, labels.len()));
         }
