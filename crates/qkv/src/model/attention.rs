@@ -98,7 +98,8 @@ impl SelfAttention {
     }
 
     /// Keep the attention weights of every following forward (see [`SelfAttention::weights`]);
-    /// this runs the materialized kernel, which computes the same function.
+    /// this runs the materialized kernel, which computes the same function as flash. Linear
+    /// attention has no weights: for it this changes nothing and `weights` stays `None`.
     pub fn record_weights(&mut self, on: bool) {
         self.core.record_weights = on;
     }
@@ -340,7 +341,8 @@ impl Core {
         let n = s.batch * s.q_len;
         let rows = s.batch * s.heads * s.q_len;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let kind = if self.record_weights {
+        // Linear attention is a different function: recording must not swap softmax in.
+        let kind = if self.record_weights && self.kind != AttentionKind::Linear {
             AttentionKind::Materialized
         } else {
             self.kind
