@@ -196,6 +196,35 @@ fn translation_attention_maps_png_json_and_browser() {
     );
     assert!(!ok && err.contains("config.json"), "{err}");
 
+    // A linear-attention model has no weights to show; embeddings need an encoder.
+    let lm = tiny_model(Family::Lm, "viz-linear");
+    let cfg = std::fs::read_to_string(lm.join("config.json")).unwrap();
+    assert!(cfg.contains("\"flash\""));
+    std::fs::write(
+        lm.join("config.json"),
+        cfg.replace("\"flash\"", "\"linear\""),
+    )
+    .unwrap();
+    let lm_s = lm.to_str().unwrap();
+    let (ok, _, err) = qkv(
+        &[
+            "attention",
+            "--model",
+            lm_s,
+            "--input",
+            "the king",
+            "--out",
+            out_s,
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("linear attention computes none"),
+        "{err}"
+    );
+    let (ok, _, err) = qkv(&["embed", "--model", lm_s], Some("the king\n"));
+    assert!(!ok && err.contains("is not an encoder"), "{err}");
+
     // The viewer in a real browser.
     let Some(bin) = chromium() else { return };
     let html = out.join("attention.html");

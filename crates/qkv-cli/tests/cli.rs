@@ -118,3 +118,37 @@ fn copy_reports_an_unwritable_output_directory() {
         "{err}"
     );
 }
+
+#[test]
+fn serve_and_its_load_generator_reject_bad_arguments() {
+    // Checked before any model is loaded.
+    for flag in ["--max-batch", "--queue", "--max-texts", "--max-beam"] {
+        let (ok, err) = qkv(&["serve", "--model", "nowhere", flag, "0"]);
+        assert!(!ok && err.contains(flag), "{flag}: {err}");
+    }
+    let (ok, err) = qkv(&["serve", "--model", "/nonexistent-model-dir"]);
+    assert!(!ok && err.contains("not a model directory"), "{err}");
+    let (ok, err) = qkv(&[
+        "bench",
+        "serve",
+        "--addr",
+        "127.0.0.1:1",
+        "--bodies",
+        "x",
+        "--clients",
+        "0",
+    ]);
+    assert!(!ok && err.contains("--clients"), "{err}");
+    let (ok, err) = qkv(&[
+        "bench",
+        "serve",
+        "--addr",
+        "127.0.0.1:1",
+        "--bodies",
+        "/nonexistent-bodies.jsonl",
+    ]);
+    assert!(!ok && err.contains("/nonexistent-bodies.jsonl"), "{err}");
+    for out in [&ok.to_string(), &err] {
+        assert!(!out.contains("panicked"), "{out}");
+    }
+}

@@ -129,6 +129,25 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
     let v: Vec<f64> = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v.len(), 384);
 
+    // A preset does not apply to a pretrained encoder.
+    let preset_job = std::fs::read_to_string(dir.join("job.json"))
+        .unwrap()
+        .replace("\"max_len\": 32", "\"preset\": \"small\", \"max_len\": 32")
+        .replace("\"out\": \"run\"", "\"out\": \"run-preset\"");
+    std::fs::write(dir.join("preset.json"), preset_job).unwrap();
+    let (ok, _, err) = qkv(
+        &[
+            "train",
+            "--config",
+            dir.join("preset.json").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("`model.preset` does not apply"),
+        "{err}"
+    );
+
     // `pretrained` belongs to classification jobs.
     let lm_job = std::fs::read_to_string(dir.join("job.json"))
         .unwrap()

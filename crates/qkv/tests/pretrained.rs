@@ -153,7 +153,8 @@ fn unsupported_or_broken_hf_directories_are_errors() {
     let enc = HfEncoder::open(&scratch).unwrap();
     let err = enc.embedding_model().err().expect("no weights").to_string();
     assert!(err.contains("model.safetensors"), "{err}");
-    // Weights of a different size (2 layers instead of 6) are named, not loaded.
+    // A config asking for more layers (7) than the weights hold (6): the first missing tensor
+    // is named.
     std::fs::write(
         scratch.join("config.json"),
         config.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
@@ -167,5 +168,88 @@ fn unsupported_or_broken_hf_directories_are_errors() {
     let enc = HfEncoder::open(&scratch).unwrap();
     let err = enc.embedding_model().err().expect("7 layers").to_string();
     assert!(err.contains("missing tensor 'encoder.layer.6."), "{err}");
+    // The tokenizer's padding id must be the config's.
+    std::fs::remove_file(scratch.join("model.safetensors")).unwrap();
+    std::fs::write(
+        scratch.join("config.json"),
+        config.replace("\"pad_token_id\": 0", "\"pad_token_id\": 5"),
+    )
+    .unwrap();
+    let err = HfEncoder::open(&scratch).err().expect("pad id").to_string();
+    assert!(err.contains("pad_token_id 5"), "{err}");
+
+    // A small BERT written here: it loads, and with a tensor no BERT encoder has, it does not.
+    let small = config
+        .replace("\"hidden_size\": 384", "\"hidden_size\": 8")
+        .replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 1")
+        .replace("\"num_attention_heads\": 12", "\"num_attention_heads\": 2")
+        .replace("\"intermediate_size\": 1536", "\"intermediate_size\": 16")
+        .replace(
+            "\"max_position_embeddings\": 512",
+            "\"max_position_embeddings\": 16",
+        );
+    std::fs::write(scratch.join("config.json"), small).unwrap();
+    let (c, f, v) = (8, 16, 30522);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![v, c]),
+        ("embeddings.position_embeddings.weight".into(), vec![16, c]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, c]),
+        ("embeddings.LayerNorm.gamma".into(), vec![c]),
+        ("embeddings.LayerNorm.beta".into(), vec![c]),
+        ("pooler.dense.weight".into(), vec![c, c]),
+    ];
+    let l = "encoder.layer.0";
+    for (name, out, inp) in [
+        ("attention.self.query", c, c),
+        ("attention.self.key", c, c),
+        ("attention.self.value", c, c),
+        ("attention.output.dense", c, c),
+        ("intermediate.dense", f, c),
+        ("output.dense", c, f),
+    ] {
+        shapes.push((format!("{l}.{name}.weight"), vec![out, inp]));
+        shapes.push((format!("{l}.{name}.bias"), vec![out]));
+    }
+    for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        shapes.push((format!("{l}.{name}.weight"), vec![c]));
+        shapes.push((format!("{l}.{name}.bias"), vec![c]));
+    }
+    let data: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, s)| vec![0.5; s.iter().product()])
+        .collect();
+    let write = |extra: bool| {
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = shapes
+            .iter()
+            .zip(&data)
+            .map(|((n, s), d)| (n.clone(), s.clone(), d.as_slice()))
+            .collect();
+        if extra {
+            tensors.push(("encoder.layer.0.adapter.weight".into(), vec![c], &data[3]));
+        }
+        qkv::checkpoint::save_tensors(
+            &scratch.join("model.safetensors"),
+            &tensors,
+            Default::default(),
+        )
+        .unwrap();
+    };
+    write(false);
+    let model = HfEncoder::open(&scratch)
+        .unwrap()
+        .embedding_model()
+        .unwrap();
+    assert_eq!(model.params.get("embed_norm.weight").unwrap(), &[0.5; 8]);
+    write(true);
+    let err = HfEncoder::open(&scratch)
+        .unwrap()
+        .embedding_model()
+        .err()
+        .expect("unknown tensor")
+        .to_string();
+    assert!(
+        err.contains("unexpected tensor 'encoder.layer.0.adapter.weight'"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&scratch);
 }
