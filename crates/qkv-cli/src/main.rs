@@ -56,6 +56,30 @@ enum BenchCommand {
     Attention(AttentionArgs),
     /// Load-test a running `qkv serve`: throughput and latency percentiles.
     Serve(serve::load::LoadArgs),
+    /// Time one matrix product `(m, k) · (k, n)` in f32 or bf16 and report GFLOP/s.
+    Matmul(MatmulArgs),
+}
+
+#[derive(clap::Args)]
+struct MatmulArgs {
+    #[arg(long)]
+    m: usize,
+    #[arg(long)]
+    k: usize,
+    #[arg(long)]
+    n: usize,
+    /// The left operand is stored transposed, (k, m).
+    #[arg(long)]
+    ta: bool,
+    /// The right operand is stored transposed, (n, k) (as `x · Wᵀ`).
+    #[arg(long)]
+    tb: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +94,22 @@ enum AttentionKindArg {
 enum DtypeArg {
     F32,
     Bf16,
+}
+
+impl DtypeArg {
+    fn precision(self) -> qkv::kernels::matmul::Precision {
+        match self {
+            DtypeArg::F32 => qkv::kernels::matmul::Precision::F32,
+            DtypeArg::Bf16 => qkv::kernels::matmul::Precision::Bf16,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -128,6 +168,9 @@ struct TrainStepArgs {
     layers: usize,
     #[arg(long, default_value_t = 8000)]
     vocab: usize,
+    /// Operand precision of the matrix products: bf16 is mixed precision (f32 weights and sums).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 30)]
     steps: usize,
@@ -192,6 +235,7 @@ fn main() -> Result<()> {
                 vocab: a.vocab,
                 steps: a.steps,
                 warmup: a.warmup,
+                precision: a.dtype.precision(),
             };
             let times = bench::train_step(&b)?;
             let ms = bench::median(&times);
@@ -199,23 +243,14 @@ fn main() -> Result<()> {
                 "impl": "qkv",
                 "model": format!("{:?}", model).to_lowercase(),
                 "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
-                "threads": threads,
+                "threads": threads, "dtype": effective_dtype(a.dtype),
                 "ms_per_step": (ms * 1000.0).round() / 1000.0,
                 "min_ms": (times.iter().cloned().fold(f64::INFINITY, f64::min) * 1000.0).round() / 1000.0,
                 "tokens_per_s": ((a.batch * a.seq) as f64 / (ms / 1e3)).round(),
                 "peak_rss_mb": peak_rss_mb().map(|m| (m * 10.0).round() / 10.0),
             });
             println!("{line}");
-            if qkv::profile::enabled() {
-                let steps = (a.steps + a.warmup) as f64;
-                for (name, ms, calls) in qkv::profile::report() {
-                    eprintln!(
-                        "{:>9.3} ms/step  {:>6} calls/step  {name}",
-                        ms / steps,
-                        calls as f64 / steps
-                    );
-                }
-            }
+            print_profile(a.steps + a.warmup);
         }
         Command::Bench {
             what: BenchCommand::Attention(a),
@@ -223,6 +258,33 @@ fn main() -> Result<()> {
         Command::Bench {
             what: BenchCommand::Serve(a),
         } => serve::load::run(a)?,
+        Command::Bench {
+            what: BenchCommand::Matmul(a),
+        } => {
+            if a.steps == 0 || a.m == 0 || a.k == 0 || a.n == 0 {
+                bail!("--steps, --m, --k and --n must be positive");
+            }
+            let times = bench::matmul(
+                a.m,
+                a.k,
+                a.n,
+                a.ta,
+                a.tb,
+                a.dtype.precision(),
+                a.steps,
+                a.warmup,
+            );
+            let ms = bench::median(&times);
+            let gflop = 2.0 * (a.m * a.k * a.n) as f64 / 1e9;
+            let line = serde_json::json!({
+                "impl": "qkv", "m": a.m, "k": a.k, "n": a.n, "ta": a.ta, "tb": a.tb,
+                "dtype": effective_dtype(a.dtype), "threads": threads,
+                "ms": (ms * 1000.0).round() / 1000.0,
+                "gflops": (gflop / (ms / 1e3) * 10.0).round() / 10.0,
+            });
+            println!("{line}");
+            print_profile(a.steps + a.warmup);
+        }
         Command::Serve(args) => serve::run(args)?,
         Command::Attention(args) => attention::run(args)?,
         Command::Copy(args) => copy::run(args)?,
@@ -235,6 +297,28 @@ fn main() -> Result<()> {
         Command::Average(args) => infer::run_average(args)?,
     }
     Ok(())
+}
+
+/// With `QKV_PROFILE=1`, where the time of each of `steps` went, to stderr.
+fn print_profile(steps: usize) {
+    if qkv::profile::enabled() {
+        let steps = steps as f64;
+        for (name, ms, calls) in qkv::profile::report() {
+            eprintln!(
+                "{:>9.3} ms/step  {:>6} calls/step  {name}",
+                ms / steps,
+                calls as f64 / steps
+            );
+        }
+    }
+}
+
+/// The dtype a benchmark really ran: bf16 falls back to f32 on CPUs without avx512_bf16.
+fn effective_dtype(d: DtypeArg) -> &'static str {
+    match d {
+        DtypeArg::Bf16 if !qkv::kernels::bf16::available() => "f32 (no avx512_bf16)",
+        d => d.name(),
+    }
 }
 
 fn bench_attention(a: AttentionArgs, threads: usize) -> Result<()> {

@@ -3,6 +3,7 @@
 
 use crate::error::Result;
 use crate::kernels::attention::Masks;
+use crate::kernels::matmul::{set_matmul_precision, Precision};
 use crate::model::encoder::EncoderStack;
 use crate::model::{
     Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq, SiteIds, Tokens,
@@ -33,10 +34,13 @@ pub struct TrainStepBench {
     pub vocab: usize,
     pub steps: usize,
     pub warmup: usize,
+    /// Operand precision of the matrix products (bf16 = mixed precision).
+    pub precision: Precision,
 }
 
 /// Per-step wall times in milliseconds, after warm-up.
 pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
+    let _precision = set_matmul_precision(b.precision);
     let family = match b.model {
         BenchModel::Encoder | BenchModel::Classifier => Family::Classifier,
         BenchModel::Seq2seq => Family::Seq2seq,
@@ -149,6 +153,34 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
         }
     }
     Ok(times)
+}
+
+/// Per-call wall times in milliseconds of `out (m, n) = op(a) · op(b)` after warm-up.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    precision: Precision,
+    steps: usize,
+    warmup: usize,
+) -> Vec<f64> {
+    let _precision = set_matmul_precision(precision);
+    let mut rng = Rng::new(5);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let mut out = vec![0.0f32; m * n];
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        crate::kernels::matmul::matmul(&mut out, &a, &b, m, k, n, ta, tb, false);
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times
 }
 
 /// Median of a non-empty sample.

@@ -1,7 +1,46 @@
 //! Matrix products through the `gemm` crate (it reaches the cores' f32 peak and takes
 //! arbitrary row/column strides, so transposes and per-head views need no copies).
 
+use std::cell::Cell;
+
 use crate::parallel::gemm_par;
+
+/// Operand precision of [`matmul`]. Sums are always f32; `Bf16` rounds both operands to bf16
+/// and runs the avx512_bf16 kernel ([`super::bf16`]), or plain f32 on CPUs without it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+thread_local! {
+    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// The precision [`matmul`] uses on this thread.
+pub fn matmul_precision() -> Precision {
+    PRECISION.with(Cell::get)
+}
+
+/// Restores the previous precision when dropped; see [`set_matmul_precision`].
+#[must_use = "the precision reverts when the guard is dropped"]
+pub struct PrecisionGuard(Precision);
+
+impl Drop for PrecisionGuard {
+    fn drop(&mut self) {
+        PRECISION.with(|p| p.set(self.0));
+    }
+}
+
+/// Make [`matmul`] on this thread use `p` until the guard drops. Per thread, like
+/// `torch.autocast`: a caller's setting never leaks into another model running elsewhere
+/// (tests run in parallel threads of one process). The products themselves may still fan out
+/// over the rayon pool.
+pub fn set_matmul_precision(p: Precision) -> PrecisionGuard {
+    PrecisionGuard(PRECISION.with(|c| c.replace(p)))
+}
 
 /// A read-only strided matrix: element (i, j) is at `ptr[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -159,6 +198,9 @@ pub fn matmul(
     tb: bool,
     accumulate: bool,
 ) {
+    if matmul_precision() == Precision::Bf16 && super::bf16::available() {
+        return super::bf16::matmul_bf16(out, a, b, m, k, n, ta, tb, accumulate);
+    }
     let _p = crate::profile::scope(match (ta, tb) {
         (false, true) => "matmul x·Wᵀ",
         (true, false) => "matmul dyᵀ·x",

@@ -4,6 +4,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
 pub mod dropout;
 pub mod embedding;
 pub mod flash;

@@ -1,0 +1,113 @@
+//! The bf16 matrix product against its reference twin: the same product of the bf16-rounded
+//! operands, summed in f64. Skipped (with a message) on CPUs without avx512_bf16.
+mod common;
+
+use common::{random_vec, rel_err};
+use half::bf16;
+use qkv::kernels::bf16::{available, bf16_bits, matmul_bf16, round_bf16};
+use qkv::kernels::matmul::{
+    matmul, matmul_naive, matmul_precision, set_matmul_precision, Precision,
+};
+use qkv::rng::Rng;
+
+fn skip() -> bool {
+    if !available() {
+        eprintln!("skipped: this CPU has no avx512_bf16");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn rounding_matches_the_half_crate_bit_for_bit() {
+    let mut rng = Rng::new(3);
+    let mut xs: Vec<f32> = random_vec(&mut rng, 20_000, 10.0);
+    xs.extend((0..20_000).map(|_| f32::from_bits(rng.next_u64() as u32)));
+    // Ties (exactly half an ulp of bf16) round to even, both ways; specials survive.
+    xs.extend([
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x3F80_8001),
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE / 3.0,
+    ]);
+    for x in xs {
+        let want = bf16::from_f32(x);
+        if x.is_nan() {
+            assert!(bf16::from_bits(bf16_bits(x) as u16).is_nan(), "{x:?}");
+            continue;
+        }
+        assert_eq!(
+            bf16_bits(x) as u16,
+            want.to_bits(),
+            "x = {x:e} ({:#x})",
+            x.to_bits()
+        );
+        assert_eq!(round_bf16(x), want.to_f32());
+    }
+}
+
+#[test]
+fn bf16_product_matches_the_rounded_reference_in_every_transpose_combination() {
+    if skip() {
+        return;
+    }
+    let mut rng = Rng::new(7);
+    // Odd K (a zero-padded last pair), edges narrower than a 12 × 32 block, several tasks.
+    for (m, k, n) in [
+        (1, 1, 1),
+        (13, 7, 33),
+        (37, 19, 17),
+        (130, 257, 90),
+        (300, 64, 200),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                for acc in [false, true] {
+                    let a = random_vec(&mut rng, m * k, 1.0);
+                    let b = random_vec(&mut rng, k * n, 1.0);
+                    let init = random_vec(&mut rng, m * n, 1.0);
+                    let (mut got, mut want) = (init.clone(), init.clone());
+                    matmul_bf16(&mut got, &a, &b, m, k, n, ta, tb, acc);
+                    let ar: Vec<f32> = a.iter().map(|&x| round_bf16(x)).collect();
+                    let br: Vec<f32> = b.iter().map(|&x| round_bf16(x)).collect();
+                    matmul_naive(&mut want, &ar, &br, m, k, n, ta, tb, acc);
+                    let e = rel_err(&got, &want);
+                    assert!(e < 1e-5, "m{m} k{k} n{n} ta{ta} tb{tb} acc{acc}: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn precision_switch_routes_matmul_and_reverts() {
+    if skip() {
+        return;
+    }
+    let mut rng = Rng::new(11);
+    let (m, k, n) = (40, 96, 50);
+    let a = random_vec(&mut rng, m * k, 1.0);
+    let b = random_vec(&mut rng, n * k, 1.0);
+    let mut f32_out = vec![0.0; m * n];
+    let mut bf16_out = vec![0.0; m * n];
+    let mut direct = vec![0.0; m * n];
+    assert_eq!(matmul_precision(), Precision::F32);
+    matmul(&mut f32_out, &a, &b, m, k, n, false, true, false);
+    {
+        let _g = set_matmul_precision(Precision::Bf16);
+        assert_eq!(matmul_precision(), Precision::Bf16);
+        matmul(&mut bf16_out, &a, &b, m, k, n, false, true, false);
+    }
+    assert_eq!(matmul_precision(), Precision::F32);
+    matmul_bf16(&mut direct, &a, &b, m, k, n, false, true, false);
+    assert_eq!(bf16_out, direct);
+    // bf16 operands carry 8 bits of mantissa: close to f32, but not equal.
+    let e = rel_err(&bf16_out, &f32_out);
+    assert!(e > 1e-6 && e < 2e-2, "bf16 vs f32: {e}");
+}
