@@ -16,6 +16,9 @@
 # the per-run medians for each side, their ratio qkv/pytorch, the largest peak RSS of
 # each side, and every run's number) and then one human-readable line.
 # Per-run JSON lines go to stderr.
+#
+# QKV_DTYPE=bf16 times qkv's mixed-precision step (bf16 matrix operands, f32 sums and
+# weights) against PyTorch's float32 step: the issue's "bf16 step vs PyTorch's f32 step".
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -24,6 +27,7 @@ source "$ROOT/scripts/venv.sh"   # sets QKV_PYTHON (creates the venv when missin
 PY="$QKV_PYTHON"
 QKV="${QKV_BIN:-$ROOT/target/release/qkv}"
 RUNS="${RUNS:-3}"
+QKV_DTYPE="${QKV_DTYPE:-f32}"
 
 declare -A opt=(
     [model]=encoder [batch]=32 [seq]=64 [d-model]=256 [heads]=8 [d-ff]=1024
@@ -61,7 +65,7 @@ json_line() { grep -E '^[[:space:]]*\{' | tail -n 1; }
 qkv_runs=()
 torch_runs=()
 for ((i = 1; i <= RUNS; i++)); do
-    line="$("$QKV" bench train-step "${args[@]}" | json_line)" || true
+    line="$("$QKV" bench train-step "${args[@]}" --dtype "$QKV_DTYPE" | json_line)" || true
     [ -n "$line" ] || { echo "train_step.sh: qkv run $i printed no JSON line" >&2; exit 1; }
     echo "qkv     run $i: $line" >&2
     qkv_runs+=("$line")
@@ -73,14 +77,14 @@ for ((i = 1; i <= RUNS; i++)); do
 done
 
 {
-    printf '%s\n' "${opt[model]} ${opt[batch]} ${opt[seq]} ${opt[d-model]} ${opt[heads]} ${opt[d-ff]} ${opt[layers]} ${opt[threads]} ${opt[vocab]}"
+    printf '%s\n' "${opt[model]} ${opt[batch]} ${opt[seq]} ${opt[d-model]} ${opt[heads]} ${opt[d-ff]} ${opt[layers]} ${opt[threads]} ${opt[vocab]} $QKV_DTYPE"
     printf 'qkv %s\n' "${qkv_runs[@]}"
     printf 'torch %s\n' "${torch_runs[@]}"
 } | "$PY" -c '
 import json, statistics, sys
 
 lines = sys.stdin.read().splitlines()
-model, batch, seq, d_model, heads, d_ff, layers, threads, vocab = lines[0].split()
+model, batch, seq, d_model, heads, d_ff, layers, threads, vocab, qkv_dtype = lines[0].split()
 runs = {"qkv": [], "torch": []}
 for line in lines[1:]:
     side, js = line.split(" ", 1)
@@ -99,6 +103,7 @@ summary = {
     "model": model, "batch": int(batch), "seq": int(seq), "d_model": int(d_model),
     "heads": int(heads), "d_ff": int(d_ff), "layers": int(layers),
     "threads": int(threads), "vocab": int(vocab), "runs": len(q_all),
+    "qkv_dtype": runs["qkv"][0].get("dtype", qkv_dtype), "pytorch_dtype": "f32",
     "qkv_ms_per_step": q_ms, "pytorch_ms_per_step": t_ms,
     "ratio_qkv_over_pytorch": q_ms / t_ms,
     "qkv_tokens_per_s": q_tps, "pytorch_tokens_per_s": t_tps,
@@ -108,7 +113,7 @@ summary = {
 print(json.dumps(summary))
 print(
     f"train-step {model} B={batch} T={seq} C={d_model} H={heads} F={d_ff} L={layers} "
-    f"threads={threads}: qkv {q_ms:.1f} ms/step ({q_tps:,.0f} tok/s, {q_rss:.0f} MB) | "
+    f"threads={threads}: qkv ({runs['qkv'][0].get('dtype', qkv_dtype)}) {q_ms:.1f} ms/step ({q_tps:,.0f} tok/s, {q_rss:.0f} MB) | "
     f"pytorch {t_ms:.1f} ms/step ({t_tps:,.0f} tok/s, {t_rss:.0f} MB) | "
     f"qkv/pytorch = {q_ms / t_ms:.3f}"
 )

@@ -280,7 +280,7 @@ fn main() -> Result<()> {
                 "impl": "qkv", "m": a.m, "k": a.k, "n": a.n, "ta": a.ta, "tb": a.tb,
                 "dtype": effective_dtype(a.dtype), "threads": threads,
                 "ms": (ms * 1000.0).round() / 1000.0,
-                "gflops": (gflop / (ms / 1e3) * 10.0).round() / 10.0,
+                "gflops": (gflop / (ms / 1e3) * 100.0).round() / 100.0,
             });
             println!("{line}");
             print_profile(a.steps + a.warmup);
@@ -324,7 +324,11 @@ fn effective_dtype(d: DtypeArg) -> &'static str {
 fn bench_attention(a: AttentionArgs, threads: usize) -> Result<()> {
     use qkv::bench::{AttentionBench, AttentionKernel};
     if let DtypeArg::Bf16 = a.dtype {
-        bail!("--dtype bf16: bf16 attention is not implemented yet; use --dtype f32");
+        bail!(
+            "--dtype bf16: the attention kernels compute in f32 only; bf16 applies to the \
+             linear layers' products (`bench matmul --dtype bf16`, `bench train-step --dtype bf16`, \
+             `\"precision\": \"bf16\"` in a job)"
+        );
     }
     if a.window == 0 {
         bail!("--window must be at least 1");

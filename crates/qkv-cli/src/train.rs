@@ -110,6 +110,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         job.train.seed = s;
     }
     job.train.validate()?;
+    // Validation and the final test evaluation run in the precision the model trains in.
+    let _precision = qkv::kernels::matmul::set_matmul_precision(job.train.precision);
     // A fresh run never mixes with (or prunes) an earlier run's checkpoints and metrics.
     if !args.resume && (job.out.join("metrics.csv").exists() || job.out.join("best").exists()) {
         bail!(

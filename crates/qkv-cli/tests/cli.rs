@@ -75,6 +75,36 @@ fn bench_attention_rejects_bad_arguments() {
 }
 
 #[test]
+fn bench_matmul_reports_gflops_and_rejects_empty_shapes() {
+    for flag in ["--m", "--k", "--n", "--steps"] {
+        let mut args = vec!["bench", "matmul"];
+        for f in ["--m", "--k", "--n"].into_iter().filter(|&f| f != flag) {
+            args.extend([f, "4"]);
+        }
+        args.extend([flag, "0"]);
+        let (ok, err) = qkv(&args);
+        assert!(!ok && err.contains("must be positive"), "{flag}: {err}");
+    }
+    for dtype in ["f32", "bf16"] {
+        let (ok, out) = qkv_stdout(&[
+            "bench", "matmul", "--m", "61", "--k", "67", "--n", "70", "--ta", "--dtype", dtype,
+            "--steps", "1", "--warmup", "0",
+        ]);
+        let line: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+        assert!(
+            ok && line["gflops"].as_f64().is_some_and(|g| g > 0.0),
+            "{out}"
+        );
+        // bf16 says when it fell back to f32 on a CPU without avx512_bf16.
+        let want = match dtype {
+            "bf16" if !qkv::kernels::bf16::available() => "f32 (no avx512_bf16)",
+            d => d,
+        };
+        assert_eq!(line["dtype"], want, "{out}");
+    }
+}
+
+#[test]
 fn bench_rejects_heads_that_do_not_divide_the_width() {
     let (ok, err) = qkv(&[
         "bench",

@@ -15,6 +15,7 @@ use crate::checkpoint::{self, write_atomic};
 use crate::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use crate::error::{Error, Result};
 use crate::kernels::loss::cross_entropy_forward_backward;
+use crate::kernels::matmul::{set_matmul_precision, Precision};
 use crate::model::{Classifier, LanguageModel, Mode, Model, Seq2Seq, Tokens};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::hash;
@@ -127,6 +128,10 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Stop (saving a checkpoint) after this many seconds, if set.
     pub time_limit_s: Option<f64>,
+    /// Operand precision of the matrix products: `"bf16"` is mixed precision (bf16 operands on
+    /// avx512_bf16, f32 sums, f32 weights, gradients and optimizer state), as `torch.autocast`.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -146,6 +151,7 @@ impl Default for TrainConfig {
             save_every: 0,
             keep_last: 2,
             time_limit_s: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -375,6 +381,7 @@ pub fn train<M: Trainable>(
     observer: &mut dyn Observer,
 ) -> Result<Outcome> {
     cfg.validate()?;
+    let _precision = set_matmul_precision(cfg.precision);
     if let Some(run) = run {
         std::fs::create_dir_all(&run.path).map_err(io_err(&run.path))?;
     }

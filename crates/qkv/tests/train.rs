@@ -214,3 +214,50 @@ fn nan_stops_training_and_keeps_the_last_checkpoint() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn bf16_training_tracks_f32_and_resumes_exactly() {
+    use qkv::kernels::matmul::{matmul_precision, Precision};
+    if !qkv::kernels::bf16::available() {
+        eprintln!("skipped: this CPU has no avx512_bf16 (bf16 falls back to f32)");
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("qkv-bf16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let bf16 = TrainConfig {
+        precision: Precision::Bf16,
+        ..config(10)
+    };
+    let (f32_losses, _, _) = run(&tmp.join("f32"), &config(10), false);
+    let (bf16_losses, outcome, bf16_model) = run(&tmp.join("bf16"), &bf16, false);
+    assert_eq!(outcome, Outcome::Finished);
+    assert_eq!(
+        matmul_precision(),
+        Precision::F32,
+        "train() leaves the thread as it found it"
+    );
+    // The products really ran in bf16 (losses differ from f32 from the first step on)...
+    assert_ne!(bf16_losses[0].1.to_bits(), f32_losses[0].1.to_bits());
+    // ...and training follows the f32 run: 8-bit mantissas move a loss by far less than a step.
+    for ((s, x), (_, y)) in bf16_losses.iter().zip(&f32_losses) {
+        assert!(
+            (x - y).abs() < 0.05 * y,
+            "step {s}: bf16 loss {x} vs f32 {y}"
+        );
+    }
+    assert!(bf16_losses[9].1 < bf16_losses[0].1 - 0.3, "{bf16_losses:?}");
+    // The precision is saved with the run and resume in bf16 is exact.
+    let saved = train::load_train_config(&tmp.join("bf16").join("best")).unwrap();
+    assert_eq!(saved.precision, Precision::Bf16);
+    let half = TrainConfig {
+        precision: Precision::Bf16,
+        ..config(5)
+    };
+    let (_, _, _) = run(&tmp.join("resumed"), &half, false);
+    let (rest, _, resumed) = run(&tmp.join("resumed"), &bf16, true);
+    for ((s, x), (_, y)) in rest.iter().zip(&bf16_losses[5..]) {
+        assert_eq!(x.to_bits(), y.to_bits(), "step {s}: resumed {x} vs {y}");
+    }
+    assert_eq!(resumed.params.data, bf16_model.params.data);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
