@@ -98,12 +98,13 @@ def side(rs):
 
 q_ms, q_tps, q_rss, q_all = side(runs["qkv"])
 t_ms, t_tps, t_rss, t_all = side(runs["torch"])
+q_dtype = runs["qkv"][0].get("dtype", qkv_dtype)
 summary = {
     "bench": "train-step",
     "model": model, "batch": int(batch), "seq": int(seq), "d_model": int(d_model),
     "heads": int(heads), "d_ff": int(d_ff), "layers": int(layers),
     "threads": int(threads), "vocab": int(vocab), "runs": len(q_all),
-    "qkv_dtype": runs["qkv"][0].get("dtype", qkv_dtype), "pytorch_dtype": "f32",
+    "qkv_dtype": q_dtype, "pytorch_dtype": "f32",
     "qkv_ms_per_step": q_ms, "pytorch_ms_per_step": t_ms,
     "ratio_qkv_over_pytorch": q_ms / t_ms,
     "qkv_tokens_per_s": q_tps, "pytorch_tokens_per_s": t_tps,
@@ -113,7 +114,7 @@ summary = {
 print(json.dumps(summary))
 print(
     f"train-step {model} B={batch} T={seq} C={d_model} H={heads} F={d_ff} L={layers} "
-    f"threads={threads}: qkv ({runs['qkv'][0].get('dtype', qkv_dtype)}) {q_ms:.1f} ms/step ({q_tps:,.0f} tok/s, {q_rss:.0f} MB) | "
+    f"threads={threads}: qkv ({q_dtype}) {q_ms:.1f} ms/step ({q_tps:,.0f} tok/s, {q_rss:.0f} MB) | "
     f"pytorch {t_ms:.1f} ms/step ({t_tps:,.0f} tok/s, {t_rss:.0f} MB) | "
     f"qkv/pytorch = {q_ms / t_ms:.3f}"
 )
