@@ -27,6 +27,9 @@ const NR: usize = 32;
 const A_BLOCK_BYTES: usize = 256 * 1024;
 /// Column panels per task.
 const NC_PANELS: usize = 4;
+/// Columns one column-packing task converts per row pair (a stack buffer of this many lanes).
+const GROUP_COLS: usize = 128;
+const _: () = assert!(MR <= GROUP_COLS && NR <= GROUP_COLS);
 
 /// Whether this CPU has the bf16 dot-product instruction (and AVX-512 F), checked once.
 pub fn available() -> bool {
@@ -171,9 +174,9 @@ unsafe fn convert_rows_block(
 /// `cols` and past `k`. Rows 2q and 2q+1 are read contiguously. dst: (panels, K/2, width)
 fn pack_cols<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, cols: usize, k: usize) {
     let kp2 = k.div_ceil(2);
-    // Panels are handled in groups ~128 columns wide, so that each row pair is converted in one
-    // long vectorized pass before being split into panels.
-    let group = (128 / W).max(1);
+    // Panels are handled in groups ~GROUP_COLS columns wide, so that each row pair is converted
+    // in one long vectorized pass before being split into panels.
+    let group = (GROUP_COLS / W).max(1);
     dst.par_chunks_mut(group * kp2 * W)
         .enumerate()
         .for_each(|(g, d)| {
@@ -198,7 +201,9 @@ unsafe fn pack_cols_group<const W: usize>(
     let panel_len = kp2 * W;
     let panels = d.len() / panel_len;
     let w = (panels * W).min(cols.saturating_sub(j0));
-    let mut tmp = vec![0u32; panels * W];
+    // A group spans at most GROUP_COLS lanes (see `pack_cols`); lanes past `cols` stay zero.
+    let mut tmp = [0u32; GROUP_COLS];
+    let tmp = &mut tmp[..panels * W];
     for q in 0..kp2 {
         let p = 2 * q;
         let lo = &s[p * ld + j0..p * ld + j0 + w];
@@ -212,7 +217,6 @@ unsafe fn pack_cols_group<const W: usize>(
                 *o = pair(x, 0.0);
             }
         }
-        // Lanes past `cols` stay zero from the allocation.
         for (t, lanes) in tmp.chunks_exact(W).enumerate() {
             let at = t * panel_len + q * W;
             let out: &mut [u32; W] = (&mut d[at..at + W]).try_into().expect("panel lanes");
@@ -261,22 +265,30 @@ pub fn matmul_bf16(
     }
     let kp2 = k.div_ceil(2);
     let (a_panels, b_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let (mut pa, mut pb) = SCRATCH.with(|s| s.take());
-    pa.resize(a_panels * kp2 * MR, 0);
-    pb.resize(b_panels * kp2 * NR, 0);
+    let (mut pa_buf, mut pb_buf) = SCRATCH.with(|s| s.take());
+    // Grow-only: the packers write every element (padding included), so shrinking and
+    // re-growing with `resize` would only add a memset per call.
+    let (a_len, b_len) = (a_panels * kp2 * MR, b_panels * kp2 * NR);
+    if pa_buf.len() < a_len {
+        pa_buf.resize(a_len, 0);
+    }
+    if pb_buf.len() < b_len {
+        pb_buf.resize(b_len, 0);
+    }
+    let (pa, pb) = (&mut pa_buf[..a_len], &mut pb_buf[..b_len]);
     {
         let _p = crate::profile::scope("matmul bf16 pack");
         // Each operand is read along its contiguous axis: a row-major (m, k) A and a stored
         // (n, k) B have their K pairs side by side, the other layouts their panel lanes.
         if ta {
-            pack_cols::<MR>(&mut pa, a, m, m, k);
+            pack_cols::<MR>(pa, a, m, m, k);
         } else {
-            convert_rows::<MR>(&mut pa, a, k, m, k);
+            convert_rows::<MR>(pa, a, k, m, k);
         }
         if tb {
-            pack_rows::<NR>(&mut pb, b, k, n, k);
+            pack_rows::<NR>(pb, b, k, n, k);
         } else {
-            pack_cols::<NR>(&mut pb, b, n, n, k);
+            pack_cols::<NR>(pb, b, n, n, k);
         }
     }
     let _p = crate::profile::scope("matmul bf16");
@@ -285,7 +297,7 @@ pub fn matmul_bf16(
     let row_blocks = a_panels.div_ceil(mc_panels);
     let col_blocks = b_panels.div_ceil(NC_PANELS);
     let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
-    let (pa_ref, pb_ref) = (&pa[..], &pb[..]);
+    let (pa_ref, pb_ref) = (&*pa, &*pb);
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (ip0, ip1) = (rb * mc_panels, ((rb + 1) * mc_panels).min(a_panels));
@@ -319,7 +331,7 @@ pub fn matmul_bf16(
             }
         }
     });
-    SCRATCH.with(|s| s.set((pa, pb)));
+    SCRATCH.with(|s| s.set((pa_buf, pb_buf)));
 }
 
 /// `c (rows, cols) = [c +] a_block · b_panel` over all `kp2` K pairs.
