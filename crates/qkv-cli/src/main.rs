@@ -300,7 +300,7 @@ fn main() -> Result<()> {
 }
 
 /// With `QKV_PROFILE=1`, where the time of each of `steps` went, to stderr.
-fn print_profile(steps: usize) {
+pub(crate) fn print_profile(steps: usize) {
     if qkv::profile::enabled() {
         let steps = steps as f64;
         for (name, ms, calls) in qkv::profile::report() {

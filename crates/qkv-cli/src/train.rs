@@ -215,6 +215,8 @@ fn fit<M: Trainable>(
         t0.elapsed().as_secs_f64(),
         run.path.join("best").display()
     );
+    // Per update, validation included (QKV_PROFILE=1).
+    crate::print_profile(state.step.max(1) as usize);
     Ok(outcome)
 }
 

@@ -1,7 +1,7 @@
 //! Bias + activation, fused into one pass after the matrix product (position-wise FFN, §3.3).
 
 use crate::parallel::{reduce_rows, rows_per_task};
-use crate::simd::multiversion;
+use crate::simd::{self, multiversion};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +32,7 @@ impl Activation {
                     x
                 }
             }
-            Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * SQRT_1_2)),
+            Activation::Gelu => 0.5 * x * (1.0 + simd::erf(x * SQRT_1_2)),
             Activation::Identity => x,
         }
     }
@@ -42,7 +42,7 @@ impl Activation {
         match self {
             Activation::Relu => (x > 0.0) as u8 as f32,
             Activation::Gelu => {
-                0.5 * (1.0 + libm::erff(x * SQRT_1_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+                0.5 * (1.0 + simd::erf(x * SQRT_1_2)) + x * INV_SQRT_2PI * simd::exp(-0.5 * x * x)
             }
             Activation::Identity => 1.0,
         }
@@ -65,15 +65,7 @@ pub fn bias_act_forward(pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Ac
         .zip(post[..n * f].par_chunks_mut(chunk))
         .for_each(|(p, q)| match act {
             Activation::Relu => bias_relu_rows(p, q, bias),
-            _ => {
-                for (prow, qrow) in p.chunks_mut(f).zip(q.chunks_mut(f)) {
-                    for i in 0..f {
-                        let v = prow[i] + bias[i];
-                        prow[i] = v;
-                        qrow[i] = act.apply(v);
-                    }
-                }
-            }
+            _ => bias_gelu_rows(p, q, bias),
         });
 }
 
@@ -100,11 +92,7 @@ pub fn bias_act_backward(
                 let (dp, pr) = (&dpost[base..base + d.len()], &pre[base..base + d.len()]);
                 match act {
                     Activation::Relu => relu_backward(d, dp, pr),
-                    _ => d
-                        .iter_mut()
-                        .zip(dp)
-                        .zip(pr)
-                        .for_each(|((v, g), x)| *v = g * act.derivative(*x)),
+                    _ => gelu_backward(d, dp, pr),
                 }
             });
     }
@@ -150,6 +138,27 @@ multiversion! {
                 *p = v;
                 *q = if v <= 0.0 { 0.0 } else { v };
             }
+        }
+    }
+}
+
+multiversion! {
+    fn bias_gelu_rows(pre: &mut [f32], post: &mut [f32], bias: &[f32]) {
+        let f = bias.len();
+        for (prow, qrow) in pre.chunks_exact_mut(f).zip(post.chunks_exact_mut(f)) {
+            for ((p, q), b) in prow.iter_mut().zip(qrow.iter_mut()).zip(bias) {
+                let v = *p + b;
+                *p = v;
+                *q = Activation::Gelu.apply(v);
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn gelu_backward(d: &mut [f32], dpost: &[f32], pre: &[f32]) {
+        for ((v, g), x) in d.iter_mut().zip(dpost).zip(pre) {
+            *v = g * Activation::Gelu.derivative(*x);
         }
     }
 }
