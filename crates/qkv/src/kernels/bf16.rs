@@ -31,14 +31,19 @@ const NC_PANELS: usize = 4;
 const GROUP_COLS: usize = 128;
 const _: () = assert!(MR <= GROUP_COLS && NR <= GROUP_COLS);
 
-/// Whether this CPU has the bf16 dot-product instruction (and AVX-512 F), checked once.
+/// Whether this CPU has the bf16 dot-product instruction (and AVX-512 F/BW/VL), checked once.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+            // BW and VL come with every avx512_bf16 CPU so far; checked because the packers
+            // are compiled with them.
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -71,9 +76,9 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
-/// Pack a row-major (rows, k) matrix (row stride `ld`) into panels of `width` rows: panel `t`
-/// holds, for each K pair `q`, the `width` lanes `pair(s[i][2q], s[i][2q+1])` of its rows `i`,
-/// zero past `rows` and past `k`. dst: (panels, K/2, width)
+/// Pack a row-major (rows, k) matrix (row stride `ld`) into panels of `W` rows: panel `t`
+/// holds, for each K pair `q`, the `W` lanes `pair(s[i][2q], s[i][2q+1])` of its rows `i`,
+/// zero past `rows` and past `k`. dst: (panels, K/2, W)
 fn pack_rows<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, rows: usize, k: usize) {
     let kp2 = k.div_ceil(2);
     dst.par_chunks_mut(kp2 * W)
@@ -169,9 +174,9 @@ unsafe fn convert_rows_block(
     }
 }
 
-/// Pack a row-major (k, cols) matrix (row stride `ld`) into panels of `width` columns: panel
+/// Pack a row-major (k, cols) matrix (row stride `ld`) into panels of `W` columns: panel
 /// `t` holds, for each K pair `q`, `pair(s[2q][j], s[2q+1][j])` for its columns `j`, zero past
-/// `cols` and past `k`. Rows 2q and 2q+1 are read contiguously. dst: (panels, K/2, width)
+/// `cols` and past `k`. Rows 2q and 2q+1 are read contiguously. dst: (panels, K/2, W)
 fn pack_cols<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, cols: usize, k: usize) {
     let kp2 = k.div_ceil(2);
     // Panels are handled in groups ~GROUP_COLS columns wide, so that each row pair is converted
