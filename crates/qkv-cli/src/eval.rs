@@ -224,9 +224,12 @@ pub struct EvalArgs {
     /// Write the translations here.
     #[arg(long)]
     pub output: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub precision: crate::PrecisionArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    let _precision = args.precision.apply();
     let Loaded {
         model,
         tok,

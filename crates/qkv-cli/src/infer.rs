@@ -1,6 +1,7 @@
 //! `qkv translate`, `qkv classify`, `qkv generate` (stdin → stdout, batched) and `qkv average`.
 
 use crate::eval::{load_model_dir, AnyModel, Loaded};
+use crate::PrecisionArgs;
 use anyhow::{bail, Context, Result};
 use qkv::decode::{BeamConfig, Choice, Sampling};
 use qkv::tasks::classify::{argmax, embed, predict};
@@ -38,9 +39,12 @@ pub struct TranslateArgs {
     /// Source tokens per decoding batch.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 pub fn run_translate(a: TranslateArgs) -> Result<()> {
+    let _precision = a.precision.apply();
     if a.beam == 0 || a.nbest == 0 || a.nbest > a.beam {
         bail!(
             "need 1 <= --nbest <= --beam, got --nbest {} --beam {}",
@@ -80,10 +84,13 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
 pub struct ClassifyArgs {
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 /// One line per input: `label<TAB>probability`.
 pub fn run_classify(a: ClassifyArgs) -> Result<()> {
+    let _precision = a.precision.apply();
     let Loaded {
         model, tok, labels, ..
     } = load_model_dir(&a.model)?;
@@ -120,9 +127,12 @@ pub struct GenerateArgs {
     pub top_p: Option<f32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let _precision = a.precision.apply();
     let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
     let AnyModel::Lm(mut model) = model else {
         bail!("{} is not a language model", a.model.display());
@@ -159,10 +169,13 @@ pub struct EmbedArgs {
     /// Input tokens per batch.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 /// Sentence embeddings of stdin lines: one JSON array (mean-pooled, unit length) per line.
 pub fn run_embed(a: EmbedArgs) -> Result<()> {
+    let _precision = a.precision.apply();
     let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
     let AnyModel::Classifier(mut model) = model else {
         bail!(

@@ -91,9 +91,25 @@ enum AttentionKindArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
+pub(crate) enum DtypeArg {
     F32,
     Bf16,
+}
+
+/// `--dtype` of the inference commands (a job's training precision is in its config).
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct PrecisionArgs {
+    /// Operand precision of the matrix products: bf16 runs them on the CPU's avx512_bf16
+    /// dot-product instruction with f32 sums and f32 weights (f32 on CPUs without it).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+impl PrecisionArgs {
+    /// Use this precision on the calling thread until the guard drops.
+    pub fn apply(self) -> qkv::kernels::matmul::PrecisionGuard {
+        qkv::kernels::matmul::set_matmul_precision(self.dtype.precision())
+    }
 }
 
 impl DtypeArg {

@@ -240,6 +240,24 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     let labels: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(labels, ["positive", "negative"]);
+    // bf16 inference (f32 where the CPU lacks avx512_bf16) agrees with f32.
+    let (ok, out16, err) = qkv(
+        &[
+            "classify",
+            "--model",
+            best.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+        ],
+        Some("happy day now\nawful day again\n"),
+    );
+    assert!(ok, "{err}");
+    for (a, b) in out.lines().zip(out16.lines()) {
+        let (la, pa) = a.split_once('\t').unwrap();
+        let (lb, pb) = b.split_once('\t').unwrap();
+        let (pa, pb): (f32, f32) = (pa.parse().unwrap(), pb.parse().unwrap());
+        assert!(la == lb && (pa - pb).abs() < 0.02, "f32 {a} vs bf16 {b}");
+    }
 
     let text = "to be or not to be that is the question\n".repeat(80);
     for f in ["train.txt", "valid.txt"] {

@@ -69,6 +69,8 @@ pub struct ServeArgs {
     /// Time a request may take, queueing included, in milliseconds (408 beyond).
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
+    #[command(flatten)]
+    pub precision: crate::PrecisionArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,13 +167,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
             timeout: Duration::from_millis(a.timeout_ms),
         },
     });
+    let precision = a.precision;
     let policy = BatchPolicy {
         max_batch: a.max_batch,
         window: Duration::from_millis(a.batch_window_ms),
     };
     let worker = std::thread::Builder::new()
         .name("qkv-model".into())
-        .spawn(move || worker::run(loaded, rx, policy, metrics))
+        .spawn(move || {
+            // The precision is per thread, and this thread runs every forward pass.
+            let _precision = precision.apply();
+            worker::run(loaded, rx, policy, metrics)
+        })
         .context("starting the model worker")?;
 
     // Two threads for HTTP; the cores' compute belongs to the model's rayon pool.
