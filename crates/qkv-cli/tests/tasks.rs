@@ -331,6 +331,13 @@ fn bad_input_fails_cleanly() {
     );
     let (ok, _, err) = qkv(&["train", "--config", bad.to_str().unwrap()], None);
     assert!(!ok && err.contains("d_modle"), "{err}");
+    // So is an unknown precision.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let bad_precision = text.replacen("\"train\": {", "\"train\": { \"precision\": \"fp16\",", 1);
+    assert_ne!(text, bad_precision, "the job has a train section");
+    std::fs::write(&bad, bad_precision).unwrap();
+    let (ok, _, err) = qkv(&["train", "--config", bad.to_str().unwrap()], None);
+    assert!(!ok && err.contains("fp16") && err.contains("bf16"), "{err}");
     // Missing files and non-model directories.
     let (ok, _, err) = qkv(
         &["train", "--config", dir.join("nope.json").to_str().unwrap()],
