@@ -17,6 +17,10 @@
 # each side, and every run's number) and then one human-readable line.
 # Per-run JSON lines go to stderr.
 #
+# The encoder's random input needs no gradient on either side (PyTorch: requires_grad
+# False, so autograd skips the in-projection's input-gradient product, and qkv skips it
+# too); INPUT_GRAD=1 makes both sides compute it.
+#
 # QKV_DTYPE=bf16 times qkv's mixed-precision step (bf16 matrix operands, f32 sums and
 # weights) against PyTorch's float32 step: the "bf16 step vs PyTorch's f32 step".
 set -euo pipefail
@@ -28,6 +32,8 @@ PY="$QKV_PYTHON"
 QKV="${QKV_BIN:-$ROOT/target/release/qkv}"
 RUNS="${RUNS:-3}"
 QKV_DTYPE="${QKV_DTYPE:-f32}"
+extra=()
+[ "${INPUT_GRAD:-0}" = 1 ] && extra=(--input-grad)
 
 declare -A opt=(
     [model]=encoder [batch]=32 [seq]=64 [d-model]=256 [heads]=8 [d-ff]=1024
@@ -35,7 +41,7 @@ declare -A opt=(
 )
 order=(model batch seq d-model heads d-ff layers threads vocab steps warmup)
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -53,6 +59,7 @@ done
 
 args=()
 for k in "${order[@]}"; do args+=("--$k" "${opt[$k]}"); done
+args+=("${extra[@]}")
 
 if [ ! -x "$QKV" ]; then
     echo "train_step.sh: qkv binary not found at $QKV (run 'cargo build --release' or set QKV_BIN)" >&2

@@ -187,6 +187,10 @@ struct TrainStepArgs {
     /// Operand precision of the matrix products: bf16 is mixed precision (f32 weights and sums).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Encoder model: also compute the gradient of the random input (PyTorch computes it only
+    /// for an input with requires_grad; the comparison script passes this flag to both sides).
+    #[arg(long)]
+    input_grad: bool,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 30)]
     steps: usize,
@@ -252,6 +256,7 @@ fn main() -> Result<()> {
                 steps: a.steps,
                 warmup: a.warmup,
                 precision: a.dtype.precision(),
+                input_grad: a.input_grad,
             };
             let times = bench::train_step(&b)?;
             let ms = bench::median(&times);
@@ -259,7 +264,7 @@ fn main() -> Result<()> {
                 "impl": "qkv",
                 "model": format!("{:?}", model).to_lowercase(),
                 "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
-                "threads": threads, "dtype": effective_dtype(a.dtype),
+                "threads": threads, "dtype": effective_dtype(a.dtype), "input_grad": a.input_grad,
                 "ms_per_step": (ms * 1000.0).round() / 1000.0,
                 "min_ms": (times.iter().cloned().fold(f64::INFINITY, f64::min) * 1000.0).round() / 1000.0,
                 "tokens_per_s": ((a.batch * a.seq) as f64 / (ms / 1e3)).round(),

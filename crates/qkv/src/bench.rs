@@ -36,6 +36,10 @@ pub struct TrainStepBench {
     pub warmup: usize,
     /// Operand precision of the matrix products (bf16 = mixed precision).
     pub precision: Precision,
+    /// Encoder: also compute the gradient of the input (else only parameter gradients, as
+    /// PyTorch does for an input without requires_grad). The models always need it: it feeds
+    /// their embeddings.
+    pub input_grad: bool,
 }
 
 /// Per-step wall times in milliseconds, after warm-up.
@@ -107,7 +111,11 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
                         .zip(&target)
                         .for_each(|((d, y), t)| *d = (y - t) * s);
                     params.zero_grad();
-                    stack.backward(&params.data, &mut params.grad, &dy);
+                    if b.input_grad {
+                        stack.backward(&params.data, &mut params.grad, &dy);
+                    } else {
+                        stack.backward_params(&params.data, &mut params.grad, &dy);
+                    }
                     opt.step(&mut params, 1e-4)?;
                     Ok(())
                 })?;

@@ -188,3 +188,38 @@ fn dropout_gradients_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn parameter_only_backward_gives_the_same_parameter_gradients() {
+    use qkv::kernels::attention::Masks;
+    use qkv::model::encoder::EncoderStack;
+    use qkv::model::SiteIds;
+    use qkv::params::ParamBuilder;
+    for norm in [NormPlacement::Post, NormPlacement::Pre] {
+        let cfg = tiny(Family::Classifier, norm, false, false);
+        let mut pb = ParamBuilder::default();
+        let mut stack = EncoderStack::new(&mut pb, "enc", 2, &cfg, &mut SiteIds::default());
+        let mut params = pb.build(5);
+        let (b, t, c) = (3, 5, cfg.d_model);
+        let x: Vec<f32> = (0..b * t * c)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let dy: Vec<f32> = (0..b * t * c)
+            .map(|i| ((i * 53 % 89) as f32 - 44.0) / 60.0)
+            .collect();
+        let mut grads = Vec::new();
+        for params_only in [false, true] {
+            stack.forward(&params.data, &x, b, t, &Masks::default(), Mode::EVAL);
+            params.zero_grad();
+            if params_only {
+                stack.backward_params(&params.data, &mut params.grad, &dy);
+            } else {
+                let dx = stack.backward(&params.data, &mut params.grad, &dy);
+                assert!(dx.iter().any(|v| *v != 0.0));
+            }
+            grads.push(params.grad.clone());
+        }
+        assert!(grads[0].iter().any(|v| *v != 0.0));
+        assert_eq!(grads[0], grads[1], "{norm:?}: parameter gradients differ");
+    }
+}

@@ -142,14 +142,15 @@ impl SelfAttention {
         self.core.weights()
     }
 
-    /// dy: (B, T, C) → `dx (+)= ∂L/∂x`.
+    /// dy: (B, T, C) → `dx (+)= ∂L/∂x`; with `dx: None` only the parameter gradients (the
+    /// input-gradient product of the QKV projection is skipped).
     pub fn backward(
         &mut self,
         p: &[f32],
         g: &mut [f32],
         x: &[f32],
         dy: &[f32],
-        dx: &mut [f32],
+        dx: Option<&mut [f32]>,
         accumulate: bool,
     ) {
         let c = self.c;
@@ -177,15 +178,8 @@ impl SelfAttention {
                 view(2 * c),
             );
         }
-        self.qkv.backward(
-            p,
-            g,
-            x,
-            &self.dqkv[..n * 3 * c],
-            Some(dx),
-            accumulate,
-            false,
-        );
+        self.qkv
+            .backward(p, g, x, &self.dqkv[..n * 3 * c], dx, accumulate, false);
     }
 }
 

@@ -135,7 +135,7 @@ impl DecoderLayer {
         self.cross_attn_norm.backward_input(p, g, mid1, dmid1);
         let s = self.self_attn_norm.backward_output(p, g, x, dmid1, dx);
         self.self_attn
-            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+            .backward(p, g, s.input, s.d_output, Some(s.d_input), s.accumulate);
         self.self_attn_norm.backward_input(p, g, x, dx);
     }
 }

@@ -70,7 +70,20 @@ impl EncoderLayer {
     }
 
     /// dy → dx (overwritten), for the `x` of the last forward.
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    ///
+    /// With `input_grad` false nobody reads `dx` afterwards: post-LN then skips the product
+    /// that carries the gradient into `x` through the QKV projection, as autograd does for an
+    /// input that does not require grad. (Pre-LN still needs it: it feeds the norm's
+    /// parameter gradients.)
+    pub fn backward(
+        &mut self,
+        p: &[f32],
+        g: &mut [f32],
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        input_grad: bool,
+    ) {
         let n = x.len();
         let mid = &self.mid[..n];
         let dmid = buf(&mut self.dmid, n);
@@ -78,11 +91,13 @@ impl EncoderLayer {
         self.ffn
             .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
         self.ffn_norm.backward_input(p, g, mid, dmid);
+        let reads_x = self.self_attn_norm.placement == NormPlacement::Post;
         let s = self
             .self_attn_norm
             .backward_output(p, g, x, &self.dmid[..n], dx);
+        let d_input = (input_grad || !reads_x).then_some(s.d_input);
         self.self_attn
-            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+            .backward(p, g, s.input, s.d_output, d_input, s.accumulate);
         self.self_attn_norm.backward_input(p, g, x, dx);
     }
 }
@@ -155,6 +170,17 @@ impl EncoderStack {
 
     /// dy: gradient of the stack output → gradient of its input.
     pub fn backward(&mut self, p: &[f32], g: &mut [f32], dy: &[f32]) -> &[f32] {
+        self.backward_impl(p, g, dy, true)
+    }
+
+    /// dy: gradient of the stack output → the parameter gradients only, for an input that
+    /// needs no gradient (PyTorch's `requires_grad=False`): the first layer skips its
+    /// input-gradient product.
+    pub fn backward_params(&mut self, p: &[f32], g: &mut [f32], dy: &[f32]) {
+        self.backward_impl(p, g, dy, false);
+    }
+
+    fn backward_impl(&mut self, p: &[f32], g: &mut [f32], dy: &[f32], input_grad: bool) -> &[f32] {
         let n = dy.len();
         let l = self.layers.len();
         let [d0, d1] = &mut self.dh;
@@ -164,7 +190,8 @@ impl EncoderStack {
             None => cur.copy_from_slice(dy),
         }
         for i in (0..l).rev() {
-            self.layers[i].backward(p, g, &self.hidden[i][..n], cur, next);
+            let input_grad = input_grad || i > 0;
+            self.layers[i].backward(p, g, &self.hidden[i][..n], cur, next, input_grad);
             std::mem::swap(&mut cur, &mut next);
         }
         cur
