@@ -12,7 +12,7 @@
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::matmul::MatRef;
-use super::tile::gemm_rows;
+use super::tile::{gemm_rows, transpose};
 use crate::parallel::SendPtr;
 use crate::simd::{self, multiversion};
 use rayon::prelude::*;
@@ -132,7 +132,11 @@ pub fn flash_forward(
     // (B·H, Tk/BC, D, BC), so a score product reads rows of BC contiguous floats. (Rows of a
     // whole-head transpose would lie Tk floats apart; at Tk = 8192 that is 32 KB, and 64 such
     // rows fall into the same L1 set.) Linear in Tk, like K itself.
-    let mut kt = vec![0.0f32; s.batch * hh * d * tk];
+    let mut kt_buf = KT.with(|c| c.take());
+    if kt_buf.len() < s.batch * hh * d * tk {
+        kt_buf = vec![0.0f32; s.batch * hh * d * tk];
+    }
+    let kt = &mut kt_buf[..s.batch * hh * d * tk];
     kt.par_chunks_mut(d * tk).enumerate().for_each(|(bh, dst)| {
         let kh = k.head(bh / hh, tk, bh % hh, d);
         for j0 in (0..tk).step_by(BC) {
@@ -145,7 +149,7 @@ pub fn flash_forward(
             );
         }
     });
-    let kt = &kt;
+    let kt = &*kt;
     let q_tiles = tq.div_ceil(BR);
     (0..s.batch * hh * q_tiles).into_par_iter().for_each_init(
         || FwdScratch {
@@ -235,6 +239,13 @@ pub fn flash_forward(
             }
         },
     );
+    KT.with(|c| c.set(kt_buf));
+}
+
+thread_local! {
+    /// The forward's transposed keys, kept between calls: allocating 2 MB a step (B = 32,
+    /// T = 64) cost its page faults every time. Grows to the largest shape seen.
+    static KT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Scratch of one backward task.
@@ -403,13 +414,9 @@ pub fn flash_backward(
 /// `dst (D, cols) ← src (cols, D)ᵀ`: a key or value tile with contiguous columns, so the tile
 /// products can read it row by row.
 fn pack_transposed(dst: &mut [f32], src: MatRef, cols: usize, d: usize) {
-    for j in 0..cols {
-        // SAFETY: the caller's tile rows are inside the checked operand.
-        let row = unsafe { src.offset_rows(j).row(d) };
-        for (p, &x) in row.iter().enumerate() {
-            dst[p * cols + j] = x;
-        }
-    }
+    assert!(dst.len() >= d * cols && src.cs == 1);
+    // SAFETY: `dst` holds (D, cols); the caller's tile rows are inside the checked operand.
+    unsafe { transpose(cols, d, src.ptr, src.rs as usize, dst.as_mut_ptr(), cols) }
 }
 
 /// The two exponentiating row passes, which are a sixth of the forward's time. With AVX-512

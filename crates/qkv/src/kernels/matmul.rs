@@ -121,6 +121,13 @@ impl MatMut {
     /// # Safety
     /// The block must be valid memory that no other thread accesses meanwhile.
     pub unsafe fn fill(self, rows: usize, cols: usize, value: f32) {
+        if self.cs == 1 {
+            for i in 0..rows {
+                std::slice::from_raw_parts_mut(self.ptr.offset(i as isize * self.rs), cols)
+                    .fill(value);
+            }
+            return;
+        }
         for i in 0..rows {
             for j in 0..cols {
                 *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) = value;
