@@ -10,11 +10,10 @@ pub struct FeedForward {
     pub up: Linear,
     pub down: Linear,
     pub activation: Activation,
-    pre: Vec<f32>,  // (N, F) x W₁ + b₁
-    post: Vec<f32>, // (N, F) act(pre)
-    out: Vec<f32>,  // (N, C)
-    dpost: Vec<f32>,
-    dpre: Vec<f32>,
+    pre: Vec<f32>,   // (N, F) x W₁ + b₁
+    post: Vec<f32>,  // (N, F) act(pre)
+    out: Vec<f32>,   // (N, C)
+    dpost: Vec<f32>, // (N, F) ∂L/∂post, then in place ∂L/∂pre
 }
 
 impl FeedForward {
@@ -33,7 +32,6 @@ impl FeedForward {
             post: Vec::new(),
             out: Vec::new(),
             dpost: Vec::new(),
-            dpre: Vec::new(),
         }
     }
 
@@ -66,17 +64,9 @@ impl FeedForward {
         self.down
             .backward(p, g, &self.post[..n * f], dy, Some(dpost), false, false);
         let b1 = self.up.bias.expect("ffn has biases");
-        {
-            let (_, db1) = two_mut(g, self.up.weight, b1);
-            bias_act_backward(
-                buf(&mut self.dpre, n * f),
-                db1,
-                &self.dpost[..n * f],
-                &self.pre[..n * f],
-                self.activation,
-            );
-        }
+        let (_, db1) = two_mut(g, self.up.weight, b1);
+        bias_act_backward(dpost, db1, &self.pre[..n * f], self.activation);
         self.up
-            .backward(p, g, x, &self.dpre[..n * f], Some(dx), accumulate, true);
+            .backward(p, g, x, &self.dpost[..n * f], Some(dx), accumulate, true);
     }
 }
