@@ -218,14 +218,66 @@ pub fn matmul(
         "matmul operand too small"
     );
     let av = MatRef::rows(a, if ta { m } else { k }, ta);
-    let bv = MatRef::rows(b, if tb { k } else { n }, tb);
     let dst = MatMut {
         ptr: out.as_mut_ptr(),
         rs: n as isize,
         cs: 1,
     };
+    if tb && m >= 4 * k.min(n) {
+        // `gemm` packs a column-major right operand (a weight (n, k) read as its transpose,
+        // x·Wᵀ) 5–15% slower than a row-major one; transposing it first costs k·n moves,
+        // against m·k·n multiply-adds.
+        let done = B_ROW_MAJOR.with(|cell| {
+            let Ok(mut bt) = cell.try_borrow_mut() else {
+                return false;
+            };
+            if bt.len() < k * n {
+                bt.resize(k * n, 0.0);
+            }
+            transpose_par(&mut bt[..k * n], b, n, k);
+            let bv = MatRef::rows(&bt[..k * n], n, false);
+            // SAFETY: sizes checked above; `out` is uniquely borrowed.
+            unsafe { gemm_strided(m, n, k, dst, accumulate, av, bv, 1.0, gemm_par()) };
+            true
+        });
+        if done {
+            return;
+        }
+    }
+    let bv = MatRef::rows(b, if tb { k } else { n }, tb);
     // SAFETY: sizes checked above; `out` is uniquely borrowed.
     unsafe { gemm_strided(m, n, k, dst, accumulate, av, bv, 1.0, gemm_par()) }
+}
+
+thread_local! {
+    /// [`matmul`]'s row-major copy of a transposed right operand; grows to the largest seen.
+    static B_ROW_MAJOR: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `dst (cols, rows) ← src (rows, cols)ᵀ`, both contiguous, in row bands across the pool.
+fn transpose_par(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    use rayon::prelude::*;
+    let _p = crate::profile::scope("matmul operand transpose");
+    assert!(dst.len() >= rows * cols && src.len() >= rows * cols);
+    // Bands of source rows, a multiple of 8 so the 8 × 8 blocks stay whole.
+    let band = (rows.div_ceil(4 * rayon::current_num_threads()).div_ceil(8) * 8).max(64);
+    let out = crate::parallel::SendPtr(dst.as_mut_ptr());
+    (0..rows.div_ceil(band)).into_par_iter().for_each(|i| {
+        let r0 = i * band;
+        let r = band.min(rows - r0);
+        // SAFETY: band i reads source rows [r0, r0 + r) and writes destination columns
+        // [r0, r0 + r), disjoint from every other band; sizes asserted above.
+        unsafe {
+            super::tile::transpose(
+                r,
+                cols,
+                src.as_ptr().add(r0 * cols),
+                cols,
+                out.get().add(r0),
+                rows,
+            )
+        };
+    });
 }
 
 /// Reference triple loop, kept for tests of [`matmul`].

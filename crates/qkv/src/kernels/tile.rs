@@ -82,8 +82,8 @@ pub unsafe fn transpose(
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
-        for j in (0..r8).step_by(8) {
-            for p in (0..c8).step_by(8) {
+        for p in (0..c8).step_by(8) {
+            for j in (0..r8).step_by(8) {
                 avx::block8(
                     src.add(j * src_rs + p),
                     src_rs,
