@@ -229,7 +229,26 @@ fn main() -> Result<()> {
         .num_threads(threads)
         .build_global()
         .context("starting the thread pool")?;
-    match cli.command {
+    let command = cli.command;
+    if matches!(
+        command,
+        Command::Serve(_)
+            | Command::Bench {
+                what: BenchCommand::Serve(_)
+            }
+    ) {
+        // The server computes on threads of its own (one per model), which fork into the pool.
+        return run(command, threads);
+    }
+    // Everything else runs on a pool thread, so each kernel's parallel loop forks from inside
+    // the pool (work stealing) instead of being injected from outside while this thread sleeps
+    // on a lock until it is done: that round trip, dozens of times per training step, cost
+    // about 2–3% of the step in wake-ups (perf: kernel time 4.4% → 2.9%).
+    rayon::scope(|_| run(command, threads))
+}
+
+fn run(command: Command, threads: usize) -> Result<()> {
+    match command {
         Command::Bench {
             what: BenchCommand::TrainStep(a),
         } => {
