@@ -44,6 +44,10 @@ pub struct TokenizerSpec {
     /// Train a joint BPE vocabulary of this size on the training text…
     #[serde(default = "default_vocab")]
     pub vocab_size: usize,
+    /// Lowercase the text before the trained BPE vocabulary sees it (an uncased vocabulary;
+    /// outputs decode in lowercase). Ignored with `path`.
+    #[serde(default)]
+    pub lowercase: bool,
     /// …or load this `tokenizer.json` (BPE, WordPiece or Unigram).
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -126,6 +130,7 @@ pub struct Job {
 fn default_tokenizer() -> TokenizerSpec {
     TokenizerSpec {
         vocab_size: default_vocab(),
+        lowercase: false,
         path: None,
         joint: true,
     }

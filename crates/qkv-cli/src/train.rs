@@ -144,7 +144,12 @@ fn tokenizer_for(
                 "training a BPE tokenizer ({} tokens) for {file}…",
                 job.tokenizer.vocab_size
             );
-            Tokenizer::train_bpe(texts, job.tokenizer.vocab_size, false)?
+            Tokenizer::train_bpe_with(
+                texts,
+                job.tokenizer.vocab_size,
+                job.tokenizer.lowercase,
+                false,
+            )?
         }
     };
     tok.save(&path)?;

@@ -6,6 +6,7 @@ use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainer, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::unicode::NFKC;
+use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Sequence};
 use tokenizers::pre_tokenizers::metaspace::Metaspace;
 use tokenizers::AddedToken;
 
@@ -42,6 +43,21 @@ impl Tokenizer {
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
+        Self::train_bpe_with(texts, vocab_size, false, show_progress)
+    }
+
+    /// As [`Tokenizer::train_bpe`], optionally lowercasing after NFKC (an "uncased"
+    /// vocabulary, as BERT-uncased: encoding lowercases too, and decoding gives lowercase).
+    pub fn train_bpe_with<I, S>(
+        texts: I,
+        vocab_size: usize,
+        lowercase: bool,
+        show_progress: bool,
+    ) -> Result<Self>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
         if vocab_size <= SPECIAL_TOKENS.len() {
             return Err(Error::Config(format!(
                 "vocabulary size {vocab_size} leaves no room beside the {} special tokens",
@@ -54,7 +70,11 @@ impl Tokenizer {
             .map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(model);
         inner
-            .with_normalizer(Some(NFKC))
+            .with_normalizer(Some(if lowercase {
+                NormalizerWrapper::from(Sequence::new(vec![NFKC.into(), Lowercase.into()]))
+            } else {
+                NFKC.into()
+            }))
             .with_pre_tokenizer(Some(Metaspace::default()))
             .with_decoder(Some(Metaspace::default()));
         let specials = SPECIAL_TOKENS
@@ -189,6 +209,29 @@ mod tests {
             assert_eq!(ids, tok.encode(t).unwrap());
             assert_eq!(back.decode(&ids).unwrap(), t);
         }
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn lowercased_bpe_encodes_case_variants_alike_and_survives_a_round_trip() {
+        let text = ["The Cat sat on the mat", "the cat SAT on The Mat"];
+        let tok = Tokenizer::train_bpe_with(text.iter().cycle().take(20), 60, true, false).unwrap();
+        let path = scratch("lower");
+        tok.save(&path).unwrap();
+        let back = Tokenizer::load(&path).unwrap();
+        assert_eq!(
+            back.encode("THE CAT").unwrap(),
+            back.encode("the cat").unwrap()
+        );
+        assert_eq!(
+            back.decode(&back.encode("The Cat").unwrap()).unwrap(),
+            "the cat"
+        );
+        let cased = Tokenizer::train_bpe(text.iter().cycle().take(20), 60, false).unwrap();
+        assert_ne!(
+            cased.encode("THE CAT").unwrap(),
+            cased.encode("the cat").unwrap()
+        );
         let _ = std::fs::remove_file(path);
     }
 
