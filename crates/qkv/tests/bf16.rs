@@ -65,6 +65,7 @@ fn bf16_product_matches_the_rounded_reference_in_every_transpose_combination() {
         (37, 19, 17),
         (130, 257, 90),
         (300, 64, 200),
+        (40, 1001, 50), // deep and narrow: packing split along K as well
     ] {
         for ta in [false, true] {
             for tb in [false, true] {

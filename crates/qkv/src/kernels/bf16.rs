@@ -180,36 +180,53 @@ unsafe fn convert_rows_block(
 fn pack_cols<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, cols: usize, k: usize) {
     let kp2 = k.div_ceil(2);
     // Panels are handled in groups ~GROUP_COLS columns wide, so that each row pair is converted
-    // in one long vectorized pass before being split into panels.
+    // in one long vectorized pass before being split into panels; groups are also split along
+    // K, or a narrow operand (256 columns: two groups) would keep one of two threads idle.
     let group = (GROUP_COLS / W).max(1);
-    dst.par_chunks_mut(group * kp2 * W)
-        .enumerate()
-        .for_each(|(g, d)| {
-            // SAFETY: as in `pack_rows`.
-            unsafe { pack_cols_group::<W>(d, s, ld, g * group * W, cols, k) }
-        });
+    let panels = dst.len() / (kp2 * W);
+    let groups = panels.div_ceil(group);
+    let k_parts = (4 * rayon::current_num_threads())
+        .div_ceil(groups)
+        .clamp(1, kp2.div_ceil(64));
+    let q_step = kp2.div_ceil(k_parts);
+    assert!(dst.len() >= panels * kp2 * W);
+    let out = crate::parallel::SendPtr(dst.as_mut_ptr());
+    (0..groups * k_parts).into_par_iter().for_each(|t| {
+        let (g, part) = (t / k_parts, t % k_parts);
+        let (q0, q1) = (part * q_step, ((part + 1) * q_step).min(kp2));
+        let first = g * group;
+        let n_panels = group.min(panels - first);
+        // SAFETY: task (g, part) writes pairs [q0, q1) of panels [first, first + n_panels):
+        // disjoint from every other task, inside `dst` (asserted); `available()` was checked
+        // by `matmul_bf16`.
+        unsafe { pack_cols_group::<W>(out.get(), kp2, first, n_panels, q0, q1, s, ld, cols, k) }
+    });
 }
 
+#[allow(clippy::too_many_arguments)]
 #[cfg_attr(
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512vl")
 )]
 unsafe fn pack_cols_group<const W: usize>(
-    d: &mut [u32],
+    dst: *mut u32,
+    kp2: usize,
+    first: usize,
+    n_panels: usize,
+    q0: usize,
+    q1: usize,
     s: &[f32],
     ld: usize,
-    j0: usize,
     cols: usize,
     k: usize,
 ) {
-    let kp2 = k.div_ceil(2);
     let panel_len = kp2 * W;
-    let panels = d.len() / panel_len;
-    let w = (panels * W).min(cols.saturating_sub(j0));
+    let j0 = first * W;
+    let w = (n_panels * W).min(cols.saturating_sub(j0));
     // A group spans at most GROUP_COLS lanes (see `pack_cols`); lanes past `cols` stay zero.
     let mut tmp = [0u32; GROUP_COLS];
-    let tmp = &mut tmp[..panels * W];
-    for q in 0..kp2 {
+    let tmp = &mut tmp[..n_panels * W];
+    for q in q0..q1 {
         let p = 2 * q;
         let lo = &s[p * ld + j0..p * ld + j0 + w];
         if p + 1 < k {
@@ -223,9 +240,8 @@ unsafe fn pack_cols_group<const W: usize>(
             }
         }
         for (t, lanes) in tmp.chunks_exact(W).enumerate() {
-            let at = t * panel_len + q * W;
-            let out: &mut [u32; W] = (&mut d[at..at + W]).try_into().expect("panel lanes");
-            *out = lanes.try_into().expect("panel lanes");
+            let at = (first + t) * panel_len + q * W;
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst.add(at), W);
         }
     }
 }
