@@ -72,6 +72,22 @@ impl Observer for Cli {
             v.loss.exp()
         ));
     }
+    fn on_average(&mut self, n: usize, v: &Validation, best: bool) {
+        let metric = v
+            .metric
+            .as_ref()
+            .map(|(n, x)| format!(" {n} {x:.2}"))
+            .unwrap_or_default();
+        self.bar.println(format!(
+            "average of the last {n} checkpoints: valid loss {:.4}{metric} — {}",
+            v.loss,
+            if best {
+                "better than every single checkpoint: it is now best/"
+            } else {
+                "not better than best/, which stays"
+            }
+        ));
+    }
     fn should_stop(&mut self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }

@@ -132,6 +132,11 @@ pub struct TrainConfig {
     /// avx512_bf16, f32 sums, f32 weights, gradients and optimizer state), as `torch.autocast`.
     #[serde(default)]
     pub precision: Precision,
+    /// At the end, average the parameters of the last this many checkpoints (§6.1: "averaging
+    /// the last 5 checkpoints"); the average replaces `best/` when it validates better.
+    /// 0 or 1: off. Needs `keep_last` at least as large.
+    #[serde(default)]
+    pub average_last: usize,
 }
 
 impl Default for TrainConfig {
@@ -152,6 +157,7 @@ impl Default for TrainConfig {
             keep_last: 2,
             time_limit_s: None,
             precision: Precision::F32,
+            average_last: 0,
         }
     }
 }
@@ -166,6 +172,12 @@ impl TrainConfig {
             return bad(format!(
                 "label_smoothing must be in [0, 1), got {}",
                 self.label_smoothing
+            ));
+        }
+        if self.average_last > 1 && self.keep_last < self.average_last {
+            return bad(format!(
+                "average_last = {} needs keep_last ≥ {} (it averages kept checkpoints), got {}",
+                self.average_last, self.average_last, self.keep_last
             ));
         }
         Ok(())
@@ -223,6 +235,9 @@ pub trait Observer {
     fn on_step(&mut self, _log: &StepLog) {}
     fn on_validation(&mut self, _step: u64, _v: &Validation) {}
     fn on_checkpoint(&mut self, _dir: &Path) {}
+    /// The average of the last `n` checkpoints validated as `v`; `best` says whether it
+    /// became `best/`.
+    fn on_average(&mut self, _n: usize, _v: &Validation, _best: bool) {}
     /// Polled every update; `true` saves a checkpoint and stops (Ctrl-C).
     fn should_stop(&mut self) -> bool {
         false
@@ -541,7 +556,49 @@ pub fn train<M: Trainable>(
         }
     }
     state.elapsed_s = elapsed(&start);
+    if let Some(run) = run {
+        if cfg.average_last > 1 && outcome != Outcome::Interrupted {
+            average_last(model, opt, state, cfg, validate, run, observer)?;
+        }
+    }
     Ok(outcome)
+}
+
+/// Average the last `cfg.average_last` checkpoints of `run` and validate the average; it
+/// becomes `best/` when it beats every validation so far. The model keeps its final
+/// parameters either way.
+#[allow(clippy::too_many_arguments)]
+fn average_last<M: Trainable>(
+    model: &mut M,
+    opt: &AdamW,
+    state: &mut TrainerState,
+    cfg: &TrainConfig,
+    validate: &mut dyn FnMut(&mut M) -> Result<Validation>,
+    run: &RunDir,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let dirs: Vec<PathBuf> = run
+        .checkpoints()?
+        .into_iter()
+        .rev()
+        .take(cfg.average_last)
+        .map(|(_, p)| p)
+        .collect();
+    if dirs.len() < 2 {
+        return Ok(());
+    }
+    let last = model.params().data.clone();
+    average_checkpoints(&dirs, model.params_mut())?;
+    let v = validate(model)?;
+    let better = v.score().is_finite() && state.best.is_none_or(|(best, _)| v.score() > best);
+    if better {
+        state.best = Some((v.score(), state.step));
+        let dir = run.save("best", model, opt, state, cfg)?;
+        observer.on_checkpoint(&dir);
+    }
+    observer.on_average(dirs.len(), &v, better);
+    model.params_mut().data.copy_from_slice(&last);
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -261,3 +261,87 @@ fn bf16_training_tracks_f32_and_resumes_exactly() {
     assert_eq!(resumed.params.data, bf16_model.params.data);
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn averaging_the_last_checkpoints_replaces_best_only_when_it_validates_better() {
+    let tmp = std::env::temp_dir().join(format!("qkv-average-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = corpus();
+    let cfg = TrainConfig {
+        save_every: 2,
+        keep_last: 3,
+        average_last: 3,
+        ..config(8)
+    };
+    // keep_last must cover what is averaged.
+    let err = TrainConfig {
+        keep_last: 2,
+        ..cfg.clone()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(err.to_string().contains("keep_last"), "{err}");
+
+    struct Averages(Vec<(usize, bool)>);
+    impl Observer for Averages {
+        fn on_average(&mut self, n: usize, _v: &Validation, best: bool) {
+            self.0.push((n, best));
+        }
+    }
+    for rising in [true, false] {
+        let dir = tmp.join(if rising { "rising" } else { "falling" });
+        let run = RunDir {
+            path: dir.clone(),
+            extra_files: vec![],
+        };
+        let mut m = model();
+        let mut opt = AdamW::new(cfg.optimizer.clone(), m.params().len());
+        let mut state = TrainerState::default();
+        // A score that rises (falls) with every validation: the average, validated last,
+        // is then the best (worst) model seen.
+        let mut calls = 0.0;
+        let mut validate = |_: &mut Seq2Seq| -> qkv::Result<Validation> {
+            calls += 1.0;
+            Ok(Validation {
+                loss: 1.0,
+                metric: Some(("score".into(), if rising { calls } else { -calls })),
+            })
+        };
+        let ep = |e: u64| epoch(&data, cfg.seed, e);
+        let mut seen = Averages(Vec::new());
+        train::train(
+            &mut m,
+            &mut opt,
+            &mut state,
+            &cfg,
+            &ep,
+            &mut validate,
+            Some(&run),
+            &mut seen,
+        )
+        .unwrap();
+        assert_eq!(seen.0, vec![(3, rising)]);
+        let load = |d: &Path| {
+            let mut p = model().params;
+            qkv::checkpoint::load_params(&d.join("model.safetensors"), &mut p).unwrap();
+            p.data
+        };
+        let ckpts: Vec<Vec<f32>> = [4, 6, 8]
+            .iter()
+            .map(|s| load(&dir.join(format!("checkpoint-{s:07}"))))
+            .collect();
+        // The model keeps its final parameters.
+        assert_eq!(m.params.data, ckpts[2]);
+        let best = load(&dir.join("best"));
+        if rising {
+            for (i, b) in best.iter().enumerate() {
+                let mean = (ckpts.iter().map(|c| c[i] as f64).sum::<f64>() / 3.0) as f32;
+                assert_eq!(*b, mean, "parameter {i}");
+            }
+        } else {
+            // The first validation (update 4) stayed the best.
+            assert_eq!(best, ckpts[0]);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
