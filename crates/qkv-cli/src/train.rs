@@ -48,6 +48,18 @@ struct Cli {
     run_dir: PathBuf,
 }
 
+impl Cli {
+    /// A line above the bar; on stderr directly when the bar is hidden (not a terminal), where
+    /// `ProgressBar::println` would drop it and a logged run would lose its validation lines.
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
 impl Observer for Cli {
     fn on_step(&mut self, log: &StepLog) {
         self.bar.set_length(log.max_steps);
@@ -64,9 +76,9 @@ impl Observer for Cli {
             .map(|(n, x)| format!(" {n} {x:.2}"))
             .unwrap_or_default();
         if let Err(e) = crate::plot::loss_curve(&self.run_dir) {
-            self.bar.println(format!("warning: no loss curve: {e:#}"));
+            self.say(format!("warning: no loss curve: {e:#}"));
         }
-        self.bar.println(format!(
+        self.say(format!(
             "step {step}: valid loss {:.4} ppl {:.2}{metric}",
             v.loss,
             v.loss.exp()
@@ -78,7 +90,7 @@ impl Observer for Cli {
             .as_ref()
             .map(|(n, x)| format!(" {n} {x:.2}"))
             .unwrap_or_default();
-        self.bar.println(format!(
+        self.say(format!(
             "average of the last {n} checkpoints: valid loss {:.4}{metric} — {}",
             v.loss,
             if best {
