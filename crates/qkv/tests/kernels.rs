@@ -50,7 +50,15 @@ fn sample(n: usize, k: usize) -> Vec<usize> {
 #[test]
 fn matmul_matches_naive_in_every_transpose_combination() {
     let mut rng = Rng::new(1);
-    for (m, k, n) in [(1, 1, 1), (37, 19, 23), (130, 70, 90)] {
+    // The last two are tall enough (m ≥ 4·min(k, n)) that a transposed right operand is made
+    // row-major first, in several bands with ragged edges.
+    for (m, k, n) in [
+        (1, 1, 1),
+        (37, 19, 23),
+        (130, 70, 90),
+        (300, 37, 45),
+        (600, 9, 130),
+    ] {
         for ta in [false, true] {
             for tb in [false, true] {
                 for acc in [false, true] {
