@@ -150,7 +150,8 @@ fn shape(
 fn flash_matches_the_materialized_reference_across_shapes_and_masks() {
     let mut rng = Rng::new(11);
     // Lengths below, at and across the tile sizes (64 query rows, 256 key columns), odd ones,
-    // cross-attention shapes (Tq ≠ Tk), and head widths up to 256.
+    // cross-attention shapes (Tq ≠ Tk), head widths up to 256, and heads whose packed keys and
+    // values are too large to share the forward's packing buffer (one head per group).
     let shapes = [
         shape(2, 3, 5, 5, 4),
         shape(3, 2, 67, 67, 16),
@@ -159,6 +160,7 @@ fn flash_matches_the_materialized_reference_across_shapes_and_masks() {
         shape(2, 2, 257, 64, 64),
         shape(1, 1, 70, 70, 256),
         shape(4, 1, 9, 3, 12),
+        shape(3, 1, 40, 2100, 256),
     ];
     for s in shapes {
         for padded in [false, true] {

@@ -128,124 +128,189 @@ pub fn flash_forward(
     assert!(out.len() >= s.batch * tq * w && lse.len() >= s.batch * hh * tq);
     let [o] = HeadsMut::split(out, w, w, [0]);
     let lse_ptr = SendPtr(lse.as_mut_ptr());
-    // Every query tile of a head reads all of its keys: transpose them once, tile by tile,
-    // (B·H, Tk/BC, D, BC), so a score product reads rows of BC contiguous floats. (Rows of a
-    // whole-head transpose would lie Tk floats apart; at Tk = 8192 that is 32 KB, and 64 such
-    // rows fall into the same L1 set.) Linear in Tk, like K itself.
-    let mut kt_buf = KT.with(|c| c.take());
-    if kt_buf.len() < s.batch * hh * d * tk {
-        kt_buf = vec![0.0f32; s.batch * hh * d * tk];
+    // Every query tile of a head reads all of its keys and values, so both are packed once per
+    // head: Kᵀ tile by tile, (Tk/BC, D, BC), so a score product reads rows of BC contiguous
+    // floats (rows of a whole-head transpose would lie Tk floats apart; at Tk = 8192 that is
+    // 32 KB, and 64 such rows fall into one L1 set), and V as contiguous (Tk, D) rows (the
+    // P·V product streams a (BC, D) tile per query block; at Tk = 8192 a tile of rows H·D
+    // floats apart spans 128 pages, and the forward ran 16% slower). A single key tile spans
+    // few pages and is not worth the copy, so V is packed only beyond one. Heads go in groups
+    // whose packed copies fit in `PACK_FLOATS`, so the extra memory is bounded by one head's K
+    // and V however long the sequence.
+    let pack_v = tk > BC;
+    let per_head = d * tk * if pack_v { 2 } else { 1 };
+    let heads = s.batch * hh;
+    let group = (PACK_FLOATS / per_head).clamp(1, heads);
+    let mut pack_buf = PACKED.with(|c| c.take());
+    if pack_buf.len() < group * per_head {
+        pack_buf = vec![0.0f32; group * per_head];
     }
-    let kt = &mut kt_buf[..s.batch * hh * d * tk];
-    kt.par_chunks_mut(d * tk).enumerate().for_each(|(bh, dst)| {
-        let kh = k.head(bh / hh, tk, bh % hh, d);
-        for j0 in (0..tk).step_by(BC) {
-            let cols = BC.min(tk - j0);
-            pack_transposed(
-                &mut dst[j0 * d..(j0 + cols) * d],
-                kh.offset_rows(j0),
+    let q_tiles = tq.div_ceil(BR);
+    for g0 in (0..heads).step_by(group) {
+        let g = group.min(heads - g0);
+        let packed = &mut pack_buf[..g * per_head];
+        packed
+            .par_chunks_mut(per_head)
+            .enumerate()
+            .for_each(|(gh, head)| {
+                let bh = g0 + gh;
+                let kh = k.head(bh / hh, tk, bh % hh, d);
+                let vh = v.head(bh / hh, tk, bh % hh, d);
+                let (kt_h, v_h) = head.split_at_mut(d * tk);
+                kt_h.par_chunks_mut(BC * d)
+                    .enumerate()
+                    .for_each(|(t, kt_t)| {
+                        let j0 = t * BC;
+                        pack_transposed(kt_t, kh.offset_rows(j0), BC.min(tk - j0), d);
+                    });
+                v_h.par_chunks_mut(BC * d).enumerate().for_each(|(t, v_t)| {
+                    for (r, dst) in v_t.chunks_exact_mut(d).enumerate() {
+                        // SAFETY: rows t·BC + r < Tk of a checked operand.
+                        dst.copy_from_slice(unsafe { vh.offset_rows(t * BC + r).row(d) });
+                    }
+                });
+            });
+        let packed = &*packed;
+        (0..g * q_tiles).into_par_iter().for_each_init(
+            || FwdScratch {
+                s: vec![0.0; BR * BC],
+                m: vec![0.0; BR],
+                l: vec![0.0; BR],
+            },
+            |sc, task| {
+                let (gh, qt) = (task / q_tiles, task % q_tiles);
+                let bh = g0 + gh;
+                let (b, h) = (bh / hh, bh % hh);
+                let (kt, vp) = packed[gh * per_head..(gh + 1) * per_head].split_at(d * tk);
+                let vh = if pack_v {
+                    MatRef::rows(vp, d, false)
+                } else {
+                    v.head(b, tk, h, d)
+                };
+                forward_tile(
+                    sc,
+                    &o,
+                    lse_ptr,
+                    q,
+                    kt,
+                    vh,
+                    bh,
+                    (b, h),
+                    qt * BR,
+                    s,
+                    masks,
+                    scale,
+                );
+            },
+        );
+    }
+    PACKED.with(|c| c.set(pack_buf));
+}
+
+/// Floats of packed keys and values the forward keeps at once (8 MB): all heads of a training
+/// batch, two heads at N = 8192, one head beyond 16 384.
+const PACK_FLOATS: usize = 2 << 20;
+
+/// One query tile of one head: rows `[i0, i0 + BR)` of O and their log-sum-exp. `kt`
+/// holds this head's packed keys (Tk/BC, D, BC); `vh` its values (Tk, D), packed or not.
+#[allow(clippy::too_many_arguments)]
+fn forward_tile(
+    sc: &mut FwdScratch,
+    o: &HeadsMut,
+    lse_ptr: SendPtr<f32>,
+    q: HeadsRef,
+    kt: &[f32],
+    vh: MatRef,
+    bh: usize,
+    (b, h): (usize, usize),
+    i0: usize,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
+    let w = s.heads * d;
+    let rows = BR.min(tq - i0);
+    let padding = masks.padding(b, tk);
+    let q_rs = q.rs;
+    let qh = q.head(b, tq, h, d).offset_rows(i0);
+    let oh = o.head(b, tq, h, d).offset_rows(i0);
+    // SAFETY: this task alone writes rows [i0, i0 + rows) of head (b, h).
+    unsafe { oh.fill(rows, d, 0.0) };
+    let (m, l) = (&mut sc.m[..rows], &mut sc.l[..rows]);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    for j0 in (0..tk).step_by(BC) {
+        let cols = BC.min(tk - j0);
+        if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
+            continue;
+        }
+        let ktj = kt[j0 * d..(j0 + cols) * d].as_ptr();
+        // SAFETY: operand bounds were checked; the score tile is this task's scratch.
+        // S = scale · Q_i K_jᵀ
+        unsafe {
+            gemm_rows(
+                rows,
                 cols,
                 d,
-            );
-        }
-    });
-    let kt = &*kt;
-    let q_tiles = tq.div_ceil(BR);
-    (0..s.batch * hh * q_tiles).into_par_iter().for_each_init(
-        || FwdScratch {
-            s: vec![0.0; BR * BC],
-            m: vec![0.0; BR],
-            l: vec![0.0; BR],
-        },
-        |sc, task| {
-            let (bh, qt) = (task / q_tiles, task % q_tiles);
-            let (b, h) = (bh / hh, bh % hh);
-            let i0 = qt * BR;
-            let rows = BR.min(tq - i0);
-            let padding = masks.padding(b, tk);
-            let (q_rs, v_rs) = (q.rs, v.rs);
-            let qh = q.head(b, tq, h, d).offset_rows(i0);
-            let vh = v.head(b, tk, h, d);
-            let oh = o.head(b, tq, h, d).offset_rows(i0);
-            // SAFETY: this task alone writes rows [i0, i0 + rows) of head (b, h).
-            unsafe { oh.fill(rows, d, 0.0) };
-            let (m, l) = (&mut sc.m[..rows], &mut sc.l[..rows]);
-            m.fill(f32::NEG_INFINITY);
-            l.fill(0.0);
-            for j0 in (0..tk).step_by(BC) {
-                let cols = BC.min(tk - j0);
-                if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
-                    continue;
-                }
-                let ktj = kt[bh * d * tk + j0 * d..].as_ptr();
-                // SAFETY: operand bounds were checked; the score tile is this task's scratch.
-                // S = scale · Q_i K_jᵀ
-                unsafe {
-                    gemm_rows(
-                        rows,
-                        cols,
-                        d,
-                        qh.ptr,
-                        q_rs,
-                        1,
-                        ktj,
-                        cols,
-                        sc.s.as_mut_ptr(),
-                        cols,
-                        scale,
-                        false,
-                    )
-                };
-                for (r, row) in sc.s[..rows * cols].chunks_mut(cols).enumerate() {
-                    let (lo, hi) = masks.visible(i0 + r, tk);
-                    mask_row(row, j0, lo, hi, padding);
-                    let (m_new, alpha, sum) = exp_rows::online_row(row, m[r]);
-                    m[r] = m_new;
-                    l[r] = l[r] * alpha + sum;
-                    if alpha != 1.0 {
-                        // SAFETY: as above.
-                        unsafe { oh.offset_rows(r).fill_scale(1, d, alpha) };
-                    }
-                }
-                // SAFETY: as above; O += P V_j.
-                unsafe {
-                    gemm_rows(
-                        rows,
-                        d,
-                        cols,
-                        sc.s.as_ptr(),
-                        cols,
-                        1,
-                        vh.offset_rows(j0).ptr,
-                        v_rs,
-                        oh.ptr,
-                        w,
-                        1.0,
-                        true,
-                    )
-                };
-            }
-            for r in 0..rows {
-                let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+                qh.ptr,
+                q_rs,
+                1,
+                ktj,
+                cols,
+                sc.s.as_mut_ptr(),
+                cols,
+                scale,
+                false,
+            )
+        };
+        for (r, row) in sc.s[..rows * cols].chunks_mut(cols).enumerate() {
+            let (lo, hi) = masks.visible(i0 + r, tk);
+            mask_row(row, j0, lo, hi, padding);
+            let (m_new, alpha, sum) = exp_rows::online_row(row, m[r]);
+            m[r] = m_new;
+            l[r] = l[r] * alpha + sum;
+            if alpha != 1.0 {
                 // SAFETY: as above.
-                unsafe { oh.offset_rows(r).fill_scale(1, d, inv) };
-                let val = if l[r] > 0.0 {
-                    m[r] + l[r].ln()
-                } else {
-                    f32::NEG_INFINITY
-                };
-                // SAFETY: lse row (b, h, i0 + r) belongs to this task; length was checked.
-                unsafe { *lse_ptr.get().add(bh * tq + i0 + r) = val };
+                unsafe { oh.offset_rows(r).fill_scale(1, d, alpha) };
             }
-        },
-    );
-    KT.with(|c| c.set(kt_buf));
+        }
+        // SAFETY: as above; O += P V_j.
+        unsafe {
+            gemm_rows(
+                rows,
+                d,
+                cols,
+                sc.s.as_ptr(),
+                cols,
+                1,
+                vh.offset_rows(j0).ptr,
+                vh.rs as usize,
+                oh.ptr,
+                w,
+                1.0,
+                true,
+            )
+        };
+    }
+    for r in 0..rows {
+        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+        // SAFETY: as above.
+        unsafe { oh.offset_rows(r).fill_scale(1, d, inv) };
+        let val = if l[r] > 0.0 {
+            m[r] + l[r].ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        // SAFETY: lse row (b, h, i0 + r) belongs to this task; length was checked.
+        unsafe { *lse_ptr.get().add(bh * tq + i0 + r) = val };
+    }
 }
 
 thread_local! {
-    /// The forward's transposed keys, kept between calls: allocating 2 MB a step (B = 32,
-    /// T = 64) cost its page faults every time. Grows to the largest shape seen.
-    static KT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The forward's packed keys and values, kept between calls: allocating 2 MB a step
+    /// (B = 32, T = 64) cost its page faults every time. Grows to the largest group seen.
+    static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Scratch of one backward task.
