@@ -4,7 +4,9 @@ mod common;
 
 use common::{random_vec, rel_err};
 use half::bf16;
-use qkv::kernels::bf16::{available, bf16_bits, matmul_bf16, round_bf16};
+use qkv::kernels::bf16::{
+    available, bf16_bits, matmul_bf16, matmul_bf16_operands, padded_len, round_bf16, Operand,
+};
 use qkv::kernels::matmul::{
     matmul, matmul_naive, matmul_precision, set_matmul_precision, Precision,
 };
@@ -80,6 +82,51 @@ fn bf16_product_matches_the_rounded_reference_in_every_transpose_combination() {
                     matmul_naive(&mut want, &ar, &br, m, k, n, ta, tb, acc);
                     let e = rel_err(&got, &want);
                     assert!(e < 1e-5, "m{m} k{k} n{n} ta{ta} tb{tb} acc{acc}: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn operands_already_in_bf16_give_the_same_product_bit_for_bit() {
+    if skip() {
+        return;
+    }
+    let mut rng = Rng::new(9);
+    // Even K with a padded buffer: the left operand is read as it is (no packing); odd K, or a
+    // buffer without the padding rows: it is packed from bf16.
+    for (m, k, n, padded) in [
+        (37, 64, 50, true),
+        (37, 64, 50, false),
+        (25, 33, 40, true),
+        (300, 128, 70, true),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let a = random_vec(&mut rng, m * k, 1.0);
+                let b = random_vec(&mut rng, k * n, 1.0);
+                let bits = |x: &[f32], len: usize| {
+                    let mut v: Vec<u16> = x.iter().map(|&y| bf16_bits(y) as u16).collect();
+                    // Padding rows hold garbage on purpose: only real rows may reach the output.
+                    v.resize(len.max(x.len()), 0x7FC0);
+                    v
+                };
+                let a16 = bits(&a, if padded { padded_len(m, k) } else { 0 });
+                let b16 = bits(&b, 0);
+                let mut want = vec![0.0; m * n];
+                matmul_bf16(&mut want, &a, &b, m, k, n, ta, tb, false);
+                for (name, x, y) in [
+                    ("a", Operand::Bf16(&a16), Operand::F32(&b)),
+                    ("b", Operand::F32(&a), Operand::Bf16(&b16)),
+                    ("both", Operand::Bf16(&a16), Operand::Bf16(&b16)),
+                ] {
+                    let mut got = vec![0.0; m * n];
+                    matmul_bf16_operands(&mut got, x, y, m, k, n, ta, tb, false);
+                    assert!(
+                        got == want,
+                        "m{m} k{k} n{n} ta{ta} tb{tb} padded{padded}: bf16 {name} differs"
+                    );
                 }
             }
         }

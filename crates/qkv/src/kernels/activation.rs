@@ -1,5 +1,6 @@
 //! Bias + activation, fused into one pass after the matrix product (position-wise FFN, §3.3).
 
+use super::bf16::bf16_bits;
 use crate::parallel::{reduce_rows, rows_per_task, SendPtr};
 use crate::simd::{self, multiversion};
 use rayon::prelude::*;
@@ -96,6 +97,57 @@ pub fn bias_act_backward(d: &mut [f32], dbias: &mut [f32], pre: &[f32], act: Act
     });
 }
 
+/// [`bias_act_forward`] for a bf16 consumer: `pre += bias` (in place) and `post = act(pre)`
+/// rounded to bf16 as it is written, the only form the next product (bf16) reads. Half the
+/// bytes of an f32 `post`, and no conversion pass before the product.
+/// pre: (N, F); post: at least (N, F) bf16 bits; bias: (F). Not for `Identity`.
+pub fn bias_act_forward_bf16(pre: &mut [f32], post: &mut [u16], bias: &[f32], act: Activation) {
+    let _p = crate::profile::scope("bias+act forward");
+    assert!(act != Activation::Identity, "no activation to write");
+    let f = bias.len();
+    let n = pre.len() / f;
+    let chunk = rows_per_task(n, f) * f;
+    pre.par_chunks_mut(chunk)
+        .zip(post[..n * f].par_chunks_mut(chunk))
+        .for_each(|(p, q)| match act {
+            Activation::Relu => bias_relu_rows_bf16(p, q, bias),
+            _ => bias_gelu_rows_bf16(p, q, bias),
+        });
+}
+
+/// [`bias_act_backward`] for a bf16 consumer: `dpre = dpost * act'(pre)` is written rounded
+/// to bf16 into `out` (`d`, the f32 `dpost`, is only read), and `dbias += Σ_rows dpre` sums
+/// the unrounded values. d, pre: (N, F); out: at least (N, F). Not for `Identity`.
+pub fn bias_act_backward_bf16(
+    d: &[f32],
+    dbias: &mut [f32],
+    pre: &[f32],
+    act: Activation,
+    out: &mut [u16],
+) {
+    let _p = crate::profile::scope("act backward");
+    assert!(
+        act != Activation::Identity,
+        "no activation to differentiate"
+    );
+    let f = dbias.len();
+    let n = d.len() / f;
+    assert!(pre.len() >= n * f && out.len() >= n * f);
+    let dst = SendPtr(out.as_mut_ptr());
+    reduce_rows(dbias, n, f, |start, len, sums| {
+        // SAFETY: `reduce_rows` hands out disjoint row ranges of the n rows of `out`.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(start * f), len * f) };
+        let (dr, pr) = (
+            &d[start * f..(start + len) * f],
+            &pre[start * f..(start + len) * f],
+        );
+        match act {
+            Activation::Relu => relu_backward_rows_bf16(dr, pr, sums, o),
+            _ => gelu_backward_rows_bf16(dr, pr, sums, o),
+        }
+    });
+}
+
 /// `acc += Σ_rows x`, x: (N, F); acc: (F)
 pub fn column_sum(acc: &mut [f32], x: &[f32], f: usize) {
     let _p = crate::profile::scope("bias grad (column sum)");
@@ -168,6 +220,59 @@ multiversion! {
             for ((v, x), s) in dr.iter_mut().zip(xr).zip(sums.iter_mut()) {
                 *v = if *x > 0.0 { *v } else { 0.0 };
                 *s += *v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn bias_relu_rows_bf16(pre: &mut [f32], post: &mut [u16], bias: &[f32]) {
+        for (prow, qrow) in pre.chunks_exact_mut(bias.len()).zip(post.chunks_exact_mut(bias.len())) {
+            for ((p, q), b) in prow.iter_mut().zip(qrow.iter_mut()).zip(bias) {
+                let v = *p + b;
+                *p = v;
+                *q = bf16_bits(if v <= 0.0 { 0.0 } else { v }) as u16;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn bias_gelu_rows_bf16(pre: &mut [f32], post: &mut [u16], bias: &[f32]) {
+        let f = bias.len();
+        for (prow, qrow) in pre.chunks_exact_mut(f).zip(post.chunks_exact_mut(f)) {
+            for ((p, q), b) in prow.iter_mut().zip(qrow.iter_mut()).zip(bias) {
+                let v = *p + b;
+                *p = v;
+                *q = bf16_bits(Activation::Gelu.apply(v)) as u16;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out ← bf16(d · [pre > 0])` row by row, adding each row (unrounded) onto `sums`.
+    fn relu_backward_rows_bf16(d: &[f32], pre: &[f32], sums: &mut [f32], out: &mut [u16]) {
+        let f = sums.len();
+        for ((dr, xr), or) in d.chunks_exact(f).zip(pre.chunks_exact(f)).zip(out.chunks_exact_mut(f)) {
+            for (((v, x), s), o) in dr.iter().zip(xr).zip(sums.iter_mut()).zip(or.iter_mut()) {
+                let g = if *x > 0.0 { *v } else { 0.0 };
+                *s += g;
+                *o = bf16_bits(g) as u16;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out ← bf16(d · GELU'(pre))` row by row, adding each row (unrounded) onto `sums`.
+    fn gelu_backward_rows_bf16(d: &[f32], pre: &[f32], sums: &mut [f32], out: &mut [u16]) {
+        let f = sums.len();
+        for ((dr, xr), or) in d.chunks_exact(f).zip(pre.chunks_exact(f)).zip(out.chunks_exact_mut(f)) {
+            for (((v, x), s), o) in dr.iter().zip(xr).zip(sums.iter_mut()).zip(or.iter_mut()) {
+                let g = *v * Activation::Gelu.derivative(*x);
+                *s += g;
+                *o = bf16_bits(g) as u16;
             }
         }
     }

@@ -27,9 +27,6 @@ const NR: usize = 32;
 const A_BLOCK_BYTES: usize = 256 * 1024;
 /// Column panels per task.
 const NC_PANELS: usize = 4;
-/// Columns one column-packing task converts per row pair (a stack buffer of this many lanes).
-const GROUP_COLS: usize = 128;
-const _: () = assert!(MR <= GROUP_COLS && NR <= GROUP_COLS);
 
 /// Whether this CPU has the bf16 dot-product instruction (and AVX-512 F/BW/VL), checked once.
 pub fn available() -> bool {
@@ -69,33 +66,90 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits(bf16_bits(x) << 16)
 }
 
+/// What the packers read: f32, rounded to bf16 on the way, or bf16 bits (`u16`) that a
+/// producer already rounded (see [`Operand`]).
+pub trait Elem: Copy + Send + Sync + 'static {
+    /// Whether this is `f32` (the packers pick their vector path with it).
+    const IS_F32: bool;
+    const ZERO: Self;
+    /// The bf16 bits, in the low 16.
+    fn bits(self) -> u32;
+}
+
+impl Elem for f32 {
+    const IS_F32: bool = true;
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        bf16_bits(self)
+    }
+}
+
+impl Elem for u16 {
+    const IS_F32: bool = false;
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        self as u32
+    }
+}
+
+/// A product operand: f32 values, or the bf16 bits of values already rounded, laid out the same
+/// way (row-major, the stored shape). A producer that writes its output straight in bf16 (the
+/// FFN's activation, forward and backward) spares the product reading twice the bytes and
+/// converting them.
+#[derive(Clone, Copy, Debug)]
+pub enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Operand<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Operand::F32(x) => x.len(),
+            Operand::Bf16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Elements a bf16 buffer of (rows, cols) should hold to be used as a left operand as it is,
+/// without a packing pass: the micro-kernel reads whole blocks of `MR` rows.
+pub fn padded_len(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(MR) * MR * cols
+}
+
 /// Two bf16 values in one 32-bit lane, `lo` first in memory: the operand layout of `vdpbf16ps`,
 /// which multiplies lane pairs and adds both products into one f32.
 #[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
-    bf16_bits(lo) | (bf16_bits(hi) << 16)
+fn pair<S: Elem>(lo: S, hi: S) -> u32 {
+    lo.bits() | (hi.bits() << 16)
 }
 
 /// Pack a row-major (rows, k) matrix (row stride `ld`) into panels of `W` rows: panel `t`
 /// holds, for each K pair `q`, the `W` lanes `pair(s[i][2q], s[i][2q+1])` of its rows `i`,
 /// zero past `rows` and past `k`. dst: (panels, K/2, W)
-fn pack_rows<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, rows: usize, k: usize) {
+fn pack_rows<const W: usize, S: Elem>(dst: &mut [u32], s: &[S], ld: usize, rows: usize, k: usize) {
     let kp2 = k.div_ceil(2);
     dst.par_chunks_mut(kp2 * W)
         .enumerate()
         .for_each(|(panel, d)| {
             // SAFETY: only called when `available()` (see `matmul_bf16`).
-            unsafe { pack_rows_panel::<W>(d, s, ld, panel * W, rows, k) }
+            unsafe { pack_rows_panel::<W, S>(d, s, ld, panel * W, rows, k) }
         });
 }
 
 #[cfg_attr(
     target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl")
+    target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
 )]
-unsafe fn pack_rows_panel<const W: usize>(
+unsafe fn pack_rows_panel<const W: usize, S: Elem>(
     d: &mut [u32],
-    s: &[f32],
+    s: &[S],
     ld: usize,
     r0: usize,
     rows: usize,
@@ -118,11 +172,21 @@ unsafe fn pack_rows_panel<const W: usize>(
             let nq = BLOCK.min(kp2 - q0);
             let full = nq.min(k / 2 - q0.min(k / 2));
             let src = &row[2 * q0..2 * (q0 + full)];
-            for (t, xy) in tmp[..full].iter_mut().zip(src.chunks_exact(2)) {
+            let vecs = full / 16;
+            for c in 0..vecs {
+                cvt::store16(
+                    tmp.as_mut_ptr().add(16 * c),
+                    cvt::consecutive32(src.as_ptr().add(32 * c)),
+                );
+            }
+            for (t, xy) in tmp[16 * vecs..full]
+                .iter_mut()
+                .zip(src[32 * vecs..].chunks_exact(2))
+            {
                 *t = pair(xy[0], xy[1]);
             }
             if full < nq {
-                tmp[full] = pair(row[k - 1], 0.0);
+                tmp[full] = pair(row[k - 1], S::ZERO);
             }
             for (q, &t) in tmp[..nq].iter().enumerate() {
                 d[(q0 + q) * W + r] = t;
@@ -135,7 +199,13 @@ unsafe fn pack_rows_panel<const W: usize>(
 /// blocks of `W` rows (zero rows past `rows`, a zero half-pair past an odd `k`): the left
 /// operand's layout when it is stored (m, k). One contiguous vectorized pass, no transpose;
 /// the micro-kernel broadcasts from `W` row pointers instead. dst: (blocks, W, K/2)
-fn convert_rows<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, rows: usize, k: usize) {
+fn convert_rows<const W: usize, S: Elem>(
+    dst: &mut [u32],
+    s: &[S],
+    ld: usize,
+    rows: usize,
+    k: usize,
+) {
     let kp2 = k.div_ceil(2);
     dst.par_chunks_mut(kp2 * W)
         .enumerate()
@@ -147,11 +217,11 @@ fn convert_rows<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, rows: usi
 
 #[cfg_attr(
     target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl")
+    target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
 )]
-unsafe fn convert_rows_block(
+unsafe fn convert_rows_block<S: Elem>(
     d: &mut [u32],
-    s: &[f32],
+    s: &[S],
     ld: usize,
     r0: usize,
     rows: usize,
@@ -165,11 +235,23 @@ unsafe fn convert_rows_block(
             continue;
         }
         let row = &s[i * ld..i * ld + k];
-        for (o, xy) in out.iter_mut().zip(row.chunks_exact(2)) {
-            *o = pair(xy[0], xy[1]);
+        // Pairs along K are consecutive floats, so a row of pairs is the row in bf16.
+        let full = k / 32;
+        for c in 0..full {
+            cvt::store16(
+                out.as_mut_ptr().add(16 * c),
+                cvt::consecutive32(row.as_ptr().add(32 * c)),
+            );
         }
-        if k % 2 == 1 {
-            out[kp2 - 1] = pair(row[k - 1], 0.0);
+        for q in 16 * full..kp2 {
+            out[q] = pair(
+                row[2 * q],
+                if 2 * q + 1 < k {
+                    row[2 * q + 1]
+                } else {
+                    S::ZERO
+                },
+            );
         }
     }
 }
@@ -177,73 +259,150 @@ unsafe fn convert_rows_block(
 /// Pack a row-major (k, cols) matrix (row stride `ld`) into panels of `W` columns: panel
 /// `t` holds, for each K pair `q`, `pair(s[2q][j], s[2q+1][j])` for its columns `j`, zero past
 /// `cols` and past `k`. Rows 2q and 2q+1 are read contiguously. dst: (panels, K/2, W)
-fn pack_cols<const W: usize>(dst: &mut [u32], s: &[f32], ld: usize, cols: usize, k: usize) {
+fn pack_cols<const W: usize, S: Elem>(dst: &mut [u32], s: &[S], ld: usize, cols: usize, k: usize) {
     let kp2 = k.div_ceil(2);
-    // Panels are handled in groups ~GROUP_COLS columns wide, so that each row pair is converted
-    // in one long vectorized pass before being split into panels; groups are also split along
-    // K, or a narrow operand (256 columns: two groups) would keep one of two threads idle.
-    let group = (GROUP_COLS / W).max(1);
+    // Tasks take runs of row pairs across all columns, so the source is read row after row:
+    // the operand is usually out of L2 by now, and column strips of rows 3 KB apart (the first
+    // version) left the loads waiting on memory.
     let panels = dst.len() / (kp2 * W);
-    let groups = panels.div_ceil(group);
-    let k_parts = (4 * rayon::current_num_threads())
-        .div_ceil(groups)
-        .clamp(1, kp2.div_ceil(64));
-    let q_step = kp2.div_ceil(k_parts);
-    assert!(dst.len() >= panels * kp2 * W);
+    assert!(dst.len() >= panels * kp2 * W && panels * W >= cols);
+    let q_step = kp2.div_ceil(8 * rayon::current_num_threads()).max(4);
     let out = crate::parallel::SendPtr(dst.as_mut_ptr());
-    (0..groups * k_parts).into_par_iter().for_each(|t| {
-        let (g, part) = (t / k_parts, t % k_parts);
+    (0..kp2.div_ceil(q_step)).into_par_iter().for_each(|part| {
         let (q0, q1) = (part * q_step, ((part + 1) * q_step).min(kp2));
-        let first = g * group;
-        let n_panels = group.min(panels - first);
-        // SAFETY: task (g, part) writes pairs [q0, q1) of panels [first, first + n_panels):
-        // disjoint from every other task, inside `dst` (asserted); `available()` was checked
-        // by `matmul_bf16`.
-        unsafe { pack_cols_group::<W>(out.get(), kp2, first, n_panels, q0, q1, s, ld, cols, k) }
+        // SAFETY: task `part` writes pairs [q0, q1) of every panel: disjoint from every other
+        // task, inside `dst` (asserted); `available()` was checked by `matmul_bf16`.
+        unsafe { pack_cols_pairs::<W, S>(out.get(), kp2, panels, q0, q1, s, ld, cols, k) }
     });
 }
 
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(
     target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl")
+    target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
 )]
-unsafe fn pack_cols_group<const W: usize>(
+unsafe fn pack_cols_pairs<const W: usize, S: Elem>(
     dst: *mut u32,
     kp2: usize,
-    first: usize,
-    n_panels: usize,
+    panels: usize,
     q0: usize,
     q1: usize,
-    s: &[f32],
+    s: &[S],
     ld: usize,
     cols: usize,
     k: usize,
 ) {
     let panel_len = kp2 * W;
-    let j0 = first * W;
-    let w = (n_panels * W).min(cols.saturating_sub(j0));
-    // A group spans at most GROUP_COLS lanes (see `pack_cols`); lanes past `cols` stay zero.
-    let mut tmp = [0u32; GROUP_COLS];
-    let tmp = &mut tmp[..n_panels * W];
     for q in q0..q1 {
         let p = 2 * q;
-        let lo = &s[p * ld + j0..p * ld + j0 + w];
-        if p + 1 < k {
-            let hi = &s[(p + 1) * ld + j0..(p + 1) * ld + j0 + w];
-            for ((o, &x), &y) in tmp[..w].iter_mut().zip(lo).zip(hi) {
-                *o = pair(x, y);
+        let lo = &s[p * ld..p * ld + cols];
+        // Past an odd K the second row of the pair is zeros.
+        let hi = (p + 1 < k).then(|| &s[(p + 1) * ld..(p + 1) * ld + cols]);
+        for t in 0..panels {
+            let at = dst.add(t * panel_len + q * W);
+            for v in (0..W).step_by(16) {
+                let j = t * W + v;
+                let lanes = (W - v).min(16);
+                // Lanes past `cols` are loaded as zeros, so the panel's padding is zero pairs.
+                let valid = lanes.min(cols.saturating_sub(j));
+                let x = cvt::interleave(
+                    lo.as_ptr().wrapping_add(j),
+                    hi.map(|h| h.as_ptr().wrapping_add(j)),
+                    valid,
+                );
+                cvt::store_lanes(at.add(v), lanes, x);
             }
-        } else {
-            for (o, &x) in tmp[..w].iter_mut().zip(lo) {
-                *o = pair(x, 0.0);
-            }
-        }
-        for (t, lanes) in tmp.chunks_exact(W).enumerate() {
-            let at = (first + t) * panel_len + q * W;
-            std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst.add(at), W);
         }
     }
+}
+
+/// The packers' conversions: `vcvtne2ps2bf16` rounds 32 floats to bf16 in one instruction
+/// (nearest-even, as [`bf16_bits`]), which the integer formulation took ~10 instructions per
+/// 16 lanes to do; `vpermw` then interleaves two rows into K pairs.
+#[cfg(target_arch = "x86_64")]
+mod cvt {
+    use std::arch::x86_64::*;
+
+    /// Word `2i` of the result is word `i` of the low row, word `2i + 1` word `i` of the high.
+    static INTERLEAVE: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut i = 0;
+        while i < 16 {
+            idx[2 * i] = i as u16;
+            idx[2 * i + 1] = 16 + i as u16;
+            i += 1;
+        }
+        idx
+    };
+
+    /// 32 consecutive elements at `p` as 32 bf16 in memory order (16 pairs).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn consecutive32<S: super::Elem>(p: *const S) -> __m512i {
+        if !S::IS_F32 {
+            return _mm512_loadu_si512(p as *const _);
+        }
+        let p = p as *const f32;
+        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        // The second operand fills the low half.
+        std::mem::transmute(_mm512_cvtne2ps_pbh(b, a))
+    }
+
+    /// `n ≤ 16` pairs `(lo[j], hi[j])` (hi = 0 when absent); lanes past `n` are zero.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn interleave<S: super::Elem>(
+        lo: *const S,
+        hi: Option<*const S>,
+        n: usize,
+    ) -> __m512i {
+        let m: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
+        // Words 0–15: the low row's 16 bf16, words 16–31: the high row's.
+        let words: __m512i = if S::IS_F32 {
+            let l = _mm512_maskz_loadu_ps(m, lo as *const f32);
+            let h = match hi {
+                Some(h) => _mm512_maskz_loadu_ps(m, h as *const f32),
+                None => _mm512_setzero_ps(),
+            };
+            std::mem::transmute(_mm512_cvtne2ps_pbh(h, l))
+        } else {
+            let l = _mm256_maskz_loadu_epi16(m, lo as *const i16);
+            let h = match hi {
+                Some(h) => _mm256_maskz_loadu_epi16(m, h as *const i16),
+                None => _mm256_setzero_si256(),
+            };
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(l), h)
+        };
+        _mm512_permutexvar_epi16(_mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _), words)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn store16(dst: *mut u32, v: __m512i) {
+        _mm512_storeu_si512(dst as *mut _, v)
+    }
+
+    /// Store the first `n ≤ 16` lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn store_lanes(dst: *mut u32, n: usize, v: __m512i) {
+        let m: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
+        _mm512_mask_storeu_epi32(dst as *mut i32, m, v)
+    }
+}
+
+/// Elsewhere the packers are never called ([`available`] is false); this keeps them compiling.
+#[cfg(not(target_arch = "x86_64"))]
+mod cvt {
+    pub type Lanes = [u32; 16];
+    pub unsafe fn consecutive32<S>(_: *const S) -> Lanes {
+        unreachable!("bf16 packing on a CPU without avx512_bf16")
+    }
+    pub unsafe fn interleave<S>(_: *const S, _: Option<*const S>, _: usize) -> Lanes {
+        unreachable!("bf16 packing on a CPU without avx512_bf16")
+    }
+    pub unsafe fn store16(_: *mut u32, _: Lanes) {}
+    pub unsafe fn store_lanes(_: *mut u32, _: usize, _: Lanes) {}
 }
 
 thread_local! {
@@ -270,6 +429,36 @@ pub fn matmul_bf16(
     tb: bool,
     accumulate: bool,
 ) {
+    matmul_bf16_operands(
+        out,
+        Operand::F32(a),
+        Operand::F32(b),
+        m,
+        k,
+        n,
+        ta,
+        tb,
+        accumulate,
+    )
+}
+
+/// [`matmul_bf16`] with operands that may already be bf16. A bf16 left operand stored (m, k)
+/// with even k and [`padded_len`] elements is read as it is, with no packing pass at all.
+///
+/// # Panics
+/// If [`available`] is false, or an operand is shorter than its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_operands(
+    out: &mut [f32],
+    a: Operand,
+    b: Operand,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
     assert!(available(), "matmul_bf16 needs avx512_bf16");
     assert!(
         out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
@@ -286,10 +475,27 @@ pub fn matmul_bf16(
     }
     let kp2 = k.div_ceil(2);
     let (a_panels, b_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    // (blocks, MR, K/2) pairs, the left operand's packed layout, is row-major bf16 itself.
+    let a_direct = match a {
+        Operand::Bf16(x)
+            if !ta
+                && k % 2 == 0
+                && x.len() >= a_panels * MR * k
+                && (x.as_ptr() as usize) % 4 == 0 =>
+        {
+            Some(x)
+        }
+        _ => None,
+    };
     let (mut pa_buf, mut pb_buf) = SCRATCH.with(|s| s.take());
     // Grow-only: the packers write every element (padding included), so shrinking and
     // re-growing with `resize` would only add a memset per call.
-    let (a_len, b_len) = (a_panels * kp2 * MR, b_panels * kp2 * NR);
+    let a_len = if a_direct.is_some() {
+        0
+    } else {
+        a_panels * kp2 * MR
+    };
+    let b_len = b_panels * kp2 * NR;
     if pa_buf.len() < a_len {
         pa_buf.resize(a_len, 0);
     }
@@ -301,15 +507,18 @@ pub fn matmul_bf16(
         let _p = crate::profile::scope("matmul bf16 pack");
         // Each operand is read along its contiguous axis: a row-major (m, k) A and a stored
         // (n, k) B have their K pairs side by side, the other layouts their panel lanes.
-        if ta {
-            pack_cols::<MR>(pa, a, m, m, k);
-        } else {
-            convert_rows::<MR>(pa, a, k, m, k);
+        match (a, ta) {
+            _ if a_direct.is_some() => {}
+            (Operand::F32(a), true) => pack_cols::<MR, f32>(pa, a, m, m, k),
+            (Operand::F32(a), false) => convert_rows::<MR, f32>(pa, a, k, m, k),
+            (Operand::Bf16(a), true) => pack_cols::<MR, u16>(pa, a, m, m, k),
+            (Operand::Bf16(a), false) => convert_rows::<MR, u16>(pa, a, k, m, k),
         }
-        if tb {
-            pack_rows::<NR>(pb, b, k, n, k);
-        } else {
-            pack_cols::<NR>(pb, b, n, n, k);
+        match (b, tb) {
+            (Operand::F32(b), true) => pack_rows::<NR, f32>(pb, b, k, n, k),
+            (Operand::F32(b), false) => pack_cols::<NR, f32>(pb, b, n, n, k),
+            (Operand::Bf16(b), true) => pack_rows::<NR, u16>(pb, b, k, n, k),
+            (Operand::Bf16(b), false) => pack_cols::<NR, u16>(pb, b, n, n, k),
         }
     }
     let _p = crate::profile::scope("matmul bf16");
@@ -318,7 +527,15 @@ pub fn matmul_bf16(
     let row_blocks = a_panels.div_ceil(mc_panels);
     let col_blocks = b_panels.div_ceil(NC_PANELS);
     let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
-    let (pa_ref, pb_ref) = (&*pa, &*pb);
+    let pa_ref: &[u32] = match a_direct {
+        // SAFETY: u16 pairs read as u32 lanes (4-byte aligned, checked);
+        // `a_panels · MR · k` u16 are `a_panels · MR · kp2` u32 (k even, checked).
+        Some(x) => unsafe {
+            std::slice::from_raw_parts(x.as_ptr() as *const u32, a_panels * MR * kp2)
+        },
+        None => &*pa,
+    };
+    let pb_ref = &*pb;
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (ip0, ip1) = (rb * mc_panels, ((rb + 1) * mc_panels).min(a_panels));

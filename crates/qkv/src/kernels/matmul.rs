@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 
+use super::bf16::Operand;
 use crate::parallel::gemm_par;
 
 /// Operand precision of [`matmul`]. Sums are always f32; `Bf16` rounds both operands to bf16
@@ -22,6 +23,31 @@ thread_local! {
 /// The precision [`matmul`] uses on this thread.
 pub fn matmul_precision() -> Precision {
     PRECISION.with(Cell::get)
+}
+
+/// Whether products on this thread run in bf16 (asked for, and the CPU has it): layers then
+/// write the activations only products read straight in bf16 (see [`super::bf16::Operand`]).
+pub fn bf16_active() -> bool {
+    matmul_precision() == Precision::Bf16 && super::bf16::available()
+}
+
+/// [`matmul`] with operands that may already be bf16 (only produced when [`bf16_active`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_operands(
+    out: &mut [f32],
+    a: Operand,
+    b: Operand,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+) {
+    match (a, b) {
+        (Operand::F32(a), Operand::F32(b)) => matmul(out, a, b, m, k, n, ta, tb, accumulate),
+        _ => super::bf16::matmul_bf16_operands(out, a, b, m, k, n, ta, tb, accumulate),
+    }
 }
 
 /// Restores the previous precision when dropped; see [`set_matmul_precision`].

@@ -2,7 +2,8 @@
 
 use super::buf;
 use crate::kernels::activation::{bias_act_forward, column_sum, Activation};
-use crate::kernels::matmul::matmul;
+use crate::kernels::bf16::Operand;
+use crate::kernels::matmul::{matmul, matmul_operands};
 use crate::params::{two_mut, Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -55,7 +56,14 @@ impl Linear {
 
     /// `y = x Wᵀ + b`. x: (N, I), y: (N, O)
     pub fn forward(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
-        self.matmul(p, x, y);
+        self.forward_operand(p, Operand::F32(x), x.len() / self.in_features, y);
+    }
+
+    /// [`Self::forward`] for an input that may already be bf16. x: (N, I), y: (N, O)
+    pub fn forward_operand(&self, p: &[f32], x: Operand, n: usize, y: &mut [f32]) {
+        let w = Operand::F32(self.weight.of(p));
+        let (i, o) = (self.in_features, self.out_features);
+        matmul_operands(&mut y[..n * o], x, w, n, i, o, false, true, false);
         if let Some(b) = self.bias {
             bias_act_forward(y, &mut [], b.of(p), Activation::Identity);
         }
@@ -73,21 +81,44 @@ impl Linear {
         accumulate_dx: bool,
         bias_done: bool,
     ) {
+        let n = x.len() / self.in_features;
+        let (x, dy) = (Operand::F32(x), Operand::F32(dy));
+        self.backward_operands(p, g, n, x, dy, dx, accumulate_dx, bias_done);
+    }
+
+    /// [`Self::backward`] for an input and output gradient that may already be bf16; a bf16
+    /// `dy` needs `bias_done` (its column sums were formed by whoever rounded it).
+    /// x: (N, I), dy: (N, O), dx: (N, I)
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_operands(
+        &self,
+        p: &[f32],
+        g: &mut [f32],
+        n: usize,
+        x: Operand,
+        dy: Operand,
+        dx: Option<&mut [f32]>,
+        accumulate_dx: bool,
+        bias_done: bool,
+    ) {
         let (i, o) = (self.in_features, self.out_features);
-        let n = x.len() / i;
-        match self.bias {
-            Some(b) if !bias_done => {
+        match (self.bias, dy) {
+            (Some(b), Operand::F32(dy_f32)) if !bias_done => {
                 let (dw, db) = two_mut(g, self.weight, b);
-                matmul(dw, dy, x, o, n, i, true, false, true);
-                column_sum(db, dy, o);
+                matmul_operands(dw, dy, x, o, n, i, true, false, true);
+                column_sum(db, &dy_f32[..n * o], o);
             }
-            _ => matmul(self.weight.of_mut(g), dy, x, o, n, i, true, false, true),
+            (Some(_), Operand::Bf16(_)) if !bias_done => {
+                unreachable!("a bf16 output gradient comes with its bias gradient formed")
+            }
+            _ => matmul_operands(self.weight.of_mut(g), dy, x, o, n, i, true, false, true),
         }
         if let Some(dx) = dx {
-            matmul(
-                dx,
+            let w = Operand::F32(self.weight.of(p));
+            matmul_operands(
+                &mut dx[..n * i],
                 dy,
-                self.weight.of(p),
+                w,
                 n,
                 o,
                 i,
