@@ -345,7 +345,7 @@ mod cvt {
         let p = p as *const f32;
         let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
         // The second operand fills the low half.
-        std::mem::transmute(_mm512_cvtne2ps_pbh(b, a))
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
     }
 
     /// `n ≤ 16` pairs `(lo[j], hi[j])` (hi = 0 when absent); lanes past `n` are zero.
@@ -364,7 +364,7 @@ mod cvt {
                 Some(h) => _mm512_maskz_loadu_ps(m, h as *const f32),
                 None => _mm512_setzero_ps(),
             };
-            std::mem::transmute(_mm512_cvtne2ps_pbh(h, l))
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l))
         } else {
             let l = _mm256_maskz_loadu_epi16(m, lo as *const i16);
             let h = match hi {
@@ -479,9 +479,9 @@ pub fn matmul_bf16_operands(
     let a_direct = match a {
         Operand::Bf16(x)
             if !ta
-                && k % 2 == 0
+                && k.is_multiple_of(2)
                 && x.len() >= a_panels * MR * k
-                && (x.as_ptr() as usize) % 4 == 0 =>
+                && (x.as_ptr() as usize).is_multiple_of(4) =>
         {
             Some(x)
         }

@@ -158,7 +158,10 @@ mod tests {
             };
             let (reference, stored) = (run(true), run(false));
             assert!(reference.0 == stored.0, "{act:?}: outputs differ");
-            assert!(reference.1 == stored.1, "{act:?}: parameter gradients differ");
+            assert!(
+                reference.1 == stored.1,
+                "{act:?}: parameter gradients differ"
+            );
             assert!(reference.2 == stored.2, "{act:?}: input gradients differ");
         }
     }
