@@ -5,7 +5,8 @@ mod common;
 use common::{random_vec, rel_err};
 use half::bf16;
 use qkv::kernels::bf16::{
-    available, bf16_bits, matmul_bf16, matmul_bf16_operands, padded_len, round_bf16, Operand,
+    available, bf16_bits, linear_bf16, matmul_bf16, matmul_bf16_operands, padded_len, round_bf16,
+    Operand,
 };
 use qkv::kernels::matmul::{
     matmul, matmul_naive, matmul_precision, set_matmul_precision, Precision,
@@ -130,6 +131,27 @@ fn operands_already_in_bf16_give_the_same_product_bit_for_bit() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn linear_with_the_bias_in_the_kernel_equals_product_then_bias() {
+    if skip() {
+        return;
+    }
+    let mut rng = Rng::new(10);
+    // Widths that end inside a 32-column panel, so the bias loads are masked too.
+    for (n, i, o) in [(37, 64, 50), (5, 33, 7), (130, 256, 96)] {
+        let x = random_vec(&mut rng, n * i, 1.0);
+        let w = random_vec(&mut rng, o * i, 1.0);
+        let bias = random_vec(&mut rng, o, 1.0);
+        let mut want = vec![0.0; n * o];
+        matmul_bf16(&mut want, &x, &w, n, i, o, false, true, false);
+        want.chunks_exact_mut(o)
+            .for_each(|r| r.iter_mut().zip(&bias).for_each(|(v, b)| *v += b));
+        let mut got = vec![f32::NAN; n * o];
+        linear_bf16(&mut got, Operand::F32(&x), &w, Some(&bias), n, i, o);
+        assert!(got == want, "n{n} i{i} o{o}");
     }
 }
 

@@ -459,6 +459,44 @@ pub fn matmul_bf16_operands(
     tb: bool,
     accumulate: bool,
 ) {
+    product(out, a, b, m, k, n, ta, tb, accumulate, None)
+}
+
+/// A linear layer's forward in bf16, `y = x Wᵀ + b`, with the bias added as the micro-kernel
+/// stores its block (one pass over y less than a separate bias pass).
+/// x: (N, I) stored; w: (O, I); bias: (O); y: (N, O)
+///
+/// # Panics
+/// As [`matmul_bf16`], or if the bias is not (O).
+pub fn linear_bf16(
+    y: &mut [f32],
+    x: Operand,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    i: usize,
+    o: usize,
+) {
+    assert!(
+        bias.is_none_or(|b| b.len() == o),
+        "bias length is not the output width"
+    );
+    product(y, x, Operand::F32(w), n, i, o, false, true, false, bias)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    out: &mut [f32],
+    a: Operand,
+    b: Operand,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+) {
     assert!(available(), "matmul_bf16 needs avx512_bf16");
     assert!(
         out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
@@ -470,6 +508,11 @@ pub fn matmul_bf16_operands(
     if k == 0 {
         if !accumulate {
             out[..m * n].fill(0.0);
+            if let Some(b) = bias {
+                out[..m * n]
+                    .chunks_exact_mut(n)
+                    .for_each(|r| r.copy_from_slice(b));
+            }
         }
         return;
     }
@@ -551,19 +594,18 @@ pub fn matmul_bf16_operands(
                 // `available()` was asserted.
                 unsafe {
                     let c = out_ptr.get().add(ip * MR * n + jp * NR);
+                    let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().add(jp * NR));
+                    let store = Store {
+                        ldc: n,
+                        rows,
+                        cols,
+                        accumulate,
+                        bias,
+                    };
                     if ta {
-                        kernel::<true>(kp2, ap.as_ptr(), bp.as_ptr(), c, n, rows, cols, accumulate);
+                        kernel::<true>(kp2, ap.as_ptr(), bp.as_ptr(), c, &store);
                     } else {
-                        kernel::<false>(
-                            kp2,
-                            ap.as_ptr(),
-                            bp.as_ptr(),
-                            c,
-                            n,
-                            rows,
-                            cols,
-                            accumulate,
-                        );
+                        kernel::<false>(kp2, ap.as_ptr(), bp.as_ptr(), c, &store);
                     }
                 }
             }
@@ -572,26 +614,38 @@ pub fn matmul_bf16_operands(
     SCRATCH.with(|s| s.set((pa_buf, pb_buf)));
 }
 
-/// `c (rows, cols) = [c +] a_block · b_panel` over all `kp2` K pairs.
-/// a_block: (K/2, MR) pairs when `A_PANEL`, else (MR, K/2); b_panel: (K/2, NR) pairs;
-/// c: row stride `ldc`.
+/// How the micro-kernel stores its block: `rows` rows of `cols` (≤ NR) floats, `ldc` apart,
+/// added onto what is there when `accumulate`, plus `bias[j]` per column unless null.
+struct Store {
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+    bias: *const f32,
+}
+
+/// `c (rows, cols) = [c +] a_block · b_panel [+ bias]` over all `kp2` K pairs.
+/// a_block: (K/2, MR) pairs when `A_PANEL`, else (MR, K/2); b_panel: (K/2, NR) pairs.
 ///
 /// # Safety
 /// The CPU has avx512f and avx512bf16; the panels hold `kp2` pairs; `c` addresses `rows`
-/// rows of `cols` (≤ NR) valid, unshared floats.
+/// rows of `cols` (≤ NR) valid, unshared floats; a non-null bias holds `cols` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const A_PANEL: bool>(
     kp2: usize,
     a: *const u32,
     b: *const u32,
     c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
+    st: &Store,
 ) {
+    let Store {
+        ldc,
+        rows,
+        cols,
+        accumulate,
+        bias,
+    } = *st;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for q in 0..kp2 {
         let bq = b.add(q * NR);
@@ -616,9 +670,17 @@ unsafe fn kernel<const A_PANEL: bool>(
     } else {
         0
     };
+    let (b0, b1) = if bias.is_null() {
+        (_mm512_setzero_ps(), _mm512_setzero_ps())
+    } else {
+        (
+            _mm512_maskz_loadu_ps(m0, bias),
+            _mm512_maskz_loadu_ps(m1, bias.wrapping_add(16)),
+        )
+    };
     for (r, acc_r) in acc.iter().enumerate().take(rows) {
         let cr = c.add(r * ldc);
-        let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
+        let (mut v0, mut v1) = (_mm512_add_ps(acc_r[0], b0), _mm512_add_ps(acc_r[1], b1));
         if accumulate {
             v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
             v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr.wrapping_add(16)));
@@ -630,16 +692,12 @@ unsafe fn kernel<const A_PANEL: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const A_PANEL: bool>(
     _kp2: usize,
     _a: *const u32,
     _b: *const u32,
     _c: *mut f32,
-    _ldc: usize,
-    _rows: usize,
-    _cols: usize,
-    _accumulate: bool,
+    _st: &Store,
 ) {
     unreachable!("bf16 kernel on a CPU without avx512_bf16")
 }

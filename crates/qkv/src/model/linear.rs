@@ -2,8 +2,8 @@
 
 use super::buf;
 use crate::kernels::activation::{bias_act_forward, column_sum, Activation};
-use crate::kernels::bf16::Operand;
-use crate::kernels::matmul::{matmul, matmul_operands};
+use crate::kernels::bf16::{linear_bf16, Operand};
+use crate::kernels::matmul::{bf16_active, matmul, matmul_operands};
 use crate::params::{two_mut, Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -61,8 +61,12 @@ impl Linear {
 
     /// [`Self::forward`] for an input that may already be bf16. x: (N, I), y: (N, O)
     pub fn forward_operand(&self, p: &[f32], x: Operand, n: usize, y: &mut [f32]) {
-        let w = Operand::F32(self.weight.of(p));
         let (i, o) = (self.in_features, self.out_features);
+        if bf16_active() {
+            let bias = self.bias.map(|b| b.of(p));
+            return linear_bf16(&mut y[..n * o], x, self.weight.of(p), bias, n, i, o);
+        }
+        let w = Operand::F32(self.weight.of(p));
         matmul_operands(&mut y[..n * o], x, w, n, i, o, false, true, false);
         if let Some(b) = self.bias {
             bias_act_forward(y, &mut [], b.of(p), Activation::Identity);
