@@ -6,9 +6,9 @@
 //! backward recomputes each score tile from it. Extra memory is O(threads · BR · BC), not
 //! O(Tq · Tk), so a 16k-token sequence costs no more scratch than a 64-token one.
 //!
-//! Tile products go through the `gemm` crate (single-threaded inside a task); the parallelism is
-//! over (batch, head, query tile) in forward and over (batch, head) in backward, where each task
-//! owns its head's dQ and so needs no atomics.
+//! Tile products are the hand-written kernels of [`super::tile`] (single-threaded inside a task);
+//! the parallelism is over (batch, head, query tile) in forward and over (batch, head) in
+//! backward, where each task owns its head's dQ and so needs no atomics.
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::matmul::MatRef;
