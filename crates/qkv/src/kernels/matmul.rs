@@ -231,7 +231,7 @@ pub fn matmul(
     tb: bool,
     accumulate: bool,
 ) {
-    if matmul_precision() == Precision::Bf16 && super::bf16::available() {
+    if bf16_active() {
         return super::bf16::matmul_bf16(out, a, b, m, k, n, ta, tb, accumulate);
     }
     let _p = crate::profile::scope(match (ta, tb) {
