@@ -363,11 +363,16 @@ fn effective_dtype(d: DtypeArg) -> &'static str {
 
 fn bench_attention(a: AttentionArgs, threads: usize) -> Result<()> {
     use qkv::bench::{AttentionBench, AttentionKernel};
-    if let DtypeArg::Bf16 = a.dtype {
+    if matches!(a.dtype, DtypeArg::Bf16)
+        && matches!(
+            a.kind,
+            AttentionKindArg::Reference | AttentionKindArg::Linear
+        )
+    {
         bail!(
-            "--dtype bf16: the attention kernels compute in f32 only; bf16 applies to the \
-             linear layers' products (`bench matmul --dtype bf16`, `bench train-step --dtype bf16`, \
-             `\"precision\": \"bf16\"` in a job)"
+            "--dtype bf16 with --kind {}: the materialized and linear attention kernels compute \
+             in f32 only; bf16 tile products are flash's (--kind flash or window)",
+            a.kind_name()
         );
     }
     if a.window == 0 {
@@ -389,6 +394,7 @@ fn bench_attention(a: AttentionArgs, threads: usize) -> Result<()> {
         backward: a.backward,
         steps: a.steps,
         warmup: a.warmup,
+        precision: a.dtype.precision(),
     };
     let base = peak_rss_mb();
     let times = bench::attention(&b)?;
@@ -400,7 +406,8 @@ fn bench_attention(a: AttentionArgs, threads: usize) -> Result<()> {
         "impl": "qkv",
         "kind": a.kind_name(),
         "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
-        "causal": a.causal, "backward": a.backward, "dtype": "f32", "threads": threads,
+        "causal": a.causal, "backward": a.backward, "dtype": effective_dtype(a.dtype),
+        "threads": threads,
         "ms": (ms * 1000.0).round() / 1000.0,
         "min_ms": (times.iter().cloned().fold(f64::INFINITY, f64::min) * 1000.0).round() / 1000.0,
         "peak_rss_mb": peak.map(round),

@@ -226,6 +226,8 @@ pub struct AttentionBench {
     pub backward: bool,
     pub steps: usize,
     pub warmup: usize,
+    /// Operand precision of flash's tile products (the reference and linear kernels are f32).
+    pub precision: Precision,
 }
 
 impl AttentionBench {
@@ -249,6 +251,16 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
         return Err(crate::error::Error::Config(
             "attention bench: batch, heads, n, head_dim and steps must be positive".into(),
         ));
+    }
+    let flash = matches!(
+        b.kernel,
+        AttentionKernel::Flash | AttentionKernel::Window(_)
+    );
+    if b.precision == Precision::Bf16 && !flash {
+        return Err(crate::error::Error::Config(format!(
+            "attention bench: the {:?} kernel computes in f32 only; bf16 is for flash and window",
+            b.kernel
+        )));
     }
     let s = AttentionShape {
         batch: b.batch,
@@ -289,6 +301,7 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
         },
     };
     let scale = 1.0 / (b.head_dim as f32).sqrt();
+    let _precision = set_matmul_precision(b.precision);
     fn view(data: &[f32], rs: usize) -> HeadsRef<'_> {
         HeadsRef {
             data,

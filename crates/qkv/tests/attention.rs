@@ -179,6 +179,55 @@ fn flash_matches_the_materialized_reference_across_shapes_and_masks() {
 }
 
 #[test]
+fn bf16_flash_matches_the_reference_on_bf16_rounded_inputs() {
+    use qkv::kernels::bf16::{available, round_bf16};
+    use qkv::kernels::matmul::{set_matmul_precision, Precision};
+    if !available() {
+        eprintln!("skipped: this CPU has no avx512_bf16 (flash stays f32 there)");
+        return;
+    }
+    let mut rng = Rng::new(13);
+    // The f32 test's shapes (odd lengths and head widths pair up a zero half; D = 4 and 12 are
+    // narrower than a 32-lane panel), window masks, and several query and key tiles (72, 256).
+    let shapes = [
+        (shape(2, 3, 5, 5, 4), None),
+        (shape(3, 2, 67, 67, 16), None),
+        (shape(1, 2, 300, 300, 32), None),
+        (shape(2, 1, 130, 517, 8), None),
+        (shape(2, 2, 257, 64, 64), None),
+        (shape(1, 1, 70, 70, 256), None),
+        (shape(4, 1, 9, 3, 12), None),
+        (shape(1, 1, 151, 151, 7), None),
+        (shape(3, 1, 40, 2100, 256), None),
+        (shape(1, 2, 600, 600, 16), Some(100)),
+    ];
+    for (s, window) in shapes {
+        for padded in [false, true] {
+            let mut c = Case::new(&mut rng, s, padded);
+            for x in [&mut c.q, &mut c.k, &mut c.v, &mut c.dout] {
+                x.iter_mut().for_each(|v| *v = round_bf16(*v));
+            }
+            for causal in [false, true] {
+                if causal && s.q_len != s.k_len {
+                    continue;
+                }
+                let m = c.masks(padded, causal, window);
+                let what = format!("{s:?} window {window:?} padded {padded} causal {causal}");
+                let got = {
+                    let _g = set_matmul_precision(Precision::Bf16);
+                    flash(&c, &m)
+                };
+                // The inputs are exact in bf16, so what is left is P and dS rounded to bf16
+                // (2⁻⁹ relative) inside the products.
+                assert_all_close(&got, &reference(&c, &m), 1e-2, &what);
+                // And the bf16 kernel did run: f32 flash on the same inputs is not the same.
+                assert_ne!(got[0], flash(&c, &m)[0], "{what}: bf16 gave the f32 output");
+            }
+        }
+    }
+}
+
+#[test]
 fn sliding_window_flash_matches_the_windowed_reference() {
     let mut rng = Rng::new(12);
     for (s, w) in [

@@ -20,9 +20,9 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 /// Rows of the micro-kernel's accumulator block.
-const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Columns of the micro-kernel's accumulator block: two 16-lane registers.
-const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Bytes of one operand block (MC rows × K) that a task keeps in L2 while it sweeps its columns.
 const A_BLOCK_BYTES: usize = 256 * 1024;
 /// Column panels per task.
@@ -147,7 +147,7 @@ fn pack_rows<const W: usize, S: Elem>(dst: &mut [u32], s: &[S], ld: usize, rows:
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
 )]
-unsafe fn pack_rows_panel<const W: usize, S: Elem>(
+pub(crate) unsafe fn pack_rows_panel<const W: usize, S: Elem>(
     d: &mut [u32],
     s: &[S],
     ld: usize,
@@ -155,41 +155,49 @@ unsafe fn pack_rows_panel<const W: usize, S: Elem>(
     rows: usize,
     k: usize,
 ) {
-    // Pairs are converted a block at a time into a small contiguous buffer (a vectorized pass),
-    // then spread at the panel's stride.
-    const BLOCK: usize = 256;
+    // A block of pairs of all `W` rows is converted first (contiguous loads, nothing else in
+    // the loop, so many rows' cache misses are in flight at once), then transposed out of L1
+    // into the panel. Interleaving the two (row by row, each row's pairs stored `W` apart) left
+    // the loads waiting: the source rows are usually strided and out of cache (a head's keys).
+    const QB: usize = 64;
+    assert!(W <= NR);
     let kp2 = k.div_ceil(2);
-    let mut tmp = [0u32; BLOCK];
+    let mut tmp = [0u32; NR * QB];
     let d = &mut d[..kp2 * W];
-    for r in 0..W {
-        let i = r0 + r;
-        if i >= rows {
-            (0..kp2).for_each(|q| d[q * W + r] = 0);
-            continue;
-        }
-        let row = &s[i * ld..i * ld + k];
-        for q0 in (0..kp2).step_by(BLOCK) {
-            let nq = BLOCK.min(kp2 - q0);
-            let full = nq.min(k / 2 - q0.min(k / 2));
+    for q0 in (0..kp2).step_by(QB) {
+        let nq = QB.min(kp2 - q0);
+        // Complete pairs in this block; past them at most one half pair (odd k).
+        let full = nq.min(k / 2 - q0.min(k / 2));
+        for r in 0..W {
+            let t = &mut tmp[r * QB..r * QB + nq];
+            let i = r0 + r;
+            if i >= rows {
+                t.fill(0);
+                continue;
+            }
+            let row = &s[i * ld..i * ld + k];
             let src = &row[2 * q0..2 * (q0 + full)];
             let vecs = full / 16;
             for c in 0..vecs {
                 cvt::store16(
-                    tmp.as_mut_ptr().add(16 * c),
+                    t.as_mut_ptr().add(16 * c),
                     cvt::consecutive32(src.as_ptr().add(32 * c)),
                 );
             }
-            for (t, xy) in tmp[16 * vecs..full]
+            for (x, xy) in t[16 * vecs..full]
                 .iter_mut()
                 .zip(src[32 * vecs..].chunks_exact(2))
             {
-                *t = pair(xy[0], xy[1]);
+                *x = pair(xy[0], xy[1]);
             }
             if full < nq {
-                tmp[full] = pair(row[k - 1], S::ZERO);
+                t[full] = pair(row[k - 1], S::ZERO);
             }
-            for (q, &t) in tmp[..nq].iter().enumerate() {
-                d[(q0 + q) * W + r] = t;
+        }
+        for q in 0..nq {
+            let out = &mut d[(q0 + q) * W..(q0 + q + 1) * W];
+            for (r, x) in out.iter_mut().enumerate() {
+                *x = tmp[r * QB + q];
             }
         }
     }
@@ -219,7 +227,7 @@ fn convert_rows<const W: usize, S: Elem>(
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
 )]
-unsafe fn convert_rows_block<S: Elem>(
+pub(crate) unsafe fn convert_rows_block<S: Elem>(
     d: &mut [u32],
     s: &[S],
     ld: usize,
@@ -281,7 +289,7 @@ fn pack_cols<const W: usize, S: Elem>(dst: &mut [u32], s: &[S], ld: usize, cols:
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
 )]
-unsafe fn pack_cols_pairs<const W: usize, S: Elem>(
+pub(crate) unsafe fn pack_cols_pairs<const W: usize, S: Elem>(
     dst: *mut u32,
     kp2: usize,
     panels: usize,
@@ -601,6 +609,7 @@ fn product(
                         cols,
                         accumulate,
                         bias,
+                        scale: 1.0,
                     };
                     if ta {
                         kernel::<true>(kp2, ap.as_ptr(), bp.as_ptr(), c, &store);
@@ -615,16 +624,63 @@ fn product(
 }
 
 /// How the micro-kernel stores its block: `rows` rows of `cols` (≤ NR) floats, `ldc` apart,
-/// added onto what is there when `accumulate`, plus `bias[j]` per column unless null.
+/// `scale ·` the sums, plus `bias[j]` per column unless null, added onto what is there when
+/// `accumulate`.
 struct Store {
     ldc: usize,
     rows: usize,
     cols: usize,
     accumulate: bool,
     bias: *const f32,
+    scale: f32,
 }
 
-/// `c (rows, cols) = [c +] a_block · b_panel [+ bias]` over all `kp2` K pairs.
+/// One thread's product of operands already packed (the bf16 attention's tile products, whose
+/// operands are packed once per head and reused by every tile):
+/// `c (m, n) = [c +] scale · A · B` over `kp2` K pairs.
+/// `a`: blocks of `MR` rows, `a_stride` u32 apart, each (MR, K/2) row pairs
+/// ([`convert_rows_block`]'s layout, row stride `kp2`), or (K/2, MR) when `A_PANEL`
+/// ([`pack_cols_pairs`] with `W = MR`); `b`: panels of `NR` columns, `b_stride` u32 apart, each
+/// (K/2, NR) with pair `q` at `q · NR` ([`pack_rows_panel`] / [`pack_cols_pairs`] with
+/// `W = NR`, or a run of K pairs inside such a panel).
+///
+/// # Safety
+/// [`available`]; `a` holds `m.div_ceil(MR)` blocks and `b` `n.div_ceil(NR)` panels of `kp2`
+/// pairs each; `c` addresses `m` rows of `n` floats, `ldc` apart, that no one else touches.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_product<const A_PANEL: bool>(
+    (m, n, kp2): (usize, usize, usize),
+    (a, a_stride): (*const u32, usize),
+    (b, b_stride): (*const u32, usize),
+    c: *mut f32,
+    ldc: usize,
+    scale: f32,
+    accumulate: bool,
+) {
+    // Column panels outside: a panel of B (K/2 · NR · 4 bytes, 4 KB at D = 64) stays in L1
+    // while every row block passes over it.
+    for jp in 0..n.div_ceil(NR) {
+        for ip in 0..m.div_ceil(MR) {
+            let store = Store {
+                ldc,
+                rows: MR.min(m - ip * MR),
+                cols: NR.min(n - jp * NR),
+                accumulate,
+                bias: std::ptr::null(),
+                scale,
+            };
+            kernel::<A_PANEL>(
+                kp2,
+                a.add(ip * a_stride),
+                b.add(jp * b_stride),
+                c.add(ip * MR * ldc + jp * NR),
+                &store,
+            );
+        }
+    }
+}
+
+/// `c (rows, cols) = [c +] scale · a_block · b_panel [+ bias]` over all `kp2` K pairs.
 /// a_block: (K/2, MR) pairs when `A_PANEL`, else (MR, K/2); b_panel: (K/2, NR) pairs.
 ///
 /// # Safety
@@ -645,6 +701,7 @@ unsafe fn kernel<const A_PANEL: bool>(
         cols,
         accumulate,
         bias,
+        scale,
     } = *st;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for q in 0..kp2 {
@@ -678,9 +735,13 @@ unsafe fn kernel<const A_PANEL: bool>(
             _mm512_maskz_loadu_ps(m1, bias.wrapping_add(16)),
         )
     };
+    let sv = _mm512_set1_ps(scale);
     for (r, acc_r) in acc.iter().enumerate().take(rows) {
         let cr = c.add(r * ldc);
-        let (mut v0, mut v1) = (_mm512_add_ps(acc_r[0], b0), _mm512_add_ps(acc_r[1], b1));
+        let (mut v0, mut v1) = (
+            _mm512_fmadd_ps(acc_r[0], sv, b0),
+            _mm512_fmadd_ps(acc_r[1], sv, b1),
+        );
         if accumulate {
             v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
             v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr.wrapping_add(16)));

@@ -8,7 +8,9 @@
 //!
 //! Tile products are the hand-written kernels of [`super::tile`] (single-threaded inside a task);
 //! the parallelism is over (batch, head, query tile) in forward and over (batch, head) in
-//! backward, where each task owns its head's dQ and so needs no atomics.
+//! backward, where each task owns its head's dQ and so needs no atomics. When products run in
+//! bf16 ([`super::matmul::bf16_active`]) both entry points hand over to [`super::flash_bf16`],
+//! the same algorithm with bf16 tile operands.
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::matmul::MatRef;
@@ -20,11 +22,18 @@ use rayon::prelude::*;
 /// Query rows per tile.
 const BR: usize = 64;
 /// Key columns per tile. A (BR, BC) score tile is 64 KB: it and the Q, K and V tiles stay in L2.
-const BC: usize = 256;
+pub(super) const BC: usize = 256;
 
 /// Does query tile `[i0, i1)` see anything of key tile `[j0, j1)`?
 #[inline]
-fn tile_visible(masks: &Masks, i0: usize, i1: usize, j0: usize, j1: usize, k_len: usize) -> bool {
+pub(super) fn tile_visible(
+    masks: &Masks,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    k_len: usize,
+) -> bool {
     let (lo_first, _) = masks.visible(i0, k_len);
     let (_, hi_last) = masks.visible(i1 - 1, k_len);
     // lo and hi are non-decreasing in i, so the tile's visible band is [lo(i0), hi(i1 − 1)).
@@ -33,7 +42,7 @@ fn tile_visible(masks: &Masks, i0: usize, i1: usize, j0: usize, j1: usize, k_len
 
 /// Set masked entries of one score row (keys `j0..j0 + row.len()`) to −∞.
 #[inline]
-fn mask_row(row: &mut [f32], j0: usize, lo: usize, hi: usize, padding: Option<&[bool]>) {
+pub(super) fn mask_row(row: &mut [f32], j0: usize, lo: usize, hi: usize, padding: Option<&[bool]>) {
     let n = row.len();
     let a = lo.saturating_sub(j0).min(n);
     let b = hi.saturating_sub(j0).min(n).max(a);
@@ -96,7 +105,7 @@ multiversion! {
 
 multiversion! {
     /// `dp ← p ∘ (dp − delta) · scale`: the score gradient of one row.
-    fn dscore_row(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) {
+    pub(super) fn dscore_row(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) {
         dp.iter_mut().zip(p).for_each(|(d, &pv)| *d = pv * (*d - delta) * scale);
     }
 }
@@ -126,6 +135,9 @@ pub fn flash_forward(
     let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
     let w = hh * d;
     assert!(out.len() >= s.batch * tq * w && lse.len() >= s.batch * hh * tq);
+    if super::matmul::bf16_active() && tq > 0 && tk > 0 {
+        return super::flash_bf16::forward(out, lse, q, k, v, s, masks, scale);
+    }
     let [o] = HeadsMut::split(out, w, w, [0]);
     let lse_ptr = SendPtr(lse.as_mut_ptr());
     // Every query tile of a head reads all of its keys and values, so both are packed once per
@@ -347,6 +359,9 @@ pub fn flash_backward(
             && out.len() >= s.batch * tq * w
             && lse.len() >= s.batch * hh * tq
     );
+    if super::matmul::bf16_active() && tq > 0 && tk > 0 {
+        return super::flash_bf16::backward(dq, dk, dv, dout, out, lse, q, k, v, s, masks, scale);
+    }
     let (dov, ov) = (
         HeadsRef {
             data: dout,
@@ -487,7 +502,7 @@ fn pack_transposed(dst: &mut [f32], src: MatRef, cols: usize, d: usize) {
 /// The two exponentiating row passes, which are a sixth of the forward's time. With AVX-512
 /// they are written with intrinsics: `vscalefps` applies 2ⁿ and `vrndscaleps` rounds, which
 /// halves the instructions of the portable, auto-vectorized [`simd::exp`] path.
-mod exp_rows {
+pub(super) mod exp_rows {
     pub fn online_row(row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
         #[cfg(target_arch = "x86_64")]
         if crate::simd::has_avx512() {

@@ -8,6 +8,7 @@ pub mod bf16;
 pub mod dropout;
 pub mod embedding;
 pub mod flash;
+mod flash_bf16;
 pub mod layernorm;
 pub mod linear_attention;
 pub mod loss;

@@ -1,0 +1,492 @@
+//! The fused attention of [`super::flash`] with its tile products in bf16: the same tiles,
+//! masks, online softmax and saved log-sum-exp, with the products on the `vdpbf16ps`
+//! micro-kernel of [`super::bf16`]. As FlashAttention-2 does in bf16 on a GPU, the products'
+//! operands — Q, K, V, dO, and the probabilities P and score gradients dS of each tile — are
+//! rounded to bf16; the sums, the softmax statistics, O and the three gradients stay f32.
+//! [`super::flash::flash_forward`] / [`super::flash::flash_backward`] come here when products run
+//! in bf16 ([`super::matmul::bf16_active`]), so the signature and the callers are shared.
+//!
+//! Every query tile reads all of a head's keys (and every key tile all of its queries), so each
+//! head's operands are packed once, in the layouts [`tile_product`] reads, and reused by every
+//! tile. Three layouts, named by the role an operand plays in a product:
+//! - *rows* (a left operand, (T, D) row pairs along D): Q for S = Q Kᵀ, dO for dP = dO Vᵀ;
+//! - *token panels* (a right operand whose columns are tokens: panels of `NR` tokens, pairs
+//!   along D): K for S, V for dP;
+//! - *dim panels* (a right operand whose columns are D: panels of `NR` dims, pairs along the
+//!   tokens): V for O += P V, K for dQ += dS K, Q for dK += dSᵀ Q, dO for dV += Pᵀ dO.
+//!
+//! P and dS are written in bf16 per tile: as rows (left operand of P V and dS K) and, in
+//! backward, transposed into panels of `MR` keys with pairs along the queries (left operand of
+//! Pᵀ dO and dSᵀ Q).
+
+use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
+use super::bf16::{convert_rows_block, pack_cols_pairs, pack_rows_panel, tile_product, MR, NR};
+use super::flash::{dscore_row, exp_rows, mask_row, tile_visible, BC};
+use crate::parallel::SendPtr;
+use crate::simd;
+use rayon::prelude::*;
+
+/// Query rows per tile: six micro-kernel row blocks (a multiple of `MR`, so the blocks of a
+/// tile are whole blocks of the head's packed rows; even, so are its query pairs).
+const BR: usize = 6 * MR;
+
+/// u32 of packed keys and values the forward keeps at once (8 MB), as in [`super::flash`].
+const PACK_U32: usize = 2 << 20;
+
+thread_local! {
+    /// The forward's packed keys and values, kept between calls (see [`super::flash`]).
+    static PACKED: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The (len, D) rows of head `h` in batch `b`, as a slice from its first element to its last.
+fn head_rows<'a>(x: &HeadsRef<'a>, b: usize, len: usize, h: usize, d: usize) -> &'a [f32] {
+    let start = b * len * x.rs + x.offset + h * d;
+    &x.data[start..start + (len - 1) * x.rs + d]
+}
+
+/// u32 of a *rows* operand of `t` rows: whole `MR`-row blocks.
+fn rows_len(t: usize, d: usize) -> usize {
+    t.div_ceil(MR) * MR * d.div_ceil(2)
+}
+
+/// u32 of a *token panels* operand of `t` tokens.
+fn token_panels_len(t: usize, d: usize) -> usize {
+    t.div_ceil(NR) * d.div_ceil(2) * NR
+}
+
+/// u32 of a *dim panels* operand of `t` tokens.
+fn dim_panels_len(t: usize, d: usize) -> usize {
+    d.div_ceil(NR) * t.div_ceil(2) * NR
+}
+
+/// `x` (t, D), rows `ld` apart → *rows*: (⌈t/MR⌉·MR, ⌈D/2⌉) pairs. dst: [`rows_len`]
+///
+/// # Safety
+/// [`super::bf16::available`].
+unsafe fn pack_rows(dst: &mut [u32], x: &[f32], ld: usize, t: usize, d: usize) {
+    convert_rows_block(&mut dst[..rows_len(t, d)], x, ld, 0, t, d);
+}
+
+/// `x` (t, D) → *token panels*: (⌈t/NR⌉, ⌈D/2⌉, NR). dst: [`token_panels_len`]
+///
+/// # Safety
+/// As [`pack_rows`].
+unsafe fn pack_token_panels(dst: &mut [u32], x: &[f32], ld: usize, t: usize, d: usize) {
+    let panel = d.div_ceil(2) * NR;
+    for (p, chunk) in dst[..token_panels_len(t, d)]
+        .chunks_exact_mut(panel)
+        .enumerate()
+    {
+        pack_rows_panel::<NR, f32>(chunk, x, ld, p * NR, t, d);
+    }
+}
+
+/// `x` (t, D) → *dim panels*: (⌈D/NR⌉, ⌈t/2⌉, NR). dst: [`dim_panels_len`]
+///
+/// # Safety
+/// As [`pack_rows`].
+unsafe fn pack_dim_panels(dst: &mut [u32], x: &[f32], ld: usize, t: usize, d: usize) {
+    let kp2 = t.div_ceil(2);
+    let dst = &mut dst[..dim_panels_len(t, d)];
+    pack_cols_pairs::<NR, f32>(dst.as_mut_ptr(), kp2, d.div_ceil(NR), 0, kp2, x, ld, d, t);
+}
+
+/// A tile (rows, cols) of f32, `cols` apart → transposed panels of `MR` columns with pairs
+/// along the rows: the left operand of a product with the tile's transpose. dst:
+/// (⌈cols/MR⌉, ⌈rows/2⌉, MR)
+///
+/// # Safety
+/// As [`pack_rows`].
+unsafe fn pack_transposed(dst: &mut [u32], x: &[f32], rows: usize, cols: usize) {
+    let kp2 = rows.div_ceil(2);
+    let panels = cols.div_ceil(MR);
+    let dst = &mut dst[..panels * kp2 * MR];
+    pack_cols_pairs::<MR, f32>(dst.as_mut_ptr(), kp2, panels, 0, kp2, x, cols, cols, rows);
+}
+
+/// Scratch of one forward task.
+struct FwdScratch {
+    qa: Vec<u32>, // (BR, D/2) this tile's queries, rows
+    s: Vec<f32>,  // (BR, BC) scores, then probabilities
+    pa: Vec<u32>, // (BR, BC/2) probabilities, rows
+    m: Vec<f32>,  // (BR,) running max
+    l: Vec<f32>,  // (BR,) running sum
+}
+
+/// Forward: the contract of [`super::flash::flash_forward`], with Tq, Tk ≥ 1.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: HeadsRef,
+    k: HeadsRef,
+    v: HeadsRef,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let w = hh * d;
+    let [o] = HeadsMut::split(out, w, w, [0]);
+    let lse_ptr = SendPtr(lse.as_mut_ptr());
+    let kp2_d = d.div_ceil(2);
+    // Per head: K as token panels (for S), V as dim panels (for P V).
+    let (k_len, v_len) = (token_panels_len(tk, d), dim_panels_len(tk, d));
+    let per_head = k_len + v_len;
+    let heads = s.batch * hh;
+    let group = (PACK_U32 / per_head).clamp(1, heads);
+    let mut pack_buf = PACKED.with(|c| c.take());
+    if pack_buf.len() < group * per_head {
+        pack_buf = vec![0; group * per_head];
+    }
+    let q_tiles = tq.div_ceil(BR);
+    for g0 in (0..heads).step_by(group) {
+        let g = group.min(heads - g0);
+        let packed = &mut pack_buf[..g * per_head];
+        packed
+            .par_chunks_mut(per_head)
+            .enumerate()
+            .for_each(|(gh, head)| {
+                let bh = g0 + gh;
+                let (b, h) = (bh / hh, bh % hh);
+                let (kn, vd) = head.split_at_mut(k_len);
+                rayon::join(
+                    // SAFETY: products run in bf16 only where `available()`.
+                    || unsafe { pack_token_panels(kn, head_rows(&k, b, tk, h, d), k.rs, tk, d) },
+                    || unsafe { pack_dim_panels(vd, head_rows(&v, b, tk, h, d), v.rs, tk, d) },
+                );
+            });
+        let packed = &*packed;
+        (0..g * q_tiles).into_par_iter().for_each_init(
+            || FwdScratch {
+                qa: vec![0; BR * kp2_d],
+                s: vec![0.0; BR * BC],
+                pa: vec![0; BR * BC.div_ceil(2)],
+                m: vec![0.0; BR],
+                l: vec![0.0; BR],
+            },
+            |sc, task| {
+                let (gh, qt) = (task / q_tiles, task % q_tiles);
+                let bh = g0 + gh;
+                let head = &packed[gh * per_head..(gh + 1) * per_head];
+                let (kn, vd) = head.split_at(k_len);
+                // SAFETY: as above; rows [i0, i0 + BR) of head `bh` belong to this task.
+                unsafe { forward_tile(sc, &o, lse_ptr, q, kn, vd, bh, qt * BR, s, masks, scale) };
+            },
+        );
+    }
+    PACKED.with(|c| c.set(pack_buf));
+}
+
+/// One query tile `[i0, i0 + BR)` of head `bh`: its rows of O and their log-sum-exp.
+///
+/// # Safety
+/// `available()`; `kn`, `vd` are head `bh`'s packed keys and values; this task alone writes
+/// these rows of O and of `lse`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_tile(
+    sc: &mut FwdScratch,
+    o: &HeadsMut,
+    lse_ptr: SendPtr<f32>,
+    q: HeadsRef,
+    kn: &[u32],
+    vd: &[u32],
+    bh: usize,
+    i0: usize,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
+    let (b, h) = (bh / s.heads, bh % s.heads);
+    let w = s.heads * d;
+    let rows = BR.min(tq - i0);
+    let (kp2_d, kp2_tk) = (d.div_ceil(2), tk.div_ceil(2));
+    let padding = masks.padding(b, tk);
+    let oh = o.head(b, tq, h, d).offset_rows(i0);
+    oh.fill(rows, d, 0.0);
+    convert_rows_block(
+        &mut sc.qa[..rows_len(rows, d)],
+        head_rows(&q, b, tq, h, d),
+        q.rs,
+        i0,
+        tq,
+        d,
+    );
+    let (m, l) = (&mut sc.m[..rows], &mut sc.l[..rows]);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    for j0 in (0..tk).step_by(BC) {
+        let cols = BC.min(tk - j0);
+        if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
+            continue;
+        }
+        // S = scale · Q_i K_jᵀ
+        tile_product::<false>(
+            (rows, cols, kp2_d),
+            (sc.qa.as_ptr(), MR * kp2_d),
+            (kn.as_ptr().add(j0 / NR * kp2_d * NR), kp2_d * NR),
+            sc.s.as_mut_ptr(),
+            cols,
+            scale,
+            false,
+        );
+        let tile = &mut sc.s[..rows * cols];
+        for (r, row) in tile.chunks_mut(cols).enumerate() {
+            let (lo, hi) = masks.visible(i0 + r, tk);
+            mask_row(row, j0, lo, hi, padding);
+            let (m_new, alpha, sum) = exp_rows::online_row(row, m[r]);
+            m[r] = m_new;
+            l[r] = l[r] * alpha + sum;
+            if alpha != 1.0 {
+                oh.offset_rows(r).fill_scale(1, d, alpha);
+            }
+        }
+        // O += P V_j, P rounded to bf16 (pairs of keys j0 + 2c, j0 + 2c + 1: whole pairs of
+        // V's, as j0 is even).
+        let kp2_c = cols.div_ceil(2);
+        convert_rows_block(
+            &mut sc.pa[..rows_len(rows, cols)],
+            tile,
+            cols,
+            0,
+            rows,
+            cols,
+        );
+        tile_product::<false>(
+            (rows, d, kp2_c),
+            (sc.pa.as_ptr(), MR * kp2_c),
+            (vd.as_ptr().add(j0 / 2 * NR), kp2_tk * NR),
+            oh.ptr,
+            w,
+            1.0,
+            true,
+        );
+    }
+    for r in 0..rows {
+        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+        oh.offset_rows(r).fill_scale(1, d, inv);
+        let val = if l[r] > 0.0 {
+            m[r] + l[r].ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        *lse_ptr.get().add(bh * tq + i0 + r) = val;
+    }
+}
+
+/// Scratch of one backward task: its head's packed operands, then the tiles.
+#[derive(Default)]
+struct BwdScratch {
+    qa: Vec<u32>,    // Q rows
+    qd: Vec<u32>,    // Q dim panels
+    doa: Vec<u32>,   // dO rows
+    dod: Vec<u32>,   // dO dim panels
+    kn: Vec<u32>,    // K token panels
+    kd: Vec<u32>,    // K dim panels
+    vn: Vec<u32>,    // V token panels
+    p: Vec<f32>,     // (BR, BC) probabilities
+    dp: Vec<f32>,    // (BR, BC) probability, then score, gradients
+    t: Vec<u32>,     // Pᵀ, then dSᵀ, transposed panels
+    dsa: Vec<u32>,   // dS rows
+    delta: Vec<f32>, // (Tq,) rowsum(dO ∘ O)
+}
+
+/// Grow `v` to at least `n` elements (packers and products write what they read).
+fn at_least<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+/// Backward: the contract of [`super::flash::flash_backward`], with Tq, Tk ≥ 1.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    dq: &HeadsMut,
+    dk: &HeadsMut,
+    dv: &HeadsMut,
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    q: HeadsRef,
+    k: HeadsRef,
+    v: HeadsRef,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let w = hh * d;
+    let view = |data| HeadsRef {
+        data,
+        rs: w,
+        offset: 0,
+    };
+    let (dov, ov) = (view(dout), view(out));
+    (0..s.batch * hh)
+        .into_par_iter()
+        .for_each_init(BwdScratch::default, |sc, bh| {
+            let (b, h) = (bh / hh, bh % hh);
+            let lse = &lse[bh * tq..(bh + 1) * tq];
+            let (qh, kh, vh) = (
+                head_rows(&q, b, tq, h, d),
+                head_rows(&k, b, tk, h, d),
+                head_rows(&v, b, tk, h, d),
+            );
+            let doh = head_rows(&dov, b, tq, h, d);
+            let oh = head_rows(&ov, b, tq, h, d);
+            sc.delta.clear();
+            sc.delta
+                .extend((0..tq).map(|i| simd::dot(&doh[i * w..i * w + d], &oh[i * w..i * w + d])));
+            let (dqh, dkh, dvh) = (
+                dq.head(b, tq, h, d),
+                dk.head(b, tk, h, d),
+                dv.head(b, tk, h, d),
+            );
+            // SAFETY: products run in bf16 only where `available()`; this task alone writes
+            // head (b, h) of dq, dk and dv.
+            unsafe {
+                dqh.fill(tq, d, 0.0);
+                dkh.fill(tk, d, 0.0);
+                dvh.fill(tk, d, 0.0);
+                at_least(&mut sc.qa, rows_len(tq, d));
+                at_least(&mut sc.doa, rows_len(tq, d));
+                at_least(&mut sc.qd, dim_panels_len(tq, d));
+                at_least(&mut sc.dod, dim_panels_len(tq, d));
+                at_least(&mut sc.kn, token_panels_len(tk, d));
+                at_least(&mut sc.vn, token_panels_len(tk, d));
+                at_least(&mut sc.kd, dim_panels_len(tk, d));
+                at_least(&mut sc.p, BR * BC);
+                at_least(&mut sc.dp, BR * BC);
+                at_least(&mut sc.t, BC.div_ceil(MR) * MR * BR.div_ceil(2));
+                at_least(&mut sc.dsa, BR * BC.div_ceil(2));
+                pack_rows(&mut sc.qa, qh, q.rs, tq, d);
+                pack_rows(&mut sc.doa, doh, w, tq, d);
+                pack_dim_panels(&mut sc.qd, qh, q.rs, tq, d);
+                pack_dim_panels(&mut sc.dod, doh, w, tq, d);
+                pack_token_panels(&mut sc.kn, kh, k.rs, tk, d);
+                pack_token_panels(&mut sc.vn, vh, v.rs, tk, d);
+                pack_dim_panels(&mut sc.kd, kh, k.rs, tk, d);
+                backward_head(
+                    sc,
+                    (&dqh, &dkh, &dvh),
+                    lse,
+                    masks.padding(b, tk),
+                    s,
+                    masks,
+                    scale,
+                );
+            }
+        });
+}
+
+/// All tiles of one head, its operands packed in `sc`.
+///
+/// # Safety
+/// `available()`; the gradient views are this task's own head blocks.
+unsafe fn backward_head(
+    sc: &mut BwdScratch,
+    (dqh, dkh, dvh): (
+        &super::matmul::MatMut,
+        &super::matmul::MatMut,
+        &super::matmul::MatMut,
+    ),
+    lse: &[f32],
+    padding: Option<&[bool]>,
+    s: AttentionShape,
+    masks: &Masks,
+    scale: f32,
+) {
+    let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
+    let (kp2_d, kp2_tq, kp2_tk) = (d.div_ceil(2), tq.div_ceil(2), tk.div_ceil(2));
+    let (dq_rs, dk_rs, dv_rs) = (dqh.rs as usize, dkh.rs as usize, dvh.rs as usize);
+    for j0 in (0..tk).step_by(BC) {
+        let cols = BC.min(tk - j0);
+        let kp2_c = cols.div_ceil(2);
+        let (kn_j, vn_j) = (
+            sc.kn.as_ptr().add(j0 / NR * kp2_d * NR),
+            sc.vn.as_ptr().add(j0 / NR * kp2_d * NR),
+        );
+        let kd_j = sc.kd.as_ptr().add(j0 / 2 * NR);
+        let (dkj, dvj) = (dkh.offset_rows(j0), dvh.offset_rows(j0));
+        for i0 in (0..tq).step_by(BR) {
+            let rows = BR.min(tq - i0);
+            if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
+                continue;
+            }
+            let kp2_r = rows.div_ceil(2);
+            let (qa_i, doa_i) = (
+                sc.qa.as_ptr().add(i0 * kp2_d),
+                sc.doa.as_ptr().add(i0 * kp2_d),
+            );
+            let (qd_i, dod_i) = (
+                sc.qd.as_ptr().add(i0 / 2 * NR),
+                sc.dod.as_ptr().add(i0 / 2 * NR),
+            );
+            let dqi = dqh.offset_rows(i0);
+            // S = scale · Q_i K_jᵀ, then P = exp(S − lse)
+            tile_product::<false>(
+                (rows, cols, kp2_d),
+                (qa_i, MR * kp2_d),
+                (kn_j, kp2_d * NR),
+                sc.p.as_mut_ptr(),
+                cols,
+                scale,
+                false,
+            );
+            let p = &mut sc.p[..rows * cols];
+            for (r, row) in p.chunks_mut(cols).enumerate() {
+                let (lo, hi) = masks.visible(i0 + r, tk);
+                mask_row(row, j0, lo, hi, padding);
+                exp_rows::probs_row(row, lse[i0 + r]);
+            }
+            // dV_j += P_ijᵀ dO_i (query pairs i0 + 2c, i0 + 2c + 1: whole pairs of dO's, as
+            // i0 is even)
+            pack_transposed(&mut sc.t, p, rows, cols);
+            tile_product::<true>(
+                (cols, d, kp2_r),
+                (sc.t.as_ptr(), kp2_r * MR),
+                (dod_i, kp2_tq * NR),
+                dvj.ptr,
+                dv_rs,
+                1.0,
+                true,
+            );
+            // dP = dO_i V_jᵀ, then dS = P ∘ (dP − delta) · scale
+            tile_product::<false>(
+                (rows, cols, kp2_d),
+                (doa_i, MR * kp2_d),
+                (vn_j, kp2_d * NR),
+                sc.dp.as_mut_ptr(),
+                cols,
+                1.0,
+                false,
+            );
+            let dp = &mut sc.dp[..rows * cols];
+            for (r, (dpr, prow)) in dp.chunks_mut(cols).zip(p.chunks(cols)).enumerate() {
+                dscore_row(dpr, prow, sc.delta[i0 + r], scale);
+            }
+            // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
+            convert_rows_block(&mut sc.dsa[..rows_len(rows, cols)], dp, cols, 0, rows, cols);
+            tile_product::<false>(
+                (rows, d, kp2_c),
+                (sc.dsa.as_ptr(), MR * kp2_c),
+                (kd_j, kp2_tk * NR),
+                dqi.ptr,
+                dq_rs,
+                1.0,
+                true,
+            );
+            pack_transposed(&mut sc.t, dp, rows, cols);
+            tile_product::<true>(
+                (cols, d, kp2_r),
+                (sc.t.as_ptr(), kp2_r * MR),
+                (qd_i, kp2_tq * NR),
+                dkj.ptr,
+                dk_rs,
+                1.0,
+                true,
+            );
+        }
+    }
+}
