@@ -5,16 +5,19 @@
 #   cargo build --release
 #   scripts/bench/attention.sh [--ns "512 2048 8192"] [--causals "no yes"] \
 #       [--passes "forward backward"] [--kind flash|linear|window|reference] [--window 256] \
-#       [--heads 8] [--head-dim 64] [--batch 1] [--threads 2] [--steps S] [--warmup W]
+#       [--heads 8] [--head-dim 64] [--batch 1] [--threads 2] [--steps S] [--warmup W] \
+#       [--dtype f32|bf16] [--torch-dtype f32|bf16]
 #
 # Self-attention (Tq = Tk = N) for every N in --ns, causal in --causals (no/yes) and pass in
 # --passes (forward = the forward call only, backward = forward + backward). For each
 # configuration `${QKV_BIN:-<repo>/target/release/qkv} --threads T bench attention ...` and
-# scripts/bench/attention_torch.py (F.scaled_dot_product_attention, f32) run alternately
+# scripts/bench/attention_torch.py (F.scaled_dot_product_attention) run alternately
 # RUNS times each (default 3: qkv, torch, qkv, torch, qkv, torch) so both see the same
 # machine noise. Without --steps/--warmup: 5 timed calls after 1 warmup for N >= 8192,
 # 10 after 2 otherwise. --kind/--window go to qkv only (PyTorch is always full SDPA, so
-# linear/window compare against exact attention). Per-run JSON lines go to stderr; stdout
+# linear/window compare against exact attention). --dtype sets both sides' precision (qkv:
+# bf16 tile products; PyTorch: bfloat16 tensors), --torch-dtype PyTorch's alone (e.g. qkv bf16
+# against PyTorch f32). Per-run JSON lines go to stderr; stdout
 # gets one JSON summary line per configuration (median of the per-run medians for each
 # side, their ratio qkv/pytorch, the largest peak RSS of each side, every run's number),
 # then a markdown table. A run that prints no JSON line (e.g. --kind reference out of
@@ -31,9 +34,10 @@ RUNS="${RUNS:-3}"
 declare -A opt=(
     [ns]="512 2048 8192" [causals]="no yes" [passes]="forward backward" [kind]=flash
     [window]="" [heads]=8 [head-dim]=64 [batch]=1 [threads]=2 [steps]="" [warmup]=""
+    [dtype]=f32 [torch-dtype]=""
 )
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -53,6 +57,10 @@ case "${opt[kind]}" in
     flash|linear|window|reference) ;;
     *) echo "attention.sh: --kind must be flash, linear, window or reference" >&2; exit 2 ;;
 esac
+[ -n "${opt[torch-dtype]}" ] || opt[torch-dtype]="${opt[dtype]}"
+for d in "${opt[dtype]}" "${opt[torch-dtype]}"; do
+    case "$d" in f32|bf16) ;; *) echo "attention.sh: --dtype/--torch-dtype take f32 or bf16, got '$d'" >&2; exit 2 ;; esac
+done
 for c in ${opt[causals]}; do
     case "$c" in no|yes) ;; *) echo "attention.sh: --causals takes no/yes, got '$c'" >&2; exit 2 ;; esac
 done
@@ -68,7 +76,7 @@ fi
 # Last line of stdout that looks like a JSON object.
 json_line() { grep -E '^[[:space:]]*\{' | tail -n 1; }
 
-qkv_kind=(--kind "${opt[kind]}")
+qkv_kind=(--kind "${opt[kind]}" --dtype "${opt[dtype]}")
 [ -n "${opt[window]}" ] && qkv_kind+=(--window "${opt[window]}")
 
 failed=0
@@ -96,7 +104,7 @@ for n in ${opt[ns]}; do
                     failed=1
                 fi
 
-                line="$("$PY" "$ROOT/scripts/bench/attention_torch.py" "${args[@]}" --threads "${opt[threads]}" | json_line)" || true
+                line="$("$PY" "$ROOT/scripts/bench/attention_torch.py" "${args[@]}" --threads "${opt[threads]}" --dtype "${opt[torch-dtype]}" | json_line)" || true
                 if [ -n "$line" ]; then
                     echo "pytorch $tag run $i: $line" >&2
                     torch_runs+=("$line")
@@ -107,14 +115,14 @@ for n in ${opt[ns]}; do
             done
 
             summary="$({
-                printf '%s\n' "$n $causal $pass ${opt[kind]} ${opt[heads]} ${opt[head-dim]} ${opt[batch]} ${opt[threads]} $steps $warmup"
+                printf '%s\n' "$n $causal $pass ${opt[kind]} ${opt[heads]} ${opt[head-dim]} ${opt[batch]} ${opt[threads]} $steps $warmup ${opt[dtype]} ${opt[torch-dtype]}"
                 [ ${#qkv_runs[@]} -eq 0 ] || printf 'qkv %s\n' "${qkv_runs[@]}"
                 [ ${#torch_runs[@]} -eq 0 ] || printf 'torch %s\n' "${torch_runs[@]}"
             } | "$PY" -c '
 import json, statistics, sys
 
 lines = sys.stdin.read().splitlines()
-n, causal, pas, kind, heads, head_dim, batch, threads, steps, warmup = lines[0].split()
+n, causal, pas, kind, heads, head_dim, batch, threads, steps, warmup, dtype, torch_dtype = lines[0].split()
 runs = {"qkv": [], "torch": []}
 for line in lines[1:]:
     side, js = line.split(" ", 1)
@@ -140,6 +148,7 @@ summary = {
     "n": int(n), "causal": causal == "yes", "backward": pas == "backward",
     "kind": kind, "heads": int(heads), "head_dim": int(head_dim), "batch": int(batch),
     "threads": int(threads), "steps": int(steps), "warmup": int(warmup),
+    "dtype": dtype, "torch_dtype": torch_dtype,
     "runs": max(len(q_all), len(t_all)),
     "qkv_ms": q_ms, "torch_ms": t_ms,
     "ratio": (q_ms / t_ms) if q_ms is not None and t_ms is not None else None,
@@ -168,9 +177,9 @@ r0 = rows[0]
 torch_v = next((r["torch"] for r in rows if r.get("torch")), "?")
 backend = next((r["torch_sdpa_backend"] for r in rows if r.get("torch_sdpa_backend")), "?")
 print()
-print("qkv --kind %s vs PyTorch %s SDPA (%s), f32, B=%d H=%d D=%d, %d threads, median of %d runs:"
-      % (r0["kind"], torch_v, backend, r0["batch"], r0["heads"], r0["head_dim"],
-         r0["threads"], r0["runs"]))
+print("qkv --kind %s (%s) vs PyTorch %s SDPA (%s, %s), B=%d H=%d D=%d, %d threads, median of %d runs:"
+      % (r0["kind"], r0["dtype"], torch_v, backend, r0["torch_dtype"], r0["batch"], r0["heads"],
+         r0["head_dim"], r0["threads"], r0["runs"]))
 print()
 print("| N | causal | pass | qkv ms | PyTorch ms | ratio |")
 print("|---:|:---:|:---|---:|---:|---:|")

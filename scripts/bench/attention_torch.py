@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""Time PyTorch scaled_dot_product_attention (CPU, float32) for comparison with `qkv bench attention`.
+"""Time PyTorch scaled_dot_product_attention (CPU, float32 or bfloat16) for comparison with `qkv bench attention`.
 
 Run from the repository root:
 
     PY=$(scripts/venv.sh)
     "$PY" scripts/bench/attention_torch.py --n 2048 --heads 8 --head-dim 64 --batch 1 \\
-        [--causal] [--backward] --threads 2 --steps 10 --warmup 2
+        [--causal] [--backward] [--dtype f32|bf16] --threads 2 --steps 10 --warmup 2
 
 or let scripts/bench/attention.sh run it alternately with qkv.
 
 Self-attention (Tq = Tk = --n) on fixed random q, k, v of shape (batch, heads, n, head_dim),
-contiguous (--layout bhnd, the default). --layout bnhd builds them as (batch, n, heads,
+contiguous (--layout bhnd, the default), in float32 or (--dtype bf16) bfloat16 (SDPA's CPU
+flash kernel then computes in bf16 with f32 accumulation). --layout bnhd builds them as (batch, n, heads,
 head_dim), the layout qkv's models hold, and passes the transpose(1, 2) views to SDPA, as
 nn.MultiheadAttention does. No mask other than is_causal=--causal, dropout 0, default scale
 1/sqrt(head_dim).
@@ -60,7 +61,7 @@ def sdpa_backend(q, k, v, causal):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="PyTorch SDPA attention benchmark (CPU, f32)")
+    ap = argparse.ArgumentParser(description="PyTorch SDPA attention benchmark (CPU)")
     ap.add_argument("--n", type=int, required=True, help="sequence length (queries = keys)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--backward", action="store_true",
                     help="time forward + backward instead of forward only")
     ap.add_argument("--layout", choices=["bhnd", "bnhd"], default="bhnd")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -82,17 +84,18 @@ def main():
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     B, H, N, D = a.batch, a.heads, a.n, a.head_dim
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
 
     def make():
         if a.layout == "bhnd":
-            return torch.randn(B, H, N, D, dtype=torch.float32)
-        return torch.randn(B, N, H, D, dtype=torch.float32)
+            return torch.randn(B, H, N, D, dtype=dtype)
+        return torch.randn(B, N, H, D, dtype=dtype)
 
     leaves = [make() for _ in range(3)]
     if a.backward:
         for t in leaves:
             t.requires_grad_(True)
-    dout = torch.randn(B, H, N, D, dtype=torch.float32)
+    dout = torch.randn(B, H, N, D, dtype=dtype)
 
     def views():
         if a.layout == "bhnd":
@@ -138,7 +141,7 @@ def main():
         "batch": B,
         "causal": a.causal,
         "backward": a.backward,
-        "dtype": "f32",
+        "dtype": a.dtype,
         "layout": a.layout,
         "threads": a.threads,
         "ms": round(statistics.median(times) * 1e3, 3),

@@ -50,7 +50,10 @@ fn bench_attention_rejects_bad_arguments() {
             &["--n", "8", "--kind", "window", "--window", "0"][..],
             "--window",
         ),
-        (&["--n", "8", "--dtype", "bf16"][..], "bf16"),
+        (
+            &["--n", "8", "--kind", "linear", "--dtype", "bf16"][..],
+            "f32 only",
+        ),
         (&["--n", "8", "--kind", "sparse"][..], "sparse"),
     ] {
         let mut all = vec!["bench", "attention", "--steps", "1", "--warmup", "0"];
@@ -72,6 +75,25 @@ fn bench_attention_rejects_bad_arguments() {
         ok && out.contains("\"ms\"") && out.contains("\"extra_mb\""),
         "{out}"
     );
+    // bf16 flash runs (in f32 on a CPU without avx512_bf16, and says so).
+    let (ok, out) = qkv_stdout(&[
+        "bench",
+        "attention",
+        "--n",
+        "70",
+        "--steps",
+        "1",
+        "--backward",
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(ok && out.contains("\"dtype\":\""), "{out}");
+    let want = if qkv::kernels::bf16::available() {
+        "\"dtype\":\"bf16\""
+    } else {
+        "no avx512_bf16"
+    };
+    assert!(out.contains(want), "{out}");
 }
 
 #[test]
