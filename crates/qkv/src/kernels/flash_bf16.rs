@@ -21,7 +21,7 @@
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::bf16::{convert_rows_block, pack_cols_pairs, pack_rows_panel, tile_product, MR, NR};
-use super::flash::{dscore_row, exp_rows, mask_row, tile_visible, BC};
+use super::flash::{at_least, dscore_row, exp_rows, mask_row, tile_visible, with_scratch, BC};
 use crate::parallel::SendPtr;
 use crate::simd;
 use rayon::prelude::*;
@@ -36,6 +36,8 @@ const PACK_U32: usize = 2 << 20;
 thread_local! {
     /// The forward's packed keys and values, kept between calls (see [`super::flash`]).
     static PACKED: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static FWD_SCRATCH: std::cell::Cell<Option<Box<FwdScratch>>> = const { std::cell::Cell::new(None) };
+    static BWD_SCRATCH: std::cell::Cell<Option<Box<BwdScratch>>> = const { std::cell::Cell::new(None) };
 }
 
 /// The (len, D) rows of head `h` in batch `b`, as a slice from its first element to its last.
@@ -105,6 +107,7 @@ unsafe fn pack_transposed(dst: &mut [u32], x: &[f32], rows: usize, cols: usize) 
 }
 
 /// Scratch of one forward task.
+#[derive(Default)]
 struct FwdScratch {
     qa: Vec<u32>, // (BR, D/2) this tile's queries, rows
     s: Vec<f32>,  // (BR, BC) scores, then probabilities
@@ -157,23 +160,21 @@ pub(super) fn forward(
                 );
             });
         let packed = &*packed;
-        (0..g * q_tiles).into_par_iter().for_each_init(
-            || FwdScratch {
-                qa: vec![0; BR * kp2_d],
-                s: vec![0.0; BR * BC],
-                pa: vec![0; BR * BC.div_ceil(2)],
-                m: vec![0.0; BR],
-                l: vec![0.0; BR],
-            },
-            |sc, task| {
+        (0..g * q_tiles).into_par_iter().for_each(|task| {
+            with_scratch(&FWD_SCRATCH, |sc: &mut FwdScratch| {
+                at_least(&mut sc.qa, BR * kp2_d);
+                at_least(&mut sc.s, BR * BC);
+                at_least(&mut sc.pa, BR * BC.div_ceil(2));
+                at_least(&mut sc.m, BR);
+                at_least(&mut sc.l, BR);
                 let (gh, qt) = (task / q_tiles, task % q_tiles);
                 let bh = g0 + gh;
                 let head = &packed[gh * per_head..(gh + 1) * per_head];
                 let (kn, vd) = head.split_at(k_len);
                 // SAFETY: as above; rows [i0, i0 + BR) of head `bh` belong to this task.
                 unsafe { forward_tile(sc, &o, lse_ptr, q, kn, vd, bh, qt * BR, s, masks, scale) };
-            },
-        );
+            })
+        });
     }
     PACKED.with(|c| c.set(pack_buf));
 }
@@ -292,13 +293,6 @@ struct BwdScratch {
     delta: Vec<f32>, // (Tq,) rowsum(dO ∘ O)
 }
 
-/// Grow `v` to at least `n` elements (packers and products write what they read).
-fn at_least<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
-    if v.len() < n {
-        v.resize(n, T::default());
-    }
-}
-
 /// Backward: the contract of [`super::flash::flash_backward`], with Tq, Tk ≥ 1.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward(
@@ -323,9 +317,8 @@ pub(super) fn backward(
         offset: 0,
     };
     let (dov, ov) = (view(dout), view(out));
-    (0..s.batch * hh)
-        .into_par_iter()
-        .for_each_init(BwdScratch::default, |sc, bh| {
+    (0..s.batch * hh).into_par_iter().for_each(|bh| {
+        with_scratch(&BWD_SCRATCH, |sc: &mut BwdScratch| {
             let (b, h) = (bh / hh, bh % hh);
             let lse = &lse[bh * tq..(bh + 1) * tq];
             let (qh, kh, vh) = (
@@ -377,7 +370,8 @@ pub(super) fn backward(
                     scale,
                 );
             }
-        });
+        })
+    });
 }
 
 /// All tiles of one head, its operands packed in `sc`.
