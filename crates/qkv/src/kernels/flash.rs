@@ -13,7 +13,7 @@
 //! the same algorithm with bf16 tile operands.
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
-use super::matmul::MatRef;
+use super::matmul::{MatMut, MatRef};
 use super::tile::{gemm_rows, transpose};
 use crate::parallel::SendPtr;
 use crate::simd::{self, multiversion};
@@ -173,47 +173,36 @@ pub fn flash_forward(
     // and V however long the sequence.
     let pack_v = tk > BC;
     let per_head = d * tk * if pack_v { 2 } else { 1 };
-    let heads = s.batch * hh;
-    let group = (PACK_FLOATS / per_head).clamp(1, heads);
-    let mut pack_buf = PACKED.with(|c| c.take());
-    if pack_buf.len() < group * per_head {
-        pack_buf = vec![0.0f32; group * per_head];
-    }
-    let q_tiles = tq.div_ceil(BR);
-    for g0 in (0..heads).step_by(group) {
-        let g = group.min(heads - g0);
-        let packed = &mut pack_buf[..g * per_head];
-        packed
-            .par_chunks_mut(per_head)
-            .enumerate()
-            .for_each(|(gh, head)| {
-                let bh = g0 + gh;
-                let kh = k.head(bh / hh, tk, bh % hh, d);
-                let vh = v.head(bh / hh, tk, bh % hh, d);
-                let (kt_h, v_h) = head.split_at_mut(d * tk);
-                kt_h.par_chunks_mut(BC * d)
-                    .enumerate()
-                    .for_each(|(t, kt_t)| {
-                        let j0 = t * BC;
-                        pack_transposed(kt_t, kh.offset_rows(j0), BC.min(tk - j0), d);
-                    });
-                v_h.par_chunks_mut(BC * d).enumerate().for_each(|(t, v_t)| {
-                    for (r, dst) in v_t.chunks_exact_mut(d).enumerate() {
-                        // SAFETY: rows t·BC + r < Tk of a checked operand.
-                        dst.copy_from_slice(unsafe { vh.offset_rows(t * BC + r).row(d) });
-                    }
+    packed_head_groups(
+        &PACKED,
+        PACK_FLOATS,
+        per_head,
+        s.batch * hh,
+        tq.div_ceil(BR),
+        |bh, head| {
+            let kh = k.head(bh / hh, tk, bh % hh, d);
+            let vh = v.head(bh / hh, tk, bh % hh, d);
+            let (kt_h, v_h) = head.split_at_mut(d * tk);
+            kt_h.par_chunks_mut(BC * d)
+                .enumerate()
+                .for_each(|(t, kt_t)| {
+                    let j0 = t * BC;
+                    pack_transposed(kt_t, kh.offset_rows(j0), BC.min(tk - j0), d);
                 });
+            v_h.par_chunks_mut(BC * d).enumerate().for_each(|(t, v_t)| {
+                for (r, dst) in v_t.chunks_exact_mut(d).enumerate() {
+                    // SAFETY: rows t·BC + r < Tk of a checked operand.
+                    dst.copy_from_slice(unsafe { vh.offset_rows(t * BC + r).row(d) });
+                }
             });
-        let packed = &*packed;
-        (0..g * q_tiles).into_par_iter().for_each(|task| {
+        },
+        |bh, qt, head| {
             with_scratch(&FWD_SCRATCH, |sc: &mut FwdScratch| {
                 at_least(&mut sc.s, BR * BC);
                 at_least(&mut sc.m, BR);
                 at_least(&mut sc.l, BR);
-                let (gh, qt) = (task / q_tiles, task % q_tiles);
-                let bh = g0 + gh;
                 let (b, h) = (bh / hh, bh % hh);
-                let (kt, vp) = packed[gh * per_head..(gh + 1) * per_head].split_at(d * tk);
+                let (kt, vp) = head.split_at(d * tk);
                 let vh = if pack_v {
                     MatRef::rows(vp, d, false)
                 } else {
@@ -234,9 +223,50 @@ pub fn flash_forward(
                     scale,
                 );
             })
+        },
+    );
+}
+
+/// The forward's outer loop, shared by both precisions: each head's keys and values are packed
+/// once (`pack(bh, buf)` fills head `bh`'s `per_head` elements), heads in groups whose copies
+/// fit in `budget` elements, so the extra memory is bounded by one head's however long the
+/// sequence; then `tile(bh, qt, buf)` runs every query tile `qt` of the group's heads, in
+/// parallel. The buffer is this thread's `buf`, kept between calls.
+pub(super) fn packed_head_groups<T: Copy + Default + Send + Sync + 'static>(
+    buf: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    budget: usize,
+    per_head: usize,
+    heads: usize,
+    q_tiles: usize,
+    pack: impl Fn(usize, &mut [T]) + Sync,
+    tile: impl Fn(usize, usize, &[T]) + Sync,
+) {
+    if heads == 0 || per_head == 0 {
+        // Nothing to pack (no key): each tile only writes zero rows and −∞ log-sum-exps.
+        (0..heads * q_tiles)
+            .into_par_iter()
+            .for_each(|t| tile(t / q_tiles, t % q_tiles, &[]));
+        return;
+    }
+    let group = (budget / per_head).clamp(1, heads);
+    let mut pack_buf = buf.with(|c| c.take());
+    if pack_buf.len() < group * per_head {
+        pack_buf = vec![T::default(); group * per_head];
+    }
+    for g0 in (0..heads).step_by(group) {
+        let g = group.min(heads - g0);
+        let packed = &mut pack_buf[..g * per_head];
+        packed
+            .par_chunks_mut(per_head)
+            .enumerate()
+            .for_each(|(gh, head)| pack(g0 + gh, head));
+        let packed = &*packed;
+        (0..g * q_tiles).into_par_iter().for_each(|task| {
+            let (gh, qt) = (task / q_tiles, task % q_tiles);
+            tile(g0 + gh, qt, &packed[gh * per_head..(gh + 1) * per_head]);
         });
     }
-    PACKED.with(|c| c.set(pack_buf));
+    buf.with(|c| c.set(pack_buf));
 }
 
 /// Floats of packed keys and values the forward keeps at once (8 MB): all heads of a training
@@ -325,17 +355,24 @@ fn forward_tile(
             )
         };
     }
-    for r in 0..rows {
-        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-        // SAFETY: as above.
-        unsafe { oh.offset_rows(r).fill_scale(1, d, inv) };
-        let val = if l[r] > 0.0 {
-            m[r] + l[r].ln()
+    // SAFETY: these rows of O and lse rows (b, h, i0..) belong to this task; lengths checked.
+    unsafe { finish_rows(oh, d, m, l, lse_ptr.get().add(bh * tq + i0)) };
+}
+
+/// A query tile's last step: its output rows divided by their softmax sums `l`, and their
+/// log-sum-exp `m + ln l` written to `lse` (−∞, and a zero row, where no key was visible).
+///
+/// # Safety
+/// `oh` addresses `l.len()` rows of `d` floats and `lse` as many floats, all the caller's.
+pub(super) unsafe fn finish_rows(oh: MatMut, d: usize, m: &[f32], l: &[f32], lse: *mut f32) {
+    for (r, (&m, &l)) in m.iter().zip(l).enumerate() {
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        oh.offset_rows(r).fill_scale(1, d, inv);
+        *lse.add(r) = if l > 0.0 {
+            m + l.ln()
         } else {
             f32::NEG_INFINITY
         };
-        // SAFETY: lse row (b, h, i0 + r) belongs to this task; length was checked.
-        unsafe { *lse_ptr.get().add(bh * tq + i0 + r) = val };
     }
 }
 

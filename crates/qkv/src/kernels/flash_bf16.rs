@@ -21,7 +21,10 @@
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::bf16::{convert_rows_block, pack_cols_pairs, pack_rows_panel, tile_product, MR, NR};
-use super::flash::{at_least, dscore_row, exp_rows, mask_row, tile_visible, with_scratch, BC};
+use super::flash::{
+    at_least, dscore_row, exp_rows, finish_rows, mask_row, packed_head_groups, tile_visible,
+    with_scratch, BC,
+};
 use crate::parallel::SendPtr;
 use crate::simd;
 use rayon::prelude::*;
@@ -135,48 +138,34 @@ pub(super) fn forward(
     let kp2_d = d.div_ceil(2);
     // Per head: K as token panels (for S), V as dim panels (for P V).
     let (k_len, v_len) = (token_panels_len(tk, d), dim_panels_len(tk, d));
-    let per_head = k_len + v_len;
-    let heads = s.batch * hh;
-    let group = (PACK_U32 / per_head).clamp(1, heads);
-    let mut pack_buf = PACKED.with(|c| c.take());
-    if pack_buf.len() < group * per_head {
-        pack_buf = vec![0; group * per_head];
-    }
-    let q_tiles = tq.div_ceil(BR);
-    for g0 in (0..heads).step_by(group) {
-        let g = group.min(heads - g0);
-        let packed = &mut pack_buf[..g * per_head];
-        packed
-            .par_chunks_mut(per_head)
-            .enumerate()
-            .for_each(|(gh, head)| {
-                let bh = g0 + gh;
-                let (b, h) = (bh / hh, bh % hh);
-                let (kn, vd) = head.split_at_mut(k_len);
-                rayon::join(
-                    // SAFETY: products run in bf16 only where `available()`.
-                    || unsafe { pack_token_panels(kn, head_rows(&k, b, tk, h, d), k.rs, tk, d) },
-                    || unsafe { pack_dim_panels(vd, head_rows(&v, b, tk, h, d), v.rs, tk, d) },
-                );
-            });
-        let packed = &*packed;
-        (0..g * q_tiles).into_par_iter().for_each(|task| {
+    packed_head_groups(
+        &PACKED,
+        PACK_U32,
+        k_len + v_len,
+        s.batch * hh,
+        tq.div_ceil(BR),
+        |bh, head| {
+            let (b, h) = (bh / hh, bh % hh);
+            let (kn, vd) = head.split_at_mut(k_len);
+            rayon::join(
+                // SAFETY: products run in bf16 only where `available()`.
+                || unsafe { pack_token_panels(kn, head_rows(&k, b, tk, h, d), k.rs, tk, d) },
+                || unsafe { pack_dim_panels(vd, head_rows(&v, b, tk, h, d), v.rs, tk, d) },
+            );
+        },
+        |bh, qt, head| {
             with_scratch(&FWD_SCRATCH, |sc: &mut FwdScratch| {
                 at_least(&mut sc.qa, BR * kp2_d);
                 at_least(&mut sc.s, BR * BC);
                 at_least(&mut sc.pa, BR * BC.div_ceil(2));
                 at_least(&mut sc.m, BR);
                 at_least(&mut sc.l, BR);
-                let (gh, qt) = (task / q_tiles, task % q_tiles);
-                let bh = g0 + gh;
-                let head = &packed[gh * per_head..(gh + 1) * per_head];
                 let (kn, vd) = head.split_at(k_len);
                 // SAFETY: as above; rows [i0, i0 + BR) of head `bh` belong to this task.
                 unsafe { forward_tile(sc, &o, lse_ptr, q, kn, vd, bh, qt * BR, s, masks, scale) };
             })
-        });
-    }
-    PACKED.with(|c| c.set(pack_buf));
+        },
+    );
 }
 
 /// One query tile `[i0, i0 + BR)` of head `bh`: its rows of O and their log-sum-exp.
@@ -264,16 +253,7 @@ unsafe fn forward_tile(
             true,
         );
     }
-    for r in 0..rows {
-        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
-        oh.offset_rows(r).fill_scale(1, d, inv);
-        let val = if l[r] > 0.0 {
-            m[r] + l[r].ln()
-        } else {
-            f32::NEG_INFINITY
-        };
-        *lse_ptr.get().add(bh * tq + i0 + r) = val;
-    }
+    finish_rows(oh, d, m, l, lse_ptr.get().add(bh * tq + i0));
 }
 
 /// Scratch of one backward task: its head's packed operands, then the tiles.
