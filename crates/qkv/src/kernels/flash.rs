@@ -42,7 +42,7 @@ pub(super) fn tile_visible(
 
 /// Set masked entries of one score row (keys `j0..j0 + row.len()`) to −∞.
 #[inline]
-pub(super) fn mask_row(row: &mut [f32], j0: usize, lo: usize, hi: usize, padding: Option<&[bool]>) {
+fn mask_row(row: &mut [f32], j0: usize, lo: usize, hi: usize, padding: Option<&[bool]>) {
     let n = row.len();
     let a = lo.saturating_sub(j0).min(n);
     let b = hi.saturating_sub(j0).min(n).max(a);
@@ -326,17 +326,10 @@ fn forward_tile(
                 false,
             )
         };
-        for (r, row) in sc.s[..rows * cols].chunks_mut(cols).enumerate() {
-            let (lo, hi) = masks.visible(i0 + r, tk);
-            mask_row(row, j0, lo, hi, padding);
-            let (m_new, alpha, sum) = exp_rows::online_row(row, m[r]);
-            m[r] = m_new;
-            l[r] = l[r] * alpha + sum;
-            if alpha != 1.0 {
-                // SAFETY: as above.
-                unsafe { oh.offset_rows(r).fill_scale(1, d, alpha) };
-            }
-        }
+        let tile = &mut sc.s[..rows * cols];
+        let ml = (&mut *m, &mut *l);
+        // SAFETY: as above.
+        unsafe { online_softmax_tile(tile, cols, (i0, j0), tk, masks, padding, ml, oh, d) };
         // SAFETY: as above; O += P V_j.
         unsafe {
             gemm_rows(
@@ -357,6 +350,56 @@ fn forward_tile(
     }
     // SAFETY: these rows of O and lse rows (b, h, i0..) belong to this task; lengths checked.
     unsafe { finish_rows(oh, d, m, l, lse_ptr.get().add(bh * tq + i0)) };
+}
+
+/// One score tile's step of the online softmax: masked entries to −∞, each row exponentiated
+/// against its running maximum `m` (in place: the tile then holds the unnormalised P), the
+/// running sums `l` updated, and the output rows so far rescaled where the maximum moved.
+/// tile: (rows, cols) scores of queries `i0 + r` against keys `j0..j0 + cols`.
+///
+/// # Safety
+/// `oh` addresses the tile's `rows` output rows of `d` floats, the caller's alone.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn online_softmax_tile(
+    tile: &mut [f32],
+    cols: usize,
+    (i0, j0): (usize, usize),
+    tk: usize,
+    masks: &Masks,
+    padding: Option<&[bool]>,
+    (m, l): (&mut [f32], &mut [f32]),
+    oh: MatMut,
+    d: usize,
+) {
+    for (r, row) in tile.chunks_mut(cols).enumerate() {
+        let (lo, hi) = masks.visible(i0 + r, tk);
+        mask_row(row, j0, lo, hi, padding);
+        let (m_new, alpha, sum) = exp_rows::online_row(row, m[r]);
+        m[r] = m_new;
+        l[r] = l[r] * alpha + sum;
+        if alpha != 1.0 {
+            oh.offset_rows(r).fill_scale(1, d, alpha);
+        }
+    }
+}
+
+/// Backward's recomputed probabilities of one tile: masked entries 0, the rest
+/// `exp(score − lse)` of their query row. tile: (rows, cols) as [`online_softmax_tile`];
+/// `lse` of the whole head.
+pub(super) fn probs_tile(
+    tile: &mut [f32],
+    cols: usize,
+    (i0, j0): (usize, usize),
+    tk: usize,
+    masks: &Masks,
+    padding: Option<&[bool]>,
+    lse: &[f32],
+) {
+    for (r, row) in tile.chunks_mut(cols).enumerate() {
+        let (lo, hi) = masks.visible(i0 + r, tk);
+        mask_row(row, j0, lo, hi, padding);
+        exp_rows::probs_row(row, lse[i0 + r]);
+    }
 }
 
 /// A query tile's last step: its output rows divided by their softmax sums `l`, and their
@@ -501,11 +544,8 @@ pub fn flash_backward(
                             false,
                         );
                     }
-                    for (r, row) in sc.p[..rows * cols].chunks_mut(cols).enumerate() {
-                        let (lo, hi) = masks.visible(i0 + r, tk);
-                        mask_row(row, j0, lo, hi, padding);
-                        exp_rows::probs_row(row, lse[i0 + r]);
-                    }
+                    let tile = &mut sc.p[..rows * cols];
+                    probs_tile(tile, cols, (i0, j0), tk, masks, padding, lse);
                     unsafe {
                         // dV_j += P_ijᵀ dO_i ; dP = dO_i V_jᵀ
                         gemm_rows(
@@ -559,7 +599,7 @@ fn pack_transposed(dst: &mut [f32], src: MatRef, cols: usize, d: usize) {
 /// The two exponentiating row passes, which are a sixth of the forward's time. With AVX-512
 /// they are written with intrinsics: `vscalefps` applies 2ⁿ and `vrndscaleps` rounds, which
 /// halves the instructions of the portable, auto-vectorized [`simd::exp`] path.
-pub(super) mod exp_rows {
+mod exp_rows {
     pub fn online_row(row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
         #[cfg(target_arch = "x86_64")]
         if crate::simd::has_avx512() {

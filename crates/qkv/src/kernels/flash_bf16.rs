@@ -22,8 +22,8 @@
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::bf16::{convert_rows_block, pack_cols_pairs, pack_rows_panel, tile_product, MR, NR};
 use super::flash::{
-    at_least, dscore_row, exp_rows, finish_rows, mask_row, packed_head_groups, tile_visible,
-    with_scratch, BC,
+    at_least, dscore_row, finish_rows, online_softmax_tile, packed_head_groups, probs_tile,
+    tile_visible, with_scratch, BC,
 };
 use crate::parallel::SendPtr;
 use crate::simd;
@@ -222,16 +222,17 @@ unsafe fn forward_tile(
             false,
         );
         let tile = &mut sc.s[..rows * cols];
-        for (r, row) in tile.chunks_mut(cols).enumerate() {
-            let (lo, hi) = masks.visible(i0 + r, tk);
-            mask_row(row, j0, lo, hi, padding);
-            let (m_new, alpha, sum) = exp_rows::online_row(row, m[r]);
-            m[r] = m_new;
-            l[r] = l[r] * alpha + sum;
-            if alpha != 1.0 {
-                oh.offset_rows(r).fill_scale(1, d, alpha);
-            }
-        }
+        online_softmax_tile(
+            tile,
+            cols,
+            (i0, j0),
+            tk,
+            masks,
+            padding,
+            (&mut *m, &mut *l),
+            oh,
+            d,
+        );
         // O += P V_j, P rounded to bf16 (pairs of keys j0 + 2c, j0 + 2c + 1: whole pairs of
         // V's, as j0 is even).
         let kp2_c = cols.div_ceil(2);
@@ -409,11 +410,7 @@ unsafe fn backward_head(
                 false,
             );
             let p = &mut sc.p[..rows * cols];
-            for (r, row) in p.chunks_mut(cols).enumerate() {
-                let (lo, hi) = masks.visible(i0 + r, tk);
-                mask_row(row, j0, lo, hi, padding);
-                exp_rows::probs_row(row, lse[i0 + r]);
-            }
+            probs_tile(p, cols, (i0, j0), tk, masks, padding, lse);
             // dV_j += P_ijᵀ dO_i (query pairs i0 + 2c, i0 + 2c + 1: whole pairs of dO's, as
             // i0 is even)
             pack_transposed(&mut sc.t, p, rows, cols);
