@@ -1,13 +1,12 @@
 //! Training-step benchmarks: the same step the PyTorch scripts under `scripts/bench/` time.
 //! Returns timings only; printing and memory readings belong to the CLI.
 
+use crate::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use crate::error::Result;
 use crate::kernels::attention::Masks;
 use crate::kernels::matmul::{set_matmul_precision, Precision};
-use crate::model::encoder::EncoderStack;
-use crate::model::{
-    Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq, SiteIds, Tokens,
-};
+use crate::model::stack::Stack;
+use crate::model::{Classifier, Family, LanguageModel, Mode, Model, ModelConfig, Seq2Seq, SiteIds};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{ParamBuilder, Params};
 use crate::rng::Rng;
@@ -72,92 +71,90 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     let tokens: Vec<u32> = (0..n)
         .map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32)
         .collect();
-    let targets: Vec<u32> = (0..n)
-        .map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32)
-        .collect();
     let opt_cfg = AdamWConfig {
-        lr: 1e-4,
         clip_norm: None,
         ..AdamWConfig::default()
     };
-    let mut times = Vec::with_capacity(b.steps);
-    let mut time = |i: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
-        let t0 = Instant::now();
-        f()?;
-        if i >= b.warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(())
-    };
-    let total = b.warmup + b.steps;
+    let rows: Vec<&[u32]> = tokens.chunks(b.seq).collect();
     match b.model {
         BenchModel::Encoder => {
             let mut pb = ParamBuilder::default();
-            let mut stack =
-                EncoderStack::new(&mut pb, "encoder", b.layers, &cfg, &mut SiteIds::default());
-            let mut params: Params = pb.build(1);
+            let mut stack = Stack::new(
+                &mut pb,
+                "encoder",
+                b.layers,
+                false,
+                &cfg,
+                &mut SiteIds::default(),
+            );
+            let mut params: Params = pb.build(1)?;
             let mut opt = AdamW::new(opt_cfg, params.len());
             let x: Vec<f32> = (0..n * c).map(|_| rng.normal()).collect();
             let target: Vec<f32> = (0..n * c).map(|_| rng.normal()).collect();
             let mut dy = vec![0.0f32; n * c];
             let masks = Masks::default();
-            for i in 0..total {
-                time(i, &mut || {
-                    let y = stack.forward(&params.data, &x, b.batch, b.seq, &masks, Mode::EVAL);
-                    // MSE loss: dL/dy = 2 (y − target) / numel
-                    let s = 2.0 / (n * c) as f32;
-                    dy.iter_mut()
-                        .zip(y)
-                        .zip(&target)
-                        .for_each(|((d, y), t)| *d = (y - t) * s);
-                    params.zero_grad();
-                    if b.input_grad {
-                        stack.backward(&params.data, &mut params.grad, &dy);
-                    } else {
-                        stack.backward_params(&params.data, &mut params.grad, &dy);
-                    }
-                    opt.step(&mut params, 1e-4)?;
-                    Ok(())
-                })?;
-            }
+            time_steps(b.warmup, b.steps, &mut || {
+                let y = stack.forward(&params.data, &x, b.batch, b.seq, &masks, None, Mode::EVAL);
+                // MSE loss: dL/dy = 2 (y − target) / numel
+                let s = 2.0 / (n * c) as f32;
+                dy.iter_mut()
+                    .zip(y)
+                    .zip(&target)
+                    .for_each(|((d, y), t)| *d = (y - t) * s);
+                params.zero_grad();
+                stack.backward(&params.data, &mut params.grad, &dy, b.input_grad, None);
+                opt.step(&mut params, 1e-4)?;
+                Ok(())
+            })
         }
         BenchModel::Seq2seq => {
-            let mut m = Seq2Seq::new(cfg, 1)?;
-            let mut opt = AdamW::new(opt_cfg, m.params.len());
-            for i in 0..total {
-                time(i, &mut || {
-                    let t = Tokens::new(&tokens, b.batch, b.seq)?;
-                    m.forward(t, t, Mode::EVAL)?;
-                    m.backward(&targets, 0.1)?;
-                    opt.step(&mut m.params, 1e-4)?;
-                    Ok(())
-                })?;
-            }
+            let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r[1..], &r[1..])).collect();
+            let batch = Seq2SeqBatch::new(&pairs, 0, 1, 2);
+            time_model(Seq2Seq::new(cfg.clone(), 1)?, &batch, &opt_cfg, b)
         }
         BenchModel::Lm => {
-            let mut m = LanguageModel::new(cfg, 1)?;
-            let mut opt = AdamW::new(opt_cfg, m.params.len());
-            for i in 0..total {
-                time(i, &mut || {
-                    m.forward(Tokens::new(&tokens, b.batch, b.seq)?, Mode::EVAL)?;
-                    m.backward(&targets, 0.1)?;
-                    opt.step(&mut m.params, 1e-4)?;
-                    Ok(())
-                })?;
-            }
+            let blocks: Vec<Vec<u32>> = rows.iter().map(|r| [*r, &r[..1]].concat()).collect();
+            let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
+            let batch = LmBatch::new(&blocks);
+            time_model(LanguageModel::new(cfg.clone(), 1)?, &batch, &opt_cfg, b)
         }
         BenchModel::Classifier => {
-            let mut m = Classifier::new(cfg, 1)?;
-            let mut opt = AdamW::new(opt_cfg, m.params.len());
-            let labels: Vec<u32> = (0..b.batch).map(|i| (i % 2) as u32).collect();
-            for i in 0..total {
-                time(i, &mut || {
-                    m.forward(Tokens::new(&tokens, b.batch, b.seq)?, Mode::EVAL)?;
-                    m.backward(&labels, 0.1)?;
-                    opt.step(&mut m.params, 1e-4)?;
-                    Ok(())
-                })?;
-            }
+            let examples: Vec<(&[u32], u32)> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (*r, (i % 2) as u32))
+                .collect();
+            let batch = ClassifyBatch::new(&examples, 0);
+            time_model(Classifier::new(cfg.clone(), 1)?, &batch, &opt_cfg, b)
+        }
+    }
+}
+
+/// Training steps of a model on one batch: forward with the loss, backward, AdamW.
+fn time_model<M: Model>(
+    mut model: M,
+    batch: &M::Batch,
+    opt_cfg: &AdamWConfig,
+    b: &TrainStepBench,
+) -> Result<Vec<f64>> {
+    let mut opt = AdamW::new(opt_cfg.clone(), model.params().len());
+    time_steps(b.warmup, b.steps, &mut || {
+        model.params_mut().zero_grad();
+        model.forward(batch, Mode::train(0.0, 0.1, 0))?;
+        model.backward(1.0)?;
+        opt.step(model.params_mut(), 1e-4)?;
+        Ok(())
+    })
+}
+
+/// Wall times in milliseconds of `steps` calls of `f` after `warmup` untimed ones.
+fn time_steps(warmup: usize, steps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        f()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
     Ok(times)

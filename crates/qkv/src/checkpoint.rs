@@ -32,6 +32,10 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+pub(crate) fn json_err(path: &Path, e: serde_json::Error) -> Error {
+    ck_err(path, e.to_string())
+}
+
 /// Write `bytes` to `path` via a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");

@@ -44,7 +44,12 @@ impl Sampling {
     }
 }
 
-fn argmax(x: &[f32]) -> usize {
+/// The stream of a sampling seed that token choices draw from (seeds name streams of the
+/// counter-based generator; this keeps sampling's apart from dropout's and init's).
+const SAMPLING_STREAM: u64 = 0x5a4d_504c_494e_4721;
+
+/// Index of the largest value (the first of equal ones).
+pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {
@@ -89,15 +94,18 @@ fn sample_token(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
 }
 
 /// Extend each row of `cache` token by token. `prefixes[r]` is fed first (e.g. `[BOS]`, or BOS
-/// and a prompt); after it, tokens are chosen by `choice` until `eos` or the cache is full (so
-/// a row holds at most `capacity - prefix length` new tokens).
-/// Returns, per row, the chosen tokens after the prefix, without `eos`.
+/// and a prompt); after it, tokens are chosen by `choices[r]` (or `choices[0]` for every row)
+/// until `eos` or the cache is full (so a row holds at most `capacity - prefix length` new
+/// tokens). Returns, per row, the chosen tokens after the prefix, without `eos`.
+///
+/// A sampled row draws from a generator seeded by its own choice's seed alone, so its sample
+/// is the same whatever it is batched with and at whichever row.
 pub fn generate<M: Incremental>(
     model: &mut M,
     cache: &mut KvCache,
     prefixes: &[Vec<u32>],
     eos: u32,
-    choice: &Choice,
+    choices: &[Choice],
 ) -> Result<Vec<Vec<u32>>> {
     if prefixes.len() != cache.rows() || prefixes.iter().any(|p| p.is_empty()) {
         return Err(Error::Config(format!(
@@ -106,21 +114,32 @@ pub fn generate<M: Incremental>(
             prefixes.len()
         )));
     }
+    if choices.len() != 1 && choices.len() != prefixes.len() {
+        return Err(Error::Config(format!(
+            "generate needs one choice for all rows or one per row ({} rows, {} choices)",
+            prefixes.len(),
+            choices.len()
+        )));
+    }
+    let choice = |row: usize| &choices[if choices.len() == 1 { 0 } else { row }];
     if cache.len != 0 {
         return Err(Error::Config(
             "generate needs a freshly started cache".into(),
         ));
     }
-    if let Choice::Sample(s) = choice {
-        s.validate()?;
+    for c in choices {
+        if let Choice::Sample(s) = c {
+            s.validate()?;
+        }
     }
     let n = prefixes.len();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
-    // One generator per input row, so a row's sample does not depend on what it is batched with.
-    let mut rngs: Vec<Rng> = match choice {
-        Choice::Sample(s) => (0..n).map(|r| Rng::new(hash(s.seed, r as u64))).collect(),
-        Choice::Greedy => Vec::new(),
-    };
+    let mut rngs: Vec<Rng> = (0..n)
+        .map(|r| match choice(r) {
+            Choice::Sample(s) => Rng::new(hash(s.seed, SAMPLING_STREAM)),
+            Choice::Greedy => Rng::new(0),
+        })
+        .collect();
     let mut live: Vec<usize> = (0..n).collect(); // cache row i decodes input row live[i]
     let mut next: Vec<u32> = prefixes.iter().map(|p| p[0]).collect();
     while !live.is_empty() && cache.len < cache.capacity {
@@ -139,7 +158,7 @@ pub fn generate<M: Incremental>(
                 prefix[pos + 1]
             } else {
                 let l = &logits[i * vocab..(i + 1) * vocab];
-                let t = match choice {
+                let t = match choice(row) {
                     Choice::Greedy => argmax(l),
                     Choice::Sample(s) => sample_token(l, s, &mut rngs[row]),
                 } as u32;
@@ -169,7 +188,7 @@ pub fn greedy<M: Incremental>(
     eos: u32,
 ) -> Result<Vec<Vec<u32>>> {
     let prefixes = vec![vec![bos]; cache.rows()];
-    generate(model, cache, &prefixes, eos, &Choice::Greedy)
+    generate(model, cache, &prefixes, eos, &[Choice::Greedy])
 }
 
 #[derive(Clone, Debug, PartialEq)]

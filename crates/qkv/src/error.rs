@@ -41,6 +41,10 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(String),
 
+    /// An API called out of order (e.g. `backward` after decoding replaced the activations).
+    #[error("{0}")]
+    Usage(String),
+
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
 

@@ -6,8 +6,8 @@
 //! materialized kernel for that forward; the flags are cleared again before returning.
 
 use crate::error::Result;
-use crate::model::encoder::EncoderStack;
-use crate::model::{Classifier, LanguageModel, Mode, Seq2Seq, Tokens};
+use crate::model::stack::Stack;
+use crate::model::{Classifier, LanguageModel, Seq2Seq, Tokens};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,25 +56,20 @@ pub fn seq2seq_maps(model: &mut Seq2Seq, src: &[u32], tgt_in: &[u32]) -> Result<
     let h = model.config.n_heads;
     set_seq2seq(model, true);
     let run = model
-        .forward(
+        .logits(
             Tokens::new(src, 1, src.len())?,
             Tokens::new(tgt_in, 1, tgt_in.len())?,
-            Mode::EVAL,
         )
         .map(|_| ());
     let mut maps = Vec::new();
     if run.is_ok() {
         let (s, t) = (src.len(), tgt_in.len());
-        for (i, l) in model.encoder.layers.iter().enumerate() {
-            if let Some(w) = l.self_attn.weights() {
-                maps.push(map(MapKind::EncoderSelf, i, h, s, s, w));
-            }
-        }
+        maps = collect(&model.encoder, MapKind::EncoderSelf, h, s);
         for (i, l) in model.decoder.layers.iter().enumerate() {
             if let Some(w) = l.self_attn.weights() {
                 maps.push(map(MapKind::DecoderSelf, i, h, t, t, w));
             }
-            if let Some(w) = l.cross_attn.weights() {
+            if let Some(w) = l.cross.as_ref().and_then(|c| c.attn.weights()) {
                 maps.push(map(MapKind::Cross, i, h, t, s, w));
             }
         }
@@ -85,13 +80,8 @@ pub fn seq2seq_maps(model: &mut Seq2Seq, src: &[u32], tgt_in: &[u32]) -> Result<
 }
 
 fn set_seq2seq(model: &mut Seq2Seq, on: bool) {
-    for l in &mut model.encoder.layers {
-        l.self_attn.record_weights(on);
-    }
-    for l in &mut model.decoder.layers {
-        l.self_attn.record_weights(on);
-        l.cross_attn.record_weights(on);
-    }
+    record(&mut model.encoder, on);
+    record(&mut model.decoder, on);
 }
 
 /// Encoder self-attention maps of one input (T).
@@ -112,7 +102,7 @@ pub fn lm_maps(model: &mut LanguageModel, tokens: &[u32]) -> Result<Vec<Attentio
     let h = model.config.n_heads;
     record(&mut model.decoder, true);
     let run = model
-        .forward(Tokens::new(tokens, 1, tokens.len())?, Mode::EVAL)
+        .logits(Tokens::new(tokens, 1, tokens.len())?)
         .map(|_| ());
     let maps = collect(&model.decoder, MapKind::DecoderSelf, h, tokens.len());
     record(&mut model.decoder, false);
@@ -120,15 +110,17 @@ pub fn lm_maps(model: &mut LanguageModel, tokens: &[u32]) -> Result<Vec<Attentio
     Ok(maps)
 }
 
-fn record(stack: &mut EncoderStack, on: bool) {
-    stack
-        .layers
-        .iter_mut()
-        .for_each(|l| l.self_attn.record_weights(on));
+fn record(stack: &mut Stack, on: bool) {
+    for l in &mut stack.layers {
+        l.self_attn.record_weights(on);
+        if let Some(cross) = &mut l.cross {
+            cross.attn.record_weights(on);
+        }
+    }
 }
 
 /// The self-attention maps a stack recorded over a sequence of `t` tokens.
-fn collect(stack: &EncoderStack, kind: MapKind, heads: usize, t: usize) -> Vec<AttentionMap> {
+fn collect(stack: &Stack, kind: MapKind, heads: usize, t: usize) -> Vec<AttentionMap> {
     stack
         .layers
         .iter()

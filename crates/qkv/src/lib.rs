@@ -27,7 +27,6 @@ pub mod rng;
 pub mod schedule;
 pub mod simd;
 pub mod tasks;
-pub mod toy;
 pub mod train;
 
 pub use error::{Error, Result};

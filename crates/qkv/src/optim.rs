@@ -5,12 +5,15 @@ use crate::kernels::optim::{adamw_step, scale, sum_squares};
 use crate::params::Params;
 use serde::{Deserialize, Serialize};
 
+/// AdamW's settings. The learning rate is not one of them: the trainer takes it from the
+/// schedule at every update.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
-    pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
+    /// Decoupled weight decay (Loshchilov & Hutter), multiplied by the learning rate.
     pub weight_decay: f32,
     /// Clip the global gradient norm to this value (`None`: no clipping).
     pub clip_norm: Option<f32>,
@@ -20,13 +23,40 @@ impl Default for AdamWConfig {
     /// The paper's Adam settings (§5.3: β1 = 0.9, β2 = 0.98, ε = 1e-9) with decoupled decay.
     fn default() -> Self {
         Self {
-            lr: 5e-4,
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-9,
             weight_decay: 0.01,
             clip_norm: Some(1.0),
         }
+    }
+}
+
+impl AdamWConfig {
+    /// Reject settings AdamW cannot use, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("optimizer.{name} must be in [0, 1), got {b}"));
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad(format!("optimizer.eps must be positive, got {}", self.eps));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(format!(
+                "optimizer.weight_decay must be ≥ 0, got {}",
+                self.weight_decay
+            ));
+        }
+        if self.clip_norm.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+            return bad(format!(
+                "optimizer.clip_norm must be positive (or null for no clipping), got {:?}",
+                self.clip_norm
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! Layers hold [`Param`] handles (offset, length) into them; names follow the checkpoint
 //! layout, so initialisation, saving and loading share one table.
 
+use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 /// A parameter's place in the flat buffers.
@@ -57,17 +58,28 @@ pub struct ParamBuilder {
     specs: Vec<ParamSpec>,
     inits: Vec<Init>,
     len: usize,
+    /// The first parameter whose size overflowed; `build` reports it.
+    overflow: Option<String>,
 }
 
 impl ParamBuilder {
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> Param {
-        let len = shape.iter().product();
+        let name = name.into();
+        let size = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let len = match size.and_then(|n| self.len.checked_add(n).map(|_| n)) {
+            Some(n) => n,
+            None => {
+                self.overflow
+                    .get_or_insert_with(|| format!("{name} {shape:?}"));
+                0
+            }
+        };
         let p = Param {
             offset: self.len,
             len,
         };
         self.specs.push(ParamSpec {
-            name: name.into(),
+            name,
             shape: shape.to_vec(),
             offset: self.len,
             len,
@@ -77,9 +89,16 @@ impl ParamBuilder {
         p
     }
 
-    /// Allocate and initialise the buffers.
-    pub fn build(self, seed: u64) -> Params {
-        let mut data = vec![0.0f32; self.len];
+    /// Allocate and initialise the buffers. A size that overflows or cannot be allocated is
+    /// an error (a config's sizes come from users' files), never an abort.
+    pub fn build(self, seed: u64) -> Result<Params> {
+        if let Some(what) = self.overflow {
+            return Err(Error::Config(format!(
+                "parameter {what} has more elements than this machine can address"
+            )));
+        }
+        let mut data = zeros(self.len, "parameters")?;
+        let grad = zeros(self.len, "gradients")?;
         let mut rng = Rng::new(seed);
         for (spec, init) in self.specs.iter().zip(&self.inits) {
             let d = &mut data[spec.offset..spec.offset + spec.len];
@@ -92,12 +111,25 @@ impl ParamBuilder {
                 Init::Normal(s) => d.iter_mut().for_each(|v| *v = rng.normal() * s),
             }
         }
-        Params {
-            grad: vec![0.0; self.len],
+        Ok(Params {
+            grad,
             data,
             specs: self.specs,
-        }
+        })
     }
+}
+
+/// `n` zeros, or an error naming `what` and its size when the allocation fails.
+pub(crate) fn zeros(n: usize, what: &str) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::Config(format!(
+            "cannot allocate {:.1} GiB for the model's {what} ({n} floats)",
+            n as f64 * 4.0 / (1u64 << 30) as f64
+        ))
+    })?;
+    v.resize(n, 0.0);
+    Ok(v)
 }
 
 /// The model's parameters and gradients.

@@ -1,9 +1,10 @@
 //! Save → load reproduces outputs bit for bit; damaged or mismatched checkpoints are errors.
 
 mod common;
-use common::{tiny, AnyModel};
+use common::{tiny, train_mode, Case};
 use qkv::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE};
-use qkv::model::{Family, Mode, NormPlacement, Seq2Seq, Tokens};
+use qkv::data::Seq2SeqBatch;
+use qkv::model::{Family, Model, NormPlacement, Seq2Seq, Tokens};
 use qkv::optim::{AdamW, AdamWConfig};
 use std::path::PathBuf;
 
@@ -17,19 +18,11 @@ fn trained_seq2seq() -> (Seq2Seq, AdamW) {
     let cfg = tiny(Family::Seq2seq, NormPlacement::Pre, true, true);
     let mut m = Seq2Seq::new(cfg, 3).unwrap();
     let mut opt = AdamW::new(AdamWConfig::default(), m.params.len());
-    let (src, tin, tout) = (
-        [3u32, 4, 5, 6, 2, 0],
-        [1u32, 3, 4, 5, 6, 0],
-        [3u32, 4, 5, 6, 2, 0],
-    );
+    let batch = Seq2SeqBatch::new(&[(&[3, 4, 5, 6], &[3, 4, 5, 6])], 0, 1, 2);
     for _ in 0..3 {
-        m.forward(
-            Tokens::new(&src, 1, 6).unwrap(),
-            Tokens::new(&tin, 1, 6).unwrap(),
-            Mode::EVAL,
-        )
-        .unwrap();
-        m.backward(&tout, 0.1).unwrap();
+        m.params.zero_grad();
+        m.forward(&batch, train_mode(0.1)).unwrap();
+        m.backward(1.0).unwrap();
         opt.step(&mut m.params, 1e-2).unwrap();
     }
     (m, opt)
@@ -43,10 +36,9 @@ fn save_then_load_reproduces_outputs_and_optimizer_bit_for_bit() {
     let src = [3u32, 7, 8, 2];
     let tin = [1u32, 3, 7, 8];
     let before = m
-        .forward(
+        .logits(
             Tokens::new(&src, 1, 4).unwrap(),
             Tokens::new(&tin, 1, 4).unwrap(),
-            Mode::EVAL,
         )
         .unwrap()
         .to_vec();
@@ -55,10 +47,9 @@ fn save_then_load_reproduces_outputs_and_optimizer_bit_for_bit() {
     let mut loaded = Seq2Seq::new(cfg.clone(), 12345).unwrap();
     checkpoint::load(&dir, &cfg, &mut loaded.params).unwrap();
     let after = loaded
-        .forward(
+        .logits(
             Tokens::new(&src, 1, 4).unwrap(),
             Tokens::new(&tin, 1, 4).unwrap(),
-            Mode::EVAL,
         )
         .unwrap()
         .to_vec();
@@ -138,7 +129,7 @@ fn mismatched_config_or_shapes_are_errors() {
     assert!(e.contains("shape") && e.contains("src_embed.weight"), "{e}");
 
     // A different family's parameters: unexpected names.
-    let mut lm = AnyModel::random(tiny(Family::Lm, NormPlacement::Pre, true, true), 1);
+    let mut lm = Case::random(tiny(Family::Lm, NormPlacement::Pre, true, true), 1);
     let e = checkpoint::load_params(&dir.join(MODEL_FILE), lm.params())
         .unwrap_err()
         .to_string();

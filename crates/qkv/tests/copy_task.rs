@@ -2,7 +2,15 @@
 //! decode held-out sequences greedily. Trained from scratch inside the suite.
 
 use qkv::model::{Family, ModelConfig, Seq2Seq};
-use qkv::toy::{evaluate_copy, train_copy, CopyTask, PAD};
+use qkv::tasks::copy::{evaluate_copy, train_copy, CopyTask, PAD};
+use qkv::train::{Observer, StepLog};
+
+struct LastLoss(f32);
+impl Observer for LastLoss {
+    fn on_step(&mut self, log: &StepLog) {
+        self.0 = log.loss;
+    }
+}
 
 #[test]
 fn copy_task_reaches_exact_match() {
@@ -20,10 +28,10 @@ fn copy_task_reaches_exact_match() {
     cfg.max_len = 16;
     cfg.dropout = 0.0;
     cfg.pad_id = PAD;
-    let mut model = Seq2Seq::new(cfg, 0).unwrap();
-    let mut last = f32::INFINITY;
-    train_copy(&mut model, &task, &mut |_, loss, _| last = loss).unwrap();
-    assert!(last < 0.05, "training loss stayed at {last}");
+    let model = Seq2Seq::new(cfg, 0).unwrap();
+    let mut last = LastLoss(f32::INFINITY);
+    let mut model = train_copy(model, &task, &mut last).unwrap().model;
+    assert!(last.0 < 0.05, "training loss stayed at {}", last.0);
 
     let n = 100;
     let eval = evaluate_copy(&mut model, &task, n, 999).unwrap();

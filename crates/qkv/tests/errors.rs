@@ -1,9 +1,11 @@
 //! Bad input gets an error naming the value and where it occurred — never a panic.
 
 mod common;
-use common::tiny;
+use common::{tiny, train_mode};
+use qkv::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use qkv::model::{
-    Classifier, Family, LanguageModel, Mode, ModelConfig, NormPlacement, Seq2Seq, Tokens,
+    Classifier, Family, Incremental, LanguageModel, Model, ModelConfig, NormPlacement, Seq2Seq,
+    Tokens,
 };
 use qkv::optim::{AdamW, AdamWConfig};
 
@@ -11,12 +13,21 @@ fn lm() -> LanguageModel {
     LanguageModel::new(tiny(Family::Lm, NormPlacement::Post, false, false), 0).unwrap()
 }
 
+fn lm_batch(input: &[u32], target: &[u32], batch: usize) -> LmBatch {
+    LmBatch {
+        input: input.to_vec(),
+        target: target.to_vec(),
+        batch,
+        len: input.len() / batch,
+    }
+}
+
 #[test]
 fn token_outside_vocabulary_names_value_and_position() {
     let mut m = lm();
     let ids = [1u32, 2, 3, 4, 99, 5];
     let e = m
-        .forward(Tokens::new(&ids, 2, 3).unwrap(), Mode::EVAL)
+        .logits(Tokens::new(&ids, 2, 3).unwrap())
         .unwrap_err()
         .to_string();
     assert!(
@@ -30,10 +41,9 @@ fn token_outside_vocabulary_names_value_and_position() {
     let mut s = Seq2Seq::new(tiny(Family::Seq2seq, NormPlacement::Post, false, false), 0).unwrap();
     let tgt = [1u32, 11];
     let e = s
-        .forward(
+        .logits(
             Tokens::new(&[3, 4], 1, 2).unwrap(),
             Tokens::new(&tgt, 1, 2).unwrap(),
-            Mode::EVAL,
         )
         .unwrap_err()
         .to_string();
@@ -43,9 +53,8 @@ fn token_outside_vocabulary_names_value_and_position() {
 #[test]
 fn target_and_label_out_of_range_are_errors() {
     let mut m = lm();
-    m.forward(Tokens::new(&[1, 2, 3], 1, 3).unwrap(), Mode::EVAL)
-        .unwrap();
-    let e = m.backward(&[1, 2, 40], 0.0).unwrap_err().to_string();
+    let b = lm_batch(&[1, 2, 3], &[1, 2, 40], 1);
+    let e = m.forward(&b, train_mode(0.0)).err().unwrap().to_string();
     assert!(
         e.contains("targets") && e.contains("token id 40") && e.contains("position 2"),
         "{e}"
@@ -56,9 +65,8 @@ fn target_and_label_out_of_range_are_errors() {
         0,
     )
     .unwrap();
-    c.forward(Tokens::new(&[1, 2, 3, 4], 2, 2).unwrap(), Mode::EVAL)
-        .unwrap();
-    let e = c.backward(&[0, 7], 0.0).unwrap_err().to_string();
+    let b = ClassifyBatch::new(&[(&[1, 2], 0), (&[3, 4], 7)], 0);
+    let e = c.forward(&b, train_mode(0.0)).err().unwrap().to_string();
     assert!(
         e.contains("label 7") && e.contains("row 1") && e.contains("0..3"),
         "{e}"
@@ -70,7 +78,7 @@ fn sequence_longer_than_positional_table_is_an_error() {
     let mut m = lm();
     let ids = vec![1u32; 17];
     let e = m
-        .forward(Tokens::new(&ids, 1, 17).unwrap(), Mode::EVAL)
+        .logits(Tokens::new(&ids, 1, 17).unwrap())
         .unwrap_err()
         .to_string();
     assert!(e.contains("length 17") && e.contains("max_len 16"), "{e}");
@@ -83,22 +91,21 @@ fn mismatched_batch_shapes_are_errors() {
 
     let mut s = Seq2Seq::new(tiny(Family::Seq2seq, NormPlacement::Post, false, false), 0).unwrap();
     let e = s
-        .forward(
+        .logits(
             Tokens::new(&[3, 4, 5, 6], 2, 2).unwrap(),
             Tokens::new(&[1, 3], 1, 2).unwrap(),
-            Mode::EVAL,
         )
         .unwrap_err()
         .to_string();
     assert!(e.contains("target batch") && e.contains("got 1"), "{e}");
 
     let mut m = lm();
-    m.forward(Tokens::new(&[1, 2, 3, 4], 2, 2).unwrap(), Mode::EVAL)
-        .unwrap();
-    let e = m.backward(&[1, 2, 3], 0.0).unwrap_err().to_string();
+    let b = lm_batch(&[1, 2, 3, 4], &[1, 2, 3], 2);
+    let e = m.forward(&b, train_mode(0.0)).err().unwrap().to_string();
     assert!(e.contains("targets") && e.contains("got 3"), "{e}");
 
-    let e = m.backward(&[], 0.0).unwrap_err().to_string();
+    let b = lm_batch(&[1, 2, 3, 4], &[], 2);
+    let e = m.forward(&b, train_mode(0.0)).err().unwrap().to_string();
     assert!(e.contains("targets"), "{e}");
 }
 
@@ -108,15 +115,13 @@ fn non_finite_loss_and_gradients_are_errors_and_leave_parameters_intact() {
     let name = "decoder.layers.0.ffn.up.weight";
     let off = m.params.spec(name).unwrap().offset;
     m.params.data[off + 3] = f32::NAN;
-    m.forward(Tokens::new(&[1, 2, 3], 1, 3).unwrap(), Mode::EVAL)
-        .unwrap();
-    let e = m.backward(&[2, 3, 4], 0.0).unwrap_err().to_string();
+    let b = lm_batch(&[1, 2, 3], &[2, 3, 4], 1);
+    let e = m.forward(&b, train_mode(0.0)).err().unwrap().to_string();
     assert!(e.contains("non-finite") && e.contains("loss"), "{e}");
 
     let mut m = lm();
-    m.forward(Tokens::new(&[1, 2, 3], 1, 3).unwrap(), Mode::EVAL)
-        .unwrap();
-    m.backward(&[2, 3, 4], 0.0).unwrap();
+    m.forward(&b, train_mode(0.0)).unwrap();
+    m.backward(1.0).unwrap();
     let gi = m
         .params
         .spec("decoder.layers.1.ffn_norm.bias")
@@ -167,12 +172,10 @@ fn invalid_configs_are_rejected_with_the_field() {
     let ids = [4u32, 5, 6];
     let tokens = qkv::model::Tokens::new(&ids, 1, 3).unwrap();
     assert_eq!(m.features(tokens).unwrap().len(), 64);
-    let e = m
-        .forward(tokens, qkv::model::Mode::EVAL)
-        .unwrap_err()
-        .to_string();
+    let e = m.logits(tokens).unwrap_err().to_string();
     assert!(e.contains("no class head"), "{e}");
-    let e = m.backward(&[0], 0.0).unwrap_err().to_string();
+    let b = ClassifyBatch::new(&[(&ids, 0)], 0);
+    let e = m.forward(&b, train_mode(0.0)).err().unwrap().to_string();
     assert!(e.contains("no class head"), "{e}");
     let c = ModelConfig::preset("tiny", Family::Lm, 10).unwrap();
     assert!(Seq2Seq::new(c, 0)
@@ -198,4 +201,77 @@ fn invalid_configs_are_rejected_with_the_field() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("sparse") && e.contains("flash"), "{e}");
+}
+
+/// `backward` reads what its training forward left behind; anything that replaced it makes
+/// `backward` an error instead of a wrong gradient.
+#[test]
+fn backward_after_anything_but_a_training_forward_is_an_error() {
+    let mut m = lm();
+    let b = lm_batch(&[1, 2, 3, 4], &[2, 3, 4, 5], 2);
+    let e = m.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("training-mode forward"), "{e}");
+    // Evaluation runs forward only: nothing to differentiate.
+    m.forward(&b, qkv::model::Mode::EVAL).unwrap();
+    let e = m.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("evaluation forward"), "{e}");
+    // A decoding step overwrites the layers' buffers.
+    m.forward(&b, train_mode(0.1)).unwrap();
+    let mut cache = m.start_decoding(2, 4);
+    m.step(&mut cache, &[1, 1]).unwrap();
+    let e = m.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("decoding step"), "{e}");
+    // One backward per forward.
+    m.forward(&b, train_mode(0.1)).unwrap();
+    m.backward(1.0).unwrap();
+    let e = m.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("backward after backward"), "{e}");
+
+    let mut s = Seq2Seq::new(tiny(Family::Seq2seq, NormPlacement::Pre, false, false), 0).unwrap();
+    let sb = Seq2SeqBatch::new(&[(&[3, 4], &[5, 6]), (&[7], &[8])], 0, 1, 2);
+    s.forward(&sb, train_mode(0.1)).unwrap();
+    s.start_decoding(Tokens::new(&[3, 4, 2], 1, 3).unwrap(), 4)
+        .unwrap();
+    let e = s.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("start_decoding"), "{e}");
+    // A failed forward leaves nothing to differentiate either.
+    s.forward(&sb, train_mode(0.1)).unwrap();
+    let bad = Seq2SeqBatch {
+        src: vec![3, 99, 2],
+        ..Seq2SeqBatch::new(&[(&[3, 4], &[5])], 0, 1, 2)
+    };
+    assert!(s.forward(&bad, train_mode(0.1)).is_err());
+    let e = s.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("failed forward"), "{e}");
+
+    let mut c = Classifier::new(
+        tiny(Family::Classifier, NormPlacement::Post, false, false),
+        0,
+    )
+    .unwrap();
+    let cb = ClassifyBatch::new(&[(&[1, 2], 0), (&[3], 2)], 0);
+    c.forward(&cb, train_mode(0.0)).unwrap();
+    c.features(Tokens::new(&[4, 5], 1, 2).unwrap()).unwrap();
+    let e = c.backward(1.0).unwrap_err().to_string();
+    assert!(e.contains("features"), "{e}");
+}
+
+/// The model contract's accumulation: backward adds `scale ×` the gradient and never zeroes.
+#[test]
+fn backward_accumulates_scaled_gradients() {
+    let mut m = lm();
+    let b = lm_batch(&[1, 2, 3, 4], &[2, 3, 4, 5], 2);
+    m.params.zero_grad();
+    m.forward(&b, train_mode(0.1)).unwrap();
+    m.backward(1.0).unwrap();
+    let once = m.params.grad.clone();
+    m.forward(&b, train_mode(0.1)).unwrap();
+    m.backward(0.5).unwrap();
+    for (g, o) in m.params.grad.iter().zip(&once) {
+        assert!(
+            (g - 1.5 * o).abs() <= 1e-5 * (1.0 + o.abs()),
+            "{g} vs 1.5 × {o}"
+        );
+    }
+    assert!(once.iter().any(|g| *g != 0.0));
 }

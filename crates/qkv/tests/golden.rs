@@ -3,9 +3,10 @@
 //! gradient and a 10-step AdamW loss trajectory. Every tensor is compared by name.
 
 mod common;
-use common::{rel_err, AnyModel};
+use common::{rel_err, train_mode, Case};
 use qkv::checkpoint::{TensorData, TensorFile};
-use qkv::model::{Classifier, Family, LanguageModel, Mode, ModelConfig, Seq2Seq};
+use qkv::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
+use qkv::model::{Classifier, Family, LanguageModel, ModelConfig, Seq2Seq};
 use qkv::optim::{AdamW, AdamWConfig};
 use qkv::params::Params;
 use std::path::PathBuf;
@@ -76,7 +77,6 @@ fn check_grads(f: &TensorFile, params: &Params, what: &str) {
 
 fn adamw(f: &TensorFile) -> AdamWConfig {
     AdamWConfig {
-        lr: meta(f, "lr"),
         beta1: meta(f, "beta1"),
         beta2: meta(f, "beta2"),
         eps: meta(f, "eps"),
@@ -86,7 +86,7 @@ fn adamw(f: &TensorFile) -> AdamWConfig {
 }
 
 /// The fixture's model (any family) with its parameters and batch loaded.
-fn model(f: &TensorFile) -> AnyModel {
+fn model(f: &TensorFile) -> Case {
     let cfg: ModelConfig = serde_json::from_str(&f.metadata()["config"])
         .expect("fixture config parses as ModelConfig");
     let mut m = match cfg.family {
@@ -96,23 +96,37 @@ fn model(f: &TensorFile) -> AnyModel {
                 ids(f, "input.tgt_in"),
                 ids(f, "input.tgt_out"),
             );
-            AnyModel::Seq2Seq(
-                Seq2Seq::new(cfg, 0).unwrap(),
+            let n_tokens = tout.iter().filter(|&&t| t != cfg.pad_id).count();
+            let batch = Seq2SeqBatch {
                 src,
-                tin,
-                tout,
-                ss[0],
-                ss[1],
-                ts[1],
-            )
+                tgt_in: tin,
+                tgt_out: tout,
+                batch: ss[0],
+                src_len: ss[1],
+                tgt_len: ts[1],
+                n_tokens,
+            };
+            Case::Seq2Seq(Seq2Seq::new(cfg, 0).unwrap(), batch)
         }
         Family::Classifier => {
             let ((x, xs), (y, _)) = (ids(f, "input.tokens"), ids(f, "input.labels"));
-            AnyModel::Classifier(Classifier::new(cfg, 0).unwrap(), x, y, xs[0], xs[1])
+            let batch = ClassifyBatch {
+                tokens: x,
+                labels: y,
+                batch: xs[0],
+                len: xs[1],
+            };
+            Case::Classifier(Classifier::new(cfg, 0).unwrap(), batch)
         }
         Family::Lm => {
             let ((x, xs), (y, _)) = (ids(f, "input.tokens"), ids(f, "input.targets"));
-            AnyModel::Lm(LanguageModel::new(cfg, 0).unwrap(), x, y, xs[0], xs[1])
+            let batch = LmBatch {
+                input: x,
+                target: y,
+                batch: xs[0],
+                len: xs[1],
+            };
+            Case::Lm(LanguageModel::new(cfg, 0).unwrap(), batch)
         }
     };
     load_params(f, m.params());
@@ -124,9 +138,9 @@ fn golden(name: &str) {
     let f = fixture(name);
     let mut m = model(&f);
     let ls = meta(&f, "label_smoothing");
-    let e = rel_err(&m.logits(Mode::EVAL), &f32s(&f, "output.logits"));
+    let e = rel_err(&m.logits(), &f32s(&f, "output.logits"));
     assert!(e <= TOL, "{name}: logits relative error {e:.2e}");
-    let loss = m.loss_and_grad(ls, Mode::EVAL);
+    let loss = m.loss_and_grad(train_mode(ls));
     let want = f32s(&f, "output.loss");
     assert!(
         rel_err(&[loss], &want) <= TOL,
@@ -135,15 +149,16 @@ fn golden(name: &str) {
     check_grads(&f, m.params(), name);
 
     let cfg = adamw(&f);
+    let lr = meta(&f, "lr");
     let mut opt = AdamW::new(cfg.clone(), m.params().len());
     for (i, &w) in f32s(&f, "train.losses").iter().enumerate() {
-        let loss = m.loss_and_grad(ls, Mode::EVAL);
+        let loss = m.loss_and_grad(train_mode(ls));
         let rel = (loss - w).abs() / w.abs();
         assert!(
             rel <= TOL,
             "{name}: loss at step {i} is {loss}, PyTorch {w} (relative error {rel:.2e})"
         );
-        opt.step(m.params(), cfg.lr).unwrap();
+        opt.step(m.params(), lr).unwrap();
     }
 }
 

@@ -3,17 +3,16 @@
 //! BERT-style embeddings (token types, LayerNorm).
 
 mod common;
-use common::{tiny, AnyModel};
+use common::{tiny, train_mode, Case};
 use qkv::model::{Family, Mode, NormPlacement};
 
-fn check(m: AnyModel, what: &str) {
-    check_in(m, what, Mode::EVAL);
+fn check(m: Case, what: &str) {
+    check_in(m, what, train_mode(0.1));
 }
 
 /// As `check`, in `mode` (a fixed dropout seed makes the dropped network a fixed function).
-fn check_in(mut m: AnyModel, what: &str, mode: Mode) {
-    let smoothing = 0.1;
-    m.loss_and_grad(smoothing, mode);
+fn check_in(mut m: Case, what: &str, mode: Mode) {
+    m.loss_and_grad(mode);
     let analytic = m.params().grad.clone();
     let specs = m.params().specs.clone();
     let h = 1e-2f32;
@@ -24,9 +23,9 @@ fn check_in(mut m: AnyModel, what: &str, mode: Mode) {
             let i = spec.offset + (k * 7919 + 13) % spec.len;
             let orig = m.params().data[i];
             m.params().data[i] = orig + h;
-            let lp = m.loss_and_grad(smoothing, mode) as f64;
+            let lp = m.loss_and_grad(mode) as f64;
             m.params().data[i] = orig - h;
-            let lm = m.loss_and_grad(smoothing, mode) as f64;
+            let lm = m.loss_and_grad(mode) as f64;
             m.params().data[i] = orig;
             let numeric = ((lp - lm) / (2.0 * h as f64)) as f32;
             let a = analytic[i];
@@ -54,7 +53,7 @@ fn check_in(mut m: AnyModel, what: &str, mode: Mode) {
 #[test]
 fn seq2seq_post_ln_gradients() {
     check(
-        AnyModel::random(tiny(Family::Seq2seq, NormPlacement::Post, true, false), 1),
+        Case::random(tiny(Family::Seq2seq, NormPlacement::Post, true, false), 1),
         "seq2seq post",
     );
 }
@@ -62,7 +61,7 @@ fn seq2seq_post_ln_gradients() {
 #[test]
 fn seq2seq_pre_ln_gradients_learned_positions() {
     check(
-        AnyModel::random(tiny(Family::Seq2seq, NormPlacement::Pre, true, true), 2),
+        Case::random(tiny(Family::Seq2seq, NormPlacement::Pre, true, true), 2),
         "seq2seq pre",
     );
 }
@@ -75,7 +74,7 @@ fn classifier_gradients_both_poolings() {
     ] {
         let mut cfg = tiny(Family::Classifier, norm, true, norm == NormPlacement::Pre);
         cfg.pooling = pooling;
-        check(AnyModel::random(cfg, 3), "classifier");
+        check(Case::random(cfg, 3), "classifier");
     }
 }
 
@@ -87,12 +86,12 @@ fn bert_style_classifier_gradients() {
     cfg.token_types = 2;
     cfg.embed_norm = true;
     cfg.scale_embeddings = false;
-    check(AnyModel::random(cfg.clone(), 8), "bert-style classifier");
+    check(Case::random(cfg.clone(), 8), "bert-style classifier");
     cfg.dropout = 0.2;
     check_in(
-        AnyModel::random(cfg, 9),
+        Case::random(cfg, 9),
         "bert-style classifier with dropout",
-        Mode::train(0.2, 7),
+        Mode::train(0.2, 0.1, 7),
     );
 }
 
@@ -101,7 +100,7 @@ fn lm_gradients_tied_and_untied() {
     for (norm, tie) in [(NormPlacement::Post, true), (NormPlacement::Pre, false)] {
         let mut cfg = tiny(Family::Lm, norm, true, !tie);
         cfg.tie_output = tie;
-        check(AnyModel::random(cfg, 4), "lm");
+        check(Case::random(cfg, 4), "lm");
     }
 }
 
@@ -118,7 +117,7 @@ fn linear_and_windowed_attention_gradients() {
         cfg.attention = kind;
         cfg.attention_window = window;
         check(
-            AnyModel::random(cfg, 6),
+            Case::random(cfg, 6),
             &format!("{family:?} {kind:?} {window:?}"),
         );
     }
@@ -132,8 +131,8 @@ fn flash_and_materialized_models_compute_the_same_function() {
         let mut grads = Vec::new();
         for kind in [AttentionKind::Flash, AttentionKind::Materialized] {
             cfg.attention = kind;
-            let mut m = AnyModel::random(cfg.clone(), 7);
-            let loss = m.loss_and_grad(0.1, Mode::EVAL);
+            let mut m = Case::random(cfg.clone(), 7);
+            let loss = m.loss_and_grad(train_mode(0.1));
             grads.push((loss, m.params().grad.clone()));
         }
         assert!((grads[0].0 - grads[1].0).abs() < 1e-5, "{family:?} loss");
@@ -146,13 +145,13 @@ fn flash_and_materialized_models_compute_the_same_function() {
 fn dropout_is_reproducible_per_seed_and_trains_differently_from_eval() {
     let mut cfg = tiny(Family::Lm, NormPlacement::Post, false, false);
     cfg.dropout = 0.3;
-    let mut m = AnyModel::random(cfg, 5);
-    let a = m.loss_and_grad(0.0, Mode::train(0.3, 42));
+    let mut m = Case::random(cfg, 5);
+    let a = m.loss_and_grad(Mode::train(0.3, 0.0, 42));
     let ga = m.params().grad.clone();
-    let b = m.loss_and_grad(0.0, Mode::train(0.3, 42));
+    let b = m.loss_and_grad(Mode::train(0.3, 0.0, 42));
     let gb = m.params().grad.clone();
-    let c = m.loss_and_grad(0.0, Mode::train(0.3, 43));
-    let e = m.loss_and_grad(0.0, Mode::EVAL);
+    let c = m.loss_and_grad(Mode::train(0.3, 0.0, 43));
+    let e = m.loss_and_grad(train_mode(0.0));
     assert_eq!(a, b);
     assert_eq!(ga, gb);
     assert_ne!(a, c);
@@ -164,9 +163,9 @@ fn dropout_gradients_match_finite_differences() {
     // With a fixed seed the dropped network is a fixed function: its gradient must match too.
     let mut cfg = tiny(Family::Seq2seq, NormPlacement::Post, true, true);
     cfg.dropout = 0.2;
-    let mut m = AnyModel::random(cfg, 6);
-    let mode = Mode::train(0.2, 7);
-    m.loss_and_grad(0.0, mode);
+    let mut m = Case::random(cfg, 6);
+    let mode = Mode::train(0.2, 0.0, 7);
+    m.loss_and_grad(mode);
     let analytic = m.params().grad.clone();
     let specs = m.params().specs.clone();
     let h = 1e-2f32;
@@ -174,9 +173,9 @@ fn dropout_gradients_match_finite_differences() {
         let i = spec.offset + spec.len / 2;
         let orig = m.params().data[i];
         m.params().data[i] = orig + h;
-        let lp = m.loss_and_grad(0.0, mode);
+        let lp = m.loss_and_grad(mode);
         m.params().data[i] = orig - h;
-        let lm = m.loss_and_grad(0.0, mode);
+        let lm = m.loss_and_grad(mode);
         m.params().data[i] = orig;
         let numeric = (lp - lm) / (2.0 * h);
         let err = (analytic[i] - numeric).abs() / (analytic[i].abs().max(numeric.abs()) + 2e-3);
@@ -192,14 +191,14 @@ fn dropout_gradients_match_finite_differences() {
 #[test]
 fn parameter_only_backward_gives_the_same_parameter_gradients() {
     use qkv::kernels::attention::Masks;
-    use qkv::model::encoder::EncoderStack;
+    use qkv::model::stack::Stack;
     use qkv::model::SiteIds;
     use qkv::params::ParamBuilder;
     for norm in [NormPlacement::Post, NormPlacement::Pre] {
         let cfg = tiny(Family::Classifier, norm, false, false);
         let mut pb = ParamBuilder::default();
-        let mut stack = EncoderStack::new(&mut pb, "enc", 2, &cfg, &mut SiteIds::default());
-        let mut params = pb.build(5);
+        let mut stack = Stack::new(&mut pb, "enc", 2, false, &cfg, &mut SiteIds::default());
+        let mut params = pb.build(5).unwrap();
         let (b, t, c) = (3, 5, cfg.d_model);
         let x: Vec<f32> = (0..b * t * c)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
@@ -209,12 +208,10 @@ fn parameter_only_backward_gives_the_same_parameter_gradients() {
             .collect();
         let mut grads = Vec::new();
         for params_only in [false, true] {
-            stack.forward(&params.data, &x, b, t, &Masks::default(), Mode::EVAL);
+            stack.forward(&params.data, &x, b, t, &Masks::default(), None, Mode::EVAL);
             params.zero_grad();
-            if params_only {
-                stack.backward_params(&params.data, &mut params.grad, &dy);
-            } else {
-                let dx = stack.backward(&params.data, &mut params.grad, &dy);
+            let dx = stack.backward(&params.data, &mut params.grad, &dy, !params_only, None);
+            if !params_only {
                 assert!(dx.iter().any(|v| *v != 0.0));
             }
             grads.push(params.grad.clone());

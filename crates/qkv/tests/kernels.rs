@@ -9,7 +9,7 @@ use qkv::kernels::attention::{
 use qkv::kernels::dropout::{self, Dropout};
 use qkv::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
 use qkv::kernels::layernorm::{layernorm_backward, layernorm_forward, residual_layernorm_forward};
-use qkv::kernels::loss::cross_entropy_forward_backward;
+use qkv::kernels::loss::cross_entropy;
 use qkv::kernels::matmul::{matmul, matmul_naive};
 use qkv::kernels::optim::adamw_step;
 use qkv::kernels::softmax::{softmax_backward, softmax_forward};
@@ -360,29 +360,41 @@ fn cross_entropy_matches_formula_and_finite_differences() {
     for smoothing in [0.0f32, 0.1] {
         let run = |l: &[f32]| {
             let mut d = vec![0.0; n * v];
-            cross_entropy_forward_backward(&mut d, l, &targets, v, Some(0), smoothing)
+            cross_entropy(Some(&mut d), l, &targets, v, Some(0), smoothing)
         };
-        let (loss, count) = run(&logits);
+        let ce = run(&logits);
+        let (loss, count) = (ce.mean, ce.count);
         assert_eq!(count, 3);
-        let mut want = 0.0f64;
+        // Forward only (evaluation) measures the same loss.
+        assert_eq!(
+            cross_entropy(None, &logits, &targets, v, Some(0), smoothing),
+            ce
+        );
+        let (mut want, mut want_nll) = (0.0f64, 0.0f64);
         for (r, &t) in targets.iter().enumerate().filter(|(_, &t)| t != 0) {
             let row = &logits[r * v..(r + 1) * v];
             let lz = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
             let nll = lz - row[t as usize] as f64;
             let smooth = lz - row.iter().map(|&x| x as f64).sum::<f64>() / v as f64;
             want += (1.0 - smoothing as f64) * nll + smoothing as f64 * smooth;
+            want_nll += nll;
         }
+        assert!(
+            (ce.nll_sum - want_nll).abs() < 1e-5,
+            "nll {} vs {want_nll}",
+            ce.nll_sum
+        );
         assert!(
             (loss as f64 - want / 3.0).abs() < 1e-5,
             "loss {loss} vs {}",
             want / 3.0
         );
         let mut d = vec![0.0; n * v];
-        cross_entropy_forward_backward(&mut d, &logits, &targets, v, Some(0), smoothing);
+        cross_entropy(Some(&mut d), &logits, &targets, v, Some(0), smoothing);
         let idx: Vec<usize> = (0..n * v).collect();
         assert_close(
             &d,
-            &numeric_grad(&logits, &idx, &mut |l| run(l).0 as f64),
+            &numeric_grad(&logits, &idx, &mut |l| run(l).mean as f64),
             "dlogits",
         );
     }

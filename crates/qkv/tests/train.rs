@@ -4,11 +4,12 @@
 mod common;
 use common::tiny;
 use qkv::data::Seq2SeqBatch;
-use qkv::model::{Family, Model, NormPlacement, Seq2Seq};
-use qkv::optim::AdamW;
+use qkv::model::{Family, NormPlacement, Seq2Seq};
 use qkv::rng::Rng;
 use qkv::schedule::Schedule;
-use qkv::train::{self, Observer, Outcome, RunDir, StepLog, TrainConfig, TrainerState, Validation};
+use qkv::train::{
+    self, Observer, Outcome, RunDir, StepLog, TrainConfig, TrainData, Trainer, Validation,
+};
 use std::path::Path;
 
 struct Losses(Vec<(u64, f32)>);
@@ -45,6 +46,43 @@ fn epoch(data: &[(Vec<u32>, Vec<u32>)], seed: u64, e: u64) -> Vec<Seq2SeqBatch> 
         .collect()
 }
 
+/// The corpus as the trainer sees it; validation is the mean loss on its first pairs, or
+/// `score` when a test scripts the validation results.
+struct Data {
+    pairs: Vec<(Vec<u32>, Vec<u32>)>,
+    seed: u64,
+    valid: Vec<Seq2SeqBatch>,
+    score: Option<Box<dyn FnMut() -> Validation>>,
+}
+
+impl Data {
+    fn new(seed: u64) -> Self {
+        let pairs = corpus();
+        let valid = epoch(&pairs[..8], 0, 0);
+        Self {
+            pairs,
+            seed,
+            valid,
+            score: None,
+        }
+    }
+}
+
+impl TrainData<Seq2Seq> for Data {
+    fn epoch(&self, e: u64) -> qkv::Result<Vec<Seq2SeqBatch>> {
+        Ok(epoch(&self.pairs, self.seed, e))
+    }
+    fn validate(&mut self, m: &mut Seq2Seq) -> qkv::Result<Validation> {
+        match &mut self.score {
+            Some(f) => Ok(f()),
+            None => Ok(Validation {
+                loss: train::mean_loss(m, &self.valid)?,
+                metric: None,
+            }),
+        }
+    }
+}
+
 fn config(max_steps: u64) -> TrainConfig {
     TrainConfig {
         max_steps,
@@ -71,42 +109,22 @@ fn model() -> Seq2Seq {
     Seq2Seq::new(cfg, 1).unwrap()
 }
 
-fn run(dir: &Path, cfg: &TrainConfig, resume: bool) -> (Vec<(u64, f32)>, Outcome, Seq2Seq) {
-    let data = corpus();
-    let valid = epoch(&data[..8], 0, 0);
-    let mut m = model();
-    let mut opt = AdamW::new(cfg.optimizer.clone(), m.params().len());
-    let mut state = TrainerState::default();
-    let run = RunDir {
+fn run_dir(dir: &Path) -> RunDir {
+    RunDir {
         path: dir.to_path_buf(),
         extra_files: vec![],
-    };
+    }
+}
+
+fn run(dir: &Path, cfg: &TrainConfig, resume: bool) -> (Vec<(u64, f32)>, Outcome, Seq2Seq) {
+    let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(dir))).unwrap();
     if resume {
-        let (_, last) = run.checkpoints().unwrap().pop().unwrap();
-        qkv::checkpoint::load(&last, &m.config.clone(), &mut m.params).unwrap();
-        opt = qkv::checkpoint::load_optimizer(&last, &m.params).unwrap();
-        state = train::load_state(&last).unwrap();
+        let last = run_dir(dir).latest().unwrap().unwrap();
+        t.resume_from(&last).unwrap();
     }
     let mut losses = Losses(Vec::new());
-    let mut validate = |m: &mut Seq2Seq| -> qkv::Result<Validation> {
-        Ok(Validation {
-            loss: train::mean_loss(m, &valid)?,
-            metric: None,
-        })
-    };
-    let ep = |e: u64| epoch(&data, cfg.seed, e);
-    let outcome = train::train(
-        &mut m,
-        &mut opt,
-        &mut state,
-        cfg,
-        &ep,
-        &mut validate,
-        Some(&run),
-        &mut losses,
-    )
-    .unwrap();
-    (losses.0, outcome, m)
+    let outcome = t.fit(&mut Data::new(cfg.seed), &mut losses).unwrap();
+    (losses.0, outcome, t.model)
 }
 
 #[test]
@@ -134,12 +152,7 @@ fn resumed_run_reproduces_uninterrupted_losses_exactly() {
     }
     assert_eq!(resumed_model.params.data, full_model.params.data);
     // keep_last = 2 checkpoints, plus best/.
-    let ckpts = RunDir {
-        path: a.clone(),
-        extra_files: vec![],
-    }
-    .checkpoints()
-    .unwrap();
+    let ckpts = run_dir(&a).checkpoints().unwrap();
     assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![9, 10]);
     assert!(a.join("best").join("model.safetensors").exists());
     let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
@@ -152,58 +165,23 @@ fn resumed_run_reproduces_uninterrupted_losses_exactly() {
 fn nan_stops_training_and_keeps_the_last_checkpoint() {
     let tmp = std::env::temp_dir().join(format!("qkv-nan-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let data = corpus();
-    let mut m = model();
     let cfg = TrainConfig {
         save_every: 2,
         valid_every: 0,
         ..config(8)
     };
-    let mut opt = AdamW::new(cfg.optimizer.clone(), m.params().len());
-    let mut state = TrainerState::default();
-    let run = RunDir {
-        path: tmp.clone(),
-        extra_files: vec![],
-    };
-    let mut validate = |_: &mut Seq2Seq| -> qkv::Result<Validation> {
-        Ok(Validation {
-            loss: 0.0,
-            metric: None,
-        })
-    };
-    // Poison one weight after step 2 is saved: the next forward produces NaN.
-    struct Poison;
-    impl Observer for Poison {}
-    let ep = |e: u64| epoch(&data, cfg.seed, e);
     let first = TrainConfig {
         max_steps: 2,
         ..cfg.clone()
     };
-    train::train(
-        &mut m,
-        &mut opt,
-        &mut state,
-        &first,
-        &ep,
-        &mut validate,
-        Some(&run),
-        &mut Poison,
-    )
-    .unwrap();
+    let mut t = Trainer::new(model(), first, Some(run_dir(&tmp))).unwrap();
+    let mut data = Data::new(cfg.seed);
+    t.fit(&mut data, &mut ()).unwrap();
     let saved = std::fs::read(tmp.join("checkpoint-0000002").join("model.safetensors")).unwrap();
-    m.params.data[0] = f32::NAN;
-    let err = train::train(
-        &mut m,
-        &mut opt,
-        &mut state,
-        &cfg,
-        &ep,
-        &mut validate,
-        Some(&run),
-        &mut Poison,
-    )
-    .unwrap_err();
-    let msg = err.to_string();
+    // Poison one weight after step 2 is saved: the next forward produces NaN.
+    t.model.params.data[0] = f32::NAN;
+    t.cfg = cfg;
+    let msg = t.fit(&mut data, &mut ()).unwrap_err().to_string();
     assert!(
         msg.contains("non-finite") && msg.contains("step 3"),
         "{msg}"
@@ -266,7 +244,6 @@ fn bf16_training_tracks_f32_and_resumes_exactly() {
 fn averaging_the_last_checkpoints_replaces_best_only_when_it_validates_better() {
     let tmp = std::env::temp_dir().join(format!("qkv-average-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let data = corpus();
     let cfg = TrainConfig {
         save_every: 2,
         keep_last: 3,
@@ -290,36 +267,21 @@ fn averaging_the_last_checkpoints_replaces_best_only_when_it_validates_better() 
     }
     for rising in [true, false] {
         let dir = tmp.join(if rising { "rising" } else { "falling" });
-        let run = RunDir {
-            path: dir.clone(),
-            extra_files: vec![],
-        };
-        let mut m = model();
-        let mut opt = AdamW::new(cfg.optimizer.clone(), m.params().len());
-        let mut state = TrainerState::default();
+        let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&dir))).unwrap();
         // A score that rises (falls) with every validation: the average, validated last,
         // is then the best (worst) model seen.
         let mut calls = 0.0;
-        let mut validate = |_: &mut Seq2Seq| -> qkv::Result<Validation> {
+        let mut data = Data::new(cfg.seed);
+        data.score = Some(Box::new(move || {
             calls += 1.0;
-            Ok(Validation {
+            Validation {
                 loss: 1.0,
                 metric: Some(("score".into(), if rising { calls } else { -calls })),
-            })
-        };
-        let ep = |e: u64| epoch(&data, cfg.seed, e);
+            }
+        }));
         let mut seen = Averages(Vec::new());
-        train::train(
-            &mut m,
-            &mut opt,
-            &mut state,
-            &cfg,
-            &ep,
-            &mut validate,
-            Some(&run),
-            &mut seen,
-        )
-        .unwrap();
+        t.fit(&mut data, &mut seen).unwrap();
+        let m = t.model;
         assert_eq!(seen.0, vec![(3, rising)]);
         let load = |d: &Path| {
             let mut p = model().params;
@@ -342,6 +304,102 @@ fn averaging_the_last_checkpoints_replaces_best_only_when_it_validates_better() 
             // The first validation (update 4) stayed the best.
             assert_eq!(best, ckpts[0]);
         }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// With a time limit the trainer fits the run's horizon to the time after timing the first
+/// updates: the run ends its schedule (the cosine at its minimum) inside the limit, and the
+/// horizon is saved so a resumed run keeps it.
+#[test]
+fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
+    let tmp = std::env::temp_dir().join(format!("qkv-budget-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    // Each update takes at least 30 ms (the observer sleeps, so the tiny model's compute and
+    // the machine's load hardly move it): 4 s hold about 130 updates.
+    struct Slow {
+        logs: Vec<StepLog>,
+        horizon: Option<u64>,
+        stop_at: Option<u64>,
+    }
+    impl Observer for Slow {
+        fn on_step(&mut self, log: &StepLog) {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            self.logs.push(log.clone());
+        }
+        fn on_horizon(&mut self, horizon: u64, _max: u64, _s: f64) {
+            self.horizon = Some(horizon);
+        }
+        fn should_stop(&mut self) -> bool {
+            self.stop_at
+                .is_some_and(|s| self.logs.last().is_some_and(|l| l.step >= s))
+        }
+    }
+    let (max_steps, min) = (1000, 1e-4);
+    let cfg = TrainConfig {
+        schedule: Schedule::Cosine {
+            peak: 3e-3,
+            min,
+            warmup: 50,
+            total: max_steps,
+        },
+        accumulate: 1,
+        valid_every: 0,
+        save_every: 0,
+        time_limit_s: Some(4.0),
+        ..config(max_steps)
+    };
+    let start = std::time::Instant::now();
+    let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&tmp.join("full")))).unwrap();
+    let mut obs = Slow {
+        logs: Vec::new(),
+        horizon: None,
+        stop_at: None,
+    };
+    let outcome = t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap();
+    let horizon = obs.horizon.expect("no horizon fitted");
+    assert!(horizon < max_steps && horizon > 40, "horizon {horizon}");
+    assert_eq!(t.state.horizon, Some(horizon));
+    assert_eq!(outcome, Outcome::Finished, "stopped at {}", t.state.step);
+    assert_eq!(t.state.step, horizon);
+    assert!(start.elapsed().as_secs_f64() < 4.5, "{:?}", start.elapsed());
+    let last = obs.logs.last().unwrap();
+    assert_eq!(last.last_step, horizon);
+    assert!(
+        (last.lr - min).abs() < 1e-7,
+        "the schedule did not end: lr {}",
+        last.lr
+    );
+
+    // Interrupted after the fit: the checkpoint holds the horizon, and the resumed run
+    // ends at it with the same learning rates.
+    let dir = tmp.join("resumed");
+    let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&dir))).unwrap();
+    let mut obs = Slow {
+        logs: Vec::new(),
+        horizon: None,
+        stop_at: Some(60),
+    };
+    assert_eq!(
+        t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap(),
+        Outcome::Interrupted
+    );
+    let fitted = t.state.horizon.expect("fitted before step 60");
+    let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&dir))).unwrap();
+    t.resume_from(&run_dir(&dir).latest().unwrap().unwrap())
+        .unwrap();
+    assert_eq!(t.state.horizon, Some(fitted));
+    let mut obs = Slow {
+        logs: Vec::new(),
+        horizon: None,
+        stop_at: None,
+    };
+    t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap();
+    assert_eq!(obs.horizon, None, "the horizon was fitted again");
+    let schedule = cfg.schedule.for_horizon(fitted, max_steps);
+    for log in &obs.logs {
+        assert_eq!(log.last_step, fitted);
+        assert_eq!(log.lr, schedule.lr(log.step), "step {}", log.step);
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }

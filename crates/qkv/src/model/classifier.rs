@@ -4,19 +4,21 @@
 
 use super::config::{Family, ModelConfig, Pooling};
 use super::embedding::Embedding;
-use super::encoder::EncoderStack;
 use super::linear::Linear;
-use super::{buf, finite, Mode, Model, SiteIds, Tokens};
+use super::stack::Stack;
+use super::{
+    buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
+};
+use crate::data::ClassifyBatch;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::attention::Masks;
-use crate::kernels::loss::cross_entropy_forward_backward;
 use crate::params::{ParamBuilder, Params};
 
 pub struct Classifier {
     pub config: ModelConfig,
     pub params: Params,
     pub embed: Embedding,
-    pub encoder: EncoderStack,
+    pub encoder: Stack,
     /// None when `n_classes` is 0 (an embedding model).
     pub head: Option<Linear>,
     pad: Vec<bool>,
@@ -25,18 +27,13 @@ pub struct Classifier {
     dlogits: Vec<f32>,
     dpooled: Vec<f32>,
     dh: Vec<f32>, // (B, T, C)
-    shape: Option<(usize, usize)>,
+    /// (B, T) of the last training forward.
+    last: LastPass<(usize, usize)>,
 }
 
 impl Classifier {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
-        config.validate()?;
-        if config.family != Family::Classifier {
-            return Err(Error::Config(format!(
-                "expected family classifier, got {:?}",
-                config.family
-            )));
-        }
+        check_family(&config, Family::Classifier)?;
         let cfg = &config;
         let mut pb = ParamBuilder::default();
         let mut sites = SiteIds::default();
@@ -55,11 +52,12 @@ impl Classifier {
         )
         .with_token_types(&mut pb, "embed_types", cfg.token_types)
         .with_norm(&mut pb, "embed_norm", cfg.embed_norm, cfg.layer_norm_eps);
-        let encoder = EncoderStack::new(&mut pb, "encoder", cfg.n_encoder_layers, cfg, &mut sites);
+        let n_layers = cfg.n_encoder_layers;
+        let encoder = Stack::new(&mut pb, "encoder", n_layers, false, cfg, &mut sites);
         let head = (cfg.n_classes > 0)
             .then(|| Linear::new(&mut pb, "head", cfg.d_model, cfg.n_classes, true));
         Ok(Self {
-            params: pb.build(seed),
+            params: pb.build(seed)?,
             config,
             embed,
             encoder,
@@ -70,7 +68,7 @@ impl Classifier {
             dlogits: Vec::new(),
             dpooled: Vec::new(),
             dh: Vec::new(),
-            shape: None,
+            last: LastPass::Nothing,
         })
     }
 
@@ -83,29 +81,36 @@ impl Classifier {
             .max(1)
     }
 
-    /// tokens: (B, T) → logits (B, K)
-    pub fn forward(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
-        if self.head.is_none() {
-            return Err(Error::Config(
+    /// Inference: tokens (B, T) → logits (B, K).
+    pub fn logits(&mut self, tokens: Tokens) -> Result<&[f32]> {
+        self.last = LastPass::Other("an inference forward");
+        self.run(tokens, Mode::EVAL)
+    }
+
+    fn head(&self) -> Result<&Linear> {
+        self.head.as_ref().ok_or_else(|| {
+            Error::Config(
                 "this model has no class head (n_classes 0): use it for embeddings".into(),
-            ));
-        }
+            )
+        })
+    }
+
+    fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
+        self.head()?;
         let b = tokens.batch;
         self.pool(tokens, mode)?;
-        let head = self.head.as_ref().expect("checked above");
-        let k = self.config.n_classes;
-        let c = self.config.d_model;
-        head.forward(
-            &self.params.data,
-            &self.pooled[..b * c],
-            buf(&mut self.logits, b * k),
-        );
+        let (k, c) = (self.config.n_classes, self.config.d_model);
+        let logits = buf(&mut self.logits, b * k);
+        if let Some(head) = &self.head {
+            head.forward(&self.params.data, &self.pooled[..b * c], logits);
+        }
         Ok(&self.logits[..b * k])
     }
 
     /// Sentence embeddings: tokens (B, T) → pooled encoder states (B, C), each row scaled to
     /// unit L2 norm (sentence-transformers' `Normalize`). Evaluation mode.
     pub fn features(&mut self, tokens: Tokens) -> Result<&[f32]> {
+        self.last = LastPass::Other("features");
         let (b, c) = (tokens.batch, self.config.d_model);
         self.pool(tokens, Mode::EVAL)?;
         for row in self.pooled[..b * c].chunks_mut(c) {
@@ -113,7 +118,6 @@ impl Classifier {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
             row.iter_mut().for_each(|v| *v /= norm);
         }
-        self.shape = None;
         Ok(&self.pooled[..b * c])
     }
 
@@ -128,7 +132,7 @@ impl Classifier {
             causal: false,
             window: None,
         };
-        let h = self.encoder.forward(p, x, b, t, &masks, mode);
+        let h = self.encoder.forward(p, x, b, t, &masks, None, mode);
         let pooled = buf(&mut self.pooled, b * c);
         for (row, out) in pooled.chunks_mut(c).enumerate() {
             out.iter_mut().for_each(|v| *v = 0.0);
@@ -143,20 +147,32 @@ impl Classifier {
                 }
             }
         }
-        self.shape = Some((b, t));
         Ok(())
     }
+}
 
-    /// Loss of the last forward against `labels` (B), and every parameter's gradient.
-    pub fn backward(&mut self, labels: &[u32], label_smoothing: f32) -> Result<f32> {
-        let head = self
-            .head
-            .as_ref()
-            .ok_or_else(|| Error::Config("this model has no class head (n_classes 0)".into()))?;
-        let (b, t) = self
-            .shape
-            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
-        let (c, k) = (self.config.d_model, self.config.n_classes);
+impl Model for Classifier {
+    type Batch = ClassifyBatch;
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn params(&self) -> &Params {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    fn loss_count(&self, batch: &ClassifyBatch) -> usize {
+        batch.batch
+    }
+
+    /// Loss of predicting each row's label.
+    fn forward(&mut self, batch: &ClassifyBatch, mode: Mode) -> Result<Forward<'_>> {
+        self.head()?;
+        let (b, t, k) = (batch.batch, batch.len, self.config.n_classes);
+        let labels = &batch.labels;
         if labels.len() != b {
             return Err(shape_err("labels", b, labels.len()));
         }
@@ -168,24 +184,34 @@ impl Classifier {
                 n_classes: k,
             });
         }
-        let dlogits = buf(&mut self.dlogits, b * k);
-        let (loss, _) = cross_entropy_forward_backward(
-            dlogits,
-            &self.logits[..b * k],
-            labels,
-            k,
-            None,
-            label_smoothing,
-        );
-        finite("loss", loss)?;
-        self.params.zero_grad();
+        self.last = LastPass::Other("a failed forward");
+        self.run(Tokens::new(&batch.tokens, b, t)?, mode)?;
+        let logits = &self.logits[..b * k];
+        let loss = loss_of(logits, &mut self.dlogits, labels, k, None, mode)?;
+        self.last = if mode.grad {
+            LastPass::Train((b, t))
+        } else {
+            LastPass::Other("an evaluation forward")
+        };
+        Ok(Forward { loss, logits })
+    }
+
+    fn backward(&mut self, scale: f32) -> Result<()> {
+        let (b, t) = self.last.take_for_backward()?;
+        let (c, k) = (self.config.d_model, self.config.n_classes);
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Usage("no class head".into()))?;
+        let dlogits = &mut self.dlogits[..b * k];
+        scale_grad(dlogits, scale);
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dpooled = buf(&mut self.dpooled, b * c);
         head.backward(
             p,
             g,
             &self.pooled[..b * c],
-            &self.dlogits[..b * k],
+            dlogits,
             Some(dpooled),
             false,
             false,
@@ -204,20 +230,10 @@ impl Classifier {
                 }
             }
         }
-        let dx = self.encoder.backward(p, g, &self.dh[..b * t * c]);
+        let dx = self
+            .encoder
+            .backward(p, g, &self.dh[..b * t * c], true, None);
         self.embed.backward(p, g, dx);
-        Ok(loss)
-    }
-}
-
-impl Model for Classifier {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-    fn params(&self) -> &Params {
-        &self.params
-    }
-    fn params_mut(&mut self) -> &mut Params {
-        &mut self.params
+        Ok(())
     }
 }

@@ -15,6 +15,17 @@ pub enum Family {
     Lm,
 }
 
+impl Family {
+    /// The name configs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Seq2seq => "seq2seq",
+            Family::Classifier => "classifier",
+            Family::Lm => "lm",
+        }
+    }
+}
+
 /// Where LayerNorm sits around each sublayer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

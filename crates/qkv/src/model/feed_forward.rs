@@ -140,7 +140,7 @@ mod tests {
         for act in [Activation::Relu, Activation::Gelu] {
             let mut pb = ParamBuilder::default();
             let ffn = FeedForward::new(&mut pb, "ffn", c, f, act);
-            let mut params = pb.build(5);
+            let mut params = pb.build(5).unwrap();
             // Non-zero biases, so the bias gradients and activations are not trivial.
             params.data.iter_mut().for_each(|v| *v += 0.01);
             let mut rng = Rng::new(6);

@@ -5,7 +5,11 @@
 //! Rows are what is being decoded (batch × beam). Beam search reorders rows with
 //! [`KvCache::reorder`]; the cross-attention blocks stay per source and rows point at them.
 
+use super::embedding::Embedding;
+use super::linear::project_out;
+use super::stack::Stack;
 use crate::error::{shape_err, Error, Result};
+use crate::params::Param;
 
 /// One layer's keys and values: `blocks` blocks of `rows` positions of `[K | V]` (2C floats).
 /// A linear-attention layer keeps instead a fixed recurrent state of `state` floats per block
@@ -130,6 +134,27 @@ pub trait Incremental {
     fn vocab(&self) -> usize;
     /// tokens: (R) the newest token of each row → logits (R, V) for the next position.
     fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]>;
+}
+
+/// One incremental step of a decoder stack (a Seq2Seq's decoder or a language model): embed
+/// each row's newest token at position `cache.len`, run the stack over the cache, project to
+/// logits (R, V).
+pub(crate) fn decoder_step<'a>(
+    p: &[f32],
+    embed: &mut Embedding,
+    stack: &mut Stack,
+    output: Param,
+    logits: &'a mut Vec<f32>,
+    cache: &mut KvCache,
+    tokens: &[u32],
+) -> Result<&'a [f32]> {
+    let cross = stack.layers.iter().any(|l| l.cross.is_some());
+    cache.check_step(tokens, stack.layers.len(), cross)?;
+    let x = embed.step(p, tokens, cache.len)?;
+    let h = stack.step(p, x, cache);
+    let v = project_out(p, output, h, logits, embed.c);
+    cache.len += 1;
+    Ok(&logits[..tokens.len() * v])
 }
 
 /// What one decoding step of a layer needs besides its own cache.

@@ -134,6 +134,18 @@ impl Linear {
     }
 }
 
+/// The output projection's (V, C) table: the embedding table it is `tied` to (§3.4), or a
+/// new `output.weight`.
+pub fn output_weight(pb: &mut ParamBuilder, tied: Option<Param>, v: usize, c: usize) -> Param {
+    tied.unwrap_or_else(|| {
+        pb.add(
+            "output.weight",
+            &[v, c],
+            Init::Normal((c as f32).powf(-0.5)),
+        )
+    })
+}
+
 /// Output projection to the vocabulary, possibly sharing an embedding table (§3.4):
 /// `logits = h Eᵀ`, no bias. h: (N, C), logits: (N, V)
 pub fn project_out(p: &[f32], table: Param, h: &[f32], logits: &mut Vec<f32>, c: usize) -> usize {

@@ -1,40 +1,37 @@
-//! Decoder-only language model: embedding → causal self-attention layers (the encoder block
-//! with a causal mask, as GPT) → projection to the vocabulary.
+//! Decoder-only language model: embedding → causal self-attention blocks (the stack's block
+//! without cross-attention, under a causal mask, as GPT) → projection to the vocabulary.
 
 use super::config::{Family, ModelConfig};
 use super::embedding::Embedding;
-use super::encoder::EncoderStack;
-use super::kv_cache::{Incremental, KvCache};
-use super::linear::{project_out, project_out_backward};
-use super::{buf, finite, Mode, Model, SiteIds, Tokens};
-use crate::error::{shape_err, Error, Result};
+use super::kv_cache::{decoder_step, Incremental, KvCache};
+use super::linear::{output_weight, project_out, project_out_backward};
+use super::stack::Stack;
+use super::{
+    buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
+};
+use crate::data::LmBatch;
+use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
-use crate::kernels::loss::cross_entropy_forward_backward;
-use crate::params::{Init, Param, ParamBuilder, Params};
+use crate::params::{Param, ParamBuilder, Params};
 
 pub struct LanguageModel {
     pub config: ModelConfig,
     pub params: Params,
     pub embed: Embedding,
-    /// Named `decoder` in the checkpoint: decoder-only layers (no cross-attention).
-    pub decoder: EncoderStack,
+    /// Named `decoder` in the checkpoint: blocks without cross-attention.
+    pub decoder: Stack,
     pub output: Param,
     pad: Vec<bool>,
     logits: Vec<f32>,
     dlogits: Vec<f32>,
     dh: Vec<f32>,
-    shape: Option<(usize, usize)>,
+    /// (B, T) of the last training forward.
+    last: LastPass<(usize, usize)>,
 }
 
 impl LanguageModel {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
-        config.validate()?;
-        if config.family != Family::Lm {
-            return Err(Error::Config(format!(
-                "expected family lm, got {:?}",
-                config.family
-            )));
-        }
+        check_family(&config, Family::Lm)?;
         let cfg = &config;
         let c = cfg.d_model;
         let mut pb = ParamBuilder::default();
@@ -52,18 +49,12 @@ impl LanguageModel {
             "tokens",
             sites.next(),
         );
-        let decoder = EncoderStack::new(&mut pb, "decoder", cfg.n_decoder_layers, cfg, &mut sites);
-        let output = if cfg.tie_output {
-            embed.table
-        } else {
-            pb.add(
-                "output.weight",
-                &[cfg.vocab_size, c],
-                Init::Normal((c as f32).powf(-0.5)),
-            )
-        };
+        let n_layers = cfg.n_decoder_layers;
+        let decoder = Stack::new(&mut pb, "decoder", n_layers, false, cfg, &mut sites);
+        let tied = cfg.tie_output.then_some(embed.table);
+        let output = output_weight(&mut pb, tied, cfg.vocab_size, c);
         Ok(Self {
-            params: pb.build(seed),
+            params: pb.build(seed)?,
             config,
             embed,
             decoder,
@@ -72,12 +63,17 @@ impl LanguageModel {
             logits: Vec::new(),
             dlogits: Vec::new(),
             dh: Vec::new(),
-            shape: None,
+            last: LastPass::Nothing,
         })
     }
 
-    /// tokens: (B, T) → logits (B, T, V)
-    pub fn forward(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
+    /// Inference: tokens (B, T) → logits (B, T, V).
+    pub fn logits(&mut self, tokens: Tokens) -> Result<&[f32]> {
+        self.last = LastPass::Other("an inference forward");
+        self.run(tokens, Mode::EVAL)
+    }
+
+    fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
         let p = &self.params.data;
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
         let x = self.embed.forward(p, tokens, mode)?;
@@ -87,58 +83,14 @@ impl LanguageModel {
             causal: true,
             window: None,
         };
-        let h = self.decoder.forward(p, x, b, t, &masks, mode);
+        let h = self.decoder.forward(p, x, b, t, &masks, None, mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
-        self.shape = Some((b, t));
         Ok(&self.logits[..b * t * v])
     }
 
-    /// Loss of the last forward against next-token `targets` (B, T), and every gradient.
-    pub fn backward(&mut self, targets: &[u32], label_smoothing: f32) -> Result<f32> {
-        let (b, t) = self
-            .shape
-            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
-        let (c, v) = (self.config.d_model, self.config.vocab_size);
-        if targets.len() != b * t {
-            return Err(shape_err("targets", format!("{b} x {t}"), targets.len()));
-        }
-        Tokens {
-            ids: targets,
-            batch: b,
-            len: t,
-        }
-        .check_vocab("targets", v)?;
-        let dlogits = buf(&mut self.dlogits, b * t * v);
-        let (loss, _) = cross_entropy_forward_backward(
-            dlogits,
-            &self.logits[..b * t * v],
-            targets,
-            v,
-            Some(self.config.pad_id),
-            label_smoothing,
-        );
-        finite("loss", loss)?;
-        self.params.zero_grad();
-        let (p, g) = (&self.params.data, &mut self.params.grad);
-        let dh = buf(&mut self.dh, b * t * c);
-        project_out_backward(
-            p,
-            g,
-            self.output,
-            self.decoder.output(b * t * c),
-            &self.dlogits[..b * t * v],
-            dh,
-            c,
-        );
-        let dx = self.decoder.backward(p, g, &self.dh[..b * t * c]);
-        self.embed.backward(p, g, dx);
-        Ok(loss)
-    }
-}
-
-impl LanguageModel {
     /// Start incremental decoding of `rows` sequences of at most `max_len` positions.
-    pub fn start_decoding(&self, rows: usize, max_len: usize) -> KvCache {
+    pub fn start_decoding(&mut self, rows: usize, max_len: usize) -> KvCache {
+        self.last = LastPass::Other("start_decoding");
         let capacity = max_len.min(self.config.max_len);
         KvCache::new(
             rows,
@@ -150,23 +102,9 @@ impl LanguageModel {
     }
 }
 
-impl Incremental for LanguageModel {
-    fn vocab(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
-        cache.check_step(tokens, self.decoder.layers.len(), false)?;
-        let (p, c) = (&self.params.data, self.config.d_model);
-        let x = self.embed.step(p, tokens, cache.len)?;
-        let h = self.decoder.step(p, x, cache);
-        let v = project_out(p, self.output, h, &mut self.logits, c);
-        cache.len += 1;
-        Ok(&self.logits[..tokens.len() * v])
-    }
-}
-
 impl Model for LanguageModel {
+    type Batch = LmBatch;
+
     fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -175,5 +113,67 @@ impl Model for LanguageModel {
     }
     fn params_mut(&mut self) -> &mut Params {
         &mut self.params
+    }
+
+    fn loss_count(&self, batch: &LmBatch) -> usize {
+        let pad = self.config.pad_id;
+        batch.target.iter().filter(|&&t| t != pad).count()
+    }
+
+    /// Loss of predicting each next token (`target`, the input shifted by one), padding
+    /// ignored.
+    fn forward(&mut self, batch: &LmBatch, mode: Mode) -> Result<Forward<'_>> {
+        let (b, t, v) = (batch.batch, batch.len, self.config.vocab_size);
+        let targets = Tokens::new(&batch.target, b, t)
+            .map_err(|_| shape_err("targets", format!("{b} x {t}"), batch.target.len()))?;
+        targets.check_vocab("targets", v)?;
+        self.last = LastPass::Other("a failed forward");
+        self.run(Tokens::new(&batch.input, b, t)?, mode)?;
+        let logits = &self.logits[..b * t * v];
+        let pad = Some(self.config.pad_id);
+        let loss = loss_of(logits, &mut self.dlogits, targets.ids, v, pad, mode)?;
+        self.last = if mode.grad {
+            LastPass::Train((b, t))
+        } else {
+            LastPass::Other("an evaluation forward")
+        };
+        Ok(Forward { loss, logits })
+    }
+
+    fn backward(&mut self, scale: f32) -> Result<()> {
+        let (b, t) = self.last.take_for_backward()?;
+        let (c, v) = (self.config.d_model, self.config.vocab_size);
+        let dlogits = &mut self.dlogits[..b * t * v];
+        scale_grad(dlogits, scale);
+        let (p, g) = (&self.params.data, &mut self.params.grad);
+        let dh = buf(&mut self.dh, b * t * c);
+        let h = self.decoder.output(b * t * c);
+        project_out_backward(p, g, self.output, h, dlogits, dh, c);
+        let dx = self
+            .decoder
+            .backward(p, g, &self.dh[..b * t * c], true, None);
+        self.embed.backward(p, g, dx);
+        Ok(())
+    }
+}
+
+impl Incremental for LanguageModel {
+    fn vocab(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
+        self.last = LastPass::Other("a decoding step");
+        let p = &self.params.data;
+        let (embed, stack) = (&mut self.embed, &mut self.decoder);
+        decoder_step(
+            p,
+            embed,
+            stack,
+            self.output,
+            &mut self.logits,
+            cache,
+            tokens,
+        )
     }
 }

@@ -1,24 +1,28 @@
 //! Layers, blocks and the three model families. Files read in paper order:
 //! `config` → `linear`, `norm`, `embedding` (leaf layers) → `attention`, `feed_forward`
-//! (sublayers, §3.2–3.3) → `encoder`, `decoder` (blocks and stacks, Figure 1) →
-//! `seq2seq`, `classifier`, `lm` (models). Models do no IO.
+//! (sublayers, §3.2–3.3) → `stack` (blocks and stacks, Figure 1) → `seq2seq`, `classifier`,
+//! `lm` (models). Models do no IO.
 //!
 //! Every layer has an explicit `forward` that keeps what its `backward` needs in buffers it
 //! owns (allocated on first use, reused while shapes do not grow) and a `backward` that
 //! accumulates parameter gradients into the flat gradient buffer.
+//!
+//! The model contract ([`Model`]), as llm.c's: `forward(batch, mode)` returns the loss
+//! against the batch's targets; after a training-mode forward, `backward(scale)` adds
+//! `scale × ∂loss/∂θ` into `params.grad`. Nothing zeroes the gradients but the caller (the
+//! trainer), so gradient accumulation is a sequence of forward/backward pairs.
 
 pub mod attention;
 pub mod classifier;
 pub mod config;
-pub mod decoder;
 pub mod embedding;
-pub mod encoder;
 pub mod feed_forward;
 pub mod kv_cache;
 pub mod linear;
 pub mod lm;
 pub mod norm;
 pub mod seq2seq;
+pub mod stack;
 
 pub use classifier::Classifier;
 pub use config::{AttentionKind, Family, ModelConfig, NormPlacement, Pooling, Positional};
@@ -28,25 +32,35 @@ pub use seq2seq::Seq2Seq;
 
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::dropout::Dropout;
+use crate::kernels::loss::{cross_entropy, CrossEntropy};
 use crate::params::Params;
 use crate::rng;
 
-/// Train or evaluate: dropout is active only in training, with a fresh seed per step.
-#[derive(Clone, Copy, Debug)]
+/// How a forward runs: evaluation, or training (dropout with a fresh seed per micro-batch,
+/// label smoothing, and the loss gradient kept for `backward`).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Mode {
     pub dropout: f32,
     pub seed: u64,
+    /// §5.4: ε_ls of the training objective.
+    pub label_smoothing: f32,
+    /// Keep ∂loss/∂logits for a `backward` (training); evaluation computes the loss only.
+    pub grad: bool,
 }
 
 impl Mode {
     pub const EVAL: Mode = Mode {
         dropout: 0.0,
         seed: 0,
+        label_smoothing: 0.0,
+        grad: false,
     };
-    pub fn train(dropout: f32, step_seed: u64) -> Self {
+    pub fn train(dropout: f32, label_smoothing: f32, seed: u64) -> Self {
         Self {
             dropout,
-            seed: step_seed,
+            seed,
+            label_smoothing,
+            grad: true,
         }
     }
     /// The dropout of one site (`id` unique per place in the model).
@@ -105,11 +119,155 @@ impl<'a> Tokens<'a> {
     }
 }
 
-/// What the trainer, benchmarks and checkpoints need from any model.
+/// The loss of one forward against its batch's targets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Loss {
+    /// The training objective (label smoothing included), mean over the counted targets:
+    /// what `backward` differentiates.
+    pub mean: f32,
+    /// Σ −log p(target) over the counted targets, without smoothing (validation, perplexity).
+    pub nll_sum: f64,
+    /// Targets counted: non-padding tokens, or examples.
+    pub count: usize,
+}
+
+/// What a forward returns: the loss and the logits it came from.
+pub struct Forward<'a> {
+    pub loss: Loss,
+    /// (B, T, V) for sequence models, (B, K) for the classifier.
+    pub logits: &'a [f32],
+}
+
+/// What the trainer, evaluation, benchmarks and checkpoints need from any model family.
 pub trait Model {
+    /// Inputs and targets of one forward (`data::Seq2SeqBatch`, …).
+    type Batch;
     fn config(&self) -> &ModelConfig;
     fn params(&self) -> &Params;
     fn params_mut(&mut self) -> &mut Params;
+    /// Targets the loss of `batch` averages over (what the trainer weights micro-batches by).
+    fn loss_count(&self, batch: &Self::Batch) -> usize;
+    /// Forward over `batch` and its loss. In a training `mode` the activations and the loss
+    /// gradient stay for [`Model::backward`]; an evaluation forward runs forward only.
+    fn forward(&mut self, batch: &Self::Batch, mode: Mode) -> Result<Forward<'_>>;
+    /// Add `scale × ∂loss/∂θ` of the last training forward into `params.grad` (the caller
+    /// zeroes it). An error, never a wrong gradient, when something replaced that forward's
+    /// activations (another forward, decoding) or there was none.
+    fn backward(&mut self, scale: f32) -> Result<()>;
+}
+
+/// What a model's buffers hold, so `backward` can refuse activations that are not its
+/// training forward's. `S` is the shape of that forward.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) enum LastPass<S> {
+    #[default]
+    Nothing,
+    /// A training forward of this shape; backward may follow (once).
+    Train(S),
+    /// Something else ran last (named for the error).
+    Other(&'static str),
+}
+
+impl<S: Copy> LastPass<S> {
+    /// The training forward's shape, consuming it: a second backward is an error too.
+    pub(crate) fn take_for_backward(&mut self) -> Result<S> {
+        match std::mem::replace(self, LastPass::Other("backward")) {
+            LastPass::Train(s) => Ok(s),
+            LastPass::Nothing => Err(Error::Usage(
+                "backward needs a training-mode forward first".into(),
+            )),
+            LastPass::Other(what) => Err(Error::Usage(format!(
+                "backward after {what}: the training forward's activations are gone \
+                 (run forward in training mode again)"
+            ))),
+        }
+    }
+}
+
+/// The loss of `logits` (N, V) against `targets` (N), ignoring `ignore`; in a training
+/// `mode` ∂loss/∂logits goes to `dlogits`. A non-finite loss is an error.
+pub(crate) fn loss_of(
+    logits: &[f32],
+    dlogits: &mut Vec<f32>,
+    targets: &[u32],
+    v: usize,
+    ignore: Option<u32>,
+    mode: Mode,
+) -> Result<Loss> {
+    let d = mode.grad.then(|| buf(dlogits, logits.len()));
+    let CrossEntropy {
+        mean,
+        nll_sum,
+        count,
+    } = cross_entropy(d, logits, targets, v, ignore, mode.label_smoothing);
+    finite("loss", mean)?;
+    Ok(Loss {
+        mean,
+        nll_sum,
+        count,
+    })
+}
+
+/// Multiply a loss gradient by `scale` (gradient accumulation weights micro-batches).
+pub(crate) fn scale_grad(d: &mut [f32], scale: f32) {
+    if scale != 1.0 {
+        d.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
+/// A model of any family: the one place that switches on [`Family`].
+pub enum AnyModel {
+    Seq2Seq(Seq2Seq),
+    Classifier(Classifier),
+    Lm(LanguageModel),
+}
+
+impl AnyModel {
+    /// A freshly initialised model of `config`'s family.
+    pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
+        Ok(match config.family {
+            Family::Seq2seq => AnyModel::Seq2Seq(Seq2Seq::new(config, seed)?),
+            Family::Classifier => AnyModel::Classifier(Classifier::new(config, seed)?),
+            Family::Lm => AnyModel::Lm(LanguageModel::new(config, seed)?),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            AnyModel::Seq2Seq(m) => &m.config,
+            AnyModel::Classifier(m) => &m.config,
+            AnyModel::Lm(m) => &m.config,
+        }
+    }
+
+    pub fn params(&self) -> &Params {
+        match self {
+            AnyModel::Seq2Seq(m) => &m.params,
+            AnyModel::Classifier(m) => &m.params,
+            AnyModel::Lm(m) => &m.params,
+        }
+    }
+
+    pub fn params_mut(&mut self) -> &mut Params {
+        match self {
+            AnyModel::Seq2Seq(m) => &mut m.params,
+            AnyModel::Classifier(m) => &mut m.params,
+            AnyModel::Lm(m) => &mut m.params,
+        }
+    }
+}
+
+/// Refuse a config of another family (each family's constructor calls this first).
+pub(crate) fn check_family(config: &ModelConfig, family: Family) -> Result<()> {
+    config.validate()?;
+    if config.family != family {
+        return Err(Error::Config(format!(
+            "expected family {}, got {}",
+            family.name(),
+            config.family.name()
+        )));
+    }
+    Ok(())
 }
 
 /// Grow-only scratch buffer: `&mut v[..n]`, reallocating only when `n` exceeds the capacity seen so far.

@@ -2,24 +2,25 @@
 //! decoder over the encoder output → linear projection to target-vocabulary logits.
 
 use super::config::{Family, ModelConfig};
-use super::decoder::{DecoderStack, Memory};
 use super::embedding::Embedding;
-use super::encoder::EncoderStack;
-use super::kv_cache::{Incremental, KvCache};
-use super::linear::{project_out, project_out_backward};
-use super::{buf, finite, Mode, Model, SiteIds, Tokens};
-use crate::error::{shape_err, Error, Result};
+use super::kv_cache::{decoder_step, Incremental, KvCache};
+use super::linear::{output_weight, project_out, project_out_backward};
+use super::stack::{Memory, Stack};
+use super::{
+    buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
+};
+use crate::data::Seq2SeqBatch;
+use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
-use crate::kernels::loss::cross_entropy_forward_backward;
-use crate::params::{Init, Param, ParamBuilder, Params};
+use crate::params::{Param, ParamBuilder, Params};
 
 pub struct Seq2Seq {
     pub config: ModelConfig,
     pub params: Params,
     pub src_embed: Embedding,
     pub tgt_embed: Embedding,
-    pub encoder: EncoderStack,
-    pub decoder: DecoderStack,
+    pub encoder: Stack,
+    pub decoder: Stack,
     /// (Vt, C): `output.weight`, or the target (or shared) embedding table when tied.
     pub output: Param,
     src_pad: Vec<bool>,
@@ -28,18 +29,15 @@ pub struct Seq2Seq {
     dlogits: Vec<f32>,
     dmemory: Vec<f32>,
     ddec: Vec<f32>,
-    shape: Option<(usize, usize, usize)>, // (B, S, T) of the last forward
+    /// (B, S) of the source the encoder holds, which `decode` must match.
+    encoded: Option<(usize, usize)>,
+    /// (B, S, T) of the last training forward.
+    last: LastPass<(usize, usize, usize)>,
 }
 
 impl Seq2Seq {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
-        config.validate()?;
-        if config.family != Family::Seq2seq {
-            return Err(Error::Config(format!(
-                "expected family seq2seq, got {:?}",
-                config.family
-            )));
-        }
+        check_family(&config, Family::Seq2seq)?;
         let cfg = &config;
         let (c, vt) = (cfg.d_model, cfg.tgt_vocab());
         let mut pb = ParamBuilder::default();
@@ -71,19 +69,13 @@ impl Seq2Seq {
             "target",
             sites.next(),
         );
-        let encoder = EncoderStack::new(&mut pb, "encoder", cfg.n_encoder_layers, cfg, &mut sites);
-        let decoder = DecoderStack::new(&mut pb, "decoder", cfg, &mut sites);
-        let output = if cfg.share_embeddings || cfg.tie_output {
-            tgt_embed.table
-        } else {
-            pb.add(
-                "output.weight",
-                &[vt, c],
-                Init::Normal((c as f32).powf(-0.5)),
-            )
-        };
+        let (n_enc, n_dec) = (cfg.n_encoder_layers, cfg.n_decoder_layers);
+        let encoder = Stack::new(&mut pb, "encoder", n_enc, false, cfg, &mut sites);
+        let decoder = Stack::new(&mut pb, "decoder", n_dec, true, cfg, &mut sites);
+        let tied = (cfg.share_embeddings || cfg.tie_output).then_some(tgt_embed.table);
+        let output = output_weight(&mut pb, tied, vt, c);
         Ok(Self {
-            params: pb.build(seed),
+            params: pb.build(seed)?,
             config,
             src_embed,
             tgt_embed,
@@ -96,14 +88,46 @@ impl Seq2Seq {
             dlogits: Vec::new(),
             dmemory: Vec::new(),
             ddec: Vec::new(),
-            shape: None,
+            encoded: None,
+            last: LastPass::Nothing,
         })
     }
 
-    /// Encode the source: (B, S) → memory (B, S, C). The encoder stack keeps it as its output,
-    /// which the decoder reads until the next `encode`.
-    pub fn encode(&mut self, src: Tokens, mode: Mode) -> Result<&[f32]> {
+    /// Encode the source: (B, S) → memory (B, S, C). The encoder keeps it as its output,
+    /// which [`Seq2Seq::decode`] reads until the next `encode`.
+    pub fn encode(&mut self, src: Tokens) -> Result<&[f32]> {
+        self.last = LastPass::Other("encode");
+        self.run_encoder(src, Mode::EVAL)
+    }
+
+    /// Decode over the memory of the last [`Seq2Seq::encode`]: tgt_in (B, T) → logits
+    /// (B, T, Vt). The batch must be the encoded source's.
+    pub fn decode(&mut self, tgt_in: Tokens) -> Result<&[f32]> {
+        self.last = LastPass::Other("decode");
+        self.run_decoder(tgt_in, Mode::EVAL)
+    }
+
+    /// Inference over whole sequences: (src (B, S), tgt_in (B, T)) → logits (B, T, Vt).
+    pub fn logits(&mut self, src: Tokens, tgt_in: Tokens) -> Result<&[f32]> {
+        self.last = LastPass::Other("an inference forward");
+        self.run(src, tgt_in, Mode::EVAL)
+    }
+
+    fn run(&mut self, src: Tokens, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
+        if src.batch != tgt_in.batch {
+            return Err(shape_err(
+                "target batch",
+                format!("{} rows (as the source)", src.batch),
+                tgt_in.batch,
+            ));
+        }
+        self.run_encoder(src, mode)?;
+        self.run_decoder(tgt_in, mode)
+    }
+
+    fn run_encoder(&mut self, src: Tokens, mode: Mode) -> Result<&[f32]> {
         let p = &self.params.data;
+        self.encoded = None;
         let x = self.src_embed.forward(p, src, mode)?;
         src.padding_mask(self.config.pad_id, &mut self.src_pad);
         let masks = Masks {
@@ -111,22 +135,29 @@ impl Seq2Seq {
             causal: false,
             window: None,
         };
-        Ok(self.encoder.forward(p, x, src.batch, src.len, &masks, mode))
+        let memory = self
+            .encoder
+            .forward(p, x, src.batch, src.len, &masks, None, mode);
+        self.encoded = Some((src.batch, src.len));
+        Ok(memory)
     }
 
-    /// Decode over the memory of the last [`Seq2Seq::encode`]: tgt_in (B, T) → logits (B, T, Vt).
-    pub fn decode(&mut self, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
-        let (b, s) = (tgt_in.batch, self.src_pad.len() / tgt_in.batch.max(1));
-        if self.src_pad.len() != b * s || s == 0 {
-            return Err(shape_err(
-                "decoder batch",
-                format!(
-                    "{} rows (the encoded source)",
-                    self.src_pad.len() / s.max(1)
-                ),
-                b,
-            ));
-        }
+    fn run_decoder(&mut self, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
+        let (b, s) = match self.encoded {
+            Some((b, s)) if b == tgt_in.batch => (b, s),
+            Some((b, _)) => {
+                return Err(shape_err(
+                    "decoder batch",
+                    format!("{b} rows (the encoded source)"),
+                    tgt_in.batch,
+                ))
+            }
+            None => {
+                return Err(crate::error::Error::Usage(
+                    "decode needs an encoded source (call encode first)".into(),
+                ))
+            }
+        };
         let p = &self.params.data;
         let c = self.config.d_model;
         let y = self.tgt_embed.forward(p, tgt_in, mode)?;
@@ -143,80 +174,17 @@ impl Seq2Seq {
         };
         let h = self
             .decoder
-            .forward(p, y, b, tgt_in.len, &masks, memory, mode);
+            .forward(p, y, b, tgt_in.len, &masks, Some(memory), mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
-        self.shape = Some((b, s, tgt_in.len));
         Ok(&self.logits[..b * tgt_in.len * v])
-    }
-
-    /// Full forward: (src (B, S), tgt_in (B, T)) → logits (B, T, Vt).
-    pub fn forward(&mut self, src: Tokens, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
-        if src.batch != tgt_in.batch {
-            return Err(shape_err(
-                "target batch",
-                format!("{} rows (as the source)", src.batch),
-                tgt_in.batch,
-            ));
-        }
-        self.encode(src, mode)?;
-        self.decode(tgt_in, mode)
-    }
-
-    /// Loss of the last forward against `tgt_out` (B, T), and every parameter's gradient
-    /// (overwriting `params.grad`).
-    pub fn backward(&mut self, tgt_out: &[u32], label_smoothing: f32) -> Result<f32> {
-        let (b, s, t) = self
-            .shape
-            .ok_or_else(|| Error::Config("backward called before forward".into()))?;
-        let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
-        if tgt_out.len() != b * t {
-            return Err(shape_err(
-                "target output",
-                format!("{b} x {t}"),
-                tgt_out.len(),
-            ));
-        }
-        Tokens {
-            ids: tgt_out,
-            batch: b,
-            len: t,
-        }
-        .check_vocab("target output", vt)?;
-        let dlogits = buf(&mut self.dlogits, b * t * vt);
-        let (loss, _) = cross_entropy_forward_backward(
-            dlogits,
-            &self.logits[..b * t * vt],
-            tgt_out,
-            vt,
-            Some(self.config.pad_id),
-            label_smoothing,
-        );
-        finite("loss", loss)?;
-        self.params.zero_grad();
-        let (p, g) = (&self.params.data, &mut self.params.grad);
-        let h = self.decoder.output(b * t * c);
-        let ddec = buf(&mut self.ddec, b * t * c);
-        project_out_backward(p, g, self.output, h, &self.dlogits[..b * t * vt], ddec, c);
-        let dmemory = buf(&mut self.dmemory, b * s * c);
-        dmemory.iter_mut().for_each(|v| *v = 0.0);
-        let dy = self.decoder.backward(
-            p,
-            g,
-            self.encoder.output(b * s * c),
-            &self.ddec[..b * t * c],
-            dmemory,
-        );
-        self.tgt_embed.backward(p, g, dy);
-        let dx = self.encoder.backward(p, g, &self.dmemory[..b * s * c]);
-        self.src_embed.backward(p, g, dx);
-        Ok(loss)
     }
 
     /// Encode the source and start incremental decoding of its `B` rows for at most
     /// `max_len` target positions (BOS included): the cross-attention keys and values of every
     /// decoder layer are computed here, once.
     pub fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache> {
-        self.encode(src, Mode::EVAL)?;
+        self.encode(src)?;
+        self.last = LastPass::Other("start_decoding");
         let (b, s, c) = (src.batch, src.len, self.config.d_model);
         let capacity = max_len.min(self.config.max_len);
         let mut cache = KvCache::new(
@@ -234,23 +202,9 @@ impl Seq2Seq {
     }
 }
 
-impl Incremental for Seq2Seq {
-    fn vocab(&self) -> usize {
-        self.config.tgt_vocab()
-    }
-
-    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
-        cache.check_step(tokens, self.decoder.layers.len(), true)?;
-        let (p, c) = (&self.params.data, self.config.d_model);
-        let x = self.tgt_embed.step(p, tokens, cache.len)?;
-        let h = self.decoder.step(p, x, cache);
-        let v = project_out(p, self.output, h, &mut self.logits, c);
-        cache.len += 1;
-        Ok(&self.logits[..tokens.len() * v])
-    }
-}
-
 impl Model for Seq2Seq {
+    type Batch = Seq2SeqBatch;
+
     fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -259,5 +213,75 @@ impl Model for Seq2Seq {
     }
     fn params_mut(&mut self) -> &mut Params {
         &mut self.params
+    }
+
+    fn loss_count(&self, batch: &Seq2SeqBatch) -> usize {
+        batch.n_tokens
+    }
+
+    /// Loss of predicting `tgt_out` from (src, tgt_in), padding ignored.
+    fn forward(&mut self, batch: &Seq2SeqBatch, mode: Mode) -> Result<Forward<'_>> {
+        let (b, s, t) = (batch.batch, batch.src_len, batch.tgt_len);
+        let vt = self.config.tgt_vocab();
+        let tgt_out = Tokens::new(&batch.tgt_out, b, t)
+            .map_err(|_| shape_err("target output", format!("{b} x {t}"), batch.tgt_out.len()))?;
+        tgt_out.check_vocab("target output", vt)?;
+        self.last = LastPass::Other("a failed forward");
+        let src = Tokens::new(&batch.src, b, s)?;
+        let tgt_in = Tokens::new(&batch.tgt_in, b, t)?;
+        self.run(src, tgt_in, mode)?;
+        let logits = &self.logits[..b * t * vt];
+        let pad = Some(self.config.pad_id);
+        let loss = loss_of(logits, &mut self.dlogits, tgt_out.ids, vt, pad, mode)?;
+        self.last = if mode.grad {
+            LastPass::Train((b, s, t))
+        } else {
+            LastPass::Other("an evaluation forward")
+        };
+        Ok(Forward { loss, logits })
+    }
+
+    fn backward(&mut self, scale: f32) -> Result<()> {
+        let (b, s, t) = self.last.take_for_backward()?;
+        let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
+        let dlogits = &mut self.dlogits[..b * t * vt];
+        scale_grad(dlogits, scale);
+        let (p, g) = (&self.params.data, &mut self.params.grad);
+        let h = self.decoder.output(b * t * c);
+        let ddec = buf(&mut self.ddec, b * t * c);
+        project_out_backward(p, g, self.output, h, dlogits, ddec, c);
+        let dmemory = buf(&mut self.dmemory, b * s * c);
+        dmemory.iter_mut().for_each(|v| *v = 0.0);
+        let memory = self.encoder.output(b * s * c);
+        let dy =
+            self.decoder
+                .backward(p, g, &self.ddec[..b * t * c], true, Some((memory, dmemory)));
+        self.tgt_embed.backward(p, g, dy);
+        let dx = self
+            .encoder
+            .backward(p, g, &self.dmemory[..b * s * c], true, None);
+        self.src_embed.backward(p, g, dx);
+        Ok(())
+    }
+}
+
+impl Incremental for Seq2Seq {
+    fn vocab(&self) -> usize {
+        self.config.tgt_vocab()
+    }
+
+    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
+        self.last = LastPass::Other("a decoding step");
+        let p = &self.params.data;
+        let (embed, stack) = (&mut self.tgt_embed, &mut self.decoder);
+        decoder_step(
+            p,
+            embed,
+            stack,
+            self.output,
+            &mut self.logits,
+            cache,
+            tokens,
+        )
     }
 }

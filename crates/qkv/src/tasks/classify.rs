@@ -2,7 +2,8 @@
 
 use crate::data::{batches_by_tokens, ClassifyBatch, Tokenizer};
 use crate::error::{Error, Result};
-use crate::model::{Classifier, Mode, Tokens};
+use crate::kernels::softmax::softmax_forward;
+use crate::model::{Classifier, Tokens};
 
 /// Class names in id order (sorted, so the mapping does not depend on file order).
 #[derive(Clone, Debug, PartialEq)]
@@ -116,13 +117,11 @@ pub fn predict(
     let k = model.config.n_classes;
     let mut out = vec![Vec::new(); texts.len()];
     for_batches(tok, texts, model.config.max_len, max_tokens, |b, idx| {
-        let logits = model.forward(Tokens::new(&b.tokens, b.batch, b.len)?, Mode::EVAL)?;
+        let logits = model.logits(Tokens::new(&b.tokens, b.batch, b.len)?)?;
+        let mut probs = logits.to_vec();
+        softmax_forward(&mut probs, k);
         for (row, &i) in idx.iter().enumerate() {
-            let l = &logits[row * k..(row + 1) * k];
-            let max = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let e: Vec<f32> = l.iter().map(|&x| (x - max).exp()).collect();
-            let s: f32 = e.iter().sum();
-            out[i] = e.iter().map(|x| x / s).collect();
+            out[i] = probs[row * k..(row + 1) * k].to_vec();
         }
         Ok(())
     })?;
@@ -147,15 +146,4 @@ pub fn embed(
         Ok(())
     })?;
     Ok(out)
-}
-
-/// Index of the largest probability.
-pub fn argmax(p: &[f32]) -> u32 {
-    p.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |a, (i, &v)| if v > a.1 { (i, v) } else { a },
-        )
-        .0 as u32
 }

@@ -80,14 +80,14 @@ impl TokenStream {
     }
 }
 
-/// Continue each prompt: `max_new` tokens at most, stopping at EOS. Returns prompt and
-/// continuation as one text.
+/// Continue each prompt: `max_new` tokens at most, stopping at EOS, each chosen by its own
+/// `choices[i]` (or `choices[0]` for all). Returns prompt and continuation as one text.
 pub fn complete(
     model: &mut LanguageModel,
     tok: &Tokenizer,
     prompts: &[String],
     max_new: usize,
-    choice: &Choice,
+    choices: &[Choice],
 ) -> Result<Vec<String>> {
     let mut prefixes = Vec::with_capacity(prompts.len());
     for p in prompts {
@@ -104,7 +104,7 @@ pub fn complete(
         });
     }
     let mut cache = model.start_decoding(prompts.len(), longest.saturating_add(max_new));
-    let out = generate(model, &mut cache, &prefixes, tok.eos, choice)?;
+    let out = generate(model, &mut cache, &prefixes, tok.eos, choices)?;
     // Prompt and continuation are decoded together: subword decoders join pieces across the
     // boundary (e.g. the space before a word-initial piece).
     let mut texts = Vec::with_capacity(out.len());

@@ -3,5 +3,6 @@
 //! outputs back into text or scores; none touches the terminal.
 
 pub mod classify;
+pub mod copy;
 pub mod lm;
 pub mod translate;

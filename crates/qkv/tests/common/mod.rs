@@ -1,5 +1,6 @@
 #![allow(dead_code)]
-use qkv::model::{Classifier, LanguageModel, Mode, ModelConfig, Seq2Seq, Tokens};
+use qkv::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
+use qkv::model::{Classifier, LanguageModel, Mode, Model, ModelConfig, Seq2Seq};
 use qkv::params::Params;
 use qkv::rng::Rng;
 
@@ -19,67 +20,52 @@ pub fn random_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * scale).collect()
 }
 
-/// One model of any family behind a loss function, for gradient checks and training tests.
-pub enum AnyModel {
-    Seq2Seq(Seq2Seq, Vec<u32>, Vec<u32>, Vec<u32>, usize, usize, usize),
-    Classifier(Classifier, Vec<u32>, Vec<u32>, usize, usize),
-    Lm(LanguageModel, Vec<u32>, Vec<u32>, usize, usize),
+/// One model of any family with one batch: a loss function of the parameters, for gradient
+/// checks, golden tests and training tests.
+pub enum Case {
+    Seq2Seq(Seq2Seq, Seq2SeqBatch),
+    Classifier(Classifier, ClassifyBatch),
+    Lm(LanguageModel, LmBatch),
 }
 
-impl AnyModel {
+impl Case {
     pub fn params(&mut self) -> &mut Params {
         match self {
-            AnyModel::Seq2Seq(m, ..) => &mut m.params,
-            AnyModel::Classifier(m, ..) => &mut m.params,
-            AnyModel::Lm(m, ..) => &mut m.params,
+            Case::Seq2Seq(m, _) => &mut m.params,
+            Case::Classifier(m, _) => &mut m.params,
+            Case::Lm(m, _) => &mut m.params,
         }
     }
 
-    /// Forward + backward on the stored batch: returns the loss, fills `params.grad`.
-    pub fn loss_and_grad(&mut self, smoothing: f32, mode: Mode) -> f32 {
+    /// Zeroed gradients, then forward (training `mode`) and backward on the batch: returns
+    /// the loss, fills `params.grad`.
+    pub fn loss_and_grad(&mut self, mode: Mode) -> f32 {
+        fn run<M: Model>(m: &mut M, b: &M::Batch, mode: Mode) -> f32 {
+            m.params_mut().zero_grad();
+            let loss = m.forward(b, mode).unwrap().loss.mean;
+            m.backward(1.0).unwrap();
+            loss
+        }
         match self {
-            AnyModel::Seq2Seq(m, src, tin, tout, b, s, t) => {
-                m.forward(
-                    Tokens::new(src, *b, *s).unwrap(),
-                    Tokens::new(tin, *b, *t).unwrap(),
-                    mode,
-                )
-                .unwrap();
-                m.backward(tout, smoothing).unwrap()
-            }
-            AnyModel::Classifier(m, x, y, b, t) => {
-                m.forward(Tokens::new(x, *b, *t).unwrap(), mode).unwrap();
-                m.backward(y, smoothing).unwrap()
-            }
-            AnyModel::Lm(m, x, y, b, t) => {
-                m.forward(Tokens::new(x, *b, *t).unwrap(), mode).unwrap();
-                m.backward(y, smoothing).unwrap()
-            }
+            Case::Seq2Seq(m, b) => run(m, b, mode),
+            Case::Classifier(m, b) => run(m, b, mode),
+            Case::Lm(m, b) => run(m, b, mode),
         }
     }
 
-    pub fn logits(&mut self, mode: Mode) -> Vec<f32> {
+    /// The logits of an evaluation forward.
+    pub fn logits(&mut self) -> Vec<f32> {
+        fn run<M: Model>(m: &mut M, b: &M::Batch) -> Vec<f32> {
+            m.forward(b, Mode::EVAL).unwrap().logits.to_vec()
+        }
         match self {
-            AnyModel::Seq2Seq(m, src, tin, _, b, s, t) => m
-                .forward(
-                    Tokens::new(src, *b, *s).unwrap(),
-                    Tokens::new(tin, *b, *t).unwrap(),
-                    mode,
-                )
-                .unwrap()
-                .to_vec(),
-            AnyModel::Classifier(m, x, _, b, t) => m
-                .forward(Tokens::new(x, *b, *t).unwrap(), mode)
-                .unwrap()
-                .to_vec(),
-            AnyModel::Lm(m, x, _, b, t) => m
-                .forward(Tokens::new(x, *b, *t).unwrap(), mode)
-                .unwrap()
-                .to_vec(),
+            Case::Seq2Seq(m, b) => run(m, b),
+            Case::Classifier(m, b) => run(m, b),
+            Case::Lm(m, b) => run(m, b),
         }
     }
 
-    /// Build a model for `cfg` with a random batch (padding at the end of row 1).
+    /// A model for `cfg` with a random batch (padding at the end of row 1).
     pub fn random(cfg: ModelConfig, seed: u64) -> Self {
         let mut rng = Rng::new(seed ^ 0xabc);
         let (b, s, t) = (3usize, 7usize, 6usize);
@@ -97,33 +83,60 @@ impl AnyModel {
             qkv::model::Family::Seq2seq => {
                 let vt = cfg.tgt_vocab();
                 let src = ids(b, s, cfg.vocab_size);
-                let tin = ids(b, t, vt);
-                let mut tout = ids(b, t, vt);
-                for (o, i) in tout.iter_mut().zip(&tin) {
+                let tgt_in = ids(b, t, vt);
+                let mut tgt_out = ids(b, t, vt);
+                for (o, i) in tgt_out.iter_mut().zip(&tgt_in) {
                     if *i == pad {
                         *o = pad;
                     }
                 }
-                AnyModel::Seq2Seq(Seq2Seq::new(cfg, seed).unwrap(), src, tin, tout, b, s, t)
+                let n_tokens = tgt_out.iter().filter(|&&x| x != pad).count();
+                let batch = Seq2SeqBatch {
+                    src,
+                    tgt_in,
+                    tgt_out,
+                    batch: b,
+                    src_len: s,
+                    tgt_len: t,
+                    n_tokens,
+                };
+                Case::Seq2Seq(Seq2Seq::new(cfg, seed).unwrap(), batch)
             }
             qkv::model::Family::Classifier => {
-                let x = ids(b, t, cfg.vocab_size);
+                let tokens = ids(b, t, cfg.vocab_size);
                 let k = cfg.n_classes as u64;
-                let y = (0..b).map(|_| rng.below(k) as u32).collect();
-                AnyModel::Classifier(Classifier::new(cfg, seed).unwrap(), x, y, b, t)
+                let labels = (0..b).map(|_| rng.below(k) as u32).collect();
+                let batch = ClassifyBatch {
+                    tokens,
+                    labels,
+                    batch: b,
+                    len: t,
+                };
+                Case::Classifier(Classifier::new(cfg, seed).unwrap(), batch)
             }
             qkv::model::Family::Lm => {
-                let x = ids(b, t, cfg.vocab_size);
-                let mut y = ids(b, t, cfg.vocab_size);
-                for (o, i) in y.iter_mut().zip(&x) {
+                let input = ids(b, t, cfg.vocab_size);
+                let mut target = ids(b, t, cfg.vocab_size);
+                for (o, i) in target.iter_mut().zip(&input) {
                     if *i == pad {
                         *o = pad;
                     }
                 }
-                AnyModel::Lm(LanguageModel::new(cfg, seed).unwrap(), x, y, b, t)
+                let batch = LmBatch {
+                    input,
+                    target,
+                    batch: b,
+                    len: t,
+                };
+                Case::Lm(LanguageModel::new(cfg, seed).unwrap(), batch)
             }
         }
     }
+}
+
+/// A training-mode forward without dropout: what golden tests and gradient checks run.
+pub fn train_mode(label_smoothing: f32) -> Mode {
+    Mode::train(0.0, label_smoothing, 0)
 }
 
 /// A tiny config of each family.

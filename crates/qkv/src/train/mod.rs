@@ -1,0 +1,474 @@
+//! The training loop: token-budget batches, gradient accumulation, a learning-rate schedule,
+//! AdamW with clipping, periodic validation, and checkpoints that make resuming exact.
+//!
+//! Each update zeroes the gradients, then runs a forward/backward pair per micro-batch, each
+//! backward adding its share (`scale = its targets / the update's targets`) of the update's
+//! mean-loss gradient: accumulation copies nothing.
+//!
+//! Exactness: everything random is a function of `(seed, step)` or `(seed, epoch)` — batch
+//! order ([`crate::data::batches_by_tokens`]) and dropout masks — and a checkpoint stores the
+//! parameters, the optimizer moments, the position in the epoch and the fitted horizon, so a
+//! resumed run computes the same losses as one that was never interrupted.
+//!
+//! Time limits: with `time_limit_s`, the trainer times the first updates after warm-up and a
+//! validation, then fits the run's horizon (the update its schedule ends at) to the time left
+//! ([`budget`]); the horizon is saved in the trainer state.
+
+mod average;
+mod budget;
+mod config;
+mod run_dir;
+
+pub use average::average_checkpoints;
+pub use config::TrainConfig;
+pub use run_dir::{
+    load_state, load_train_config, read_metrics, MetricsRow, RowKind, RunDir, BEST_DIR,
+    METRICS_FILE, TRAINER_STATE_FILE, TRAIN_CONFIG_FILE,
+};
+
+use crate::error::{Error, Result};
+use crate::kernels::matmul::set_matmul_precision;
+use crate::model::{Mode, Model};
+use crate::optim::AdamW;
+use crate::rng::hash;
+use crate::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// Where a run stands; saved in every checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainerState {
+    /// Updates done.
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of `epoch` already consumed.
+    pub batch_in_epoch: usize,
+    /// Best validation score so far (higher is better) and its step.
+    pub best: Option<(f64, u64)>,
+    /// Training seconds before this process (resumed runs add up).
+    pub elapsed_s: f64,
+    /// The update the run (and its schedule) ends at, when a time limit fitted it below
+    /// `max_steps`; `None` until fitted, or without a time limit.
+    pub horizon: Option<u64>,
+}
+
+/// One validation result: the loss per token, and optionally a task metric.
+#[derive(Clone, Debug)]
+pub struct Validation {
+    pub loss: f64,
+    /// e.g. ("accuracy", 81.3); the best checkpoint is chosen by it (higher is better), or
+    /// by the loss when there is none.
+    pub metric: Option<(String, f64)>,
+}
+
+impl Validation {
+    /// The value the best checkpoint is selected by (higher is better).
+    fn score(&self) -> f64 {
+        match &self.metric {
+            Some((_, v)) => *v,
+            None => -self.loss,
+        }
+    }
+}
+
+/// A task's data as the trainer sees it.
+pub trait TrainData<M: Model> {
+    /// The batches of one epoch: a pure function of the epoch (and the job's seed).
+    fn epoch(&self, epoch: u64) -> Result<Vec<M::Batch>>;
+    /// Score the model on held-out data.
+    fn validate(&mut self, model: &mut M) -> Result<Validation>;
+}
+
+/// Progress of one update, for progress bars and logs.
+#[derive(Clone, Debug)]
+pub struct StepLog {
+    pub step: u64,
+    /// The update the run ends at: `max_steps`, or the horizon fitted to a time limit.
+    pub last_step: u64,
+    pub epoch: u64,
+    pub loss: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    /// Seconds to `last_step` at the current speed.
+    pub eta_s: f64,
+}
+
+/// What the trainer reports and asks while it runs.
+pub trait Observer {
+    fn on_step(&mut self, _log: &StepLog) {}
+    fn on_validation(&mut self, _step: u64, _v: &Validation) {}
+    fn on_checkpoint(&mut self, _dir: &Path) {}
+    /// A time limit fitted the run to end at `horizon` updates (of `max_steps`), from
+    /// `seconds_per_update` measured after warm-up.
+    fn on_horizon(&mut self, _horizon: u64, _max_steps: u64, _seconds_per_update: f64) {}
+    /// The average of the last `n` checkpoints validated as `v`; `best` says whether it
+    /// became `best/`.
+    fn on_average(&mut self, _n: usize, _v: &Validation, _best: bool) {}
+    /// Polled every update; `true` saves a checkpoint and stops (Ctrl-C).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+impl Observer for () {}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The last update (`max_steps`, or the fitted horizon) is done.
+    Finished,
+    /// The time limit came before the last update.
+    TimeLimit,
+    Interrupted,
+}
+
+/// A model, its optimizer and the run's state: what a checkpoint holds.
+pub struct Trainer<M: Model> {
+    pub model: M,
+    pub opt: AdamW,
+    pub state: TrainerState,
+    pub cfg: TrainConfig,
+    /// Where checkpoints and metrics go; `None` trains in memory (tests, benchmarks).
+    pub run: Option<RunDir>,
+}
+
+/// Say at which update a loss or gradient went non-finite (nothing is saved after it).
+fn at_step(e: Error, step: u64) -> Error {
+    match e {
+        Error::NonFinite { what, value } => Error::NonFinite {
+            what: format!("{what} at step {step} (the last checkpoint is intact)"),
+            value,
+        },
+        e => e,
+    }
+}
+
+/// The clock of one `fit` call, counting the seconds of earlier processes too.
+struct Clock {
+    start: Instant,
+    before: f64,
+}
+
+impl Clock {
+    fn elapsed(&self) -> f64 {
+        self.before + self.start.elapsed().as_secs_f64()
+    }
+}
+
+impl<M: Model> Trainer<M> {
+    /// A fresh run: new optimizer moments, step 0.
+    pub fn new(model: M, cfg: TrainConfig, run: Option<RunDir>) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            opt: AdamW::new(cfg.optimizer.clone(), model.params().len()),
+            model,
+            state: TrainerState::default(),
+            cfg,
+            run,
+        })
+    }
+
+    /// Continue from checkpoint `dir`: its parameters, optimizer moments and trainer state.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let cfg = self.model.config().clone();
+        crate::checkpoint::load(dir, &cfg, self.model.params_mut())?;
+        self.opt = crate::checkpoint::load_optimizer(dir, self.model.params())?;
+        self.state = load_state(dir)?;
+        Ok(())
+    }
+
+    /// The update this run ends at.
+    pub fn last_step(&self) -> u64 {
+        self.state
+            .horizon
+            .unwrap_or(self.cfg.max_steps)
+            .min(self.cfg.max_steps)
+    }
+
+    fn schedule(&self) -> Schedule {
+        self.cfg
+            .schedule
+            .for_horizon(self.last_step(), self.cfg.max_steps)
+    }
+
+    /// Train until the last update, the time limit or an interruption; validates and saves a
+    /// checkpoint at the end (and every `valid_every` / `save_every` updates).
+    pub fn fit(
+        &mut self,
+        data: &mut dyn TrainData<M>,
+        observer: &mut dyn Observer,
+    ) -> Result<Outcome> {
+        self.cfg.validate()?;
+        let _precision = set_matmul_precision(self.cfg.precision);
+        if let Some(run) = &self.run {
+            std::fs::create_dir_all(&run.path).map_err(crate::checkpoint::io_err(&run.path))?;
+        }
+        let clock = Clock {
+            start: Instant::now(),
+            before: self.state.elapsed_s,
+        };
+        let mut batches = data.epoch(self.state.epoch)?;
+        if batches.is_empty() {
+            return Err(Error::Config(
+                "the training data produced no batches".into(),
+            ));
+        }
+        let mut speed = budget::Speed::new(self.state.step);
+        let (mut last_saved, mut last_validated) = (None, None);
+        let outcome = loop {
+            if self.state.step >= self.last_step() {
+                break Outcome::Finished;
+            }
+            if self.cfg.time_limit_s.is_some_and(|t| clock.elapsed() >= t) {
+                break Outcome::TimeLimit;
+            }
+            if observer.should_stop() {
+                break Outcome::Interrupted;
+            }
+            // An update's time includes its logging; validations and checkpoints are
+            // counted apart (the horizon fit times one validation).
+            let t0 = Instant::now();
+            let mut log = self.update(data, &mut batches)?;
+            log.elapsed_s = clock.elapsed();
+            log.tokens_per_s = speed.tokens_per_s();
+            log.eta_s = speed.seconds_per_update() * (self.last_step() - log.step) as f64;
+            observer.on_step(&log);
+            if let Some(run) = &self.run {
+                run.append_metrics(&MetricsRow {
+                    step: log.step,
+                    epoch: log.epoch,
+                    kind: RowKind::Train,
+                    loss: log.loss as f64,
+                    lr: Some(log.lr as f64),
+                    grad_norm: Some(log.grad_norm as f64),
+                    tokens_per_s: Some(log.tokens_per_s),
+                    metric: None,
+                    elapsed_s: log.elapsed_s,
+                })?;
+            }
+            speed.record(log.step, t0.elapsed().as_secs_f64(), log.tokens);
+            let step = self.state.step;
+            if self.state.horizon.is_none() && speed.ready() {
+                if let Some(limit) = self.cfg.time_limit_s {
+                    self.fit_horizon(data, observer, &clock, &speed, limit)?;
+                    last_validated = Some(step);
+                }
+            }
+            let last = step >= self.last_step();
+            if self.cfg.valid_every > 0 && step % self.cfg.valid_every == 0 && !last {
+                self.validate(data, observer, clock.elapsed())?;
+                last_validated = Some(step);
+            }
+            if self.cfg.save_every > 0 && step % self.cfg.save_every == 0 && !last {
+                self.save_checkpoint(observer, clock.elapsed())?;
+                last_saved = Some(step);
+            }
+        };
+        if self.state.step > 0 && last_validated != Some(self.state.step) {
+            self.validate(data, observer, clock.elapsed())?;
+        }
+        if self.state.step > 0 && last_saved != Some(self.state.step) {
+            self.save_checkpoint(observer, clock.elapsed())?;
+        }
+        self.state.elapsed_s = clock.elapsed();
+        if self.cfg.average_last > 1 && outcome != Outcome::Interrupted {
+            self.average_last(data, observer)?;
+        }
+        Ok(outcome)
+    }
+
+    /// One optimizer update over the next `accumulate` batches (moving to the next epoch
+    /// when this one runs out).
+    fn update(
+        &mut self,
+        data: &mut dyn TrainData<M>,
+        batches: &mut Vec<M::Batch>,
+    ) -> Result<StepLog> {
+        let step = self.state.step + 1;
+        // The update's batches: (epoch generation, index). An update that runs past the end
+        // of an epoch takes the next epoch's first batches; every batch it picked stays
+        // alive until its backward.
+        let mut gens = vec![std::mem::take(batches)];
+        let mut picked = Vec::with_capacity(self.cfg.accumulate);
+        for _ in 0..self.cfg.accumulate {
+            if self.state.batch_in_epoch >= gens[gens.len() - 1].len() {
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+                let next = data.epoch(self.state.epoch)?;
+                if next.is_empty() {
+                    return Err(Error::Config(format!(
+                        "epoch {} of the training data produced no batches",
+                        self.state.epoch
+                    )));
+                }
+                gens.push(next);
+            }
+            picked.push((gens.len() - 1, self.state.batch_in_epoch));
+            self.state.batch_in_epoch += 1;
+        }
+        let tokens: usize = picked
+            .iter()
+            .map(|&(g, i)| self.model.loss_count(&gens[g][i]))
+            .sum();
+        self.model.params_mut().zero_grad();
+        let mut loss_sum = 0.0f64;
+        for (m, &(g, i)) in picked.iter().enumerate() {
+            let seed = hash(self.cfg.seed, step * self.cfg.accumulate as u64 + m as u64);
+            let mode = Mode::train(self.model.config().dropout, self.cfg.label_smoothing, seed);
+            let batch = &gens[g][i];
+            let n = self.model.loss_count(batch);
+            let loss = self
+                .model
+                .forward(batch, mode)
+                .map_err(|e| at_step(e, step))?
+                .loss;
+            self.model
+                .backward(n as f32 / tokens.max(1) as f32)
+                .map_err(|e| at_step(e, step))?;
+            loss_sum += loss.mean as f64 * loss.count as f64;
+        }
+        *batches = gens.pop().unwrap_or_default();
+        let lr = self.schedule().lr(step);
+        let grad_norm = self
+            .opt
+            .step(self.model.params_mut(), lr)
+            .map_err(|e| at_step(e, step))?;
+        self.state.step = step;
+        Ok(StepLog {
+            step,
+            last_step: self.last_step(),
+            epoch: self.state.epoch,
+            loss: (loss_sum / tokens.max(1) as f64) as f32,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: 0.0,
+            elapsed_s: 0.0,
+            eta_s: 0.0,
+        })
+    }
+
+    /// Validate, log it, and save `best/` when the score improved.
+    fn validate(
+        &mut self,
+        data: &mut dyn TrainData<M>,
+        observer: &mut dyn Observer,
+        elapsed_s: f64,
+    ) -> Result<f64> {
+        let t0 = Instant::now();
+        let v = data.validate(&mut self.model)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        // A non-finite score (e.g. a diverging model) never counts as an improvement.
+        let score = v.score();
+        let improved = score.is_finite() && self.state.best.is_none_or(|(best, _)| score > best);
+        if improved {
+            self.state.best = Some((score, self.state.step));
+        }
+        if let Some(run) = &self.run {
+            run.append_metrics(&MetricsRow {
+                step: self.state.step,
+                epoch: self.state.epoch,
+                kind: RowKind::Valid,
+                loss: v.loss,
+                lr: None,
+                grad_norm: None,
+                tokens_per_s: None,
+                metric: v.metric.clone(),
+                elapsed_s,
+            })?;
+            if improved {
+                self.state.elapsed_s = elapsed_s;
+                let dir = run.save(BEST_DIR, &self.model, &self.opt, &self.state, &self.cfg)?;
+                observer.on_checkpoint(&dir);
+            }
+        }
+        observer.on_validation(self.state.step, &v);
+        Ok(seconds)
+    }
+
+    fn save_checkpoint(&mut self, observer: &mut dyn Observer, elapsed_s: f64) -> Result<()> {
+        if let Some(run) = &self.run {
+            self.state.elapsed_s = elapsed_s;
+            let name = format!("checkpoint-{:07}", self.state.step);
+            let dir = run.save(&name, &self.model, &self.opt, &self.state, &self.cfg)?;
+            run.prune(self.cfg.keep_last)?;
+            observer.on_checkpoint(&dir);
+        }
+        Ok(())
+    }
+
+    /// Time one validation, then fix the horizon: as many updates as the time left holds
+    /// with validations and checkpoints at their intervals and the run's end (final
+    /// validation, checkpoint, averaging) reserved.
+    fn fit_horizon(
+        &mut self,
+        data: &mut dyn TrainData<M>,
+        observer: &mut dyn Observer,
+        clock: &Clock,
+        speed: &budget::Speed,
+        limit: f64,
+    ) -> Result<()> {
+        let validation_s = self.validate(data, observer, clock.elapsed())?;
+        let costs = budget::Costs {
+            update_s: speed.seconds_per_update(),
+            validation_s,
+            valid_every: self.cfg.valid_every,
+            final_validations: if self.cfg.average_last > 1 { 2 } else { 1 },
+        };
+        let horizon = costs.horizon(self.state.step, limit - clock.elapsed());
+        self.state.horizon = Some(horizon.min(self.cfg.max_steps));
+        observer.on_horizon(self.last_step(), self.cfg.max_steps, costs.update_s);
+        Ok(())
+    }
+
+    /// Average the last `average_last` checkpoints and validate the average; it becomes
+    /// `best/` when it beats every validation so far. The model keeps its final parameters.
+    fn average_last(
+        &mut self,
+        data: &mut dyn TrainData<M>,
+        observer: &mut dyn Observer,
+    ) -> Result<()> {
+        let Some(run) = &self.run else {
+            return Ok(());
+        };
+        let dirs: Vec<_> = run
+            .checkpoints()?
+            .into_iter()
+            .rev()
+            .take(self.cfg.average_last)
+            .map(|(_, p)| p)
+            .collect();
+        if dirs.len() < 2 {
+            return Ok(());
+        }
+        let last = self.model.params().data.clone();
+        average_checkpoints(&dirs, self.model.params_mut())?;
+        let v = data.validate(&mut self.model)?;
+        let score = v.score();
+        let better = score.is_finite() && self.state.best.is_none_or(|(best, _)| score > best);
+        if better {
+            self.state.best = Some((score, self.state.step));
+            let dir = run.save(BEST_DIR, &self.model, &self.opt, &self.state, &self.cfg)?;
+            observer.on_checkpoint(&dir);
+        }
+        observer.on_average(dirs.len(), &v, better);
+        self.model.params_mut().data.copy_from_slice(&last);
+        Ok(())
+    }
+}
+
+/// Mean validation loss per target (no label smoothing) over `batches`, forward only.
+pub fn mean_loss<M: Model>(model: &mut M, batches: &[M::Batch]) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for b in batches {
+        let loss = model.forward(b, Mode::EVAL)?.loss;
+        sum += loss.nll_sum;
+        n += loss.count;
+    }
+    Ok(sum / n.max(1) as f64)
+}
