@@ -3,14 +3,13 @@
 //! HTML viewer (`assets/attention.html`: layer/head selectors, hover for the weight, and a
 //! per-layer overview of every head, like bertviz's model view; no network access).
 
-use crate::eval::{load_model_dir, AnyModel, Loaded};
+use crate::args::name_input;
 use crate::plot::register_font;
 use anyhow::{anyhow, bail, Context, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use qkv::data::Tokenizer;
-use qkv::inspect::{classifier_maps, lm_maps, seq2seq_maps, AttentionMap, MapKind};
-use qkv::model::Tokens;
+use qkv::inspect::{inspect, Inspection, MapKind};
+use qkv::model_dir::ModelDir;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -30,20 +29,13 @@ pub struct AttentionArgs {
     pub out: PathBuf,
 }
 
-/// Token labels and maps of one input.
-pub struct Inspection {
-    pub source: Vec<String>,
-    /// Decoder positions (translation: BOS then the target; LM: its tokens); empty otherwise.
-    pub target: Vec<String>,
-    pub maps: Vec<AttentionMap>,
-}
-
 pub fn run(a: AttentionArgs) -> Result<()> {
     if a.input.trim().is_empty() {
         bail!("--input is empty");
     }
-    let loaded = load_model_dir(&a.model)?;
-    let ins = inspect(loaded, &a.input, a.target.as_deref())?;
+    let mut dir = ModelDir::load(&a.model)?;
+    let ins =
+        inspect(&mut dir, &a.input, a.target.as_deref()).map_err(|e| name_input(e, "input"))?;
     if ins.maps.is_empty() {
         bail!(
             "{}: this model has no attention weights to show (linear attention computes none)",
@@ -92,74 +84,6 @@ pub fn run(a: AttentionArgs) -> Result<()> {
         html_path.display()
     );
     Ok(())
-}
-
-fn labels(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
-    ids.iter()
-        .map(|&i| tok.id_to_token(i).unwrap_or_else(|| format!("#{i}")))
-        .collect()
-}
-
-/// Tokenize, decode a translation when no target is given, and collect the maps.
-pub fn inspect(loaded: Loaded, input: &str, target: Option<&str>) -> Result<Inspection> {
-    let Loaded {
-        model,
-        tok,
-        tgt_tok,
-        ..
-    } = loaded;
-    match model {
-        AnyModel::Seq2Seq(mut m) => {
-            let max_len = m.config.max_len;
-            let mut src = tok.encode(input)?;
-            src.truncate(max_len - 1);
-            src.push(tok.eos);
-            let out = match target {
-                Some(t) => tgt_tok.encode(t)?,
-                None => {
-                    let limit = (src.len() * 3 / 2 + 10).min(max_len);
-                    let mut cache = m.start_decoding(Tokens::new(&src, 1, src.len())?, limit)?;
-                    qkv::decode::greedy(&mut m, &mut cache, tgt_tok.bos, tgt_tok.eos)?
-                        .pop()
-                        .unwrap_or_default()
-                }
-            };
-            let mut tgt_in = vec![tgt_tok.bos];
-            tgt_in.extend(out.iter().copied().filter(|&t| t != tgt_tok.eos));
-            tgt_in.truncate(max_len);
-            let maps = seq2seq_maps(&mut m, &src, &tgt_in)?;
-            Ok(Inspection {
-                source: labels(&tok, &src),
-                target: labels(&tgt_tok, &tgt_in),
-                maps,
-            })
-        }
-        AnyModel::Classifier(mut m) => {
-            let ids = tok.encode_single(input, m.config.max_len)?;
-            if ids.is_empty() {
-                bail!("--input has no tokens");
-            }
-            let maps = classifier_maps(&mut m, &ids)?;
-            Ok(Inspection {
-                source: labels(&tok, &ids),
-                target: Vec::new(),
-                maps,
-            })
-        }
-        AnyModel::Lm(mut m) => {
-            // As in generation: the text follows a start token (EOS).
-            let mut ids = vec![tok.eos];
-            ids.extend(tok.encode(input)?);
-            ids.truncate(m.config.max_len);
-            let maps = lm_maps(&mut m, &ids)?;
-            let l = labels(&tok, &ids);
-            Ok(Inspection {
-                source: l.clone(),
-                target: l,
-                maps,
-            })
-        }
-    }
 }
 
 /// (query labels, key labels) of a map kind.

@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use qkv::model::{Family, ModelConfig, Seq2Seq};
-use qkv::toy::{evaluate_copy, train_copy, CopyTask, PAD};
+use qkv::tasks::copy::{evaluate_copy, train_copy, CopyTask, PAD};
+use qkv::train::{Observer, StepLog};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -41,7 +42,7 @@ pub fn run(a: CopyArgs) -> Result<()> {
     cfg.max_len = a.len + 2;
     cfg.dropout = 0.0;
     cfg.pad_id = PAD;
-    let mut model = Seq2Seq::new(cfg, a.seed)?;
+    let model = Seq2Seq::new(cfg, a.seed)?;
     let task = CopyTask {
         len: a.len,
         vocab: a.vocab,
@@ -49,17 +50,10 @@ pub fn run(a: CopyArgs) -> Result<()> {
         steps: a.steps,
         seed: a.seed + 1,
     };
-    let start = Instant::now();
-    let opt = train_copy(&mut model, &task, &mut |step, loss, lr| {
-        if step % 100 == 0 || step == a.steps {
-            eprintln!(
-                "step {step:>5}  loss {loss:.4}  lr {lr:.2e}  {:.1}s",
-                start.elapsed().as_secs_f32()
-            );
-        }
-    })?;
+    let mut progress = Every100(Instant::now());
+    let mut trainer = train_copy(model, &task, &mut progress)?;
     let n = 200;
-    let eval = evaluate_copy(&mut model, &task, n, a.seed + 999)?;
+    let eval = evaluate_copy(&mut trainer.model, &task, n, a.seed + 999)?;
     println!(
         "held-out exact match: {}/{n} ({:.1}%)",
         eval.exact,
@@ -68,8 +62,26 @@ pub fn run(a: CopyArgs) -> Result<()> {
     for (s, o) in eval.sources.iter().zip(&eval.outputs).take(3) {
         println!("  source {s:?}\n  output {o:?}");
     }
-    qkv::checkpoint::save(&a.out, &model.config, &model.params, Some(&opt))
+    let m = &trainer.model;
+    qkv::checkpoint::save(&a.out, &m.config, &m.params, Some(&trainer.opt))
         .with_context(|| format!("saving to {}", a.out.display()))?;
     println!("model saved to {}", a.out.display());
     Ok(())
+}
+
+/// A line every 100 updates and at the last.
+struct Every100(Instant);
+
+impl Observer for Every100 {
+    fn on_step(&mut self, log: &StepLog) {
+        if log.step % 100 == 0 || log.step == log.last_step {
+            eprintln!(
+                "step {:>5}  loss {:.4}  lr {:.2e}  {:.1}s",
+                log.step,
+                log.loss,
+                log.lr,
+                self.0.elapsed().as_secs_f32()
+            );
+        }
+    }
 }

@@ -1,41 +1,55 @@
-//! `qkv translate`, `qkv classify`, `qkv generate` (stdin → stdout, batched) and `qkv average`.
+//! `qkv translate`, `qkv classify`, `qkv generate`, `qkv embed` (stdin → stdout, batched) and
+//! `qkv average`, over `qkv::model_dir::ModelDir` and the tasks' prediction functions.
 
-use crate::eval::{load_model_dir, AnyModel, Loaded};
-use crate::PrecisionArgs;
-use anyhow::{bail, Context, Result};
-use qkv::decode::{BeamConfig, Choice, Sampling};
-use qkv::tasks::classify::{argmax, embed, predict};
-use qkv::tasks::lm::complete;
-use qkv::tasks::translate::{translate, TranslateOptions};
-use std::io::{BufRead, Write};
+use crate::args::{name_input, stdin_lines, PrecisionArgs};
+use anyhow::{bail, Result};
+use qkv::decode::{argmax, Choice, DecodeConfig};
+use qkv::model::AnyModel;
+use qkv::model_dir::ModelDir;
+use qkv::tasks::{classify, lm, translate};
+use std::io::Write;
 use std::path::PathBuf;
 
-/// Lines of stdin (empty ones kept, so outputs align with inputs); invalid UTF-8 names the line.
-fn stdin_lines() -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for (i, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.with_context(|| format!("stdin line {}", i + 1))?;
-        out.push(line.trim_end_matches('\r').to_string());
+/// Decoding flags; each overrides the model's own default (its job's `decode` section).
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// Beam width (1: greedy).
+    #[arg(long)]
+    pub beam: Option<usize>,
+    /// Length penalty (fairseq's --lenpen).
+    #[arg(long)]
+    pub lenpen: Option<f32>,
+    /// Output length limit a·source_len + b.
+    #[arg(long)]
+    pub max_len_a: Option<f32>,
+    #[arg(long)]
+    pub max_len_b: Option<usize>,
+}
+
+impl DecodeArgs {
+    /// The model's decoding defaults with these flags applied.
+    pub fn over(&self, base: &DecodeConfig) -> Result<DecodeConfig> {
+        let d = DecodeConfig {
+            beam: self.beam.unwrap_or(base.beam),
+            length_penalty: self.lenpen.unwrap_or(base.length_penalty),
+            max_len_a: self.max_len_a.unwrap_or(base.max_len_a),
+            max_len_b: self.max_len_b.unwrap_or(base.max_len_b),
+            ..base.clone()
+        };
+        d.validate()?;
+        Ok(d)
     }
-    Ok(out)
 }
 
 #[derive(clap::Args)]
 pub struct TranslateArgs {
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value_t = 4)]
-    pub beam: usize,
-    /// Hypotheses per input (tab-separated on one line), at most --beam.
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+    /// Hypotheses per input (tab-separated on one line), at most the beam.
     #[arg(long, default_value_t = 1)]
     pub nbest: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub lenpen: f32,
-    /// Output length limit a·source_len + b.
-    #[arg(long, default_value_t = 1.5)]
-    pub max_len_a: f32,
-    #[arg(long, default_value_t = 10)]
-    pub max_len_b: usize,
     /// Source tokens per decoding batch.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
@@ -43,36 +57,35 @@ pub struct TranslateArgs {
     pub precision: PrecisionArgs,
 }
 
+fn load(path: &PathBuf) -> Result<ModelDir> {
+    Ok(ModelDir::load(path)?)
+}
+
+fn not_a(path: &PathBuf, what: &str) -> anyhow::Error {
+    anyhow::anyhow!("{} is not {what}", path.display())
+}
+
 pub fn run_translate(a: TranslateArgs) -> Result<()> {
     let _precision = a.precision.apply();
-    if a.beam == 0 || a.nbest == 0 || a.nbest > a.beam {
+    let mut dir = load(&a.model)?;
+    let opts = translate::TranslateOptions {
+        decode: a.decode.over(&dir.files.decode)?,
+        nbest: a.nbest,
+        max_tokens: a.max_tokens.max(1),
+    };
+    if a.nbest == 0 || a.nbest > opts.decode.beam {
         bail!(
             "need 1 <= --nbest <= --beam, got --nbest {} --beam {}",
             a.nbest,
-            a.beam
+            opts.decode.beam
         );
     }
-    let Loaded {
-        model,
-        tok,
-        tgt_tok,
-        ..
-    } = load_model_dir(&a.model)?;
-    let AnyModel::Seq2Seq(mut model) = model else {
-        bail!("{} is not a translation model", a.model.display());
-    };
-    let opts = TranslateOptions {
-        beam: BeamConfig {
-            beam: a.beam,
-            length_penalty: a.lenpen,
-            nbest: a.nbest,
-        },
-        max_len_a: a.max_len_a,
-        max_len_b: a.max_len_b,
-        max_tokens: a.max_tokens.max(1),
+    let AnyModel::Seq2Seq(model) = &mut dir.model else {
+        return Err(not_a(&a.model, "a translation model"));
     };
     let lines = stdin_lines()?;
-    let out = translate(&mut model, &tok, &tgt_tok, &lines, &opts)?;
+    let out = translate::translate(model, &dir.files, &lines, &opts)
+        .map_err(|e| name_input(e, "stdin line"))?;
     let mut stdout = std::io::stdout().lock();
     for hyps in out {
         writeln!(stdout, "{}", hyps.join("\t"))?;
@@ -84,6 +97,9 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
 pub struct ClassifyArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// Input tokens per batch.
+    #[arg(long, default_value_t = 8192)]
+    pub max_tokens: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,
 }
@@ -91,17 +107,16 @@ pub struct ClassifyArgs {
 /// One line per input: `label<TAB>probability`.
 pub fn run_classify(a: ClassifyArgs) -> Result<()> {
     let _precision = a.precision.apply();
-    let Loaded {
-        model, tok, labels, ..
-    } = load_model_dir(&a.model)?;
-    let (AnyModel::Classifier(mut model), Some(labels)) = (model, labels) else {
-        bail!("{} is not a classification model", a.model.display());
+    let mut dir = load(&a.model)?;
+    let (AnyModel::Classifier(model), Some(labels)) = (&mut dir.model, &dir.files.labels) else {
+        return Err(not_a(&a.model, "a classification model"));
     };
     let lines = stdin_lines()?;
-    let probs = predict(&mut model, &tok, &lines, 8192)?;
+    let probs = classify::predict(model, &dir.files.tokenizer, &lines, a.max_tokens.max(1))
+        .map_err(|e| name_input(e, "stdin line"))?;
     let mut stdout = std::io::stdout().lock();
     for p in probs {
-        let k = argmax(&p) as usize;
+        let k = argmax(&p);
         writeln!(stdout, "{}\t{:.4}", labels.0[k], p[k])?;
     }
     Ok(())
@@ -114,17 +129,20 @@ pub struct GenerateArgs {
     /// Prompt to continue (default: read prompts from stdin, one per line).
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long, default_value_t = 200)]
-    pub max_new_tokens: usize,
+    /// New tokens per prompt (default: the model's decoding setting).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// Pick the most likely token instead of sampling.
     #[arg(long)]
     pub greedy: bool,
-    #[arg(long, default_value_t = 0.8)]
-    pub temperature: f32,
+    #[arg(long)]
+    pub temperature: Option<f32>,
     #[arg(long)]
     pub top_k: Option<usize>,
     #[arg(long)]
     pub top_p: Option<f32>,
+    /// Seed of prompt 1's sample; prompt i samples with seed + i − 1, whatever else is
+    /// generated beside it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -133,26 +151,34 @@ pub struct GenerateArgs {
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let _precision = a.precision.apply();
-    let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
-    let AnyModel::Lm(mut model) = model else {
-        bail!("{} is not a language model", a.model.display());
+    let mut dir = load(&a.model)?;
+    let AnyModel::Lm(model) = &mut dir.model else {
+        return Err(not_a(&a.model, "a language model"));
     };
     let prompts = match a.prompt {
         Some(p) => vec![p],
         None => stdin_lines()?,
     };
-    let choice = if a.greedy {
-        Choice::Greedy
-    } else {
-        Choice::Sample(Sampling {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        })
+    let d = &dir.files.decode;
+    let sampling = DecodeConfig {
+        temperature: a.temperature.unwrap_or(d.temperature),
+        top_k: a.top_k.or(d.top_k),
+        top_p: a.top_p.or(d.top_p),
+        ..d.clone()
     };
-    let max_new = a.max_new_tokens.min(model.config.max_len.saturating_sub(1));
-    let out = complete(&mut model, &tok, &prompts, max_new, &choice)?;
+    let choices: Vec<Choice> = (0..prompts.len() as u64)
+        .map(|i| match a.greedy {
+            true => Choice::Greedy,
+            false => Choice::Sample(sampling.sampling(a.seed + i)),
+        })
+        .collect();
+    let max_new = a
+        .max_new_tokens
+        .unwrap_or(d.max_new_tokens)
+        .min(model.config.max_len.saturating_sub(1));
+    let tok = &dir.files.tokenizer;
+    let out = lm::complete(model, tok, &prompts, max_new, &choices)
+        .map_err(|e| name_input(e, "prompt"))?;
     let mut stdout = std::io::stdout().lock();
     for text in out {
         writeln!(stdout, "{text}")?;
@@ -176,15 +202,16 @@ pub struct EmbedArgs {
 /// Sentence embeddings of stdin lines: one JSON array (mean-pooled, unit length) per line.
 pub fn run_embed(a: EmbedArgs) -> Result<()> {
     let _precision = a.precision.apply();
-    let Loaded { model, tok, .. } = load_model_dir(&a.model)?;
-    let AnyModel::Classifier(mut model) = model else {
-        bail!(
-            "{} is not an encoder (embeddings need a classifier or a BERT-family model)",
-            a.model.display()
-        );
+    let mut dir = load(&a.model)?;
+    let AnyModel::Classifier(model) = &mut dir.model else {
+        return Err(not_a(
+            &a.model,
+            "an encoder (embeddings need a classifier or a BERT-family model)",
+        ));
     };
     let lines = stdin_lines()?;
-    let out = embed(&mut model, &tok, &lines, a.max_tokens.max(1))?;
+    let out = classify::embed(model, &dir.files.tokenizer, &lines, a.max_tokens.max(1))
+        .map_err(|e| name_input(e, "stdin line"))?;
     let mut stdout = std::io::stdout().lock();
     for v in out {
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
@@ -201,33 +228,17 @@ pub struct AverageArgs {
     pub output: PathBuf,
 }
 
-/// Average parameters; the output directory gets the first input's config and tokenizer files.
+/// Average parameters; the output is a model directory with the first input's files.
 pub fn run_average(a: AverageArgs) -> Result<()> {
     let first = &a.inputs[0];
-    let Loaded { model, .. } = load_model_dir(first)?;
-    let (cfg, mut params) = match model {
-        AnyModel::Seq2Seq(m) => (m.config, m.params),
-        AnyModel::Classifier(m) => (m.config, m.params),
-        AnyModel::Lm(m) => (m.config, m.params),
-    };
-    for dir in &a.inputs {
-        let c = qkv::checkpoint::load_config(dir)?;
-        if c != cfg {
-            bail!("{}: config differs from {}", dir.display(), first.display());
+    let mut dir = load(first)?;
+    for d in &a.inputs {
+        if &qkv::checkpoint::load_config(d)? != dir.model.config() {
+            bail!("{}: config differs from {}", d.display(), first.display());
         }
     }
-    qkv::train::average_checkpoints(&a.inputs, &mut params)?;
-    qkv::checkpoint::save(&a.output, &cfg, &params, None)?;
-    for f in [
-        "tokenizer.json",
-        crate::eval::TARGET_TOKENIZER,
-        crate::eval::LABELS_FILE,
-    ] {
-        if first.join(f).exists() {
-            std::fs::copy(first.join(f), a.output.join(f))
-                .with_context(|| format!("copying {f}"))?;
-        }
-    }
+    qkv::train::average_checkpoints(&a.inputs, dir.model.params_mut())?;
+    dir.save(&a.output)?;
     eprintln!(
         "averaged {} checkpoints into {}",
         a.inputs.len(),

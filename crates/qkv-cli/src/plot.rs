@@ -1,8 +1,9 @@
 //! The loss curve of a run (`loss.png`) from its `metrics.csv`: training loss (mean over a
 //! sliding window, since per-batch losses are noisy) and validation loss against the step.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use qkv::train::RowKind;
 use std::path::Path;
 use std::sync::Once;
 
@@ -18,35 +19,19 @@ pub fn register_font() {
     });
 }
 
-/// (train points, valid points) as (step, loss).
+/// (train points, valid points) as (step, loss); training losses as a sliding-window mean,
+/// since per-batch losses are noisy.
 type Curves = (Vec<(f64, f64)>, Vec<(f64, f64)>);
 
 fn read_metrics(csv: &Path) -> Result<Curves> {
-    let text =
-        std::fs::read_to_string(csv).with_context(|| format!("reading {}", csv.display()))?;
-    let (mut train, mut valid) = (Vec::new(), Vec::new());
-    for line in text.lines().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        let (Some(step), Some(kind), Some(loss)) = (f.first(), f.get(2), f.get(3)) else {
-            continue;
-        };
-        let (Ok(step), Ok(loss)) = (step.parse::<f64>(), loss.parse::<f64>()) else {
-            continue;
-        };
-        match *kind {
-            "train" => train.push((step, loss)),
-            "valid" => valid.push((step, loss)),
-            _ => {}
-        }
-    }
-    // A resumed run appends steps it may already have logged; keep the latest of each.
-    for v in [&mut train, &mut valid] {
-        let mut seen = std::collections::BTreeMap::new();
-        for &(s, l) in v.iter() {
-            seen.insert(s as u64, l);
-        }
-        *v = seen.into_iter().map(|(s, l)| (s as f64, l)).collect();
-    }
+    let rows = qkv::train::read_metrics(csv)?;
+    let points = |kind| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| (r.step as f64, r.loss))
+            .collect()
+    };
+    let (train, valid) = (points(RowKind::Train), points(RowKind::Valid));
     let w = (train.len() / 50).max(1);
     let smooth = (0..train.len())
         .map(|i| {

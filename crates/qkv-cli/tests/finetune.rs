@@ -85,7 +85,7 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
   "train": {{
     "max_steps": 16, "max_tokens": 256, "accumulate": 1,
     "schedule": {{ "kind": "cosine", "peak": 0.0002, "min": 0.00001, "warmup": 2, "total": 16 }},
-    "optimizer": {{ "lr": 0.0002, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0 }},
+    "optimizer": {{ "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0 }},
     "label_smoothing": 0.0, "seed": 1, "valid_every": 8, "save_every": 8, "keep_last": 1, "time_limit_s": null
   }},
   "out": "run",

@@ -44,7 +44,7 @@ fn job(dir: &Path, task: &str, model: &str, max_steps: u64, files: [&str; 3]) ->
   "train": {{
     "max_steps": {max_steps}, "max_tokens": 256, "accumulate": 1,
     "schedule": {{ "kind": "cosine", "peak": 0.003, "min": 0.0001, "warmup": 10, "total": {max_steps} }},
-    "optimizer": {{ "lr": 0.003, "beta1": 0.9, "beta2": 0.98, "eps": 1e-9, "weight_decay": 0.0, "clip_norm": 1.0 }},
+    "optimizer": {{ "beta1": 0.9, "beta2": 0.98, "eps": 1e-9, "weight_decay": 0.0, "clip_norm": 1.0 }},
     "label_smoothing": 0.1, "seed": 1, "valid_every": 20, "save_every": 20, "keep_last": 2, "time_limit_s": null
   }},
   "decode": {{ "beam": 2 }},

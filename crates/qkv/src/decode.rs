@@ -5,6 +5,89 @@
 use crate::error::{Error, Result};
 use crate::model::{Incremental, KvCache};
 use crate::rng::{hash, Rng};
+use serde::{Deserialize, Serialize};
+
+/// How a model decodes unless a flag or request says otherwise: a job's `decode` section,
+/// saved in every model directory it trains (`decode.json`), so `translate`, `eval`,
+/// `generate`, `serve` and `attention` decode as the job did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// Beam width; 1 is greedy decoding (default 4).
+    pub beam: usize,
+    /// fairseq's `--lenpen` (default 1.0).
+    pub length_penalty: f32,
+    /// Output length limit `a · source_len + b` (fairseq's `--max-len-a/b`; 1.5 and 10).
+    pub max_len_a: f32,
+    pub max_len_b: usize,
+    /// Language models: new tokens per prompt (default 200).
+    pub max_new_tokens: usize,
+    /// Language models: sampling temperature (default 0.8).
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            beam: 4,
+            length_penalty: 1.0,
+            max_len_a: 1.5,
+            max_len_b: 10,
+            max_new_tokens: 200,
+            temperature: 0.8,
+            top_k: None,
+            top_p: None,
+        }
+    }
+}
+
+impl DecodeConfig {
+    /// Reject settings decoding cannot use, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.beam == 0 {
+            return Err(Error::Config("decode.beam must be at least 1".into()));
+        }
+        if !(self.max_len_a >= 0.0 && self.max_len_a.is_finite()) {
+            return Err(Error::Config(format!(
+                "decode.max_len_a must be ≥ 0, got {}",
+                self.max_len_a
+            )));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::Config("decode.length_penalty must be finite".into()));
+        }
+        self.sampling(0).validate()
+    }
+
+    /// Beam search settings with `nbest` outputs.
+    pub fn beam(&self, nbest: usize) -> BeamConfig {
+        BeamConfig {
+            beam: self.beam,
+            length_penalty: self.length_penalty,
+            nbest,
+        }
+    }
+
+    /// Sampling settings with `seed`.
+    pub fn sampling(&self, seed: u64) -> Sampling {
+        Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed,
+        }
+    }
+
+    /// Most output positions (EOS included) for a source of `src_len` tokens, within the
+    /// model's `max_len`.
+    pub fn max_output(&self, src_len: usize, max_len: usize) -> usize {
+        ((self.max_len_a.max(0.0) * src_len as f32) as usize)
+            .saturating_add(self.max_len_b)
+            .clamp(1, max_len)
+    }
+}
 
 /// How the next token of a row is chosen from its logits.
 #[derive(Clone, Debug, PartialEq)]

@@ -28,6 +28,14 @@ pub enum Error {
         max_len: usize,
     },
 
+    /// An input text longer than the model (or a service) accepts; `index` counts from 0.
+    #[error("input {index} has {len} tokens, more than the limit of {limit}")]
+    InputTooLong {
+        index: usize,
+        len: usize,
+        limit: usize,
+    },
+
     #[error("shape mismatch in {what}: expected {expected}, got {got}")]
     Shape {
         what: String,
@@ -45,6 +53,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// A user's file (a job config, labels, decoding settings) that cannot be used.
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
 
@@ -54,6 +66,9 @@ pub enum Error {
         line: usize,
         msg: String,
     },
+
+    #[error("scoring: {0}")]
+    Metric(#[from] crate::metrics::sacrebleu::MetricError),
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -5,9 +5,12 @@
 //! Layers record their weights only while asked (`record_weights`), which makes them run the
 //! materialized kernel for that forward; the flags are cleared again before returning.
 
-use crate::error::Result;
+use crate::data::Tokenizer;
+use crate::error::{Error, Result};
 use crate::model::stack::Stack;
-use crate::model::{Classifier, LanguageModel, Seq2Seq, Tokens};
+use crate::model::{AnyModel, Classifier, LanguageModel, Seq2Seq, Tokens};
+use crate::model_dir::ModelDir;
+use crate::tasks::{classify, translate};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -127,4 +130,88 @@ fn collect(stack: &Stack, kind: MapKind, heads: usize, t: usize) -> Vec<Attentio
         .enumerate()
         .filter_map(|(i, l)| l.self_attn.weights().map(|w| map(kind, i, heads, t, t, w)))
         .collect()
+}
+
+/// Token labels and attention maps of one input.
+pub struct Inspection {
+    pub source: Vec<String>,
+    /// Decoder positions (translation: BOS then the target; LM: its tokens); empty otherwise.
+    pub target: Vec<String>,
+    pub maps: Vec<AttentionMap>,
+}
+
+fn labels(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
+    ids.iter()
+        .map(|&i| tok.id_to_token(i).unwrap_or_else(|| format!("#{i}")))
+        .collect()
+}
+
+/// Tokenize `input` as the model reads it and collect every attention map. A translation
+/// model attends over `target`, or without one over its own greedy translation (within
+/// its decoding defaults' length limit). An input longer than the model reads is an error.
+pub fn inspect(dir: &mut ModelDir, input: &str, target: Option<&str>) -> Result<Inspection> {
+    let files = &dir.files;
+    let tok = &files.tokenizer;
+    match &mut dir.model {
+        AnyModel::Seq2Seq(m) => {
+            let limit = translate::source_limit(m);
+            let src = translate::encode_sources(tok, &[input.to_string()], limit, None)?.remove(0);
+            let tgt_tok = files.target_tokenizer();
+            let max_len = m.config.max_len;
+            let out = match target {
+                Some(t) => tgt_tok.encode(t)?,
+                None => {
+                    let limit = files.decode.max_output(src.len(), max_len);
+                    let mut cache = m.start_decoding(Tokens::new(&src, 1, src.len())?, limit)?;
+                    crate::decode::greedy(m, &mut cache, tgt_tok.bos, tgt_tok.eos)?
+                        .pop()
+                        .unwrap_or_default()
+                }
+            };
+            let mut tgt_in = vec![tgt_tok.bos];
+            tgt_in.extend(out.iter().copied().filter(|&t| t != tgt_tok.eos));
+            if tgt_in.len() > max_len {
+                return Err(Error::InputTooLong {
+                    index: 0,
+                    len: tgt_in.len() - 1,
+                    limit: max_len - 1,
+                });
+            }
+            let maps = seq2seq_maps(m, &src, &tgt_in)?;
+            Ok(Inspection {
+                source: labels(tok, &src),
+                target: labels(tgt_tok, &tgt_in),
+                maps,
+            })
+        }
+        AnyModel::Classifier(m) => {
+            let ids = classify::encode_texts(tok, &[input.to_string()], m.config.max_len, None)?
+                .remove(0);
+            let maps = classifier_maps(m, &ids)?;
+            Ok(Inspection {
+                source: labels(tok, &ids),
+                target: Vec::new(),
+                maps,
+            })
+        }
+        AnyModel::Lm(m) => {
+            // As in generation: the text follows a start token (EOS).
+            let mut ids = vec![tok.eos];
+            ids.extend(tok.encode(input)?);
+            if ids.len() > m.config.max_len {
+                return Err(Error::InputTooLong {
+                    index: 0,
+                    len: ids.len() - 1,
+                    limit: m.config.max_len - 1,
+                });
+            }
+            let maps = lm_maps(m, &ids)?;
+            let l = labels(tok, &ids);
+            Ok(Inspection {
+                source: l.clone(),
+                target: l,
+                maps,
+            })
+        }
+    }
 }

@@ -1,13 +1,18 @@
 //! qkv: the Transformer of "Attention Is All You Need" (Vaswani et al., 2017) on a
 //! hand-written CPU engine with explicit forward and backward passes.
 //!
-//! Layering (see ARCHITECTURE.md):
+//! Layering (see ARCHITECTURE.md), bottom to top:
 //! - [`kernels`]: numeric kernels over flat `f32` slices; they know nothing of models.
 //! - [`params`]: one flat parameter buffer and one gradient buffer with the same layout.
 //! - [`model`]: layers, blocks and the three model families; no IO.
-//! - [`optim`]: AdamW and gradient clipping over the flat buffers.
-//! - [`checkpoint`]: safetensors weights, config JSON and optimizer state (the only IO in the library,
-//!   with [`hf`], which reads pretrained Hugging Face encoders).
+//! - [`optim`], [`schedule`], [`train`]: AdamW, learning rates, the training loop and its
+//!   run directory.
+//! - [`data`], [`decode`], [`metrics`]: tokenizers and batches, decoding, sacreBLEU-exact
+//!   scores.
+//! - [`checkpoint`], [`model_dir`], [`hf`]: model directories on disk (qkv's and Hugging
+//!   Face's).
+//! - [`tasks`], [`job`], [`pipeline`]: translation, classification and language modelling
+//!   from text files to scored models; what the `qkv` binary adapts to a terminal and HTTP.
 
 pub mod bench;
 pub mod checkpoint;
@@ -16,12 +21,15 @@ pub mod decode;
 pub mod error;
 pub mod hf;
 pub mod inspect;
+pub mod job;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod model_dir;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod pipeline;
 pub mod profile;
 pub mod rng;
 pub mod schedule;

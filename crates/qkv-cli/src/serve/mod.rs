@@ -1,10 +1,11 @@
 //! `qkv serve`: an HTTP inference service (axum on tokio) with dynamic batching.
 //!
-//! Handlers read the body (size limit), parse JSON, tokenize and check the input limits, then
-//! put a job on a bounded queue (full → 429) for the model worker (`worker.rs`), which batches
-//! concurrent requests into one forward pass. Every error is a JSON `{"error": …}` with a 4xx
-//! status for bad requests. SIGTERM or Ctrl-C stops accepting connections and lets in-flight
-//! requests finish.
+//! Handlers read the body (size limit), parse JSON and tokenize each input once, refusing one
+//! over the input limit (the smaller of `--max-input-tokens` and what the model reads) with a
+//! 422 naming it; then they put the token ids on a bounded queue (full → 429) for the model
+//! worker (`worker.rs`), which batches concurrent requests into one forward pass and answers
+//! with token ids or rows. Every error is a JSON `{"error": …}` with a 4xx status for bad
+//! requests. SIGTERM or Ctrl-C stops accepting connections and lets in-flight requests finish.
 //!
 //! Endpoints: `POST /v1/translate`, `/v1/classify`, `/v1/generate`, `/v1/embed` (whichever the
 //! loaded model supports; the others answer 404), `GET /health`, `GET /metrics`.
@@ -13,7 +14,6 @@ pub mod load;
 mod metrics;
 mod worker;
 
-use crate::eval::{load_model_dir, AnyModel};
 use anyhow::{Context, Result};
 use axum::body::Body;
 use axum::extract::State;
@@ -22,9 +22,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics::Metrics;
-use qkv::data::Tokenizer;
-use qkv::decode::{Choice, Sampling};
-use qkv::tasks::classify::{argmax, Labels};
+use qkv::decode::{argmax, Choice, DecodeConfig};
+use qkv::model::AnyModel;
+use qkv::model_dir::{ModelDir, ModelFiles};
+use qkv::tasks::{classify, lm, translate};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -54,7 +55,7 @@ pub struct ServeArgs {
     /// Request body size limit in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
-    /// Tokens per input text at most (422 beyond).
+    /// Tokens per input text at most (422 beyond); the model's own limit applies too.
     #[arg(long, default_value_t = 512)]
     pub max_input_tokens: usize,
     /// Texts per request at most (422 beyond).
@@ -70,7 +71,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
     #[command(flatten)]
-    pub precision: crate::PrecisionArgs,
+    pub precision: crate::args::PrecisionArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,11 +96,11 @@ impl Endpoint {
 struct AppState {
     queue: SyncSender<Job>,
     metrics: Arc<Metrics>,
-    tok: Tokenizer,
-    tgt_tok: Tokenizer,
-    labels: Option<Labels>,
+    /// Tokenizers, labels and the model's decoding defaults.
+    files: ModelFiles,
     endpoints: Vec<Endpoint>,
     family: &'static str,
+    /// The model's context (language models: prompt and continuation together).
     max_len: usize,
     limits: Limits,
 }
@@ -107,6 +108,7 @@ struct AppState {
 #[derive(Clone, Copy)]
 struct Limits {
     max_body_bytes: usize,
+    /// The one input limit: `--max-input-tokens` or the model's, whichever is smaller.
     max_input_tokens: usize,
     max_texts: usize,
     max_new_tokens: usize,
@@ -136,31 +138,36 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 || a.queue == 0 || a.max_texts == 0 || a.max_beam == 0 {
         anyhow::bail!("--max-batch, --queue, --max-texts and --max-beam must be at least 1");
     }
-    let loaded = load_model_dir(&a.model)?;
-    let (endpoints, family, max_len) = match &loaded.model {
-        AnyModel::Seq2Seq(m) => (vec![Endpoint::Translate], "seq2seq", m.config.max_len),
+    let dir = ModelDir::load(&a.model)?;
+    let max_len = dir.model.config().max_len;
+    // What one input may hold: a translation source leaves room for EOS, a prompt for the
+    // start token and one new token.
+    let (endpoints, family, model_limit) = match &dir.model {
+        AnyModel::Seq2Seq(m) => (
+            vec![Endpoint::Translate],
+            "seq2seq",
+            translate::source_limit(m),
+        ),
         AnyModel::Classifier(m) if m.head.is_some() => (
             vec![Endpoint::Classify, Endpoint::Embed],
             "classifier",
-            m.config.max_len,
+            max_len,
         ),
-        AnyModel::Classifier(m) => (vec![Endpoint::Embed], "encoder", m.config.max_len),
-        AnyModel::Lm(m) => (vec![Endpoint::Generate], "lm", m.config.max_len),
+        AnyModel::Classifier(_) => (vec![Endpoint::Embed], "encoder", max_len),
+        AnyModel::Lm(_) => (vec![Endpoint::Generate], "lm", max_len.saturating_sub(2)),
     };
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = sync_channel::<Job>(a.queue);
     let state = Arc::new(AppState {
         queue: tx,
         metrics: metrics.clone(),
-        tok: loaded.tok.clone(),
-        tgt_tok: loaded.tgt_tok.clone(),
-        labels: loaded.labels.clone(),
+        files: dir.files.clone(),
         endpoints,
         family,
         max_len,
         limits: Limits {
             max_body_bytes: a.max_body_bytes,
-            max_input_tokens: a.max_input_tokens,
+            max_input_tokens: a.max_input_tokens.min(model_limit),
             max_texts: a.max_texts,
             max_new_tokens: a.max_new_tokens,
             max_beam: a.max_beam,
@@ -177,7 +184,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .spawn(move || {
             // The precision is per thread, and this thread runs every forward pass.
             let _precision = precision.apply();
-            worker::run(loaded, rx, policy, metrics)
+            worker::run(dir, rx, policy, metrics)
         })
         .context("starting the model worker")?;
 
@@ -319,93 +326,163 @@ async fn handle(s: &AppState, e: Endpoint, body: Body) -> Result<Value, ApiError
                 format!("request body exceeds {} bytes", s.limits.max_body_bytes),
             )
         })?;
-    let (work, single, input_tokens) = match e {
-        Endpoint::Generate => {
-            let r: GenerateRequest = parse(&bytes)?;
-            let n = check_text(s, &r.prompt, 0)?;
-            // The prompt is fed after a start token, and generation needs room to continue.
-            if n + 1 >= s.max_len {
-                return Err(ApiError::invalid(format!(
-                    "prompt has {n} tokens; this model's context is {} tokens",
-                    s.max_len
-                )));
-            }
-            let max_new = r.max_new_tokens.unwrap_or(64);
-            if max_new == 0 || max_new > s.limits.max_new_tokens {
-                return Err(ApiError::invalid(format!(
-                    "max_new_tokens must be in 1..={} (got {max_new})",
-                    s.limits.max_new_tokens
-                )));
-            }
-            let choice = if r.greedy {
-                Choice::Greedy
-            } else {
-                let sampling = Sampling {
-                    temperature: r.temperature.unwrap_or(0.8),
-                    top_k: r.top_k,
-                    top_p: r.top_p,
-                    seed: r.seed,
-                };
-                sampling
-                    .validate()
-                    .map_err(|e| ApiError::invalid(e.to_string()))?;
-                Choice::Sample(sampling)
-            };
-            let work = Work::Generate {
-                prompt: r.prompt,
-                max_new: max_new.min(s.max_len - n - 1),
-                choice,
-            };
-            (work, true, n)
+    let (work, single) = match e {
+        Endpoint::Generate => (generate_work(s, parse(&bytes)?)?, true),
+        _ => texts_work(s, e, parse(&bytes)?)?,
+    };
+    let input_tokens = work.tokens();
+    let reply = submit(s, work).await?;
+    let (body, output_tokens) = reply_json(s, e, reply, single)?;
+    s.metrics.tokens(input_tokens, output_tokens);
+    Ok(body)
+}
+
+/// A generation request as token ids: the prompt within the input limit, `max_new_tokens`
+/// within the server's limit and the model's context, the sampling settings checked.
+fn generate_work(s: &AppState, r: GenerateRequest) -> Result<Work, ApiError> {
+    let prefix = tokenize(s, std::slice::from_ref(&r.prompt), |tok, t, _| {
+        lm::encode_prompts(tok, t, usize::MAX)
+    })?
+    .remove(0);
+    let d = &s.files.decode;
+    let max_new = r
+        .max_new_tokens
+        .unwrap_or(d.max_new_tokens.min(s.limits.max_new_tokens));
+    if max_new == 0 || max_new > s.limits.max_new_tokens {
+        return Err(ApiError::invalid(format!(
+            "max_new_tokens must be in 1..={} (got {max_new})",
+            s.limits.max_new_tokens
+        )));
+    }
+    let choice = if r.greedy {
+        Choice::Greedy
+    } else {
+        let sampling = DecodeConfig {
+            temperature: r.temperature.unwrap_or(d.temperature),
+            top_k: r.top_k.or(d.top_k),
+            top_p: r.top_p.or(d.top_p),
+            ..d.clone()
         }
+        .sampling(r.seed);
+        sampling
+            .validate()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        Choice::Sample(sampling)
+    };
+    Ok(Work::Generate {
+        max_new: max_new.min(s.max_len - prefix.len()),
+        prefix,
+        choice,
+    })
+}
+
+/// A translate, classify or embed request as token ids, one row per text.
+fn texts_work(s: &AppState, e: Endpoint, r: TextsRequest) -> Result<(Work, bool), ApiError> {
+    let (texts, single) = match (r.text, r.texts) {
+        (Some(t), None) => (vec![t], true),
+        (None, Some(ts)) => (ts, false),
         _ => {
-            let r: TextsRequest = parse(&bytes)?;
-            let (texts, single) = match (r.text, r.texts) {
-                (Some(t), None) => (vec![t], true),
-                (None, Some(ts)) => (ts, false),
-                _ => {
-                    return Err(ApiError::invalid(
-                        "give exactly one of `text` (a string) or `texts` (a list of strings)",
-                    ))
-                }
-            };
-            if texts.is_empty() || texts.len() > s.limits.max_texts {
-                return Err(ApiError::invalid(format!(
-                    "`texts` must hold 1..={} strings (got {})",
-                    s.limits.max_texts,
-                    texts.len()
-                )));
-            }
-            let mut tokens = 0;
-            for (i, t) in texts.iter().enumerate() {
-                tokens += check_text(s, t, i)?;
-            }
-            let work = match e {
-                Endpoint::Translate => {
-                    let beam = r.beam.unwrap_or(4);
-                    if beam == 0 || beam > s.limits.max_beam {
-                        return Err(ApiError::invalid(format!(
-                            "beam must be in 1..={} (got {beam})",
-                            s.limits.max_beam
-                        )));
-                    }
-                    Work::Translate { texts, beam }
-                }
-                _ if r.beam.is_some() => {
-                    return Err(ApiError::invalid("`beam` applies to /v1/translate only"))
-                }
-                Endpoint::Classify => Work::Classify { texts },
-                _ => Work::Embed { texts },
-            };
-            (work, single, tokens)
+            return Err(ApiError::invalid(
+                "give exactly one of `text` (a string) or `texts` (a list of strings)",
+            ))
         }
     };
-    let reply = submit(s, work).await?;
+    if texts.is_empty() || texts.len() > s.limits.max_texts {
+        return Err(ApiError::invalid(format!(
+            "`texts` must hold 1..={} strings (got {})",
+            s.limits.max_texts,
+            texts.len()
+        )));
+    }
+    let work = match e {
+        Endpoint::Translate => {
+            let beam = r.beam.unwrap_or(s.files.decode.beam);
+            if beam == 0 || beam > s.limits.max_beam {
+                return Err(ApiError::invalid(format!(
+                    "beam must be in 1..={} (got {beam})",
+                    s.limits.max_beam
+                )));
+            }
+            let ids = tokenize(s, &texts, |tok, t, limit| {
+                translate::encode_sources(tok, t, limit, None)
+            })?;
+            Work::Translate { ids, beam }
+        }
+        _ if r.beam.is_some() => {
+            return Err(ApiError::invalid("`beam` applies to /v1/translate only"))
+        }
+        _ => {
+            let ids = tokenize(s, &texts, |tok, t, limit| {
+                classify::encode_texts(tok, t, limit, None)
+            })?;
+            match e {
+                Endpoint::Classify => Work::Classify { ids },
+                _ => Work::Embed { ids },
+            }
+        }
+    };
+    Ok((work, single))
+}
+
+/// Tokenize each text once with `encode` (a task's encoder, refusing a text over the limit).
+/// Empty inputs and absurdly long ones (before tokenizing them) are refused too.
+fn tokenize(
+    s: &AppState,
+    texts: &[String],
+    encode: impl Fn(&qkv::data::Tokenizer, &[String], usize) -> qkv::Result<Vec<Vec<u32>>>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let limit = s.limits.max_input_tokens;
+    for (index, text) in texts.iter().enumerate() {
+        if text.trim().is_empty() {
+            return Err(ApiError::invalid(format!("input {index} is empty")));
+        }
+        // No tokenizer packs 64 bytes into a token.
+        if text.len() > 64 * limit {
+            return Err(ApiError::invalid(format!(
+                "input {index} is {} bytes, far beyond the limit of {limit} tokens",
+                text.len()
+            )));
+        }
+    }
+    let ids = encode(&s.files.tokenizer, texts, limit).map_err(|e| match e {
+        qkv::Error::InputTooLong { index, len, .. } => ApiError::invalid(format!(
+            "input {index} has {len} tokens; the limit is {limit}"
+        )),
+        e => ApiError::invalid(e.to_string()),
+    })?;
+    // A prompt is encoded without a limit of its own (its start token is not the user's).
+    if let Some((index, len)) = ids
+        .iter()
+        .map(|i| i.len().saturating_sub(1))
+        .enumerate()
+        .find(|&(_, n)| n > limit)
+    {
+        return Err(ApiError::invalid(format!(
+            "input {index} has {len} tokens; the limit is {limit}"
+        )));
+    }
+    Ok(ids)
+}
+
+/// The JSON answer and the output tokens it holds.
+fn reply_json(
+    s: &AppState,
+    e: Endpoint,
+    reply: Reply,
+    single: bool,
+) -> Result<(Value, usize), ApiError> {
+    let internal = |msg: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg);
     let mut output_tokens = 0;
     let body = match (e, reply) {
-        (Endpoint::Translate | Endpoint::Generate, Reply::Texts(texts)) => {
-            for t in &texts {
-                output_tokens += s.tgt_tok.encode(t).map(|v| v.len()).unwrap_or(0);
+        (Endpoint::Translate | Endpoint::Generate, Reply::Texts(outputs)) => {
+            let tok = s.files.target_tokenizer();
+            let mut texts = Vec::with_capacity(outputs.len());
+            for (prefix, new) in outputs {
+                output_tokens += new.len();
+                texts.push(
+                    lm::decode_completion(tok, &prefix, &new)
+                        .map_err(|e| internal(e.to_string()))?,
+                );
             }
             let key = if e == Endpoint::Translate {
                 "translation"
@@ -420,17 +497,13 @@ async fn handle(s: &AppState, e: Endpoint, body: Body) -> Result<Value, ApiError
         }
         (Endpoint::Classify, Reply::Rows(rows)) => {
             let names = &s
+                .files
                 .labels
                 .as_ref()
-                .ok_or_else(|| {
-                    ApiError(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "the model has no labels".into(),
-                    )
-                })?
+                .ok_or_else(|| internal("the model has no labels".into()))?
                 .0;
             let one = |p: &Vec<f32>| {
-                let k = argmax(p) as usize;
+                let k = argmax(p);
                 let probs: serde_json::Map<String, Value> = names
                     .iter()
                     .zip(p)
@@ -451,15 +524,9 @@ async fn handle(s: &AppState, e: Endpoint, body: Body) -> Result<Value, ApiError
                 json!({ "embeddings": rows })
             }
         }
-        (_, other) => {
-            return Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("unexpected model reply {other:?}"),
-            ))
-        }
+        (_, other) => return Err(internal(format!("unexpected model reply {other:?}"))),
     };
-    s.metrics.tokens(input_tokens, output_tokens);
-    Ok(body)
+    Ok((body, output_tokens))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -467,32 +534,6 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::bad("empty request body: expected a JSON object"));
     }
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad(format!("invalid JSON request: {e}")))
-}
-
-/// Tokens of one input text; empty or over-long inputs are refused.
-fn check_text(s: &AppState, text: &str, index: usize) -> Result<usize, ApiError> {
-    if text.trim().is_empty() {
-        return Err(ApiError::invalid(format!("input {index} is empty")));
-    }
-    // Refuse absurd inputs before tokenizing them: no tokenizer packs 64 bytes into a token.
-    let limit = s.limits.max_input_tokens;
-    if text.len() > 64 * limit {
-        return Err(ApiError::invalid(format!(
-            "input {index} is {} bytes, far beyond the limit of {limit} tokens",
-            text.len()
-        )));
-    }
-    let n = s
-        .tok
-        .encode(text)
-        .map_err(|e| ApiError::invalid(format!("input {index}: {e}")))?
-        .len();
-    if n > limit {
-        return Err(ApiError::invalid(format!(
-            "input {index} has {n} tokens; the limit is {limit}"
-        )));
-    }
-    Ok(n)
 }
 
 async fn submit(s: &AppState, work: Work) -> Result<Reply, ApiError> {

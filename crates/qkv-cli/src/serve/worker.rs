@@ -1,68 +1,94 @@
 //! The model worker: one thread owns the model (models take `&mut self` and use every core
 //! through rayon) and runs dynamic batches. It blocks for a first job, gathers more until the
 //! batch window closes or `max_batch` inputs are waiting, groups the jobs by what they ask
-//! (endpoint and decoding options), runs one batched call per group and answers each job.
+//! (endpoint, beam, new tokens; each generation row keeps its own sampling settings and
+//! seed), runs one batched call per group and answers each job. Jobs hold token ids: the
+//! handlers tokenized them, and outputs go back as ids.
 
 use super::metrics::Metrics;
-use crate::eval::{AnyModel, Loaded};
-use qkv::decode::{BeamConfig, Choice};
-use qkv::tasks::classify::{embed, predict};
-use qkv::tasks::lm::complete;
-use qkv::tasks::translate::{translate, TranslateOptions};
+use qkv::decode::Choice;
+use qkv::model::AnyModel;
+use qkv::model_dir::ModelDir;
+use qkv::tasks::{classify, lm, translate};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// What one request asks of the model.
+/// What one request asks of the model, as token ids (one row per input text).
 #[derive(Debug)]
 pub enum Work {
+    /// Sources ending in EOS.
     Translate {
-        texts: Vec<String>,
+        ids: Vec<Vec<u32>>,
         beam: usize,
     },
     Classify {
-        texts: Vec<String>,
+        ids: Vec<Vec<u32>>,
     },
     Embed {
-        texts: Vec<String>,
+        ids: Vec<Vec<u32>>,
     },
+    /// A prompt after the start token.
     Generate {
-        prompt: String,
+        prefix: Vec<u32>,
         max_new: usize,
         choice: Choice,
     },
+}
+
+/// Which jobs can share one batched call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    Translate { beam: usize },
+    Classify,
+    Embed,
+    Generate { max_new: usize },
 }
 
 impl Work {
     /// Inputs this job adds to a batch.
     fn inputs(&self) -> usize {
         match self {
-            Work::Translate { texts, .. } | Work::Classify { texts } | Work::Embed { texts } => {
-                texts.len()
-            }
+            Work::Translate { ids, .. } | Work::Classify { ids } | Work::Embed { ids } => ids.len(),
             Work::Generate { .. } => 1,
         }
     }
 
-    /// Jobs with equal keys can share one batched call.
-    fn group_key(&self) -> String {
+    /// Input tokens (for the metrics).
+    pub fn tokens(&self) -> usize {
         match self {
-            Work::Translate { beam, .. } => format!("translate/{beam}"),
-            Work::Classify { .. } => "classify".into(),
-            Work::Embed { .. } => "embed".into(),
-            Work::Generate {
-                max_new, choice, ..
-            } => format!("generate/{max_new}/{choice:?}"),
+            Work::Translate { ids, .. } | Work::Classify { ids } | Work::Embed { ids } => {
+                ids.iter().map(|i| i.len()).sum()
+            }
+            Work::Generate { prefix, .. } => prefix.len().saturating_sub(1),
+        }
+    }
+
+    fn group(&self) -> Group {
+        match *self {
+            Work::Translate { beam, .. } => Group::Translate { beam },
+            Work::Classify { .. } => Group::Classify,
+            Work::Embed { .. } => Group::Embed,
+            Work::Generate { max_new, .. } => Group::Generate { max_new },
+        }
+    }
+
+    fn rows(&self) -> Vec<Vec<u32>> {
+        match self {
+            Work::Translate { ids, .. } | Work::Classify { ids } | Work::Embed { ids } => {
+                ids.clone()
+            }
+            Work::Generate { prefix, .. } => vec![prefix.clone()],
         }
     }
 }
 
 #[derive(Debug)]
 pub enum Reply {
-    /// Translations or generations, one per input.
-    Texts(Vec<String>),
+    /// Translations or generations, one per input: (prefix fed, new tokens).
+    Texts(Vec<(Vec<u32>, Vec<u32>)>),
     /// Class probabilities or embeddings, one row per input.
     Rows(Vec<Vec<f32>>),
 }
@@ -79,7 +105,7 @@ pub struct BatchPolicy {
     pub window: Duration,
 }
 
-pub fn run(mut loaded: Loaded, rx: Receiver<Job>, policy: BatchPolicy, metrics: Arc<Metrics>) {
+pub fn run(mut dir: ModelDir, rx: Receiver<Job>, policy: BatchPolicy, metrics: Arc<Metrics>) {
     while let Ok(first) = rx.recv() {
         let deadline = Instant::now() + policy.window;
         let mut inputs = first.work.inputs();
@@ -98,21 +124,21 @@ pub fn run(mut loaded: Loaded, rx: Receiver<Job>, policy: BatchPolicy, metrics: 
         // A job whose client has gone (timed out) is not worth computing.
         jobs.retain(|j| !j.reply.is_closed());
         while !jobs.is_empty() {
-            let key = jobs[0].work.group_key();
+            let key = jobs[0].work.group();
             let (group, rest): (Vec<Job>, Vec<Job>) =
-                jobs.into_iter().partition(|j| j.work.group_key() == key);
+                jobs.into_iter().partition(|j| j.work.group() == key);
             jobs = rest;
-            run_group(&mut loaded, group, &metrics);
+            run_group(&mut dir, group, &metrics);
         }
     }
 }
 
 /// One batched model call for jobs of one group; each job gets its slice of the results.
-fn run_group(loaded: &mut Loaded, group: Vec<Job>, metrics: &Metrics) {
+fn run_group(dir: &mut ModelDir, group: Vec<Job>, metrics: &Metrics) {
     let counts: Vec<usize> = group.iter().map(|j| j.work.inputs()).collect();
     let total: usize = counts.iter().sum();
     metrics.batch(total);
-    let result = call_model(loaded, &group).and_then(|r| {
+    let result = call_model(dir, &group).and_then(|r| {
         let got = match &r {
             Reply::Texts(t) => t.len(),
             Reply::Rows(rows) => rows.len(),
@@ -136,48 +162,46 @@ fn run_group(loaded: &mut Loaded, group: Vec<Job>, metrics: &Metrics) {
     }
 }
 
-fn call_model(loaded: &mut Loaded, group: &[Job]) -> Result<Reply, String> {
-    let texts = || -> Vec<String> {
-        group
-            .iter()
-            .flat_map(|j| match &j.work {
-                Work::Translate { texts, .. }
-                | Work::Classify { texts }
-                | Work::Embed { texts } => texts.clone(),
-                Work::Generate { prompt, .. } => vec![prompt.clone()],
-            })
-            .collect()
-    };
-    let Loaded {
-        model,
-        tok,
-        tgt_tok,
-        ..
-    } = loaded;
-    let out = match (&group[0].work, model) {
+fn call_model(dir: &mut ModelDir, group: &[Job]) -> Result<Reply, String> {
+    let rows: Vec<Vec<u32>> = group.iter().flat_map(|j| j.work.rows()).collect();
+    let files = &dir.files;
+    let (tok, tgt) = (&files.tokenizer, files.target_tokenizer());
+    let max_tokens = 8192;
+    let out = match (&group[0].work, &mut dir.model) {
         (Work::Translate { beam, .. }, AnyModel::Seq2Seq(m)) => {
-            let opts = TranslateOptions {
-                beam: BeamConfig {
+            let opts = translate::TranslateOptions {
+                decode: qkv::decode::DecodeConfig {
                     beam: *beam,
-                    ..BeamConfig::default()
+                    ..files.decode.clone()
                 },
-                ..TranslateOptions::default()
+                nbest: 1,
+                max_tokens: 4096,
             };
-            translate(m, tok, tgt_tok, &texts(), &opts)
-                .map(|hyps| Reply::Texts(hyps.into_iter().map(|mut h| h.swap_remove(0)).collect()))
+            translate::translate_ids(m, &rows, tgt.bos, tgt.eos, tgt.pad, &opts).map(|hyps| {
+                Reply::Texts(
+                    hyps.into_iter()
+                        .map(|mut h| (Vec::new(), h.swap_remove(0)))
+                        .collect(),
+                )
+            })
         }
         (Work::Classify { .. }, AnyModel::Classifier(m)) => {
-            predict(m, tok, &texts(), 8192).map(Reply::Rows)
+            classify::predict_ids(m, &rows, tok.pad, max_tokens).map(Reply::Rows)
         }
         (Work::Embed { .. }, AnyModel::Classifier(m)) => {
-            embed(m, tok, &texts(), 8192).map(Reply::Rows)
+            classify::embed_ids(m, &rows, tok.pad, max_tokens).map(Reply::Rows)
         }
-        (
-            Work::Generate {
-                max_new, choice, ..
-            },
-            AnyModel::Lm(m),
-        ) => complete(m, tok, &texts(), *max_new, choice).map(Reply::Texts),
+        (Work::Generate { max_new, .. }, AnyModel::Lm(m)) => {
+            let choices: Vec<Choice> = group
+                .iter()
+                .filter_map(|j| match &j.work {
+                    Work::Generate { choice, .. } => Some(choice.clone()),
+                    _ => None,
+                })
+                .collect();
+            lm::complete_ids(m, &rows, tok.eos, *max_new, &choices)
+                .map(|new| Reply::Texts(rows.into_iter().zip(new).collect()))
+        }
         (work, _) => return Err(format!("this model cannot serve {work:?}")),
     };
     out.map_err(|e| e.to_string())

@@ -1,11 +1,20 @@
-//! Translation: tokenized sentence pairs, epoch batches, and batched beam/greedy translation.
-//! Source and target tokenizers may be one (a joint vocabulary) or two (one per side); their
-//! special-token ids must agree.
+//! Translation: tokenized sentence pairs, epoch batches, batched beam/greedy translation and
+//! sacreBLEU-exact scoring. Source and target tokenizers may be one (a joint vocabulary) or
+//! two (one per side); their special-token ids must agree.
 
+use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
-use crate::decode::{beam_search, greedy, BeamConfig};
-use crate::error::Result;
-use crate::model::{Seq2Seq, Tokens};
+use crate::decode::{beam_search, greedy, DecodeConfig};
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
+use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
+use crate::model::{ModelConfig, Seq2Seq, Tokens};
+use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
+use crate::train::{mean_loss, Observer, TrainData, Validation};
+use std::fmt;
+use std::path::Path;
+use std::time::Instant;
 
 /// Tokenized pairs (without BOS/EOS).
 #[derive(Clone, Debug, Default)]
@@ -62,54 +71,82 @@ impl ParallelData {
     }
 }
 
-/// How sentences are translated.
+/// How sentences are translated: the model's decoding defaults, outputs per input, and the
+/// source tokens per decoding batch.
 #[derive(Clone, Debug)]
 pub struct TranslateOptions {
-    /// `beam == 1` is greedy decoding.
-    pub beam: BeamConfig,
-    /// Output length limit `a · source_len + b` tokens (fairseq's `--max-len-a/b`), capped by
-    /// the model's `max_len`.
-    pub max_len_a: f32,
-    pub max_len_b: usize,
-    /// Source tokens per decoding batch.
+    pub decode: DecodeConfig,
+    /// Hypotheses per input (≤ beam).
+    pub nbest: usize,
     pub max_tokens: usize,
 }
 
-impl Default for TranslateOptions {
-    fn default() -> Self {
+impl TranslateOptions {
+    pub fn new(decode: &DecodeConfig) -> Self {
         Self {
-            beam: BeamConfig::default(),
-            max_len_a: 1.5,
-            max_len_b: 10,
+            decode: decode.clone(),
+            nbest: 1,
             max_tokens: 4096,
         }
     }
 }
 
-/// Translate `sources`; returns, per source, `nbest` outputs (best first).
-/// Sources longer than the model's `max_len` are truncated to fit.
-pub fn translate(
-    model: &mut Seq2Seq,
-    src_tok: &Tokenizer,
-    tgt_tok: &Tokenizer,
-    sources: &[String],
-    opts: &TranslateOptions,
-) -> Result<Vec<Vec<String>>> {
-    let max_len = model.config.max_len;
-    let mut encoded = Vec::with_capacity(sources.len());
-    for s in sources {
-        let mut ids = src_tok.encode(s)?;
-        ids.truncate(max_len - 1);
-        ids.push(src_tok.eos);
-        encoded.push(ids);
+/// The longest source a model reads: `max_len` positions, one of them EOS.
+pub fn source_limit(model: &Seq2Seq) -> usize {
+    model.config.max_len - 1
+}
+
+/// Each text as the encoder reads it (tokens + EOS). A text over `limit` tokens is an
+/// [`Error::InputTooLong`] naming its index, unless `cut` is given: then it is shortened
+/// and counted there.
+pub fn encode_sources(
+    tok: &Tokenizer,
+    texts: &[String],
+    limit: usize,
+    mut cut: Option<&mut usize>,
+) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::with_capacity(texts.len());
+    for (index, text) in texts.iter().enumerate() {
+        let mut ids = tok.encode(text)?;
+        if ids.len() > limit {
+            match cut.as_deref_mut() {
+                Some(n) => {
+                    ids.truncate(limit);
+                    *n += 1;
+                }
+                None => {
+                    return Err(Error::InputTooLong {
+                        index,
+                        len: ids.len(),
+                        limit,
+                    })
+                }
+            }
+        }
+        ids.push(tok.eos);
+        out.push(ids);
     }
-    // Longest first, so the first batches are the slowest and memory peaks early.
+    Ok(out)
+}
+
+/// Translate encoded sources (each ending in EOS, within the model's `max_len`): per
+/// source, `nbest` outputs (best first) as target ids. Sources are decoded longest first in
+/// batches of about `max_tokens` source tokens.
+pub fn translate_ids(
+    model: &mut Seq2Seq,
+    sources: &[Vec<u32>],
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    opts: &TranslateOptions,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let max_len = model.config.max_len;
     let mut order: Vec<usize> = (0..sources.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+    order.sort_by_key(|&i| std::cmp::Reverse(sources[i].len()));
     let mut out = vec![Vec::new(); sources.len()];
     let mut start = 0;
     while start < order.len() {
-        let longest = encoded[order[start]].len();
+        let longest = sources[order[start]].len();
         let rows = (opts.max_tokens / longest.max(1))
             .max(1)
             .min(order.len() - start);
@@ -117,42 +154,281 @@ pub fn translate(
         start += rows;
         let mut src = Vec::with_capacity(rows * longest);
         for &i in chunk {
-            src.extend_from_slice(&encoded[i]);
-            src.extend(std::iter::repeat_n(src_tok.pad, longest - encoded[i].len()));
+            src.extend_from_slice(&sources[i]);
+            src.extend(std::iter::repeat_n(pad, longest - sources[i].len()));
         }
-        // Each of the `out_len` positions fed (BOS first) yields one token, so outputs hold at
-        // most `out_len` tokens, EOS included.
-        let out_len = ((opts.max_len_a.max(0.0) * longest as f32) as usize)
-            .saturating_add(opts.max_len_b)
-            .clamp(1, max_len);
+        // Each of the `out_len` positions fed (BOS first) yields one token, so outputs hold
+        // at most `out_len` tokens, EOS included.
+        let out_len = opts.decode.max_output(longest, max_len);
         let mut cache = model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)?;
-        let hyps: Vec<Vec<Vec<u32>>> = if opts.beam.beam <= 1 && opts.beam.nbest <= 1 {
-            greedy(model, &mut cache, tgt_tok.bos, tgt_tok.eos)?
+        let hyps: Vec<Vec<Vec<u32>>> = if opts.decode.beam <= 1 && opts.nbest <= 1 {
+            greedy(model, &mut cache, bos, eos)?
                 .into_iter()
                 .map(|t| vec![t])
                 .collect()
         } else {
-            beam_search(model, &mut cache, tgt_tok.bos, tgt_tok.eos, &opts.beam)?
+            // Beam search returns at least one hypothesis per input: EOS is forced at the
+            // length limit.
+            beam_search(model, &mut cache, bos, eos, &opts.decode.beam(opts.nbest))?
                 .into_iter()
                 .map(|h| h.into_iter().map(|h| h.tokens).collect())
                 .collect()
         };
         for (&i, h) in chunk.iter().zip(hyps) {
-            out[i] = h.iter().map(|t| tgt_tok.decode(t)).collect::<Result<_>>()?;
+            out[i] = h;
         }
     }
     Ok(out)
+}
+
+/// Translate `texts`: per text, `nbest` outputs (best first). A text longer than the model
+/// reads is an error naming it.
+pub fn translate(
+    model: &mut Seq2Seq,
+    files: &ModelFiles,
+    texts: &[String],
+    opts: &TranslateOptions,
+) -> Result<Vec<Vec<String>>> {
+    let src = encode_sources(&files.tokenizer, texts, source_limit(model), None)?;
+    let tgt = files.target_tokenizer();
+    translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, opts)?
+        .into_iter()
+        .map(|hyps| hyps.iter().map(|h| tgt.decode(h)).collect())
+        .collect()
 }
 
 /// Per-side tokenizers must agree on the special ids the model and batches use.
 pub fn check_specials(src_tok: &Tokenizer, tgt_tok: &Tokenizer) -> Result<()> {
     let ids = |t: &Tokenizer| (t.pad, t.bos, t.eos);
     if ids(src_tok) != ids(tgt_tok) {
-        return Err(crate::error::Error::Tokenizer(format!(
+        return Err(Error::Tokenizer(format!(
             "source and target tokenizers disagree on (pad, bos, eos): {:?} vs {:?}",
             ids(src_tok),
             ids(tgt_tok)
         )));
     }
     Ok(())
+}
+
+/// BLEU and chrF of a model's translations of a test set.
+#[derive(Clone, Debug)]
+pub struct TranslateReport {
+    pub sentences: usize,
+    pub beam: usize,
+    pub seconds: f64,
+    /// Sources longer than the model reads, cut to its limit to be translated at all.
+    pub cut: usize,
+    pub limit: usize,
+    pub bleu: BleuScore,
+    pub chrf: ChrfScore,
+    pub hypotheses: Vec<String>,
+    /// (source, reference, translation) of a few sentences spread over the set.
+    pub samples: Vec<(String, String, String)>,
+}
+
+impl fmt::Display for TranslateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} sentences, beam {}, {:.1} s",
+            self.sentences, self.beam, self.seconds
+        )?;
+        if self.cut > 0 {
+            writeln!(
+                f,
+                "{} sources were longer than the model's {} tokens and were cut to them",
+                self.cut, self.limit
+            )?;
+        }
+        writeln!(f, "{}", self.bleu)?;
+        write!(f, "{}", self.chrf)?;
+        for (s, r, h) in &self.samples {
+            write!(f, "\n\nsource:    {s}\nreference: {r}\nqkv:       {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Translate the sources of `pairs` and score against their targets (sacreBLEU's BLEU and
+/// chrF); `samples` sentences are kept as examples.
+pub fn evaluate(
+    model: &mut Seq2Seq,
+    files: &ModelFiles,
+    pairs: &[(String, String)],
+    opts: &TranslateOptions,
+    samples: usize,
+) -> Result<TranslateReport> {
+    let t = Instant::now();
+    let sources: Vec<String> = pairs.iter().map(|(s, _)| s.clone()).collect();
+    let refs: Vec<String> = pairs.iter().map(|(_, t)| t.clone()).collect();
+    let limit = source_limit(model);
+    let mut cut = 0;
+    let src = encode_sources(&files.tokenizer, &sources, limit, Some(&mut cut))?;
+    let tgt = files.target_tokenizer();
+    let one = TranslateOptions {
+        nbest: 1,
+        ..opts.clone()
+    };
+    let mut hypotheses = Vec::with_capacity(src.len());
+    for mut h in translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &one)? {
+        hypotheses.push(tgt.decode(&h.swap_remove(0))?);
+    }
+    let bleu = corpus_bleu(&hypotheses, &[refs.clone()], &BleuOptions::default())?;
+    let chrf = corpus_chrf(&hypotheses, &[refs], &ChrfOptions::default())?;
+    let n = hypotheses.len();
+    let samples = (0..samples.min(n))
+        .map(|i| {
+            let k = i * n / samples;
+            (
+                pairs[k].0.clone(),
+                pairs[k].1.clone(),
+                hypotheses[k].clone(),
+            )
+        })
+        .collect();
+    Ok(TranslateReport {
+        sentences: n,
+        beam: opts.decode.beam,
+        seconds: t.elapsed().as_secs_f64(),
+        cut,
+        limit,
+        bleu,
+        chrf,
+        hypotheses,
+        samples,
+    })
+}
+
+/// The translate task of a job: training pairs, validation batches, test pairs.
+pub struct Translate {
+    train: ParallelData,
+    valid: Vec<Seq2SeqBatch>,
+    test: Option<Vec<(String, String)>>,
+    target: Tokenizer,
+    max_tokens: usize,
+    seed: u64,
+}
+
+impl TrainData<Seq2Seq> for Translate {
+    fn epoch(&self, epoch: u64) -> Result<Vec<Seq2SeqBatch>> {
+        Ok(self
+            .train
+            .epoch_batches(&self.target, self.max_tokens, self.seed, epoch))
+    }
+
+    fn validate(&mut self, model: &mut Seq2Seq) -> Result<Validation> {
+        Ok(Validation {
+            loss: mean_loss(model, &self.valid)?,
+            metric: None,
+        })
+    }
+}
+
+impl Task for Translate {
+    type Model = Seq2Seq;
+
+    fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
+        let train_pairs = read_pairs(job, &job.data.train, false, observer)?;
+        let valid_pairs = read_pairs(job, &job.data.valid, false, observer)?;
+        let test = job
+            .data
+            .test
+            .as_deref()
+            .map(|p| read_pairs(job, p, false, observer))
+            .transpose()?;
+        let side = |pick: fn(&(String, String)) -> &String| {
+            let pairs = &train_pairs;
+            move || pairs.iter().map(move |p| pick(p).clone())
+        };
+        let (tok, target_tokenizer) = if job.tokenizer.joint {
+            let both = || train_pairs.iter().flat_map(|(s, t)| [s.clone(), t.clone()]);
+            (
+                tokenizer_for(job, run, TOKENIZER_FILE, both, observer)?,
+                None,
+            )
+        } else {
+            if job.tokenizer.path.is_some() {
+                return Err(Error::Config(
+                    "tokenizer.path gives one vocabulary; per-side vocabularies \
+                     (joint: false) are trained from the data"
+                        .into(),
+                ));
+            }
+            let src = tokenizer_for(job, run, TOKENIZER_FILE, side(|p| &p.0), observer)?;
+            let tgt = tokenizer_for(job, run, TARGET_TOKENIZER_FILE, side(|p| &p.1), observer)?;
+            check_specials(&src, &tgt)?;
+            (src, Some(tgt))
+        };
+        let mut config = job.model_config(None, tok.vocab_size(), tok.pad, 0)?;
+        if let Some(tgt) = &target_tokenizer {
+            if config.share_embeddings {
+                return Err(Error::Config(
+                    "share_embeddings needs one vocabulary for both sides (tokenizer.joint: true)"
+                        .into(),
+                ));
+            }
+            config.tgt_vocab_size = Some(tgt.vocab_size());
+            config.validate()?;
+        }
+        let files = ModelFiles {
+            tokenizer: tok,
+            target_tokenizer,
+            labels: None,
+            decode: job.decode.clone(),
+        };
+        let (src_tok, tgt_tok) = (&files.tokenizer, files.target_tokenizer());
+        let train = encode_pairs(src_tok, tgt_tok, &train_pairs, config.max_len)?;
+        let valid_data = encode_pairs(src_tok, tgt_tok, &valid_pairs, config.max_len)?;
+        if valid_data.pairs.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: no validation pairs (within max_len {})",
+                job.data.valid.display(),
+                config.max_len
+            )));
+        }
+        if test.as_ref().is_some_and(|t| t.is_empty()) {
+            return Err(Error::Config("the test set is empty".into()));
+        }
+        observer.on_message(&format!(
+            "train: {} pairs ({} dropped as longer than {} tokens), valid: {}, vocabulary {} / {}",
+            train.pairs.len(),
+            train.dropped_long,
+            config.max_len,
+            valid_data.pairs.len(),
+            src_tok.vocab_size(),
+            tgt_tok.vocab_size()
+        ));
+        let max_tokens = job.train.max_tokens;
+        let task = Translate {
+            valid: valid_data.epoch_batches(tgt_tok, max_tokens, 0, 0),
+            train,
+            test,
+            target: tgt_tok.clone(),
+            max_tokens,
+            seed: job.train.seed,
+        };
+        Ok(Prepared {
+            task,
+            files,
+            config,
+        })
+    }
+
+    fn new_model(&self, config: ModelConfig, job: &Job) -> Result<Seq2Seq> {
+        Seq2Seq::new(config, job.train.seed)
+    }
+
+    fn test(
+        &mut self,
+        model: &mut Seq2Seq,
+        files: &ModelFiles,
+        job: &Job,
+    ) -> Result<Option<Report>> {
+        let Some(test) = &self.test else {
+            return Ok(None);
+        };
+        let opts = TranslateOptions::new(&files.decode);
+        let report = evaluate(model, files, test, &opts, job.samples)?;
+        Ok(Some(Report::Translate(report)))
+    }
 }

@@ -109,6 +109,8 @@ pub trait Observer {
     /// The average of the last `n` checkpoints validated as `v`; `best` says whether it
     /// became `best/`.
     fn on_average(&mut self, _n: usize, _v: &Validation, _best: bool) {}
+    /// A line of information for the user (what the data holds, a resumed checkpoint, …).
+    fn on_message(&mut self, _msg: &str) {}
     /// Polled every update; `true` saves a checkpoint and stops (Ctrl-C).
     fn should_stop(&mut self) -> bool {
         false

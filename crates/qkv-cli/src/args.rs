@@ -1,0 +1,90 @@
+//! What several commands share: the precision flag, stdin lines, profiles and memory.
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use std::io::BufRead;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+/// `--dtype` of the inference commands (a job's training precision is in its config).
+#[derive(clap::Args, Clone, Copy)]
+pub struct PrecisionArgs {
+    /// Operand precision of the matrix products: bf16 runs them on the CPU's avx512_bf16
+    /// dot-product instruction with f32 sums and f32 weights (on CPUs without avx512_bf16,
+    /// bf16 runs as f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+impl PrecisionArgs {
+    /// Use this precision on the calling thread until the guard drops.
+    pub fn apply(self) -> qkv::kernels::matmul::PrecisionGuard {
+        qkv::kernels::matmul::set_matmul_precision(self.dtype.precision())
+    }
+}
+
+impl DtypeArg {
+    pub fn precision(self) -> qkv::kernels::matmul::Precision {
+        match self {
+            DtypeArg::F32 => qkv::kernels::matmul::Precision::F32,
+            DtypeArg::Bf16 => qkv::kernels::matmul::Precision::Bf16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Lines of stdin (empty ones kept, so outputs align with inputs); invalid UTF-8 names the
+/// line.
+pub fn stdin_lines() -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.with_context(|| format!("stdin line {}", i + 1))?;
+        out.push(line.trim_end_matches('\r').to_string());
+    }
+    Ok(out)
+}
+
+/// An input over a model's length limit, named as the user gave it (line `index + 1` of
+/// stdin); other errors pass through.
+pub fn name_input(e: qkv::Error, what: &str) -> anyhow::Error {
+    match e {
+        qkv::Error::InputTooLong { index, len, limit } => anyhow::anyhow!(
+            "{what} {}: {len} tokens, more than the model's limit of {limit} (split it, or \
+             use a model trained with a larger max_len)",
+            index + 1
+        ),
+        e => e.into(),
+    }
+}
+
+/// With `QKV_PROFILE=1`, where the time of each of `steps` went, to stderr.
+pub fn print_profile(steps: usize) {
+    if qkv::profile::enabled() {
+        let steps = steps as f64;
+        for (name, ms, calls) in qkv::profile::report() {
+            eprintln!(
+                "{:>9.3} ms/step  {:>6} calls/step  {name}",
+                ms / steps,
+                calls as f64 / steps
+            );
+        }
+    }
+}
+
+/// Peak resident set size of this process in MiB (Linux: VmHWM).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

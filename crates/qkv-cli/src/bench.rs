@@ -1,0 +1,281 @@
+//! `qkv bench`: the training-step, matrix-product and attention benchmarks of the library
+//! (`qkv::bench`), one JSON line each, and the load generator for `qkv serve`.
+
+use crate::args::{peak_rss_mb, print_profile, DtypeArg};
+use anyhow::{bail, Result};
+use clap::{Subcommand, ValueEnum};
+use qkv::bench::{self, BenchModel, TrainStepBench};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time one training step (forward, backward, AdamW) of a model.
+    TrainStep(TrainStepArgs),
+    /// Time one self-attention call (Tq = Tk = N) of one kernel; reports its peak memory.
+    Attention(AttentionArgs),
+    /// Load-test a running `qkv serve`: throughput and latency percentiles.
+    Serve(crate::serve::load::LoadArgs),
+    /// Time one matrix product `(m, k) · (k, n)` in f32 or bf16 and report GFLOP/s.
+    Matmul(MatmulArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MatmulArgs {
+    #[arg(long)]
+    m: usize,
+    #[arg(long)]
+    k: usize,
+    #[arg(long)]
+    n: usize,
+    /// The left operand is stored transposed, (k, m).
+    #[arg(long)]
+    ta: bool,
+    /// The right operand is stored transposed, (n, k) (as `x · Wᵀ`).
+    #[arg(long)]
+    tb: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionKindArg {
+    Flash,
+    Reference,
+    Linear,
+    Window,
+}
+
+#[derive(clap::Args)]
+pub struct AttentionArgs {
+    /// Sequence length (queries = keys).
+    #[arg(long)]
+    n: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long)]
+    causal: bool,
+    /// Time forward + backward instead of forward only.
+    #[arg(long)]
+    backward: bool,
+    #[arg(long, value_enum, default_value = "flash")]
+    kind: AttentionKindArg,
+    /// Keys per query for `--kind window`.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Timed calls (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelKind {
+    Encoder,
+    Seq2seq,
+    Lm,
+    Classifier,
+}
+
+#[derive(clap::Args)]
+pub struct TrainStepArgs {
+    #[arg(long, value_enum, default_value = "encoder")]
+    model: ModelKind,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    #[arg(long, default_value_t = 256)]
+    d_model: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 1024)]
+    d_ff: usize,
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
+    #[arg(long, default_value_t = 8000)]
+    vocab: usize,
+    /// Operand precision of the matrix products: bf16 is mixed precision (f32 weights and sums).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Encoder model: also compute the gradient of the random input (PyTorch computes it only
+    /// for an input with requires_grad; the comparison script passes this flag to both sides).
+    #[arg(long)]
+    input_grad: bool,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+}
+
+/// JSON numbers with `digits` decimals.
+fn round(x: f64, digits: i32) -> f64 {
+    let k = 10f64.powi(digits);
+    (x * k).round() / k
+}
+
+pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
+    match command {
+        BenchCommand::TrainStep(a) => train_step(a, threads),
+        BenchCommand::Attention(a) => attention(a, threads),
+        BenchCommand::Serve(a) => crate::serve::load::run(a),
+        BenchCommand::Matmul(a) => matmul(a, threads),
+    }
+}
+
+fn train_step(a: TrainStepArgs, threads: usize) -> Result<()> {
+    if a.steps == 0 || a.batch == 0 || a.seq == 0 || a.layers == 0 || a.vocab < 2 {
+        bail!("--steps, --batch, --seq and --layers must be positive and --vocab at least 2");
+    }
+    let model = match a.model {
+        ModelKind::Encoder => BenchModel::Encoder,
+        ModelKind::Seq2seq => BenchModel::Seq2seq,
+        ModelKind::Lm => BenchModel::Lm,
+        ModelKind::Classifier => BenchModel::Classifier,
+    };
+    let b = TrainStepBench {
+        model,
+        batch: a.batch,
+        seq: a.seq,
+        d_model: a.d_model,
+        heads: a.heads,
+        d_ff: a.d_ff,
+        layers: a.layers,
+        vocab: a.vocab,
+        steps: a.steps,
+        warmup: a.warmup,
+        precision: a.dtype.precision(),
+        input_grad: a.input_grad,
+    };
+    let times = bench::train_step(&b)?;
+    let ms = bench::median(&times);
+    let line = serde_json::json!({
+        "impl": "qkv",
+        "model": format!("{:?}", model).to_lowercase(),
+        "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
+        "threads": threads, "dtype": effective_dtype(a.dtype), "input_grad": a.input_grad,
+        "ms_per_step": round(ms, 3),
+        "min_ms": round(times.iter().cloned().fold(f64::INFINITY, f64::min), 3),
+        "tokens_per_s": ((a.batch * a.seq) as f64 / (ms / 1e3)).round(),
+        "peak_rss_mb": peak_rss_mb().map(|m| round(m, 1)),
+    });
+    println!("{line}");
+    print_profile(a.steps + a.warmup);
+    Ok(())
+}
+
+fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
+    if a.steps == 0 || a.m == 0 || a.k == 0 || a.n == 0 {
+        bail!("--steps, --m, --k and --n must be positive");
+    }
+    let times = bench::matmul(
+        a.m,
+        a.k,
+        a.n,
+        a.ta,
+        a.tb,
+        a.dtype.precision(),
+        a.steps,
+        a.warmup,
+    );
+    let ms = bench::median(&times);
+    let gflop = 2.0 * (a.m * a.k * a.n) as f64 / 1e9;
+    let line = serde_json::json!({
+        "impl": "qkv", "m": a.m, "k": a.k, "n": a.n, "ta": a.ta, "tb": a.tb,
+        "dtype": effective_dtype(a.dtype), "threads": threads,
+        "ms": round(ms, 3),
+        "gflops": round(gflop / (ms / 1e3), 2),
+    });
+    println!("{line}");
+    print_profile(a.steps + a.warmup);
+    Ok(())
+}
+
+/// The dtype a benchmark really ran: bf16 falls back to f32 on CPUs without avx512_bf16.
+fn effective_dtype(d: DtypeArg) -> &'static str {
+    match d {
+        DtypeArg::Bf16 if !qkv::kernels::bf16::available() => "f32 (no avx512_bf16)",
+        d => d.name(),
+    }
+}
+
+fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
+    use qkv::bench::{AttentionBench, AttentionKernel};
+    if matches!(a.dtype, DtypeArg::Bf16)
+        && matches!(
+            a.kind,
+            AttentionKindArg::Reference | AttentionKindArg::Linear
+        )
+    {
+        bail!(
+            "--dtype bf16 with --kind {}: the materialized and linear attention kernels compute \
+             in f32 only; bf16 tile products are flash's (--kind flash or window)",
+            a.kind_name()
+        );
+    }
+    if a.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    let kernel = match a.kind {
+        AttentionKindArg::Flash => AttentionKernel::Flash,
+        AttentionKindArg::Reference => AttentionKernel::Reference,
+        AttentionKindArg::Linear => AttentionKernel::Linear,
+        AttentionKindArg::Window => AttentionKernel::Window(a.window),
+    };
+    let b = AttentionBench {
+        kernel,
+        batch: a.batch,
+        heads: a.heads,
+        n: a.n,
+        head_dim: a.head_dim,
+        causal: a.causal,
+        backward: a.backward,
+        steps: a.steps,
+        warmup: a.warmup,
+        precision: a.dtype.precision(),
+    };
+    let base = peak_rss_mb();
+    let times = bench::attention(&b)?;
+    let ms = bench::median(&times);
+    let peak = peak_rss_mb();
+    let tensors = b.tensor_bytes() as f64 / (1024.0 * 1024.0);
+    let mb = |x: f64| round(x, 1);
+    let line = serde_json::json!({
+        "impl": "qkv",
+        "kind": a.kind_name(),
+        "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
+        "causal": a.causal, "backward": a.backward, "dtype": effective_dtype(a.dtype),
+        "threads": threads,
+        "ms": round(ms, 3),
+        "min_ms": round(times.iter().cloned().fold(f64::INFINITY, f64::min), 3),
+        "peak_rss_mb": peak.map(mb),
+        // What the process held before the benchmark, and Q, K, V, O (+ dO, dQ, dK, dV):
+        // peak − baseline − tensors is the kernel's own extra memory.
+        "baseline_rss_mb": base.map(mb),
+        "tensors_mb": mb(tensors),
+        "extra_mb": peak.zip(base).map(|(p, b)| mb(p - b - tensors)),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+impl AttentionArgs {
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            AttentionKindArg::Flash => "flash",
+            AttentionKindArg::Reference => "reference",
+            AttentionKindArg::Linear => "linear",
+            AttentionKindArg::Window => "window",
+        }
+    }
+}

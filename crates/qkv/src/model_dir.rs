@@ -1,0 +1,187 @@
+//! A model directory: what it takes to use a trained model, in one folder (as a Hugging Face
+//! hub directory). `config.json` and `model.safetensors` (see [`crate::checkpoint`]), the
+//! tokenizer (`tokenizer.json`, and `target_tokenizer.json` when a translation model has one
+//! vocabulary per side), the class names (`labels.json`), the decoding defaults
+//! (`decode.json`) and, in a training checkpoint, how it was trained (`train_config.json`).
+//!
+//! This is the one place that reads or writes those files and the one place that decides a
+//! model's family from its config; a Hugging Face BERT-family directory loads as an encoder.
+
+use crate::checkpoint::{self, io_err, json_err, write_atomic};
+use crate::data::Tokenizer;
+use crate::decode::DecodeConfig;
+use crate::error::{Error, Result};
+use crate::model::{AnyModel, Family};
+use crate::tasks::classify::Labels;
+use crate::train::{load_train_config, TrainConfig, TRAIN_CONFIG_FILE};
+use std::path::{Path, PathBuf};
+
+pub use crate::checkpoint::{CONFIG_FILE, MODEL_FILE};
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The target side's vocabulary when a translation model has one per side.
+pub const TARGET_TOKENIZER_FILE: &str = "target_tokenizer.json";
+pub const LABELS_FILE: &str = "labels.json";
+pub const DECODE_FILE: &str = "decode.json";
+
+/// A model directory's files besides its weights and config.
+#[derive(Clone)]
+pub struct ModelFiles {
+    pub tokenizer: Tokenizer,
+    /// A translation model's target vocabulary, when it is not `tokenizer`.
+    pub target_tokenizer: Option<Tokenizer>,
+    /// Classifiers: class names in id order.
+    pub labels: Option<Labels>,
+    pub decode: DecodeConfig,
+}
+
+impl ModelFiles {
+    /// The tokenizer of the output side (translation targets; otherwise the one tokenizer).
+    pub fn target_tokenizer(&self) -> &Tokenizer {
+        self.target_tokenizer.as_ref().unwrap_or(&self.tokenizer)
+    }
+
+    /// Write the files into `dir` (which exists); returns their paths.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut paths = vec![dir.join(TOKENIZER_FILE), dir.join(DECODE_FILE)];
+        self.tokenizer.save(&paths[0])?;
+        let decode = serde_json::to_string_pretty(&self.decode).map_err(|e| json_err(dir, e))?;
+        write_atomic(&paths[1], decode.as_bytes())?;
+        if let Some(t) = &self.target_tokenizer {
+            let path = dir.join(TARGET_TOKENIZER_FILE);
+            t.save(&path)?;
+            paths.push(path);
+        }
+        if let Some(labels) = &self.labels {
+            let path = dir.join(LABELS_FILE);
+            let json = serde_json::to_string_pretty(&labels.0).map_err(|e| json_err(dir, e))?;
+            write_atomic(&path, json.as_bytes())?;
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
+    /// Read the files of a qkv model directory whose model has `n_classes` classes.
+    fn read(dir: &Path, pad_id: u32, n_classes: usize) -> Result<Self> {
+        let tokenizer = Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
+        if tokenizer.pad != pad_id {
+            return Err(file_err(
+                &dir.join(TOKENIZER_FILE),
+                format!(
+                    "the tokenizer pads with id {} but the model with {pad_id}",
+                    tokenizer.pad
+                ),
+            ));
+        }
+        let tgt_path = dir.join(TARGET_TOKENIZER_FILE);
+        let target_tokenizer = if tgt_path.exists() {
+            let t = Tokenizer::load(&tgt_path)?;
+            crate::tasks::translate::check_specials(&tokenizer, &t)?;
+            Some(t)
+        } else {
+            None
+        };
+        let labels = if n_classes > 0 {
+            Some(read_labels(&dir.join(LABELS_FILE), n_classes)?)
+        } else {
+            None
+        };
+        // Directories written before decoding defaults were saved decode with the defaults.
+        let decode_path = dir.join(DECODE_FILE);
+        let decode = if decode_path.exists() {
+            let text = std::fs::read_to_string(&decode_path).map_err(io_err(&decode_path))?;
+            let d: DecodeConfig = serde_json::from_str(&text)
+                .map_err(|e| file_err(&decode_path, format!("invalid decoding settings: {e}")))?;
+            d.validate()
+                .map_err(|e| file_err(&decode_path, e.to_string()))?;
+            d
+        } else {
+            DecodeConfig::default()
+        };
+        Ok(Self {
+            tokenizer,
+            target_tokenizer,
+            labels,
+            decode,
+        })
+    }
+}
+
+fn file_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn read_labels(path: &Path, n_classes: usize) -> Result<Labels> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let names: Vec<String> = serde_json::from_str(&text)
+        .map_err(|e| file_err(path, format!("expected a JSON list of label names ({e})")))?;
+    if names.len() != n_classes {
+        return Err(file_err(
+            path,
+            format!(
+                "{} labels for a model with {n_classes} classes",
+                names.len()
+            ),
+        ));
+    }
+    Ok(Labels(names))
+}
+
+/// A loaded model directory.
+pub struct ModelDir {
+    pub model: AnyModel,
+    pub files: ModelFiles,
+    /// How the model was trained, when the directory is a qkv training checkpoint.
+    pub train_config: Option<TrainConfig>,
+}
+
+impl ModelDir {
+    /// Load a qkv model directory, or a Hugging Face BERT-family encoder (an embedding
+    /// model).
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(file_err(dir, "not a model directory"));
+        }
+        if crate::hf::is_hf_dir(dir) {
+            let enc = crate::hf::HfEncoder::open(dir)?;
+            let model = AnyModel::Classifier(enc.embedding_model()?);
+            return Ok(Self {
+                model,
+                files: ModelFiles {
+                    tokenizer: enc.tokenizer,
+                    target_tokenizer: None,
+                    labels: None,
+                    decode: DecodeConfig::default(),
+                },
+                train_config: None,
+            });
+        }
+        let cfg = checkpoint::load_config(dir)?;
+        let files = ModelFiles::read(dir, cfg.pad_id, cfg.n_classes)?;
+        let mut model = AnyModel::new(cfg.clone(), 0)?;
+        checkpoint::load(dir, &cfg, model.params_mut())?;
+        let train_config = if dir.join(TRAIN_CONFIG_FILE).exists() {
+            Some(load_train_config(dir)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            model,
+            files,
+            train_config,
+        })
+    }
+
+    /// Write config, weights and files into `dir` (created if missing).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        checkpoint::save(dir, self.model.config(), self.model.params(), None)?;
+        self.files.write(dir)?;
+        Ok(())
+    }
+
+    pub fn family(&self) -> Family {
+        self.model.config().family
+    }
+}
