@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 mod common;
-use common::{qkv, scratch};
+use common::{qkv, scratch, tiny_model};
+use qkv::model::Family;
 
 const WORDS: [(&str, &str); 8] = [
     ("the", "el"),
@@ -432,5 +433,136 @@ fn per_side_vocabularies_train_and_translate() {
         !ok && err.contains("share_embeddings needs one vocabulary"),
         "{err}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A model directory's files are user input too: absurd sizes are errors naming the field
+/// (never an allocation that aborts), inputs longer than the model reads are errors naming
+/// the line (never cut), and the decoding defaults saved with the model apply.
+#[test]
+fn model_files_are_checked_and_inputs_are_never_cut() {
+    let s2s = tiny_model(Family::Seq2seq, "files-s2s");
+    let lm = tiny_model(Family::Lm, "files-lm");
+    // 64 positions: a 100-word line does not fit.
+    let long = "the king ".repeat(100);
+    let (ok, _, err) = qkv(
+        &["translate", "--model", s2s.to_str().unwrap()],
+        Some(&format!("the king\n{long}\n")),
+    );
+    assert!(
+        !ok && err.contains("stdin line 2") && err.contains("limit of 63"),
+        "{err}"
+    );
+    let (ok, _, err) = qkv(
+        &[
+            "generate",
+            "--model",
+            lm.to_str().unwrap(),
+            "--prompt",
+            &long,
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("prompt 1") && err.contains("limit of 62"),
+        "{err}"
+    );
+    // The model's decode.json decides the beam: nbest 2 needs a beam of 2.
+    std::fs::write(s2s.join("decode.json"), r#"{"beam": 1}"#).unwrap();
+    let (ok, _, err) = qkv(
+        &[
+            "translate",
+            "--model",
+            s2s.to_str().unwrap(),
+            "--nbest",
+            "2",
+        ],
+        Some("the king\n"),
+    );
+    assert!(!ok && err.contains("--beam 1"), "{err}");
+    let (ok, out, err) = qkv(
+        &[
+            "translate",
+            "--model",
+            s2s.to_str().unwrap(),
+            "--nbest",
+            "2",
+            "--beam",
+            "2",
+        ],
+        Some("the king\n"),
+    );
+    assert!(
+        ok && out.lines().next().unwrap().split('\t').count() == 2,
+        "{err}"
+    );
+    std::fs::write(s2s.join("decode.json"), r#"{"beams": 1}"#).unwrap();
+    let (ok, _, err) = qkv(
+        &["translate", "--model", s2s.to_str().unwrap()],
+        Some("the king\n"),
+    );
+    assert!(
+        !ok && err.contains("decode.json") && err.contains("beams"),
+        "{err}"
+    );
+    std::fs::remove_file(s2s.join("decode.json")).unwrap();
+    // d_model 10^12 in config.json: an error naming the field, for every family's loader.
+    for (dir, cmd) in [(&s2s, "translate"), (&lm, "generate")] {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+        cfg["d_model"] = 1_000_000_000_000u64.into();
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let mut args = vec![cmd, "--model", dir.to_str().unwrap()];
+        if cmd == "generate" {
+            args.extend(["--prompt", "x"]);
+        }
+        let (ok, _, err) = qkv(&args, Some("the king\n"));
+        assert!(
+            !ok && err.contains("d_model 1000000000000 is above the cap"),
+            "{cmd}: {err}"
+        );
+        std::fs::write(&path, text).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&s2s);
+    let _ = std::fs::remove_dir_all(&lm);
+}
+
+/// A job that names only its task and data trains with every default (here with fewer
+/// updates, so the test is quick), and a logged run (stderr not a terminal) prints progress
+/// lines.
+#[test]
+fn a_job_with_only_task_and_data_trains() {
+    let dir = scratch("minimal");
+    let mut tsv = String::new();
+    for i in 0..60 {
+        let label = ["neg", "pos"][i % 2];
+        let text = ["a sad bad day", "a happy good day"][i % 2];
+        tsv += &format!("{label}\t{text} {i}\n");
+    }
+    std::fs::write(dir.join("train.tsv"), &tsv).unwrap();
+    std::fs::write(dir.join("valid.tsv"), &tsv[..200]).unwrap();
+    let cfg = dir.join("job.json");
+    std::fs::write(
+        &cfg,
+        r#"{"task": "classify", "data": {"train": "train.tsv", "valid": "valid.tsv"}}"#,
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let (ok, _, err) = qkv(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("update 1/3 loss"), "no progress line: {err}");
+    assert!(out.join("best").join("decode.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

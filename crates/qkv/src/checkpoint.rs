@@ -147,8 +147,8 @@ impl TensorFile {
     }
 }
 
-/// Save the model's parameters under their names, with the config in the metadata too.
-pub fn save_params(path: &Path, config: &ModelConfig, params: &Params) -> Result<()> {
+/// Save the model's parameters under their names (the config lives in `config.json` alone).
+pub fn save_params(path: &Path, params: &Params) -> Result<()> {
     let tensors: Vec<_> = params
         .specs
         .iter()
@@ -160,8 +160,7 @@ pub fn save_params(path: &Path, config: &ModelConfig, params: &Params) -> Result
             )
         })
         .collect();
-    let cfg = serde_json::to_string(config).map_err(|e| ck_err(path, e.to_string()))?;
-    save_tensors(path, &tensors, HashMap::from([("config".to_string(), cfg)]))
+    save_tensors(path, &tensors, HashMap::new())
 }
 
 /// Load every parameter of `params` from `path`: names must match exactly (no missing, no extra).
@@ -191,7 +190,7 @@ pub fn save(
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cfg = serde_json::to_string_pretty(config).map_err(|e| ck_err(dir, e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), cfg.as_bytes())?;
-    save_params(&dir.join(MODEL_FILE), config, params)?;
+    save_params(&dir.join(MODEL_FILE), params)?;
     if let Some(opt) = optimizer {
         let path = dir.join(OPTIMIZER_FILE);
         let mut tensors = Vec::new();

@@ -201,8 +201,29 @@ impl HfEncoder {
                         format!("missing tensor '{prefix}{src}' (for qkv's '{}')", spec.name),
                     )
                 })?;
+                // Each source holds its share of the rows (Q, K, V of a fused projection);
+                // a position table may hold more rows than the model reads.
+                let mut want = spec.shape.clone();
+                want[0] /= sources.len();
                 match file.get(&name)? {
-                    (_, TensorData::F32(v)) => data.extend_from_slice(&v),
+                    (shape, TensorData::F32(v))
+                        if shape == want
+                            || (spec.name == "pos.weight"
+                                && shape.len() == 2
+                                && shape[1] == want[1]
+                                && shape[0] >= want[0]) =>
+                    {
+                        data.extend_from_slice(&v)
+                    }
+                    (shape, TensorData::F32(_)) => {
+                        return Err(ck_err(
+                            &path,
+                            format!(
+                                "tensor '{name}' has shape {shape:?}, qkv's '{}' needs {want:?}",
+                                spec.name
+                            ),
+                        ))
+                    }
                     _ => return Err(ck_err(&path, format!("tensor '{name}' is not F32"))),
                 }
                 used.push(name);

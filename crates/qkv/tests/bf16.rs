@@ -14,11 +14,7 @@ use qkv::kernels::matmul::{
 use qkv::rng::Rng;
 
 fn skip() -> bool {
-    if !available() {
-        eprintln!("skipped: this CPU has no avx512_bf16");
-        return true;
-    }
-    false
+    !qkv::kernels::bf16::run_bf16_test("bf16 kernels")
 }
 
 #[test]

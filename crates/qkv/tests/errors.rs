@@ -275,3 +275,38 @@ fn backward_accumulates_scaled_gradients() {
     }
     assert!(once.iter().any(|g| *g != 0.0));
 }
+
+/// Sizes in a config come from users' files: each is capped, so an absurd one is an error
+/// naming the field, not an allocation that aborts the process.
+#[test]
+fn absurd_sizes_are_errors_naming_the_field() {
+    let base = ModelConfig::preset("tiny", Family::Lm, 10).unwrap();
+    let set = |f: &dyn Fn(&mut ModelConfig)| {
+        let mut c = base.clone();
+        f(&mut c);
+        LanguageModel::new(c, 0).err().unwrap().to_string()
+    };
+    let e = set(&|c| c.d_model = 1_000_000_000_000);
+    assert!(e.contains("d_model 1000000000000 is above the cap"), "{e}");
+    let e = set(&|c| c.vocab_size = usize::MAX);
+    assert!(e.contains("vocab_size"), "{e}");
+    let e = set(&|c| c.n_decoder_layers = 1 << 20);
+    assert!(e.contains("n_decoder_layers"), "{e}");
+    let e = set(&|c| {
+        c.max_len = 1 << 20;
+        c.d_model = 4096;
+        c.n_heads = 4;
+    });
+    assert!(e.contains("max_len") && e.contains("d_model"), "{e}");
+    let e = set(&|c| c.layer_norm_eps = -1.0);
+    assert!(e.contains("layer_norm_eps"), "{e}");
+    // Within every cap but still more memory than the machine has: an allocation error.
+    let mut c = base.clone();
+    c.d_model = 1 << 16;
+    c.n_heads = 1;
+    c.d_ff = 1 << 20;
+    c.n_decoder_layers = 1 << 10;
+    c.max_len = 8;
+    let e = LanguageModel::new(c, 0).err().unwrap().to_string();
+    assert!(e.contains("cannot allocate") && e.contains("GiB"), "{e}");
+}

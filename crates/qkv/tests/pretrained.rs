@@ -218,12 +218,20 @@ fn unsupported_or_broken_hf_directories_are_errors() {
         .iter()
         .map(|(_, s)| vec![0.5; s.iter().product()])
         .collect();
-    let write = |extra: bool| {
+    let write = |extra: bool, transposed: bool| {
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = shapes
             .iter()
             .zip(&data)
             .map(|((n, s), d)| (n.clone(), s.clone(), d.as_slice()))
             .collect();
+        if transposed {
+            // The same values in the other orientation: as many elements, another shape.
+            let t = tensors
+                .iter_mut()
+                .find(|t| t.0.ends_with("intermediate.dense.weight"))
+                .unwrap();
+            t.1.reverse();
+        }
         if extra {
             tensors.push(("encoder.layer.0.adapter.weight".into(), vec![c], &data[3]));
         }
@@ -234,13 +242,25 @@ fn unsupported_or_broken_hf_directories_are_errors() {
         )
         .unwrap();
     };
-    write(false);
+    write(false, false);
     let model = HfEncoder::open(&scratch)
         .unwrap()
         .embedding_model()
         .unwrap();
     assert_eq!(model.params.get("embed_norm.weight").unwrap(), &[0.5; 8]);
-    write(true);
+    write(false, true);
+    let err = HfEncoder::open(&scratch)
+        .unwrap()
+        .embedding_model()
+        .err()
+        .expect("a transposed tensor")
+        .to_string();
+    assert!(
+        err.contains("intermediate.dense.weight' has shape [8, 16]")
+            && err.contains("needs [16, 8]"),
+        "{err}"
+    );
+    write(true, false);
     let err = HfEncoder::open(&scratch)
         .unwrap()
         .embedding_model()

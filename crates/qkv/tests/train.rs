@@ -196,8 +196,7 @@ fn nan_stops_training_and_keeps_the_last_checkpoint() {
 #[test]
 fn bf16_training_tracks_f32_and_resumes_exactly() {
     use qkv::kernels::matmul::{matmul_precision, Precision};
-    if !qkv::kernels::bf16::available() {
-        eprintln!("skipped: this CPU has no avx512_bf16 (bf16 falls back to f32)");
+    if !qkv::kernels::bf16::run_bf16_test("bf16 training") {
         return;
     }
     let tmp = std::env::temp_dir().join(format!("qkv-bf16-{}", std::process::id()));
@@ -396,7 +395,7 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
     };
     t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap();
     assert_eq!(obs.horizon, None, "the horizon was fitted again");
-    let schedule = cfg.schedule.for_horizon(fitted, max_steps);
+    let schedule = cfg.schedule.fitted(fitted);
     for log in &obs.logs {
         assert_eq!(log.last_step, fitted);
         assert_eq!(log.lr, schedule.lr(log.step), "step {}", log.step);

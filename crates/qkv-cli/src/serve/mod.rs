@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use worker::{BatchPolicy, Job, Reply, Work};
+use worker::{BatchPolicy, Reply, Request, Work};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -94,7 +94,7 @@ impl Endpoint {
 }
 
 struct AppState {
-    queue: SyncSender<Job>,
+    queue: SyncSender<Request>,
     metrics: Arc<Metrics>,
     /// Tokenizers, labels and the model's decoding defaults.
     files: ModelFiles,
@@ -157,7 +157,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         AnyModel::Lm(_) => (vec![Endpoint::Generate], "lm", max_len.saturating_sub(2)),
     };
     let metrics = Arc::new(Metrics::default());
-    let (tx, rx) = sync_channel::<Job>(a.queue);
+    let (tx, rx) = sync_channel::<Request>(a.queue);
     let state = Arc::new(AppState {
         queue: tx,
         metrics: metrics.clone(),
@@ -539,7 +539,7 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 async fn submit(s: &AppState, work: Work) -> Result<Reply, ApiError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     s.metrics.queued.fetch_add(1, Ordering::Relaxed);
-    match s.queue.try_send(Job { work, reply: tx }) {
+    match s.queue.try_send(Request { work, reply: tx }) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
             s.metrics.queued.fetch_sub(1, Ordering::Relaxed);

@@ -1,8 +1,8 @@
 //! The model worker: one thread owns the model (models take `&mut self` and use every core
-//! through rayon) and runs dynamic batches. It blocks for a first job, gathers more until the
-//! batch window closes or `max_batch` inputs are waiting, groups the jobs by what they ask
+//! through rayon) and runs dynamic batches. It blocks for a first request, gathers more until the
+//! batch window closes or `max_batch` inputs are waiting, groups the requests by what they ask
 //! (endpoint, beam, new tokens; each generation row keeps its own sampling settings and
-//! seed), runs one batched call per group and answers each job. Jobs hold token ids: the
+//! seed), runs one batched call per group and answers each request. Requests hold token ids: the
 //! handlers tokenized them, and outputs go back as ids.
 
 use super::metrics::Metrics;
@@ -38,7 +38,7 @@ pub enum Work {
     },
 }
 
-/// Which jobs can share one batched call.
+/// Which requests can share one batched call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Group {
     Translate { beam: usize },
@@ -48,7 +48,7 @@ enum Group {
 }
 
 impl Work {
-    /// Inputs this job adds to a batch.
+    /// Inputs this request adds to a batch.
     fn inputs(&self) -> usize {
         match self {
             Work::Translate { ids, .. } | Work::Classify { ids } | Work::Embed { ids } => ids.len(),
@@ -93,7 +93,7 @@ pub enum Reply {
     Rows(Vec<Vec<f32>>),
 }
 
-pub struct Job {
+pub struct Request {
     pub work: Work,
     pub reply: oneshot::Sender<Result<Reply, String>>,
 }
@@ -101,40 +101,40 @@ pub struct Job {
 pub struct BatchPolicy {
     /// Inputs per batch at most (1 turns dynamic batching off).
     pub max_batch: usize,
-    /// How long the first job of a batch waits for company.
+    /// How long the first request of a batch waits for company.
     pub window: Duration,
 }
 
-pub fn run(mut dir: ModelDir, rx: Receiver<Job>, policy: BatchPolicy, metrics: Arc<Metrics>) {
+pub fn run(mut dir: ModelDir, rx: Receiver<Request>, policy: BatchPolicy, metrics: Arc<Metrics>) {
     while let Ok(first) = rx.recv() {
         let deadline = Instant::now() + policy.window;
         let mut inputs = first.work.inputs();
-        let mut jobs = vec![first];
+        let mut requests = vec![first];
         while inputs < policy.max_batch {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(job) => {
-                    inputs += job.work.inputs();
-                    jobs.push(job);
+                Ok(request) => {
+                    inputs += request.work.inputs();
+                    requests.push(request);
                 }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        metrics.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
-        // A job whose client has gone (timed out) is not worth computing.
-        jobs.retain(|j| !j.reply.is_closed());
-        while !jobs.is_empty() {
-            let key = jobs[0].work.group();
-            let (group, rest): (Vec<Job>, Vec<Job>) =
-                jobs.into_iter().partition(|j| j.work.group() == key);
-            jobs = rest;
+        metrics.queued.fetch_sub(requests.len(), Ordering::Relaxed);
+        // A request whose client has gone (timed out) is not worth computing.
+        requests.retain(|j| !j.reply.is_closed());
+        while !requests.is_empty() {
+            let key = requests[0].work.group();
+            let (group, rest): (Vec<Request>, Vec<Request>) =
+                requests.into_iter().partition(|j| j.work.group() == key);
+            requests = rest;
             run_group(&mut dir, group, &metrics);
         }
     }
 }
 
-/// One batched model call for jobs of one group; each job gets its slice of the results.
-fn run_group(dir: &mut ModelDir, group: Vec<Job>, metrics: &Metrics) {
+/// One batched model call for requests of one group; each request gets its slice of the results.
+fn run_group(dir: &mut ModelDir, group: Vec<Request>, metrics: &Metrics) {
     let counts: Vec<usize> = group.iter().map(|j| j.work.inputs()).collect();
     let total: usize = counts.iter().sum();
     metrics.batch(total);
@@ -150,7 +150,7 @@ fn run_group(dir: &mut ModelDir, group: Vec<Job>, metrics: &Metrics) {
         }
     });
     let mut start = 0;
-    for (job, n) in group.into_iter().zip(counts) {
+    for (request, n) in group.into_iter().zip(counts) {
         let answer = match &result {
             Ok(Reply::Texts(t)) => Ok(Reply::Texts(t[start..start + n].to_vec())),
             Ok(Reply::Rows(r)) => Ok(Reply::Rows(r[start..start + n].to_vec())),
@@ -158,11 +158,11 @@ fn run_group(dir: &mut ModelDir, group: Vec<Job>, metrics: &Metrics) {
         };
         start += n;
         // The client may have timed out meanwhile: nothing to do then.
-        let _ = job.reply.send(answer);
+        let _ = request.reply.send(answer);
     }
 }
 
-fn call_model(dir: &mut ModelDir, group: &[Job]) -> Result<Reply, String> {
+fn call_model(dir: &mut ModelDir, group: &[Request]) -> Result<Reply, String> {
     let rows: Vec<Vec<u32>> = group.iter().flat_map(|j| j.work.rows()).collect();
     let files = &dir.files;
     let (tok, tgt) = (&files.tokenizer, files.target_tokenizer());

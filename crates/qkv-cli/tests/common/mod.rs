@@ -69,5 +69,11 @@ pub fn qkv(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
     assert!(!e.contains("panicked"), "qkv panicked: {e}");
+    // An abort (e.g. a failed allocation) or any other signal is never an answer.
+    assert!(
+        out.status.code().is_some(),
+        "qkv was killed: {:?} {e}",
+        out.status
+    );
     (out.status.success(), o, e)
 }

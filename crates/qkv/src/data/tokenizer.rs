@@ -24,6 +24,31 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
+thread_local! {
+    /// Set while this thread runs code whose panics are caught and reported as errors.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind(f)` without the panic message on stderr. The process's panic hook is wrapped
+/// once (not swapped per call): the wrapper stays silent only on a thread inside this
+/// function and hands every other panic to the hook that was installed before, so
+/// concurrent loads and other threads' panics keep their messages.
+fn quiet_catch_unwind<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Result<T> {
+    static WRAP: std::sync::Once = std::sync::Once::new();
+    WRAP.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CATCHING.with(|c| c.get()) {
+                previous(info)
+            }
+        }));
+    });
+    CATCHING.with(|c| c.set(true));
+    let result = std::panic::catch_unwind(f);
+    CATCHING.with(|c| c.set(false));
+    result
+}
+
 /// A tokenizer plus the ids of its special tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -94,13 +119,9 @@ impl Tokenizer {
 
     /// Load a `tokenizer.json` written by qkv or by HF tokenizers.
     pub fn load(path: &Path) -> Result<Self> {
-        // tokenizers 0.22 panics (an `expect` in its decoder deserializer) on some malformed
-        // files instead of returning an error; turn that into an error naming the file. The
-        // default hook is silenced meanwhile so no panic message reaches the user.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path));
-        std::panic::set_hook(hook);
+        // tokenizers 0.22 panics on some malformed files (an `expect` in a deserializer)
+        // instead of returning an error: catch it, and report the file.
+        let loaded = quiet_catch_unwind(|| tokenizers::Tokenizer::from_file(path));
         let mut inner = match loaded {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(Error::Tokenizer(format!("{}: {e}", path.display()))),

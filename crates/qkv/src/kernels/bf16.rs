@@ -28,6 +28,22 @@ const A_BLOCK_BYTES: usize = 256 * 1024;
 /// Column panels per task.
 const NC_PANELS: usize = 4;
 
+/// Tests of the bf16 paths call this: `true` runs them. Without the instruction they skip
+/// (naming `what`), unless `QKV_REQUIRE_BF16` is set — CI sets it on CPUs that have
+/// avx512_bf16, where a skip would hide a detection that broke.
+#[doc(hidden)]
+pub fn run_bf16_test(what: &str) -> bool {
+    if available() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("QKV_REQUIRE_BF16").is_none(),
+        "{what}: QKV_REQUIRE_BF16 is set but avx512_bf16 was not detected"
+    );
+    eprintln!("skipped {what}: this CPU has no avx512_bf16");
+    false
+}
+
 /// Whether this CPU has the bf16 dot-product instruction (and AVX-512 F/BW/VL), checked once.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]

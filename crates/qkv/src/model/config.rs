@@ -192,9 +192,40 @@ impl ModelConfig {
         self.d_model / self.n_heads.max(1)
     }
 
-    /// Reject configurations the model cannot be built from, naming the field.
+    /// Reject configurations the model cannot be built from, naming the field. Sizes come
+    /// from users' files, so each has a cap far above any trained model's; a size above it
+    /// is an error rather than an allocation that aborts the process.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        for (field, value, cap) in [
+            ("d_model", self.d_model, 1 << 16),
+            ("n_heads", self.n_heads, 1 << 12),
+            ("d_ff", self.d_ff, 1 << 20),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("tgt_vocab_size", self.tgt_vocab_size.unwrap_or(0), 1 << 24),
+            ("n_classes", self.n_classes, 1 << 20),
+            ("n_encoder_layers", self.n_encoder_layers, 1 << 10),
+            ("n_decoder_layers", self.n_decoder_layers, 1 << 10),
+            ("max_len", self.max_len, 1 << 20),
+            ("token_types", self.token_types, 1 << 10),
+        ] {
+            if value > cap {
+                return bad(format!("{field} {value} is above the cap of {cap}"));
+            }
+        }
+        // The sinusoidal table (or learned positions) holds max_len × d_model floats.
+        if self.max_len * self.d_model > 1 << 30 {
+            return bad(format!(
+                "max_len {} × d_model {} positions exceed the cap of 2^30 values",
+                self.max_len, self.d_model
+            ));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return bad(format!(
+                "layer_norm_eps must be positive, got {}",
+                self.layer_norm_eps
+            ));
+        }
         if self.d_model == 0
             || self.n_heads == 0
             || self.d_ff == 0

@@ -131,8 +131,7 @@ mod tests {
     /// anyway, and the bias gradient sums the unrounded values in both paths.
     #[test]
     fn bf16_storage_matches_f32_storage_with_bf16_products_bit_for_bit() {
-        if !available() {
-            eprintln!("skipped: this CPU has no avx512_bf16");
+        if !crate::kernels::bf16::run_bf16_test("bf16 FFN storage") {
             return;
         }
         let _g = set_matmul_precision(Precision::Bf16);

@@ -12,7 +12,8 @@
 //!
 //! Time limits: with `time_limit_s`, the trainer times the first updates after warm-up and a
 //! validation, then fits the run's horizon (the update its schedule ends at) to the time left
-//! ([`budget`]); the horizon is saved in the trainer state.
+//! ([`budget`]); the horizon is saved in the trainer state, and the schedule cools down to
+//! its floor by then ([`crate::schedule::Fitted`]).
 
 mod average;
 mod budget;
@@ -31,7 +32,7 @@ use crate::kernels::matmul::set_matmul_precision;
 use crate::model::{Mode, Model};
 use crate::optim::AdamW;
 use crate::rng::hash;
-use crate::schedule::Schedule;
+use crate::schedule::Fitted;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
@@ -192,10 +193,12 @@ impl<M: Model> Trainer<M> {
             .min(self.cfg.max_steps)
     }
 
-    fn schedule(&self) -> Schedule {
-        self.cfg
-            .schedule
-            .for_horizon(self.last_step(), self.cfg.max_steps)
+    /// The configured schedule, cooled down by a horizon a time limit fitted (a run told
+    /// to stop at `max_steps` keeps its schedule as written: resuming it with more steps
+    /// continues that schedule).
+    fn schedule(&self) -> Fitted {
+        let horizon = self.state.horizon.filter(|&h| h < self.cfg.max_steps);
+        self.cfg.schedule.fitted(horizon.unwrap_or(u64::MAX))
     }
 
     /// Train until the last update, the time limit or an interruption; validates and saves a
