@@ -23,6 +23,9 @@
 #
 # QKV_DTYPE=bf16 times qkv's mixed-precision step (bf16 matrix operands, f32 sums and
 # weights) against PyTorch's float32 step: the issue's "bf16 step vs PyTorch's f32 step".
+#
+# QKV_BIN_B=<another qkv binary> times a second build in the same rounds (A, B, PyTorch,
+# A, B, PyTorch, …): a before/after comparison of a change, each side also against PyTorch.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -70,12 +73,20 @@ fi
 json_line() { grep -E '^[[:space:]]*\{' | tail -n 1; }
 
 qkv_runs=()
+b_runs=()
 torch_runs=()
 for ((i = 1; i <= RUNS; i++)); do
     line="$("$QKV" bench train-step "${args[@]}" --dtype "$QKV_DTYPE" | json_line)" || true
     [ -n "$line" ] || { echo "train_step.sh: qkv run $i printed no JSON line" >&2; exit 1; }
     echo "qkv     run $i: $line" >&2
     qkv_runs+=("$line")
+
+    if [ -n "${QKV_BIN_B:-}" ]; then
+        line="$("$QKV_BIN_B" bench train-step "${args[@]}" --dtype "$QKV_DTYPE" | json_line)" || true
+        [ -n "$line" ] || { echo "train_step.sh: QKV_BIN_B run $i printed no JSON line" >&2; exit 1; }
+        echo "qkv B   run $i: $line" >&2
+        b_runs+=("$line")
+    fi
 
     line="$("$PY" "$ROOT/scripts/bench/train_step_torch.py" "${args[@]}" | json_line)" || true
     [ -n "$line" ] || { echo "train_step.sh: pytorch run $i printed no JSON line" >&2; exit 1; }
@@ -86,13 +97,14 @@ done
 {
     printf '%s\n' "${opt[model]} ${opt[batch]} ${opt[seq]} ${opt[d-model]} ${opt[heads]} ${opt[d-ff]} ${opt[layers]} ${opt[threads]} ${opt[vocab]} $QKV_DTYPE"
     printf 'qkv %s\n' "${qkv_runs[@]}"
+    [ ${#b_runs[@]} -eq 0 ] || printf 'b %s\n' "${b_runs[@]}"
     printf 'torch %s\n' "${torch_runs[@]}"
 } | "$PY" -c '
 import json, statistics, sys
 
 lines = sys.stdin.read().splitlines()
 model, batch, seq, d_model, heads, d_ff, layers, threads, vocab, qkv_dtype = lines[0].split()
-runs = {"qkv": [], "torch": []}
+runs = {"qkv": [], "b": [], "torch": []}
 for line in lines[1:]:
     side, js = line.split(" ", 1)
     runs[side].append(json.loads(js))
@@ -118,7 +130,15 @@ summary = {
     "qkv_peak_rss_mb": q_rss, "pytorch_peak_rss_mb": t_rss,
     "qkv_runs_ms": q_all, "pytorch_runs_ms": t_all,
 }
+if runs["b"]:
+    b_ms, b_tps, b_rss, b_all = side(runs["b"])
+    summary.update({
+        "qkv_b_ms_per_step": b_ms, "ratio_b_over_pytorch": b_ms / t_ms,
+        "ratio_b_over_a": b_ms / q_ms, "qkv_b_runs_ms": b_all,
+    })
 print(json.dumps(summary))
+if runs["b"]:
+    print(f"qkv B {b_ms:.1f} ms/step | B/pytorch = {b_ms / t_ms:.3f} | B/A = {b_ms / q_ms:.3f}")
 print(
     f"train-step {model} B={batch} T={seq} C={d_model} H={heads} F={d_ff} L={layers} "
     f"threads={threads}: qkv ({q_dtype}) {q_ms:.1f} ms/step ({q_tps:,.0f} tok/s, {q_rss:.0f} MB) | "

@@ -29,6 +29,11 @@ pub enum Schedule {
 /// tuned to the length).
 const COOLDOWN_SHARE: u64 = 5;
 
+/// The update a run fitted to end at `horizon` starts cooling down after.
+pub fn cooldown_start(horizon: u64) -> u64 {
+    horizon - (horizon / COOLDOWN_SHARE).max(1).min(horizon)
+}
+
 /// A schedule that ends earlier than written: as written until the last fifth of the run,
 /// then a cosine cooldown from where it is to its floor (a cosine's `min`) at the new end.
 /// Schedules without an end (constant, inverse square root) are unchanged.
@@ -98,7 +103,7 @@ impl Schedule {
     pub fn fitted(&self, horizon: u64) -> Fitted {
         let cooldown = match *self {
             Schedule::Cosine { min, total, .. } if horizon < total => {
-                let start = horizon - (horizon / COOLDOWN_SHARE).max(1);
+                let start = cooldown_start(horizon);
                 Some(Cooldown {
                     start,
                     end: horizon,

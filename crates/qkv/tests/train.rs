@@ -319,7 +319,6 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
     struct Slow {
         logs: Vec<StepLog>,
         horizon: Option<u64>,
-        stop_at: Option<u64>,
     }
     impl Observer for Slow {
         fn on_step(&mut self, log: &StepLog) {
@@ -328,10 +327,6 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
         }
         fn on_horizon(&mut self, horizon: u64, _max: u64, _s: f64) {
             self.horizon = Some(horizon);
-        }
-        fn should_stop(&mut self) -> bool {
-            self.stop_at
-                .is_some_and(|s| self.logs.last().is_some_and(|l| l.step >= s))
         }
     }
     let (max_steps, min) = (1000, 1e-4);
@@ -353,7 +348,6 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
     let mut obs = Slow {
         logs: Vec::new(),
         horizon: None,
-        stop_at: None,
     };
     let outcome = t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap();
     let horizon = obs.horizon.expect("no horizon fitted");
@@ -370,20 +364,40 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
         last.lr
     );
 
-    // Interrupted after the fit: the checkpoint holds the horizon, and the resumed run
-    // ends at it with the same learning rates.
+    // Once the cooldown begins the horizon stays: every later update reports the same end.
+    let cooldown = qkv::schedule::cooldown_start(horizon);
+    assert!(obs
+        .logs
+        .iter()
+        .filter(|l| l.step > cooldown)
+        .all(|l| l.last_step == horizon));
+
+    // Interrupted in the cooldown: the checkpoint holds the horizon, and the resumed run
+    // ends at it with the learning rates of the uninterrupted schedule.
     let dir = tmp.join("resumed");
     let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&dir))).unwrap();
     let mut obs = Slow {
         logs: Vec::new(),
         horizon: None,
-        stop_at: Some(60),
     };
+    // Stop one update into the cooldown, whatever horizon this run fits.
+    struct StopInCooldown(Slow);
+    impl Observer for StopInCooldown {
+        fn on_step(&mut self, log: &StepLog) {
+            self.0.on_step(log)
+        }
+        fn should_stop(&mut self) -> bool {
+            self.0.logs.last().is_some_and(|l| {
+                l.last_step < 1000 && l.step > qkv::schedule::cooldown_start(l.last_step)
+            })
+        }
+    }
+    let mut stopper = StopInCooldown(obs);
     assert_eq!(
-        t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap(),
+        t.fit(&mut Data::new(cfg.seed), &mut stopper).unwrap(),
         Outcome::Interrupted
     );
-    let fitted = t.state.horizon.expect("fitted before step 60");
+    let fitted = t.state.horizon.expect("fitted before the cooldown");
     let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&dir))).unwrap();
     t.resume_from(&run_dir(&dir).latest().unwrap().unwrap())
         .unwrap();
@@ -391,10 +405,10 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
     let mut obs = Slow {
         logs: Vec::new(),
         horizon: None,
-        stop_at: None,
     };
     t.fit(&mut Data::new(cfg.seed), &mut obs).unwrap();
-    assert_eq!(obs.horizon, None, "the horizon was fitted again");
+    assert_eq!(obs.horizon, None, "the horizon moved in the cooldown");
+    assert_eq!(t.state.step, fitted);
     let schedule = cfg.schedule.fitted(fitted);
     for log in &obs.logs {
         assert_eq!(log.last_step, fitted);

@@ -1,14 +1,21 @@
 //! Fitting a run to its time limit. A job tuned on one machine runs 2× slower on another;
 //! stopping at the limit there would leave the schedule half done (a cosine still at its
 //! peak rate). Instead the trainer measures the seconds per update after warm-up and one
-//! validation, and ends the schedule at the last update that fits.
+//! validation, and ends the schedule at the last update that fits. Machines drift (a shared
+//! host: the default job measured 1.02 s/update over its first updates and 1.15 later), so
+//! the horizon is fitted again as the run goes, from the recent updates, until its cooldown
+//! begins; from then on it stays.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 /// Updates of each process that are not timed: the first ones allocate every buffer.
 const WARMUP_UPDATES: u64 = 5;
 /// Timed updates before the horizon is fitted (about 4% of the default job's).
 const TIMED_UPDATES: u64 = 30;
+/// Updates the speed is averaged over: recent enough to follow a drifting machine, long
+/// enough to average over batch lengths.
+const WINDOW: usize = 100;
 /// Share of the time left kept back for what the estimate misses: checkpoint writes (well
 /// under a second each for the default job's model) and the variance of batch lengths.
 const MARGIN: f64 = 0.03;
@@ -16,7 +23,8 @@ const MARGIN: f64 = 0.03;
 /// Seconds per update after warm-up, and tokens per second over the last few seconds.
 pub(super) struct Speed {
     start_step: u64,
-    timed_s: f64,
+    /// Seconds of the last `WINDOW` timed updates.
+    recent: VecDeque<f64>,
     timed: u64,
     last_s: f64,
     window_start: Instant,
@@ -28,7 +36,7 @@ impl Speed {
     pub(super) fn new(start_step: u64) -> Self {
         Self {
             start_step,
-            timed_s: 0.0,
+            recent: VecDeque::with_capacity(WINDOW),
             timed: 0,
             last_s: 0.0,
             window_start: Instant::now(),
@@ -41,7 +49,10 @@ impl Speed {
     pub(super) fn record(&mut self, step: u64, seconds: f64, tokens: usize) {
         self.last_s = seconds;
         if step > self.start_step + WARMUP_UPDATES {
-            self.timed_s += seconds;
+            if self.recent.len() == WINDOW {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(seconds);
             self.timed += 1;
         }
         self.window_tokens += tokens;
@@ -58,11 +69,12 @@ impl Speed {
         self.timed >= TIMED_UPDATES
     }
 
+    /// Mean over the recent timed updates (the last one before any is timed).
     pub(super) fn seconds_per_update(&self) -> f64 {
-        if self.timed > 0 {
-            self.timed_s / self.timed as f64
-        } else {
+        if self.recent.is_empty() {
             self.last_s
+        } else {
+            self.recent.iter().sum::<f64>() / self.recent.len() as f64
         }
     }
 

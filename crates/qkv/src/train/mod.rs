@@ -12,8 +12,10 @@
 //!
 //! Time limits: with `time_limit_s`, the trainer times the first updates after warm-up and a
 //! validation, then fits the run's horizon (the update its schedule ends at) to the time left
-//! ([`budget`]); the horizon is saved in the trainer state, and the schedule cools down to
-//! its floor by then ([`crate::schedule::Fitted`]).
+//! ([`budget`]), again every 5% of the run until the schedule's cooldown to its floor begins
+//! ([`crate::schedule::Fitted`]). The horizon is saved in the trainer state: a resumed run
+//! continues from it, and once the cooldown has begun it ends exactly as the uninterrupted
+//! run would.
 
 mod average;
 mod budget;
@@ -53,6 +55,8 @@ pub struct TrainerState {
     /// The update the run (and its schedule) ends at, when a time limit fitted it below
     /// `max_steps`; `None` until fitted, or without a time limit.
     pub horizon: Option<u64>,
+    /// Seconds one validation took when the horizon was first fitted (later fits reuse it).
+    pub validation_s: Option<f64>,
 }
 
 /// One validation result: the loss per token, and optionally a task metric.
@@ -258,9 +262,8 @@ impl<M: Model> Trainer<M> {
             }
             speed.record(log.step, t0.elapsed().as_secs_f64(), log.tokens);
             let step = self.state.step;
-            if self.state.horizon.is_none() && speed.ready() {
-                if let Some(limit) = self.cfg.time_limit_s {
-                    self.fit_horizon(data, observer, &clock, &speed, limit)?;
+            if let (Some(limit), true) = (self.cfg.time_limit_s, speed.ready()) {
+                if self.fit_horizon(data, observer, &clock, &speed, limit)? {
                     last_validated = Some(step);
                 }
             }
@@ -407,9 +410,10 @@ impl<M: Model> Trainer<M> {
         Ok(())
     }
 
-    /// Time one validation, then fix the horizon: as many updates as the time left holds
-    /// with validations and checkpoints at their intervals and the run's end (final
-    /// validation, checkpoint, averaging) reserved.
+    /// Fit the horizon to the time left: as many updates as it holds at the recent speed,
+    /// with validations at their interval and the run's end (final validation, checkpoint,
+    /// averaging) reserved. The first fit times a validation (returns `true`: it validated);
+    /// later fits, every 5% of the run, follow the speed until the cooldown begins.
     fn fit_horizon(
         &mut self,
         data: &mut dyn TrainData<M>,
@@ -417,18 +421,36 @@ impl<M: Model> Trainer<M> {
         clock: &Clock,
         speed: &budget::Speed,
         limit: f64,
-    ) -> Result<()> {
-        let validation_s = self.validate(data, observer, clock.elapsed())?;
+    ) -> Result<bool> {
+        let step = self.state.step;
+        let validated = match (self.state.horizon, self.state.validation_s) {
+            (Some(h), Some(_)) => {
+                let every = (h / 20).max(10);
+                if step >= crate::schedule::cooldown_start(h) || step % every != 0 {
+                    return Ok(false);
+                }
+                false
+            }
+            _ => {
+                self.state.validation_s = Some(self.validate(data, observer, clock.elapsed())?);
+                true
+            }
+        };
         let costs = budget::Costs {
             update_s: speed.seconds_per_update(),
-            validation_s,
+            validation_s: self.state.validation_s.unwrap_or(0.0),
             valid_every: self.cfg.valid_every,
             final_validations: if self.cfg.average_last > 1 { 2 } else { 1 },
         };
-        let horizon = costs.horizon(self.state.step, limit - clock.elapsed());
-        self.state.horizon = Some(horizon.min(self.cfg.max_steps));
-        observer.on_horizon(self.last_step(), self.cfg.max_steps, costs.update_s);
-        Ok(())
+        let fitted = costs.horizon(step, limit - clock.elapsed());
+        // A slowdown never skips the cooldown: at least one's worth of updates is left.
+        let fitted = fitted
+            .max(step + (fitted / 5).max(1))
+            .min(self.cfg.max_steps);
+        if self.state.horizon.replace(fitted) != Some(fitted) {
+            observer.on_horizon(self.last_step(), self.cfg.max_steps, costs.update_s);
+        }
+        Ok(validated)
     }
 
     /// Average the last `average_last` checkpoints and validate the average; it becomes
