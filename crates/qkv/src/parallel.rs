@@ -50,11 +50,18 @@ where
     }
 }
 
-/// A raw pointer that may cross threads; users guarantee disjoint access.
+/// A raw pointer that may cross threads, for tasks that write disjoint parts of one buffer;
+/// users guarantee that the parts they touch are disjoint.
 #[derive(Clone, Copy)]
 pub struct SendPtr<T>(pub *mut T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
+// SAFETY: the pointer gives access to `T`s from the thread it is sent to, which moving a `T`
+// there would (`T: Send`); every dereference is `unsafe`, and its users keep accesses from
+// different threads disjoint.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: sharing the wrapper hands the same pointer to several threads, which may then reach
+// the `T`s from each, as `&mut T` and `&T` across threads would (`T: Send + Sync`); accesses
+// stay disjoint as above.
+unsafe impl<T: Send + Sync> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).

@@ -87,7 +87,8 @@ pub fn bias_act_backward(d: &mut [f32], dbias: &mut [f32], pre: &[f32], act: Act
     // The column sums are formed while the rows of dpre are still in registers, instead of
     // reading all of dpre (8 MB at N = 2048, F = 1024) again.
     reduce_rows(dbias, n, f, |start, len, sums| {
-        // SAFETY: `reduce_rows` hands out disjoint row ranges of the n rows of `d`.
+        // SAFETY: `reduce_rows` hands each call its own range of the n rows, and `d` holds
+        // n rows of f (n = d.len() / f), borrowed uniquely for this function.
         let d = unsafe { std::slice::from_raw_parts_mut(out.get().add(start * f), len * f) };
         let pr = &pre[start * f..(start + len) * f];
         match act {
@@ -135,7 +136,8 @@ pub fn bias_act_backward_bf16(
     assert!(pre.len() >= n * f && out.len() >= n * f);
     let dst = SendPtr(out.as_mut_ptr());
     reduce_rows(dbias, n, f, |start, len, sums| {
-        // SAFETY: `reduce_rows` hands out disjoint row ranges of the n rows of `out`.
+        // SAFETY: `reduce_rows` hands each call its own range of the n rows, and `out` holds
+        // n rows of f (asserted), borrowed uniquely for this function.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(start * f), len * f) };
         let (dr, pr) = (
             &d[start * f..(start + len) * f],

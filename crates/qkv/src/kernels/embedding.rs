@@ -64,13 +64,12 @@ pub fn embedding_backward(
     let tlen = dtable.len();
     cols.par_iter().for_each(|&c0| {
         let c1 = (c0 + width).min(c);
-        let table = table;
         for (row, &tok) in tokens.iter().enumerate() {
             let base = tok as usize * c;
             assert!(base + c <= tlen);
             for i in c0..c1 {
                 // SAFETY: each task owns the column range [c0, c1) of every row; bounds asserted.
-                unsafe { *table.0.add(base + i) += dout[row * c + i] * scale };
+                unsafe { *table.get().add(base + i) += dout[row * c + i] * scale };
             }
         }
     });
