@@ -13,6 +13,7 @@ use qkv::kernels::loss::cross_entropy;
 use qkv::kernels::matmul::{matmul, matmul_naive};
 use qkv::kernels::optim::adamw_step;
 use qkv::kernels::softmax::{softmax_backward, softmax_forward};
+use qkv::kernels::Acc;
 use qkv::rng::Rng;
 
 /// Central differences of `f` at `x`, for the indices in `idx`.
@@ -264,10 +265,21 @@ fn layernorm_matches_reference_and_finite_differences() {
     let prior = random_vec(&mut rng, n * c, 1.0);
     let mut dx = prior.clone();
     let (mut dw, mut db) = (vec![0.0; c], vec![0.0; c]);
-    layernorm_backward(&mut dx, &mut dw, &mut db, &r, &x, &mean, &rstd, &w, c, true);
+    layernorm_backward(
+        &mut dx,
+        &mut dw,
+        &mut db,
+        &r,
+        &x,
+        &mean,
+        &rstd,
+        &w,
+        c,
+        Acc::Add,
+    );
     let idx = sample(n * c, 15);
     let num = numeric_grad(&x, &idx, &mut |x| dot(&run(x, &w, &b).0, &r));
-    // accumulate_dx = true adds onto what was there.
+    // Acc::Add keeps what was there and adds the gradient.
     assert_close(
         &idx.iter().map(|&i| dx[i] - prior[i]).collect::<Vec<_>>(),
         &num,

@@ -1,7 +1,10 @@
-//! Layer normalisation (Ba et al., 2016), fused with the residual connection around it
-//! ("Add & Norm", Figure 1) so the sum is formed in the same pass that normalises it.
+//! Layer normalisation (Ba et al., 2016), and the residual connection around it ("Add & Norm",
+//! Figure 1): the residual sum (with the sublayer's dropout) is formed in one pass and
+//! normalised in a second, and backward adds the normalisation's input gradient onto the
+//! residual branch's instead of writing it to a separate buffer.
 
 use crate::kernels::dropout::{self, Dropout};
+use crate::kernels::Acc;
 use crate::parallel::{reduce_rows, rows_per_task};
 use crate::simd::{self, multiversion};
 use rayon::prelude::*;
@@ -38,8 +41,8 @@ pub fn layernorm_forward(
         });
 }
 
-/// Post-LN "Add & Norm": `sum = x + dropout(sub)`, `out = LN(sum)`. `sum` is saved for backward.
-/// x, sub, sum, out: (N, C)
+/// Post-LN "Add & Norm": `sum = x + dropout(sub)`, then `out = LN(sum)`, two passes. `sum` is
+/// saved for backward. x, sub, sum, out: (N, C)
 #[allow(clippy::too_many_arguments)]
 pub fn residual_layernorm_forward(
     sum: &mut [f32],
@@ -59,8 +62,8 @@ pub fn residual_layernorm_forward(
 }
 
 /// Backward of [`layernorm_forward`]: `dx (+)= ∂L/∂x`, `dw += …`, `db += …`.
-/// With `accumulate_dx`, the result is added to `dx` — this is how the residual branch's
-/// gradient is fused in without a separate pass.
+/// With [`Acc::Add`] the input gradient is added onto `dx`: how the residual branch's gradient
+/// is fused in without a separate pass.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dx: &mut [f32],
@@ -72,9 +75,10 @@ pub fn layernorm_backward(
     rstd: &[f32],
     w: &[f32],
     c: usize,
-    accumulate_dx: bool,
+    dx_acc: Acc,
 ) {
     let _p = crate::profile::scope("layernorm backward");
+    let accumulate_dx = dx_acc.adds();
     let n = x.len() / c;
     let chunk = rows_per_task(n, c);
     dx[..n * c]

@@ -16,3 +16,30 @@ pub mod matmul;
 pub mod optim;
 pub mod softmax;
 pub mod tile;
+
+/// Whether a kernel overwrites its output or adds onto what is there (`dx += …`: how a
+/// residual branch's gradient, or a second product into one buffer, is fused in without a
+/// separate pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acc {
+    /// `out = …`
+    Set,
+    /// `out += …`
+    Add,
+}
+
+impl Acc {
+    /// `Add` when `accumulate`: for callers that carry the choice as a flag.
+    pub fn add_if(accumulate: bool) -> Self {
+        if accumulate {
+            Acc::Add
+        } else {
+            Acc::Set
+        }
+    }
+
+    /// Whether this is [`Acc::Add`].
+    pub fn adds(self) -> bool {
+        self == Acc::Add
+    }
+}

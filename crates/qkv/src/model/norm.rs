@@ -6,6 +6,7 @@ use crate::kernels::dropout::{self, Dropout};
 use crate::kernels::layernorm::{
     layernorm_backward, layernorm_forward, residual_layernorm_forward,
 };
+use crate::kernels::Acc;
 use crate::params::{two_mut, Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -69,7 +70,7 @@ impl LayerNorm {
             &self.rstd[..n],
             self.weight.of(p),
             self.c,
-            accumulate,
+            Acc::add_if(accumulate),
         );
     }
 }
