@@ -4,7 +4,8 @@
 use crate::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use crate::error::Result;
 use crate::kernels::attention::Masks;
-use crate::kernels::matmul::{set_matmul_precision, Precision};
+use crate::kernels::matmul::{set_matmul_precision, Layout, Precision};
+use crate::kernels::Acc;
 use crate::model::stack::Stack;
 use crate::model::{Classifier, Family, LanguageModel, Mode, Model, ModelConfig, Seq2Seq, SiteIds};
 use crate::optim::{AdamW, AdamWConfig};
@@ -177,10 +178,11 @@ pub fn matmul(
     let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
     let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
     let mut out = vec![0.0f32; m * n];
+    let (ta, tb) = (Layout::transposed_if(ta), Layout::transposed_if(tb));
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        crate::kernels::matmul::matmul(&mut out, &a, &b, m, k, n, ta, tb, false);
+        crate::kernels::matmul::matmul(&mut out, &a, &b, m, k, n, ta, tb, Acc::Set);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }

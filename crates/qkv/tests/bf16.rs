@@ -9,9 +9,14 @@ use qkv::kernels::bf16::{
     Operand,
 };
 use qkv::kernels::matmul::{
-    matmul, matmul_naive, matmul_precision, set_matmul_precision, Precision,
+    matmul, matmul_naive, matmul_precision, set_matmul_precision, Layout, Precision,
 };
+use qkv::kernels::Acc;
 use qkv::rng::Rng;
+
+const LAYOUTS: [Layout; 2] = [Layout::RowMajor, Layout::Transposed];
+const R: Layout = Layout::RowMajor;
+const T: Layout = Layout::Transposed;
 
 fn skip() -> bool {
     !qkv::kernels::bf16::run_bf16_test("bf16 kernels")
@@ -66,9 +71,9 @@ fn bf16_product_matches_the_rounded_reference_in_every_transpose_combination() {
         (300, 64, 200),
         (40, 1001, 50), // deep and narrow: packing split along K as well
     ] {
-        for ta in [false, true] {
-            for tb in [false, true] {
-                for acc in [false, true] {
+        for ta in LAYOUTS {
+            for tb in LAYOUTS {
+                for acc in [Acc::Set, Acc::Add] {
                     let a = random_vec(&mut rng, m * k, 1.0);
                     let b = random_vec(&mut rng, k * n, 1.0);
                     let init = random_vec(&mut rng, m * n, 1.0);
@@ -78,7 +83,7 @@ fn bf16_product_matches_the_rounded_reference_in_every_transpose_combination() {
                     let br: Vec<f32> = b.iter().map(|&x| round_bf16(x)).collect();
                     matmul_naive(&mut want, &ar, &br, m, k, n, ta, tb, acc);
                     let e = rel_err(&got, &want);
-                    assert!(e < 1e-5, "m{m} k{k} n{n} ta{ta} tb{tb} acc{acc}: {e}");
+                    assert!(e < 1e-5, "m{m} k{k} n{n} {ta:?} {tb:?} {acc:?}: {e}");
                 }
             }
         }
@@ -99,8 +104,8 @@ fn operands_already_in_bf16_give_the_same_product_bit_for_bit() {
         (25, 33, 40, true),
         (300, 128, 70, true),
     ] {
-        for ta in [false, true] {
-            for tb in [false, true] {
+        for ta in LAYOUTS {
+            for tb in LAYOUTS {
                 let a = random_vec(&mut rng, m * k, 1.0);
                 let b = random_vec(&mut rng, k * n, 1.0);
                 let bits = |x: &[f32], len: usize| {
@@ -112,17 +117,17 @@ fn operands_already_in_bf16_give_the_same_product_bit_for_bit() {
                 let a16 = bits(&a, if padded { padded_len(m, k) } else { 0 });
                 let b16 = bits(&b, 0);
                 let mut want = vec![0.0; m * n];
-                matmul_bf16(&mut want, &a, &b, m, k, n, ta, tb, false);
+                matmul_bf16(&mut want, &a, &b, m, k, n, ta, tb, Acc::Set);
                 for (name, x, y) in [
                     ("a", Operand::Bf16(&a16), Operand::F32(&b)),
                     ("b", Operand::F32(&a), Operand::Bf16(&b16)),
                     ("both", Operand::Bf16(&a16), Operand::Bf16(&b16)),
                 ] {
                     let mut got = vec![0.0; m * n];
-                    matmul_bf16_operands(&mut got, x, y, m, k, n, ta, tb, false);
+                    matmul_bf16_operands(&mut got, x, y, m, k, n, ta, tb, Acc::Set);
                     assert!(
                         got == want,
-                        "m{m} k{k} n{n} ta{ta} tb{tb} padded{padded}: bf16 {name} differs"
+                        "m{m} k{k} n{n} {ta:?} {tb:?} padded{padded}: bf16 {name} differs"
                     );
                 }
             }
@@ -142,7 +147,7 @@ fn linear_with_the_bias_in_the_kernel_equals_product_then_bias() {
         let w = random_vec(&mut rng, o * i, 1.0);
         let bias = random_vec(&mut rng, o, 1.0);
         let mut want = vec![0.0; n * o];
-        matmul_bf16(&mut want, &x, &w, n, i, o, false, true, false);
+        matmul_bf16(&mut want, &x, &w, n, i, o, R, T, Acc::Set);
         want.chunks_exact_mut(o)
             .for_each(|r| r.iter_mut().zip(&bias).for_each(|(v, b)| *v += b));
         let mut got = vec![f32::NAN; n * o];
@@ -164,14 +169,14 @@ fn precision_switch_routes_matmul_and_reverts() {
     let mut bf16_out = vec![0.0; m * n];
     let mut direct = vec![0.0; m * n];
     assert_eq!(matmul_precision(), Precision::F32);
-    matmul(&mut f32_out, &a, &b, m, k, n, false, true, false);
+    matmul(&mut f32_out, &a, &b, m, k, n, R, T, Acc::Set);
     {
         let _g = set_matmul_precision(Precision::Bf16);
         assert_eq!(matmul_precision(), Precision::Bf16);
-        matmul(&mut bf16_out, &a, &b, m, k, n, false, true, false);
+        matmul(&mut bf16_out, &a, &b, m, k, n, R, T, Acc::Set);
     }
     assert_eq!(matmul_precision(), Precision::F32);
-    matmul_bf16(&mut direct, &a, &b, m, k, n, false, true, false);
+    matmul_bf16(&mut direct, &a, &b, m, k, n, R, T, Acc::Set);
     assert_eq!(bf16_out, direct);
     // bf16 operands carry 8 bits of mantissa: close to f32, but not equal.
     let e = rel_err(&bf16_out, &f32_out);

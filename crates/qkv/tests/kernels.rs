@@ -10,7 +10,7 @@ use qkv::kernels::dropout::{self, Dropout};
 use qkv::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
 use qkv::kernels::layernorm::{layernorm_backward, layernorm_forward, residual_layernorm_forward};
 use qkv::kernels::loss::cross_entropy;
-use qkv::kernels::matmul::{matmul, matmul_naive};
+use qkv::kernels::matmul::{matmul, matmul_naive, Layout};
 use qkv::kernels::optim::adamw_step;
 use qkv::kernels::softmax::{softmax_backward, softmax_forward};
 use qkv::kernels::Acc;
@@ -60,9 +60,9 @@ fn matmul_matches_naive_in_every_transpose_combination() {
         (300, 37, 45),
         (600, 9, 130),
     ] {
-        for ta in [false, true] {
-            for tb in [false, true] {
-                for acc in [false, true] {
+        for ta in [Layout::RowMajor, Layout::Transposed] {
+            for tb in [Layout::RowMajor, Layout::Transposed] {
+                for acc in [Acc::Set, Acc::Add] {
                     let a = random_vec(&mut rng, m * k, 1.0);
                     let b = random_vec(&mut rng, k * n, 1.0);
                     let init = random_vec(&mut rng, m * n, 1.0);
@@ -71,7 +71,7 @@ fn matmul_matches_naive_in_every_transpose_combination() {
                     matmul_naive(&mut want, &a, &b, m, k, n, ta, tb, acc);
                     assert!(
                         rel_err(&got, &want) < 1e-5,
-                        "m{m} k{k} n{n} ta{ta} tb{tb} acc{acc}"
+                        "m{m} k{k} n{n} {ta:?} {tb:?} {acc:?}"
                     );
                 }
             }

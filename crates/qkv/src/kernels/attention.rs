@@ -8,6 +8,7 @@
 
 use super::matmul::{gemm_strided, MatMut, MatRef};
 use super::softmax::{softmax_row, softmax_row_backward};
+use super::Acc;
 use crate::simd;
 use rayon::prelude::*;
 use std::marker::PhantomData;
@@ -67,13 +68,14 @@ pub struct HeadsRef<'a> {
     pub offset: usize,
 }
 
-impl HeadsRef<'_> {
-    pub(crate) fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatRef {
-        MatRef {
-            ptr: self.data[(b * len) * self.rs + self.offset + h * d..].as_ptr(),
-            rs: self.rs as isize,
-            cs: 1,
+impl<'a> HeadsRef<'a> {
+    /// The (len, D) block of head `h` in batch `b`.
+    pub(crate) fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatRef<'a> {
+        if len == 0 {
+            return MatRef::new(&[], 0, d);
         }
+        let start = (b * len) * self.rs + self.offset + h * d;
+        MatRef::strided(&self.data[start..], len, d, self.rs)
     }
 }
 
@@ -87,7 +89,11 @@ pub struct HeadsMut<'a> {
     _borrow: PhantomData<&'a mut [f32]>,
 }
 
+// SAFETY: a `HeadsMut<'a>` stands for the `&'a mut [f32]` it was split from (`Send`); writes
+// go only through `head_rows`, whose callers promise that blocks in use at the same time are
+// disjoint, so the tasks that write them may share it.
 unsafe impl Send for HeadsMut<'_> {}
+// SAFETY: as above.
 unsafe impl Sync for HeadsMut<'_> {}
 
 impl<'a> HeadsMut<'a> {
@@ -114,22 +120,61 @@ impl<'a> HeadsMut<'a> {
         })
     }
 
-    /// Row stride.
     pub fn rs(&self) -> usize {
         self.rs
     }
 
     /// The (len, D) block of head `h` in batch `b`.
-    pub(crate) fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatMut {
-        let start = (b * len) * self.rs + self.offset + h * d;
-        assert!(start + (len - 1) * self.rs + d <= self.len);
-        // SAFETY: in bounds (checked); callers write each (b, h) block from one task only.
-        MatMut {
-            ptr: unsafe { self.ptr.add(start) },
-            rs: self.rs as isize,
-            cs: 1,
-        }
+    ///
+    /// # Safety
+    /// As [`HeadsMut::head_rows`], for the whole block.
+    pub(crate) unsafe fn head(&self, b: usize, len: usize, h: usize, d: usize) -> MatMut<'_> {
+        self.head_rows(b, len, h, d, 0..len)
     }
+
+    /// Rows `rows` of the (len, D) block of head `h` in batch `b`.
+    ///
+    /// # Safety
+    /// No other view of these elements may be in use while this one lives: each task takes
+    /// its own (b, h) block, or its own rows of it.
+    pub(crate) unsafe fn head_rows(
+        &self,
+        b: usize,
+        len: usize,
+        h: usize,
+        d: usize,
+        rows: std::ops::Range<usize>,
+    ) -> MatMut<'_> {
+        assert!(
+            rows.start <= rows.end && rows.end <= len,
+            "rows outside the head"
+        );
+        let n = rows.end - rows.start;
+        let start = (b * len + rows.start) * self.rs + self.offset + h * d;
+        assert!(
+            n == 0 || start + (n - 1) * self.rs + d <= self.len,
+            "head outside the buffer"
+        );
+        // SAFETY: in bounds of the buffer borrowed for 'a (checked); exclusive by the contract.
+        MatMut::from_raw(self.ptr.wrapping_add(start), n, d, self.rs)
+    }
+}
+
+/// Head (b, h) of the three input gradients: dQ (Tq, D), dK and dV (Tk, D).
+///
+/// # Safety
+/// As [`HeadsMut::head`], for each: the caller's task alone takes head (b, h).
+pub(crate) unsafe fn grad_heads<'g>(
+    [dq, dk, dv]: [&'g HeadsMut; 3],
+    (b, h): (usize, usize),
+    s: &AttentionShape,
+) -> [MatMut<'g>; 3] {
+    let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
+    [
+        dq.head(b, tq, h, d),
+        dk.head(b, tk, h, d),
+        dv.head(b, tk, h, d),
+    ]
 }
 
 pub(crate) fn check(s: &AttentionShape, q: &HeadsRef, k: &HeadsRef, v: &HeadsRef) {
@@ -166,42 +211,18 @@ pub fn attention_forward(
         .for_each(|(bh, p)| {
             let (b, h) = (bh / hh, bh % hh);
             let none = gemm::Parallelism::None;
-            let pm = MatMut {
-                ptr: p.as_mut_ptr(),
-                rs: tk as isize,
-                cs: 1,
-            };
             let kh = k.head(b, tk, h, d);
-            let kt = MatRef {
-                ptr: kh.ptr,
-                rs: kh.cs,
-                cs: kh.rs,
-            };
-            // SAFETY: operand bounds were checked; each task owns its probs block and its out block.
-            unsafe { gemm_strided(tq, tk, d, pm, false, q.head(b, tq, h, d), kt, scale, none) };
+            let pm = &mut MatMut::new(p, tq, tk);
+            gemm_strided(pm, q.head(b, tq, h, d), kh.t(), scale, Acc::Set, none);
             for (i, row) in p.chunks_mut(tk).enumerate() {
                 let (lo, hi) = masks.visible(i, tk);
                 row[..lo].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
                 softmax_row(row, hi, masks.padding(b, tk));
             }
-            let pr = MatRef {
-                ptr: p.as_ptr(),
-                rs: tk as isize,
-                cs: 1,
-            };
-            unsafe {
-                gemm_strided(
-                    tq,
-                    d,
-                    tk,
-                    o.head(b, tq, h, d),
-                    false,
-                    pr,
-                    v.head(b, tk, h, d),
-                    1.0,
-                    none,
-                )
-            };
+            // SAFETY: this task alone takes head (b, h) of `out`.
+            let oh = &mut unsafe { o.head(b, tq, h, d) };
+            let (pr, vh) = (MatRef::new(p, tq, tk), v.head(b, tk, h, d));
+            gemm_strided(oh, pr, vh, 1.0, Acc::Set, none);
         });
 }
 
@@ -235,69 +256,22 @@ pub fn attention_backward(
         .for_each(|(bh, ds)| {
             let (b, h) = (bh / hh, bh % hh);
             let none = gemm::Parallelism::None;
-            let p = &probs[bh * tq * tk..(bh + 1) * tq * tk];
-            let pt = MatRef {
-                ptr: p.as_ptr(),
-                rs: 1,
-                cs: tk as isize,
-            };
+            let p = MatRef::new(&probs[bh * tq * tk..(bh + 1) * tq * tk], tq, tk);
             let doh = dov.head(b, tq, h, d);
-            let vh = v.head(b, tk, h, d);
-            let vt = MatRef {
-                ptr: vh.ptr,
-                rs: vh.cs,
-                cs: vh.rs,
-            };
-            let dsm = MatMut {
-                ptr: ds.as_mut_ptr(),
-                rs: tk as isize,
-                cs: 1,
-            };
-            // SAFETY: bounds checked; each (b, h) block of dq/dk/dv and scratch is written by this task only.
-            unsafe {
-                // dV = Pᵀ dO ; dP = dO Vᵀ
-                gemm_strided(tk, d, tq, dv.head(b, tk, h, d), false, pt, doh, 1.0, none);
-                gemm_strided(tq, tk, d, dsm, false, doh, vt, 1.0, none);
-            }
+            // SAFETY: this task alone takes head (b, h) of dq, dk and dv.
+            let [mut dqh, mut dkh, mut dvh] = unsafe { grad_heads([dq, dk, dv], (b, h), &s) };
+            // dV = Pᵀ dO ; dP = dO Vᵀ
+            gemm_strided(&mut dvh, p.t(), doh, 1.0, Acc::Set, none);
+            let vt = v.head(b, tk, h, d).t();
+            gemm_strided(&mut MatMut::new(ds, tq, tk), doh, vt, 1.0, Acc::Set, none);
             // dS = P ∘ (dP − rowsum(dP ∘ P)) · scale ; masked entries have P = 0, hence dS = 0.
-            for (dr, prow) in ds.chunks_mut(tk).zip(p.chunks(tk)) {
-                softmax_row_backward(dr, prow, scale);
+            for (i, dr) in ds.chunks_mut(tk).enumerate() {
+                softmax_row_backward(dr, p.row(i), scale);
             }
-            let dsr = MatRef {
-                ptr: ds.as_ptr(),
-                rs: tk as isize,
-                cs: 1,
-            };
-            let dst = MatRef {
-                ptr: ds.as_ptr(),
-                rs: 1,
-                cs: tk as isize,
-            };
-            unsafe {
-                // dQ = dS K ; dK = dSᵀ Q
-                gemm_strided(
-                    tq,
-                    d,
-                    tk,
-                    dq.head(b, tq, h, d),
-                    false,
-                    dsr,
-                    k.head(b, tk, h, d),
-                    1.0,
-                    none,
-                );
-                gemm_strided(
-                    tk,
-                    d,
-                    tq,
-                    dk.head(b, tk, h, d),
-                    false,
-                    dst,
-                    q.head(b, tq, h, d),
-                    1.0,
-                    none,
-                );
-            }
+            // dQ = dS K ; dK = dSᵀ Q
+            let dsm = MatRef::new(ds, tq, tk);
+            gemm_strided(&mut dqh, dsm, k.head(b, tk, h, d), 1.0, Acc::Set, none);
+            gemm_strided(&mut dkh, dsm.t(), q.head(b, tq, h, d), 1.0, Acc::Set, none);
         });
 }
 

@@ -19,6 +19,13 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
+use super::matmul::{Layout, MatMut};
+use super::Acc;
+
+pub(super) mod pack;
+
+use pack::{convert_rows, pack_cols, pack_rows};
+
 /// Rows of the micro-kernel's accumulator block.
 pub(crate) const MR: usize = 12;
 /// Columns of the micro-kernel's accumulator block: two 16-lane registers.
@@ -139,296 +146,6 @@ pub fn padded_len(rows: usize, cols: usize) -> usize {
     rows.div_ceil(MR) * MR * cols
 }
 
-/// Two bf16 values in one 32-bit lane, `lo` first in memory: the operand layout of `vdpbf16ps`,
-/// which multiplies lane pairs and adds both products into one f32.
-#[inline(always)]
-fn pair<S: Elem>(lo: S, hi: S) -> u32 {
-    lo.bits() | (hi.bits() << 16)
-}
-
-/// Pack a row-major (rows, k) matrix (row stride `ld`) into panels of `W` rows: panel `t`
-/// holds, for each K pair `q`, the `W` lanes `pair(s[i][2q], s[i][2q+1])` of its rows `i`,
-/// zero past `rows` and past `k`. dst: (panels, K/2, W)
-fn pack_rows<const W: usize, S: Elem>(dst: &mut [u32], s: &[S], ld: usize, rows: usize, k: usize) {
-    let kp2 = k.div_ceil(2);
-    dst.par_chunks_mut(kp2 * W)
-        .enumerate()
-        .for_each(|(panel, d)| {
-            // SAFETY: only called when `available()` (see `matmul_bf16`).
-            unsafe { pack_rows_panel::<W, S>(d, s, ld, panel * W, rows, k) }
-        });
-}
-
-#[cfg_attr(
-    target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
-)]
-pub(crate) unsafe fn pack_rows_panel<const W: usize, S: Elem>(
-    d: &mut [u32],
-    s: &[S],
-    ld: usize,
-    r0: usize,
-    rows: usize,
-    k: usize,
-) {
-    // A block of pairs of all `W` rows is converted first (contiguous loads, nothing else in
-    // the loop, so many rows' cache misses are in flight at once), then transposed out of L1
-    // into the panel. Interleaving the two (row by row, each row's pairs stored `W` apart) left
-    // the loads waiting: the source rows are usually strided and out of cache (a head's keys).
-    const QB: usize = 64;
-    assert!(W <= NR);
-    let kp2 = k.div_ceil(2);
-    let mut tmp = [0u32; NR * QB];
-    let d = &mut d[..kp2 * W];
-    for q0 in (0..kp2).step_by(QB) {
-        let nq = QB.min(kp2 - q0);
-        // Complete pairs in this block; past them at most one half pair (odd k).
-        let full = nq.min(k / 2 - q0.min(k / 2));
-        for r in 0..W {
-            let t = &mut tmp[r * QB..r * QB + nq];
-            let i = r0 + r;
-            if i >= rows {
-                t.fill(0);
-                continue;
-            }
-            let row = &s[i * ld..i * ld + k];
-            let src = &row[2 * q0..2 * (q0 + full)];
-            let vecs = full / 16;
-            for c in 0..vecs {
-                cvt::store16(
-                    t.as_mut_ptr().add(16 * c),
-                    cvt::consecutive32(src.as_ptr().add(32 * c)),
-                );
-            }
-            for (x, xy) in t[16 * vecs..full]
-                .iter_mut()
-                .zip(src[32 * vecs..].chunks_exact(2))
-            {
-                *x = pair(xy[0], xy[1]);
-            }
-            if full < nq {
-                t[full] = pair(row[k - 1], S::ZERO);
-            }
-        }
-        for q in 0..nq {
-            let out = &mut d[(q0 + q) * W..(q0 + q + 1) * W];
-            for (r, x) in out.iter_mut().enumerate() {
-                *x = tmp[r * QB + q];
-            }
-        }
-    }
-}
-
-/// Convert a row-major (rows, k) matrix (row stride `ld`) into bf16 pairs, row-major, in
-/// blocks of `W` rows (zero rows past `rows`, a zero half-pair past an odd `k`): the left
-/// operand's layout when it is stored (m, k). One contiguous vectorized pass, no transpose;
-/// the micro-kernel broadcasts from `W` row pointers instead. dst: (blocks, W, K/2)
-fn convert_rows<const W: usize, S: Elem>(
-    dst: &mut [u32],
-    s: &[S],
-    ld: usize,
-    rows: usize,
-    k: usize,
-) {
-    let kp2 = k.div_ceil(2);
-    dst.par_chunks_mut(kp2 * W)
-        .enumerate()
-        .for_each(|(block, d)| {
-            // SAFETY: as in `pack_rows`.
-            unsafe { convert_rows_block(d, s, ld, block * W, rows, k) }
-        });
-}
-
-#[cfg_attr(
-    target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
-)]
-pub(crate) unsafe fn convert_rows_block<S: Elem>(
-    d: &mut [u32],
-    s: &[S],
-    ld: usize,
-    r0: usize,
-    rows: usize,
-    k: usize,
-) {
-    let kp2 = k.div_ceil(2);
-    for (r, out) in d.chunks_exact_mut(kp2).enumerate() {
-        let i = r0 + r;
-        if i >= rows {
-            out.fill(0);
-            continue;
-        }
-        let row = &s[i * ld..i * ld + k];
-        // Pairs along K are consecutive floats, so a row of pairs is the row in bf16.
-        let full = k / 32;
-        for c in 0..full {
-            cvt::store16(
-                out.as_mut_ptr().add(16 * c),
-                cvt::consecutive32(row.as_ptr().add(32 * c)),
-            );
-        }
-        for q in 16 * full..kp2 {
-            out[q] = pair(
-                row[2 * q],
-                if 2 * q + 1 < k {
-                    row[2 * q + 1]
-                } else {
-                    S::ZERO
-                },
-            );
-        }
-    }
-}
-
-/// Pack a row-major (k, cols) matrix (row stride `ld`) into panels of `W` columns: panel
-/// `t` holds, for each K pair `q`, `pair(s[2q][j], s[2q+1][j])` for its columns `j`, zero past
-/// `cols` and past `k`. Rows 2q and 2q+1 are read contiguously. dst: (panels, K/2, W)
-fn pack_cols<const W: usize, S: Elem>(dst: &mut [u32], s: &[S], ld: usize, cols: usize, k: usize) {
-    let kp2 = k.div_ceil(2);
-    // Tasks take runs of row pairs across all columns, so the source is read row after row:
-    // the operand is usually out of L2 by now, and column strips of rows 3 KB apart (the first
-    // version) left the loads waiting on memory.
-    let panels = dst.len() / (kp2 * W);
-    assert!(dst.len() >= panels * kp2 * W && panels * W >= cols);
-    let q_step = kp2.div_ceil(8 * rayon::current_num_threads()).max(4);
-    let out = crate::parallel::SendPtr(dst.as_mut_ptr());
-    (0..kp2.div_ceil(q_step)).into_par_iter().for_each(|part| {
-        let (q0, q1) = (part * q_step, ((part + 1) * q_step).min(kp2));
-        // SAFETY: task `part` writes pairs [q0, q1) of every panel: disjoint from every other
-        // task, inside `dst` (asserted); `available()` was checked by `matmul_bf16`.
-        unsafe { pack_cols_pairs::<W, S>(out.get(), kp2, panels, q0, q1, s, ld, cols, k) }
-    });
-}
-
-#[allow(clippy::too_many_arguments)]
-#[cfg_attr(
-    target_arch = "x86_64",
-    target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")
-)]
-pub(crate) unsafe fn pack_cols_pairs<const W: usize, S: Elem>(
-    dst: *mut u32,
-    kp2: usize,
-    panels: usize,
-    q0: usize,
-    q1: usize,
-    s: &[S],
-    ld: usize,
-    cols: usize,
-    k: usize,
-) {
-    let panel_len = kp2 * W;
-    for q in q0..q1 {
-        let p = 2 * q;
-        let lo = &s[p * ld..p * ld + cols];
-        // Past an odd K the second row of the pair is zeros.
-        let hi = (p + 1 < k).then(|| &s[(p + 1) * ld..(p + 1) * ld + cols]);
-        for t in 0..panels {
-            let at = dst.add(t * panel_len + q * W);
-            for v in (0..W).step_by(16) {
-                let j = t * W + v;
-                let lanes = (W - v).min(16);
-                // Lanes past `cols` are loaded as zeros, so the panel's padding is zero pairs.
-                let valid = lanes.min(cols.saturating_sub(j));
-                let x = cvt::interleave(
-                    lo.as_ptr().wrapping_add(j),
-                    hi.map(|h| h.as_ptr().wrapping_add(j)),
-                    valid,
-                );
-                cvt::store_lanes(at.add(v), lanes, x);
-            }
-        }
-    }
-}
-
-/// The packers' conversions: `vcvtne2ps2bf16` rounds 32 floats to bf16 in one instruction
-/// (nearest-even, as [`bf16_bits`]), which the integer formulation took ~10 instructions per
-/// 16 lanes to do; `vpermw` then interleaves two rows into K pairs.
-#[cfg(target_arch = "x86_64")]
-mod cvt {
-    use std::arch::x86_64::*;
-
-    /// Word `2i` of the result is word `i` of the low row, word `2i + 1` word `i` of the high.
-    static INTERLEAVE: [u16; 32] = {
-        let mut idx = [0u16; 32];
-        let mut i = 0;
-        while i < 16 {
-            idx[2 * i] = i as u16;
-            idx[2 * i + 1] = 16 + i as u16;
-            i += 1;
-        }
-        idx
-    };
-
-    /// 32 consecutive elements at `p` as 32 bf16 in memory order (16 pairs).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub unsafe fn consecutive32<S: super::Elem>(p: *const S) -> __m512i {
-        if !S::IS_F32 {
-            return _mm512_loadu_si512(p as *const _);
-        }
-        let p = p as *const f32;
-        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-        // The second operand fills the low half.
-        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
-    }
-
-    /// `n ≤ 16` pairs `(lo[j], hi[j])` (hi = 0 when absent); lanes past `n` are zero.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn interleave<S: super::Elem>(
-        lo: *const S,
-        hi: Option<*const S>,
-        n: usize,
-    ) -> __m512i {
-        let m: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
-        // Words 0–15: the low row's 16 bf16, words 16–31: the high row's.
-        let words: __m512i = if S::IS_F32 {
-            let l = _mm512_maskz_loadu_ps(m, lo as *const f32);
-            let h = match hi {
-                Some(h) => _mm512_maskz_loadu_ps(m, h as *const f32),
-                None => _mm512_setzero_ps(),
-            };
-            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l))
-        } else {
-            let l = _mm256_maskz_loadu_epi16(m, lo as *const i16);
-            let h = match hi {
-                Some(h) => _mm256_maskz_loadu_epi16(m, h as *const i16),
-                None => _mm256_setzero_si256(),
-            };
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(l), h)
-        };
-        _mm512_permutexvar_epi16(_mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _), words)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn store16(dst: *mut u32, v: __m512i) {
-        _mm512_storeu_si512(dst as *mut _, v)
-    }
-
-    /// Store the first `n ≤ 16` lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn store_lanes(dst: *mut u32, n: usize, v: __m512i) {
-        let m: __mmask16 = if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 };
-        _mm512_mask_storeu_epi32(dst as *mut i32, m, v)
-    }
-}
-
-/// Elsewhere the packers are never called ([`available`] is false); this keeps them compiling.
-#[cfg(not(target_arch = "x86_64"))]
-mod cvt {
-    pub type Lanes = [u32; 16];
-    pub unsafe fn consecutive32<S>(_: *const S) -> Lanes {
-        unreachable!("bf16 packing on a CPU without avx512_bf16")
-    }
-    pub unsafe fn interleave<S>(_: *const S, _: Option<*const S>, _: usize) -> Lanes {
-        unreachable!("bf16 packing on a CPU without avx512_bf16")
-    }
-    pub unsafe fn store16(_: *mut u32, _: Lanes) {}
-    pub unsafe fn store_lanes(_: *mut u32, _: usize, _: Lanes) {}
-}
-
 thread_local! {
     /// Packing buffers reused across calls on this thread (taken out while in use, so a call
     /// that re-enters through rayon's work stealing allocates its own instead of aliasing).
@@ -436,8 +153,8 @@ thread_local! {
 }
 
 /// `out (m, n) = [out +] op(a) · op(b)` with both operands rounded to bf16 and f32 sums; the
-/// same contract as [`super::matmul::matmul`] (`a` stored (m, k), or (k, m) when `ta`; `b`
-/// stored (k, n), or (n, k) when `tb`; `out` row-major (m, n)).
+/// same contract as [`super::matmul::matmul`] (`a` stored (m, k), or (k, m) when
+/// [`Layout::Transposed`]; `b` stored (k, n), or (n, k); `out` row-major (m, n)).
 ///
 /// # Panics
 /// If [`available`] is false, or an operand is shorter than its shape.
@@ -449,21 +166,12 @@ pub fn matmul_bf16(
     m: usize,
     k: usize,
     n: usize,
-    ta: bool,
-    tb: bool,
-    accumulate: bool,
+    a_layout: Layout,
+    b_layout: Layout,
+    acc: Acc,
 ) {
-    matmul_bf16_operands(
-        out,
-        Operand::F32(a),
-        Operand::F32(b),
-        m,
-        k,
-        n,
-        ta,
-        tb,
-        accumulate,
-    )
+    let (a, b) = (Operand::F32(a), Operand::F32(b));
+    matmul_bf16_operands(out, a, b, m, k, n, a_layout, b_layout, acc)
 }
 
 /// [`matmul_bf16`] with operands that may already be bf16. A bf16 left operand stored (m, k)
@@ -479,11 +187,11 @@ pub fn matmul_bf16_operands(
     m: usize,
     k: usize,
     n: usize,
-    ta: bool,
-    tb: bool,
-    accumulate: bool,
+    a_layout: Layout,
+    b_layout: Layout,
+    acc: Acc,
 ) {
-    product(out, a, b, m, k, n, ta, tb, accumulate, None)
+    product(out, (a, a_layout), (b, b_layout), (m, k, n), acc, None)
 }
 
 /// A linear layer's forward in bf16, `y = x Wᵀ + b`, with the bias added as the micro-kernel
@@ -505,20 +213,18 @@ pub fn linear_bf16(
         bias.is_none_or(|b| b.len() == o),
         "bias length is not the output width"
     );
-    product(y, x, Operand::F32(w), n, i, o, false, true, false, bias)
+    let (x, w) = ((x, Layout::RowMajor), (Operand::F32(w), Layout::Transposed));
+    product(y, x, w, (n, i, o), Acc::Set, bias)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `out (m, n) = [out +] op(a) · op(b) [+ bias]`: both operands packed (or `a` read as it is),
+/// then multiplied block by block.
 fn product(
     out: &mut [f32],
-    a: Operand,
-    b: Operand,
-    m: usize,
-    k: usize,
-    n: usize,
-    ta: bool,
-    tb: bool,
-    accumulate: bool,
+    (a, a_layout): (Operand, Layout),
+    (b, b_layout): (Operand, Layout),
+    (m, k, n): (usize, usize, usize),
+    acc: Acc,
     bias: Option<&[f32]>,
 ) {
     assert!(available(), "matmul_bf16 needs avx512_bf16");
@@ -530,7 +236,7 @@ fn product(
         return;
     }
     if k == 0 {
-        if !accumulate {
+        if acc == Acc::Set {
             out[..m * n].fill(0.0);
             if let Some(b) = bias {
                 out[..m * n]
@@ -541,93 +247,120 @@ fn product(
         return;
     }
     let kp2 = k.div_ceil(2);
-    let (a_panels, b_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    // (blocks, MR, K/2) pairs, the left operand's packed layout, is row-major bf16 itself.
-    let a_direct = match a {
-        Operand::Bf16(x)
-            if !ta
-                && k.is_multiple_of(2)
-                && x.len() >= a_panels * MR * k
-                && (x.as_ptr() as usize).is_multiple_of(4) =>
-        {
-            Some(x)
-        }
-        _ => None,
-    };
+    let direct = direct_left(a, a_layout, m, k);
     let (mut pa_buf, mut pb_buf) = SCRATCH.with(|s| s.take());
     // Grow-only: the packers write every element (padding included), so shrinking and
     // re-growing with `resize` would only add a memset per call.
-    let a_len = if a_direct.is_some() {
+    let grow = |buf: &mut Vec<u32>, len: usize| {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+    };
+    let a_len = if direct.is_some() {
         0
     } else {
-        a_panels * kp2 * MR
+        m.div_ceil(MR) * kp2 * MR
     };
-    let b_len = b_panels * kp2 * NR;
-    if pa_buf.len() < a_len {
-        pa_buf.resize(a_len, 0);
-    }
-    if pb_buf.len() < b_len {
-        pb_buf.resize(b_len, 0);
-    }
+    let b_len = n.div_ceil(NR) * kp2 * NR;
+    grow(&mut pa_buf, a_len);
+    grow(&mut pb_buf, b_len);
     let (pa, pb) = (&mut pa_buf[..a_len], &mut pb_buf[..b_len]);
     {
         let _p = crate::profile::scope("matmul bf16 pack");
-        // Each operand is read along its contiguous axis: a row-major (m, k) A and a stored
-        // (n, k) B have their K pairs side by side, the other layouts their panel lanes.
-        match (a, ta) {
-            _ if a_direct.is_some() => {}
-            (Operand::F32(a), true) => pack_cols::<MR, f32>(pa, a, m, m, k),
-            (Operand::F32(a), false) => convert_rows::<MR, f32>(pa, a, k, m, k),
-            (Operand::Bf16(a), true) => pack_cols::<MR, u16>(pa, a, m, m, k),
-            (Operand::Bf16(a), false) => convert_rows::<MR, u16>(pa, a, k, m, k),
+        if direct.is_none() {
+            pack_left(pa, a, a_layout, m, k);
         }
-        match (b, tb) {
-            (Operand::F32(b), true) => pack_rows::<NR, f32>(pb, b, k, n, k),
-            (Operand::F32(b), false) => pack_cols::<NR, f32>(pb, b, n, n, k),
-            (Operand::Bf16(b), true) => pack_rows::<NR, u16>(pb, b, k, n, k),
-            (Operand::Bf16(b), false) => pack_cols::<NR, u16>(pb, b, n, n, k),
-        }
+        pack_right(pb, b, b_layout, k, n);
     }
+    let (pa, a_panel) = (direct.unwrap_or(pa), a_layout == Layout::Transposed);
+    multiply_packed(out, (pa, a_panel), pb, (m, kp2, n), (acc, bias));
+    SCRATCH.with(|s| s.set((pa_buf, pb_buf)));
+}
+
+/// A bf16 left operand stored (m, k) that already is the packed layout — (blocks, MR, K/2)
+/// pairs is row-major bf16 itself — when K is even, it holds whole `MR`-row blocks and its
+/// pairs are aligned as u32.
+fn direct_left<'a>(a: Operand<'a>, layout: Layout, m: usize, k: usize) -> Option<&'a [u32]> {
+    let len = m.div_ceil(MR) * MR * k;
+    match a {
+        Operand::Bf16(x)
+            if layout == Layout::RowMajor
+                && k.is_multiple_of(2)
+                && x.len() >= len
+                && (x.as_ptr() as usize).is_multiple_of(4) =>
+        {
+            // SAFETY: `len` u16 (checked) are `len / 2` u32 (k even), 4-byte aligned (checked),
+            // borrowed as long as `x`.
+            Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u32, len / 2) })
+        }
+        _ => None,
+    }
+}
+
+/// Pack op(a) (m, k) into `MR`-row blocks. Each layout is read along its contiguous axis: a
+/// row-major (m, k) A has its K pairs side by side, a stored (k, m) A its panel lanes.
+fn pack_left(pa: &mut [u32], a: Operand, layout: Layout, m: usize, k: usize) {
+    match (a, layout) {
+        (Operand::F32(a), Layout::Transposed) => pack_cols::<MR, f32>(pa, a, m, m, k),
+        (Operand::F32(a), Layout::RowMajor) => convert_rows::<MR, f32>(pa, a, k, m, k),
+        (Operand::Bf16(a), Layout::Transposed) => pack_cols::<MR, u16>(pa, a, m, m, k),
+        (Operand::Bf16(a), Layout::RowMajor) => convert_rows::<MR, u16>(pa, a, k, m, k),
+    }
+}
+
+/// Pack op(b) (k, n) into `NR`-column panels, read along its contiguous axis as [`pack_left`].
+fn pack_right(pb: &mut [u32], b: Operand, layout: Layout, k: usize, n: usize) {
+    match (b, layout) {
+        (Operand::F32(b), Layout::Transposed) => pack_rows::<NR, f32>(pb, b, k, n, k),
+        (Operand::F32(b), Layout::RowMajor) => pack_cols::<NR, f32>(pb, b, n, n, k),
+        (Operand::Bf16(b), Layout::Transposed) => pack_rows::<NR, u16>(pb, b, k, n, k),
+        (Operand::Bf16(b), Layout::RowMajor) => pack_cols::<NR, u16>(pb, b, n, n, k),
+    }
+}
+
+/// `out (m, n) = [out +] pa · pb [+ bias]` over `kp2` K pairs of packed operands (`pa` in
+/// panels when `a_panel`, else in row blocks), in tasks over (row block, column block).
+fn multiply_packed(
+    out: &mut [f32],
+    (pa, a_panel): (&[u32], bool),
+    pb: &[u32],
+    (m, kp2, n): (usize, usize, usize),
+    (acc, bias): (Acc, Option<&[f32]>),
+) {
     let _p = crate::profile::scope("matmul bf16");
+    let (a_panels, b_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    assert!(
+        out.len() >= m * n && pa.len() >= a_panels * kp2 * MR && pb.len() >= b_panels * kp2 * NR
+    );
     // Row blocks sized so one block of packed A stays in L2 while the task sweeps its columns.
     let mc_panels = (A_BLOCK_BYTES / (kp2 * MR * 4)).clamp(1, a_panels);
     let row_blocks = a_panels.div_ceil(mc_panels);
     let col_blocks = b_panels.div_ceil(NC_PANELS);
     let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
-    let pa_ref: &[u32] = match a_direct {
-        // SAFETY: u16 pairs read as u32 lanes (4-byte aligned, checked);
-        // `a_panels · MR · k` u16 are `a_panels · MR · kp2` u32 (k even, checked).
-        Some(x) => unsafe {
-            std::slice::from_raw_parts(x.as_ptr() as *const u32, a_panels * MR * kp2)
-        },
-        None => &*pa,
-    };
-    let pb_ref = &*pb;
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let (ip0, ip1) = (rb * mc_panels, ((rb + 1) * mc_panels).min(a_panels));
         let (jp0, jp1) = (cb * NC_PANELS, ((cb + 1) * NC_PANELS).min(b_panels));
         for jp in jp0..jp1 {
-            let bp = &pb_ref[jp * kp2 * NR..(jp + 1) * kp2 * NR];
+            let bp = &pb[jp * kp2 * NR..(jp + 1) * kp2 * NR];
             let cols = NR.min(n - jp * NR);
             for ip in ip0..ip1 {
-                let ap = &pa_ref[ip * kp2 * MR..(ip + 1) * kp2 * MR];
+                let ap = &pa[ip * kp2 * MR..(ip + 1) * kp2 * MR];
                 let rows = MR.min(m - ip * MR);
+                let store = Store {
+                    ldc: n,
+                    rows,
+                    cols,
+                    accumulate: acc.adds(),
+                    bias: bias.map_or(std::ptr::null(), |b| b[jp * NR..].as_ptr()),
+                    scale: 1.0,
+                };
                 // SAFETY: each (ip, jp) block of `out` is written by exactly one task; the
-                // block lies inside `out` (rows/cols clipped to m/n, checked lengths above);
-                // `available()` was asserted.
+                // block lies inside `out` (rows/cols clipped to m/n, lengths asserted), the
+                // operand blocks are slices; the caller asserted `available()`.
                 unsafe {
                     let c = out_ptr.get().add(ip * MR * n + jp * NR);
-                    let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().add(jp * NR));
-                    let store = Store {
-                        ldc: n,
-                        rows,
-                        cols,
-                        accumulate,
-                        bias,
-                        scale: 1.0,
-                    };
-                    if ta {
+                    if a_panel {
                         kernel::<true>(kp2, ap.as_ptr(), bp.as_ptr(), c, &store);
                     } else {
                         kernel::<false>(kp2, ap.as_ptr(), bp.as_ptr(), c, &store);
@@ -636,7 +369,6 @@ fn product(
             }
         }
     });
-    SCRATCH.with(|s| s.set((pa_buf, pb_buf)));
 }
 
 /// How the micro-kernel stores its block: `rows` rows of `cols` (≤ NR) floats, `ldc` apart,
@@ -655,24 +387,25 @@ struct Store {
 /// operands are packed once per head and reused by every tile):
 /// `c (m, n) = [c +] scale · A · B` over `kp2` K pairs.
 /// `a`: blocks of `MR` rows, `a_stride` u32 apart, each (MR, K/2) row pairs
-/// ([`convert_rows_block`]'s layout, row stride `kp2`), or (K/2, MR) when `A_PANEL`
-/// ([`pack_cols_pairs`] with `W = MR`); `b`: panels of `NR` columns, `b_stride` u32 apart, each
-/// (K/2, NR) with pair `q` at `q · NR` ([`pack_rows_panel`] / [`pack_cols_pairs`] with
-/// `W = NR`, or a run of K pairs inside such a panel).
+/// ([`pack::convert_rows_block`]'s layout, row stride `kp2`), or (K/2, MR) when `A_PANEL`
+/// ([`pack::pack_cols_pairs`] with `W = MR`); `b`: panels of `NR` columns, `b_stride` u32
+/// apart, each (K/2, NR) with pair `q` at `q · NR` ([`pack::pack_rows_panel`] /
+/// [`pack::pack_cols_pairs`] with `W = NR`, or a run of K pairs inside such a panel).
 ///
 /// # Safety
 /// [`available`]; `a` holds `m.div_ceil(MR)` blocks and `b` `n.div_ceil(NR)` panels of `kp2`
-/// pairs each; `c` addresses `m` rows of `n` floats, `ldc` apart, that no one else touches.
-#[allow(clippy::too_many_arguments)]
+/// pairs each.
 pub(crate) unsafe fn tile_product<const A_PANEL: bool>(
-    (m, n, kp2): (usize, usize, usize),
+    kp2: usize,
     (a, a_stride): (*const u32, usize),
     (b, b_stride): (*const u32, usize),
-    c: *mut f32,
-    ldc: usize,
+    c: &mut MatMut,
     scale: f32,
-    accumulate: bool,
+    acc: Acc,
 ) {
+    assert!(c.cs() == 1, "tile product rows must be contiguous");
+    let (m, n, ldc) = (c.nrows(), c.ncols(), c.rs());
+    let c = c.ptr();
     // Column panels outside: a panel of B (K/2 · NR · 4 bytes, 4 KB at D = 64) stays in L1
     // while every row block passes over it.
     for jp in 0..n.div_ceil(NR) {
@@ -681,7 +414,7 @@ pub(crate) unsafe fn tile_product<const A_PANEL: bool>(
                 ldc,
                 rows: MR.min(m - ip * MR),
                 cols: NR.min(n - jp * NR),
-                accumulate,
+                accumulate: acc.adds(),
                 bias: std::ptr::null(),
                 scale,
             };

@@ -19,13 +19,15 @@
 //! backward, transposed into panels of `MR` keys with pairs along the queries (left operand of
 //! Pᵀ dO and dSᵀ Q).
 
-use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
-use super::bf16::{convert_rows_block, pack_cols_pairs, pack_rows_panel, tile_product, MR, NR};
+use super::attention::{grad_heads, AttentionShape, HeadsMut, HeadsRef, Masks};
+use super::bf16::pack::{convert_rows_block, pack_cols_pairs, pack_rows_panel};
+use super::bf16::{tile_product, MR, NR};
 use super::flash::{
     at_least, dscore_row, finish_rows, online_softmax_tile, packed_head_groups, probs_tile,
     tile_visible, with_scratch, BC,
 };
-use crate::parallel::SendPtr;
+use super::matmul::MatMut;
+use super::Acc;
 use crate::simd;
 use rayon::prelude::*;
 
@@ -134,7 +136,6 @@ pub(super) fn forward(
     let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
     let w = hh * d;
     let [o] = HeadsMut::split(out, w, w, [0]);
-    let lse_ptr = SendPtr(lse.as_mut_ptr());
     let kp2_d = d.div_ceil(2);
     // Per head: K as token panels (for S), V as dim panels (for P V).
     let (k_len, v_len) = (token_panels_len(tk, d), dim_panels_len(tk, d));
@@ -142,59 +143,58 @@ pub(super) fn forward(
         &PACKED,
         PACK_U32,
         k_len + v_len,
-        s.batch * hh,
-        tq.div_ceil(BR),
+        (lse, s.batch * hh),
+        (tq, BR),
         |bh, head| {
             let (b, h) = (bh / hh, bh % hh);
             let (kn, vd) = head.split_at_mut(k_len);
             rayon::join(
-                // SAFETY: products run in bf16 only where `available()`.
+                // SAFETY: `bf16_active()`, which sent the forward here, implies `available()`.
                 || unsafe { pack_token_panels(kn, head_rows(&k, b, tk, h, d), k.rs, tk, d) },
+                // SAFETY: as above.
                 || unsafe { pack_dim_panels(vd, head_rows(&v, b, tk, h, d), v.rs, tk, d) },
             );
         },
-        |bh, qt, head| {
+        |bh, qt, head, lse| {
             with_scratch(&FWD_SCRATCH, |sc: &mut FwdScratch| {
                 at_least(&mut sc.qa, BR * kp2_d);
                 at_least(&mut sc.s, BR * BC);
                 at_least(&mut sc.pa, BR * BC.div_ceil(2));
                 at_least(&mut sc.m, BR);
                 at_least(&mut sc.l, BR);
-                let (kn, vd) = head.split_at(k_len);
-                // SAFETY: as above; rows [i0, i0 + BR) of head `bh` belong to this task.
-                unsafe { forward_tile(sc, &o, lse_ptr, q, kn, vd, bh, qt * BR, s, masks, scale) };
+                let (b, h) = (bh / hh, bh % hh);
+                let (i0, rows) = (qt * BR, lse.len());
+                // SAFETY: this task alone takes rows [i0, i0 + rows) of head (b, h).
+                let oh = unsafe { o.head_rows(b, tq, h, d, i0..i0 + rows) };
+                let kv = head.split_at(k_len);
+                // SAFETY: as in the packing above; `kv` is head `bh`'s packed keys and values.
+                unsafe { forward_tile(sc, (oh, lse), q, kv, (b, h), i0, s, masks, scale) };
             })
         },
     );
 }
 
-/// One query tile `[i0, i0 + BR)` of head `bh`: its rows of O and their log-sum-exp.
+/// One query tile of head (b, h), from row `i0`: its rows `oh` of O and their log-sum-exps.
 ///
 /// # Safety
-/// `available()`; `kn`, `vd` are head `bh`'s packed keys and values; this task alone writes
-/// these rows of O and of `lse`.
+/// `available()`; `kn`, `vd` are the head's packed keys and values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn forward_tile(
     sc: &mut FwdScratch,
-    o: &HeadsMut,
-    lse_ptr: SendPtr<f32>,
+    (mut oh, lse): (MatMut, &mut [f32]),
     q: HeadsRef,
-    kn: &[u32],
-    vd: &[u32],
-    bh: usize,
+    (kn, vd): (&[u32], &[u32]),
+    (b, h): (usize, usize),
     i0: usize,
     s: AttentionShape,
     masks: &Masks,
     scale: f32,
 ) {
     let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
-    let (b, h) = (bh / s.heads, bh % s.heads);
-    let w = s.heads * d;
-    let rows = BR.min(tq - i0);
+    let rows = oh.nrows();
     let (kp2_d, kp2_tk) = (d.div_ceil(2), tk.div_ceil(2));
     let padding = masks.padding(b, tk);
-    let oh = o.head(b, tq, h, d).offset_rows(i0);
-    oh.fill(rows, d, 0.0);
+    oh.fill(0.0);
     convert_rows_block(
         &mut sc.qa[..rows_len(rows, d)],
         head_rows(&q, b, tq, h, d),
@@ -212,49 +212,32 @@ unsafe fn forward_tile(
             continue;
         }
         // S = scale · Q_i K_jᵀ
+        let tile = &mut sc.s[..rows * cols];
         tile_product::<false>(
-            (rows, cols, kp2_d),
+            kp2_d,
             (sc.qa.as_ptr(), MR * kp2_d),
             (kn.as_ptr().add(j0 / NR * kp2_d * NR), kp2_d * NR),
-            sc.s.as_mut_ptr(),
-            cols,
+            &mut MatMut::new(tile, rows, cols),
             scale,
-            false,
+            Acc::Set,
         );
-        let tile = &mut sc.s[..rows * cols];
-        online_softmax_tile(
-            tile,
-            cols,
-            (i0, j0),
-            tk,
-            masks,
-            padding,
-            (&mut *m, &mut *l),
-            oh,
-            d,
-        );
+        let ml = (&mut *m, &mut *l);
+        online_softmax_tile(tile, cols, (i0, j0), tk, masks, padding, ml, &mut oh);
         // O += P V_j, P rounded to bf16 (pairs of keys j0 + 2c, j0 + 2c + 1: whole pairs of
         // V's, as j0 is even).
         let kp2_c = cols.div_ceil(2);
-        convert_rows_block(
-            &mut sc.pa[..rows_len(rows, cols)],
-            tile,
-            cols,
-            0,
-            rows,
-            cols,
-        );
+        let pa = &mut sc.pa[..rows_len(rows, cols)];
+        convert_rows_block(pa, tile, cols, 0, rows, cols);
         tile_product::<false>(
-            (rows, d, kp2_c),
-            (sc.pa.as_ptr(), MR * kp2_c),
+            kp2_c,
+            (pa.as_ptr(), MR * kp2_c),
             (vd.as_ptr().add(j0 / 2 * NR), kp2_tk * NR),
-            oh.ptr,
-            w,
+            &mut oh,
             1.0,
-            true,
+            Acc::Add,
         );
     }
-    finish_rows(oh, d, m, l, lse_ptr.get().add(bh * tq + i0));
+    finish_rows(&mut oh, m, l, lse);
 }
 
 /// Scratch of one backward task: its head's packed operands, then the tiles.
@@ -302,79 +285,73 @@ pub(super) fn backward(
         with_scratch(&BWD_SCRATCH, |sc: &mut BwdScratch| {
             let (b, h) = (bh / hh, bh % hh);
             let lse = &lse[bh * tq..(bh + 1) * tq];
-            let (qh, kh, vh) = (
-                head_rows(&q, b, tq, h, d),
-                head_rows(&k, b, tk, h, d),
-                head_rows(&v, b, tk, h, d),
-            );
-            let doh = head_rows(&dov, b, tq, h, d);
-            let oh = head_rows(&ov, b, tq, h, d);
+            let (doh, oh) = (head_rows(&dov, b, tq, h, d), head_rows(&ov, b, tq, h, d));
             sc.delta.clear();
             sc.delta
                 .extend((0..tq).map(|i| simd::dot(&doh[i * w..i * w + d], &oh[i * w..i * w + d])));
-            let (dqh, dkh, dvh) = (
-                dq.head(b, tq, h, d),
-                dk.head(b, tk, h, d),
-                dv.head(b, tk, h, d),
-            );
-            // SAFETY: products run in bf16 only where `available()`; this task alone writes
-            // head (b, h) of dq, dk and dv.
+            // SAFETY: this task alone takes head (b, h) of dq, dk and dv.
+            let grads = unsafe { grad_heads([dq, dk, dv], (b, h), &s) };
+            let ops =
+                [(q, tq), (k, tk), (v, tk)].map(|(x, len)| (head_rows(&x, b, len, h, d), x.rs));
+            // SAFETY: `bf16_active()`, which sent the backward here, implies `available()`.
             unsafe {
-                dqh.fill(tq, d, 0.0);
-                dkh.fill(tk, d, 0.0);
-                dvh.fill(tk, d, 0.0);
-                at_least(&mut sc.qa, rows_len(tq, d));
-                at_least(&mut sc.doa, rows_len(tq, d));
-                at_least(&mut sc.qd, dim_panels_len(tq, d));
-                at_least(&mut sc.dod, dim_panels_len(tq, d));
-                at_least(&mut sc.kn, token_panels_len(tk, d));
-                at_least(&mut sc.vn, token_panels_len(tk, d));
-                at_least(&mut sc.kd, dim_panels_len(tk, d));
-                at_least(&mut sc.p, BR * BC);
-                at_least(&mut sc.dp, BR * BC);
-                at_least(&mut sc.t, BC.div_ceil(MR) * MR * BR.div_ceil(2));
-                at_least(&mut sc.dsa, BR * BC.div_ceil(2));
-                pack_rows(&mut sc.qa, qh, q.rs, tq, d);
-                pack_rows(&mut sc.doa, doh, w, tq, d);
-                pack_dim_panels(&mut sc.qd, qh, q.rs, tq, d);
-                pack_dim_panels(&mut sc.dod, doh, w, tq, d);
-                pack_token_panels(&mut sc.kn, kh, k.rs, tk, d);
-                pack_token_panels(&mut sc.vn, vh, v.rs, tk, d);
-                pack_dim_panels(&mut sc.kd, kh, k.rs, tk, d);
-                backward_head(
-                    sc,
-                    (&dqh, &dkh, &dvh),
-                    lse,
-                    masks.padding(b, tk),
-                    s,
-                    masks,
-                    scale,
-                );
+                pack_head(sc, ops, (doh, w), s);
+                backward_head(sc, grads, lse, s, (masks, masks.padding(b, tk)), scale);
             }
         })
     });
 }
 
-/// All tiles of one head, its operands packed in `sc`.
+/// Pack one head's operands into `sc`, each in the layouts its products read: Q, K, V and dO
+/// as (rows, row stride).
 ///
 /// # Safety
-/// `available()`; the gradient views are this task's own head blocks.
+/// `available()`.
+unsafe fn pack_head(
+    sc: &mut BwdScratch,
+    [(qh, q_rs), (kh, k_rs), (vh, v_rs)]: [(&[f32], usize); 3],
+    (doh, do_rs): (&[f32], usize),
+    s: AttentionShape,
+) {
+    let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
+    at_least(&mut sc.qa, rows_len(tq, d));
+    at_least(&mut sc.doa, rows_len(tq, d));
+    at_least(&mut sc.qd, dim_panels_len(tq, d));
+    at_least(&mut sc.dod, dim_panels_len(tq, d));
+    at_least(&mut sc.kn, token_panels_len(tk, d));
+    at_least(&mut sc.vn, token_panels_len(tk, d));
+    at_least(&mut sc.kd, dim_panels_len(tk, d));
+    at_least(&mut sc.p, BR * BC);
+    at_least(&mut sc.dp, BR * BC);
+    at_least(&mut sc.t, BC.div_ceil(MR) * MR * BR.div_ceil(2));
+    at_least(&mut sc.dsa, BR * BC.div_ceil(2));
+    pack_rows(&mut sc.qa, qh, q_rs, tq, d);
+    pack_rows(&mut sc.doa, doh, do_rs, tq, d);
+    pack_dim_panels(&mut sc.qd, qh, q_rs, tq, d);
+    pack_dim_panels(&mut sc.dod, doh, do_rs, tq, d);
+    pack_token_panels(&mut sc.kn, kh, k_rs, tk, d);
+    pack_token_panels(&mut sc.vn, vh, v_rs, tk, d);
+    pack_dim_panels(&mut sc.kd, kh, k_rs, tk, d);
+}
+
+/// All tiles of one head, its operands packed in `sc` ([`pack_head`]); `grads` (dQ, dK, dV)
+/// are overwritten.
+///
+/// # Safety
+/// `available()`.
 unsafe fn backward_head(
     sc: &mut BwdScratch,
-    (dqh, dkh, dvh): (
-        &super::matmul::MatMut,
-        &super::matmul::MatMut,
-        &super::matmul::MatMut,
-    ),
+    [mut dqh, mut dkh, mut dvh]: [MatMut; 3],
     lse: &[f32],
-    padding: Option<&[bool]>,
     s: AttentionShape,
-    masks: &Masks,
+    (masks, padding): (&Masks, Option<&[bool]>),
     scale: f32,
 ) {
     let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
     let (kp2_d, kp2_tq, kp2_tk) = (d.div_ceil(2), tq.div_ceil(2), tk.div_ceil(2));
-    let (dq_rs, dk_rs, dv_rs) = (dqh.rs as usize, dkh.rs as usize, dvh.rs as usize);
+    dqh.fill(0.0);
+    dkh.fill(0.0);
+    dvh.fill(0.0);
     for j0 in (0..tk).step_by(BC) {
         let cols = BC.min(tk - j0);
         let kp2_c = cols.div_ceil(2);
@@ -383,7 +360,6 @@ unsafe fn backward_head(
             sc.vn.as_ptr().add(j0 / NR * kp2_d * NR),
         );
         let kd_j = sc.kd.as_ptr().add(j0 / 2 * NR);
-        let (dkj, dvj) = (dkh.offset_rows(j0), dvh.offset_rows(j0));
         for i0 in (0..tq).step_by(BR) {
             let rows = BR.min(tq - i0);
             if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
@@ -398,65 +374,63 @@ unsafe fn backward_head(
                 sc.qd.as_ptr().add(i0 / 2 * NR),
                 sc.dod.as_ptr().add(i0 / 2 * NR),
             );
-            let dqi = dqh.offset_rows(i0);
+            let (p, dp) = (&mut sc.p[..rows * cols], &mut sc.dp[..rows * cols]);
             // S = scale · Q_i K_jᵀ, then P = exp(S − lse)
+            let mut pm = MatMut::new(p, rows, cols);
             tile_product::<false>(
-                (rows, cols, kp2_d),
+                kp2_d,
                 (qa_i, MR * kp2_d),
                 (kn_j, kp2_d * NR),
-                sc.p.as_mut_ptr(),
-                cols,
+                &mut pm,
                 scale,
-                false,
+                Acc::Set,
             );
-            let p = &mut sc.p[..rows * cols];
             probs_tile(p, cols, (i0, j0), tk, masks, padding, lse);
             // dV_j += P_ijᵀ dO_i (query pairs i0 + 2c, i0 + 2c + 1: whole pairs of dO's, as
             // i0 is even)
             pack_transposed(&mut sc.t, p, rows, cols);
+            let dvj = &mut dvh.rows(j0, cols);
             tile_product::<true>(
-                (cols, d, kp2_r),
+                kp2_r,
                 (sc.t.as_ptr(), kp2_r * MR),
                 (dod_i, kp2_tq * NR),
-                dvj.ptr,
-                dv_rs,
+                dvj,
                 1.0,
-                true,
+                Acc::Add,
             );
             // dP = dO_i V_jᵀ, then dS = P ∘ (dP − delta) · scale
+            let mut dpm = MatMut::new(dp, rows, cols);
             tile_product::<false>(
-                (rows, cols, kp2_d),
+                kp2_d,
                 (doa_i, MR * kp2_d),
                 (vn_j, kp2_d * NR),
-                sc.dp.as_mut_ptr(),
-                cols,
+                &mut dpm,
                 1.0,
-                false,
+                Acc::Set,
             );
-            let dp = &mut sc.dp[..rows * cols];
             for (r, (dpr, prow)) in dp.chunks_mut(cols).zip(p.chunks(cols)).enumerate() {
                 dscore_row(dpr, prow, sc.delta[i0 + r], scale);
             }
             // dQ_i += dS K_j ; dK_j += dSᵀ Q_i
             convert_rows_block(&mut sc.dsa[..rows_len(rows, cols)], dp, cols, 0, rows, cols);
+            let dqi = &mut dqh.rows(i0, rows);
             tile_product::<false>(
-                (rows, d, kp2_c),
+                kp2_c,
                 (sc.dsa.as_ptr(), MR * kp2_c),
                 (kd_j, kp2_tk * NR),
-                dqi.ptr,
-                dq_rs,
+                dqi,
                 1.0,
-                true,
+                Acc::Add,
             );
             pack_transposed(&mut sc.t, dp, rows, cols);
+            let dkj = &mut dkh.rows(j0, cols);
             tile_product::<true>(
-                (cols, d, kp2_r),
+                kp2_r,
                 (sc.t.as_ptr(), kp2_r * MR),
                 (qd_i, kp2_tq * NR),
-                dkj.ptr,
-                dk_rs,
+                dkj,
                 1.0,
-                true,
+                Acc::Add,
             );
         }
     }

@@ -13,9 +13,9 @@
 //! supported). Forward saves the normaliser `den_i = φ(q_i)·z_i` per query row.
 //! [`linear_attention_reference`] materializes the (Tq, Tk) kernel matrix: the test twin.
 
-use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
+use super::attention::{grad_heads, AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::matmul::{gemm_strided, MatMut, MatRef};
-use crate::parallel::SendPtr;
+use super::Acc;
 use crate::simd::{self, multiversion};
 use rayon::prelude::*;
 
@@ -48,71 +48,84 @@ fn features(
     fk: &mut Vec<f32>,
     qh: MatRef,
     kh: MatRef,
-    tq: usize,
-    tk: usize,
-    d: usize,
     padding: Option<&[bool]>,
 ) {
+    let (tq, tk, d) = (qh.nrows(), kh.nrows(), qh.ncols());
     fq.resize(tq * d, 0.0);
     fk.resize(tk * d, 0.0);
     for i in 0..tq {
-        // SAFETY: head rows were bounds-checked by the caller (`check`).
-        feature_map(&mut fq[i * d..(i + 1) * d], unsafe {
-            qh.offset_rows(i).row(d)
-        });
+        feature_map(&mut fq[i * d..(i + 1) * d], qh.row(i));
     }
     for j in 0..tk {
         let dst = &mut fk[j * d..(j + 1) * d];
         if padding.is_some_and(|p| p[j]) {
             dst.fill(0.0);
         } else {
-            // SAFETY: as above.
-            feature_map(dst, unsafe { kh.offset_rows(j).row(d) });
+            feature_map(dst, kh.row(j));
         }
     }
 }
 
-fn contiguous(m: &[f32], cols: usize) -> MatRef {
-    MatRef::rows(m, cols, false)
+/// `x` as a row-major (rows, cols) matrix.
+fn mat(x: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
+    MatRef::new(x, rows, cols)
 }
 
-fn contiguous_mut(m: &mut [f32], cols: usize) -> MatMut {
-    MatMut {
-        ptr: m.as_mut_ptr(),
-        rs: cols as isize,
-        cs: 1,
-    }
+/// `x` as a writable row-major (rows, cols) matrix.
+fn mat_mut(x: &mut [f32], rows: usize, cols: usize) -> MatMut<'_> {
+    MatMut::new(x, rows, cols)
 }
 
-/// The state over `n` keys: `S (+)= φ(K)ᵀ V` (D, D) and `z (+)= Σ_j φ(k_j)` (D); fk: (n, D).
-fn add_to_state(
-    st: &mut [f32],
-    z: &mut [f32],
-    fk: &[f32],
-    v: MatRef,
-    n: usize,
-    d: usize,
-    accumulate: bool,
-) {
-    if !accumulate {
+/// `dst [+]= a · b` on this thread: the parallelism is over heads.
+fn product(dst: &mut MatMut, a: MatRef, b: MatRef, acc: Acc) {
+    gemm_strided(dst, a, b, 1.0, acc, gemm::Parallelism::None);
+}
+
+/// The state over the keys `fk` = φ(K) (n, D) and values `v` (n, D): `S (+)= φ(K)ᵀ V` (D, D)
+/// and `z (+)= Σ_j φ(k_j)` (D).
+fn add_to_state(st: &mut [f32], z: &mut [f32], fk: &[f32], v: MatRef, acc: Acc) {
+    let (n, d) = (v.nrows(), v.ncols());
+    if acc == Acc::Set {
         z.fill(0.0);
     }
-    // SAFETY: `st` is (D, D) scratch; `fk` holds n rows; `v` is a checked head view of n rows.
-    unsafe {
-        gemm_strided(
-            d,
-            d,
-            n,
-            contiguous_mut(st, d),
-            accumulate,
-            contiguous(fk, d).transposed(),
-            v,
-            1.0,
-            gemm::Parallelism::None,
-        )
-    };
+    product(&mut mat_mut(st, d, d), mat(fk, n, d).t(), v, acc);
     for row in fk.chunks(d) {
         z.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// `A = φ(Q_c) φ(K_c)ᵀ`, lower triangle kept: a causal chunk's kernel values
+/// `a_ij = φ(q_i)·φ(k_j)`. a: (n, n); fqc, fkc: (n, D)
+fn kernel_values(a: &mut [f32], fqc: &[f32], fkc: &[f32], (n, d): (usize, usize)) {
+    product(
+        &mut mat_mut(a, n, n),
+        mat(fqc, n, d),
+        mat(fkc, n, d).t(),
+        Acc::Set,
+    );
+    for (i, row) in a[..n * n].chunks_mut(n).enumerate() {
+        row[i + 1..].fill(0.0);
+    }
+}
+
+/// `dA = G_c V_cᵀ + e_i` on row i, lower triangle kept: the gradient of a causal chunk's
+/// kernel values. da: (n, n); gc: (n, D); vc: (n, D); ec: (n)
+fn kernel_grads(da: &mut [f32], gc: &[f32], vc: MatRef, ec: &[f32]) {
+    let (n, d) = (vc.nrows(), vc.ncols());
+    product(&mut mat_mut(da, n, n), mat(gc, n, d), vc.t(), Acc::Set);
+    for (i, row) in da[..n * n].chunks_mut(n).enumerate() {
+        row[..=i].iter_mut().for_each(|x| *x += ec[i]);
+        row[i + 1..].fill(0.0);
+    }
+}
+
+/// `rows[i] += scale_i · x` for each row of width `x.len()`, `scale_i` from `scales` (or 1).
+fn add_scaled_rows(rows: &mut [f32], x: &[f32], scales: Option<&[f32]>) {
+    for (i, row) in rows.chunks_mut(x.len()).enumerate() {
+        match scales {
+            Some(e) => row.iter_mut().zip(x).for_each(|(a, b)| *a += e[i] * b),
+            None => row.iter_mut().zip(x).for_each(|(a, b)| *a += b),
+        }
     }
 }
 
@@ -157,113 +170,65 @@ pub fn linear_attention_forward(
     let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
     let w = hh * d;
     assert!(out.len() >= s.batch * tq * w && den.len() >= s.batch * hh * tq);
+    if tq == 0 {
+        return;
+    }
     let [o] = HeadsMut::split(out, w, w, [0]);
-    let den_ptr = SendPtr(den.as_mut_ptr());
-    (0..s.batch * hh)
-        .into_par_iter()
-        .for_each_init(Scratch::default, |sc, bh| {
+    den[..s.batch * hh * tq]
+        .par_chunks_mut(tq)
+        .enumerate()
+        .for_each_init(Scratch::default, |sc, (bh, den)| {
             let (b, h) = (bh / hh, bh % hh);
-            let none = gemm::Parallelism::None;
-            let padding = masks.padding(b, tk);
-            let (kh, vh) = (k.head(b, tk, h, d), v.head(b, tk, h, d));
-            let oh = o.head(b, tq, h, d);
-            features(
-                &mut sc.fq,
-                &mut sc.fk,
-                q.head(b, tq, h, d),
-                kh,
-                tq,
-                tk,
-                d,
-                padding,
-            );
-            // SAFETY: den row block bh belongs to this task.
-            let den = unsafe { std::slice::from_raw_parts_mut(den_ptr.get().add(bh * tq), tq) };
+            let vh = v.head(b, tk, h, d);
+            let (qh, kh) = (q.head(b, tq, h, d), k.head(b, tk, h, d));
+            features(&mut sc.fq, &mut sc.fk, qh, kh, masks.padding(b, tk));
+            // SAFETY: this task alone takes head (b, h) of `out`.
+            let mut oh = unsafe { o.head(b, tq, h, d) };
             sc.st.resize(d * d, 0.0);
             sc.z.clear();
             sc.z.resize(d, 0.0);
-            let (fq, fk) = (&sc.fq, &sc.fk);
-            if !masks.causal {
-                // S = φ(K)ᵀ V ; z = Σ_j φ(k_j) ; out = φ(Q) S ; den = φ(Q) z
-                add_to_state(&mut sc.st, &mut sc.z, fk, vh, tk, d, false);
-                // SAFETY: operands are this task's scratch or checked head views.
-                unsafe {
-                    gemm_strided(
-                        tq,
-                        d,
-                        d,
-                        oh,
-                        false,
-                        contiguous(fq, d),
-                        contiguous(&sc.st, d),
-                        1.0,
-                        none,
-                    );
-                }
-                for (i, dv) in den.iter_mut().enumerate() {
-                    *dv = simd::dot(&fq[i * d..(i + 1) * d], &sc.z);
-                }
+            if masks.causal {
+                forward_causal(sc, &mut oh, den, vh);
             } else {
-                sc.st.fill(0.0);
-                sc.a.resize(CH * CH, 0.0);
-                for c0 in (0..tq).step_by(CH) {
-                    let n = CH.min(tq - c0);
-                    let (fqc, fkc) = (&fq[c0 * d..(c0 + n) * d], &fk[c0 * d..(c0 + n) * d]);
-                    let am = contiguous_mut(&mut sc.a, n);
-                    // SAFETY: as above.
-                    unsafe {
-                        // A = φ(Q_c) φ(K_c)ᵀ, lower triangle kept
-                        gemm_strided(
-                            n,
-                            n,
-                            d,
-                            am,
-                            false,
-                            contiguous(fqc, d),
-                            contiguous(fkc, d).transposed(),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for (i, row) in sc.a[..n * n].chunks_mut(n).enumerate() {
-                        row[i + 1..].fill(0.0);
-                        den[c0 + i] = simd::sum(row) + simd::dot(&fqc[i * d..(i + 1) * d], &sc.z);
-                    }
-                    let oc = oh.offset_rows(c0);
-                    // SAFETY: as above. out_c = A V_c + φ(Q_c) S_prev
-                    unsafe {
-                        gemm_strided(
-                            n,
-                            d,
-                            n,
-                            oc,
-                            false,
-                            contiguous(&sc.a, n),
-                            vh.offset_rows(c0),
-                            1.0,
-                            none,
-                        );
-                        gemm_strided(
-                            n,
-                            d,
-                            d,
-                            oc,
-                            true,
-                            contiguous(fqc, d),
-                            contiguous(&sc.st, d),
-                            1.0,
-                            none,
-                        );
-                    }
-                    add_to_state(&mut sc.st, &mut sc.z, fkc, vh.offset_rows(c0), n, d, true);
-                }
+                forward_full(sc, &mut oh, den, vh);
             }
             for (i, &dv) in den.iter().enumerate() {
                 let inv = if dv > 0.0 { 1.0 / dv } else { 0.0 };
-                // SAFETY: rows of this task's head.
-                unsafe { oh.offset_rows(i).fill_scale(1, d, inv) };
+                oh.rows(i, 1).scale(inv);
             }
         });
+}
+
+/// Non-causal forward of one head, unnormalised: `S = φ(K)ᵀ V`, `z = Σ_j φ(k_j)`;
+/// `out = φ(Q) S`, `den = φ(Q) z`.
+fn forward_full(sc: &mut Scratch, oh: &mut MatMut, den: &mut [f32], vh: MatRef) {
+    let (tq, d) = (oh.nrows(), oh.ncols());
+    add_to_state(&mut sc.st, &mut sc.z, &sc.fk, vh, Acc::Set);
+    product(oh, mat(&sc.fq, tq, d), mat(&sc.st, d, d), Acc::Set);
+    for (i, dv) in den.iter_mut().enumerate() {
+        *dv = simd::dot(&sc.fq[i * d..(i + 1) * d], &sc.z);
+    }
+}
+
+/// Causal forward of one head, unnormalised, chunk by chunk: `A = φ(Q_c) φ(K_c)ᵀ` (lower
+/// triangle), `out_c = A V_c + φ(Q_c) S_prev`, `den_c = rowsum(A) + φ(Q_c) z_prev`; then the
+/// state takes in the chunk.
+fn forward_causal(sc: &mut Scratch, oh: &mut MatMut, den: &mut [f32], vh: MatRef) {
+    let (tq, d) = (oh.nrows(), oh.ncols());
+    sc.st.fill(0.0);
+    sc.a.resize(CH * CH, 0.0);
+    for c0 in (0..tq).step_by(CH) {
+        let n = CH.min(tq - c0);
+        let (fqc, fkc) = (&sc.fq[c0 * d..(c0 + n) * d], &sc.fk[c0 * d..(c0 + n) * d]);
+        kernel_values(&mut sc.a, fqc, fkc, (n, d));
+        for (i, row) in sc.a[..n * n].chunks(n).enumerate() {
+            den[c0 + i] = simd::sum(row) + simd::dot(&fqc[i * d..(i + 1) * d], &sc.z);
+        }
+        let mut oc = oh.rows(c0, n);
+        product(&mut oc, mat(&sc.a, n, n), vh.rows(c0, n), Acc::Set);
+        product(&mut oc, mat(fqc, n, d), mat(&sc.st, d, d), Acc::Add);
+        add_to_state(&mut sc.st, &mut sc.z, fkc, vh.rows(c0, n), Acc::Add);
+    }
 }
 
 /// Backward. dout, out: (B, Tq, H·D); den from forward. Writes (overwrites) dq, dk, dv.
@@ -304,33 +269,17 @@ pub fn linear_attention_backward(
         .into_par_iter()
         .for_each_init(Scratch::default, |sc, bh| {
             let (b, h) = (bh / hh, bh % hh);
-            let none = gemm::Parallelism::None;
             let padding = masks.padding(b, tk);
             let (qh, kh, vh) = (
                 q.head(b, tq, h, d),
                 k.head(b, tk, h, d),
                 v.head(b, tk, h, d),
             );
+            // SAFETY: this task alone takes head (b, h) of dq, dk and dv.
+            let [mut dqh, mut dkh, mut dvh] = unsafe { grad_heads([dq, dk, dv], (b, h), &s) };
+            features(&mut sc.fq, &mut sc.fk, qh, kh, padding);
             let (doh, oh) = (dov.head(b, tq, h, d), ov.head(b, tq, h, d));
-            let (dqh, dkh, dvh) = (
-                dq.head(b, tq, h, d),
-                dk.head(b, tk, h, d),
-                dv.head(b, tk, h, d),
-            );
-            let den = &den[bh * tq..(bh + 1) * tq];
-            features(&mut sc.fq, &mut sc.fk, qh, kh, tq, tk, d, padding);
-            sc.g.resize(tq * d, 0.0);
-            sc.e.resize(tq, 0.0);
-            for i in 0..tq {
-                // SAFETY: checked head rows.
-                let (doi, oi) = unsafe { (doh.offset_rows(i).row(d), oh.offset_rows(i).row(d)) };
-                let inv = if den[i] > 0.0 { 1.0 / den[i] } else { 0.0 };
-                sc.e[i] = -simd::dot(doi, oi) * inv;
-                sc.g[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .zip(doi)
-                    .for_each(|(g, &x)| *g = x * inv);
-            }
+            output_grads(sc, doh, oh, &den[bh * tq..(bh + 1) * tq]);
             sc.dfq.clear();
             sc.dfq.resize(tq * d, 0.0);
             sc.dfk.clear();
@@ -339,264 +288,128 @@ pub fn linear_attention_backward(
             sc.dst.resize(d * d, 0.0);
             sc.z.clear();
             sc.z.resize(d, 0.0);
-            let (fq, fk, g, e) = (&sc.fq, &sc.fk, &sc.g, &sc.e);
-            // SAFETY (all gemm calls below): operands are this task's scratch or checked head
-            // views, and this task alone writes head (b, h) of dq, dk, dv.
-            if !masks.causal {
-                // S = φ(K)ᵀ V, z = Σ φ(k_j); dS = φ(Q)ᵀ G, dz = Σ e_i φ(q_i)
-                add_to_state(&mut sc.st, &mut sc.z, fk, vh, tk, d, false);
-                unsafe {
-                    gemm_strided(
-                        d,
-                        d,
-                        tq,
-                        contiguous_mut(&mut sc.dst, d),
-                        false,
-                        contiguous(fq, d).transposed(),
-                        contiguous(g, d),
-                        1.0,
-                        none,
-                    );
-                }
-                let mut dz = vec![0.0f32; d];
-                for (i, row) in fq.chunks(d).enumerate() {
-                    dz.iter_mut().zip(row).for_each(|(a, b)| *a += e[i] * b);
-                }
-                unsafe {
-                    // dφ(Q) = G Sᵀ + e zᵀ ; dφ(K) = V dSᵀ + 1 dzᵀ ; dV = φ(K) dS
-                    gemm_strided(
-                        tq,
-                        d,
-                        d,
-                        contiguous_mut(&mut sc.dfq, d),
-                        false,
-                        contiguous(g, d),
-                        contiguous(&sc.st, d).transposed(),
-                        1.0,
-                        none,
-                    );
-                    gemm_strided(
-                        tk,
-                        d,
-                        d,
-                        contiguous_mut(&mut sc.dfk, d),
-                        false,
-                        vh,
-                        contiguous(&sc.dst, d).transposed(),
-                        1.0,
-                        none,
-                    );
-                    gemm_strided(
-                        tk,
-                        d,
-                        d,
-                        dvh,
-                        false,
-                        contiguous(fk, d),
-                        contiguous(&sc.dst, d),
-                        1.0,
-                        none,
-                    );
-                }
-                for (i, row) in sc.dfq.chunks_mut(d).enumerate() {
-                    row.iter_mut().zip(&sc.z).for_each(|(a, b)| *a += e[i] * b);
-                }
-                for row in sc.dfk.chunks_mut(d) {
-                    row.iter_mut().zip(&dz).for_each(|(a, b)| *a += b);
-                }
+            if masks.causal {
+                backward_causal(sc, vh, &mut dvh);
             } else {
-                sc.a.resize(CH * CH, 0.0);
-                sc.da.resize(CH * CH, 0.0);
-                sc.st.fill(0.0);
-                // Forward sweep: dφ(Q_c) = dA φ(K_c) + G_c S_prevᵀ + e_c z_prevᵀ.
-                for c0 in (0..tq).step_by(CH) {
-                    let n = CH.min(tq - c0);
-                    let (fkc, gc) = (&fk[c0 * d..(c0 + n) * d], &g[c0 * d..(c0 + n) * d]);
-                    unsafe {
-                        // dA = G_c V_cᵀ (+ e_i per row), lower triangle kept
-                        gemm_strided(
-                            n,
-                            n,
-                            d,
-                            contiguous_mut(&mut sc.da, n),
-                            false,
-                            contiguous(gc, d),
-                            vh.offset_rows(c0).transposed(),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for (i, row) in sc.da[..n * n].chunks_mut(n).enumerate() {
-                        row[..=i].iter_mut().for_each(|x| *x += e[c0 + i]);
-                        row[i + 1..].fill(0.0);
-                    }
-                    let dfqc = contiguous_mut(&mut sc.dfq[c0 * d..(c0 + n) * d], d);
-                    unsafe {
-                        gemm_strided(
-                            n,
-                            d,
-                            n,
-                            dfqc,
-                            false,
-                            contiguous(&sc.da, n),
-                            contiguous(fkc, d),
-                            1.0,
-                            none,
-                        );
-                        gemm_strided(
-                            n,
-                            d,
-                            d,
-                            dfqc,
-                            true,
-                            contiguous(gc, d),
-                            contiguous(&sc.st, d).transposed(),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for (i, row) in sc.dfq[c0 * d..(c0 + n) * d].chunks_mut(d).enumerate() {
-                        row.iter_mut()
-                            .zip(&sc.z)
-                            .for_each(|(a, b)| *a += e[c0 + i] * b);
-                    }
-                    add_to_state(&mut sc.st, &mut sc.z, fkc, vh.offset_rows(c0), n, d, true);
-                }
-                // Reverse sweep: dφ(K_c) = dAᵀ φ(Q_c) + V_c Rᵀ + r ; dV_c = Aᵀ G_c + φ(K_c) R,
-                // with R, r summed over later chunks (here `st` holds R and `z` holds r).
-                sc.st.fill(0.0);
-                sc.z.fill(0.0);
-                let last = (tq - 1) / CH * CH;
-                for c0 in (0..=last).rev().step_by(CH) {
-                    let n = CH.min(tq - c0);
-                    let (fqc, fkc) = (&fq[c0 * d..(c0 + n) * d], &fk[c0 * d..(c0 + n) * d]);
-                    let gc = &g[c0 * d..(c0 + n) * d];
-                    unsafe {
-                        gemm_strided(
-                            n,
-                            n,
-                            d,
-                            contiguous_mut(&mut sc.a, n),
-                            false,
-                            contiguous(fqc, d),
-                            contiguous(fkc, d).transposed(),
-                            1.0,
-                            none,
-                        );
-                        gemm_strided(
-                            n,
-                            n,
-                            d,
-                            contiguous_mut(&mut sc.da, n),
-                            false,
-                            contiguous(gc, d),
-                            vh.offset_rows(c0).transposed(),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for (i, (ar, dr)) in sc.a[..n * n]
-                        .chunks_mut(n)
-                        .zip(sc.da[..n * n].chunks_mut(n))
-                        .enumerate()
-                    {
-                        dr[..=i].iter_mut().for_each(|x| *x += e[c0 + i]);
-                        dr[i + 1..].fill(0.0);
-                        ar[i + 1..].fill(0.0);
-                    }
-                    let dfkc = contiguous_mut(&mut sc.dfk[c0 * d..(c0 + n) * d], d);
-                    let dvc = dvh.offset_rows(c0);
-                    unsafe {
-                        gemm_strided(
-                            n,
-                            d,
-                            n,
-                            dfkc,
-                            false,
-                            contiguous(&sc.da, n).transposed(),
-                            contiguous(fqc, d),
-                            1.0,
-                            none,
-                        );
-                        gemm_strided(
-                            n,
-                            d,
-                            d,
-                            dfkc,
-                            true,
-                            vh.offset_rows(c0),
-                            contiguous(&sc.st, d).transposed(),
-                            1.0,
-                            none,
-                        );
-                        gemm_strided(
-                            n,
-                            d,
-                            n,
-                            dvc,
-                            false,
-                            contiguous(&sc.a, n).transposed(),
-                            contiguous(gc, d),
-                            1.0,
-                            none,
-                        );
-                        gemm_strided(
-                            n,
-                            d,
-                            d,
-                            dvc,
-                            true,
-                            contiguous(fkc, d),
-                            contiguous(&sc.st, d),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for row in sc.dfk[c0 * d..(c0 + n) * d].chunks_mut(d) {
-                        row.iter_mut().zip(&sc.z).for_each(|(a, b)| *a += b);
-                    }
-                    unsafe {
-                        // R += φ(Q_c)ᵀ G_c ; r += Σ e_i φ(q_i)
-                        gemm_strided(
-                            d,
-                            d,
-                            n,
-                            contiguous_mut(&mut sc.st, d),
-                            true,
-                            contiguous(fqc, d).transposed(),
-                            contiguous(gc, d),
-                            1.0,
-                            none,
-                        );
-                    }
-                    for (i, row) in fqc.chunks(d).enumerate() {
-                        sc.z.iter_mut()
-                            .zip(row)
-                            .for_each(|(a, b)| *a += e[c0 + i] * b);
-                    }
-                }
+                backward_full(sc, vh, &mut dvh);
             }
             // Through φ: dq = dφ(Q) ∘ φ'(Q), dk = dφ(K) ∘ φ'(K) (0 for padded keys).
             for i in 0..tq {
                 let row = &mut sc.dfq[i * d..(i + 1) * d];
-                // SAFETY: checked rows; this task alone writes head (b, h).
-                unsafe {
-                    feature_map_backward(row, qh.offset_rows(i).row(d));
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), dqh.offset_rows(i).ptr, d);
-                }
+                feature_map_backward(row, qh.row(i));
+                dqh.row_mut(i).copy_from_slice(row);
             }
             for j in 0..tk {
                 let row = &mut sc.dfk[j * d..(j + 1) * d];
                 if padding.is_some_and(|p| p[j]) {
                     row.fill(0.0);
                 } else {
-                    // SAFETY: as above.
-                    feature_map_backward(row, unsafe { kh.offset_rows(j).row(d) });
+                    feature_map_backward(row, kh.row(j));
                 }
-                // SAFETY: as above.
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dkh.offset_rows(j).ptr, d) };
+                dkh.row_mut(j).copy_from_slice(row);
             }
         });
+}
+
+/// `g_i = dO_i / den_i` and `e_i = −dO_i·O_i / den_i` (0 where `den_i` is 0) into `sc`.
+fn output_grads(sc: &mut Scratch, doh: MatRef, oh: MatRef, den: &[f32]) {
+    let d = doh.ncols();
+    sc.g.resize(den.len() * d, 0.0);
+    sc.e.resize(den.len(), 0.0);
+    for (i, &dn) in den.iter().enumerate() {
+        let (doi, oi) = (doh.row(i), oh.row(i));
+        let inv = if dn > 0.0 { 1.0 / dn } else { 0.0 };
+        sc.e[i] = -simd::dot(doi, oi) * inv;
+        sc.g[i * d..(i + 1) * d]
+            .iter_mut()
+            .zip(doi)
+            .for_each(|(g, &x)| *g = x * inv);
+    }
+}
+
+/// Non-causal backward of one head, to dφ(Q), dφ(K) (in `sc`) and dV: with `S = φ(K)ᵀ V`,
+/// `z = Σ φ(k_j)`, `dS = φ(Q)ᵀ G`, `dz = Σ e_i φ(q_i)`:
+/// `dφ(Q) = G Sᵀ + e zᵀ`, `dφ(K) = V dSᵀ + 1 dzᵀ`, `dV = φ(K) dS`.
+fn backward_full(sc: &mut Scratch, vh: MatRef, dvh: &mut MatMut) {
+    let (tk, d, tq) = (vh.nrows(), vh.ncols(), sc.e.len());
+    let (fq, fk, g, e) = (&sc.fq, &sc.fk, &sc.g, &sc.e);
+    add_to_state(&mut sc.st, &mut sc.z, fk, vh, Acc::Set);
+    product(
+        &mut mat_mut(&mut sc.dst, d, d),
+        mat(fq, tq, d).t(),
+        mat(g, tq, d),
+        Acc::Set,
+    );
+    let mut dz = vec![0.0f32; d];
+    for (i, row) in fq.chunks(d).enumerate() {
+        dz.iter_mut().zip(row).for_each(|(a, b)| *a += e[i] * b);
+    }
+    let (st, dst) = (mat(&sc.st, d, d), mat(&sc.dst, d, d));
+    product(
+        &mut mat_mut(&mut sc.dfq, tq, d),
+        mat(g, tq, d),
+        st.t(),
+        Acc::Set,
+    );
+    product(&mut mat_mut(&mut sc.dfk, tk, d), vh, dst.t(), Acc::Set);
+    product(dvh, mat(fk, tk, d), dst, Acc::Set);
+    add_scaled_rows(&mut sc.dfq, &sc.z, Some(e));
+    add_scaled_rows(&mut sc.dfk, &dz, None);
+}
+
+/// Causal backward of one head, to dφ(Q), dφ(K) (in `sc`) and dV, chunk by chunk: a forward
+/// sweep with the prefix state (S, z) for `dφ(Q_c) = dA φ(K_c) + G_c S_prevᵀ + e_c z_prevᵀ`,
+/// then a reverse sweep with the suffix state (R, r), summed over later chunks, for
+/// `dφ(K_c) = dAᵀ φ(Q_c) + V_c Rᵀ + r` and `dV_c = Aᵀ G_c + φ(K_c) R`.
+fn backward_causal(sc: &mut Scratch, vh: MatRef, dvh: &mut MatMut) {
+    let (tq, d) = (vh.nrows(), vh.ncols());
+    if tq == 0 {
+        return;
+    }
+    sc.a.resize(CH * CH, 0.0);
+    sc.da.resize(CH * CH, 0.0);
+    sc.st.fill(0.0);
+    for c0 in (0..tq).step_by(CH) {
+        let n = CH.min(tq - c0);
+        let rows = c0 * d..(c0 + n) * d;
+        let (fkc, gc, ec) = (&sc.fk[rows.clone()], &sc.g[rows.clone()], &sc.e[c0..c0 + n]);
+        kernel_grads(&mut sc.da, gc, vh.rows(c0, n), ec);
+        let mut dfqc = mat_mut(&mut sc.dfq[rows.clone()], n, d);
+        product(&mut dfqc, mat(&sc.da, n, n), mat(fkc, n, d), Acc::Set);
+        product(&mut dfqc, mat(gc, n, d), mat(&sc.st, d, d).t(), Acc::Add);
+        add_scaled_rows(&mut sc.dfq[rows], &sc.z, Some(ec));
+        add_to_state(&mut sc.st, &mut sc.z, fkc, vh.rows(c0, n), Acc::Add);
+    }
+    // The reverse sweep: `st` now holds R and `z` holds r.
+    sc.st.fill(0.0);
+    sc.z.fill(0.0);
+    let last = (tq - 1) / CH * CH;
+    for c0 in (0..=last).rev().step_by(CH) {
+        let n = CH.min(tq - c0);
+        let rows = c0 * d..(c0 + n) * d;
+        let (fqc, fkc, gc) = (
+            &sc.fq[rows.clone()],
+            &sc.fk[rows.clone()],
+            &sc.g[rows.clone()],
+        );
+        let (ec, vc) = (&sc.e[c0..c0 + n], vh.rows(c0, n));
+        kernel_values(&mut sc.a, fqc, fkc, (n, d));
+        kernel_grads(&mut sc.da, gc, vc, ec);
+        let (fq_c, fk_c, g_c) = (mat(fqc, n, d), mat(fkc, n, d), mat(gc, n, d));
+        let (a, da, st) = (mat(&sc.a, n, n), mat(&sc.da, n, n), mat(&sc.st, d, d));
+        let mut dfkc = mat_mut(&mut sc.dfk[rows.clone()], n, d);
+        product(&mut dfkc, da.t(), fq_c, Acc::Set);
+        product(&mut dfkc, vc, st.t(), Acc::Add);
+        let mut dvc = dvh.rows(c0, n);
+        product(&mut dvc, a.t(), g_c, Acc::Set);
+        product(&mut dvc, fk_c, st, Acc::Add);
+        add_scaled_rows(&mut sc.dfk[rows], &sc.z, None);
+        // R += φ(Q_c)ᵀ G_c ; r += Σ e_i φ(q_i)
+        product(&mut mat_mut(&mut sc.st, d, d), fq_c.t(), g_c, Acc::Add);
+        for (i, row) in fqc.chunks(d).enumerate() {
+            sc.z.iter_mut().zip(row).for_each(|(a, b)| *a += ec[i] * b);
+        }
+    }
 }
 
 /// The materialized twin (tests only): `A = φ(Q) φ(K)ᵀ` masked, `out = A V / rowsum(A)`.

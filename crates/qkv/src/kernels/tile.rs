@@ -8,100 +8,92 @@
 //! time, so any strides work. Without AVX-512 the `gemm` crate does the same product.
 
 use super::matmul::{gemm_strided, MatMut, MatRef};
+use super::Acc;
 
-/// `C (m × n) [+]= alpha · A (m × k) · B (k × n)` where `A[r, p] = a[r·a_rs + p·a_cs]`,
-/// `B[p, j] = b[p·b_rs + j]` (rows contiguous) and `C[r, j] = c[r·c_rs + j]`.
-///
-/// # Safety
-/// The operands must address valid memory for these sizes and strides; `c` must not overlap
-/// `a` or `b` nor be accessed by another thread meanwhile.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_rows(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    c: *mut f32,
-    c_rs: usize,
-    alpha: f32,
-    accumulate: bool,
-) {
+/// `c (m, n) = [c +] alpha · a (m, k) · b (k, n)` on one thread, where `b` and `c` have
+/// contiguous rows (`a` may have any strides: it is read one broadcast element at a time).
+pub(crate) fn gemm_rows(c: &mut MatMut, a: MatRef, b: MatRef, alpha: f32, acc: Acc) {
+    let (m, n, k) = (c.nrows(), c.ncols(), a.ncols());
+    assert!(
+        a.nrows() == m && b.nrows() == k && b.ncols() == n,
+        "product shapes disagree"
+    );
+    assert!(
+        b.cs() == 1 && c.cs() == 1,
+        "tile product rows must be contiguous"
+    );
     if m == 0 || n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx512() {
-        return avx512::gemm_rows(m, n, k, a, a_rs, a_cs, b, b_rs, c, c_rs, alpha, accumulate);
+        let (a_rs, a_cs, b_rs, c_rs) = (a.rs(), a.cs(), b.rs(), c.rs());
+        // SAFETY: the CPU has AVX-512F (checked); the kernel reads A[r, p] and B[p, j] and
+        // writes C[r, j] for r < m, p < k, j < n only, which lie in the views (their
+        // constructors checked it; shapes checked above); `c` borrows its elements uniquely.
+        return unsafe {
+            avx512::gemm_rows(
+                (m, n, k),
+                (a.ptr(), a_rs, a_cs),
+                (b.ptr(), b_rs),
+                (c.ptr(), c_rs),
+                alpha,
+                acc.adds(),
+            )
+        };
     }
-    gemm_strided(
-        m,
-        n,
-        k,
-        MatMut {
-            ptr: c,
-            rs: c_rs as isize,
-            cs: 1,
-        },
-        accumulate,
-        MatRef {
-            ptr: a,
-            rs: a_rs as isize,
-            cs: a_cs as isize,
-        },
-        MatRef {
-            ptr: b,
-            rs: b_rs as isize,
-            cs: 1,
-        },
-        alpha,
-        gemm::Parallelism::None,
-    );
+    gemm_strided(c, a, b, alpha, acc, gemm::Parallelism::None);
 }
 
-/// `dst (cols, rows) ← src (rows, cols)ᵀ`: `dst[p·dst_rs + j] = src[j·src_rs + p]`.
+/// `dst ← srcᵀ`: dst (cols, rows) for src (rows, cols), both with contiguous rows.
 ///
 /// The attention tiles transpose K and V (64 × 32 at T = 64, D = 32) for every head; element by
 /// element that was a third of the attention's time, so full 8 × 8 blocks go through AVX
 /// register shuffles.
-///
-/// # Safety
-/// Both views must address valid memory for these sizes and strides and must not overlap.
-pub unsafe fn transpose(
-    rows: usize,
-    cols: usize,
-    src: *const f32,
-    src_rs: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-) {
+pub(crate) fn transpose(dst: &mut MatMut, src: MatRef) {
+    let (rows, cols) = (src.nrows(), src.ncols());
+    assert!(
+        dst.nrows() == cols && dst.ncols() == rows,
+        "transpose shapes disagree"
+    );
+    assert!(
+        src.cs() == 1 && dst.cs() == 1,
+        "transposed rows must be contiguous"
+    );
+    let (src_rs, dst_rs) = (src.rs(), dst.rs());
+    let (src, dst) = (src.ptr(), dst.ptr());
     let (mut r8, mut c8) = (0, 0);
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
         for p in (0..c8).step_by(8) {
             for j in (0..r8).step_by(8) {
-                avx::block8(
-                    src.add(j * src_rs + p),
-                    src_rs,
-                    dst.add(p * dst_rs + j),
-                    dst_rs,
-                );
+                // SAFETY: the CPU has AVX (checked); the block's rows j..j + 8 < rows and
+                // columns p..p + 8 < cols lie in both views (shapes checked above).
+                unsafe {
+                    avx::block8(
+                        src.add(j * src_rs + p),
+                        src_rs,
+                        dst.add(p * dst_rs + j),
+                        dst_rs,
+                    )
+                };
             }
         }
     }
     // What the blocks did not cover: the rows below r8, then the columns right of c8.
-    for j in r8..rows {
-        for p in 0..cols {
-            *dst.add(p * dst_rs + j) = *src.add(j * src_rs + p);
+    // SAFETY: j < rows and p < cols, so both elements lie inside the views (shapes checked
+    // above); `dst` borrows its elements uniquely.
+    unsafe {
+        for j in r8..rows {
+            for p in 0..cols {
+                *dst.add(p * dst_rs + j) = *src.add(j * src_rs + p);
+            }
         }
-    }
-    for j in 0..r8 {
-        for p in c8..cols {
-            *dst.add(p * dst_rs + j) = *src.add(j * src_rs + p);
+        for j in 0..r8 {
+            for p in c8..cols {
+                *dst.add(p * dst_rs + j) = *src.add(j * src_rs + p);
+            }
         }
     }
 }
@@ -111,6 +103,10 @@ mod avx {
     use std::arch::x86_64::*;
 
     /// One 8 × 8 block: unpack pairs of rows, shuffle quadruples, then swap 128-bit halves.
+    ///
+    /// # Safety
+    /// The CPU has AVX; 8 rows of 8 floats at `src` (`src_rs` apart) and at `dst` (`dst_rs`
+    /// apart) are valid, and those at `dst` are the caller's alone.
     #[inline]
     #[target_feature(enable = "avx")]
     pub unsafe fn block8(src: *const f32, src_rs: usize, dst: *mut f32, dst_rs: usize) {
@@ -153,19 +149,17 @@ mod avx512 {
     /// 16-float vectors per register block (64 columns).
     const NV: usize = 4;
 
-    #[allow(clippy::too_many_arguments)]
+    /// `C (m × n) [+]= alpha · A (m × k) · B (k × n)` where `A[r, p] = a[r·a_rs + p·a_cs]`,
+    /// `B[p, j] = b[p·b_rs + j]` and `C[r, j] = c[r·c_rs + j]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; those elements are valid, and C's are the caller's alone.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn gemm_rows(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
-        b: *const f32,
-        b_rs: usize,
-        c: *mut f32,
-        c_rs: usize,
+        (m, n, k): (usize, usize, usize),
+        (a, a_rs, a_cs): (*const f32, usize, usize),
+        (b, b_rs): (*const f32, usize),
+        (c, c_rs): (*mut f32, usize),
         alpha: f32,
         accumulate: bool,
     ) {
@@ -224,6 +218,9 @@ mod avx512 {
     }
 
     /// One R × (16·V) block of C; the last vector of each row is masked by `mask`.
+    ///
+    /// # Safety
+    /// As [`gemm_rows`], for the block's R rows and its columns under `mask`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn block<const R: usize, const V: usize>(
@@ -273,6 +270,8 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::{gemm_rows, transpose};
+    use crate::kernels::matmul::{MatMut, MatRef};
+    use crate::kernels::Acc;
 
     #[test]
     fn transpose_matches_element_by_element_for_edge_shapes() {
@@ -280,7 +279,8 @@ mod tests {
             let (src_rs, dst_rs) = (cols + 3, rows + 5);
             let src: Vec<f32> = (0..rows * src_rs).map(|i| i as f32).collect();
             let mut dst = vec![-1.0f32; cols * dst_rs];
-            unsafe { transpose(rows, cols, src.as_ptr(), src_rs, dst.as_mut_ptr(), dst_rs) };
+            let mut dv = MatMut::strided(&mut dst, cols, rows, dst_rs);
+            transpose(&mut dv, MatRef::strided(&src, rows, cols, src_rs));
             for p in 0..cols {
                 for j in 0..dst_rs {
                     let want = if j < rows { src[j * src_rs + p] } else { -1.0 };
@@ -305,44 +305,35 @@ mod tests {
             (64, 256, 64),
         ] {
             for transposed_a in [false, true] {
-                for accumulate in [false, true] {
+                for acc in [Acc::Set, Acc::Add] {
                     let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
                     let b_rs = n + 3;
                     let b: Vec<f32> = (0..k * b_rs).map(|_| rnd()).collect();
                     let c_rs = n + 5;
                     let c0: Vec<f32> = (0..m * c_rs).map(|_| rnd()).collect();
                     let (a_rs, a_cs) = if transposed_a { (1, m) } else { (k, 1) };
-                    let mut c = c0.clone();
-                    unsafe {
-                        gemm_rows(
-                            m,
-                            n,
-                            k,
-                            a.as_ptr(),
-                            a_rs,
-                            a_cs,
-                            b.as_ptr(),
-                            b_rs,
-                            c.as_mut_ptr(),
-                            c_rs,
-                            0.5,
-                            accumulate,
-                        )
+                    let av = if transposed_a {
+                        MatRef::new(&a, k, m).t()
+                    } else {
+                        MatRef::new(&a, m, k)
                     };
+                    let mut c = c0.clone();
+                    let mut cv = MatMut::strided(&mut c, m, n, c_rs);
+                    gemm_rows(&mut cv, av, MatRef::strided(&b, k, n, b_rs), 0.5, acc);
                     for r in 0..m {
                         for j in 0..c_rs {
                             let want = if j < n {
                                 let dot: f32 = (0..k)
                                     .map(|p| a[r * a_rs + p * a_cs] * b[p * b_rs + j])
                                     .sum();
-                                0.5 * dot + if accumulate { c0[r * c_rs + j] } else { 0.0 }
+                                0.5 * dot + if acc.adds() { c0[r * c_rs + j] } else { 0.0 }
                             } else {
                                 c0[r * c_rs + j] // outside the product: untouched
                             };
                             let got = c[r * c_rs + j];
                             assert!(
                                 (got - want).abs() < 1e-4,
-                                "m{m} n{n} k{k} t{transposed_a} acc{accumulate} ({r},{j}): {got} vs {want}"
+                                "m{m} n{n} k{k} t{transposed_a} {acc:?} ({r},{j}): {got} vs {want}"
                             );
                         }
                     }

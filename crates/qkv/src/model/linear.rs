@@ -3,7 +3,9 @@
 use super::buf;
 use crate::kernels::activation::{bias_act_forward, column_sum, Activation};
 use crate::kernels::bf16::{linear_bf16, Operand};
+use crate::kernels::matmul::Layout::{RowMajor, Transposed};
 use crate::kernels::matmul::{bf16_active, matmul, matmul_operands};
+use crate::kernels::Acc;
 use crate::params::{two_mut, Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -41,17 +43,8 @@ impl Linear {
     /// `y = x Wᵀ` without the bias (callers fuse the bias into their next pass). x: (N, I), y: (N, O)
     pub fn matmul(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
         let n = x.len() / self.in_features;
-        matmul(
-            y,
-            x,
-            self.weight.of(p),
-            n,
-            self.in_features,
-            self.out_features,
-            false,
-            true,
-            false,
-        );
+        let (i, o, w) = (self.in_features, self.out_features, self.weight.of(p));
+        matmul(y, x, w, n, i, o, RowMajor, Transposed, Acc::Set);
     }
 
     /// `y = x Wᵀ + b`. x: (N, I), y: (N, O)
@@ -67,7 +60,8 @@ impl Linear {
             return linear_bf16(&mut y[..n * o], x, self.weight.of(p), bias, n, i, o);
         }
         let w = Operand::F32(self.weight.of(p));
-        matmul_operands(&mut y[..n * o], x, w, n, i, o, false, true, false);
+        let y_rows = &mut y[..n * o];
+        matmul_operands(y_rows, x, w, n, i, o, RowMajor, Transposed, Acc::Set);
         if let Some(b) = self.bias {
             bias_act_forward(y, &mut [], b.of(p), Activation::Identity);
         }
@@ -106,30 +100,24 @@ impl Linear {
         bias_done: bool,
     ) {
         let (i, o) = (self.in_features, self.out_features);
+        // dW (O, I) += dyᵀ x
+        let weight_grad =
+            |dw: &mut [f32]| matmul_operands(dw, dy, x, o, n, i, Transposed, RowMajor, Acc::Add);
         match (self.bias, dy) {
             (Some(b), Operand::F32(dy_f32)) if !bias_done => {
                 let (dw, db) = two_mut(g, self.weight, b);
-                matmul_operands(dw, dy, x, o, n, i, true, false, true);
+                weight_grad(dw);
                 column_sum(db, &dy_f32[..n * o], o);
             }
             (Some(_), Operand::Bf16(_)) if !bias_done => {
                 unreachable!("a bf16 output gradient comes with its bias gradient formed")
             }
-            _ => matmul_operands(self.weight.of_mut(g), dy, x, o, n, i, true, false, true),
+            _ => weight_grad(self.weight.of_mut(g)),
         }
         if let Some(dx) = dx {
-            let w = Operand::F32(self.weight.of(p));
-            matmul_operands(
-                &mut dx[..n * i],
-                dy,
-                w,
-                n,
-                o,
-                i,
-                false,
-                false,
-                accumulate_dx,
-            );
+            let (dx, w) = (&mut dx[..n * i], Operand::F32(self.weight.of(p)));
+            let acc = Acc::add_if(accumulate_dx);
+            matmul_operands(dx, dy, w, n, o, i, RowMajor, RowMajor, acc);
         }
     }
 }
@@ -152,7 +140,8 @@ pub fn project_out(p: &[f32], table: Param, h: &[f32], logits: &mut Vec<f32>, c:
     let v = table.len / c;
     let n = h.len() / c;
     let out = buf(logits, n * v);
-    matmul(out, h, table.of(p), n, c, v, false, true, false);
+    let e = table.of(p);
+    matmul(out, h, e, n, c, v, RowMajor, Transposed, Acc::Set);
     v
 }
 
@@ -168,6 +157,7 @@ pub fn project_out_backward(
 ) {
     let v = table.len / c;
     let n = h.len() / c;
-    matmul(table.of_mut(g), dlogits, h, v, n, c, true, false, true);
-    matmul(dh, dlogits, table.of(p), n, v, c, false, false, false);
+    let (de, e) = (table.of_mut(g), table.of(p));
+    matmul(de, dlogits, h, v, n, c, Transposed, RowMajor, Acc::Add);
+    matmul(dh, dlogits, e, n, v, c, RowMajor, RowMajor, Acc::Set);
 }
