@@ -10,8 +10,7 @@ use qkv::kernels::attention::{
 };
 use qkv::kernels::flash::{flash_backward, flash_forward};
 use qkv::kernels::linear_attention::{
-    linear_attention_backward, linear_attention_forward, linear_attention_reference,
-    linear_attention_step,
+    linear_attention_backward, linear_attention_forward, linear_attention_step,
 };
 use qkv::rng::Rng;
 
@@ -301,6 +300,81 @@ fn linear(c: &Case, masks: &Masks) -> [Vec<f32>; 4] {
         let [b] = HeadsMut::split(&mut dk, w, w, [0]);
         let [d] = HeadsMut::split(&mut dv, w, w, [0]);
         linear_attention_backward(&a, &b, &d, &c.dout, &out, &den, q, k, v, s, masks);
+    }
+    [out, dq, dk, dv]
+}
+
+/// Linear attention's materialized twin: `A = φ(Q) φ(K)ᵀ` masked, `out = A V / rowsum(A)`,
+/// summed in f64.
+/// Returns out (B, Tq, H·D) and, given dout, (dq, dk, dv) in the same layout as q, k, v
+/// (each (B, T, H·D) contiguous).
+fn linear_attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    s: AttentionShape,
+    masks: &Masks,
+) -> [Vec<f32>; 4] {
+    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
+    let w = hh * d;
+    let phi = |x: f32| if x > 0.0 { x + 1.0 } else { x.exp() };
+    let dphi = |x: f32| if x > 0.0 { 1.0 } else { x.exp() };
+    let mut out = vec![0.0; s.batch * tq * w];
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; s.batch * tq * w],
+        vec![0.0; s.batch * tk * w],
+        vec![0.0; s.batch * tk * w],
+    );
+    for b in 0..s.batch {
+        for h in 0..hh {
+            let at = |x: &[f32], t: usize, len: usize, c: usize| x[(b * len + t) * w + h * d + c];
+            let mut a = vec![0.0f64; tq * tk];
+            for i in 0..tq {
+                for j in 0..tk {
+                    let hidden =
+                        (masks.causal && j > i) || masks.key_padding.is_some_and(|p| p[b * tk + j]);
+                    if !hidden {
+                        a[i * tk + j] = (0..d)
+                            .map(|c| phi(at(q, i, tq, c)) as f64 * phi(at(k, j, tk, c)) as f64)
+                            .sum();
+                    }
+                }
+            }
+            for i in 0..tq {
+                let den: f64 = a[i * tk..(i + 1) * tk].iter().sum();
+                if den == 0.0 {
+                    continue;
+                }
+                let mut o = vec![0.0f64; d];
+                for j in 0..tk {
+                    for (c, oc) in o.iter_mut().enumerate() {
+                        *oc += a[i * tk + j] * at(v, j, tk, c) as f64 / den;
+                    }
+                }
+                // da_ij = (dO_i · v_j − dO_i · o_i) / den
+                let doi: Vec<f64> = (0..d).map(|c| at(dout, i, tq, c) as f64).collect();
+                let dot_o: f64 = doi.iter().zip(&o).map(|(x, y)| x * y).sum();
+                for j in 0..tk {
+                    if a[i * tk + j] == 0.0 {
+                        continue;
+                    }
+                    let dv_dot: f64 = (0..d).map(|c| doi[c] * at(v, j, tk, c) as f64).sum();
+                    let da = (dv_dot - dot_o) / den;
+                    for c in 0..d {
+                        let (qc, kc) = (at(q, i, tq, c), at(k, j, tk, c));
+                        dq[(b * tq + i) * w + h * d + c] +=
+                            (da * phi(kc) as f64 * dphi(qc) as f64) as f32;
+                        dk[(b * tk + j) * w + h * d + c] +=
+                            (da * phi(qc) as f64 * dphi(kc) as f64) as f32;
+                        dv[(b * tk + j) * w + h * d + c] += (a[i * tk + j] / den * doi[c]) as f32;
+                    }
+                }
+                for (c, oc) in o.iter().enumerate() {
+                    out[(b * tq + i) * w + h * d + c] = *oc as f32;
+                }
+            }
+        }
     }
     [out, dq, dk, dv]
 }

@@ -10,8 +10,9 @@
 //! O(1)-per-token decoding ([`linear_attention_step`]). No 1/√D scale: φ is not an exponential.
 //!
 //! Same views and masks as the softmax kernels (padded keys get φ = 0; a sliding window is not
-//! supported). Forward saves the normaliser `den_i = φ(q_i)·z_i` per query row.
-//! [`linear_attention_reference`] materializes the (Tq, Tk) kernel matrix: the test twin.
+//! supported). Forward saves the normaliser `den_i = φ(q_i)·z_i` per query row. The tests
+//! check both passes against a twin that materializes the (Tq, Tk) kernel matrix
+//! (`tests/attention.rs`).
 
 use super::attention::{grad_heads, AttentionShape, HeadsMut, HeadsRef, Masks};
 use super::matmul::{gemm_strided, MatMut, MatRef};
@@ -410,81 +411,6 @@ fn backward_causal(sc: &mut Scratch, vh: MatRef, dvh: &mut MatMut) {
             sc.z.iter_mut().zip(row).for_each(|(a, b)| *a += ec[i] * b);
         }
     }
-}
-
-/// The materialized twin (tests only): `A = φ(Q) φ(K)ᵀ` masked, `out = A V / rowsum(A)`.
-/// Returns out (B, Tq, H·D) and, given dout, (dq, dk, dv) in the same layout as q, k, v
-/// (each (B, T, H·D) contiguous).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_attention_reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    dout: &[f32],
-    s: AttentionShape,
-    masks: &Masks,
-) -> [Vec<f32>; 4] {
-    let (tq, tk, d, hh) = (s.q_len, s.k_len, s.head_dim, s.heads);
-    let w = hh * d;
-    let phi = |x: f32| if x > 0.0 { x + 1.0 } else { x.exp() };
-    let dphi = |x: f32| if x > 0.0 { 1.0 } else { x.exp() };
-    let mut out = vec![0.0; s.batch * tq * w];
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0; s.batch * tq * w],
-        vec![0.0; s.batch * tk * w],
-        vec![0.0; s.batch * tk * w],
-    );
-    for b in 0..s.batch {
-        for h in 0..hh {
-            let at = |x: &[f32], t: usize, len: usize, c: usize| x[(b * len + t) * w + h * d + c];
-            let mut a = vec![0.0f64; tq * tk];
-            for i in 0..tq {
-                for j in 0..tk {
-                    let hidden =
-                        (masks.causal && j > i) || masks.key_padding.is_some_and(|p| p[b * tk + j]);
-                    if !hidden {
-                        a[i * tk + j] = (0..d)
-                            .map(|c| phi(at(q, i, tq, c)) as f64 * phi(at(k, j, tk, c)) as f64)
-                            .sum();
-                    }
-                }
-            }
-            for i in 0..tq {
-                let den: f64 = a[i * tk..(i + 1) * tk].iter().sum();
-                if den == 0.0 {
-                    continue;
-                }
-                let mut o = vec![0.0f64; d];
-                for j in 0..tk {
-                    for (c, oc) in o.iter_mut().enumerate() {
-                        *oc += a[i * tk + j] * at(v, j, tk, c) as f64 / den;
-                    }
-                }
-                // da_ij = (dO_i · v_j − dO_i · o_i) / den
-                let doi: Vec<f64> = (0..d).map(|c| at(dout, i, tq, c) as f64).collect();
-                let dot_o: f64 = doi.iter().zip(&o).map(|(x, y)| x * y).sum();
-                for j in 0..tk {
-                    if a[i * tk + j] == 0.0 {
-                        continue;
-                    }
-                    let dv_dot: f64 = (0..d).map(|c| doi[c] * at(v, j, tk, c) as f64).sum();
-                    let da = (dv_dot - dot_o) / den;
-                    for c in 0..d {
-                        let (qc, kc) = (at(q, i, tq, c), at(k, j, tk, c));
-                        dq[(b * tq + i) * w + h * d + c] +=
-                            (da * phi(kc) as f64 * dphi(qc) as f64) as f32;
-                        dk[(b * tk + j) * w + h * d + c] +=
-                            (da * phi(qc) as f64 * dphi(kc) as f64) as f32;
-                        dv[(b * tk + j) * w + h * d + c] += (a[i * tk + j] / den * doi[c]) as f32;
-                    }
-                }
-                for (c, oc) in o.iter().enumerate() {
-                    out[(b * tq + i) * w + h * d + c] = *oc as f32;
-                }
-            }
-        }
-    }
-    [out, dq, dk, dv]
 }
 
 /// One decoding step of causal linear attention per row, O(D²) per head whatever the position:
