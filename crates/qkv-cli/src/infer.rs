@@ -200,6 +200,8 @@ pub struct EmbedArgs {
 }
 
 /// Sentence embeddings of stdin lines: one JSON array (mean-pooled, unit length) per line.
+/// Lines longer than the model reads are cut to it, as sentence-transformers does, and
+/// counted on stderr.
 pub fn run_embed(a: EmbedArgs) -> Result<()> {
     let _precision = a.precision.apply();
     let mut dir = load(&a.model)?;
@@ -210,8 +212,16 @@ pub fn run_embed(a: EmbedArgs) -> Result<()> {
         ));
     };
     let lines = stdin_lines()?;
-    let out = classify::embed(model, &dir.files.tokenizer, &lines, a.max_tokens.max(1))
-        .map_err(|e| name_input(e, "stdin line"))?;
+    let mut cut = 0;
+    let tok = &dir.files.tokenizer;
+    let out = classify::embed(model, tok, &lines, a.max_tokens.max(1), Some(&mut cut))?;
+    if cut > 0 {
+        eprintln!(
+            "{cut} lines were longer than the model's {} tokens and were cut to them (as \
+             sentence-transformers does)",
+            model.config.max_len
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     for v in out {
         writeln!(stdout, "{}", serde_json::to_string(&v)?)?;

@@ -101,7 +101,17 @@ fn minilm_matches_sentence_transformers() {
     // padding is exercised, then one at a time.
     for max_tokens in [1024, 1] {
         let mut model = enc.embedding_model().unwrap();
-        let got = embed(&mut model, &enc.tokenizer, &fx.sentences, max_tokens).unwrap();
+        let mut cut = 0;
+        let got = embed(
+            &mut model,
+            &enc.tokenizer,
+            &fx.sentences,
+            max_tokens,
+            Some(&mut cut),
+        )
+        .unwrap();
+        // The long sentence is cut to max_seq_length, as sentence-transformers does.
+        assert_eq!(cut, 1);
         let diff = max_abs_diff(&got, &fx.embeddings);
         eprintln!("max_tokens {max_tokens}: max |Δ| {diff:.2e}");
         assert!(diff <= 1e-4, "max |Δ| {diff} with max_tokens {max_tokens}");
@@ -115,8 +125,19 @@ fn minilm_matches_sentence_transformers() {
     cfg.attention = AttentionKind::Materialized;
     let mut model = qkv::model::Classifier::new(cfg, 0).unwrap();
     enc.load_weights(&mut model).unwrap();
-    let got = embed(&mut model, &enc.tokenizer, &fx.sentences, 1024).unwrap();
+    let mut cut = 0;
+    let got = embed(
+        &mut model,
+        &enc.tokenizer,
+        &fx.sentences,
+        1024,
+        Some(&mut cut),
+    )
+    .unwrap();
     assert!(max_abs_diff(&got, &fx.embeddings) <= 1e-4);
+    // Asked not to cut, the long sentence is an error naming it.
+    let e = embed(&mut model, &enc.tokenizer, &fx.sentences, 1024, None).unwrap_err();
+    assert!(e.to_string().contains("input 9 has 422 tokens"), "{e}");
 }
 
 #[test]

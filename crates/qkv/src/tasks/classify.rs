@@ -191,14 +191,17 @@ pub fn predict(
     predict_ids(model, &ids, tok.pad, max_tokens)
 }
 
-/// Sentence embeddings of `texts`; a text longer than the model reads is an error.
+/// Sentence embeddings of `texts`. A text longer than the model reads is cut to it and
+/// counted in `cut`, as sentence-transformers truncates at `max_seq_length` (the embeddings
+/// then match its to 1e-4); without `cut` it is an error naming the text.
 pub fn embed(
     model: &mut Classifier,
     tok: &Tokenizer,
     texts: &[String],
     max_tokens: usize,
+    cut: Option<&mut usize>,
 ) -> Result<Vec<Vec<f32>>> {
-    let ids = encode_texts(tok, texts, model.config.max_len, None)?;
+    let ids = encode_texts(tok, texts, model.config.max_len, cut)?;
     embed_ids(model, &ids, tok.pad, max_tokens)
 }
 
@@ -318,6 +321,9 @@ impl Task for Classify {
             )));
         }
         let pretrained = job.pretrained.as_deref().map(HfEncoder::open).transpose()?;
+        if let Some(enc) = &pretrained {
+            observer.on_message(&format!("fine-tuning {}", enc.dir.display()));
+        }
         let tok = match &pretrained {
             Some(enc) => enc.tokenizer.clone(),
             None => {
