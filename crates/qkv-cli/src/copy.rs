@@ -74,7 +74,7 @@ struct Every100(Instant);
 
 impl Observer for Every100 {
     fn on_step(&mut self, log: &StepLog) {
-        if log.step % 100 == 0 || log.step == log.last_step {
+        if log.step.is_multiple_of(100) || log.step == log.last_step {
             eprintln!(
                 "step {:>5}  loss {:.4}  lr {:.2e}  {:.1}s",
                 log.step,

@@ -8,7 +8,7 @@ use qkv::model::AnyModel;
 use qkv::model_dir::ModelDir;
 use qkv::tasks::{classify, lm, translate};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Decoding flags; each overrides the model's own default (its job's `decode` section).
 #[derive(clap::Args)]
@@ -57,11 +57,11 @@ pub struct TranslateArgs {
     pub precision: PrecisionArgs,
 }
 
-fn load(path: &PathBuf) -> Result<ModelDir> {
+fn load(path: &Path) -> Result<ModelDir> {
     Ok(ModelDir::load(path)?)
 }
 
-fn not_a(path: &PathBuf, what: &str) -> anyhow::Error {
+fn not_a(path: &Path, what: &str) -> anyhow::Error {
     anyhow::anyhow!("{} is not {what}", path.display())
 }
 

@@ -376,7 +376,7 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
     // ends at it with the learning rates of the uninterrupted schedule.
     let dir = tmp.join("resumed");
     let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&dir))).unwrap();
-    let mut obs = Slow {
+    let obs = Slow {
         logs: Vec::new(),
         horizon: None,
     };

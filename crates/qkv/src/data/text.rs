@@ -109,8 +109,7 @@ fn read_pairs(
     skip_malformed: bool,
 ) -> Result<Records<(String, String)>> {
     let mut out = Records::default();
-    let mut lines = Lines::open(path)?;
-    while let Some(item) = lines.next() {
+    for item in Lines::open(path)? {
         let (line, text) = match item {
             Ok(x) => x,
             Err(e @ Error::Data { .. }) if skip_malformed => {

@@ -234,7 +234,7 @@ impl ModelConfig {
         {
             return bad("d_model, n_heads, d_ff, max_len and vocab_size must be positive".into());
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model {} is not divisible by n_heads {}",
                 self.d_model, self.n_heads

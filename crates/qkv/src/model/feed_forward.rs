@@ -123,7 +123,6 @@ fn buf16(v: &mut Vec<u16>, n: usize) -> &mut [u16] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::bf16::available;
     use crate::kernels::matmul::{set_matmul_precision, Precision};
     use crate::rng::Rng;
 

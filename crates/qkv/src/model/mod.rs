@@ -216,6 +216,8 @@ pub(crate) fn scale_grad(d: &mut [f32], scale: f32) {
 }
 
 /// A model of any family: the one place that switches on [`Family`].
+// One per loaded model directory: boxing the variants would save nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyModel {
     Seq2Seq(Seq2Seq),
     Classifier(Classifier),

@@ -273,8 +273,9 @@ pub fn evaluate(
     for mut h in translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &one)? {
         hypotheses.push(tgt.decode(&h.swap_remove(0))?);
     }
-    let bleu = corpus_bleu(&hypotheses, &[refs.clone()], &BleuOptions::default())?;
-    let chrf = corpus_chrf(&hypotheses, &[refs], &ChrfOptions::default())?;
+    let refs = [refs];
+    let bleu = corpus_bleu(&hypotheses, &refs, &BleuOptions::default())?;
+    let chrf = corpus_chrf(&hypotheses, &refs, &ChrfOptions::default())?;
     let n = hypotheses.len();
     let samples = (0..samples.min(n))
         .map(|i| {

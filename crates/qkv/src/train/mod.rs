@@ -268,11 +268,11 @@ impl<M: Model> Trainer<M> {
                 }
             }
             let last = step >= self.last_step();
-            if self.cfg.valid_every > 0 && step % self.cfg.valid_every == 0 && !last {
+            if self.cfg.valid_every > 0 && step.is_multiple_of(self.cfg.valid_every) && !last {
                 self.validate(data, observer, clock.elapsed())?;
                 last_validated = Some(step);
             }
-            if self.cfg.save_every > 0 && step % self.cfg.save_every == 0 && !last {
+            if self.cfg.save_every > 0 && step.is_multiple_of(self.cfg.save_every) && !last {
                 self.save_checkpoint(observer, clock.elapsed())?;
                 last_saved = Some(step);
             }
@@ -426,7 +426,7 @@ impl<M: Model> Trainer<M> {
         let validated = match (self.state.horizon, self.state.validation_s) {
             (Some(h), Some(_)) => {
                 let every = (h / 20).max(10);
-                if step >= crate::schedule::cooldown_start(h) || step % every != 0 {
+                if step >= crate::schedule::cooldown_start(h) || !step.is_multiple_of(every) {
                     return Ok(false);
                 }
                 false

@@ -22,6 +22,7 @@ pub fn random_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
 
 /// One model of any family with one batch: a loss function of the parameters, for gradient
 /// checks, golden tests and training tests.
+#[allow(clippy::large_enum_variant)]
 pub enum Case {
     Seq2Seq(Seq2Seq, Seq2SeqBatch),
     Classifier(Classifier, ClassifyBatch),
