@@ -188,11 +188,7 @@ impl Model for Classifier {
         self.run(Tokens::new(&batch.tokens, b, t)?, mode)?;
         let logits = &self.logits[..b * k];
         let loss = loss_of(logits, &mut self.dlogits, labels, k, None, mode)?;
-        self.last = if mode.grad {
-            LastPass::Train((b, t))
-        } else {
-            LastPass::Other("an evaluation forward")
-        };
+        self.last = LastPass::after_forward(mode, (b, t));
         Ok(Forward { loss, logits })
     }
 

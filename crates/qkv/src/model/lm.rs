@@ -132,11 +132,7 @@ impl Model for LanguageModel {
         let logits = &self.logits[..b * t * v];
         let pad = Some(self.config.pad_id);
         let loss = loss_of(logits, &mut self.dlogits, targets.ids, v, pad, mode)?;
-        self.last = if mode.grad {
-            LastPass::Train((b, t))
-        } else {
-            LastPass::Other("an evaluation forward")
-        };
+        self.last = LastPass::after_forward(mode, (b, t));
         Ok(Forward { loss, logits })
     }
 

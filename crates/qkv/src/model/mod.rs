@@ -169,6 +169,16 @@ pub(crate) enum LastPass<S> {
 }
 
 impl<S: Copy> LastPass<S> {
+    /// What a forward of `shape` in `mode` leaves: activations for backward, or (evaluation)
+    /// nothing to differentiate.
+    pub(crate) fn after_forward(mode: Mode, shape: S) -> Self {
+        if mode.grad {
+            LastPass::Train(shape)
+        } else {
+            LastPass::Other("an evaluation forward")
+        }
+    }
+
     /// The training forward's shape, consuming it: a second backward is an error too.
     pub(crate) fn take_for_backward(&mut self) -> Result<S> {
         match std::mem::replace(self, LastPass::Other("backward")) {

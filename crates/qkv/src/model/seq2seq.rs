@@ -233,11 +233,7 @@ impl Model for Seq2Seq {
         let logits = &self.logits[..b * t * vt];
         let pad = Some(self.config.pad_id);
         let loss = loss_of(logits, &mut self.dlogits, tgt_out.ids, vt, pad, mode)?;
-        self.last = if mode.grad {
-            LastPass::Train((b, s, t))
-        } else {
-            LastPass::Other("an evaluation forward")
-        };
+        self.last = LastPass::after_forward(mode, (b, s, t));
         Ok(Forward { loss, logits })
     }
 
