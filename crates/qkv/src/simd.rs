@@ -1,7 +1,7 @@
 //! Runtime CPU dispatch for the elementwise kernels, and vectorizable math.
 //!
 //! The shipped binary targets baseline x86-64, so hot loops are compiled two more times with
-//! `#[target_feature]` (AVX-512, AVX2+FMA) and chosen at run time by [`multiversion!`].
+//! `#[target_feature]` (AVX-512, AVX2+FMA) and chosen at run time by `multiversion!`.
 //! The loop bodies are plain Rust written so the compiler vectorizes them (independent lanes,
 //! no libm calls); `exp` below is hand-written because libm's `expf` is a scalar call that
 //! blocks vectorization of the softmax.

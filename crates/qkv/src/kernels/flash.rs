@@ -9,7 +9,7 @@
 //! Tile products are the hand-written kernels of [`super::tile`] (single-threaded inside a task);
 //! the parallelism is over (batch, head, query tile) in forward and over (batch, head) in
 //! backward, where each task owns its head's dQ and so needs no atomics. When products run in
-//! bf16 ([`super::matmul::bf16_active`]) both entry points hand over to [`super::flash_bf16`],
+//! bf16 ([`super::matmul::bf16_active`]) both entry points hand over to `kernels/flash_bf16.rs`,
 //! the same algorithm with bf16 tile operands.
 
 use super::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};

@@ -235,8 +235,9 @@ pub(crate) unsafe fn pack_cols_pairs<const W: usize, S: Elem>(
 }
 
 /// The packers' conversions: `vcvtne2ps2bf16` rounds 32 floats to bf16 in one instruction
-/// (nearest-even, as [`bf16_bits`](crate::kernels::bf16::bf16_bits)), which the integer formulation took ~10 instructions per
-/// 16 lanes to do; `vpermw` then interleaves two rows into K pairs.
+/// (nearest-even, as [`bf16_bits`](crate::kernels::bf16::bf16_bits)), which the integer
+/// formulation took ~10 instructions per 16 lanes to do; `vpermw` then interleaves two rows
+/// into K pairs.
 #[cfg(target_arch = "x86_64")]
 mod cvt {
     use std::arch::x86_64::*;
