@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::kernels::attention::Masks;
 use crate::kernels::matmul::{set_matmul_precision, Layout, Precision};
 use crate::kernels::Acc;
-use crate::model::stack::Stack;
+use crate::model::stack::{InputGrad, Stack};
 use crate::model::{Classifier, Family, LanguageModel, Mode, Model, ModelConfig, Seq2Seq, SiteIds};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::params::{ParamBuilder, Params};
@@ -103,7 +103,12 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
                     .zip(&target)
                     .for_each(|((d, y), t)| *d = (y - t) * s);
                 params.zero_grad();
-                stack.backward(&params.data, &mut params.grad, &dy, b.input_grad, None);
+                let input_grad = if b.input_grad {
+                    InputGrad::Wanted
+                } else {
+                    InputGrad::Skip
+                };
+                stack.backward(&params.data, &mut params.grad, &dy, input_grad, None);
                 opt.step(&mut params, 1e-4)?;
                 Ok(())
             })

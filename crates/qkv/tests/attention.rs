@@ -179,7 +179,7 @@ fn flash_matches_the_materialized_reference_across_shapes_and_masks() {
 
 #[test]
 fn bf16_flash_matches_the_reference_on_bf16_rounded_inputs() {
-    use qkv::kernels::bf16::{available, round_bf16};
+    use qkv::kernels::bf16::round_bf16;
     use qkv::kernels::matmul::{set_matmul_precision, Precision};
     if !qkv::kernels::bf16::run_bf16_test("bf16 flash attention") {
         return;

@@ -5,8 +5,7 @@ mod common;
 use common::{random_vec, rel_err};
 use half::bf16;
 use qkv::kernels::bf16::{
-    available, bf16_bits, linear_bf16, matmul_bf16, matmul_bf16_operands, padded_len, round_bf16,
-    Operand,
+    bf16_bits, linear_bf16, matmul_bf16, matmul_bf16_operands, padded_len, round_bf16, Operand,
 };
 use qkv::kernels::matmul::{
     matmul, matmul_naive, matmul_precision, set_matmul_precision, Layout, Precision,

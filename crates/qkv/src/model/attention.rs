@@ -7,6 +7,7 @@
 use super::buf;
 use super::config::{AttentionKind, ModelConfig};
 use super::kv_cache::{LayerKv, StepCtx};
+use super::linear::BiasGrad;
 use super::linear::Linear;
 use crate::kernels::attention::{
     attention_backward, attention_forward, attention_one_query, AttentionShape, HeadsMut, HeadsRef,
@@ -16,6 +17,7 @@ use crate::kernels::flash::{flash_backward, flash_forward};
 use crate::kernels::linear_attention::{
     linear_attention_backward, linear_attention_forward, linear_attention_step,
 };
+use crate::kernels::Acc;
 use crate::params::ParamBuilder;
 
 /// The masks of the last forward, owned, because the fused kernels apply them again in backward.
@@ -151,7 +153,7 @@ impl SelfAttention {
         x: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
-        accumulate: bool,
+        acc: Acc,
     ) {
         let c = self.c;
         let (s, _) = self.core.last.expect("backward before forward");
@@ -179,7 +181,7 @@ impl SelfAttention {
             );
         }
         self.qkv
-            .backward(p, g, x, &self.dqkv[..n * 3 * c], dx, accumulate, false);
+            .backward(p, g, x, &self.dqkv[..n * 3 * c], dx, acc, BiasGrad::Compute);
     }
 }
 
@@ -283,7 +285,7 @@ impl CrossAttention {
         memory: &[f32],
         dy: &[f32],
         dx: &mut [f32],
-        accumulate: bool,
+        acc: Acc,
         dmemory: &mut [f32],
     ) {
         let c = self.c;
@@ -305,16 +307,23 @@ impl CrossAttention {
             self.core
                 .backward(p, g, &self.out, dy, &dq, &dk, &dv, q, kv(0), kv(c));
         }
-        self.q
-            .backward(p, g, x, &self.dq[..nq * c], Some(dx), accumulate, false);
+        self.q.backward(
+            p,
+            g,
+            x,
+            &self.dq[..nq * c],
+            Some(dx),
+            acc,
+            BiasGrad::Compute,
+        );
         self.kv.backward(
             p,
             g,
             memory,
             &self.dkv[..nk * 2 * c],
             Some(dmemory),
-            true,
-            false,
+            Acc::Add,
+            BiasGrad::Compute,
         );
     }
 }
@@ -387,7 +396,8 @@ impl Core {
         let c = s.heads * s.head_dim;
         let n = s.batch * s.q_len;
         let dctx = buf(&mut self.dctx, n * c);
-        out_proj.backward(p, g, &self.ctx[..n * c], dy, Some(dctx), false, false);
+        let ctx = &self.ctx[..n * c];
+        out_proj.backward(p, g, ctx, dy, Some(dctx), Acc::Set, BiasGrad::Compute);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let (dctx, ctx) = (&self.dctx[..n * c], &self.ctx[..n * c]);
         let masks = self.masks.masks();

@@ -4,14 +4,16 @@
 
 use super::config::{Family, ModelConfig, Pooling};
 use super::embedding::Embedding;
+use super::linear::BiasGrad;
 use super::linear::Linear;
-use super::stack::Stack;
+use super::stack::{InputGrad, Stack};
 use super::{
     buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
 };
 use crate::data::ClassifyBatch;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::attention::Masks;
+use crate::kernels::Acc;
 use crate::params::{ParamBuilder, Params};
 
 pub struct Classifier {
@@ -209,8 +211,8 @@ impl Model for Classifier {
             &self.pooled[..b * c],
             dlogits,
             Some(dpooled),
-            false,
-            false,
+            Acc::Set,
+            BiasGrad::Compute,
         );
         let dh = buf(&mut self.dh, b * t * c);
         dh.iter_mut().for_each(|v| *v = 0.0);
@@ -228,7 +230,7 @@ impl Model for Classifier {
         }
         let dx = self
             .encoder
-            .backward(p, g, &self.dh[..b * t * c], true, None);
+            .backward(p, g, &self.dh[..b * t * c], InputGrad::Wanted, None);
         self.embed.backward(p, g, dx);
         Ok(())
     }

@@ -6,6 +6,7 @@ use super::{buf, config::Positional, norm::LayerNorm, Mode, Tokens};
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{self, Dropout};
 use crate::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
+use crate::kernels::Acc;
 use crate::params::{Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -169,7 +170,7 @@ impl Embedding {
         dropout::backward_into(d, &dy[..n], self.drop);
         if let Some(norm) = &self.norm {
             let dpre = buf(&mut self.dpre, n);
-            norm.backward(p, g, &self.pre[..n], &self.dout[..n], dpre, false);
+            norm.backward(p, g, &self.pre[..n], &self.dout[..n], dpre, Acc::Set);
             std::mem::swap(&mut self.dout, &mut self.dpre);
         }
         if let Some(tp) = self.types {

@@ -1,12 +1,14 @@
 //! Position-wise feed-forward network (§3.3): `FFN(x) = act(x W₁ + b₁) W₂ + b₂`.
 
 use super::buf;
+use super::linear::BiasGrad;
 use super::linear::Linear;
 use crate::kernels::activation::{
     bias_act_backward, bias_act_backward_bf16, bias_act_forward, bias_act_forward_bf16, Activation,
 };
 use crate::kernels::bf16::{padded_len, Operand};
 use crate::kernels::matmul::bf16_active;
+use crate::kernels::Acc;
 use crate::params::{two_mut, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -84,7 +86,7 @@ impl FeedForward {
         x: &[f32],
         dy: &[f32],
         dx: &mut [f32],
-        accumulate: bool,
+        acc: Acc,
     ) {
         let (c, f) = (self.up.in_features, self.up.out_features);
         let n = x.len() / c;
@@ -93,22 +95,37 @@ impl FeedForward {
         if self.bf16 {
             let post = Operand::Bf16(&self.post_bf16);
             let dy = Operand::F32(dy);
-            self.down
-                .backward_operands(p, g, n, post, dy, Some(dpost), false, false);
+            self.down.backward_operands(
+                p,
+                g,
+                n,
+                post,
+                dy,
+                Some(dpost),
+                Acc::Set,
+                BiasGrad::Compute,
+            );
             let (_, db1) = two_mut(g, self.up.weight, b1);
             let dpre = buf16(&mut self.dpre_bf16, padded_len(n, f));
             bias_act_backward_bf16(dpost, db1, &self.pre[..n * f], self.activation, dpre);
             let (x, dpre) = (Operand::F32(x), Operand::Bf16(&self.dpre_bf16));
             self.up
-                .backward_operands(p, g, n, x, dpre, Some(dx), accumulate, true);
+                .backward_operands(p, g, n, x, dpre, Some(dx), acc, BiasGrad::Done);
             return;
         }
-        self.down
-            .backward(p, g, &self.post[..n * f], dy, Some(dpost), false, false);
+        self.down.backward(
+            p,
+            g,
+            &self.post[..n * f],
+            dy,
+            Some(dpost),
+            Acc::Set,
+            BiasGrad::Compute,
+        );
         let (_, db1) = two_mut(g, self.up.weight, b1);
         bias_act_backward(dpost, db1, &self.pre[..n * f], self.activation);
         self.up
-            .backward(p, g, x, &self.dpost[..n * f], Some(dx), accumulate, true);
+            .backward(p, g, x, &self.dpost[..n * f], Some(dx), acc, BiasGrad::Done);
     }
 }
 
@@ -150,7 +167,7 @@ mod tests {
                 let y = ffn.forward(&params.data, &x).to_vec();
                 let mut grad = vec![0.0; params.data.len()];
                 let mut dx = vec![0.0; n * c];
-                ffn.backward(&params.data, &mut grad, &x, &dy, &mut dx, false);
+                ffn.backward(&params.data, &mut grad, &x, &dy, &mut dx, Acc::Set);
                 assert_eq!(ffn.bf16, !f32_storage);
                 (y, grad, dx)
             };

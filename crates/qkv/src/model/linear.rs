@@ -67,7 +67,8 @@ impl Linear {
         }
     }
 
-    /// `dW += dyᵀ x`, `db += Σ_rows dy` (unless `bias_done`), and `dx (+)= dy W` when `dx` is given.
+    /// `dW += dyᵀ x`, `db += Σ_rows dy` (unless `bias` says it is done), and `dx (+)= dy W`
+    /// when `dx` is given (`dx_acc`: overwrite or add).
     /// x: (N, I), dy: (N, O), dx: (N, I)
     pub fn backward(
         &self,
@@ -76,16 +77,16 @@ impl Linear {
         x: &[f32],
         dy: &[f32],
         dx: Option<&mut [f32]>,
-        accumulate_dx: bool,
-        bias_done: bool,
+        dx_acc: Acc,
+        bias: BiasGrad,
     ) {
         let n = x.len() / self.in_features;
         let (x, dy) = (Operand::F32(x), Operand::F32(dy));
-        self.backward_operands(p, g, n, x, dy, dx, accumulate_dx, bias_done);
+        self.backward_operands(p, g, n, x, dy, dx, dx_acc, bias);
     }
 
     /// [`Self::backward`] for an input and output gradient that may already be bf16; a bf16
-    /// `dy` needs `bias_done` (its column sums were formed by whoever rounded it).
+    /// `dy` needs `BiasGrad::Done` (its column sums were formed by whoever rounded it).
     /// x: (N, I), dy: (N, O), dx: (N, I)
     #[allow(clippy::too_many_arguments)]
     pub fn backward_operands(
@@ -96,9 +97,10 @@ impl Linear {
         x: Operand,
         dy: Operand,
         dx: Option<&mut [f32]>,
-        accumulate_dx: bool,
-        bias_done: bool,
+        dx_acc: Acc,
+        bias: BiasGrad,
     ) {
+        let bias_done = bias == BiasGrad::Done;
         let (i, o) = (self.in_features, self.out_features);
         // dW (O, I) += dyᵀ x
         let weight_grad =
@@ -116,10 +118,17 @@ impl Linear {
         }
         if let Some(dx) = dx {
             let (dx, w) = (&mut dx[..n * i], Operand::F32(self.weight.of(p)));
-            let acc = Acc::add_if(accumulate_dx);
-            matmul_operands(dx, dy, w, n, o, i, RowMajor, RowMajor, acc);
+            matmul_operands(dx, dy, w, n, o, i, RowMajor, RowMajor, dx_acc);
         }
     }
+}
+
+/// Whether a linear layer's backward forms its bias gradient, or a fused pass before it
+/// already did (the FFN's activation backward sums the columns it writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasGrad {
+    Compute,
+    Done,
 }
 
 /// The output projection's (V, C) table: the embedding table it is `tied` to (§3.4), or a

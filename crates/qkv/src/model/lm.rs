@@ -5,7 +5,7 @@ use super::config::{Family, ModelConfig};
 use super::embedding::Embedding;
 use super::kv_cache::{decoder_step, Incremental, KvCache};
 use super::linear::{output_weight, project_out, project_out_backward};
-use super::stack::Stack;
+use super::stack::{InputGrad, Stack};
 use super::{
     buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
 };
@@ -147,7 +147,7 @@ impl Model for LanguageModel {
         project_out_backward(p, g, self.output, h, dlogits, dh, c);
         let dx = self
             .decoder
-            .backward(p, g, &self.dh[..b * t * c], true, None);
+            .backward(p, g, &self.dh[..b * t * c], InputGrad::Wanted, None);
         self.embed.backward(p, g, dx);
         Ok(())
     }

@@ -56,7 +56,7 @@ impl LayerNorm {
         x: &[f32],
         dy: &[f32],
         dx: &mut [f32],
-        accumulate: bool,
+        acc: Acc,
     ) {
         let n = x.len() / self.c;
         let (dw, db) = two_mut(g, self.weight, self.bias);
@@ -70,7 +70,7 @@ impl LayerNorm {
             &self.rstd[..n],
             self.weight.of(p),
             self.c,
-            Acc::add_if(accumulate),
+            acc,
         );
     }
 }
@@ -162,14 +162,14 @@ impl AddNorm {
         let n = dy.len();
         match self.placement {
             NormPlacement::Post => {
-                self.norm.backward(p, g, &self.saved[..n], dy, dx, false);
+                self.norm.backward(p, g, &self.saved[..n], dy, dx, Acc::Set);
                 dropout::backward_into(buf(&mut self.dsub_out, n), dx, self.drop);
                 // The sublayer read x itself: its input gradient adds onto the residual's.
                 SublayerGrad {
                     d_output: &self.dsub_out[..n],
                     input: x,
                     d_input: dx,
-                    accumulate: true,
+                    acc: Acc::Add,
                 }
             }
             NormPlacement::Pre => {
@@ -180,7 +180,7 @@ impl AddNorm {
                     d_output: &self.dsub_out[..n],
                     input: &self.saved[..n],
                     d_input: &mut self.dsub_in[..n],
-                    accumulate: false,
+                    acc: Acc::Set,
                 }
             }
         }
@@ -190,7 +190,7 @@ impl AddNorm {
     pub fn backward_input(&self, p: &[f32], g: &mut [f32], x: &[f32], dx: &mut [f32]) {
         if self.placement == NormPlacement::Pre {
             self.norm
-                .backward(p, g, x, &self.dsub_in[..x.len()], dx, true);
+                .backward(p, g, x, &self.dsub_in[..x.len()], dx, Acc::Add);
         }
     }
 }
@@ -201,9 +201,9 @@ pub struct SublayerGrad<'a> {
     pub d_output: &'a [f32],
     /// The sublayer's input in forward: x (post-LN) or LN(x) (pre-LN).
     pub input: &'a [f32],
-    /// Where the sublayer writes the gradient of its input, added onto it when `accumulate`.
+    /// Where the sublayer writes the gradient of its input: overwritten or added onto.
     pub d_input: &'a mut [f32],
-    pub accumulate: bool,
+    pub acc: Acc,
 }
 
 /// A stack's output: the last layer's `x` itself (post-LN), or `final_norm(x)` written to `out`

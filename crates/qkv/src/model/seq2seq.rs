@@ -5,7 +5,7 @@ use super::config::{Family, ModelConfig};
 use super::embedding::Embedding;
 use super::kv_cache::{decoder_step, Incremental, KvCache};
 use super::linear::{output_weight, project_out, project_out_backward};
-use super::stack::{Memory, Stack};
+use super::stack::{InputGrad, Memory, Stack};
 use super::{
     buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
 };
@@ -249,13 +249,17 @@ impl Model for Seq2Seq {
         let dmemory = buf(&mut self.dmemory, b * s * c);
         dmemory.iter_mut().for_each(|v| *v = 0.0);
         let memory = self.encoder.output(b * s * c);
-        let dy =
-            self.decoder
-                .backward(p, g, &self.ddec[..b * t * c], true, Some((memory, dmemory)));
+        let dy = self.decoder.backward(
+            p,
+            g,
+            &self.ddec[..b * t * c],
+            InputGrad::Wanted,
+            Some((memory, dmemory)),
+        );
         self.tgt_embed.backward(p, g, dy);
         let dx = self
             .encoder
-            .backward(p, g, &self.dmemory[..b * s * c], true, None);
+            .backward(p, g, &self.dmemory[..b * s * c], InputGrad::Wanted, None);
         self.src_embed.backward(p, g, dx);
         Ok(())
     }

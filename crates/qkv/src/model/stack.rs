@@ -14,6 +14,7 @@ use super::kv_cache::{KvCache, LayerKv, StepCtx};
 use super::norm::{final_output, AddNorm, LayerNorm};
 use super::{buf, Mode, SiteIds};
 use crate::kernels::attention::Masks;
+use crate::kernels::Acc;
 use crate::params::ParamBuilder;
 
 /// The encoder output every decoder block attends over. states: (B, S, C); padding: (B, S)
@@ -22,6 +23,15 @@ pub struct Memory<'a> {
     pub states: &'a [f32],
     pub len: usize,
     pub padding: Option<&'a [bool]>,
+}
+
+/// Whether a stack's backward must produce the gradient of its input (an embedding below
+/// needs it; a benchmark's random input, like PyTorch's input without `requires_grad`, does
+/// not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGrad {
+    Wanted,
+    Skip,
 }
 
 /// What a stack's attention reads besides its input rows.
@@ -168,7 +178,7 @@ impl Block {
     /// dy → dx (overwritten) for the `x` of the last sequence forward. A decoder block adds
     /// `∂L/∂memory` into `memory.1`.
     ///
-    /// With `input_grad` false nobody reads `dx` afterwards: post-LN then skips the product
+    /// With `InputGrad::Skip` nobody reads `dx` afterwards: post-LN then skips the product
     /// that carries the gradient into `x` through the QKV projection, as autograd does for an
     /// input that does not require grad. (Pre-LN still needs it: it feeds the norm's
     /// parameter gradients.)
@@ -180,7 +190,7 @@ impl Block {
         x: &[f32],
         dy: &[f32],
         dx: &mut [f32],
-        input_grad: bool,
+        input_grad: InputGrad,
         memory: Option<(&[f32], &mut [f32])>,
     ) {
         let n = x.len();
@@ -195,23 +205,16 @@ impl Block {
         };
         let s = self.ffn_norm.backward_output(p, g, ffn_in, dy, d_ffn_in);
         self.ffn
-            .backward(p, g, s.input, s.d_output, s.d_input, s.accumulate);
+            .backward(p, g, s.input, s.d_output, s.d_input, s.acc);
         self.ffn_norm.backward_input(p, g, ffn_in, d_ffn_in);
         if let (Some(cross), Some((states, dmemory))) = (&mut self.cross, memory) {
             let d_after_cross = &self.d_after_cross_attn[..n];
             let s = cross
                 .norm
                 .backward_output(p, g, after_self, d_after_cross, d_after_self);
-            cross.attn.backward(
-                p,
-                g,
-                s.input,
-                states,
-                s.d_output,
-                s.d_input,
-                s.accumulate,
-                dmemory,
-            );
+            cross
+                .attn
+                .backward(p, g, s.input, states, s.d_output, s.d_input, s.acc, dmemory);
             cross.norm.backward_input(p, g, after_self, d_after_self);
         }
         let reads_x = self.self_attn_norm.placement == NormPlacement::Post;
@@ -219,9 +222,9 @@ impl Block {
         let s = self
             .self_attn_norm
             .backward_output(p, g, x, d_after_self, dx);
-        let d_input = (input_grad || !reads_x).then_some(s.d_input);
+        let d_input = (input_grad == InputGrad::Wanted || !reads_x).then_some(s.d_input);
         self.self_attn
-            .backward(p, g, s.input, s.d_output, d_input, s.accumulate);
+            .backward(p, g, s.input, s.d_output, d_input, s.acc);
         self.self_attn_norm.backward_input(p, g, x, dx);
     }
 }
@@ -367,7 +370,7 @@ impl Stack {
     }
 
     /// dy: gradient of the stack output → gradient of its input, for the last sequence
-    /// forward. A decoder stack adds `∂L/∂memory` into `memory.1`. With `input_grad` false
+    /// forward. A decoder stack adds `∂L/∂memory` into `memory.1`. With `InputGrad::Skip`
     /// only the parameter gradients are wanted (PyTorch's input with `requires_grad=False`):
     /// the first block may skip its input-gradient product, and the returned slice is then
     /// not the input's gradient.
@@ -376,7 +379,7 @@ impl Stack {
         p: &[f32],
         g: &mut [f32],
         dy: &[f32],
-        input_grad: bool,
+        input_grad: InputGrad,
         mut memory: Option<(&[f32], &mut [f32])>,
     ) -> &[f32] {
         let n = dy.len();
@@ -384,12 +387,13 @@ impl Stack {
         let [d0, d1] = &mut self.dh;
         let (mut cur, mut next) = (buf(d0, n), buf(d1, n));
         match &self.final_norm {
-            Some(norm) => norm.backward(p, g, &self.hidden[l][..n], dy, cur, false),
+            Some(norm) => norm.backward(p, g, &self.hidden[l][..n], dy, cur, Acc::Set),
             None => cur.copy_from_slice(dy),
         }
         for i in (0..l).rev() {
             let memory = memory.as_mut().map(|(m, dm)| (*m, &mut **dm));
-            let input_grad = input_grad || i > 0;
+            // Every block but the first feeds the gradient of its input to the one below.
+            let input_grad = if i > 0 { InputGrad::Wanted } else { input_grad };
             self.layers[i].backward(p, g, &self.hidden[i][..n], cur, next, input_grad, memory);
             std::mem::swap(&mut cur, &mut next);
         }
