@@ -443,6 +443,7 @@ fn per_side_vocabularies_train_and_translate() {
 fn model_files_are_checked_and_inputs_are_never_cut() {
     let s2s = tiny_model(Family::Seq2seq, "files-s2s");
     let lm = tiny_model(Family::Lm, "files-lm");
+    let cls = tiny_model(Family::Classifier, "files-cls");
     // 64 positions: a 100-word line does not fit.
     let long = "the king ".repeat(100);
     let (ok, _, err) = qkv(
@@ -524,8 +525,17 @@ fn model_files_are_checked_and_inputs_are_never_cut() {
         );
         std::fs::write(&path, text).unwrap();
     }
+    let (ok, _, err) = qkv(
+        &["classify", "--model", cls.to_str().unwrap()],
+        Some(&format!("the king\n\n{long}\n")),
+    );
+    assert!(
+        !ok && err.contains("stdin line 3") && err.contains("limit of 64"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&s2s);
     let _ = std::fs::remove_dir_all(&lm);
+    let _ = std::fs::remove_dir_all(&cls);
 }
 
 /// A job that names only its task and data trains with every default (here with fewer

@@ -282,6 +282,21 @@ mod tests {
             (r#""decode": {"beams": 4}"#, "beams"),
             (r#""tokenizer": {"size": 4}"#, "size"),
             (r#""train": {"label_smoothing": 1.5}"#, "label_smoothing"),
+            (r#""train": {"time_limit_s": -5}"#, "time_limit_s"),
+            (
+                r#""train": {"optimizer": {"beta2": 1.0}}"#,
+                "optimizer.beta2",
+            ),
+            (
+                r#""train": {"optimizer": {"clip_norm": 0}}"#,
+                "optimizer.clip_norm",
+            ),
+            (
+                r#""train": {"schedule": {"kind": "constant", "lr": -1}}"#,
+                "schedule.lr",
+            ),
+            (r#""decode": {"beam": 0}"#, "decode.beam"),
+            (r#""decode": {"temperature": 0}"#, "temperature"),
         ] {
             let path = write(
                 "bad",
