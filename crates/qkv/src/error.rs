@@ -49,6 +49,10 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(String),
 
+    /// Data-parallel training: a rank that did not arrive, or a transport failure.
+    #[error("data-parallel training: {0}")]
+    Distributed(String),
+
     /// An API called out of order (e.g. `backward` after decoding replaced the activations).
     #[error("{0}")]
     Usage(String),

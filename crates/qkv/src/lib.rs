@@ -18,6 +18,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod decode;
+pub mod dist;
 pub mod error;
 pub mod hf;
 pub mod inspect;

@@ -8,7 +8,7 @@ use qkv::model::{Family, NormPlacement, Seq2Seq};
 use qkv::rng::Rng;
 use qkv::schedule::Schedule;
 use qkv::train::{
-    self, Observer, Outcome, RunDir, StepLog, TrainConfig, TrainData, Trainer, Validation,
+    self, Observer, Outcome, RunDir, StepLog, TrainConfig, TrainData, Trainer, Part, Tally, Validation,
 };
 use std::path::Path;
 
@@ -52,7 +52,7 @@ struct Data {
     pairs: Vec<(Vec<u32>, Vec<u32>)>,
     seed: u64,
     valid: Vec<Seq2SeqBatch>,
-    score: Option<Box<dyn FnMut() -> Validation>>,
+    score: Option<Box<dyn FnMut() -> Tally>>,
 }
 
 impl Data {
@@ -72,13 +72,10 @@ impl TrainData<Seq2Seq> for Data {
     fn epoch(&self, e: u64) -> qkv::Result<Vec<Seq2SeqBatch>> {
         Ok(epoch(&self.pairs, self.seed, e))
     }
-    fn validate(&mut self, m: &mut Seq2Seq) -> qkv::Result<Validation> {
+    fn validate(&mut self, m: &mut Seq2Seq, part: Part) -> qkv::Result<Tally> {
         match &mut self.score {
             Some(f) => Ok(f()),
-            None => Ok(Validation {
-                loss: train::mean_loss(m, &self.valid)?,
-                metric: None,
-            }),
+            None => train::loss_tally(m, &self.valid, part),
         }
     }
 }
@@ -273,9 +270,10 @@ fn averaging_the_last_checkpoints_replaces_best_only_when_it_validates_better() 
         let mut data = Data::new(cfg.seed);
         data.score = Some(Box::new(move || {
             calls += 1.0;
-            Validation {
-                loss: 1.0,
-                metric: Some(("score".into(), if rising { calls } else { -calls })),
+            Tally {
+                nll_sum: 1.0,
+                count: 1.0,
+                metric: Some(("score".into(), if rising { calls } else { -calls }, 1.0)),
             }
         }));
         let mut seen = Averages(Vec::new());

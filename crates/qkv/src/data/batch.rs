@@ -64,6 +64,20 @@ fn pad_rows<'a>(
     (out, b, t)
 }
 
+/// A batch split by rows, as data-parallel training hands each rank its share of every batch
+/// ([`crate::dist`]). A share keeps the batch's padded lengths, so its dropout masks and
+/// results are the whole batch's rows.
+pub trait Rows: Sized {
+    fn rows(&self) -> usize;
+    /// Rows `r` as a batch of their own (`pad` fills the rows past their ends).
+    fn select(&self, r: std::ops::Range<usize>, pad: u32) -> Self;
+}
+
+/// Rows `r` of a (B, len) row-major array.
+fn rows_of<T: Copy>(x: &[T], len: usize, r: std::ops::Range<usize>) -> Vec<T> {
+    x[r.start * len..r.end * len].to_vec()
+}
+
 /// A translation batch in fairseq's convention: `src = x + EOS`, `tgt_in = BOS + y`,
 /// `tgt_out = y + EOS`. All (B, ·) row-major, padded with `pad`.
 #[derive(Clone, Debug)]
@@ -99,6 +113,24 @@ impl Seq2SeqBatch {
     }
 }
 
+impl Rows for Seq2SeqBatch {
+    fn rows(&self) -> usize {
+        self.batch
+    }
+    fn select(&self, r: std::ops::Range<usize>, pad: u32) -> Self {
+        let tgt_out = rows_of(&self.tgt_out, self.tgt_len, r.clone());
+        Self {
+            src: rows_of(&self.src, self.src_len, r.clone()),
+            tgt_in: rows_of(&self.tgt_in, self.tgt_len, r.clone()),
+            n_tokens: tgt_out.iter().filter(|&&t| t != pad).count(),
+            tgt_out,
+            batch: r.len(),
+            src_len: self.src_len,
+            tgt_len: self.tgt_len,
+        }
+    }
+}
+
 /// A classification batch: tokens (B, T) padded, one label per row.
 #[derive(Clone, Debug)]
 pub struct ClassifyBatch {
@@ -116,6 +148,20 @@ impl ClassifyBatch {
             labels: examples.iter().map(|(_, l)| *l).collect(),
             batch,
             len,
+        }
+    }
+}
+
+impl Rows for ClassifyBatch {
+    fn rows(&self) -> usize {
+        self.batch
+    }
+    fn select(&self, r: std::ops::Range<usize>, _pad: u32) -> Self {
+        Self {
+            tokens: rows_of(&self.tokens, self.len, r.clone()),
+            labels: self.labels[r.clone()].to_vec(),
+            batch: r.len(),
+            len: self.len,
         }
     }
 }
@@ -147,6 +193,20 @@ impl LmBatch {
             target,
             batch: blocks.len(),
             len,
+        }
+    }
+}
+
+impl Rows for LmBatch {
+    fn rows(&self) -> usize {
+        self.batch
+    }
+    fn select(&self, r: std::ops::Range<usize>, _pad: u32) -> Self {
+        Self {
+            input: rows_of(&self.input, self.len, r.clone()),
+            target: rows_of(&self.target, self.len, r.clone()),
+            batch: r.len(),
+            len: self.len,
         }
     }
 }

@@ -5,6 +5,6 @@ pub mod batch;
 pub mod text;
 pub mod tokenizer;
 
-pub use batch::{batches_by_tokens, ClassifyBatch, LmBatch, Seq2SeqBatch};
+pub use batch::{batches_by_tokens, ClassifyBatch, LmBatch, Rows, Seq2SeqBatch};
 pub use text::{read_labelled, read_parallel, read_text, Lines};
 pub use tokenizer::Tokenizer;

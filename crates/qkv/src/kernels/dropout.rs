@@ -10,17 +10,23 @@ use rayon::prelude::*;
 pub struct Dropout {
     pub p: f32,
     pub seed: u64,
+    /// Index of the buffer's first element in the mask (a row shard of a larger batch).
+    pub offset: u64,
 }
 
 impl Dropout {
     /// `Some` only when the probability is positive: a zero-probability dropout costs nothing.
     pub fn new(p: f32, seed: u64) -> Option<Self> {
-        (p > 0.0).then_some(Self { p, seed })
+        (p > 0.0).then_some(Self { p, seed, offset: 0 })
+    }
+    /// The same mask, read from element `offset` on.
+    pub fn at(self, offset: u64) -> Self {
+        Self { offset, ..self }
     }
     /// Multiplier for element `i`: 0 or 1/(1-p).
     #[inline(always)]
     pub fn factor(&self, i: usize) -> f32 {
-        if rng::uniform(self.seed, i as u64) < self.p {
+        if rng::uniform(self.seed, self.offset + i as u64) < self.p {
             0.0
         } else {
             1.0 / (1.0 - self.p)

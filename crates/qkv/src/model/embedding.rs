@@ -139,7 +139,7 @@ impl Embedding {
                 max_len: self.max_len,
             });
         }
-        self.drop = mode.site(self.site);
+        self.drop = mode.site(self.site, tokens.ids.len() * self.c);
         self.tokens.clear();
         self.tokens.extend_from_slice(tokens.ids);
         self.t_len = tokens.len;

@@ -46,6 +46,11 @@ pub struct Mode {
     pub label_smoothing: f32,
     /// Keep ∂loss/∂logits for a `backward` (training); evaluation computes the loss only.
     pub grad: bool,
+    /// Rows of a larger batch before this one, and this batch's rows, when a batch was split
+    /// across data-parallel ranks ([`crate::dist`]): dropout masks are indexed by the whole
+    /// batch's elements, so every split draws the masks one process would have drawn.
+    pub row_offset: usize,
+    pub rows: usize,
 }
 
 impl Mode {
@@ -54,6 +59,8 @@ impl Mode {
         seed: 0,
         label_smoothing: 0.0,
         grad: false,
+        row_offset: 0,
+        rows: 0,
     };
     pub fn train(dropout: f32, label_smoothing: f32, seed: u64) -> Self {
         Self {
@@ -61,11 +68,27 @@ impl Mode {
             seed,
             label_smoothing,
             grad: true,
+            row_offset: 0,
+            rows: 0,
         }
     }
-    /// The dropout of one site (`id` unique per place in the model).
-    pub fn site(&self, id: u64) -> Option<Dropout> {
-        Dropout::new(self.dropout, rng::hash(self.seed, id))
+    /// This forward's batch is rows `offset..offset + rows` of a larger batch (padded to the
+    /// same lengths).
+    pub fn rows_of(self, offset: usize, rows: usize) -> Self {
+        Self {
+            row_offset: offset,
+            rows,
+            ..self
+        }
+    }
+    /// The dropout of one site (`id` unique per place in the model) over a buffer of `len`
+    /// elements, (B, ·) row-major.
+    pub fn site(&self, id: u64, len: usize) -> Option<Dropout> {
+        let offset = match self.rows {
+            0 => 0,
+            rows => self.row_offset * (len / rows),
+        };
+        Dropout::new(self.dropout, rng::hash(self.seed, id)).map(|d| d.at(offset as u64))
     }
 }
 
@@ -141,7 +164,7 @@ pub struct Forward<'a> {
 /// What the trainer, evaluation, benchmarks and checkpoints need from any model family.
 pub trait Model {
     /// Inputs and targets of one forward (`data::Seq2SeqBatch`, …).
-    type Batch;
+    type Batch: crate::data::Rows;
     fn config(&self) -> &ModelConfig;
     fn params(&self) -> &Params;
     fn params_mut(&mut self) -> &mut Params;

@@ -123,7 +123,7 @@ impl AddNorm {
 
     /// Combine the block input `x` with the sublayer output `f` into `y`.
     pub fn finish(&mut self, p: &[f32], x: &[f32], f: &[f32], y: &mut [f32], mode: Mode) {
-        self.drop = mode.site(self.site);
+        self.drop = mode.site(self.site, x.len());
         match self.placement {
             NormPlacement::Post => {
                 let n = x.len() / self.norm.c;

@@ -12,7 +12,7 @@ use crate::kernels::softmax::softmax_forward;
 use crate::metrics::{classification_report, ClassificationReport};
 use crate::model::{Classifier, ModelConfig, Tokens};
 use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
-use crate::train::{mean_loss, Observer, TrainData, Validation};
+use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
 use std::fmt;
 use std::path::Path;
 
@@ -274,7 +274,6 @@ pub struct Classify {
     valid_batches: Vec<ClassifyBatch>,
     valid_ids: Vec<Vec<u32>>,
     valid_gold: Vec<u32>,
-    n_classes: usize,
     test: Option<Vec<(String, String)>>,
     pretrained: Option<HfEncoder>,
     pad: u32,
@@ -289,14 +288,22 @@ impl TrainData<Classifier> for Classify {
             .epoch_batches(self.pad, self.max_tokens, self.seed, epoch))
     }
 
-    fn validate(&mut self, model: &mut Classifier) -> Result<Validation> {
-        let probs = predict_ids(model, &self.valid_ids, self.pad, self.max_tokens)?;
-        let pred: Vec<u32> = probs.iter().map(|p| argmax(p) as u32).collect();
-        let acc = classification_report(&self.valid_gold, &pred, self.n_classes).accuracy;
-        Ok(Validation {
-            loss: mean_loss(model, &self.valid_batches)?,
-            metric: Some(("accuracy".into(), 100.0 * acc)),
-        })
+    fn validate(&mut self, model: &mut Classifier, part: Part) -> Result<Tally> {
+        let mine = part.of(self.valid_ids.len());
+        let probs = predict_ids(
+            model,
+            &self.valid_ids[mine.clone()],
+            self.pad,
+            self.max_tokens,
+        )?;
+        let correct = probs
+            .iter()
+            .zip(&self.valid_gold[mine.clone()])
+            .filter(|(p, &gold)| argmax(p) as u32 == gold)
+            .count();
+        let mut tally = loss_tally(model, &self.valid_batches, part)?;
+        tally.metric = Some(("accuracy".into(), 100.0 * correct as f64, mine.len() as f64));
+        Ok(tally)
     }
 }
 
@@ -354,7 +361,6 @@ impl Task for Classify {
             valid_batches: valid.epoch_batches(tok.pad, max_tokens, 0, 0),
             valid_ids: valid.examples.iter().map(|(t, _)| t.clone()).collect(),
             valid_gold: valid.examples.iter().map(|(_, l)| *l).collect(),
-            n_classes: labels.0.len(),
             train,
             test,
             pretrained,

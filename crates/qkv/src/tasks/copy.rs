@@ -8,7 +8,7 @@ use crate::model::{Seq2Seq, Tokens};
 use crate::optim::AdamWConfig;
 use crate::rng::{hash, Rng};
 use crate::schedule::Schedule;
-use crate::train::{mean_loss, Observer, TrainConfig, TrainData, Trainer, Validation};
+use crate::train::{loss_tally, Observer, Part, Tally, TrainConfig, TrainData, Trainer};
 
 pub const PAD: u32 = 0;
 pub const BOS: u32 = 1;
@@ -77,11 +77,8 @@ impl TrainData<Seq2Seq> for CopyData<'_> {
         ])
     }
 
-    fn validate(&mut self, model: &mut Seq2Seq) -> Result<Validation> {
-        Ok(Validation {
-            loss: mean_loss(model, std::slice::from_ref(&self.valid))?,
-            metric: None,
-        })
+    fn validate(&mut self, model: &mut Seq2Seq, part: Part) -> Result<Tally> {
+        loss_tally(model, std::slice::from_ref(&self.valid), part)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::metrics::bits_per_char;
 use crate::model::{LanguageModel, Mode, Model, ModelConfig};
 use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
 use crate::rng::{hash, Rng};
-use crate::train::{mean_loss, Observer, TrainData, Validation};
+use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
 use std::fmt;
 use std::path::Path;
 
@@ -226,11 +226,8 @@ impl TrainData<LanguageModel> for Lm {
             .epoch_batches(self.block, self.max_tokens, self.seed, epoch)
     }
 
-    fn validate(&mut self, model: &mut LanguageModel) -> Result<Validation> {
-        Ok(Validation {
-            loss: mean_loss(model, &self.valid)?,
-            metric: None,
-        })
+    fn validate(&mut self, model: &mut LanguageModel, part: Part) -> Result<Tally> {
+        loss_tally(model, &self.valid, part)
     }
 }
 

@@ -11,7 +11,7 @@ use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
 use crate::model::{ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
-use crate::train::{mean_loss, Observer, TrainData, Validation};
+use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
 use std::fmt;
 use std::path::Path;
 use std::time::Instant;
@@ -317,11 +317,8 @@ impl TrainData<Seq2Seq> for Translate {
             .epoch_batches(&self.target, self.max_tokens, self.seed, epoch))
     }
 
-    fn validate(&mut self, model: &mut Seq2Seq) -> Result<Validation> {
-        Ok(Validation {
-            loss: mean_loss(model, &self.valid)?,
-            metric: None,
-        })
+    fn validate(&mut self, model: &mut Seq2Seq, part: Part) -> Result<Tally> {
+        loss_tally(model, &self.valid, part)
     }
 }
 

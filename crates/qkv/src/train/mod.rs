@@ -10,6 +10,11 @@
 //! parameters, the optimizer moments, the position in the epoch and the fitted horizon, so a
 //! resumed run computes the same losses as one that was never interrupted.
 //!
+//! Data parallel ([`crate::dist`]): with a [`Collective`] of K ranks, each update's batches
+//! are split by rows across the ranks and the gradients summed; validation is split and its
+//! sums reduced; rank 0's clock and stop request decide for all; rank 0 alone has the run
+//! directory. At K = 1 ([`Solo`]) every collective is the identity.
+//!
 //! Time limits: with `time_limit_s`, the trainer times the first updates after warm-up and a
 //! validation, then fits the run's horizon (the update its schedule ends at) to the time left
 //! ([`budget`]), again every 5% of the run until the schedule's cooldown to its floor begins
@@ -29,6 +34,8 @@ pub use run_dir::{
     METRICS_FILE, TRAINER_STATE_FILE, TRAIN_CONFIG_FILE,
 };
 
+use crate::data::Rows;
+use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::kernels::matmul::set_matmul_precision;
 use crate::model::{Mode, Model};
@@ -37,6 +44,7 @@ use crate::rng::hash;
 use crate::schedule::Fitted;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Where a run stands; saved in every checkpoint.
@@ -78,12 +86,51 @@ impl Validation {
     }
 }
 
+/// Sums over one share of the held-out data; the shares' sums make a [`Validation`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tally {
+    /// Σ −log p(target) and the targets counted.
+    pub nll_sum: f64,
+    pub count: f64,
+    /// A task metric as (name, Σ value, Σ weight): the metric is their ratio (accuracy:
+    /// 100 per correct example, over the examples).
+    pub metric: Option<(String, f64, f64)>,
+}
+
+impl Tally {
+    /// The validation these sums make.
+    pub fn validation(&self) -> Validation {
+        Validation {
+            loss: self.nll_sum / self.count.max(1.0),
+            metric: self
+                .metric
+                .as_ref()
+                .map(|(name, sum, weight)| (name.clone(), sum / weight.max(1.0))),
+        }
+    }
+}
+
+/// Which share of held-out work is this process's: `rank` of `size` ([`crate::dist::part`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl Part {
+    pub const WHOLE: Part = Part { rank: 0, size: 1 };
+    /// This share's items of `n`.
+    pub fn of(&self, n: usize) -> std::ops::Range<usize> {
+        crate::dist::part(n, self.rank, self.size)
+    }
+}
+
 /// A task's data as the trainer sees it.
 pub trait TrainData<M: Model> {
     /// The batches of one epoch: a pure function of the epoch (and the job's seed).
     fn epoch(&self, epoch: u64) -> Result<Vec<M::Batch>>;
-    /// Score the model on held-out data.
-    fn validate(&mut self, model: &mut M) -> Result<Validation>;
+    /// Score the model on share `part` of the held-out data.
+    fn validate(&mut self, model: &mut M, part: Part) -> Result<Tally>;
 }
 
 /// Progress of one update, for progress bars and logs.
@@ -140,8 +187,11 @@ pub struct Trainer<M: Model> {
     pub opt: AdamW,
     pub state: TrainerState,
     pub cfg: TrainConfig,
-    /// Where checkpoints and metrics go; `None` trains in memory (tests, benchmarks).
+    /// Where checkpoints and metrics go; `None` trains in memory (tests, benchmarks) or on
+    /// a rank other than 0.
     pub run: Option<RunDir>,
+    /// The ranks this process trains with ([`Solo`] unless [`Trainer::with_collective`]).
+    pub comm: Rc<dyn Collective>,
 }
 
 /// Say at which update a loss or gradient went non-finite (nothing is saved after it).
@@ -177,7 +227,44 @@ impl<M: Model> Trainer<M> {
             state: TrainerState::default(),
             cfg,
             run,
+            comm: Rc::new(Solo),
         })
+    }
+
+    /// Train data-parallel with the ranks of `comm`. Rank 0's model, optimizer and state are
+    /// what every rank starts `fit` from.
+    pub fn with_collective(mut self, comm: Rc<dyn Collective>) -> Self {
+        self.comm = comm;
+        self
+    }
+
+    /// Make every rank's parameters, optimizer moments and state rank 0's (a resumed run is
+    /// read by rank 0 alone), after checking that the ranks train the same model the same way.
+    fn share_root_state(&mut self) -> Result<()> {
+        let comm = Rc::clone(&self.comm);
+        let mut mine =
+            serde_json::to_vec(&(&self.cfg, self.model.config(), self.model.params().len()))
+                .map_err(|e| Error::Distributed(format!("encoding the training config: {e}")))?;
+        let own = mine.clone();
+        comm.broadcast_bytes(&mut mine, "comparing the ranks' configurations")?;
+        if mine != own {
+            return Err(Error::Distributed(format!(
+                "rank {}'s training or model config differs from rank 0's: every rank must run the same job",
+                comm.rank()
+            )));
+        }
+        comm.broadcast_f32(
+            &mut self.model.params_mut().data,
+            "sharing rank 0's parameters",
+        )?;
+        comm.broadcast_f32(&mut self.opt.m, "sharing rank 0's optimizer moments")?;
+        comm.broadcast_f32(&mut self.opt.v, "sharing rank 0's optimizer moments")?;
+        let mut state = serde_json::to_vec(&(&self.state, self.opt.step))
+            .map_err(|e| Error::Distributed(format!("encoding the trainer state: {e}")))?;
+        comm.broadcast_bytes(&mut state, "sharing rank 0's trainer state")?;
+        (self.state, self.opt.step) = serde_json::from_slice(&state)
+            .map_err(|e| Error::Distributed(format!("decoding rank 0's trainer state: {e}")))?;
+        Ok(())
     }
 
     /// Continue from checkpoint `dir`: its parameters, optimizer moments and trainer state.
@@ -217,6 +304,9 @@ impl<M: Model> Trainer<M> {
         if let Some(run) = &self.run {
             std::fs::create_dir_all(&run.path).map_err(crate::checkpoint::io_err(&run.path))?;
         }
+        if self.comm.size() > 1 {
+            self.share_root_state()?;
+        }
         let clock = Clock {
             start: Instant::now(),
             before: self.state.elapsed_s,
@@ -233,10 +323,16 @@ impl<M: Model> Trainer<M> {
             if self.state.step >= self.last_step() {
                 break Outcome::Finished;
             }
-            if self.cfg.time_limit_s.is_some_and(|t| clock.elapsed() >= t) {
+            // Rank 0's clock and stop request decide for every rank.
+            let mut control = [clock.elapsed(), f64::from(u8::from(observer.should_stop()))];
+            self.comm.broadcast_f64(
+                &mut control,
+                &format!("the start of update {}", self.state.step + 1),
+            )?;
+            if self.cfg.time_limit_s.is_some_and(|t| control[0] >= t) {
                 break Outcome::TimeLimit;
             }
-            if observer.should_stop() {
+            if control[1] != 0.0 {
                 break Outcome::Interrupted;
             }
             // An update's time includes its logging; validations and checkpoints are
@@ -324,11 +420,22 @@ impl<M: Model> Trainer<M> {
             .map(|&(g, i)| self.model.loss_count(&gens[g][i]))
             .sum();
         self.model.params_mut().zero_grad();
-        let mut loss_sum = 0.0f64;
+        let mut loss_sum = [0.0f64];
         for (m, &(g, i)) in picked.iter().enumerate() {
             let seed = hash(self.cfg.seed, step * self.cfg.accumulate as u64 + m as u64);
             let mode = Mode::train(self.model.config().dropout, self.cfg.label_smoothing, seed);
-            let batch = &gens[g][i];
+            let whole = &gens[g][i];
+            let shard;
+            let (batch, mode) = if self.comm.size() == 1 {
+                (whole, mode)
+            } else {
+                let rows = self.share_of(whole);
+                if rows.is_empty() {
+                    continue;
+                }
+                shard = whole.select(rows.clone(), self.model.config().pad_id);
+                (&shard, mode.rows_of(rows.start, rows.len()))
+            };
             let n = self.model.loss_count(batch);
             let loss = self
                 .model
@@ -338,8 +445,15 @@ impl<M: Model> Trainer<M> {
             self.model
                 .backward(n as f32 / tokens.max(1) as f32)
                 .map_err(|e| at_step(e, step))?;
-            loss_sum += loss.mean as f64 * loss.count as f64;
+            loss_sum[0] += loss.mean as f64 * loss.count as f64;
         }
+        if self.comm.size() > 1 {
+            let what = format!("the gradient sum of update {step}");
+            self.comm
+                .sum_f32(&mut self.model.params_mut().grad, &what)?;
+            self.comm.sum_f64(&mut loss_sum, &what)?;
+        }
+        let loss_sum = loss_sum[0];
         *batches = gens.pop().unwrap_or_default();
         let lr = self.schedule().lr(step);
         let grad_norm = self
@@ -361,6 +475,38 @@ impl<M: Model> Trainer<M> {
         })
     }
 
+    /// This rank's rows of `batch`: about `1 / ranks` of its loss targets.
+    fn share_of(&self, batch: &M::Batch) -> std::ops::Range<usize> {
+        let pad = self.model.config().pad_id;
+        let weights: Vec<usize> = (0..batch.rows())
+            .map(|r| self.model.loss_count(&batch.select(r..r + 1, pad)))
+            .collect();
+        crate::dist::share(&weights, self.comm.rank(), self.comm.size())
+    }
+
+    /// Validate on every rank's share and sum the shares.
+    fn validation(&mut self, data: &mut dyn TrainData<M>) -> Result<Validation> {
+        let part = Part {
+            rank: self.comm.rank(),
+            size: self.comm.size(),
+        };
+        let mut tally = data.validate(&mut self.model, part)?;
+        if part.size > 1 {
+            let (msum, mweight) = tally.metric.as_ref().map_or((0.0, 0.0), |m| (m.1, m.2));
+            let mut sums = [tally.nll_sum, tally.count, msum, mweight];
+            self.comm.sum_f64(
+                &mut sums,
+                &format!("the validation sums at update {}", self.state.step),
+            )?;
+            tally.nll_sum = sums[0];
+            tally.count = sums[1];
+            if let Some(m) = &mut tally.metric {
+                (m.1, m.2) = (sums[2], sums[3]);
+            }
+        }
+        Ok(tally.validation())
+    }
+
     /// Validate, log it, and save `best/` when the score improved.
     fn validate(
         &mut self,
@@ -369,7 +515,7 @@ impl<M: Model> Trainer<M> {
         elapsed_s: f64,
     ) -> Result<f64> {
         let t0 = Instant::now();
-        let v = data.validate(&mut self.model)?;
+        let v = self.validation(data)?;
         let seconds = t0.elapsed().as_secs_f64();
         // A non-finite score (e.g. a diverging model) never counts as an improvement.
         let score = v.score();
@@ -447,6 +593,12 @@ impl<M: Model> Trainer<M> {
         let fitted = fitted
             .max(step + (fitted / 5).max(1))
             .min(self.cfg.max_steps);
+        // Rank 0's timings decide for every rank.
+        let mut shared = [fitted as f64, self.state.validation_s.unwrap_or(0.0)];
+        self.comm
+            .broadcast_f64(&mut shared, &format!("the horizon fit at update {step}"))?;
+        let fitted = shared[0] as u64;
+        self.state.validation_s = Some(shared[1]);
         if self.state.horizon.replace(fitted) != Some(fitted) {
             observer.on_horizon(self.last_step(), self.cfg.max_steps, costs.update_s);
         }
@@ -460,42 +612,60 @@ impl<M: Model> Trainer<M> {
         data: &mut dyn TrainData<M>,
         observer: &mut dyn Observer,
     ) -> Result<()> {
-        let Some(run) = &self.run else {
-            return Ok(());
+        // Rank 0 reads the checkpoints; every rank validates the average.
+        let dirs: Vec<_> = match &self.run {
+            Some(run) => run
+                .checkpoints()?
+                .into_iter()
+                .rev()
+                .take(self.cfg.average_last)
+                .map(|(_, p)| p)
+                .collect(),
+            None => Vec::new(),
         };
-        let dirs: Vec<_> = run
-            .checkpoints()?
-            .into_iter()
-            .rev()
-            .take(self.cfg.average_last)
-            .map(|(_, p)| p)
-            .collect();
-        if dirs.len() < 2 {
+        let mut n = [dirs.len() as f64];
+        self.comm
+            .broadcast_f64(&mut n, "the number of checkpoints to average")?;
+        let n = n[0] as usize;
+        if n < 2 || (self.run.is_none() && self.comm.size() == 1) {
             return Ok(());
         }
         let last = self.model.params().data.clone();
-        average_checkpoints(&dirs, self.model.params_mut())?;
-        let v = data.validate(&mut self.model)?;
+        if !dirs.is_empty() {
+            average_checkpoints(&dirs, self.model.params_mut())?;
+        }
+        self.comm.broadcast_f32(
+            &mut self.model.params_mut().data,
+            "sharing the averaged checkpoints",
+        )?;
+        let v = self.validation(data)?;
         let score = v.score();
         let better = score.is_finite() && self.state.best.is_none_or(|(best, _)| score > best);
         if better {
             self.state.best = Some((score, self.state.step));
-            let dir = run.save(BEST_DIR, &self.model, &self.opt, &self.state, &self.cfg)?;
-            observer.on_checkpoint(&dir);
+            if let Some(run) = &self.run {
+                let dir = run.save(BEST_DIR, &self.model, &self.opt, &self.state, &self.cfg)?;
+                observer.on_checkpoint(&dir);
+            }
         }
-        observer.on_average(dirs.len(), &v, better);
+        observer.on_average(n, &v, better);
         self.model.params_mut().data.copy_from_slice(&last);
         Ok(())
     }
 }
 
+/// The validation loss sums (no label smoothing) over share `part` of `batches`, forward only.
+pub fn loss_tally<M: Model>(model: &mut M, batches: &[M::Batch], part: Part) -> Result<Tally> {
+    let mut tally = Tally::default();
+    for b in &batches[part.of(batches.len())] {
+        let loss = model.forward(b, Mode::EVAL)?.loss;
+        tally.nll_sum += loss.nll_sum;
+        tally.count += loss.count as f64;
+    }
+    Ok(tally)
+}
+
 /// Mean validation loss per target (no label smoothing) over `batches`, forward only.
 pub fn mean_loss<M: Model>(model: &mut M, batches: &[M::Batch]) -> Result<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for b in batches {
-        let loss = model.forward(b, Mode::EVAL)?.loss;
-        sum += loss.nll_sum;
-        n += loss.count;
-    }
-    Ok(sum / n.max(1) as f64)
+    Ok(loss_tally(model, batches, Part::WHOLE)?.validation().loss)
 }
