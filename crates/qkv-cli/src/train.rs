@@ -1,6 +1,7 @@
 //! `qkv train`: run a job (`qkv::pipeline::train`) with a progress bar (or, when stderr is
 //! not a terminal, a progress line at most every 30 s), Ctrl-C handling and the final
-//! evaluation printed.
+//! evaluation printed. Under `mpirun` (a build with the `mpi` feature) every process is a
+//! rank of one data-parallel run; rank 0 shows the progress.
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,6 +32,10 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
+    /// Under mpirun: seconds a rank waits for the others at any step before it names the
+    /// ranks that did not arrive and stops the job.
+    #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
+    pub mpi_timeout: f64,
 }
 
 /// Without a terminal, a progress line at most this often.
@@ -136,7 +141,7 @@ fn ctrl_c_flag() -> Arc<AtomicBool> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut job = Job::load(&args.config)?;
-    if let Some(out) = args.out {
+    if let Some(out) = args.out.clone() {
         job.out = Some(out);
     }
     if let Some(s) = args.max_steps {
@@ -169,12 +174,64 @@ pub fn run(args: TrainArgs) -> Result<()> {
         run_dir: job.out().to_path_buf(),
     };
     let t0 = Instant::now();
+    if let Some(ranks) = launched_ranks().filter(|&n| n > 1) {
+        return train_ranks(&job, &args, progress, ranks);
+    }
     let report = qkv::pipeline::train(&job, args.resume, &mut progress)?;
     progress.bar.finish_and_clear();
     print_report(&report, t0.elapsed().as_secs_f64());
     Ok(())
 }
 
+/// The number of processes an MPI launcher started, when it started this one.
+fn launched_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// One rank of a data-parallel run. An error on any rank ends the whole job (MPI_Abort):
+/// the others would otherwise wait for it until their timeout.
+#[cfg(feature = "mpi")]
+fn train_ranks(job: &Job, args: &TrainArgs, mut progress: Progress, _ranks: usize) -> Result<()> {
+    use qkv::dist::{mpi::Mpi, Collective};
+    if !(args.mpi_timeout > 0.0 && args.mpi_timeout.is_finite()) {
+        anyhow::bail!(
+            "--mpi-timeout must be a positive number of seconds, got {}",
+            args.mpi_timeout
+        );
+    }
+    let t0 = Instant::now();
+    let mpi = std::rc::Rc::new(Mpi::init(Duration::from_secs_f64(args.mpi_timeout))?);
+    let root = mpi.is_root();
+    let result = if root {
+        qkv::pipeline::train_with(job, args.resume, &mut progress, mpi.clone())
+    } else {
+        progress.bar.finish_and_clear();
+        qkv::pipeline::train_with(job, args.resume, &mut (), mpi.clone())
+    };
+    progress.bar.finish_and_clear();
+    match result {
+        Ok(report) => {
+            if root {
+                print_report(&report, t0.elapsed().as_secs_f64());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: rank {} of {}: {e}", mpi.rank(), mpi.size());
+            mpi.abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_ranks(_: &Job, _: &TrainArgs, _: Progress, ranks: usize) -> Result<()> {
+    anyhow::bail!(
+        "started by mpirun as one of {ranks} ranks, but this qkv was built without MPI: \
+         build it with `cargo build --release --features mpi` (needs OpenMPI and libclang)"
+    )
+}
 fn print_report(r: &TrainReport, seconds: f64) {
     eprintln!(
         "{} after {} of {} updates in {:.0} s ({seconds:.0} s in this process); best checkpoint: {}",

@@ -2,9 +2,14 @@
 //! `qkv train` and `qkv eval` run. Read the data and make the tokenizer (the task's
 //! `prepare`), build the model, train it with checkpoints in the run directory, reload the
 //! best checkpoint and score it on the test set.
+//!
+//! Data parallel ([`train_with`]): rank 0 prepares the run directory and sends its files
+//! (tokenizers, labels) to the other ranks, which prepare the same data from a private copy;
+//! only rank 0 writes into the run directory, so it need not be on a shared filesystem.
 
 use crate::data::{read_labelled, read_parallel, read_text};
 use crate::decode::DecodeConfig;
+use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
 use crate::model::{AnyModel, Model};
@@ -12,9 +17,10 @@ use crate::model_dir::ModelDir;
 use crate::tasks::classify::{self, Classify};
 use crate::tasks::lm::{self, Lm};
 use crate::tasks::translate::{self, Translate, TranslateOptions};
-use crate::tasks::{Report, Task};
+use crate::tasks::{Prepared, Report, Task};
 use crate::train::{Observer, Outcome, RunDir, Trainer, TrainerState, BEST_DIR, METRICS_FILE};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// How a training job went.
 #[derive(Debug)]
@@ -32,31 +38,130 @@ pub struct TrainReport {
 /// Train `job` in its run directory: a fresh run (refusing a directory that holds one), or
 /// with `resume` continued from its latest checkpoint. Progress goes to `observer`.
 pub fn train(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
+    train_with(job, resume, observer, Rc::new(Solo))
+}
+
+/// [`train`] as one of the ranks of `comm` (every rank calls it with the same job). Rank 0
+/// reports the run; the other ranks' reports have no test score.
+pub fn train_with(
+    job: &Job,
+    resume: bool,
+    observer: &mut dyn Observer,
+    comm: Rc<dyn Collective>,
+) -> Result<TrainReport> {
     let out = job.out();
-    // A fresh run never mixes with (or prunes) an earlier run's checkpoints and metrics.
-    if !resume && (out.join(METRICS_FILE).exists() || out.join(BEST_DIR).exists()) {
-        return Err(Error::Config(format!(
-            "{} already holds a run: pass --resume to continue it, or --out DIR (or remove it) to start anew",
-            out.display()
-        )));
+    if comm.is_root() {
+        // A fresh run never mixes with (or prunes) an earlier run's checkpoints and metrics.
+        if !resume && (out.join(METRICS_FILE).exists() || out.join(BEST_DIR).exists()) {
+            return Err(Error::Config(format!(
+                "{} already holds a run: pass --resume to continue it, or --out DIR (or remove it) to start anew",
+                out.display()
+            )));
+        }
+        std::fs::create_dir_all(out).map_err(crate::checkpoint::io_err(out))?;
     }
-    std::fs::create_dir_all(out).map_err(crate::checkpoint::io_err(out))?;
     match job.task {
-        TaskKind::Translate => run::<Translate>(job, resume, observer),
-        TaskKind::Classify => run::<Classify>(job, resume, observer),
-        TaskKind::Lm => run::<Lm>(job, resume, observer),
+        TaskKind::Translate => run::<Translate>(job, resume, observer, comm),
+        TaskKind::Classify => run::<Classify>(job, resume, observer, comm),
+        TaskKind::Lm => run::<Lm>(job, resume, observer, comm),
     }
 }
 
-fn run<T: Task>(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
+/// The prepared task and, on rank 0, the run directory.
+fn prepare<T: Task>(
+    job: &Job,
+    observer: &mut dyn Observer,
+    comm: &dyn Collective,
+) -> Result<(Prepared<T>, Option<RunDir>)> {
     let path = job.out().to_path_buf();
-    let mut prepared = T::prepare(job, &path, observer)?;
-    let extra_files = prepared.files.write(&path)?;
+    if comm.is_root() {
+        let prepared = T::prepare(job, &path, observer)?;
+        let extra_files = prepared.files.write(&path)?;
+        if comm.size() > 1 {
+            send_files(comm, &extra_files)?;
+        }
+        return Ok((prepared, Some(RunDir { path, extra_files })));
+    }
+    let copy = PrivateDir::new(comm.rank())?;
+    receive_files(comm, &copy.0)?;
+    Ok((T::prepare(job, &copy.0, &mut ())?, None))
+}
+
+/// Rank 0's prepared files, framed as (name length, name, size, bytes) each.
+fn send_files(comm: &dyn Collective, files: &[PathBuf]) -> Result<()> {
+    let mut bytes = Vec::new();
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let data = std::fs::read(f).map_err(crate::checkpoint::io_err(f))?;
+        for part in [name.as_bytes(), &data] {
+            bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(part);
+        }
+    }
+    comm.broadcast_bytes(&mut bytes, "sending the run's tokenizer files")
+}
+
+fn receive_files(comm: &dyn Collective, dir: &Path) -> Result<()> {
+    let mut bytes = Vec::new();
+    comm.broadcast_bytes(&mut bytes, "sending the run's tokenizer files")?;
+    let bad = || Error::Distributed("rank 0 sent malformed run files".into());
+    fn take<'a>(rest: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let (len, tail) = rest.split_first_chunk::<8>()?;
+        let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+        let part = tail.get(..len)?;
+        *rest = &tail[len..];
+        Some(part)
+    }
+    let mut rest = bytes.as_slice();
+    while !rest.is_empty() {
+        let name = take(&mut rest).ok_or_else(bad)?;
+        let data = take(&mut rest).ok_or_else(bad)?;
+        let name = std::str::from_utf8(name).map_err(|_| bad())?;
+        if name.is_empty() || name.contains(['/', '\\']) || name == ".." {
+            return Err(bad());
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, data).map_err(crate::checkpoint::io_err(&path))?;
+    }
+    Ok(())
+}
+
+/// A directory of this process's own, removed when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new(rank: usize) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("qkv-rank{rank}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(crate::checkpoint::io_err(&path))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run<T: Task>(
+    job: &Job,
+    resume: bool,
+    observer: &mut dyn Observer,
+    comm: Rc<dyn Collective>,
+) -> Result<TrainReport> {
+    let (mut prepared, run) = prepare::<T>(job, observer, &*comm)?;
     let model = prepared.task.new_model(prepared.config.clone(), job)?;
-    let run = RunDir { path, extra_files };
-    let latest = if resume { run.latest()? } else { None };
-    let best = run.best();
-    let mut trainer = Trainer::new(model, job.train.clone(), Some(run))?;
+    let latest = match (&run, resume) {
+        (Some(run), true) => run.latest()?,
+        _ => None,
+    };
+    let best = job.out().join(BEST_DIR);
+    let root = comm.is_root();
+    let mut trainer =
+        Trainer::new(model, job.train.clone(), run)?.with_collective(Rc::clone(&comm));
     match latest {
         Some(dir) => {
             trainer.resume_from(&dir)?;
@@ -66,7 +171,7 @@ fn run<T: Task>(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<
                 trainer.state.step
             ));
         }
-        None if resume => observer.on_message(&format!(
+        None if resume && root => observer.on_message(&format!(
             "no checkpoint in {} yet; starting fresh",
             best.parent().unwrap_or(Path::new(".")).display()
         )),
@@ -77,6 +182,12 @@ fn run<T: Task>(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<
         trainer.model.params().len(),
         job.train.max_steps
     ));
+    if comm.size() > 1 {
+        observer.on_message(&format!(
+            "data parallel: {} ranks, each batch split across them by target tokens",
+            comm.size()
+        ));
+    }
     let outcome = trainer.fit(&mut prepared.task, observer)?;
     let mut report = TrainReport {
         outcome,
@@ -86,7 +197,7 @@ fn run<T: Task>(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<
         best: best.clone(),
         test: None,
     };
-    if report.outcome == Outcome::Interrupted {
+    if report.outcome == Outcome::Interrupted || !root {
         return Ok(report);
     }
     let mut model = trainer.model;

@@ -8,7 +8,8 @@ use qkv::model::{Family, NormPlacement, Seq2Seq};
 use qkv::rng::Rng;
 use qkv::schedule::Schedule;
 use qkv::train::{
-    self, Observer, Outcome, RunDir, StepLog, TrainConfig, TrainData, Trainer, Part, Tally, Validation,
+    self, Observer, Outcome, Part, RunDir, StepLog, Tally, TrainConfig, TrainData, Trainer,
+    Validation,
 };
 use std::path::Path;
 
