@@ -143,8 +143,7 @@ impl Mpi {
                 ),
             };
             return Err(Error::Distributed(format!(
-                "rank {}: {what} did not complete within {} s; {who}",
-                self.rank,
+                "{what} did not complete within {} s; {who}",
                 self.timeout.as_secs_f64()
             )));
         }
@@ -152,16 +151,15 @@ impl Mpi {
         if !self.poll(&mut recvs, Instant::now() + self.timeout, what)? {
             std::mem::forget((sent, heard));
             return Err(Error::Distributed(format!(
-                "rank {}: {what}: the arrival messages did not complete within {} s",
-                self.rank,
+                "{what}: the arrival messages did not complete within {} s",
                 self.timeout.as_secs_f64()
             )));
         }
         if let Some((i, &s)) = heard.iter().enumerate().find(|&(_, &s)| s != seq) {
             return Err(Error::Distributed(format!(
-                "rank {}: {what} (operation {seq}) met rank {} at its operation {s}: the ranks \
-                 ran different programs or configurations",
-                self.rank, peers[i]
+                "{what} (operation {seq}) met rank {} at its operation {s}: the ranks ran \
+                 different programs or configurations",
+                peers[i]
             )));
         }
         Ok(())

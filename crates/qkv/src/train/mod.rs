@@ -449,6 +449,12 @@ impl<M: Model> Trainer<M> {
         }
         if self.comm.size() > 1 {
             let what = format!("the gradient sum of update {step}");
+            if crate::profile::enabled() {
+                // Profiled runs time the wait for the slowest rank apart from the transfer.
+                let _p = crate::profile::scope("waiting for the other ranks");
+                self.comm.sum_f64(&mut [0.0], &what)?;
+            }
+            let _p = crate::profile::scope("gradient all-reduce");
             self.comm
                 .sum_f32(&mut self.model.params_mut().grad, &what)?;
             self.comm.sum_f64(&mut loss_sum, &what)?;
