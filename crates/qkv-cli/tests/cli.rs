@@ -204,3 +204,32 @@ fn serve_and_its_load_generator_reject_bad_arguments() {
         assert!(!out.contains("panicked"), "{out}");
     }
 }
+
+/// Started by mpirun (its environment) in a build without MPI: an error that says how to build
+/// one, not K processes each training alone into the same directory.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn train_under_mpirun_without_the_mpi_feature_says_how_to_build_it() {
+    let dir = std::env::temp_dir().join(format!("qkv-cli-nompi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("job.json");
+    std::fs::write(
+        &cfg,
+        r#"{"task": "lm", "data": {"train": "a.txt", "valid": "b.txt"}}"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qkv"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--out"])
+        .arg(dir.join("run"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("one of 2 ranks") && err.contains("--features mpi"),
+        "{err}"
+    );
+    assert!(!dir.join("run").exists(), "nothing was written");
+}
