@@ -108,7 +108,14 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
                 } else {
                     InputGrad::Skip
                 };
-                stack.backward(&params.data, &mut params.grad, &dy, input_grad, None);
+                stack.backward(
+                    &params.data,
+                    &mut params.grad,
+                    &dy,
+                    input_grad,
+                    None,
+                    &mut |_| {},
+                );
                 opt.step(&mut params, 1e-4)?;
                 Ok(())
             })

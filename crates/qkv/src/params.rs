@@ -63,6 +63,15 @@ pub struct ParamBuilder {
 }
 
 impl ParamBuilder {
+    /// Elements registered so far: the offset of the next parameter.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> Param {
         let name = name.into();
         let size = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));

@@ -15,6 +15,7 @@ use crate::error::{shape_err, Error, Result};
 use crate::kernels::attention::Masks;
 use crate::kernels::Acc;
 use crate::params::{ParamBuilder, Params};
+use std::ops::Range;
 
 pub struct Classifier {
     pub config: ModelConfig,
@@ -194,7 +195,12 @@ impl Model for Classifier {
         Ok(Forward { loss, logits })
     }
 
-    fn backward(&mut self, scale: f32) -> Result<()> {
+    /// Blocks (last first), then the embeddings, final norm and head.
+    fn grad_order(&self) -> Vec<Range<usize>> {
+        super::grad_order(self.encoder.grad_order(), self.params.len())
+    }
+
+    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
         let (b, t) = self.last.take_for_backward()?;
         let (c, k) = (self.config.d_model, self.config.n_classes);
         let head = self
@@ -228,9 +234,18 @@ impl Model for Classifier {
                 }
             }
         }
-        let dx = self
-            .encoder
-            .backward(p, g, &self.dh[..b * t * c], InputGrad::Wanted, None);
+        let mut finished = 0;
+        let dx = self.encoder.backward(
+            p,
+            g,
+            &self.dh[..b * t * c],
+            InputGrad::Wanted,
+            None,
+            &mut |g| {
+                finished += 1;
+                ready(finished, g)
+            },
+        );
         self.embed.backward(p, g, dx);
         Ok(())
     }

@@ -13,6 +13,7 @@ use crate::data::LmBatch;
 use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
 use crate::params::{Param, ParamBuilder, Params};
+use std::ops::Range;
 
 pub struct LanguageModel {
     pub config: ModelConfig,
@@ -136,7 +137,12 @@ impl Model for LanguageModel {
         Ok(Forward { loss, logits })
     }
 
-    fn backward(&mut self, scale: f32) -> Result<()> {
+    /// Blocks (last first), then the embeddings and the final norm.
+    fn grad_order(&self) -> Vec<Range<usize>> {
+        super::grad_order(self.decoder.grad_order(), self.params.len())
+    }
+
+    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
         let (b, t) = self.last.take_for_backward()?;
         let (c, v) = (self.config.d_model, self.config.vocab_size);
         let dlogits = &mut self.dlogits[..b * t * v];
@@ -145,9 +151,18 @@ impl Model for LanguageModel {
         let dh = buf(&mut self.dh, b * t * c);
         let h = self.decoder.output(b * t * c);
         project_out_backward(p, g, self.output, h, dlogits, dh, c);
-        let dx = self
-            .decoder
-            .backward(p, g, &self.dh[..b * t * c], InputGrad::Wanted, None);
+        let mut finished = 0;
+        let dx = self.decoder.backward(
+            p,
+            g,
+            &self.dh[..b * t * c],
+            InputGrad::Wanted,
+            None,
+            &mut |g| {
+                finished += 1;
+                ready(finished, g)
+            },
+        );
         self.embed.backward(p, g, dx);
         Ok(())
     }

@@ -35,6 +35,7 @@ use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::{cross_entropy, CrossEntropy};
 use crate::params::Params;
 use crate::rng;
+use std::ops::Range;
 
 /// How a forward runs: evaluation, or training (dropout with a fresh seed per micro-batch,
 /// label smoothing, and the loss gradient kept for `backward`).
@@ -176,7 +177,38 @@ pub trait Model {
     /// Add `scale × ∂loss/∂θ` of the last training forward into `params.grad` (the caller
     /// zeroes it). An error, never a wrong gradient, when something replaced that forward's
     /// activations (another forward, decoding) or there was none.
-    fn backward(&mut self, scale: f32) -> Result<()>;
+    fn backward(&mut self, scale: f32) -> Result<()> {
+        self.backward_with(scale, &mut |_, _| {})
+    }
+    /// [`Model::backward`], calling `ready(k, grad)` each time the first `k` ranges of
+    /// [`Model::grad_order`] hold their final values: data-parallel training starts summing
+    /// them across ranks while the rest of the backward runs.
+    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()>;
+    /// The gradient buffer as ranges (covering it once) in the order `backward_with`
+    /// finishes them.
+    fn grad_order(&self) -> Vec<Range<usize>>;
+}
+
+/// `blocks` in the order a backward finishes them, then every other parameter (embeddings,
+/// final norms, heads: finished only at the end, tied tables last of all).
+pub(crate) fn grad_order(
+    blocks: impl Iterator<Item = Range<usize>>,
+    len: usize,
+) -> Vec<Range<usize>> {
+    let mut order: Vec<Range<usize>> = blocks.collect();
+    let mut taken = order.clone();
+    taken.sort_by_key(|r| r.start);
+    let mut at = 0;
+    for r in taken {
+        if r.start > at {
+            order.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    if at < len {
+        order.push(at..len);
+    }
+    order
 }
 
 /// What a model's buffers hold, so `backward` can refuse activations that are not its

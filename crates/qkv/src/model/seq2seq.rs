@@ -13,6 +13,7 @@ use crate::data::Seq2SeqBatch;
 use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
 use crate::params::{Param, ParamBuilder, Params};
+use std::ops::Range;
 
 pub struct Seq2Seq {
     pub config: ModelConfig,
@@ -237,7 +238,13 @@ impl Model for Seq2Seq {
         Ok(Forward { loss, logits })
     }
 
-    fn backward(&mut self, scale: f32) -> Result<()> {
+    /// Decoder blocks (last first), then encoder blocks, then embeddings and final norms.
+    fn grad_order(&self) -> Vec<Range<usize>> {
+        let blocks = self.decoder.grad_order().chain(self.encoder.grad_order());
+        super::grad_order(blocks, self.params.len())
+    }
+
+    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
         let (b, s, t) = self.last.take_for_backward()?;
         let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
         let dlogits = &mut self.dlogits[..b * t * vt];
@@ -249,17 +256,28 @@ impl Model for Seq2Seq {
         let dmemory = buf(&mut self.dmemory, b * s * c);
         dmemory.iter_mut().for_each(|v| *v = 0.0);
         let memory = self.encoder.output(b * s * c);
+        let mut finished = 0;
+        let mut done = |g: &[f32]| {
+            finished += 1;
+            ready(finished, g)
+        };
         let dy = self.decoder.backward(
             p,
             g,
             &self.ddec[..b * t * c],
             InputGrad::Wanted,
             Some((memory, dmemory)),
+            &mut done,
         );
         self.tgt_embed.backward(p, g, dy);
-        let dx = self
-            .encoder
-            .backward(p, g, &self.dmemory[..b * s * c], InputGrad::Wanted, None);
+        let dx = self.encoder.backward(
+            p,
+            g,
+            &self.dmemory[..b * s * c],
+            InputGrad::Wanted,
+            None,
+            &mut done,
+        );
         self.src_embed.backward(p, g, dx);
         Ok(())
     }

@@ -16,6 +16,7 @@ use super::{buf, Mode, SiteIds};
 use crate::kernels::attention::Masks;
 use crate::kernels::Acc;
 use crate::params::ParamBuilder;
+use std::ops::Range;
 
 /// The encoder output every decoder block attends over. states: (B, S, C); padding: (B, S)
 #[derive(Clone, Copy)]
@@ -64,6 +65,9 @@ pub struct Block {
     pub cross: Option<CrossSublayer>,
     pub ffn: FeedForward,
     pub ffn_norm: AddNorm,
+    /// Where this block's parameters lie in the flat buffers (registered one after another):
+    /// its gradients are final once its backward is done.
+    pub params: Range<usize>,
     after_self_attn: Vec<f32>,    // (N, C)
     after_cross_attn: Vec<f32>,   // (N, C), decoder blocks
     d_after_self_attn: Vec<f32>,  // (N, C)
@@ -96,6 +100,7 @@ impl Block {
         sites: &mut SiteIds,
     ) -> Self {
         let (c, eps, placement) = (cfg.d_model, cfg.layer_norm_eps, cfg.norm);
+        let start = pb.len();
         let mut add_norm = |pb: &mut ParamBuilder, sublayer: &str| {
             AddNorm::new(
                 pb,
@@ -115,6 +120,7 @@ impl Block {
         let ffn = FeedForward::new(pb, &format!("{name}.ffn"), c, cfg.d_ff, cfg.activation);
         let ffn_norm = add_norm(pb, "ffn");
         Self {
+            params: start..pb.len(),
             self_attn,
             self_attn_norm,
             cross,
@@ -374,6 +380,8 @@ impl Stack {
     /// only the parameter gradients are wanted (PyTorch's input with `requires_grad=False`):
     /// the first block may skip its input-gradient product, and the returned slice is then
     /// not the input's gradient.
+    /// `done(g)` is called after each block's backward (last block first; see
+    /// [`Stack::grad_order`]).
     pub fn backward(
         &mut self,
         p: &[f32],
@@ -381,6 +389,7 @@ impl Stack {
         dy: &[f32],
         input_grad: InputGrad,
         mut memory: Option<(&[f32], &mut [f32])>,
+        done: &mut dyn FnMut(&[f32]),
     ) -> &[f32] {
         let n = dy.len();
         let l = self.layers.len();
@@ -395,9 +404,15 @@ impl Stack {
             // Every block but the first feeds the gradient of its input to the one below.
             let input_grad = if i > 0 { InputGrad::Wanted } else { input_grad };
             self.layers[i].backward(p, g, &self.hidden[i][..n], cur, next, input_grad, memory);
+            done(g);
             std::mem::swap(&mut cur, &mut next);
         }
         cur
+    }
+
+    /// The blocks' parameter ranges in the order `backward` finishes their gradients.
+    pub fn grad_order(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        self.layers.iter().rev().map(|b| b.params.clone())
     }
 
     /// Cross-attention keys and values of every block for the memory (B, S, C).
