@@ -87,8 +87,14 @@ fn without_the_row_offset_the_dropout_masks_differ() {
     let nll = |m: &mut qkv::model::Seq2Seq, x, mode| m.forward(x, mode).unwrap().loss.nll_sum;
     let right = nll(m, &first, mode.rows_of(0, 1)) + nll(m, &rest, mode.rows_of(1, 2));
     let wrong = nll(m, &first, mode) + nll(m, &rest, mode);
-    assert!((right - whole).abs() < 1e-4 * whole.abs(), "{right} vs {whole}");
-    assert!((wrong - whole).abs() > 1e-3 * whole.abs(), "{wrong} vs {whole}");
+    assert!(
+        (right - whole).abs() < 1e-4 * whole.abs(),
+        "{right} vs {whole}"
+    );
+    assert!(
+        (wrong - whole).abs() > 1e-3 * whole.abs(),
+        "{wrong} vs {whole}"
+    );
 }
 
 /// Every range of `grad_order` is announced once, in order, and holds its final values when
@@ -100,13 +106,19 @@ fn ranges_are_final_when_announced<M: Model>(m: &mut M, batch: &M::Batch) {
     for r in &order {
         covered[r.clone()].iter_mut().for_each(|c| *c += 1);
     }
-    assert!(covered.iter().all(|&c| c == 1), "grad_order covers the buffer once");
+    assert!(
+        covered.iter().all(|&c| c == 1),
+        "grad_order covers the buffer once"
+    );
     m.params_mut().zero_grad();
     m.forward(batch, Mode::train(0.1, 0.1, 3)).unwrap();
     let mut seen: Vec<(usize, Vec<f32>)> = Vec::new();
     m.backward_with(0.5, &mut |k, g| {
         let before = seen.last().map_or(0, |s| s.0);
-        assert!(k > before && k <= order.len(), "announced {k} after {before}");
+        assert!(
+            k > before && k <= order.len(),
+            "announced {k} after {before}"
+        );
         for r in &order[before..k] {
             seen.push((k, g[r.clone()].to_vec()));
         }
@@ -116,8 +128,15 @@ fn ranges_are_final_when_announced<M: Model>(m: &mut M, batch: &M::Batch) {
     assert_eq!(seen.len(), blocks, "one announcement per block");
     let g = &m.params().grad;
     for (i, (_, snap)) in seen.iter().enumerate() {
-        assert_eq!(&g[order[i].clone()], &snap[..], "range {i} changed after it was announced");
-        assert!(snap.iter().any(|&x| x != 0.0), "range {i} had no gradient yet");
+        assert_eq!(
+            &g[order[i].clone()],
+            &snap[..],
+            "range {i} changed after it was announced"
+        );
+        assert!(
+            snap.iter().any(|&x| x != 0.0),
+            "range {i} had no gradient yet"
+        );
     }
 }
 

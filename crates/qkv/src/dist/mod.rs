@@ -4,8 +4,9 @@
 //! share of each batch's rows, cut so the shares hold about the same number of loss targets
 //! ([`share`]). Each rank's backward adds `its targets / the update's targets` of the mean-loss
 //! gradient, so the element-wise sum of the ranks' gradients is the gradient one process
-//! would have computed; [`Collective::sum_f32`] forms it on every rank, and the optimizer
-//! then takes the same step everywhere. Dropout masks are indexed by the whole batch's
+//! would have computed; the ranks sum it in buckets, each started as soon as the backward has
+//! finished it ([`crate::model::Model::backward_with`], [`Collective::start_sum`]), and the
+//! optimizer then takes the same step everywhere. Dropout masks are indexed by the whole batch's
 //! elements ([`crate::model::Mode::rows_of`]), so a split draws the same masks.
 //!
 //! What varies between ranks, the clock and Ctrl-C, is decided once by rank 0 and broadcast
@@ -29,8 +30,15 @@ pub trait Collective {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
     /// `buf` ← the element-wise sum of every rank's `buf`.
-    fn sum_f32(&self, buf: &mut [f32], what: &str) -> Result<()>;
     fn sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()>;
+    /// Start summing a bucket of gradients, `data`, which [`Collective::finish_sums`] writes
+    /// at `offset` of its buffer. Buckets are summed while the caller goes on (a backward
+    /// computing the next ones); every rank starts the same buckets in the same order.
+    fn start_sum(&self, offset: usize, data: &[f32], what: &str) -> Result<()>;
+    /// Let the started sums advance (MPI moves non-blocking operations only inside its calls).
+    fn progress(&self) -> Result<()>;
+    /// Wait for every started sum and write each into `out` at its offset.
+    fn finish_sums(&self, out: &mut [f32], what: &str) -> Result<()>;
     /// `buf` ← rank 0's `buf` (same length on every rank).
     fn broadcast_f32(&self, buf: &mut [f32], what: &str) -> Result<()>;
     fn broadcast_f64(&self, buf: &mut [f64], what: &str) -> Result<()>;
@@ -53,7 +61,14 @@ impl Collective for Solo {
     fn size(&self) -> usize {
         1
     }
-    fn sum_f32(&self, _: &mut [f32], _: &str) -> Result<()> {
+    fn start_sum(&self, _: usize, _: &[f32], _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn progress(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The sum over one rank is the data itself, which the caller already holds in `out`.
+    fn finish_sums(&self, _: &mut [f32], _: &str) -> Result<()> {
         Ok(())
     }
     fn sum_f64(&self, _: &mut [f64], _: &str) -> Result<()> {

@@ -24,6 +24,25 @@ const ARRIVED_TAG: c_int = 0x71_6b76;
 /// Largest element count of one MPI call (its counts are `int`); longer buffers go in buckets.
 const BUCKET: usize = 1 << 22;
 
+/// The "arrived" messages of one operation.
+struct Arrival {
+    seq: u64,
+    peers: Vec<usize>,
+    sent: Box<u64>,
+    heard: Box<[u64]>,
+    recvs: Vec<ffi::MPI_Request>,
+    sends: Vec<ffi::MPI_Request>,
+}
+
+/// Bucketed sums in flight: one operation whose requests are started bucket by bucket.
+struct Sums {
+    arrival: Arrival,
+    /// (offset, send buffer, receive buffer) per bucket; the buffers' heap addresses are what
+    /// MPI holds, so moving these vectors is fine.
+    buckets: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    requests: Vec<ffi::MPI_Request>,
+}
+
 /// This process's place among the ranks of `mpirun`, and MPI itself (finalised on drop).
 pub struct Mpi {
     world: mpi::topology::SimpleCommunicator,
@@ -32,7 +51,9 @@ pub struct Mpi {
     timeout: Duration,
     /// Operations started so far (the "arrived" messages carry it).
     seq: Cell<u64>,
-    send: RefCell<Vec<f32>>,
+    sums: RefCell<Option<Sums>>,
+    /// Bucket buffers of earlier updates, reused.
+    spare: RefCell<Vec<Vec<f32>>>,
     _universe: mpi::environment::Universe,
 }
 
@@ -56,7 +77,8 @@ impl Mpi {
             world,
             timeout,
             seq: Cell::new(0),
-            send: RefCell::new(Vec::new()),
+            sums: RefCell::new(None),
+            spare: RefCell::new(Vec::new()),
             _universe: universe,
         })
     }
@@ -71,35 +93,35 @@ impl Mpi {
         unsafe { ffi::RSMPI_COMM_WORLD }
     }
 
-    /// Run one operation: announce arrival to every other rank, start the operation's
-    /// requests with `start`, and poll them all until done or the deadline.
-    fn operation(
-        &self,
-        what: &str,
-        start: impl FnOnce(&mut Vec<ffi::MPI_Request>) -> Result<()>,
-    ) -> Result<()> {
+    /// Start one operation: announce arrival to every other rank (and listen for theirs).
+    fn arrive(&self, what: &str) -> Result<Arrival> {
         let seq = self.seq.get() + 1;
         self.seq.set(seq);
         let peers: Vec<usize> = (0..self.size).filter(|&r| r != self.rank).collect();
-        // Boxed so the addresses stay put while the requests are pending (and past an error:
-        // then they are leaked on purpose, as MPI may still write into them).
-        let sent = Box::new(seq);
-        let mut heard = vec![0u64; peers.len()].into_boxed_slice();
-        let mut recvs = vec![null_request(); peers.len()];
-        let mut sends = vec![null_request(); peers.len()];
-        for (i, &p) in peers.iter().enumerate() {
-            // SAFETY: the buffers are heap allocations that outlive the requests (waited for
-            // below, or leaked on a timeout); counts and types match them.
+        let mut a = Arrival {
+            seq,
+            // Boxed so the addresses stay put while the requests are pending (and past an
+            // error: then they are leaked on purpose, as MPI may still write into them).
+            sent: Box::new(seq),
+            heard: vec![0u64; peers.len()].into_boxed_slice(),
+            recvs: vec![null_request(); peers.len()],
+            sends: vec![null_request(); peers.len()],
+            peers,
+        };
+        for i in 0..a.peers.len() {
+            let p = a.peers[i] as c_int;
+            // SAFETY: the buffers are heap allocations that outlive the requests (completed in
+            // `complete`, or leaked on a timeout); counts and types match them.
             check(
                 unsafe {
                     ffi::MPI_Irecv(
-                        (&mut heard[i]) as *mut u64 as *mut c_void,
+                        (&mut a.heard[i]) as *mut u64 as *mut c_void,
                         1,
                         ffi::RSMPI_UINT64_T,
-                        p as c_int,
+                        p,
                         ARRIVED_TAG,
                         self.comm(),
-                        &mut recvs[i],
+                        &mut a.recvs[i],
                     )
                 },
                 what,
@@ -108,29 +130,33 @@ impl Mpi {
             check(
                 unsafe {
                     ffi::MPI_Isend(
-                        (&*sent) as *const u64 as *const c_void,
+                        (&*a.sent) as *const u64 as *const c_void,
                         1,
                         ffi::RSMPI_UINT64_T,
-                        p as c_int,
+                        p,
                         ARRIVED_TAG,
                         self.comm(),
-                        &mut sends[i],
+                        &mut a.sends[i],
                     )
                 },
                 what,
             )?;
         }
-        let mut ops = Vec::new();
-        start(&mut ops)?;
-        let deadline = Instant::now() + self.timeout;
-        if !self.poll(&mut ops, deadline, what)? {
+        Ok(a)
+    }
+
+    /// Finish an operation: poll its requests `ops` until done or the deadline; on a
+    /// timeout, name the ranks whose arrival never came.
+    fn complete(&self, mut a: Arrival, ops: &mut [ffi::MPI_Request], what: &str) -> Result<()> {
+        let timeout = self.timeout.as_secs_f64();
+        if !self.poll(ops, Instant::now() + self.timeout, what)? {
             let mut missing = Vec::new();
-            for (i, &p) in peers.iter().enumerate() {
-                if !self.poll(std::slice::from_mut(&mut recvs[i]), Instant::now(), what)? {
-                    missing.push(p.to_string());
+            for i in 0..a.peers.len() {
+                if !self.poll(std::slice::from_mut(&mut a.recvs[i]), Instant::now(), what)? {
+                    missing.push(a.peers[i].to_string());
                 }
             }
-            std::mem::forget((sent, heard));
+            std::mem::forget(a);
             let who = match missing.len() {
                 0 => {
                     "every rank arrived but the operation did not finish (a rank stopped inside it)"
@@ -143,26 +169,37 @@ impl Mpi {
                 ),
             };
             return Err(Error::Distributed(format!(
-                "{what} did not complete within {} s; {who}",
-                self.timeout.as_secs_f64()
+                "{what} did not complete within {timeout} s; {who}"
             )));
         }
-        recvs.append(&mut sends);
-        if !self.poll(&mut recvs, Instant::now() + self.timeout, what)? {
-            std::mem::forget((sent, heard));
+        let mut arrivals = std::mem::take(&mut a.recvs);
+        arrivals.append(&mut a.sends);
+        if !self.poll(&mut arrivals, Instant::now() + self.timeout, what)? {
+            std::mem::forget(a);
             return Err(Error::Distributed(format!(
-                "{what}: the arrival messages did not complete within {} s",
-                self.timeout.as_secs_f64()
+                "{what}: the arrival messages did not complete within {timeout} s"
             )));
         }
-        if let Some((i, &s)) = heard.iter().enumerate().find(|&(_, &s)| s != seq) {
+        if let Some((i, &s)) = a.heard.iter().enumerate().find(|&(_, &s)| s != a.seq) {
             return Err(Error::Distributed(format!(
-                "{what} (operation {seq}) met rank {} at its operation {s}: the ranks ran \
+                "{what} (operation {}) met rank {} at its operation {s}: the ranks ran \
                  different programs or configurations",
-                peers[i]
+                a.seq, a.peers[i]
             )));
         }
         Ok(())
+    }
+
+    /// One blocking operation: arrive, start the requests with `start`, complete.
+    fn operation(
+        &self,
+        what: &str,
+        start: impl FnOnce(&mut Vec<ffi::MPI_Request>) -> Result<()>,
+    ) -> Result<()> {
+        let a = self.arrive(what)?;
+        let mut ops = Vec::new();
+        start(&mut ops)?;
+        self.complete(a, &mut ops, what)
     }
 
     /// Test `reqs` until all are done (`true`) or `deadline` passes (`false`).
@@ -266,12 +303,70 @@ impl Collective for Mpi {
     fn size(&self) -> usize {
         self.size
     }
-    fn sum_f32(&self, buf: &mut [f32], what: &str) -> Result<()> {
-        let mut send = self.send.borrow_mut();
+    fn start_sum(&self, offset: usize, data: &[f32], what: &str) -> Result<()> {
+        let mut sums = self.sums.borrow_mut();
+        if sums.is_none() {
+            *sums = Some(Sums {
+                arrival: self.arrive(what)?,
+                buckets: Vec::new(),
+                requests: Vec::new(),
+            });
+        }
+        let sums = sums.as_mut().expect("set above");
+        let mut spare = self.spare.borrow_mut();
+        let mut take = || spare.pop().unwrap_or_default();
+        let (mut send, mut recv) = (take(), take());
         send.clear();
-        send.extend_from_slice(buf);
-        // SAFETY: reading an extern constant the MPI library defines.
-        self.all_reduce(buf, &send, unsafe { ffi::RSMPI_FLOAT }, what)
+        send.extend_from_slice(data);
+        recv.clear();
+        recv.resize(data.len(), 0.0);
+        for (inp, out) in send.chunks(BUCKET).zip(recv.chunks_mut(BUCKET)) {
+            sums.requests.push(null_request());
+            let req = sums.requests.last_mut().expect("pushed above");
+            // SAFETY: `send` and `recv` are moved into `sums.buckets` below without moving
+            // their heap buffers, and stay there until `finish_sums` completed the request (or
+            // the process aborts); counts fit an int (BUCKET).
+            check(
+                unsafe {
+                    ffi::MPI_Iallreduce(
+                        inp.as_ptr() as *const c_void,
+                        out.as_mut_ptr() as *mut c_void,
+                        out.len() as c_int,
+                        ffi::RSMPI_FLOAT,
+                        ffi::RSMPI_SUM,
+                        self.comm(),
+                        req,
+                    )
+                },
+                what,
+            )?;
+        }
+        sums.buckets.push((offset, send, recv));
+        Ok(())
+    }
+
+    fn progress(&self) -> Result<()> {
+        if let Some(sums) = self.sums.borrow_mut().as_mut() {
+            self.poll(&mut sums.requests, Instant::now(), "summing gradients")?;
+        }
+        Ok(())
+    }
+
+    fn finish_sums(&self, out: &mut [f32], what: &str) -> Result<()> {
+        let Some(mut sums) = self.sums.borrow_mut().take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.complete(sums.arrival, &mut sums.requests, what) {
+            // MPI may still write into the buffers.
+            std::mem::forget(sums.buckets);
+            return Err(e);
+        }
+        let mut spare = self.spare.borrow_mut();
+        for (offset, send, recv) in sums.buckets {
+            out[offset..offset + recv.len()].copy_from_slice(&recv);
+            spare.extend([send, recv]);
+        }
+        Ok(())
     }
     fn sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
         let send = buf.to_vec();

@@ -421,12 +421,23 @@ impl<M: Model> Trainer<M> {
             .sum();
         self.model.params_mut().zero_grad();
         let mut loss_sum = [0.0f64];
+        // Data parallel: the last micro-batch's backward starts summing each bucket of
+        // gradients across the ranks as soon as it has finished it.
+        let comm = Rc::clone(&self.comm);
+        let ranks = comm.size() > 1;
+        let buckets = if ranks {
+            self.model.grad_order()
+        } else {
+            Vec::new()
+        };
+        let mut started = 0;
+        let what = format!("the gradient sum of update {step}");
         for (m, &(g, i)) in picked.iter().enumerate() {
             let seed = hash(self.cfg.seed, step * self.cfg.accumulate as u64 + m as u64);
             let mode = Mode::train(self.model.config().dropout, self.cfg.label_smoothing, seed);
             let whole = &gens[g][i];
             let shard;
-            let (batch, mode) = if self.comm.size() == 1 {
+            let (batch, mode) = if !ranks {
                 (whole, mode)
             } else {
                 let rows = self.share_of(whole);
@@ -442,22 +453,42 @@ impl<M: Model> Trainer<M> {
                 .forward(batch, mode)
                 .map_err(|e| at_step(e, step))?
                 .loss;
-            self.model
-                .backward(n as f32 / tokens.max(1) as f32)
-                .map_err(|e| at_step(e, step))?;
+            let scale = n as f32 / tokens.max(1) as f32;
+            if ranks && m + 1 == picked.len() {
+                let mut failed = None;
+                self.model
+                    .backward_with(scale, &mut |k, grad| {
+                        while started < k && failed.is_none() {
+                            let r = buckets[started].clone();
+                            failed = comm.start_sum(r.start, &grad[r], &what).err();
+                            started += 1;
+                        }
+                        if failed.is_none() {
+                            failed = comm.progress().err();
+                        }
+                    })
+                    .map_err(|e| at_step(e, step))?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            } else {
+                self.model.backward(scale).map_err(|e| at_step(e, step))?;
+            }
             loss_sum[0] += loss.mean as f64 * loss.count as f64;
         }
-        if self.comm.size() > 1 {
-            let what = format!("the gradient sum of update {step}");
+        if ranks {
+            let grad = &mut self.model.params_mut().grad;
+            for r in &buckets[started..] {
+                comm.start_sum(r.start, &grad[r.clone()], &what)?;
+            }
             if crate::profile::enabled() {
                 // Profiled runs time the wait for the slowest rank apart from the transfer.
                 let _p = crate::profile::scope("waiting for the other ranks");
-                self.comm.sum_f64(&mut [0.0], &what)?;
+                comm.sum_f64(&mut [0.0], &what)?;
             }
-            let _p = crate::profile::scope("gradient all-reduce");
-            self.comm
-                .sum_f32(&mut self.model.params_mut().grad, &what)?;
-            self.comm.sum_f64(&mut loss_sum, &what)?;
+            let _p = crate::profile::scope("gradient all-reduce (after the backward)");
+            comm.finish_sums(grad, &what)?;
+            comm.sum_f64(&mut loss_sum, &what)?;
         }
         let loss_sum = loss_sum[0];
         *batches = gens.pop().unwrap_or_default();
