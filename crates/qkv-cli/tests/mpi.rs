@@ -40,6 +40,10 @@ fn parallel(n: usize, seed: usize) -> String {
 /// masks one process would; two micro-batches per update; validation and checkpoints every
 /// 5 updates of a 20-update cosine.
 fn job(dir: &Path, task: &str) -> PathBuf {
+    job_with(dir, task, 160)
+}
+
+fn job_with(dir: &Path, task: &str, max_tokens: usize) -> PathBuf {
     let (train, valid) = match task {
         "translate" => (parallel(400, 1), parallel(40, 2)),
         _ => (
@@ -56,7 +60,7 @@ fn job(dir: &Path, task: &str) -> PathBuf {
   "tokenizer": {{ "vocab_size": 60 }},
   "model": {{ "preset": "tiny", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_len": 32, "dropout": 0.1 }},
   "train": {{
-    "max_steps": 20, "max_tokens": 160, "accumulate": 2,
+    "max_steps": 20, "max_tokens": {max_tokens}, "accumulate": 2,
     "schedule": {{ "kind": "cosine", "peak": 0.003, "min": 0.0001, "warmup": 3, "total": 20 }},
     "label_smoothing": 0.1, "seed": 7, "valid_every": 5, "save_every": 5, "keep_last": 10,
     "average_last": 1
@@ -149,17 +153,20 @@ fn assert_close(
     );
 }
 
-fn same_trajectory(task: &str) {
-    let dir = scratch(&format!("mpi-{task}"));
-    let cfg = job(&dir, task);
+fn same_trajectory(task: &str, ranks: usize, max_tokens: usize) {
+    let dir = scratch(&format!("mpi-{task}-{ranks}"));
+    let cfg = job_with(&dir, task, max_tokens);
     let mut one = qkv_cmd(2);
     one.args(train_args(&cfg, &dir.join("one"), &[]));
     run(one);
-    let mut two = mpirun(2);
+    let mut two = mpirun(ranks);
     two.args(train_args(&cfg, &dir.join("two"), &[]));
     let out = run(two);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("data parallel: 2 ranks"), "{err}");
+    assert!(
+        err.contains(&format!("data parallel: {ranks} ranks")),
+        "{err}"
+    );
     let (want, got) = (losses(&dir.join("one")), losses(&dir.join("two")));
     // 20 updates and 4 validations.
     assert_eq!(want.len(), 24, "{want:?}");
@@ -173,12 +180,19 @@ fn same_trajectory(task: &str) {
 
 #[test]
 fn two_ranks_follow_one_process_translate() {
-    same_trajectory("translate");
+    same_trajectory("translate", 2, 160);
 }
 
 #[test]
 fn two_ranks_follow_one_process_lm() {
-    same_trajectory("lm");
+    same_trajectory("lm", 2, 160);
+}
+
+/// Batches of two or three sentences over three ranks: some ranks have no rows of a batch,
+/// and still take part in every sum.
+#[test]
+fn three_ranks_with_fewer_rows_than_ranks_follow_one_process() {
+    same_trajectory("translate", 3, 24);
 }
 
 #[test]
