@@ -52,7 +52,7 @@ for line in open(f"{run}.log"):
     if m:
         prof[m.group(2)] = float(m.group(1))
 print(json.dumps({"run": name, "s_per_update": round(s_per_update, 4),
-                  "allreduce_ms": prof.get("gradient all-reduce"),
+                  "allreduce_ms": prof.get("gradient all-reduce (after the backward)"),
                   "wait_ms": prof.get("waiting for the other ranks"),
                   "updates": len(rows)}))
 PY

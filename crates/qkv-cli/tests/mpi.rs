@@ -11,29 +11,8 @@ use std::time::{Duration, Instant};
 mod common;
 use common::scratch;
 
-const WORDS: [(&str, &str); 8] = [
-    ("the", "el"),
-    ("king", "rey"),
-    ("house", "casa"),
-    ("god", "dios"),
-    ("land", "tierra"),
-    ("son", "hijo"),
-    ("great", "grande"),
-    ("people", "pueblo"),
-];
-
 fn parallel(n: usize, seed: usize) -> String {
-    let mut out = String::new();
-    for i in 0..n {
-        let len = 2 + (i * 7 + seed) % 9;
-        let idx: Vec<usize> = (0..len)
-            .map(|j| (i * 31 + j * 17 + seed * 3) % WORDS.len())
-            .collect();
-        let en: Vec<&str> = idx.iter().map(|&k| WORDS[k].0).collect();
-        let es: Vec<&str> = idx.iter().map(|&k| WORDS[k].1).collect();
-        out += &format!("{}\t{}\n", en.join(" "), es.join(" "));
-    }
-    out
+    common::parallel_corpus(n, seed, 9)
 }
 
 /// A job for `task` in `dir` (data written there): dropout on, so the ranks must draw the

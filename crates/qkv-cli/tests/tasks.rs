@@ -9,30 +9,8 @@ mod common;
 use common::{qkv, scratch, tiny_model};
 use qkv::model::Family;
 
-const WORDS: [(&str, &str); 8] = [
-    ("the", "el"),
-    ("king", "rey"),
-    ("house", "casa"),
-    ("god", "dios"),
-    ("land", "tierra"),
-    ("son", "hijo"),
-    ("great", "grande"),
-    ("people", "pueblo"),
-];
-
-/// Word-for-word "translations" of random word strings.
 fn parallel(n: usize, seed: usize) -> String {
-    let mut out = String::new();
-    for i in 0..n {
-        let len = 2 + (i * 7 + seed) % 5;
-        let idx: Vec<usize> = (0..len)
-            .map(|j| (i * 31 + j * 17 + seed * 3) % WORDS.len())
-            .collect();
-        let en: Vec<&str> = idx.iter().map(|&k| WORDS[k].0).collect();
-        let es: Vec<&str> = idx.iter().map(|&k| WORDS[k].1).collect();
-        out += &format!("{}\t{}\n", en.join(" "), es.join(" "));
-    }
-    out
+    common::parallel_corpus(n, seed, 5)
 }
 
 fn job(dir: &Path, task: &str, model: &str, max_steps: u64, files: [&str; 3]) -> PathBuf {

@@ -77,3 +77,30 @@ pub fn qkv(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     );
     (out.status.success(), o, e)
 }
+
+const WORDS: [(&str, &str); 8] = [
+    ("the", "el"),
+    ("king", "rey"),
+    ("house", "casa"),
+    ("god", "dios"),
+    ("land", "tierra"),
+    ("son", "hijo"),
+    ("great", "grande"),
+    ("people", "pueblo"),
+];
+
+/// `n` word-for-word "translations" (`english<TAB>spanish` lines) of random word strings of
+/// 2 to 1 + `longest` words.
+pub fn parallel_corpus(n: usize, seed: usize, longest: usize) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let len = 2 + (i * 7 + seed) % longest;
+        let idx: Vec<usize> = (0..len)
+            .map(|j| (i * 31 + j * 17 + seed * 3) % WORDS.len())
+            .collect();
+        let en: Vec<&str> = idx.iter().map(|&k| WORDS[k].0).collect();
+        let es: Vec<&str> = idx.iter().map(|&k| WORDS[k].1).collect();
+        out += &format!("{}\t{}\n", en.join(" "), es.join(" "));
+    }
+    out
+}

@@ -34,9 +34,10 @@ struct Arrival {
     sends: Vec<ffi::MPI_Request>,
 }
 
-/// Bucketed sums in flight: one operation whose requests are started bucket by bucket.
+/// Bucketed sums in flight: one operation whose requests are started bucket by bucket. Its
+/// arrival is announced when it is waited for: a rank that hangs after starting some buckets
+/// (inside its backward) is then named as the one that did not arrive.
 struct Sums {
-    arrival: Arrival,
     /// (offset, send buffer, receive buffer) per bucket; the buffers' heap addresses are what
     /// MPI holds, so moving these vectors is fine.
     buckets: Vec<(usize, Vec<f32>, Vec<f32>)>,
@@ -236,6 +237,43 @@ impl Mpi {
         }
     }
 
+    /// Start summing `send` into `recv` across the ranks, in requests of at most `BUCKET`
+    /// elements pushed onto `ops`.
+    ///
+    /// # Safety
+    /// Both buffers must stay where they are, untouched, until those requests complete (or
+    /// the process ends).
+    unsafe fn start_all_reduce<T: Copy>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        dtype: ffi::MPI_Datatype,
+        ops: &mut Vec<ffi::MPI_Request>,
+        what: &str,
+    ) -> Result<()> {
+        for (inp, out) in send.chunks(BUCKET).zip(recv.chunks_mut(BUCKET)) {
+            ops.push(null_request());
+            let req = ops.last_mut().expect("pushed above");
+            // SAFETY: the caller keeps the buffers alive and in place until the request
+            // completes; counts fit an int (BUCKET) and match the datatype's element type.
+            check(
+                unsafe {
+                    ffi::MPI_Iallreduce(
+                        inp.as_ptr() as *const c_void,
+                        out.as_mut_ptr() as *mut c_void,
+                        out.len() as c_int,
+                        dtype,
+                        ffi::RSMPI_SUM,
+                        self.comm(),
+                        req,
+                    )
+                },
+                what,
+            )?;
+        }
+        Ok(())
+    }
+
     fn all_reduce<T: Copy>(
         &self,
         buf: &mut [T],
@@ -243,27 +281,10 @@ impl Mpi {
         dtype: ffi::MPI_Datatype,
         what: &str,
     ) -> Result<()> {
-        self.operation(what, |ops| {
-            for (i, (out, inp)) in buf.chunks_mut(BUCKET).zip(send.chunks(BUCKET)).enumerate() {
-                ops.push(null_request());
-                // SAFETY: `send` and `buf` outlive the requests (polled to completion before
-                // `operation` returns, or the process aborts); counts fit an int (BUCKET).
-                check(
-                    unsafe {
-                        ffi::MPI_Iallreduce(
-                            inp.as_ptr() as *const c_void,
-                            out.as_mut_ptr() as *mut c_void,
-                            out.len() as c_int,
-                            dtype,
-                            ffi::RSMPI_SUM,
-                            self.comm(),
-                            &mut ops[i],
-                        )
-                    },
-                    what,
-                )?;
-            }
-            Ok(())
+        // SAFETY: `send` and `buf` outlive the requests: `operation` polls them to completion
+        // before it returns, or the process aborts.
+        self.operation(what, |ops| unsafe {
+            self.start_all_reduce(send, buf, dtype, ops, what)
         })
     }
 
@@ -307,7 +328,6 @@ impl Collective for Mpi {
         let mut sums = self.sums.borrow_mut();
         if sums.is_none() {
             *sums = Some(Sums {
-                arrival: self.arrive(what)?,
                 buckets: Vec::new(),
                 requests: Vec::new(),
             });
@@ -320,27 +340,12 @@ impl Collective for Mpi {
         send.extend_from_slice(data);
         recv.clear();
         recv.resize(data.len(), 0.0);
-        for (inp, out) in send.chunks(BUCKET).zip(recv.chunks_mut(BUCKET)) {
-            sums.requests.push(null_request());
-            let req = sums.requests.last_mut().expect("pushed above");
-            // SAFETY: `send` and `recv` are moved into `sums.buckets` below without moving
-            // their heap buffers, and stay there until `finish_sums` completed the request (or
-            // the process aborts); counts fit an int (BUCKET).
-            check(
-                unsafe {
-                    ffi::MPI_Iallreduce(
-                        inp.as_ptr() as *const c_void,
-                        out.as_mut_ptr() as *mut c_void,
-                        out.len() as c_int,
-                        ffi::RSMPI_FLOAT,
-                        ffi::RSMPI_SUM,
-                        self.comm(),
-                        req,
-                    )
-                },
-                what,
-            )?;
-        }
+        // SAFETY: `send` and `recv` move into `sums.buckets` below without moving their heap
+        // buffers, and stay there until `finish_sums` has completed the requests (or leaks
+        // them after a timeout, before the process aborts).
+        unsafe {
+            self.start_all_reduce(&send, &mut recv, ffi::RSMPI_FLOAT, &mut sums.requests, what)?
+        };
         sums.buckets.push((offset, send, recv));
         Ok(())
     }
@@ -356,7 +361,8 @@ impl Collective for Mpi {
         let Some(mut sums) = self.sums.borrow_mut().take() else {
             return Ok(());
         };
-        if let Err(e) = self.complete(sums.arrival, &mut sums.requests, what) {
+        let arrival = self.arrive(what)?;
+        if let Err(e) = self.complete(arrival, &mut sums.requests, what) {
             // MPI may still write into the buffers.
             std::mem::forget(sums.buckets);
             return Err(e);

@@ -234,17 +234,13 @@ impl Model for Classifier {
                 }
             }
         }
-        let mut finished = 0;
         let dx = self.encoder.backward(
             p,
             g,
             &self.dh[..b * t * c],
             InputGrad::Wanted,
             None,
-            &mut |g| {
-                finished += 1;
-                ready(finished, g)
-            },
+            &mut super::count_blocks(ready),
         );
         self.embed.backward(p, g, dx);
         Ok(())

@@ -151,17 +151,13 @@ impl Model for LanguageModel {
         let dh = buf(&mut self.dh, b * t * c);
         let h = self.decoder.output(b * t * c);
         project_out_backward(p, g, self.output, h, dlogits, dh, c);
-        let mut finished = 0;
         let dx = self.decoder.backward(
             p,
             g,
             &self.dh[..b * t * c],
             InputGrad::Wanted,
             None,
-            &mut |g| {
-                finished += 1;
-                ready(finished, g)
-            },
+            &mut super::count_blocks(ready),
         );
         self.embed.backward(p, g, dx);
         Ok(())

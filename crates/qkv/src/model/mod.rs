@@ -189,6 +189,15 @@ pub trait Model {
     fn grad_order(&self) -> Vec<Range<usize>>;
 }
 
+/// A stack's per-block callback that tells `ready` how many blocks are finished.
+pub(crate) fn count_blocks<'a>(ready: &'a mut dyn FnMut(usize, &[f32])) -> impl FnMut(&[f32]) + 'a {
+    let mut finished = 0;
+    move |g| {
+        finished += 1;
+        ready(finished, g)
+    }
+}
+
 /// `blocks` in the order a backward finishes them, then every other parameter (embeddings,
 /// final norms, heads: finished only at the end, tied tables last of all).
 pub(crate) fn grad_order(

@@ -256,11 +256,7 @@ impl Model for Seq2Seq {
         let dmemory = buf(&mut self.dmemory, b * s * c);
         dmemory.iter_mut().for_each(|v| *v = 0.0);
         let memory = self.encoder.output(b * s * c);
-        let mut finished = 0;
-        let mut done = |g: &[f32]| {
-            finished += 1;
-            ready(finished, g)
-        };
+        let mut done = super::count_blocks(ready);
         let dy = self.decoder.backward(
             p,
             g,
