@@ -3,8 +3,10 @@
 //! Every operation is non-blocking (`MPI_Iallreduce`, `MPI_Ibcast`) and polled against a
 //! deadline, so a rank that died or hangs cannot stall the others forever: after `timeout`
 //! the operation fails with an error naming the ranks that never arrived. To know who arrived,
-//! each operation starts with a tiny "arrived" message from every rank to every other one
-//! (2(K − 1) messages of 8 bytes, microseconds on any link). After such an error MPI's state
+//! each operation has every rank send a tiny "arrived" message to every other one (2(K − 1)
+//! messages of 8 bytes, microseconds on any link). A rank that stops inside an operation,
+//! after its arrival, is found one timeout later: the live ranks time out too and tell each
+//! other so; the silent one is named. After such an error MPI's state
 //! is unusable: the caller reports it and calls [`Mpi::abort`], which ends every rank.
 //!
 //! The `mpi` crate (rsmpi) initialises MPI and links it; the operations are its raw `ffi`
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 
 /// The tag of "arrived" messages (collectives have no tags; this one is for them alone).
 const ARRIVED_TAG: c_int = 0x71_6b76;
+/// The tag of "timed out" messages: a rank whose operation timed out after every rank arrived.
+const TIMED_OUT_TAG: c_int = 0x71_6b77;
 /// Largest element count of one MPI call (its counts are `int`); longer buffers go in buckets.
 const BUCKET: usize = 1 << 22;
 
@@ -56,13 +60,6 @@ pub struct Mpi {
     /// Bucket buffers of earlier updates, reused.
     spare: RefCell<Vec<Vec<f32>>>,
     _universe: mpi::environment::Universe,
-}
-
-/// Whether this process was started by an MPI launcher (`mpirun`, `srun`, hydra).
-pub fn launched() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
 }
 
 impl Mpi {
@@ -149,36 +146,39 @@ impl Mpi {
     /// Finish an operation: poll its requests `ops` until done or the deadline; on a
     /// timeout, name the ranks whose arrival never came.
     fn complete(&self, mut a: Arrival, ops: &mut [ffi::MPI_Request], what: &str) -> Result<()> {
-        let timeout = self.timeout.as_secs_f64();
-        if !self.poll(ops, Instant::now() + self.timeout, what)? {
-            let mut missing = Vec::new();
-            for i in 0..a.peers.len() {
-                if !self.poll(std::slice::from_mut(&mut a.recvs[i]), Instant::now(), what)? {
-                    missing.push(a.peers[i].to_string());
-                }
+        // One deadline for the operation and every rank's arrival: a broadcast's root, or a
+        // sum whose data went out eagerly, can finish its side while a peer never arrives.
+        let deadline = Instant::now() + self.timeout;
+        let done = self.poll(ops, deadline, what)?;
+        let mut missing = Vec::new();
+        for i in 0..a.peers.len() {
+            if !self.poll(std::slice::from_mut(&mut a.recvs[i]), deadline, what)? {
+                missing.push(a.peers[i].to_string());
             }
+        }
+        let sent = missing.is_empty() && self.poll(&mut a.sends, deadline, what)?;
+        if !(done && sent) {
+            if missing.is_empty() {
+                // Every rank arrived, so one stopped inside the operation: the live ones time
+                // out too, within one timeout of this one, and say so; the silent are named.
+                missing = self.silent_after_timeout(&a.peers, what)?;
+            }
+            // MPI may still write into the arrival buffers.
             std::mem::forget(a);
             let who = match missing.len() {
-                0 => {
-                    "every rank arrived but the operation did not finish (a rank stopped inside it)"
-                        .to_string()
-                }
-                1 => format!("rank {} did not arrive: it died or hangs", missing[0]),
+                0 => "every rank arrived and timed out too (a transport failure)".to_string(),
+                1 => format!(
+                    "rank {} did not arrive or stopped inside it: it died or hangs",
+                    missing[0]
+                ),
                 _ => format!(
-                    "ranks {} did not arrive: they died or hang",
+                    "ranks {} did not arrive or stopped inside it: they died or hang",
                     missing.join(", ")
                 ),
             };
             return Err(Error::Distributed(format!(
-                "{what} did not complete within {timeout} s; {who}"
-            )));
-        }
-        let mut arrivals = std::mem::take(&mut a.recvs);
-        arrivals.append(&mut a.sends);
-        if !self.poll(&mut arrivals, Instant::now() + self.timeout, what)? {
-            std::mem::forget(a);
-            return Err(Error::Distributed(format!(
-                "{what}: the arrival messages did not complete within {timeout} s"
+                "{what} did not complete within {} s; {who}",
+                self.timeout.as_secs_f64()
             )));
         }
         if let Some((i, &s)) = a.heard.iter().enumerate().find(|&(_, &s)| s != a.seq) {
@@ -189,6 +189,53 @@ impl Mpi {
             )));
         }
         Ok(())
+    }
+
+    /// Tell every peer this rank timed out, and return the peers that do not say the same
+    /// within one more timeout.
+    fn silent_after_timeout(&self, peers: &[usize], what: &str) -> Result<Vec<String>> {
+        let (sent, mut heard) = (Box::new(self.seq.get()), vec![0u64; peers.len()]);
+        let mut recvs = vec![null_request(); peers.len()];
+        let mut sends = vec![null_request(); peers.len()];
+        for (i, &p) in peers.iter().enumerate() {
+            // SAFETY: the buffers are leaked below (the process aborts after this error), so
+            // they outlive the requests; counts and types match them.
+            unsafe {
+                check(
+                    ffi::MPI_Irecv(
+                        (&mut heard[i]) as *mut u64 as *mut c_void,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        p as c_int,
+                        TIMED_OUT_TAG,
+                        self.comm(),
+                        &mut recvs[i],
+                    ),
+                    what,
+                )?;
+                check(
+                    ffi::MPI_Isend(
+                        (&*sent) as *const u64 as *const c_void,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        p as c_int,
+                        TIMED_OUT_TAG,
+                        self.comm(),
+                        &mut sends[i],
+                    ),
+                    what,
+                )?;
+            }
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut silent = Vec::new();
+        for (i, &p) in peers.iter().enumerate() {
+            if !self.poll(std::slice::from_mut(&mut recvs[i]), deadline, what)? {
+                silent.push(p.to_string());
+            }
+        }
+        std::mem::forget((sent, heard, recvs, sends));
+        Ok(silent)
     }
 
     /// One blocking operation: arrive, start the requests with `start`, complete.
