@@ -173,6 +173,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         stop: ctrl_c_flag(),
         run_dir: job.out().to_path_buf(),
     };
+    if !(args.mpi_timeout > 0.0 && args.mpi_timeout.is_finite()) {
+        anyhow::bail!(
+            "--mpi-timeout must be a positive number of seconds, got {}",
+            args.mpi_timeout
+        );
+    }
     let t0 = Instant::now();
     if let Some(ranks) = launched_ranks().filter(|&n| n > 1) {
         return train_ranks(&job, &args, progress, ranks);
@@ -195,12 +201,6 @@ fn launched_ranks() -> Option<usize> {
 #[cfg(feature = "mpi")]
 fn train_ranks(job: &Job, args: &TrainArgs, mut progress: Progress, _ranks: usize) -> Result<()> {
     use qkv::dist::{mpi::Mpi, Collective};
-    if !(args.mpi_timeout > 0.0 && args.mpi_timeout.is_finite()) {
-        anyhow::bail!(
-            "--mpi-timeout must be a positive number of seconds, got {}",
-            args.mpi_timeout
-        );
-    }
     let t0 = Instant::now();
     let mpi = std::rc::Rc::new(Mpi::init(Duration::from_secs_f64(args.mpi_timeout))?);
     let root = mpi.is_root();

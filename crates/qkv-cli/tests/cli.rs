@@ -233,3 +233,31 @@ fn train_under_mpirun_without_the_mpi_feature_says_how_to_build_it() {
     );
     assert!(!dir.join("run").exists(), "nothing was written");
 }
+
+#[test]
+fn train_rejects_a_timeout_that_is_not_positive() {
+    let dir = std::env::temp_dir().join(format!("qkv-cli-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("job.json");
+    std::fs::write(
+        &cfg,
+        r#"{"task": "lm", "data": {"train": "a.txt", "valid": "b.txt"}}"#,
+    )
+    .unwrap();
+    for bad in ["0", "-3", "NaN"] {
+        let (ok, err) = qkv(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            dir.join("run").to_str().unwrap(),
+            &format!("--mpi-timeout={bad}"),
+        ]);
+        assert!(!ok);
+        assert!(
+            err.contains("--mpi-timeout must be a positive"),
+            "{bad}: {err}"
+        );
+    }
+    assert!(!dir.join("run").exists());
+}

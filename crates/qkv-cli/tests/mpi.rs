@@ -330,3 +330,40 @@ fn a_hung_rank_is_named_within_the_timeout() {
     eprintln!("stopped {took:?} after rank 1 hung");
     checkpoint_intact(&cfg, &out);
 }
+
+/// Ranks started with different settings (here the seed) refuse to train together.
+#[test]
+fn ranks_with_different_configs_refuse_to_train() {
+    let dir = scratch("mpi-mismatch");
+    let cfg = job(&dir, "translate");
+    let out = dir.join("run");
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_BACKTRACE", "0");
+    for (i, seed) in ["7", "8"].iter().enumerate() {
+        if i > 0 {
+            c.arg(":");
+        }
+        c.args([
+            "-n",
+            "1",
+            "--oversubscribe",
+            env!("CARGO_BIN_EXE_qkv"),
+            "--threads",
+            "1",
+        ])
+        .args(train_args(
+            &cfg,
+            &out,
+            &["--seed", seed, "--mpi-timeout", "30"],
+        ));
+    }
+    let o = c.output().expect("start mpirun");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("rank 1's training or model config differs from rank 0's"),
+        "{err}"
+    );
+}
