@@ -1,6 +1,8 @@
-//! Evaluation metrics: sacreBLEU-exact BLEU and chrF ([`sacrebleu`]), classification accuracy,
+//! Evaluation metrics: sacreBLEU-exact BLEU and chrF ([`sacrebleu`]), ROUGE exactly as
+//! `rouge-score` ([`rouge`]), classification accuracy,
 //! macro-F1 and confusion matrix, and language-model perplexity / bits per character.
 
+pub mod rouge;
 pub mod sacrebleu;
 
 /// Classification scores from gold and predicted labels in `0..n_classes`.
