@@ -24,6 +24,12 @@ pub struct DecodeArgs {
     pub max_len_a: Option<f32>,
     #[arg(long)]
     pub max_len_b: Option<usize>,
+    /// No end of output before this many tokens (fairseq's --min-len).
+    #[arg(long)]
+    pub min_len: Option<usize>,
+    /// Never repeat an n-gram of this size in an output (fairseq's --no-repeat-ngram-size).
+    #[arg(long)]
+    pub no_repeat_ngram_size: Option<usize>,
 }
 
 impl DecodeArgs {
@@ -34,6 +40,10 @@ impl DecodeArgs {
             length_penalty: self.lenpen.unwrap_or(base.length_penalty),
             max_len_a: self.max_len_a.unwrap_or(base.max_len_a),
             max_len_b: self.max_len_b.unwrap_or(base.max_len_b),
+            min_len: self.min_len.unwrap_or(base.min_len),
+            no_repeat_ngram_size: self
+                .no_repeat_ngram_size
+                .unwrap_or(base.no_repeat_ngram_size),
             ..base.clone()
         };
         d.validate()?;

@@ -20,6 +20,11 @@ pub struct DecodeConfig {
     /// Output length limit `a · source_len + b` (fairseq's `--max-len-a/b`; 1.5 and 10).
     pub max_len_a: f32,
     pub max_len_b: usize,
+    /// No EOS before this many tokens (fairseq's `--min-len`; default 0).
+    pub min_len: usize,
+    /// Never repeat an n-gram of this size within an output (fairseq's
+    /// `--no-repeat-ngram-size`; 0, the default, allows repeats).
+    pub no_repeat_ngram_size: usize,
     /// Language models: new tokens per prompt (default 200).
     pub max_new_tokens: usize,
     /// Language models: sampling temperature (default 0.8).
@@ -35,6 +40,8 @@ impl Default for DecodeConfig {
             length_penalty: 1.0,
             max_len_a: 1.5,
             max_len_b: 10,
+            min_len: 0,
+            no_repeat_ngram_size: 0,
             max_new_tokens: 200,
             temperature: 0.8,
             top_k: None,
@@ -67,6 +74,8 @@ impl DecodeConfig {
             beam: self.beam,
             length_penalty: self.length_penalty,
             nbest,
+            min_len: self.min_len,
+            no_repeat_ngram_size: self.no_repeat_ngram_size,
         }
     }
 
@@ -282,6 +291,40 @@ pub struct BeamConfig {
     pub length_penalty: f32,
     /// How many hypotheses to return per input (≤ beam).
     pub nbest: usize,
+    /// No EOS before this many tokens (EOS is still forced at the length limit).
+    pub min_len: usize,
+    /// Ban a token that would complete an n-gram already in the hypothesis (BOS included,
+    /// as fairseq); 0 is off.
+    pub no_repeat_ngram_size: usize,
+}
+
+impl BeamConfig {
+    /// Whether it constrains outputs beyond greedy/beam choice (then greedy decoding goes
+    /// through beam search with one beam).
+    pub fn constrains(&self) -> bool {
+        self.min_len > 0 || self.no_repeat_ngram_size > 0
+    }
+
+    /// Set the log-probabilities of the tokens this hypothesis (`tokens` after `bos`) may not
+    /// take next to −∞.
+    fn constrain(&self, row: &mut [f32], bos: u32, tokens: &[u32], eos: u32) {
+        if tokens.len() < self.min_len {
+            row[eos as usize] = f32::NEG_INFINITY;
+        }
+        let n = self.no_repeat_ngram_size;
+        if n == 0 || tokens.len() + 1 < n {
+            return;
+        }
+        let seq: Vec<u32> = std::iter::once(bos).chain(tokens.iter().copied()).collect();
+        let prefix = &seq[seq.len() + 1 - n..];
+        for g in seq.windows(n) {
+            if &g[..n - 1] == prefix {
+                if let Some(v) = row.get_mut(g[n - 1] as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
 }
 
 impl Default for BeamConfig {
@@ -290,6 +333,8 @@ impl Default for BeamConfig {
             beam: 4,
             length_penalty: 1.0,
             nbest: 1,
+            min_len: 0,
+            no_repeat_ngram_size: 0,
         }
     }
 }
@@ -365,15 +410,24 @@ pub fn beam_search<M: Incremental>(
         let logits = model.step(cache, &next)?;
         // Candidates per input: (score, cache row, token), the best 2·beam of each row.
         let mut cands: Vec<Vec<(f32, usize, u32)>> = vec![Vec::new(); n_inputs];
-        for (r, (input, _, lp)) in live.iter().enumerate() {
-            let row = log_softmax(&logits[r * vocab..(r + 1) * vocab]);
+        for (r, (input, tokens, lp)) in live.iter().enumerate() {
+            let mut row = log_softmax(&logits[r * vocab..(r + 1) * vocab]);
             if last_step {
                 // The length limit: every live hypothesis ends here, with EOS forced (fairseq).
                 cands[*input].push((lp + row[eos as usize], r, eos));
                 continue;
             }
+            let eos_lp = row[eos as usize];
+            cfg.constrain(&mut row, bos, tokens, eos);
+            let before = cands[*input].len();
             for (tok, v) in top_k(&row, 2 * cfg.beam) {
-                cands[*input].push((lp + v, r, tok as u32));
+                if v.is_finite() {
+                    cands[*input].push((lp + v, r, tok as u32));
+                }
+            }
+            if cands[*input].len() == before {
+                // Every token is banned (a tiny vocabulary): the hypothesis can only end.
+                cands[*input].push((lp + eos_lp, r, eos));
             }
         }
         let mut new_live = Vec::new();

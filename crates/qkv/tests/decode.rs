@@ -117,6 +117,7 @@ fn beam_of_one_equals_greedy_and_wider_beams_score_no_worse() {
         beam: 1,
         length_penalty: 0.0,
         nbest: 1,
+        ..BeamConfig::default()
     };
     let mut cache = model.start_decoding(tokens, 12).unwrap();
     let b1 = beam_search(&mut model, &mut cache, 1, 2, &beam1).unwrap();
@@ -127,6 +128,7 @@ fn beam_of_one_equals_greedy_and_wider_beams_score_no_worse() {
         beam: 4,
         length_penalty: 0.0,
         nbest: 3,
+        ..BeamConfig::default()
     };
     let mut cache = model.start_decoding(tokens, 12).unwrap();
     let b4 = beam_search(&mut model, &mut cache, 1, 2, &beam4).unwrap();
@@ -217,4 +219,52 @@ fn decoding_another_batch_than_the_encoded_one_is_an_error() {
         "{e}"
     );
     assert!(model.decode(Tokens::new(&[1, 3], 2, 1).unwrap()).is_ok());
+}
+
+/// fairseq's `--min-len` and `--no-repeat-ngram-size`: a random model repeats itself and
+/// ends early; constrained, no output repeats a bigram (BOS included) and none ends before
+/// `min_len` tokens, while the unconstrained search does both (so the test can fail).
+#[test]
+fn min_len_and_no_repeat_ngram_constrain_beam_search() {
+    let cfg = tiny(Family::Seq2seq, NormPlacement::Pre, false, false);
+    let mut model = Seq2Seq::new(cfg, 11).unwrap();
+    let mut rng = Rng::new(9);
+    let (b, s, cap) = (6, 6, 15);
+    let src = padded_source(&mut rng, b, s);
+    let tokens = Tokens::new(&src, b, s).unwrap();
+    let (bos, eos) = (1, 2);
+    let bigrams_repeat = |t: &[u32]| {
+        let seq: Vec<u32> = std::iter::once(bos).chain(t.iter().copied()).collect();
+        let mut seen = std::collections::HashSet::new();
+        seq.windows(2).any(|w| !seen.insert((w[0], w[1])))
+    };
+    let run = |model: &mut Seq2Seq, cfg: &BeamConfig| {
+        let mut cache = model.start_decoding(tokens, cap).unwrap();
+        beam_search(model, &mut cache, bos, eos, cfg).unwrap()
+    };
+    let free = BeamConfig {
+        beam: 3,
+        nbest: 3,
+        ..BeamConfig::default()
+    };
+    let hyps = run(&mut model, &free);
+    let all = || hyps.iter().flatten();
+    assert!(all().any(|h| bigrams_repeat(&h.tokens)), "{hyps:?}");
+    let min_len = 6;
+    assert!(all().any(|h| h.tokens.len() < min_len), "{hyps:?}");
+    for beam in [1, 3] {
+        let cfg = BeamConfig {
+            beam,
+            nbest: beam,
+            min_len,
+            no_repeat_ngram_size: 2,
+            ..BeamConfig::default()
+        };
+        let hyps = run(&mut model, &cfg);
+        for h in hyps.iter().flatten() {
+            assert!(!bigrams_repeat(&h.tokens), "beam {beam}: {:?}", h.tokens);
+            assert!(h.tokens.len() >= min_len, "beam {beam}: {:?}", h.tokens);
+        }
+        assert!(hyps.iter().all(|h| !h.is_empty()));
+    }
 }

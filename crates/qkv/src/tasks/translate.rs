@@ -161,7 +161,8 @@ pub fn translate_ids(
         // at most `out_len` tokens, EOS included.
         let out_len = opts.decode.max_output(longest, max_len);
         let mut cache = model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)?;
-        let hyps: Vec<Vec<Vec<u32>>> = if opts.decode.beam <= 1 && opts.nbest <= 1 {
+        let beam = opts.decode.beam(opts.nbest);
+        let hyps: Vec<Vec<Vec<u32>>> = if beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() {
             greedy(model, &mut cache, bos, eos)?
                 .into_iter()
                 .map(|t| vec![t])
@@ -169,7 +170,7 @@ pub fn translate_ids(
         } else {
             // Beam search returns at least one hypothesis per input: EOS is forced at the
             // length limit.
-            beam_search(model, &mut cache, bos, eos, &opts.decode.beam(opts.nbest))?
+            beam_search(model, &mut cache, bos, eos, &beam)?
                 .into_iter()
                 .map(|h| h.into_iter().map(|h| h.tokens).collect())
                 .collect()
