@@ -180,6 +180,24 @@ pub fn load_params(path: &Path, params: &mut Params) -> Result<()> {
     Ok(())
 }
 
+/// Warm start: copy every parameter of `dir`'s weights whose name `params` has (the shapes
+/// must agree). Returns (tensors copied, tensors of `params`, tensors of `dir` unused).
+pub fn init_from(dir: &Path, params: &mut Params) -> Result<(usize, usize, usize)> {
+    let path = dir.join(MODEL_FILE);
+    let file = TensorFile::open(&path)?;
+    let names = file.names();
+    let mut copied = 0;
+    for spec in params.specs.clone() {
+        if names.iter().any(|n| *n == spec.name) {
+            let v = file.f32_exact(&spec.name, &spec.shape)?;
+            params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
+            copied += 1;
+        }
+    }
+    let unused = names.iter().filter(|n| params.spec(n).is_none()).count();
+    Ok((copied, params.specs.len(), unused))
+}
+
 /// Write a checkpoint directory: config, parameters and (optionally) optimizer state.
 pub fn save(
     dir: &Path,

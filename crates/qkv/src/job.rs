@@ -19,12 +19,14 @@ pub enum TaskKind {
     Classify,
     /// Plain text → a LanguageModel; perplexity and bits per character.
     Lm,
+    /// `passage<TAB>summary` pairs → a Seq2Seq model; ROUGE-1/2/L (rouge-score's).
+    Summarize,
 }
 
 impl TaskKind {
     pub fn family(self) -> Family {
         match self {
-            TaskKind::Translate => Family::Seq2seq,
+            TaskKind::Translate | TaskKind::Summarize => Family::Seq2seq,
             TaskKind::Classify => Family::Classifier,
             TaskKind::Lm => Family::Lm,
         }
@@ -96,6 +98,13 @@ pub struct Job {
     /// max_len or attention) instead of training one from scratch.
     #[serde(default)]
     pub pretrained: Option<PathBuf>,
+    /// Warm start (fairseq's `--restore-file` with a fresh optimizer, OpenNMT's
+    /// `train_from`): a qkv model directory whose config is the model's base (`model` only
+    /// overrides fields such as dropout or max_len), whose tokenizer(s) the job reuses, and
+    /// whose parameters initialise every parameter of the same name (a shape mismatch is an
+    /// error naming the parameter).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     /// Sample translations / generations printed at the end (default 3).
     #[serde(default = "default_samples")]
     pub samples: usize,
@@ -139,6 +148,7 @@ impl Job {
         job.data.test.iter_mut().for_each(fix);
         job.tokenizer.path.iter_mut().for_each(fix);
         job.pretrained.iter_mut().for_each(fix);
+        job.init_from.iter_mut().for_each(fix);
         match &mut job.out {
             Some(out) => fix(out),
             None => {
@@ -150,6 +160,12 @@ impl Job {
             return Err(job_err(
                 path,
                 "`pretrained` encoders are fine-tuned by the classify task only",
+            ));
+        }
+        if job.pretrained.is_some() && job.init_from.is_some() {
+            return Err(job_err(
+                path,
+                "`pretrained` and `init_from` both name a starting model: give one",
             ));
         }
         if !job.model.is_object() {
@@ -180,10 +196,15 @@ impl Job {
     ) -> Result<ModelConfig> {
         let mut spec = self.model.as_object().cloned().unwrap_or_default();
         let preset = spec.remove("preset");
+        let warm = match (base, &self.init_from) {
+            (None, Some(dir)) => Some(crate::checkpoint::load_config(dir)?),
+            _ => None,
+        };
+        let base = base.or(warm.as_ref());
         let base = match (base, preset) {
             (Some(_), Some(_)) => {
                 return Err(Error::Config(
-                    "`model.preset` does not apply to a pretrained encoder".into(),
+                    "`model.preset` does not apply to a pretrained or init_from model: its config is the base".into(),
                 ))
             }
             (Some(b), None) => b.clone(),
@@ -216,7 +237,7 @@ impl Job {
         fields.insert("vocab_size".into(), vocab.into());
         fields.insert("pad_id".into(), pad_id.into());
         match self.task {
-            TaskKind::Translate => {
+            TaskKind::Translate | TaskKind::Summarize => {
                 fields.insert("tgt_vocab_size".into(), serde_json::Value::Null);
             }
             TaskKind::Classify => {

@@ -11,6 +11,7 @@ use crate::checkpoint::{self, io_err, json_err, write_atomic};
 use crate::data::Tokenizer;
 use crate::decode::DecodeConfig;
 use crate::error::{Error, Result};
+use crate::job::TaskKind;
 use crate::model::{AnyModel, Family};
 use crate::tasks::classify::Labels;
 use crate::train::{load_train_config, TrainConfig, TRAIN_CONFIG_FILE};
@@ -22,6 +23,8 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TARGET_TOKENIZER_FILE: &str = "target_tokenizer.json";
 pub const LABELS_FILE: &str = "labels.json";
 pub const DECODE_FILE: &str = "decode.json";
+/// The task a model was trained for, when its family has several (`"summarize"`).
+pub const TASK_FILE: &str = "task.json";
 
 /// A model directory's files besides its weights and config.
 #[derive(Clone)]
@@ -32,6 +35,8 @@ pub struct ModelFiles {
     /// Classifiers: class names in id order.
     pub labels: Option<Labels>,
     pub decode: DecodeConfig,
+    /// The task, when it is not the family's first (a Seq2Seq model that summarizes).
+    pub task: Option<TaskKind>,
 }
 
 impl ModelFiles {
@@ -49,6 +54,12 @@ impl ModelFiles {
         if let Some(t) = &self.target_tokenizer {
             let path = dir.join(TARGET_TOKENIZER_FILE);
             t.save(&path)?;
+            paths.push(path);
+        }
+        if let Some(task) = self.task {
+            let path = dir.join(TASK_FILE);
+            let json = serde_json::to_string(&task).map_err(|e| json_err(dir, e))?;
+            write_atomic(&path, json.as_bytes())?;
             paths.push(path);
         }
         if let Some(labels) = &self.labels {
@@ -97,11 +108,22 @@ impl ModelFiles {
         } else {
             DecodeConfig::default()
         };
+        let task_path = dir.join(TASK_FILE);
+        let task = if task_path.exists() {
+            let text = std::fs::read_to_string(&task_path).map_err(io_err(&task_path))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| file_err(&task_path, format!("invalid task: {e}")))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             tokenizer,
             target_tokenizer,
             labels,
             decode,
+            task,
         })
     }
 }
@@ -154,6 +176,7 @@ impl ModelDir {
                     target_tokenizer: None,
                     labels: None,
                     decode: DecodeConfig::default(),
+                    task: None,
                 },
                 train_config: None,
             });

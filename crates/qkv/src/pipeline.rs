@@ -16,7 +16,7 @@ use crate::model::{AnyModel, Model};
 use crate::model_dir::ModelDir;
 use crate::tasks::classify::{self, Classify};
 use crate::tasks::lm::{self, Lm};
-use crate::tasks::translate::{self, Translate, TranslateOptions};
+use crate::tasks::translate::{self, Summarize, Translate, TranslateOptions};
 use crate::tasks::{Prepared, Report, Task};
 use crate::train::{Observer, Outcome, RunDir, Trainer, TrainerState, BEST_DIR, METRICS_FILE};
 use std::path::{Path, PathBuf};
@@ -64,6 +64,7 @@ pub fn train_with(
         TaskKind::Translate => run::<Translate>(job, resume, observer, comm),
         TaskKind::Classify => run::<Classify>(job, resume, observer, comm),
         TaskKind::Lm => run::<Lm>(job, resume, observer, comm),
+        TaskKind::Summarize => run::<Summarize>(job, resume, observer, comm),
     }
 }
 
@@ -153,11 +154,20 @@ fn run<T: Task>(
     comm: Rc<dyn Collective>,
 ) -> Result<TrainReport> {
     let (mut prepared, run) = prepare::<T>(job, observer, &*comm)?;
-    let model = prepared.task.new_model(prepared.config.clone(), job)?;
+    let mut model = prepared.task.new_model(prepared.config.clone(), job)?;
     let latest = match (&run, resume) {
         (Some(run), true) => run.latest()?,
         _ => None,
     };
+    // A warm start begins the run (a resumed one continues from its checkpoint); rank 0's
+    // parameters reach the other ranks when training starts.
+    if let (Some(dir), None, true) = (&job.init_from, &latest, comm.is_root()) {
+        let (copied, total, unused) = crate::checkpoint::init_from(dir, model.params_mut())?;
+        observer.on_message(&format!(
+            "initialised {copied} of the model's {total} tensors from {} ({unused} of its tensors unused)",
+            dir.display()
+        ));
+    }
     let best = job.out().join(BEST_DIR);
     let root = comm.is_root();
     let mut trainer =

@@ -373,6 +373,7 @@ impl Task for Classify {
             target_tokenizer: None,
             labels: Some(labels),
             decode: job.decode.clone(),
+            task: None,
         };
         Ok(Prepared {
             task,

@@ -272,6 +272,7 @@ impl Task for Lm {
             target_tokenizer: None,
             labels: None,
             decode: job.decode.clone(),
+            task: None,
         };
         Ok(Prepared {
             task,

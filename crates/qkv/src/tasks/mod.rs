@@ -87,8 +87,9 @@ pub(crate) fn read_pairs(
     Ok(r.records)
 }
 
-/// The tokenizer saved as `run/file`: reused when it exists (a resumed run), else the job's
-/// `tokenizer.path`, else a BPE vocabulary trained on `texts`.
+/// The tokenizer saved as `run/file`: reused when it exists (a resumed run), else the
+/// `init_from` model's, else the job's `tokenizer.path`, else a BPE vocabulary trained on
+/// `texts`.
 pub(crate) fn tokenizer_for<I>(
     job: &Job,
     run: &Path,
@@ -102,6 +103,9 @@ where
     let own = run.join(file);
     if own.exists() {
         return Tokenizer::load(&own);
+    }
+    if let Some(dir) = &job.init_from {
+        return Tokenizer::load(&dir.join(file));
     }
     let spec = &job.tokenizer;
     match &spec.path {

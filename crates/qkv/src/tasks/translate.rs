@@ -6,7 +6,8 @@ use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
 use crate::decode::{beam_search, greedy, DecodeConfig};
 use crate::error::{Error, Result};
-use crate::job::Job;
+use crate::job::{Job, TaskKind};
+use crate::metrics::rouge::{self, Rouge};
 use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
 use crate::model::{ModelConfig, Seq2Seq, Tokens};
@@ -222,6 +223,8 @@ pub struct TranslateReport {
     pub limit: usize,
     pub bleu: BleuScore,
     pub chrf: ChrfScore,
+    /// Summaries are scored by ROUGE (rouge-score's, stemmer on) instead of BLEU and chrF.
+    pub rouge: Option<Rouge>,
     pub hypotheses: Vec<String>,
     /// (source, reference, translation) of a few sentences spread over the set.
     pub samples: Vec<(String, String, String)>,
@@ -241,8 +244,10 @@ impl fmt::Display for TranslateReport {
                 self.cut, self.limit
             )?;
         }
-        writeln!(f, "{}", self.bleu)?;
-        write!(f, "{}", self.chrf)?;
+        match &self.rouge {
+            Some(r) => write!(f, "{r}")?,
+            None => write!(f, "{}\n{}", self.bleu, self.chrf)?,
+        }
         for (s, r, h) in &self.samples {
             write!(f, "\n\nsource:    {s}\nreference: {r}\nqkv:       {h}")?;
         }
@@ -251,7 +256,7 @@ impl fmt::Display for TranslateReport {
 }
 
 /// Translate the sources of `pairs` and score against their targets (sacreBLEU's BLEU and
-/// chrF); `samples` sentences are kept as examples.
+/// chrF, and ROUGE for a summarizer: `files.task`); `samples` sentences are kept as examples.
 pub fn evaluate(
     model: &mut Seq2Seq,
     files: &ModelFiles,
@@ -274,6 +279,14 @@ pub fn evaluate(
     for mut h in translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &one)? {
         hypotheses.push(tgt.decode(&h.swap_remove(0))?);
     }
+    let rouge = (files.task == Some(TaskKind::Summarize)).then(|| {
+        let scored: Vec<(&str, &str)> = refs
+            .iter()
+            .zip(&hypotheses)
+            .map(|(r, h)| (r.as_str(), h.as_str()))
+            .collect();
+        rouge::corpus(&scored, true)
+    });
     let refs = [refs];
     let bleu = corpus_bleu(&hypotheses, &refs, &BleuOptions::default())?;
     let chrf = corpus_chrf(&hypotheses, &refs, &ChrfOptions::default())?;
@@ -296,6 +309,7 @@ pub fn evaluate(
         limit,
         bleu,
         chrf,
+        rouge,
         hypotheses,
         samples,
     })
@@ -374,6 +388,7 @@ impl Task for Translate {
             target_tokenizer,
             labels: None,
             decode: job.decode.clone(),
+            task: None,
         };
         let (src_tok, tgt_tok) = (&files.tokenizer, files.target_tokenizer());
         let train = encode_pairs(src_tok, tgt_tok, &train_pairs, config.max_len)?;
@@ -429,5 +444,47 @@ impl Task for Translate {
         let opts = TranslateOptions::new(&files.decode);
         let report = evaluate(model, files, test, &opts, job.samples)?;
         Ok(Some(Report::Translate(report)))
+    }
+}
+
+/// Summarization: a translation task over `passage<TAB>summary` pairs whose model directory
+/// says it summarizes (`task.json`), so its test set and `qkv eval` are scored by ROUGE.
+pub struct Summarize(Translate);
+
+impl TrainData<Seq2Seq> for Summarize {
+    fn epoch(&self, epoch: u64) -> Result<Vec<Seq2SeqBatch>> {
+        self.0.epoch(epoch)
+    }
+    fn validate(&mut self, model: &mut Seq2Seq, part: Part) -> Result<Tally> {
+        self.0.validate(model, part)
+    }
+}
+
+impl Task for Summarize {
+    type Model = Seq2Seq;
+
+    fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
+        let p = Translate::prepare(job, run, observer)?;
+        Ok(Prepared {
+            task: Summarize(p.task),
+            files: ModelFiles {
+                task: Some(TaskKind::Summarize),
+                ..p.files
+            },
+            config: p.config,
+        })
+    }
+
+    fn new_model(&self, config: ModelConfig, job: &Job) -> Result<Seq2Seq> {
+        self.0.new_model(config, job)
+    }
+
+    fn test(
+        &mut self,
+        model: &mut Seq2Seq,
+        files: &ModelFiles,
+        job: &Job,
+    ) -> Result<Option<Report>> {
+        self.0.test(model, files, job)
     }
 }
