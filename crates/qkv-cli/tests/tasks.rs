@@ -554,3 +554,92 @@ fn a_job_with_only_task_and_data_trains() {
     assert!(out.join("best").join("decode.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A summarize job trains a Seq2Seq model whose directory says it summarizes: the test report
+/// and `qkv eval` give ROUGE. A second job warm-starts from it (`init_from`: its config,
+/// tokenizer and every parameter); one whose overrides change a shape is refused, naming
+/// the tensor.
+#[test]
+fn summarize_reports_rouge_and_warm_starts() {
+    let dir = scratch("summarize");
+    // "Summaries": the first two words of each passage.
+    let pairs = |n, seed| -> String {
+        parallel(n, seed)
+            .lines()
+            .map(|l| {
+                let passage = l.split('\t').next().unwrap();
+                let head: Vec<&str> = passage.split(' ').take(2).collect();
+                format!("{passage}\t{}\n", head.join(" "))
+            })
+            .collect()
+    };
+    std::fs::write(dir.join("train.tsv"), pairs(300, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), pairs(20, 2)).unwrap();
+    std::fs::write(dir.join("test.tsv"), pairs(20, 3)).unwrap();
+    let cfg = job(
+        &dir,
+        "summarize",
+        TINY,
+        40,
+        ["train.tsv", "valid.tsv", "test.tsv"],
+    );
+    let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("ROUGE-1 ") && !out.contains("BLEU"), "{out}");
+    let best = dir.join("run/best");
+    assert_eq!(
+        std::fs::read_to_string(best.join("task.json")).unwrap(),
+        "\"summarize\""
+    );
+    let (ok, out, err) = qkv(
+        &[
+            "eval",
+            "--model",
+            best.to_str().unwrap(),
+            "--data",
+            dir.join("test.tsv").to_str().unwrap(),
+            "--no-repeat-ngram-size",
+            "2",
+            "--min-len",
+            "2",
+        ],
+        None,
+    );
+    assert!(ok && out.contains("ROUGE-L "), "{out}{err}");
+
+    let warm = |model: &str, out: &str| {
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(TINY, model)
+            .replace(
+                r#""task": "summarize","#,
+                &format!(r#""task": "summarize", "init_from": "{}","#, best.display()),
+            )
+            .replace(r#""out": "run""#, &format!(r#""out": "{out}""#));
+        let path = dir.join(format!("{out}.json"));
+        std::fs::write(&path, text).unwrap();
+        qkv(
+            &[
+                "train",
+                "--config",
+                path.to_str().unwrap(),
+                "--max-steps",
+                "5",
+            ],
+            None,
+        )
+    };
+    let (ok, _, err) = warm(r#"{ "dropout": 0.0 }"#, "warm");
+    assert!(ok, "{err}");
+    // Every tensor of the tiny model came from the first run.
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("initialised"))
+        .expect(&err);
+    let words: Vec<&str> = line.split(' ').collect();
+    assert_eq!(words[1], words[5], "{line}");
+    assert!(line.contains("(0 of its tensors unused)"), "{line}");
+    let (ok, _, err) = warm(r#"{ "d_ff": 48 }"#, "wrong");
+    assert!(!ok);
+    assert!(err.contains("ffn") && err.contains("has shape"), "{err}");
+}

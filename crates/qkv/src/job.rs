@@ -292,6 +292,27 @@ mod tests {
     }
 
     #[test]
+    fn two_starting_models_or_a_missing_init_model_are_errors() {
+        let path = write(
+            "both",
+            r#"{"task": "classify", "data": {"train": "t", "valid": "v"},
+                "pretrained": "a", "init_from": "b"}"#,
+        );
+        let err = Job::load(&path).unwrap_err().to_string();
+        assert!(err.contains("`pretrained` and `init_from`"), "{err}");
+        let path = write(
+            "missing",
+            r#"{"task": "summarize", "data": {"train": "t", "valid": "v"}, "init_from": "nowhere"}"#,
+        );
+        let job = Job::load(&path).unwrap();
+        let err = job.model_config(None, 10, 0, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("nowhere") && err.contains("config.json"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_or_inert_fields_are_errors_naming_them() {
         for (text, want) in [
             (r#""train": {"max_step": 7}"#, "max_step"),
