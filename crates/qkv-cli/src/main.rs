@@ -35,7 +35,7 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Train a model from a job config (translate, classify or lm).
+    /// Train a model from a job config (translate, summarize, classify or lm).
     Train(train::TrainArgs),
     /// Score a model directory on test data (BLEU/chrF, accuracy/F1, perplexity).
     Eval(eval::EvalArgs),

@@ -2,7 +2,8 @@
 //! hub directory). `config.json` and `model.safetensors` (see [`crate::checkpoint`]), the
 //! tokenizer (`tokenizer.json`, and `target_tokenizer.json` when a translation model has one
 //! vocabulary per side), the class names (`labels.json`), the decoding defaults
-//! (`decode.json`) and, in a training checkpoint, how it was trained (`train_config.json`).
+//! (`decode.json`), the task when its family has several (`task.json`: a summarizer) and, in a
+//! training checkpoint, how it was trained (`train_config.json`).
 //!
 //! This is the one place that reads or writes those files and the one place that decides a
 //! model's family from its config; a Hugging Face BERT-family directory loads as an encoder.
