@@ -205,12 +205,9 @@ fn serve_and_its_load_generator_reject_bad_arguments() {
     }
 }
 
-/// Started by mpirun (its environment) in a build without MPI: an error that says how to build
-/// one, not K processes each training alone into the same directory.
-#[cfg(not(feature = "mpi"))]
-#[test]
-fn train_under_mpirun_without_the_mpi_feature_says_how_to_build_it() {
-    let dir = std::env::temp_dir().join(format!("qkv-cli-nompi-{}", std::process::id()));
+/// A scratch folder holding a job that names only its task and (absent) data files.
+fn minimal_job(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("qkv-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("job.json");
     std::fs::write(
@@ -218,6 +215,15 @@ fn train_under_mpirun_without_the_mpi_feature_says_how_to_build_it() {
         r#"{"task": "lm", "data": {"train": "a.txt", "valid": "b.txt"}}"#,
     )
     .unwrap();
+    (dir, cfg)
+}
+
+/// Started by mpirun (its environment) in a build without MPI: an error that says how to build
+/// one, not K processes each training alone into the same directory.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn train_under_mpirun_without_the_mpi_feature_says_how_to_build_it() {
+    let (dir, cfg) = minimal_job("nompi");
     let out = Command::new(env!("CARGO_BIN_EXE_qkv"))
         .args(["train", "--config", cfg.to_str().unwrap(), "--out"])
         .arg(dir.join("run"))
@@ -236,14 +242,7 @@ fn train_under_mpirun_without_the_mpi_feature_says_how_to_build_it() {
 
 #[test]
 fn train_rejects_a_timeout_that_is_not_positive() {
-    let dir = std::env::temp_dir().join(format!("qkv-cli-timeout-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("job.json");
-    std::fs::write(
-        &cfg,
-        r#"{"task": "lm", "data": {"train": "a.txt", "valid": "b.txt"}}"#,
-    )
-    .unwrap();
+    let (dir, cfg) = minimal_job("timeout");
     for bad in ["0", "-3", "NaN"] {
         let (ok, err) = qkv(&[
             "train",
