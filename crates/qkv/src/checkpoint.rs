@@ -188,7 +188,7 @@ pub fn init_from(dir: &Path, params: &mut Params) -> Result<(usize, usize, usize
     let names = file.names();
     let mut copied = 0;
     for spec in params.specs.clone() {
-        if names.iter().any(|n| *n == spec.name) {
+        if names.contains(&spec.name) {
             let v = file.f32_exact(&spec.name, &spec.shape)?;
             params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
             copied += 1;
