@@ -643,3 +643,19 @@ fn summarize_reports_rouge_and_warm_starts() {
     assert!(!ok);
     assert!(err.contains("ffn") && err.contains("has shape"), "{err}");
 }
+
+/// A model directory whose `task.json` names no task is an error naming the file.
+#[test]
+fn an_unknown_task_in_a_model_directory_is_an_error_naming_the_file() {
+    let model = tiny_model(Family::Seq2seq, "bad-task");
+    std::fs::write(model.join("task.json"), "\"poetry\"").unwrap();
+    let (ok, _, err) = qkv(
+        &["translate", "--model", model.to_str().unwrap()],
+        Some("the king\n"),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("task.json") && err.contains("invalid task"),
+        "{err}"
+    );
+}
