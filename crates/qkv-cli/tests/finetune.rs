@@ -159,3 +159,93 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
     );
     assert!(!ok && err.contains("classify task only"), "{err}");
 }
+
+/// A summarize job with `"init_from"` all-MiniLM-L6-v2 (Rothe et al., 2020): the encoder,
+/// the shared WordPiece embeddings and the decoder's self-attention and feed-forward
+/// sublayers come from it, the cross-attention learns from scratch, and the run's model
+/// directory summarizes with the HF tokenizer.
+#[test]
+fn minilm_warm_starts_a_summarizer_through_a_job() {
+    let Some(model) = minilm() else { return };
+    let dir = scratch("minilm-summarize");
+    for (name, n, seed) in [
+        ("train.tsv", 48, 0),
+        ("valid.tsv", 8, 1),
+        ("test.tsv", 8, 2),
+    ] {
+        // "Headings": the passage's first two words.
+        let pairs: String = labelled(n, seed)
+            .lines()
+            .map(|l| {
+                let text = l.split('\t').nth(1).unwrap();
+                let head: Vec<&str> = text.split(' ').take(2).collect();
+                format!("{text}\t{}\n", head.join(" "))
+            })
+            .collect();
+        std::fs::write(dir.join(name), pairs).unwrap();
+    }
+    let job = |extra: &str, out: &str| {
+        let text = format!(
+            r#"{{
+  "task": "summarize",
+  "data": {{ "train": "train.tsv", "valid": "valid.tsv", "test": "test.tsv" }},
+  "init_from": "{}",
+  {extra}
+  "model": {{ "n_decoder_layers": 1, "max_len": 32 }},
+  "train": {{
+    "max_steps": 24, "max_tokens": 256, "accumulate": 1,
+    "schedule": {{ "kind": "cosine", "peak": 0.0003, "min": 0.00001, "warmup": 4, "total": 24 }},
+    "label_smoothing": 0.0, "seed": 1, "valid_every": 12, "save_every": 12, "keep_last": 1, "time_limit_s": null
+  }},
+  "decode": {{ "beam": 2, "max_len_a": 0.0, "max_len_b": 6 }},
+  "out": "{out}",
+  "samples": 1
+}}"#,
+            model.display()
+        );
+        let path = dir.join(format!("{out}.json"));
+        std::fs::write(&path, text).unwrap();
+        qkv(&["train", "--config", path.to_str().unwrap()], None)
+    };
+    let (ok, out, err) = job("", "run");
+    assert!(ok, "{err}");
+    assert!(
+        // 77 tensors of the encoder side, 4 of the target embedding, 12 of the decoder layer.
+        err.contains("initialised 93 of the model's 101 tensors")
+            && err.contains("pretrained encoder"),
+        "{err}"
+    );
+    assert!(out.contains("ROUGE-1 "), "{out}");
+    let valid: Vec<f64> = err
+        .lines()
+        .filter_map(|l| l.split("valid loss ").nth(1))
+        .map(|s| s.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        valid.len() >= 2 && valid[valid.len() - 1] < valid[0],
+        "validation losses {valid:?}"
+    );
+    let best = dir.join("run/best");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["family"], "seq2seq");
+    assert_eq!(cfg["n_encoder_layers"], 6);
+    assert_eq!(cfg["n_decoder_layers"], 1);
+    assert_eq!(cfg["embed_norm"], true);
+    assert_eq!(cfg["share_embeddings"], true);
+    assert_eq!(cfg["vocab_size"], 30522);
+    let (ok, out, err) = qkv(
+        &["translate", "--model", best.to_str().unwrap()],
+        Some("I love the food\n"),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+
+    // One WordPiece vocabulary: per-side vocabularies cannot come from it.
+    let (ok, _, err) = job(r#""tokenizer": { "joint": false },"#, "per-side");
+    assert!(!ok);
+    assert!(
+        err.contains("one vocabulary") && err.contains("joint"),
+        "{err}"
+    );
+}

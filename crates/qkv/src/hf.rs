@@ -1,7 +1,10 @@
 //! Pretrained Hugging Face BERT-family encoders (BERT, MiniLM, …) from their hub layout
 //! (`config.json`, `model.safetensors`, `tokenizer.json`, and sentence-transformers'
 //! `sentence_bert_config.json` when present), mapped onto qkv's classifier: a post-LN encoder
-//! with GELU, learned positions, token types and a LayerNorm over the embeddings.
+//! with GELU, learned positions, token types and a LayerNorm over the embeddings; or onto a
+//! seq2seq model of the same layout whose encoder and decoder start from it, all but the
+//! decoder's cross-attention (Rothe et al., 2020, "Leveraging Pre-trained Checkpoints for
+//! Sequence Generation Tasks": BERT2BERT).
 //!
 //! BERT keeps separate query/key/value projections; qkv fuses them into one (3C, C) matrix in
 //! PyTorch's `in_proj` order [Q; K; V], so loading concatenates them. Everything else is a
@@ -15,6 +18,7 @@ use crate::kernels::activation::Activation;
 use crate::model::{
     AttentionKind, Classifier, Family, ModelConfig, NormPlacement, Pooling, Positional,
 };
+use crate::params::Params;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -76,6 +80,8 @@ pub struct HfEncoder {
     /// The equivalent qkv config: a classifier with `n_classes` 0 (embeddings only).
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
+    /// Rows of the pretrained position table (`max_position_embeddings`).
+    pub max_positions: usize,
 }
 
 impl HfEncoder {
@@ -162,6 +168,7 @@ impl HfEncoder {
             dir: dir.to_path_buf(),
             config,
             tokenizer,
+            max_positions: bert.max_position_embeddings,
         })
     }
 
@@ -176,6 +183,50 @@ impl HfEncoder {
     /// with a class head, which keeps its initialization, and a shorter `max_len`: the first
     /// `max_len` position rows are used).
     pub fn load_weights(&self, model: &mut Classifier) -> Result<()> {
+        self.load_into(&mut model.params, |name| {
+            (!name.starts_with("head.")).then(|| name.to_string())
+        })?;
+        Ok(())
+    }
+
+    /// This encoder under a decoder of the same layout (Rothe et al., 2020): a
+    /// seq2seq config whose encoder is the pretrained one (post-LN, GELU, learned positions,
+    /// token types, embedding LayerNorm) and whose decoder has as many layers, one shared
+    /// WordPiece vocabulary and an output tied to it. The input may be as long as the
+    /// pretrained position table (sentence-transformers' shorter cap is for embeddings).
+    pub fn seq2seq_config(&self) -> ModelConfig {
+        ModelConfig {
+            family: Family::Seq2seq,
+            n_decoder_layers: self.config.n_encoder_layers,
+            max_len: self.max_positions,
+            share_embeddings: true,
+            tie_output: true,
+            pooling: Pooling::Mean,
+            ..self.config.clone()
+        }
+    }
+
+    /// Warm-start a seq2seq model built from [`HfEncoder::seq2seq_config`] (`params` in
+    /// [`Seq2Seq`](crate::model::Seq2Seq)'s naming) as Rothe et al.'s BERT2BERT: the encoder,
+    /// the shared embeddings, the target's positions and embedding norm, and each decoder
+    /// layer's self-attention and feed-forward sublayers (layer `i` from encoder layer `i`;
+    /// layers beyond the encoder's depth keep their initialization) come from the pretrained
+    /// weights; cross-attention starts from scratch. Returns (tensors copied, tensors of the
+    /// model).
+    pub fn init_seq2seq(&self, params: &mut Params) -> Result<(usize, usize)> {
+        let depth = self.config.n_encoder_layers;
+        let copied = self.load_into(params, |name| seq2seq_to_encoder_name(name, depth))?;
+        Ok((copied, params.specs.len()))
+    }
+
+    /// Copy every parameter of `params` that `rename` maps to an encoder parameter name
+    /// (qkv's classifier naming) from its BERT tensor(s). Every tensor of the file must be
+    /// used, except heads qkv has no counterpart for. Returns the parameters copied.
+    fn load_into(
+        &self,
+        params: &mut Params,
+        rename: impl Fn(&str) -> Option<String>,
+    ) -> Result<usize> {
         let path = self.dir.join(WEIGHTS_FILE);
         let file = TensorFile::open(&path)?;
         let names = file.names();
@@ -185,9 +236,14 @@ impl HfEncoder {
             ""
         };
         let mut used: Vec<String> = Vec::new();
-        let specs = model.params.specs.clone();
-        for spec in specs.iter().filter(|s| !s.name.starts_with("head.")) {
-            let sources = hf_sources(&spec.name).ok_or_else(|| {
+        let mut copied = 0;
+        let specs = params.specs.clone();
+        for spec in &specs {
+            let Some(enc_name) = rename(&spec.name) else {
+                continue;
+            };
+            let is_pos = enc_name == "pos.weight";
+            let sources = hf_sources(&enc_name).ok_or_else(|| {
                 ck_err(
                     &path,
                     format!("qkv parameter '{}' has no BERT counterpart", spec.name),
@@ -208,7 +264,7 @@ impl HfEncoder {
                 match file.get(&name)? {
                     (shape, TensorData::F32(v))
                         if shape == want
-                            || (spec.name == "pos.weight"
+                            || (is_pos
                                 && shape.len() == 2
                                 && shape[1] == want[1]
                                 && shape[0] >= want[0]) =>
@@ -229,7 +285,7 @@ impl HfEncoder {
                 used.push(name);
             }
             // Position tables may be longer than the model's max_len: keep the first rows.
-            if spec.name == "pos.weight" && data.len() > spec.len {
+            if is_pos && data.len() > spec.len {
                 data.truncate(spec.len);
             }
             if data.len() != spec.len {
@@ -245,7 +301,8 @@ impl HfEncoder {
                     ),
                 ));
             }
-            model.params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&data);
+            params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&data);
+            copied += 1;
         }
         let ignored = |n: &str| {
             let n = n.strip_prefix(prefix).unwrap_or(n);
@@ -260,8 +317,28 @@ impl HfEncoder {
                 format!("unexpected tensor '{extra}': not part of a BERT encoder qkv can load"),
             ));
         }
-        Ok(())
+        Ok(copied)
     }
+}
+
+/// A seq2seq parameter's name in the classifier's naming, when the pretrained encoder has
+/// one (Rothe et al.'s BERT2BERT): the source embeddings (which the decoder shares) and the
+/// encoder layers; the target's positions, token types and embedding norm; and the
+/// self-attention and feed-forward sublayers (with their norms) of decoder layer `i` from
+/// encoder layer `i` (of `depth`). Cross-attention has no counterpart and starts from
+/// scratch.
+fn seq2seq_to_encoder_name(name: &str, depth: usize) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("src_").or(name.strip_prefix("tgt_")) {
+        return Some(rest.to_string());
+    }
+    if name.starts_with("encoder.layers.") {
+        return Some(name.to_string());
+    }
+    let rest = name.strip_prefix("decoder.layers.")?;
+    let (layer, field) = rest.split_once('.')?;
+    let shared = ["self_attn.", "self_attn_norm.", "ffn.", "ffn_norm."];
+    (layer.parse::<usize>().ok()? < depth && shared.iter().any(|p| field.starts_with(p)))
+        .then(|| format!("encoder.layers.{rest}"))
 }
 
 /// A tensor by its BERT name; old checkpoints call LayerNorm's parameters gamma/beta.
@@ -334,6 +411,21 @@ mod tests {
             vec!["embeddings.LayerNorm.bias"]
         );
         assert!(hf_sources("encoder.final_norm.weight").is_none());
+        let rename = |n: &str| super::seq2seq_to_encoder_name(n, 6);
+        assert_eq!(rename("src_embed_norm.bias").unwrap(), "embed_norm.bias");
+        assert_eq!(rename("tgt_pos.weight").unwrap(), "pos.weight");
+        assert_eq!(
+            rename("decoder.layers.5.self_attn.qkv.weight").unwrap(),
+            "encoder.layers.5.self_attn.qkv.weight"
+        );
+        assert_eq!(
+            rename("decoder.layers.0.ffn_norm.bias").unwrap(),
+            "encoder.layers.0.ffn_norm.bias"
+        );
+        // Cross-attention, and decoder layers deeper than the encoder, start from scratch.
+        assert!(rename("decoder.layers.0.cross_attn.kv.weight").is_none());
+        assert!(rename("decoder.layers.0.cross_attn_norm.weight").is_none());
+        assert!(rename("decoder.layers.6.ffn.up.weight").is_none());
         assert!(hf_sources("head.weight").is_none());
     }
 }

@@ -185,6 +185,27 @@ impl Job {
         self.out.as_deref().unwrap_or(Path::new("runs/job"))
     }
 
+    /// The config an `init_from` directory gives: a qkv model's own, or, for a Hugging Face
+    /// BERT-family encoder (translate and summarize only), that encoder under a decoder.
+    fn warm_config(&self, dir: &Path) -> Result<ModelConfig> {
+        if !crate::hf::is_hf_dir(dir) {
+            return crate::checkpoint::load_config(dir);
+        }
+        match self.task {
+            TaskKind::Translate | TaskKind::Summarize => {
+                Ok(crate::hf::HfEncoder::open(dir)?.seq2seq_config())
+            }
+            TaskKind::Classify => Err(Error::Config(format!(
+                "init_from {}: a Hugging Face encoder is fine-tuned by a classify job through `pretrained`",
+                dir.display()
+            ))),
+            TaskKind::Lm => Err(Error::Config(format!(
+                "init_from {}: a Hugging Face encoder has no decoder to start a language model from",
+                dir.display()
+            ))),
+        }
+    }
+
     /// The model config: a preset (or `base`, a pretrained model's config), then the job's
     /// overrides, then what the data decides (vocabulary size, padding id, class count).
     pub fn model_config(
@@ -197,7 +218,7 @@ impl Job {
         let mut spec = self.model.as_object().cloned().unwrap_or_default();
         let preset = spec.remove("preset");
         let warm = match (base, &self.init_from) {
-            (None, Some(dir)) => Some(crate::checkpoint::load_config(dir)?),
+            (None, Some(dir)) => Some(self.warm_config(dir)?),
             _ => None,
         };
         let base = base.or(warm.as_ref());
@@ -310,6 +331,26 @@ mod tests {
             err.contains("nowhere") && err.contains("config.json"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_hugging_face_encoder_starts_seq2seq_jobs_only() {
+        // Only `config.json` is read before the task is checked.
+        let hf = std::env::temp_dir().join(format!("qkv-job-{}-hf", std::process::id()));
+        std::fs::create_dir_all(&hf).unwrap();
+        std::fs::write(hf.join("config.json"), r#"{"hidden_size": 8}"#).unwrap();
+        for (task, want) in [("classify", "`pretrained`"), ("lm", "no decoder")] {
+            let text = format!(
+                r#"{{"task": "{task}", "data": {{"train": "t", "valid": "v"}}, "init_from": "{}"}}"#,
+                hf.display()
+            );
+            let job = Job::load(&write(task, &text)).unwrap();
+            let err = job.model_config(None, 10, 0, 2).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains(&*hf.to_string_lossy()),
+                "{err}"
+            );
+        }
     }
 
     #[test]

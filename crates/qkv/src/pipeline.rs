@@ -162,11 +162,20 @@ fn run<T: Task>(
     // A warm start begins the run (a resumed one continues from its checkpoint); rank 0's
     // parameters reach the other ranks when training starts.
     if let (Some(dir), None, true) = (&job.init_from, &latest, comm.is_root()) {
-        let (copied, total, unused) = crate::checkpoint::init_from(dir, model.params_mut())?;
-        observer.on_message(&format!(
-            "initialised {copied} of the model's {total} tensors from {} ({unused} of its tensors unused)",
-            dir.display()
-        ));
+        if crate::hf::is_hf_dir(dir) {
+            let enc = crate::hf::HfEncoder::open(dir)?;
+            let (copied, total) = enc.init_seq2seq(model.params_mut())?;
+            observer.on_message(&format!(
+                "initialised {copied} of the model's {total} tensors from the pretrained encoder {} (its cross-attention starts from scratch)",
+                dir.display()
+            ));
+        } else {
+            let (copied, total, unused) = crate::checkpoint::init_from(dir, model.params_mut())?;
+            observer.on_message(&format!(
+                "initialised {copied} of the model's {total} tensors from {} ({unused} of its tensors unused)",
+                dir.display()
+            ));
+        }
     }
     let best = job.out().join(BEST_DIR);
     let root = comm.is_root();

@@ -96,6 +96,26 @@ fn bert_style_classifier_gradients() {
 }
 
 #[test]
+fn bert_layout_seq2seq_gradients() {
+    // A BERT-family encoder under a decoder of the same layout (init_from a Hugging Face
+    // encoder): token types on the source, a LayerNorm over both embeddings, one shared table.
+    let mut cfg = tiny(Family::Seq2seq, NormPlacement::Post, true, true);
+    cfg.tgt_vocab_size = None;
+    cfg.share_embeddings = true;
+    cfg.tie_output = true;
+    cfg.token_types = 2;
+    cfg.embed_norm = true;
+    cfg.scale_embeddings = false;
+    check(Case::random(cfg.clone(), 10), "bert-layout seq2seq");
+    cfg.dropout = 0.2;
+    check_in(
+        Case::random(cfg, 11),
+        "bert-layout seq2seq with dropout",
+        Mode::train(0.2, 0.1, 7),
+    );
+}
+
+#[test]
 fn lm_gradients_tied_and_untied() {
     for (norm, tie) in [(NormPlacement::Post, true), (NormPlacement::Pre, false)] {
         let mut cfg = tiny(Family::Lm, norm, true, !tie);

@@ -294,3 +294,66 @@ fn unsupported_or_broken_hf_directories_are_errors() {
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// `init_from` a BERT-family encoder (Rothe et al., 2020, BERT2BERT): the seq2seq encoder
+/// computes what the pretrained encoder computes (itself checked against sentence-transformers
+/// above); the decoder's self-attention and feed-forward sublayers are the encoder layers'
+/// and only its cross-attention keeps its own initialization.
+#[test]
+fn minilm_warm_starts_a_seq2seq_encoder() {
+    use qkv::model::{Model, Seq2Seq, Tokens};
+    let Some(dir) = model_dir() else { return };
+    let enc = HfEncoder::open(&dir).unwrap();
+    let mut cfg = enc.seq2seq_config();
+    assert_eq!(cfg.max_len, 512, "the whole pretrained position table");
+    assert!(cfg.share_embeddings && cfg.embed_norm && cfg.token_types == 2);
+    cfg.n_decoder_layers = 2;
+    let mut s2s = Seq2Seq::new(cfg.clone(), 3).unwrap();
+    let fresh = Seq2Seq::new(cfg, 3).unwrap();
+    let (copied, total) = enc.init_seq2seq(&mut s2s.params).unwrap();
+    // Source words, positions, types, the embedding norm's two; 12 tensors in each of 6
+    // encoder layers; the target's positions, types and norm; 12 in each decoder layer.
+    assert_eq!(copied, 5 + 12 * 6 + 4 + 12 * 2);
+    assert_eq!(total, s2s.params().specs.len());
+    let data = |m: &Seq2Seq, name: &str| {
+        let spec = m.params().spec(name).unwrap();
+        m.params.data[spec.offset..spec.offset + spec.len].to_vec()
+    };
+    for spec in &s2s.params().specs {
+        let pretrained = !spec.name.contains("cross_attn");
+        let changed = data(&s2s, &spec.name) != data(&fresh, &spec.name);
+        assert_eq!(changed, pretrained, "{}", spec.name);
+    }
+    for name in ["self_attn.qkv.bias", "ffn.up.weight", "ffn_norm.weight"] {
+        assert_eq!(
+            data(&s2s, &format!("decoder.layers.1.{name}")),
+            data(&s2s, &format!("encoder.layers.1.{name}"))
+        );
+    }
+    assert_eq!(data(&s2s, "tgt_pos.weight"), data(&s2s, "src_pos.weight"));
+
+    let texts = [
+        "In the beginning God created the heaven and the earth.",
+        "Jesus wept.",
+    ];
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| enc.tokenizer.encode_single(t, 64).unwrap())
+        .collect();
+    let t = ids.iter().map(Vec::len).max().unwrap();
+    let mut flat = vec![enc.config.pad_id; ids.len() * t];
+    for (row, x) in flat.chunks_mut(t).zip(&ids) {
+        row[..x.len()].copy_from_slice(x);
+    }
+    let tokens = Tokens::new(&flat, ids.len(), t).unwrap();
+    let memory = s2s.encode(tokens).unwrap().to_vec();
+    let mut bert = enc.embedding_model().unwrap();
+    bert.features(tokens).unwrap();
+    let want = bert.encoder.output(memory.len());
+    let diff = memory
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-6, "encoder states differ by {diff}");
+}

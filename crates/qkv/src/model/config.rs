@@ -114,10 +114,13 @@ pub struct ModelConfig {
     #[serde(default)]
     pub attention_window: Option<usize>,
     /// Token-type (segment) embeddings, BERT's `type_vocab_size`; 0 means none. qkv feeds one
-    /// segment per input, so every token has type 0. Classifier only.
+    /// segment per input, so every token has type 0. Classifier, and both embeddings of
+    /// seq2seq (BERT-layout stacks).
     #[serde(default)]
     pub token_types: usize,
-    /// LayerNorm over the summed embeddings, applied before dropout (BERT). Classifier only.
+    /// LayerNorm over the summed embeddings, applied before dropout (BERT). Classifier, and
+    /// both embeddings of seq2seq (a BERT-layout encoder under a decoder of the same layout,
+    /// Rothe et al., 2020).
     #[serde(default)]
     pub embed_norm: bool,
 }
@@ -256,8 +259,11 @@ impl ModelConfig {
             }
             _ => {}
         }
-        if self.family != Family::Classifier && (self.token_types > 0 || self.embed_norm) {
-            return bad("token_types and embed_norm are supported by the classifier only".into());
+        if self.family == Family::Lm && (self.token_types > 0 || self.embed_norm) {
+            return bad(
+                "token_types and embed_norm are supported by the classifier and seq2seq only"
+                    .into(),
+            );
         }
         match self.family {
             Family::Seq2seq => {

@@ -55,6 +55,13 @@ impl Seq2Seq {
             cfg.scale_embeddings,
             "source",
             sites.next(),
+        )
+        .with_token_types(&mut pb, "src_embed_types", cfg.token_types)
+        .with_norm(
+            &mut pb,
+            "src_embed_norm",
+            cfg.embed_norm,
+            cfg.layer_norm_eps,
         );
         let shared = cfg.share_embeddings.then_some(src_embed.table);
         let tgt_embed = Embedding::new(
@@ -69,6 +76,13 @@ impl Seq2Seq {
             cfg.scale_embeddings,
             "target",
             sites.next(),
+        )
+        .with_token_types(&mut pb, "tgt_embed_types", cfg.token_types)
+        .with_norm(
+            &mut pb,
+            "tgt_embed_norm",
+            cfg.embed_norm,
+            cfg.layer_norm_eps,
         );
         let (n_enc, n_dec) = (cfg.n_encoder_layers, cfg.n_decoder_layers);
         let encoder = Stack::new(&mut pb, "encoder", n_enc, false, cfg, &mut sites);

@@ -10,10 +10,10 @@ pub mod lm;
 pub mod translate;
 
 use crate::data::{read_labelled, read_parallel, Tokenizer};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::model::{Model, ModelConfig};
-use crate::model_dir::ModelFiles;
+use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
 use crate::train::{Observer, TrainData};
 use std::path::Path;
 
@@ -105,6 +105,13 @@ where
         return Tokenizer::load(&own);
     }
     if let Some(dir) = &job.init_from {
+        // A Hugging Face encoder has one vocabulary, in `tokenizer.json`.
+        if crate::hf::is_hf_dir(dir) && file != TOKENIZER_FILE {
+            return Err(Error::Config(format!(
+                "init_from {} has one vocabulary: set tokenizer.joint to true",
+                dir.display()
+            )));
+        }
         return Tokenizer::load(&dir.join(file));
     }
     let spec = &job.tokenizer;

@@ -23,19 +23,28 @@ pub struct ParallelData {
     pub pairs: Vec<(Vec<u32>, Vec<u32>)>,
     /// Pairs dropped because a side did not fit `max_len`.
     pub dropped_long: usize,
+    /// Sources cut to fit `max_len` (with `truncate_source`).
+    pub truncated: usize,
 }
 
 /// Tokenize `pairs`; pairs with a side longer than `max_len - 1` tokens (room for BOS/EOS)
-/// are dropped and counted (fairseq's `--skip-invalid-size-inputs-valid-test`).
+/// are dropped and counted (fairseq's `--skip-invalid-size-inputs-valid-test`), or, with
+/// `truncate_source`, a long source keeps its first `max_len - 1` tokens (fairseq's
+/// `--truncate-source`, as summarization reads the start of a long document).
 pub fn encode_pairs(
     src_tok: &Tokenizer,
     tgt_tok: &Tokenizer,
     pairs: &[(String, String)],
     max_len: usize,
+    truncate_source: bool,
 ) -> Result<ParallelData> {
     let mut out = ParallelData::default();
     for (s, t) in pairs {
-        let (s, t) = (src_tok.encode(s)?, tgt_tok.encode(t)?);
+        let (mut s, t) = (src_tok.encode(s)?, tgt_tok.encode(t)?);
+        if truncate_source && s.len() + 1 > max_len {
+            s.truncate(max_len - 1);
+            out.truncated += 1;
+        }
         if s.len() + 1 > max_len || t.len() + 1 > max_len {
             out.dropped_long += 1;
         } else {
@@ -337,10 +346,15 @@ impl TrainData<Seq2Seq> for Translate {
     }
 }
 
-impl Task for Translate {
-    type Model = Seq2Seq;
-
-    fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
+impl Translate {
+    /// Read, tokenize and batch the job's pairs; `truncate_source` cuts long sources
+    /// instead of dropping their pairs (summarization).
+    fn prepare_pairs(
+        job: &Job,
+        run: &Path,
+        observer: &mut dyn Observer,
+        truncate_source: bool,
+    ) -> Result<Prepared<Self>> {
         let train_pairs = read_pairs(job, &job.data.train, false, observer)?;
         let valid_pairs = read_pairs(job, &job.data.valid, false, observer)?;
         let test = job
@@ -391,8 +405,9 @@ impl Task for Translate {
             task: None,
         };
         let (src_tok, tgt_tok) = (&files.tokenizer, files.target_tokenizer());
-        let train = encode_pairs(src_tok, tgt_tok, &train_pairs, config.max_len)?;
-        let valid_data = encode_pairs(src_tok, tgt_tok, &valid_pairs, config.max_len)?;
+        let cut = truncate_source;
+        let train = encode_pairs(src_tok, tgt_tok, &train_pairs, config.max_len, cut)?;
+        let valid_data = encode_pairs(src_tok, tgt_tok, &valid_pairs, config.max_len, cut)?;
         if valid_data.pairs.is_empty() {
             return Err(Error::Config(format!(
                 "{}: no validation pairs (within max_len {})",
@@ -403,11 +418,21 @@ impl Task for Translate {
         if test.as_ref().is_some_and(|t| t.is_empty()) {
             return Err(Error::Config("the test set is empty".into()));
         }
+        let fit = if truncate_source {
+            format!(
+                "{} sources cut to {} tokens",
+                train.truncated,
+                config.max_len - 1
+            )
+        } else {
+            format!(
+                "{} dropped as longer than {} tokens",
+                train.dropped_long, config.max_len
+            )
+        };
         observer.on_message(&format!(
-            "train: {} pairs ({} dropped as longer than {} tokens), valid: {}, vocabulary {} / {}",
+            "train: {} pairs ({fit}), valid: {}, vocabulary {} / {}",
             train.pairs.len(),
-            train.dropped_long,
-            config.max_len,
             valid_data.pairs.len(),
             src_tok.vocab_size(),
             tgt_tok.vocab_size()
@@ -426,6 +451,14 @@ impl Task for Translate {
             files,
             config,
         })
+    }
+}
+
+impl Task for Translate {
+    type Model = Seq2Seq;
+
+    fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
+        Self::prepare_pairs(job, run, observer, false)
     }
 
     fn new_model(&self, config: ModelConfig, job: &Job) -> Result<Seq2Seq> {
@@ -464,7 +497,7 @@ impl Task for Summarize {
     type Model = Seq2Seq;
 
     fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
-        let p = Translate::prepare(job, run, observer)?;
+        let p = Translate::prepare_pairs(job, run, observer, true)?;
         Ok(Prepared {
             task: Summarize(p.task),
             files: ModelFiles {
@@ -486,5 +519,38 @@ impl Task for Summarize {
         job: &Job,
     ) -> Result<Option<Report>> {
         self.0.test(model, files, job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_sources_are_dropped_or_cut() {
+        let text = ["a b c d e f g h", "a b", "c d e"];
+        let tok = Tokenizer::train_bpe(text.iter(), 40, false).unwrap();
+        let pair = |s: &str, t: &str| (s.to_string(), t.to_string());
+        let pairs = [
+            pair("a b c d e f g h", "a b"),
+            pair("a", "b"),
+            pair("a", "a b c d e f g h"),
+        ];
+        let long = tok.encode(&pairs[0].0).unwrap();
+        let max_len = 4;
+        assert!(long.len() + 1 > max_len);
+        // Translation drops a pair with a side too long for the model.
+        let kept = encode_pairs(&tok, &tok, &pairs, max_len, false).unwrap();
+        assert_eq!(
+            (kept.pairs.len(), kept.dropped_long, kept.truncated),
+            (1, 2, 0)
+        );
+        // Summarization keeps the start of a long source; a long target still drops its pair.
+        let cut = encode_pairs(&tok, &tok, &pairs, max_len, true).unwrap();
+        assert_eq!(
+            (cut.pairs.len(), cut.dropped_long, cut.truncated),
+            (2, 1, 1)
+        );
+        assert_eq!(cut.pairs[0].0, long[..max_len - 1]);
     }
 }
