@@ -39,7 +39,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Score a model directory on test data (BLEU/chrF, accuracy/F1, perplexity).
     Eval(eval::EvalArgs),
-    /// Translate stdin to stdout, one sentence per line (batched beam search).
+    /// Translate stdin to stdout, one sentence per line (batched beam search); a summarizer
+    /// gives one summary per passage.
     Translate(infer::TranslateArgs),
     /// Classify stdin lines: prints `label<TAB>probability` per line.
     Classify(infer::ClassifyArgs),

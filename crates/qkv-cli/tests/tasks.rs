@@ -606,6 +606,18 @@ fn summarize_reports_rouge_and_warm_starts() {
         None,
     );
     assert!(ok && out.contains("ROUGE-L "), "{out}{err}");
+    // A summarizer reads the start of a passage longer than its max_len (24) and says so.
+    let long = format!("{}\nthe king\n", "the king and the house ".repeat(20));
+    let (ok, out, err) = qkv(
+        &["translate", "--model", best.to_str().unwrap()],
+        Some(&long),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        err.contains("1 passages were longer than the model's 23 tokens"),
+        "{err}"
+    );
 
     let warm = |model: &str, out: &str| {
         let text = std::fs::read_to_string(&cfg)

@@ -193,14 +193,16 @@ pub fn translate_ids(
 }
 
 /// Translate `texts`: per text, `nbest` outputs (best first). A text longer than the model
-/// reads is an error naming it.
+/// reads is an error naming it, unless `cut` is given (summarization reads the start of a
+/// long passage): then it is shortened and counted there.
 pub fn translate(
     model: &mut Seq2Seq,
     files: &ModelFiles,
     texts: &[String],
     opts: &TranslateOptions,
+    cut: Option<&mut usize>,
 ) -> Result<Vec<Vec<String>>> {
-    let src = encode_sources(&files.tokenizer, texts, source_limit(model), None)?;
+    let src = encode_sources(&files.tokenizer, texts, source_limit(model), cut)?;
     let tgt = files.target_tokenizer();
     translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, opts)?
         .into_iter()
