@@ -78,41 +78,37 @@ fn classifier_gradients_both_poolings() {
     }
 }
 
-#[test]
-fn bert_style_classifier_gradients() {
-    // A BERT-family encoder's embeddings: token types and a LayerNorm over the sum, with the
-    // dropout after the norm.
-    let mut cfg = tiny(Family::Classifier, NormPlacement::Post, true, true);
+/// `cfg` with a BERT-family encoder's embeddings (token types and a LayerNorm over the sum,
+/// with the dropout after the norm), checked without dropout and then with it.
+fn check_bert_embeddings(mut cfg: qkv::model::ModelConfig, seed: u64, what: &str) {
     cfg.token_types = 2;
     cfg.embed_norm = true;
     cfg.scale_embeddings = false;
-    check(Case::random(cfg.clone(), 8), "bert-style classifier");
+    check(Case::random(cfg.clone(), seed), what);
     cfg.dropout = 0.2;
+    let dropped = format!("{what} with dropout");
     check_in(
-        Case::random(cfg, 9),
-        "bert-style classifier with dropout",
+        Case::random(cfg, seed + 1),
+        &dropped,
         Mode::train(0.2, 0.1, 7),
     );
 }
 
 #[test]
+fn bert_style_classifier_gradients() {
+    let cfg = tiny(Family::Classifier, NormPlacement::Post, true, true);
+    check_bert_embeddings(cfg, 8, "bert-style classifier");
+}
+
+#[test]
 fn bert_layout_seq2seq_gradients() {
     // A BERT-family encoder under a decoder of the same layout (init_from a Hugging Face
-    // encoder): token types on the source, a LayerNorm over both embeddings, one shared table.
+    // encoder): token types and a LayerNorm on both embeddings, one shared table.
     let mut cfg = tiny(Family::Seq2seq, NormPlacement::Post, true, true);
     cfg.tgt_vocab_size = None;
     cfg.share_embeddings = true;
     cfg.tie_output = true;
-    cfg.token_types = 2;
-    cfg.embed_norm = true;
-    cfg.scale_embeddings = false;
-    check(Case::random(cfg.clone(), 10), "bert-layout seq2seq");
-    cfg.dropout = 0.2;
-    check_in(
-        Case::random(cfg, 11),
-        "bert-layout seq2seq with dropout",
-        Mode::train(0.2, 0.1, 7),
-    );
+    check_bert_embeddings(cfg, 10, "bert-layout seq2seq");
 }
 
 #[test]
