@@ -201,7 +201,6 @@ impl HfEncoder {
             max_len: self.max_positions,
             share_embeddings: true,
             tie_output: true,
-            pooling: Pooling::Mean,
             ..self.config.clone()
         }
     }
