@@ -108,7 +108,8 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
     .map_err(|e| name_input(e, "stdin line"))?;
     if cut > 0 {
         eprintln!(
-            "{cut} passages were longer than the model's {} tokens and were cut to them",
+            "{cut} of {} passages were longer than the model's {} tokens and were cut to them",
+            lines.len(),
             translate::source_limit(model)
         );
     }

@@ -615,7 +615,7 @@ fn summarize_reports_rouge_and_warm_starts() {
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 2, "{out}");
     assert!(
-        err.contains("1 passages were longer than the model's 23 tokens"),
+        err.contains("1 of 2 passages were longer than the model's 23 tokens"),
         "{err}"
     );
 
