@@ -94,27 +94,18 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
         return Err(not_a(&a.model, "a translation model"));
     };
     let lines = stdin_lines()?;
-    // A summarizer reads the start of a long passage, as it was trained to; a translation
-    // model refuses a sentence it cannot read whole.
-    let mut cut = 0;
-    let summarizer = dir.files.task == Some(qkv::job::TaskKind::Summarize);
-    let out = translate::translate(
-        model,
-        &dir.files,
-        &lines,
-        &opts,
-        summarizer.then_some(&mut cut),
-    )
-    .map_err(|e| name_input(e, "stdin line"))?;
-    if cut > 0 {
+    let out = translate::translate(model, &dir.files, &lines, &opts)
+        .map_err(|e| name_input(e, "stdin line"))?;
+    if out.cut > 0 {
         eprintln!(
-            "{cut} of {} passages were longer than the model's {} tokens and were cut to them",
+            "{} of {} passages were longer than the model's {} tokens and were cut to them",
+            out.cut,
             lines.len(),
             translate::source_limit(model)
         );
     }
     let mut stdout = std::io::stdout().lock();
-    for hyps in out {
+    for hyps in out.outputs {
         writeln!(stdout, "{}", hyps.join("\t"))?;
     }
     Ok(())

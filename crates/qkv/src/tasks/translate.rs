@@ -192,22 +192,37 @@ pub fn translate_ids(
     Ok(out)
 }
 
-/// Translate `texts`: per text, `nbest` outputs (best first). A text longer than the model
-/// reads is an error naming it, unless `cut` is given (summarization reads the start of a
-/// long passage): then it is shortened and counted there.
+/// Outputs of [`translate`]: per text, `nbest` outputs (best first).
+pub struct Translated {
+    pub outputs: Vec<Vec<String>>,
+    /// Texts a summarizer read only the start of (longer than its `max_len`).
+    pub cut: usize,
+}
+
+/// Translate (or summarize) `texts`. A text longer than the model reads is an error naming
+/// it for a translation model; a summarizer (`files.task`) reads its start, as it was
+/// trained to, and counts it in [`Translated::cut`].
 pub fn translate(
     model: &mut Seq2Seq,
     files: &ModelFiles,
     texts: &[String],
     opts: &TranslateOptions,
-    cut: Option<&mut usize>,
-) -> Result<Vec<Vec<String>>> {
-    let src = encode_sources(&files.tokenizer, texts, source_limit(model), cut)?;
+) -> Result<Translated> {
+    let mut cut = 0;
+    let summarizer = files.task == Some(TaskKind::Summarize);
+    let limit = source_limit(model);
+    let src = encode_sources(
+        &files.tokenizer,
+        texts,
+        limit,
+        summarizer.then_some(&mut cut),
+    )?;
     let tgt = files.target_tokenizer();
-    translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, opts)?
+    let outputs = translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, opts)?
         .into_iter()
         .map(|hyps| hyps.iter().map(|h| tgt.decode(h)).collect())
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(Translated { outputs, cut })
 }
 
 /// Per-side tokenizers must agree on the special ids the model and batches use.
