@@ -9,6 +9,7 @@ mod attention;
 mod bench;
 mod copy;
 mod eval;
+mod export;
 mod infer;
 mod plot;
 mod serve;
@@ -53,6 +54,8 @@ enum Command {
     Attention(attention::AttentionArgs),
     /// Serve a model over HTTP (translate, classify, generate, embed) with dynamic batching.
     Serve(serve::ServeArgs),
+    /// Write a model directory in another toolkit's format (CTranslate2).
+    Export(export::ExportArgs),
     /// Average the parameters of several checkpoints.
     Average(infer::AverageArgs),
     /// Train the copy task (the Annotated Transformer's first example) and report exact match.
@@ -104,5 +107,6 @@ fn run(command: Command, threads: usize) -> Result<()> {
         Command::Generate(args) => infer::run_generate(args),
         Command::Embed(args) => infer::run_embed(args),
         Command::Average(args) => infer::run_average(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -20,6 +20,7 @@ pub mod data;
 pub mod decode;
 pub mod dist;
 pub mod error;
+pub mod export;
 pub mod hf;
 pub mod inspect;
 pub mod job;

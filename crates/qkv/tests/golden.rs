@@ -3,23 +3,14 @@
 //! gradient and a 10-step AdamW loss trajectory. Every tensor is compared by name.
 
 mod common;
-use common::{rel_err, train_mode, Case};
+use common::{fixture, load_params, rel_err, train_mode, Case};
 use qkv::checkpoint::{TensorData, TensorFile};
 use qkv::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use qkv::model::{Classifier, Family, LanguageModel, ModelConfig, Seq2Seq};
 use qkv::optim::{AdamW, AdamWConfig};
 use qkv::params::Params;
-use std::path::PathBuf;
 
 const TOL: f32 = 1e-4;
-
-fn fixture(name: &str) -> TensorFile {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(format!("{name}.safetensors"));
-    TensorFile::open(&path)
-        .unwrap_or_else(|e| panic!("{e} (regenerate with scripts/reference/make_fixtures.py)"))
-}
 
 fn ids(f: &TensorFile, name: &str) -> (Vec<u32>, Vec<usize>) {
     match f.get(name).unwrap() {
@@ -37,29 +28,6 @@ fn f32s(f: &TensorFile, name: &str) -> Vec<f32> {
 
 fn meta(f: &TensorFile, key: &str) -> f32 {
     f.metadata()[key].parse().unwrap()
-}
-
-/// Every `param.*` tensor of the fixture is a parameter of the model, and vice versa.
-fn load_params(f: &TensorFile, params: &mut Params) {
-    let fixture_names: Vec<String> = f
-        .names()
-        .into_iter()
-        .filter_map(|n| n.strip_prefix("param.").map(String::from))
-        .collect();
-    let mut model_names: Vec<String> = params.specs.iter().map(|s| s.name.clone()).collect();
-    let mut fixture_sorted = fixture_names.clone();
-    fixture_sorted.sort();
-    model_names.sort();
-    assert_eq!(
-        model_names, fixture_sorted,
-        "parameter names differ from PyTorch's"
-    );
-    for spec in params.specs.clone() {
-        let v = f
-            .f32_exact(&format!("param.{}", spec.name), &spec.shape)
-            .unwrap();
-        params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
-    }
 }
 
 fn check_grads(f: &TensorFile, params: &Params, what: &str) {

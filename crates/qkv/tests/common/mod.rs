@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+use qkv::checkpoint::TensorFile;
 use qkv::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use qkv::model::{Classifier, LanguageModel, Mode, Model, ModelConfig, Seq2Seq};
 use qkv::params::Params;
@@ -173,4 +174,36 @@ pub fn tiny(
         c.tie_output = !learned;
     }
     c
+}
+
+/// A golden fixture of `tests/fixtures/` (written by scripts/reference/make_fixtures.py).
+pub fn fixture(name: &str) -> TensorFile {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(format!("{name}.safetensors"));
+    TensorFile::open(&path)
+        .unwrap_or_else(|e| panic!("{e} (regenerate with scripts/reference/make_fixtures.py)"))
+}
+
+/// Every `param.*` tensor of the fixture is a parameter of the model, and vice versa.
+pub fn load_params(f: &TensorFile, params: &mut Params) {
+    let fixture_names: Vec<String> = f
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("param.").map(String::from))
+        .collect();
+    let mut model_names: Vec<String> = params.specs.iter().map(|s| s.name.clone()).collect();
+    let mut fixture_sorted = fixture_names.clone();
+    fixture_sorted.sort();
+    model_names.sort();
+    assert_eq!(
+        model_names, fixture_sorted,
+        "parameter names differ from PyTorch's"
+    );
+    for spec in params.specs.clone() {
+        let v = f
+            .f32_exact(&format!("param.{}", spec.name), &spec.shape)
+            .unwrap();
+        params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
+    }
 }
