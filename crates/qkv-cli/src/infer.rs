@@ -108,6 +108,7 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
     for hyps in out.outputs {
         writeln!(stdout, "{}", hyps.join("\t"))?;
     }
+    crate::args::print_profile(1);
     Ok(())
 }
 

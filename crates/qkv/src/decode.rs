@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::model::{Incremental, KvCache};
 use crate::rng::{hash, Rng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How a model decodes unless a flag or request says otherwise: a job's `decode` section,
@@ -305,25 +306,24 @@ impl BeamConfig {
         self.min_len > 0 || self.no_repeat_ngram_size > 0
     }
 
-    /// Set the log-probabilities of the tokens this hypothesis (`tokens` after `bos`) may not
-    /// take next to −∞.
-    fn constrain(&self, row: &mut [f32], bos: u32, tokens: &[u32], eos: u32) {
+    /// The tokens this hypothesis (`tokens` after `bos`) may not take next.
+    fn banned(&self, bos: u32, tokens: &[u32], eos: u32) -> Vec<u32> {
+        let mut out = Vec::new();
         if tokens.len() < self.min_len {
-            row[eos as usize] = f32::NEG_INFINITY;
+            out.push(eos);
         }
         let n = self.no_repeat_ngram_size;
         if n == 0 || tokens.len() + 1 < n {
-            return;
+            return out;
         }
         let seq: Vec<u32> = std::iter::once(bos).chain(tokens.iter().copied()).collect();
         let prefix = &seq[seq.len() + 1 - n..];
-        for g in seq.windows(n) {
-            if &g[..n - 1] == prefix {
-                if let Some(v) = row.get_mut(g[n - 1] as usize) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
+        out.extend(
+            seq.windows(n)
+                .filter(|g| &g[..n - 1] == prefix)
+                .map(|g| g[n - 1]),
+        );
+        out
     }
 }
 
@@ -349,23 +349,39 @@ pub struct Hypothesis {
     pub score: f32,
 }
 
-/// Log-softmax of one row, in f64 for stable sums.
-fn log_softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let lse = (x.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>()).ln() as f32 + max;
-    x.iter().map(|&v| v - lse).collect()
+crate::simd::multiversion! {
+    /// log Σ e^x of one logits row (the log-softmax's normaliser).
+    fn log_sum_exp(x: &[f32]) -> f32 {
+        let max = crate::simd::max(x);
+        if !max.is_finite() {
+            return max;
+        }
+        crate::simd::sum_exp(x, max).ln() + max
+    }
 }
 
-/// The `k` largest entries of `x` as (index, value), best first.
-fn top_k(x: &[f32], k: usize) -> Vec<(usize, f32)> {
-    let mut idx: Vec<usize> = (0..x.len()).collect();
-    let k = k.min(x.len());
-    if k < x.len() {
-        idx.select_nth_unstable_by(k, |&a, &b| x[b].total_cmp(&x[a]));
-        idx.truncate(k);
+/// The `k` largest entries of `x` whose index is not `banned`, as (index, value), best first
+/// (the lower index first among equal values). One pass that keeps a sorted list of k: a
+/// vocabulary-sized row is read once and nothing is allocated besides the result.
+fn top_k(x: &[f32], k: usize, banned: &[u32]) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return best;
     }
-    idx.sort_unstable_by(|&a, &b| x[b].total_cmp(&x[a]));
-    idx.into_iter().map(|i| (i, x[i])).collect()
+    let mut floor = f32::NEG_INFINITY;
+    for (i, &v) in x.iter().enumerate() {
+        // Below the k-th best so far (or NaN): most tokens stop here.
+        if !(v > floor || (best.len() < k && v >= floor)) || banned.contains(&(i as u32)) {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i as u32, v));
+        best.truncate(k);
+        if best.len() == k {
+            floor = best[k - 1].1;
+        }
+    }
+    best
 }
 
 /// Beam search for every row of a freshly started `cache` (one row per input), as fairseq: each
@@ -408,21 +424,33 @@ pub fn beam_search<M: Incremental>(
         let vocab = model.vocab();
         let last_step = cache.len + 1 >= cache.capacity;
         let logits = model.step(cache, &next)?;
+        // Per live row: the log-softmax's normaliser and the best 2·beam allowed tokens
+        // (log-softmax keeps the order of logits, so only those are normalised).
+        let k = if last_step { 0 } else { 2 * cfg.beam };
+        let tops: Vec<(f32, Vec<(u32, f32)>)> = live
+            .par_iter()
+            .enumerate()
+            .map(|(r, (_, tokens, _))| {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                (
+                    log_sum_exp(row),
+                    top_k(row, k, &cfg.banned(bos, tokens, eos)),
+                )
+            })
+            .collect();
         // Candidates per input: (score, cache row, token), the best 2·beam of each row.
         let mut cands: Vec<Vec<(f32, usize, u32)>> = vec![Vec::new(); n_inputs];
-        for (r, (input, tokens, lp)) in live.iter().enumerate() {
-            let mut row = log_softmax(&logits[r * vocab..(r + 1) * vocab]);
+        for (r, ((input, _, lp), (lse, top))) in live.iter().zip(tops).enumerate() {
+            let eos_lp = logits[r * vocab + eos as usize] - lse;
             if last_step {
                 // The length limit: every live hypothesis ends here, with EOS forced (fairseq).
-                cands[*input].push((lp + row[eos as usize], r, eos));
+                cands[*input].push((lp + eos_lp, r, eos));
                 continue;
             }
-            let eos_lp = row[eos as usize];
-            cfg.constrain(&mut row, bos, tokens, eos);
             let before = cands[*input].len();
-            for (tok, v) in top_k(&row, 2 * cfg.beam) {
+            for (tok, v) in top {
                 if v.is_finite() {
-                    cands[*input].push((lp + v, r, tok as u32));
+                    cands[*input].push((lp + (v - lse), r, tok));
                 }
             }
             if cands[*input].len() == before {
@@ -479,4 +507,74 @@ pub fn beam_search<M: Incremental>(
             hyps
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference twin of `top_k`: sort every allowed index by value (stable, so the lower
+    /// index first among equal values) and keep k.
+    fn top_k_by_sorting(x: &[f32], k: usize, banned: &[u32]) -> Vec<(u32, f32)> {
+        let mut idx: Vec<u32> = (0..x.len() as u32)
+            .filter(|i| !banned.contains(i))
+            .collect();
+        idx.sort_by(|&a, &b| x[b as usize].total_cmp(&x[a as usize]));
+        idx.into_iter()
+            .take(k)
+            .map(|i| (i, x[i as usize]))
+            .collect()
+    }
+
+    #[test]
+    fn top_k_equals_sorting_with_ties_bans_and_infinities() {
+        let mut rng = Rng::new(7);
+        for case in 0..200 {
+            let n = 1 + case % 37;
+            // Few distinct values, so ties are common; some −∞ (banned by a model).
+            let x: Vec<f32> = (0..n)
+                .map(|_| match (rng.uniform() * 6.0) as u32 {
+                    0 => f32::NEG_INFINITY,
+                    v => v as f32 - 2.5,
+                })
+                .collect();
+            let banned: Vec<u32> = (0..n as u32).filter(|_| rng.uniform() < 0.2).collect();
+            for k in [0, 1, 3, 8, n, n + 2] {
+                assert_eq!(
+                    top_k(&x, k, &banned),
+                    top_k_by_sorting(&x, k, &banned),
+                    "x {x:?} k {k} banned {banned:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn log_sum_exp_equals_the_f64_sum() {
+        let mut rng = Rng::new(3);
+        for n in [1, 15, 16, 17, 6000] {
+            let x: Vec<f32> = (0..n).map(|_| (rng.uniform() - 0.5) * 40.0).collect();
+            let max = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let want = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            let got = log_sum_exp(&x) as f64;
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "n {n}: {got} vs {want}"
+            );
+        }
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn banned_tokens_are_eos_before_min_len_and_repeated_ngram_ends() {
+        let cfg = BeamConfig {
+            min_len: 3,
+            no_repeat_ngram_size: 2,
+            ..BeamConfig::default()
+        };
+        // BOS 1, EOS 2: after "1 5 6 5" the bigrams starting with 5 end in 6.
+        assert_eq!(cfg.banned(1, &[5, 6, 5], 2), vec![6]);
+        assert_eq!(cfg.banned(1, &[5, 6], 2), vec![2]);
+        assert_eq!(cfg.banned(1, &[5], 2), vec![2]);
+    }
 }

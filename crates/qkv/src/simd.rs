@@ -86,6 +86,20 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + xr.iter().zip(yr).map(|(a, b)| a * b).sum::<f32>()
 }
 
+/// Σ e^(x − shift), vectorized as [`sum`].
+#[inline(always)]
+pub fn sum_exp(x: &[f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += exp(c[l] - shift);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| exp(v - shift)).sum::<f32>()
+}
+
 /// max x (NaN-ignoring), vectorized as [`sum`].
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {

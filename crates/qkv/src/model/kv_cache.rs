@@ -51,6 +51,9 @@ pub struct KvCache {
     pub(crate) source_of: Vec<usize>,
     /// `0..R`: row r's self-attention block is r.
     pub(crate) own: Vec<usize>,
+    /// Per decoder layer, the buffer `reorder` gathers into before swapping it with the
+    /// layer's (reused, so a step allocates and zeroes nothing).
+    spare: Vec<Vec<f32>>,
 }
 
 impl KvCache {
@@ -67,6 +70,7 @@ impl KvCache {
             src_padding: Vec::new(),
             source_of: (0..rows).collect(),
             own: (0..rows).collect(),
+            spare: vec![Vec::new(); layers],
         }
     }
 
@@ -84,18 +88,21 @@ impl KvCache {
     /// this after choosing which hypotheses continue. Only the decoded positions are copied.
     pub fn reorder(&mut self, order: &[usize]) {
         let (n, w) = (self.len, 2 * self.c);
-        for layer in &mut self.self_kv {
-            // Copy a row's recurrent state, or its decoded positions.
+        for (layer, spare) in self.self_kv.iter_mut().zip(&mut self.spare) {
+            // Copy a row's recurrent state, or its decoded positions; positions past them are
+            // written by a step before any step reads them, so they need no zeroing.
             let (block, used) = if layer.state > 0 {
                 (layer.state, layer.state)
             } else {
                 (layer.rows * w, n * w)
             };
-            let mut data = vec![0.0; order.len() * block];
+            let mut data = std::mem::take(spare);
+            data.resize(order.len() * block, 0.0);
+            data.truncate(order.len() * block);
             for (dst, &src) in order.iter().enumerate() {
                 data[dst * block..][..used].copy_from_slice(&layer.data[src * block..][..used]);
             }
-            layer.data = data;
+            *spare = std::mem::replace(&mut layer.data, data);
         }
         self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
         self.own = (0..order.len()).collect();
