@@ -310,24 +310,43 @@ pub fn attention_one_query(
         .par_chunks_mut(w)
         .zip(block.par_iter())
         .enumerate()
-        .for_each(|(r, (o, &blk))| {
+        .for_each_init(Vec::new, |scores, (r, (o, &blk))| {
             let n = k_len - k_start;
-            let mut scores = vec![0.0f32; n];
+            scores.resize(n, 0.0);
             let base = (blk * kv.rows + k_start) * kv.rs;
             let pad = padding.map(|m| &m[blk * kv.rows + k_start..blk * kv.rows + k_len]);
-            for h in 0..heads {
-                let qh = &q[r * q_rs + h * d..][..d];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kj = &kv.data[base + j * kv.rs + kv.k_offset + h * d..][..d];
-                    *s = simd::dot(qh, kj) * scale;
-                }
-                softmax_row(&mut scores, n, pad);
-                let oh = &mut o[h * d..(h + 1) * d];
-                oh.iter_mut().for_each(|x| *x = 0.0);
-                for (j, &pj) in scores.iter().enumerate() {
-                    let vj = &kv.data[base + j * kv.rs + kv.v_offset + h * d..][..d];
-                    oh.iter_mut().zip(vj).for_each(|(x, v)| *x += pj * v);
-                }
-            }
+            let q = &q[r * q_rs..][..w];
+            one_query_row(o, q, &kv.data[base..], kv.rs, kv.k_offset, kv.v_offset, pad, scores, d, scale);
         });
+}
+
+crate::simd::multiversion! {
+    /// One row of [`attention_one_query`]: every head of query `q` (H·D) against the `n =
+    /// scores.len()` keys and values of `kv` (row stride `rs`), into `o` (H·D).
+    fn one_query_row(
+        o: &mut [f32],
+        q: &[f32],
+        kv: &[f32],
+        rs: usize,
+        k_offset: usize,
+        v_offset: usize,
+        pad: Option<&[bool]>,
+        scores: &mut [f32],
+        d: usize,
+        scale: f32,
+    ) {
+        let n = scores.len();
+        for (h, (qh, oh)) in q.chunks_exact(d).zip(o.chunks_exact_mut(d)).enumerate() {
+            for (j, s) in scores.iter_mut().enumerate() {
+                let kj = &kv[j * rs + k_offset + h * d..][..d];
+                *s = simd::dot(qh, kj) * scale;
+            }
+            softmax_row(scores, n, pad);
+            oh.iter_mut().for_each(|x| *x = 0.0);
+            for (j, &pj) in scores.iter().enumerate() {
+                let vj = &kv[j * rs + v_offset + h * d..][..d];
+                oh.iter_mut().zip(vj).for_each(|(x, v)| *x += pj * v);
+            }
+        }
+    }
 }

@@ -15,6 +15,7 @@ use crate::kernels::attention::Masks;
 use crate::params::{Param, ParamBuilder, Params};
 use std::ops::Range;
 
+#[derive(Clone)]
 pub struct Seq2Seq {
     pub config: ModelConfig,
     pub params: Params,
