@@ -60,6 +60,58 @@ fn seq2seq_cached_steps_equal_full_forward() {
     }
 }
 
+/// Beam search's reorders (rows repeated, dropped, permuted; the cache copies a block only
+/// when a row continues more than once) leave every row's cache equal to its own history:
+/// each step's logits equal a full forward over the histories as reordered.
+#[test]
+fn reordered_cache_rows_equal_full_forward_of_their_histories() {
+    let cfg = tiny(Family::Seq2seq, NormPlacement::Pre, true, false);
+    let mut model = Seq2Seq::new(cfg, 9).unwrap();
+    let mut rng = Rng::new(4);
+    let (b, s, t) = (3, 7, 6);
+    let src = padded_source(&mut rng, b, s);
+    let v = model.vocab();
+    let mut cache = model
+        .start_decoding(Tokens::new(&src, b, s).unwrap(), t)
+        .unwrap();
+    // Per cache row: (source row, tokens fed so far).
+    let mut rows: Vec<(usize, Vec<u32>)> = (0..b).map(|i| (i, Vec::new())).collect();
+    let orders: [&[usize]; 5] = [
+        &[0, 0, 1, 1, 1, 2],
+        &[5, 1, 1, 0, 3],
+        &[4, 4, 4, 0],
+        &[3, 1, 1],
+        &[2, 0, 1, 2, 2],
+    ];
+    for (pos, order) in std::iter::once(&[][..]).chain(orders).enumerate() {
+        if pos > 0 {
+            cache.reorder(order);
+            rows = order.iter().map(|&r| rows[r].clone()).collect();
+        }
+        let ids = random_ids(&mut rng, rows.len(), 1, v as u32);
+        for (row, &id) in rows.iter_mut().zip(&ids) {
+            row.1.push(id);
+        }
+        let step = model.step(&mut cache, &ids).unwrap().to_vec();
+        for (r, (source, tokens)) in rows.iter().enumerate() {
+            let one = &src[source * s..(source + 1) * s];
+            let full = model
+                .logits(
+                    Tokens::new(one, 1, s).unwrap(),
+                    Tokens::new(tokens, 1, tokens.len()).unwrap(),
+                )
+                .unwrap()
+                .to_vec();
+            let want = &full[pos * v..(pos + 1) * v];
+            let err = rel_err(&step[r * v..(r + 1) * v], want);
+            assert!(
+                err < 1e-5,
+                "step {pos} row {r} (source {source}): rel err {err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn lm_cached_steps_equal_full_forward() {
     let base = tiny(Family::Lm, NormPlacement::Pre, false, true);

@@ -316,7 +316,18 @@ pub fn attention_one_query(
             let base = (blk * kv.rows + k_start) * kv.rs;
             let pad = padding.map(|m| &m[blk * kv.rows + k_start..blk * kv.rows + k_len]);
             let q = &q[r * q_rs..][..w];
-            one_query_row(o, q, &kv.data[base..], kv.rs, kv.k_offset, kv.v_offset, pad, scores, d, scale);
+            one_query_row(
+                o,
+                q,
+                &kv.data[base..],
+                kv.rs,
+                kv.k_offset,
+                kv.v_offset,
+                pad,
+                scores,
+                d,
+                scale,
+            );
         });
 }
 

@@ -450,7 +450,7 @@ impl SelfAttention {
             return &self.core.out[..r * c];
         }
         for row in 0..r {
-            let dst = (row * kv.rows + ctx.pos) * 2 * c;
+            let dst = (ctx.own[row] * kv.rows + ctx.pos) * 2 * c;
             kv.data[dst..dst + 2 * c].copy_from_slice(&qkv[row * 3 * c + c..(row + 1) * 3 * c]);
         }
         let blocks = KvBlocks {

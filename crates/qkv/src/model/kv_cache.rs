@@ -40,7 +40,8 @@ pub struct KvCache {
     /// Most positions this cache can hold.
     pub capacity: usize,
     pub(crate) c: usize,
-    /// Per decoder layer: self-attention keys/values, one block per row: (R, capacity, 2C).
+    /// Per decoder layer: self-attention keys/values in blocks of (capacity, 2C); row r's is
+    /// block `own[r]`.
     pub(crate) self_kv: Vec<LayerKv>,
     /// Per decoder layer: cross-attention keys/values, one block per source: (B, S, 2C).
     /// Empty for decoder-only models.
@@ -49,7 +50,7 @@ pub struct KvCache {
     pub(crate) src_padding: Vec<bool>,
     /// Which source block each row reads in cross-attention.
     pub(crate) source_of: Vec<usize>,
-    /// `0..R`: row r's self-attention block is r.
+    /// Row r's self-attention block.
     pub(crate) own: Vec<usize>,
     /// Per decoder layer, the buffer `reorder` gathers into before swapping it with the
     /// layer's (reused, so a step allocates and zeroes nothing).
@@ -85,27 +86,68 @@ impl KvCache {
     }
 
     /// Keep rows `order[i]` as the new row i (rows may repeat or be dropped): beam search calls
-    /// this after choosing which hypotheses continue. Only the decoded positions are copied.
+    /// this after choosing which hypotheses continue.
+    ///
+    /// Softmax-attention layers move no data for a row that continues alone: its block is
+    /// handed to it (`own`). Only a row whose parent continues more than once gets a copy
+    /// of the parent's decoded positions, in a block no continuing row uses (a dropped
+    /// row's, or a new one). Copying every row each step instead moved as many bytes as
+    /// attention reads (7.7% of a beam-4 translation's time). Linear-attention layers keep a
+    /// fixed-size state per row and are copied into place.
     pub fn reorder(&mut self, order: &[usize]) {
         let (n, w) = (self.len, 2 * self.c);
-        for (layer, spare) in self.self_kv.iter_mut().zip(&mut self.spare) {
-            // Copy a row's recurrent state, or its decoded positions; positions past them are
-            // written by a step before any step reads them, so they need no zeroing.
-            let (block, used) = if layer.state > 0 {
-                (layer.state, layer.state)
-            } else {
-                (layer.rows * w, n * w)
-            };
-            let mut data = std::mem::take(spare);
-            data.resize(order.len() * block, 0.0);
-            data.truncate(order.len() * block);
-            for (dst, &src) in order.iter().enumerate() {
-                data[dst * block..][..used].copy_from_slice(&layer.data[src * block..][..used]);
+        let recurrent = self.self_kv.iter().any(|l| l.state > 0);
+        if recurrent {
+            for (layer, spare) in self.self_kv.iter_mut().zip(&mut self.spare) {
+                let block = layer.state;
+                let mut data = std::mem::take(spare);
+                data.resize(order.len() * block, 0.0);
+                data.truncate(order.len() * block);
+                for (dst, &src) in order.iter().enumerate() {
+                    data[dst * block..][..block]
+                        .copy_from_slice(&layer.data[src * block..][..block]);
+                }
+                *spare = std::mem::replace(&mut layer.data, data);
             }
-            *spare = std::mem::replace(&mut layer.data, data);
+            self.own = (0..order.len()).collect();
+        } else {
+            let blocks = self
+                .self_kv
+                .first()
+                .map_or(0, |l| l.data.len() / (l.rows * w));
+            let mut taken = vec![false; blocks.max(order.len())];
+            let mut own = vec![usize::MAX; order.len()];
+            for (i, &parent) in order.iter().enumerate() {
+                let b = self.own[parent];
+                if !taken[b] {
+                    taken[b] = true;
+                    own[i] = b;
+                }
+            }
+            // Blocks no continuing row holds; none of them is a copy's source (every source
+            // block is held by its parent's first continuation).
+            let mut free = (0..taken.len()).filter(|&b| !taken[b]);
+            for (i, &parent) in order.iter().enumerate() {
+                if own[i] != usize::MAX {
+                    continue;
+                }
+                // `taken` has a slot per continuing row, so a slot is free for each copy.
+                let to = free.next().expect("a free block for every copy");
+                let from = self.own[parent];
+                own[i] = to;
+                for layer in &mut self.self_kv {
+                    let block = layer.rows * w;
+                    if layer.data.len() < (to + 1) * block {
+                        layer.data.resize((to + 1) * block, 0.0);
+                    }
+                    layer
+                        .data
+                        .copy_within(from * block..from * block + n * w, to * block);
+                }
+            }
+            self.own = own;
         }
         self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
-        self.own = (0..order.len()).collect();
     }
 }
 

@@ -169,9 +169,8 @@ pub fn translate_ids(
         start += rows;
     }
     let mut out = vec![Vec::new(); sources.len()];
-    let decode = |m: &mut Seq2Seq, chunk: &[usize]| {
-        translate_batch(m, sources, chunk, bos, eos, pad, opts)
-    };
+    let decode =
+        |m: &mut Seq2Seq, chunk: &[usize]| translate_batch(m, sources, chunk, bos, eos, pad, opts);
     let workers = rayon::current_num_threads().min(chunks.len());
     if workers <= 1 {
         for chunk in chunks {
