@@ -2,7 +2,7 @@
 //! (`qkv::bench`), one JSON line each, and the load generator for `qkv serve`.
 
 use crate::args::{peak_rss_mb, print_profile, DtypeArg};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use qkv::bench::{self, BenchModel, TrainStepBench};
 
@@ -16,6 +16,28 @@ pub enum BenchCommand {
     Serve(crate::serve::load::LoadArgs),
     /// Time one matrix product `(m, k) · (k, n)` in f32 or bf16 and report GFLOP/s.
     Matmul(MatmulArgs),
+    /// Translate a test set with a model directory: target tokens/s, BLEU, peak memory
+    /// (scripts/bench/translate.sh runs CTranslate2 on the exported model beside it).
+    Translate(TranslateArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TranslateArgs {
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// Test pairs, `source<TAB>target` (e.g. data/translate-en-es/test.tsv.gz).
+    #[arg(long)]
+    data: std::path::PathBuf,
+    #[command(flatten)]
+    decode: crate::infer::DecodeArgs,
+    /// Source tokens per decoding batch.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens: usize,
+    /// Write the translations here.
+    #[arg(long)]
+    output: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    precision: crate::args::PrecisionArgs,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +152,7 @@ pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
         BenchCommand::Attention(a) => attention(a, threads),
         BenchCommand::Serve(a) => crate::serve::load::run(a),
         BenchCommand::Matmul(a) => matmul(a, threads),
+        BenchCommand::Translate(a) => translate(a, threads),
     }
 }
 
@@ -198,6 +221,32 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
     });
     println!("{line}");
     print_profile(a.steps + a.warmup);
+    Ok(())
+}
+
+fn translate(a: TranslateArgs, threads: usize) -> Result<()> {
+    let _precision = a.precision.apply();
+    let mut dir = qkv::model_dir::ModelDir::load(&a.model)?;
+    let decode = a.decode.over(&dir.files.decode)?;
+    let report = qkv::pipeline::evaluate(&mut dir, &a.data, Some(&decode), a.max_tokens.max(1))?;
+    let qkv::tasks::Report::Translate(r) = report else {
+        bail!("{}: not a translation model", a.model.display());
+    };
+    if let Some(out) = &a.output {
+        std::fs::write(out, r.hypotheses.join("\n") + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    let line = serde_json::json!({
+        "impl": "qkv", "bench": "translate", "isa": qkv::simd::isa(), "dtype": effective_dtype(a.precision.dtype),
+        "threads": threads, "beam": decode.beam, "max_tokens": a.max_tokens,
+        "sentences": r.sentences, "seconds": round(r.seconds, 3),
+        "target_tokens": r.target_tokens,
+        "tokens_per_s": round(r.target_tokens as f64 / r.seconds, 1),
+        "bleu": round(r.bleu.score, 2),
+        "peak_rss_mb": peak_rss_mb().map(|m| round(m, 1)),
+    });
+    println!("{line}");
+    print_profile(1);
     Ok(())
 }
 

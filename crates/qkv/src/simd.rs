@@ -54,6 +54,21 @@ pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// The instruction set the multiversioned kernels run on this CPU ("avx512", "avx2" or
+/// "baseline"), for benchmark reports.
+pub fn isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            return "avx512";
+        }
+        if has_avx2() {
+            return "avx2";
+        }
+    }
+    "baseline"
+}
+
 const LANES: usize = 16;
 
 /// Σ x, with 16 independent accumulators so the loop vectorizes.

@@ -115,6 +115,20 @@ impl KvCache {
                 .self_kv
                 .first()
                 .map_or(0, |l| l.data.len() / (l.rows * w));
+            if order.len() > blocks {
+                // More rows than blocks (beam search's first step): a new, lazily zeroed
+                // buffer, so positions never decoded are never touched (resident memory
+                // follows the outputs' lengths, not the capacity).
+                for layer in &mut self.self_kv {
+                    let block = layer.rows * w;
+                    let mut data = vec![0.0; order.len() * block];
+                    for b in 0..blocks {
+                        data[b * block..][..n * w]
+                            .copy_from_slice(&layer.data[b * block..][..n * w]);
+                    }
+                    layer.data = data;
+                }
+            }
             let mut taken = vec![false; blocks.max(order.len())];
             let mut own = vec![usize::MAX; order.len()];
             for (i, &parent) in order.iter().enumerate() {
@@ -137,9 +151,6 @@ impl KvCache {
                 own[i] = to;
                 for layer in &mut self.self_kv {
                     let block = layer.rows * w;
-                    if layer.data.len() < (to + 1) * block {
-                        layer.data.resize((to + 1) * block, 0.0);
-                    }
                     layer
                         .data
                         .copy_within(from * block..from * block + n * w, to * block);

@@ -310,6 +310,9 @@ pub struct TranslateReport {
     /// Sources longer than the model reads, cut to its limit to be translated at all.
     pub cut: usize,
     pub limit: usize,
+    /// Tokens the decoder produced for the kept hypotheses, each one's EOS included (a
+    /// throughput's numerator: target tokens per second).
+    pub target_tokens: usize,
     pub bleu: BleuScore,
     pub chrf: ChrfScore,
     /// Summaries are scored by ROUGE (rouge-score's, stemmer on) instead of BLEU and chrF.
@@ -365,8 +368,11 @@ pub fn evaluate(
         ..opts.clone()
     };
     let mut hypotheses = Vec::with_capacity(src.len());
+    let mut target_tokens = 0;
     for mut h in translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &one)? {
-        hypotheses.push(tgt.decode(&h.swap_remove(0))?);
+        let best = h.swap_remove(0);
+        target_tokens += best.len() + 1;
+        hypotheses.push(tgt.decode(&best)?);
     }
     let rouge = (files.task == Some(TaskKind::Summarize)).then(|| {
         let scored: Vec<(&str, &str)> = refs
@@ -396,6 +402,7 @@ pub fn evaluate(
         seconds: t.elapsed().as_secs_f64(),
         cut,
         limit,
+        target_tokens,
         bleu,
         chrf,
         rouge,
