@@ -132,6 +132,79 @@ pub fn attention_naive(
     out
 }
 
+/// The packed x·Wᵀ kernel of decoding steps against the naive product: every row count of
+/// the micro-kernel (1–6 and several tiles), partial and whole column panels, both `Acc`s,
+/// on one thread and across the pool; and through `matmul` while a packing scope is
+/// installed (where the weight is packed at its first product).
+#[test]
+fn packed_matmul_matches_naive() {
+    use qkv::kernels::packed::{self, PackedB, PackedScope, PackedWeights};
+    if !packed::available() {
+        eprintln!("skipped: this CPU has no AVX2+FMA, so the packed kernel is never used");
+        return;
+    }
+    let mut rng = Rng::new(11);
+    for (m, k, n) in [
+        (1, 1, 1),
+        (5, 7, 16),
+        (6, 33, 17),
+        (13, 64, 40),
+        (2, 256, 6000),
+        (300, 64, 70),
+    ] {
+        let x = random_vec(&mut rng, m * k, 1.0);
+        let w = random_vec(&mut rng, n * k, 1.0);
+        let start = random_vec(&mut rng, m * n, 1.0);
+        let b = PackedB::pack(&w, n, k);
+        for acc in [Acc::Set, Acc::Add] {
+            let mut want = start.clone();
+            matmul_naive(
+                &mut want,
+                &x,
+                &w,
+                m,
+                k,
+                n,
+                Layout::RowMajor,
+                Layout::Transposed,
+                acc,
+            );
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = start.clone();
+                pool.install(|| packed::matmul_packed(&mut got, &x, m, &b, acc));
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-5,
+                    "({m}, {k}, {n}) {acc:?} {threads} threads: rel err {e}"
+                );
+            }
+            let scope = PackedScope::install(PackedWeights::default());
+            let mut got = start.clone();
+            matmul(
+                &mut got,
+                &x,
+                &w,
+                m,
+                k,
+                n,
+                Layout::RowMajor,
+                Layout::Transposed,
+                acc,
+            );
+            assert_eq!(scope.finish().len(), 1, "the product ran on a packed copy");
+            let e = rel_err(&got, &want);
+            assert!(
+                e < 1e-5,
+                "({m}, {k}, {n}) {acc:?} through matmul: rel err {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn attention_matches_naive_reference_and_finite_differences() {
     let mut rng = Rng::new(2);

@@ -404,6 +404,11 @@ pub fn matmul(
         out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
         "matmul operand too small"
     );
+    if (a_layout, b_layout) == (Layout::RowMajor, Layout::Transposed)
+        && super::packed::try_matmul_packed(out, a, b, m, k, n, acc)
+    {
+        return;
+    }
     let av = MatRef::operand(a, m, k, a_layout);
     let mut dst = MatMut::new(out, m, n);
     if b_layout == Layout::Transposed && m >= 4 * k.min(n) {

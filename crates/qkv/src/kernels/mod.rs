@@ -14,6 +14,7 @@ pub mod linear_attention;
 pub mod loss;
 pub mod matmul;
 pub mod optim;
+pub mod packed;
 pub mod softmax;
 pub mod tile;
 

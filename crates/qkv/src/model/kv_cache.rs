@@ -9,6 +9,7 @@ use super::embedding::Embedding;
 use super::linear::project_out;
 use super::stack::Stack;
 use crate::error::{shape_err, Error, Result};
+use crate::kernels::packed::{PackedScope, PackedWeights};
 use crate::params::Param;
 
 /// One layer's keys and values: `blocks` blocks of `rows` positions of `[K | V]` (2C floats).
@@ -55,6 +56,8 @@ pub struct KvCache {
     /// Per decoder layer, the buffer `reorder` gathers into before swapping it with the
     /// layer's (reused, so a step allocates and zeroes nothing).
     spare: Vec<Vec<f32>>,
+    /// The decoder's weights packed for this session's steps (packed at first use).
+    packed: PackedWeights,
 }
 
 impl KvCache {
@@ -72,6 +75,7 @@ impl KvCache {
             source_of: (0..rows).collect(),
             own: (0..rows).collect(),
             spare: vec![Vec::new(); layers],
+            packed: PackedWeights::default(),
         }
     }
 
@@ -211,8 +215,11 @@ pub(crate) fn decoder_step<'a>(
     let cross = stack.layers.iter().any(|l| l.cross.is_some());
     cache.check_step(tokens, stack.layers.len(), cross)?;
     let x = embed.step(p, tokens, cache.len)?;
+    // The step's products run on this session's packed weights (see kernels::packed).
+    let scope = PackedScope::install(std::mem::take(&mut cache.packed));
     let h = stack.step(p, x, cache);
     let v = project_out(p, output, h, logits, embed.c);
+    cache.packed = scope.finish();
     cache.len += 1;
     Ok(&logits[..tokens.len() * v])
 }

@@ -1,0 +1,277 @@
+//! `y = x · Wᵀ` against weights packed once per decoding session.
+//!
+//! A decoding step multiplies a few hundred rows (or fewer: batch × beam) by each decoder
+//! weight. `gemm` re-packs the weight on every call, which at those row counts costs as much
+//! as the product (24.6% of a greedy translation's time went to `gemm`'s packing). Here a
+//! weight (N, K) is packed once into column panels of 16 (K × 16 each, zero-padded), and a
+//! 6 × 16 AVX2/FMA micro-kernel streams the rows of x against each panel: twelve
+//! accumulators, two panel loads and six broadcasts per k.
+//!
+//! Written by hand because `gemm` has no entry point for an operand packed in advance.
+//! Packing is scoped with [`PackedScope`]: while one is installed on a thread, [`lookup`]
+//! finds a weight's packed copy by its address (packing it on first use), so the layers'
+//! code is the same in a step as in a full forward; the scope belongs to one decoding
+//! session (a `KvCache`), which is started after the weights last changed.
+
+use super::Acc;
+use std::cell::RefCell;
+
+/// Output columns per panel (two AVX2 registers).
+const NR: usize = 16;
+/// Rows per micro-kernel call.
+const MR: usize = 6;
+
+/// A weight (N, K), row-major as PyTorch stores it, in panels: element (j, p) at
+/// `(j / NR) · K · NR + p · NR + j % NR`.
+#[derive(Clone, Debug)]
+pub struct PackedB {
+    pub n: usize,
+    pub k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert!(w.len() >= n * k, "weight smaller than (n, k)");
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0.0f32; panels * k * NR];
+        for (j, row) in w[..n * k].chunks_exact(k).enumerate() {
+            let panel = &mut data[(j / NR) * k * NR..][..k * NR];
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * NR + j % NR] = v;
+            }
+        }
+        Self { n, k, data }
+    }
+}
+
+/// Whether this CPU runs the packed kernel (AVX2 and FMA).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::simd::has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out (m, n) [+]= x (m, k) · Wᵀ` with W packed in `b`. Panels are shared out over the
+/// rayon pool when the product is large enough.
+pub fn matmul_packed(out: &mut [f32], x: &[f32], m: usize, b: &PackedB, acc: Acc) {
+    let (n, k) = (b.n, b.k);
+    assert!(
+        out.len() >= m * n && x.len() >= m * k,
+        "packed product operand too small"
+    );
+    assert!(available(), "the packed kernel needs AVX2 and FMA");
+    let panels = n.div_ceil(NR);
+    let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
+    let run = |j0: usize, j1: usize| {
+        for j in j0..j1 {
+            let cols = NR.min(n - j * NR);
+            let panel = &b.data[j * k * NR..][..k * NR];
+            let mut i = 0;
+            while i < m {
+                let rows = MR.min(m - i);
+                // SAFETY: rows i..i+rows and columns j·NR..j·NR+cols of `out` (m, n) lie in
+                // `out` (asserted above); panel j alone writes those columns, so concurrent
+                // panels never touch the same element; x rows i..i+rows hold k floats each.
+                unsafe {
+                    let o = out_ptr.get().add(i * n + j * NR);
+                    kernel(&x[i * k..], k, rows, panel, o, n, cols, acc.adds());
+                }
+                i += rows;
+            }
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 20 && panels > 1 {
+        use rayon::prelude::*;
+        let per = panels.div_ceil(threads * 4).max(1);
+        (0..panels.div_ceil(per))
+            .into_par_iter()
+            .for_each(|t| run(t * per, ((t + 1) * per).min(panels)));
+    } else {
+        run(0, panels);
+    }
+}
+
+/// Dispatch on the number of rows so each micro-kernel has its accumulators in registers.
+///
+/// # Safety
+/// `x` holds `rows` rows of `k` floats at stride `k`; `o` points at `rows` rows of at least
+/// `cols` writable floats at stride `ldo`; the CPU has AVX2 and FMA.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    x: &[f32],
+    k: usize,
+    rows: usize,
+    panel: &[f32],
+    o: *mut f32,
+    ldo: usize,
+    cols: usize,
+    add: bool,
+) {
+    // SAFETY (each arm): as this function's contract, for the arm's row count.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        match rows {
+            6 => avx2::tile::<6>(x, k, panel, o, ldo, cols, add),
+            5 => avx2::tile::<5>(x, k, panel, o, ldo, cols, add),
+            4 => avx2::tile::<4>(x, k, panel, o, ldo, cols, add),
+            3 => avx2::tile::<3>(x, k, panel, o, ldo, cols, add),
+            2 => avx2::tile::<2>(x, k, panel, o, ldo, cols, add),
+            _ => avx2::tile::<1>(x, k, panel, o, ldo, cols, add),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the packed kernel is only used where `available()`");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    /// `o[r][c] (+)= Σ_p x[r][p] · panel[p][c]` for r < R, c < cols.
+    ///
+    /// # Safety
+    /// As [`super::kernel`] with `rows = R`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const R: usize>(
+        x: &[f32],
+        k: usize,
+        panel: &[f32],
+        o: *mut f32,
+        ldo: usize,
+        cols: usize,
+        add: bool,
+    ) {
+        debug_assert!(x.len() >= (R - 1) * k + k && panel.len() >= k * NR);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let (xp, bp) = (x.as_ptr(), panel.as_ptr());
+        for p in 0..k {
+            // SAFETY: p < k, so the panel row p (NR floats) and x[r][p] for r < R are in
+            // bounds (checked above in debug builds; the caller's contract otherwise).
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp.add(p * NR));
+                let b1 = _mm256_loadu_ps(bp.add(p * NR + 8));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm256_broadcast_ss(&*xp.add(r * k + p));
+                    acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: row r < R of `o` has `cols` writable floats (the caller's contract).
+            unsafe {
+                let dst = o.add(r * ldo);
+                if cols == NR {
+                    let (mut lo, mut hi) = (acc[0], acc[1]);
+                    if add {
+                        lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
+                        hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst.add(8)));
+                    }
+                    _mm256_storeu_ps(dst, lo);
+                    _mm256_storeu_ps(dst.add(8), hi);
+                } else {
+                    let mut tmp = [0.0f32; NR];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
+                    for (c, &v) in tmp[..cols].iter().enumerate() {
+                        *dst.add(c) = if add { *dst.add(c) + v } else { v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The packed weights of one decoding session, by the address and shape of the weight they
+/// copy.
+#[derive(Clone, Debug, Default)]
+pub struct PackedWeights {
+    mats: Vec<(usize, PackedB)>,
+}
+
+impl PackedWeights {
+    /// Weights packed so far.
+    pub fn len(&self) -> usize {
+        self.mats.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mats.is_empty()
+    }
+}
+
+thread_local! {
+    static ACTIVE: RefCell<Option<PackedWeights>> = const { RefCell::new(None) };
+}
+
+/// Installs a session's packed weights on this thread until [`PackedScope::finish`] (or a
+/// drop, which discards what was packed meanwhile).
+pub struct PackedScope(bool);
+
+impl PackedScope {
+    /// Install `weights` (taken out of their session) on this thread; `None` where the CPU
+    /// has no packed kernel, so products go to `gemm` as everywhere else.
+    pub fn install(weights: PackedWeights) -> Self {
+        if !available() {
+            return Self(false);
+        }
+        ACTIVE.with(|a| *a.borrow_mut() = Some(weights));
+        Self(true)
+    }
+
+    /// Uninstall, returning the weights (with any packed during the scope) to the session.
+    pub fn finish(self) -> PackedWeights {
+        let w = ACTIVE.with(|a| a.borrow_mut().take()).unwrap_or_default();
+        std::mem::forget(self);
+        w
+    }
+}
+
+impl Drop for PackedScope {
+    fn drop(&mut self) {
+        if self.0 {
+            ACTIVE.with(|a| a.borrow_mut().take());
+        }
+    }
+}
+
+/// While a scope is installed, `out (m, n) [+]= x · Wᵀ` on W's packed copy (packed now if
+/// this is its first product of the session). Returns false, doing nothing, when no scope is
+/// installed.
+pub fn try_matmul_packed(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Acc,
+) -> bool {
+    ACTIVE.with(|a| {
+        let Ok(mut guard) = a.try_borrow_mut() else {
+            return false;
+        };
+        let Some(weights) = guard.as_mut() else {
+            return false;
+        };
+        let addr = w.as_ptr() as usize;
+        let found = weights
+            .mats
+            .iter()
+            .position(|(a, b)| *a == addr && b.n == n && b.k == k);
+        let at = found.unwrap_or_else(|| {
+            weights.mats.push((addr, PackedB::pack(w, n, k)));
+            weights.mats.len() - 1
+        });
+        matmul_packed(out, x, m, &weights.mats[at].1, acc);
+        true
+    })
+}
