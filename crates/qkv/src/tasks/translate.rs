@@ -183,12 +183,14 @@ pub fn translate_ids(
     let next = std::sync::atomic::AtomicUsize::new(0);
     let precision = crate::kernels::matmul::matmul_precision();
     let mut copies: Vec<Seq2Seq> = (1..workers).map(|_| model.clone()).collect();
-    let done: Vec<Result<Vec<(usize, Vec<Vec<u32>>)>>> = std::thread::scope(|s| {
+    // Per worker: (source index, its outputs) for each source it decoded.
+    type Decoded = Vec<(usize, Vec<Vec<u32>>)>;
+    let done: Vec<Result<Decoded>> = std::thread::scope(|s| {
         let handles: Vec<_> = std::iter::once(&mut *model)
             .chain(copies.iter_mut())
             .map(|m| {
                 let (chunks, next, decode) = (&chunks, &next, &decode);
-                s.spawn(move || -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
+                s.spawn(move || -> Result<Decoded> {
                     let _precision = crate::kernels::matmul::set_matmul_precision(precision);
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(1)
