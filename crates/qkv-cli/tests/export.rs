@@ -1,0 +1,141 @@
+//! `qkv export` and `qkv bench translate` through the binary: what they write and print, and
+//! their errors.
+
+mod common;
+use common::{qkv, scratch, tiny_model, TEXTS};
+use qkv::model::Family;
+
+#[test]
+fn export_writes_a_ctranslate2_model_once() {
+    let model = tiny_model(Family::Seq2seq, "export-s2s");
+    let out = scratch("export-out").join("ct2");
+    let (ok, _, err) = qkv(
+        &[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--format",
+            "ctranslate2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    for file in ["model.bin", "config.json", "shared_vocabulary.json"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+        assert!(
+            err.contains(&format!("wrote {}", out.join(file).display())),
+            "{err}"
+        );
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["eos_token"], "</s>");
+    assert_eq!(config["add_source_eos"], true);
+    let vocab: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("shared_vocabulary.json")).unwrap())
+            .unwrap();
+    assert_eq!(&vocab[..4], ["<pad>", "<s>", "</s>", "<unk>"]);
+    // The model.bin starts with CTranslate2's binary version and spec name.
+    let bin = std::fs::read(out.join("model.bin")).unwrap();
+    assert_eq!(&bin[..4], &6u32.to_le_bytes());
+    assert_eq!(&bin[6..21], b"TransformerSpec");
+
+    // A second export into the same directory is refused and leaves the first intact.
+    let (ok, _, err) = qkv(
+        &[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--format",
+            "ctranslate2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("model.bin: already exists"), "{err}");
+    assert_eq!(std::fs::read(out.join("model.bin")).unwrap(), bin);
+}
+
+#[test]
+fn export_refuses_what_ctranslate2_cannot_run() {
+    let lm = tiny_model(Family::Lm, "export-lm");
+    let out = scratch("export-refused").join("ct2");
+    let (ok, _, err) = qkv(
+        &[
+            "export",
+            "--model",
+            lm.to_str().unwrap(),
+            "--format",
+            "ctranslate2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("only seq2seq models"), "{err}");
+    assert!(!out.exists(), "nothing is written");
+    let missing = lm.join("no-such-model");
+    let (ok, _, err) = qkv(
+        &[
+            "export",
+            "--model",
+            missing.to_str().unwrap(),
+            "--format",
+            "ctranslate2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("no-such-model"), "{err}");
+}
+
+#[test]
+fn bench_translate_prints_one_json_line() {
+    let model = tiny_model(Family::Seq2seq, "bench-translate");
+    let data = scratch("bench-translate-data").join("test.tsv");
+    let pairs: String = TEXTS.iter().map(|t| format!("{t}\t{t}\n")).collect();
+    std::fs::write(&data, pairs).unwrap();
+    let (ok, stdout, err) = qkv(
+        &[
+            "bench",
+            "translate",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--beam",
+            "2",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["sentences"], 6);
+    assert_eq!(line["beam"], 2);
+    assert_eq!(line["threads"], 2);
+    // Every output has at least its EOS.
+    assert!(line["target_tokens"].as_u64().unwrap() >= 6, "{line}");
+    assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    assert!(
+        ["avx512", "avx2", "baseline"].contains(&line["isa"].as_str().unwrap()),
+        "{line}"
+    );
+
+    let lm = tiny_model(Family::Lm, "bench-translate-lm");
+    let (ok, _, err) = qkv(
+        &[
+            "bench",
+            "translate",
+            "--model",
+            lm.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("not a translation model"), "{err}");
+}
