@@ -8,6 +8,9 @@ use std::path::PathBuf;
 pub enum Format {
     /// CTranslate2 (model.bin, config.json, vocabularies), for seq2seq models.
     Ctranslate2,
+    /// Hugging Face transformers' MarianMT (config, safetensors, tokenizer), for post-LN
+    /// seq2seq models with sinusoidal positions.
+    Hf,
 }
 
 #[derive(clap::Args)]
@@ -25,6 +28,7 @@ pub struct ExportArgs {
 pub fn run(a: ExportArgs) -> Result<()> {
     let files = match a.format {
         Format::Ctranslate2 => qkv::export::to_ctranslate2(&a.model, &a.out)?,
+        Format::Hf => qkv::export::to_huggingface(&a.model, &a.out)?,
     };
     for f in files {
         eprintln!("wrote {}", f.display());

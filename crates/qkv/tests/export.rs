@@ -1,4 +1,4 @@
-//! CTranslate2 export against CTranslate2's own writer: scripts/reference/ctranslate2_convert.py
+//! Exports against their toolkits. CTranslate2: scripts/reference/ctranslate2_convert.py
 //! converted the golden seq2seq fixtures with `ctranslate2.specs` (after checking that
 //! CTranslate2 scores their targets with PyTorch's log-probabilities) into
 //! tests/fixtures/ctranslate2/; qkv's exporter must write the same model.bin, byte for byte,
@@ -139,4 +139,60 @@ fn what_ctranslate2_cannot_run_is_refused_by_name() {
         e.contains("unknown token \"<unk>\" is not in the target"),
         "{e}"
     );
+}
+
+/// MarianMT export against scripts/reference/marian_fixture.py, whose own mapping of the
+/// post-LN fixture gives PyTorch's logits through transformers' MarianMTModel: every tensor
+/// the same name, shape and values (sinusoid halves permuted, Q/K/V split, embeddings
+/// untied, output tied to the target table).
+#[test]
+fn post_ln_model_matches_transformers_marian() {
+    use qkv::checkpoint::{TensorData, TensorFile};
+    use qkv::export::huggingface;
+    let (m, _) = fixture_model("seq2seq_post");
+    let want = TensorFile::open(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/marian/seq2seq_post.safetensors"),
+    )
+    .unwrap();
+    let got = huggingface::tensors(&m.config, &m.params).unwrap();
+    let mut names: Vec<&str> = got.iter().map(|(n, _, _)| n.as_str()).collect();
+    names.sort_unstable();
+    let mut expected = want.names();
+    expected.sort();
+    assert_eq!(names, expected);
+    for (name, shape, data) in &got {
+        let (s, d) = want.get(name).unwrap();
+        let TensorData::F32(d) = d else {
+            panic!("{name} is not f32")
+        };
+        assert_eq!(&s, shape, "{name}");
+        assert!(data == &d, "{name} differs from the reference mapping");
+    }
+}
+
+#[test]
+fn what_marian_cannot_hold_is_refused_by_name() {
+    use qkv::export::huggingface::check_exportable;
+    let (pre, _) = fixture_model("seq2seq_pre");
+    let e = check_exportable(&pre.config).unwrap_err().to_string();
+    assert!(
+        e.contains("MarianMT is post-LN") && e.contains("this model is pre-LN"),
+        "{e}"
+    );
+    let (post, _) = fixture_model("seq2seq_post");
+    let mut cfg = post.config.clone();
+    cfg.positional = qkv::model::Positional::Learned;
+    let e = check_exportable(&cfg).unwrap_err().to_string();
+    assert!(e.contains("learned its own"), "{e}");
+    let mut cfg = post.config.clone();
+    cfg.layer_norm_eps = 1e-6;
+    let e = check_exportable(&cfg).unwrap_err().to_string();
+    assert!(e.contains("fixed at 1e-5; this model uses 0.000001"), "{e}");
+    let mut cfg = post.config.clone();
+    cfg.embed_norm = true;
+    assert!(check_exportable(&cfg)
+        .unwrap_err()
+        .to_string()
+        .contains("no LayerNorm"));
 }

@@ -1,7 +1,9 @@
 //! Model directories written in other toolkits' formats, so a model trained here runs where
-//! its users deploy: CTranslate2 (OpenNMT's inference engine).
+//! its users deploy: CTranslate2 (OpenNMT's inference engine) and Hugging Face transformers
+//! (MarianMT).
 
 pub mod ctranslate2;
+pub mod huggingface;
 
 use crate::data::Tokenizer;
 use crate::error::{Error, Result};
@@ -47,4 +49,31 @@ pub fn to_ctranslate2(model: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     ctranslate2::check_exportable(cfg)?;
     let vocab = ctranslate2_vocabularies(&dir)?;
     ctranslate2::write(cfg, dir.model.params(), &vocab, out)
+}
+
+/// Export the qkv model directory `model` into `out` as a Hugging Face MarianMT model with
+/// its tokenizer (`tokenizer.json`, and `target_tokenizer.json` for a second vocabulary);
+/// returns the files written.
+pub fn to_huggingface(model: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let dir = ModelDir::load(model)?;
+    let cfg = dir.model.config();
+    huggingface::check_exportable(cfg)?;
+    let vocab = ctranslate2_vocabularies(&dir)?;
+    let tgt = dir.files.target_tokenizer();
+    let ids = huggingface::SpecialIds {
+        pad: tgt.pad,
+        bos: tgt.bos,
+        eos: tgt.eos,
+    };
+    let mut files =
+        huggingface::write(cfg, dir.model.params(), &vocab, ids, &dir.files.decode, out)?;
+    let path = out.join(crate::model_dir::TOKENIZER_FILE);
+    dir.files.tokenizer.save(&path)?;
+    files.push(path);
+    if let Some(t) = &dir.files.target_tokenizer {
+        let path = out.join(crate::model_dir::TARGET_TOKENIZER_FILE);
+        t.save(&path)?;
+        files.push(path);
+    }
+    Ok(files)
 }
