@@ -139,3 +139,44 @@ fn bench_translate_prints_one_json_line() {
     );
     assert!(!ok && err.contains("not a translation model"), "{err}");
 }
+
+#[test]
+fn export_hf_writes_a_marian_model_with_its_tokenizer() {
+    // The tiny preset is post-LN with sinusoidal positions, as MarianMT is.
+    let model = tiny_model(Family::Seq2seq, "export-hf");
+    let out = scratch("export-hf-out").join("marian");
+    let args = [
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--format",
+        "hf",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, _, err) = qkv(&args, None);
+    assert!(ok, "{err}");
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing: {err}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "marian");
+    assert_eq!(config["decoder_start_token_id"], 1);
+    assert_eq!(config["eos_token_id"], 2);
+    let weights = qkv::checkpoint::TensorFile::open(&out.join("model.safetensors")).unwrap();
+    assert!(weights
+        .names()
+        .contains(&"model.decoder.layers.0.encoder_attn.k_proj.weight".to_string()));
+    let (ok, _, err) = qkv(&args, None);
+    assert!(
+        !ok && err.contains("model.safetensors: already exists"),
+        "{err}"
+    );
+}
