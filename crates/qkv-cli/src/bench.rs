@@ -60,6 +60,10 @@ pub struct MatmulArgs {
     steps: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Multiply by the right operand packed once, as decoding steps do (needs --tb and
+    /// AVX2+FMA; f32).
+    #[arg(long)]
+    packed: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -201,6 +205,12 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
     if a.steps == 0 || a.m == 0 || a.k == 0 || a.n == 0 {
         bail!("--steps, --m, --k and --n must be positive");
     }
+    if a.packed && (a.ta || !a.tb || !matches!(a.dtype, DtypeArg::F32)) {
+        bail!("--packed multiplies by a packed x·Wᵀ operand: give --tb, without --ta, in f32");
+    }
+    if a.packed && !qkv::kernels::packed::available() {
+        bail!("--packed needs AVX2 and FMA, which this CPU does not have");
+    }
     let times = bench::matmul(
         a.m,
         a.k,
@@ -210,11 +220,13 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
         a.dtype.precision(),
         a.steps,
         a.warmup,
+        a.packed,
     );
     let ms = bench::median(&times);
     let gflop = 2.0 * (a.m * a.k * a.n) as f64 / 1e9;
     let line = serde_json::json!({
         "impl": "qkv", "m": a.m, "k": a.k, "n": a.n, "ta": a.ta, "tb": a.tb,
+        "packed": a.packed, "isa": qkv::simd::isa(),
         "dtype": effective_dtype(a.dtype), "threads": threads,
         "ms": round(ms, 3),
         "gflops": round(gflop / (ms / 1e3), 2),

@@ -173,7 +173,9 @@ fn time_steps(warmup: usize, steps: usize, f: &mut dyn FnMut() -> Result<()>) ->
     Ok(times)
 }
 
-/// Per-call wall times in milliseconds of `out (m, n) = op(a) · op(b)` after warm-up.
+/// Per-call wall times in milliseconds of `out (m, n) = op(a) · op(b)` after warm-up. With
+/// `packed` (x·Wᵀ only), the products run as a decoding step's do: on `b` packed once, at the
+/// first (warm-up) call.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     m: usize,
@@ -184,8 +186,14 @@ pub fn matmul(
     precision: Precision,
     steps: usize,
     warmup: usize,
+    packed: bool,
 ) -> Vec<f64> {
     let _precision = set_matmul_precision(precision);
+    let _scope = packed.then(|| {
+        crate::kernels::packed::PackedScope::install(
+            crate::kernels::packed::PackedWeights::default(),
+        )
+    });
     let mut rng = Rng::new(5);
     let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
     let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
