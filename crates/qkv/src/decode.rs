@@ -360,28 +360,38 @@ crate::simd::multiversion! {
     }
 }
 
-/// The `k` largest entries of `x` whose index is not `banned`, as (index, value), best first
-/// (the lower index first among equal values). One pass that keeps a sorted list of k: a
-/// vocabulary-sized row is read once and nothing is allocated besides the result.
-fn top_k(x: &[f32], k: usize, banned: &[u32]) -> Vec<(u32, f32)> {
-    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-    if k == 0 {
-        return best;
-    }
-    let mut floor = f32::NEG_INFINITY;
-    for (i, &v) in x.iter().enumerate() {
-        // Below the k-th best so far (or NaN): most tokens stop here.
-        if !(v > floor || (best.len() < k && v >= floor)) || banned.contains(&(i as u32)) {
-            continue;
+crate::simd::multiversion! {
+    /// The `k` largest entries of `x` whose index is not `banned`, as (index, value), best
+    /// first (the lower index first among equal values). One pass that keeps a sorted list
+    /// of k; once it is full, a block of 16 whose maximum does not beat the k-th best is
+    /// skipped whole, so a vocabulary-sized row costs little more than reading it.
+    fn top_k(x: &[f32], k: usize, banned: &[u32]) -> Vec<(u32, f32)> {
+        const BLOCK: usize = 16;
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        if k == 0 {
+            return best;
         }
-        let at = best.partition_point(|&(_, b)| b >= v);
-        best.insert(at, (i as u32, v));
-        best.truncate(k);
-        if best.len() == k {
-            floor = best[k - 1].1;
+        let mut floor = f32::NEG_INFINITY;
+        for (b, block) in x.chunks(BLOCK).enumerate() {
+            if best.len() == k && crate::simd::max(block) <= floor {
+                continue;
+            }
+            for (o, &v) in block.iter().enumerate() {
+                let i = (b * BLOCK + o) as u32;
+                // Below the k-th best so far (or NaN).
+                if !(v > floor || (best.len() < k && v >= floor)) || banned.contains(&i) {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= v);
+                best.insert(at, (i, v));
+                best.truncate(k);
+                if best.len() == k {
+                    floor = best[k - 1].1;
+                }
+            }
         }
+        best
     }
-    best
 }
 
 /// Beam search for every row of a freshly started `cache` (one row per input), as fairseq: each
