@@ -31,7 +31,7 @@ pub struct TranslateArgs {
     #[command(flatten)]
     decode: crate::infer::DecodeArgs,
     /// Source tokens per decoding batch.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
     /// Write the translations here.
     #[arg(long)]

@@ -61,7 +61,7 @@ pub struct TranslateArgs {
     #[arg(long, default_value_t = 1)]
     pub nbest: usize,
     /// Source tokens per decoding batch.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,

@@ -106,6 +106,8 @@ pub struct BatchPolicy {
 }
 
 pub fn run(mut dir: ModelDir, rx: Receiver<Request>, policy: BatchPolicy, metrics: Arc<Metrics>) {
+    // Translation's per-thread model copies, kept from batch to batch.
+    let mut workers = translate::DecodeWorkers::default();
     while let Ok(first) = rx.recv() {
         let deadline = Instant::now() + policy.window;
         let mut inputs = first.work.inputs();
@@ -128,17 +130,22 @@ pub fn run(mut dir: ModelDir, rx: Receiver<Request>, policy: BatchPolicy, metric
             let (group, rest): (Vec<Request>, Vec<Request>) =
                 requests.into_iter().partition(|j| j.work.group() == key);
             requests = rest;
-            run_group(&mut dir, group, &metrics);
+            run_group(&mut dir, &mut workers, group, &metrics);
         }
     }
 }
 
 /// One batched model call for requests of one group; each request gets its slice of the results.
-fn run_group(dir: &mut ModelDir, group: Vec<Request>, metrics: &Metrics) {
+fn run_group(
+    dir: &mut ModelDir,
+    workers: &mut translate::DecodeWorkers,
+    group: Vec<Request>,
+    metrics: &Metrics,
+) {
     let counts: Vec<usize> = group.iter().map(|j| j.work.inputs()).collect();
     let total: usize = counts.iter().sum();
     metrics.batch(total);
-    let result = call_model(dir, &group).and_then(|r| {
+    let result = call_model(dir, workers, &group).and_then(|r| {
         let got = match &r {
             Reply::Texts(t) => t.len(),
             Reply::Rows(rows) => rows.len(),
@@ -162,7 +169,11 @@ fn run_group(dir: &mut ModelDir, group: Vec<Request>, metrics: &Metrics) {
     }
 }
 
-fn call_model(dir: &mut ModelDir, group: &[Request]) -> Result<Reply, String> {
+fn call_model(
+    dir: &mut ModelDir,
+    workers: &mut translate::DecodeWorkers,
+    group: &[Request],
+) -> Result<Reply, String> {
     let rows: Vec<Vec<u32>> = group.iter().flat_map(|j| j.work.rows()).collect();
     let files = &dir.files;
     let (tok, tgt) = (&files.tokenizer, files.target_tokenizer());
@@ -175,9 +186,13 @@ fn call_model(dir: &mut ModelDir, group: &[Request]) -> Result<Reply, String> {
                     ..files.decode.clone()
                 },
                 nbest: 1,
-                max_tokens: 4096,
+                // Batches of ~2,048 source tokens: a batch of long inputs splits over the
+                // decoding threads.
+                max_tokens: 2048,
             };
-            translate::translate_ids(m, &rows, tgt.bos, tgt.eos, tgt.pad, &opts).map(|hyps| {
+            let ids =
+                translate::translate_ids_with(m, workers, &rows, tgt.bos, tgt.eos, tgt.pad, &opts);
+            ids.map(|hyps| {
                 Reply::Texts(
                     hyps.into_iter()
                         .map(|mut h| (Vec::new(), h.swap_remove(0)))

@@ -156,6 +156,46 @@ pub fn translate_ids(
     pad: u32,
     opts: &TranslateOptions,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
+    let mut workers = DecodeWorkers::default();
+    translate_ids_with(model, &mut workers, sources, bos, eos, pad, opts)
+}
+
+/// Copies of a model that [`translate_ids_with`] decodes on besides the model itself, kept by
+/// a caller that translates again and again (a server), so their buffers stay allocated;
+/// every call refreshes their parameters from the model.
+#[derive(Default)]
+pub struct DecodeWorkers {
+    copies: Vec<Seq2Seq>,
+}
+
+impl DecodeWorkers {
+    /// `n` copies holding `model`'s current parameters.
+    fn refresh(&mut self, model: &Seq2Seq, n: usize) {
+        self.copies.truncate(n);
+        for c in &mut self.copies {
+            if c.config == model.config {
+                c.params.data.copy_from_slice(&model.params.data);
+            } else {
+                *c = model.clone();
+            }
+        }
+        while self.copies.len() < n {
+            self.copies.push(model.clone());
+        }
+    }
+}
+
+/// [`translate_ids`] on the caller's [`DecodeWorkers`].
+#[allow(clippy::too_many_arguments)]
+pub fn translate_ids_with(
+    model: &mut Seq2Seq,
+    workers: &mut DecodeWorkers,
+    sources: &[Vec<u32>],
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    opts: &TranslateOptions,
+) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut order: Vec<usize> = (0..sources.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(sources[i].len()));
     let mut chunks: Vec<&[usize]> = Vec::new();
@@ -171,8 +211,8 @@ pub fn translate_ids(
     let mut out = vec![Vec::new(); sources.len()];
     let decode =
         |m: &mut Seq2Seq, chunk: &[usize]| translate_batch(m, sources, chunk, bos, eos, pad, opts);
-    let workers = rayon::current_num_threads().min(chunks.len());
-    if workers <= 1 {
+    let threads = rayon::current_num_threads().min(chunks.len());
+    if threads <= 1 {
         for chunk in chunks {
             for (&i, h) in chunk.iter().zip(decode(model, chunk)?) {
                 out[i] = h;
@@ -182,7 +222,8 @@ pub fn translate_ids(
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let precision = crate::kernels::matmul::matmul_precision();
-    let mut copies: Vec<Seq2Seq> = (1..workers).map(|_| model.clone()).collect();
+    workers.refresh(model, threads - 1);
+    let copies = &mut workers.copies;
     // Per worker: (source index, its outputs) for each source it decoded.
     type Decoded = Vec<(usize, Vec<Vec<u32>>)>;
     let done: Vec<Result<Decoded>> = std::thread::scope(|s| {
