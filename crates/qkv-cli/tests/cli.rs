@@ -260,3 +260,22 @@ fn train_rejects_a_timeout_that_is_not_positive() {
     }
     assert!(!dir.join("run").exists());
 }
+
+#[test]
+fn bench_matmul_packed_needs_an_x_wt_product_in_f32() {
+    for extra in [
+        &[][..],
+        &["--tb", "--ta"][..],
+        &["--tb", "--dtype", "bf16"][..],
+    ] {
+        let mut args = vec![
+            "bench", "matmul", "--m", "2", "--k", "3", "--n", "4", "--packed",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, err) = qkv(&args);
+        assert!(
+            !ok && err.contains("--packed multiplies by a packed x·Wᵀ operand"),
+            "{extra:?}: {err}"
+        );
+    }
+}

@@ -65,7 +65,7 @@ pub fn check_exportable(cfg: &ModelConfig) -> Result<()> {
     if cfg.activation == Activation::Identity {
         return refuse("MarianMT's feed-forward has an activation");
     }
-    if cfg.d_model % 2 != 0 {
+    if !cfg.d_model.is_multiple_of(2) {
         return refuse("the model width must be even to lay out sines and cosines in halves");
     }
     Ok(())
@@ -84,8 +84,11 @@ fn permutation(c: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The tensors of the MarianMT model, by Hugging Face name.
-pub fn tensors(cfg: &ModelConfig, params: &Params) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+/// A named tensor: (Hugging Face name, shape, values).
+pub type Tensor = (String, Vec<usize>, Vec<f32>);
+
+/// The tensors of the MarianMT model.
+pub fn tensors(cfg: &ModelConfig, params: &Params) -> Result<Vec<Tensor>> {
     check_exportable(cfg)?;
     let c = cfg.d_model;
     let perm = permutation(c);
@@ -109,7 +112,7 @@ pub fn tensors(cfg: &ModelConfig, params: &Params) -> Result<Vec<(String, Vec<us
             .flat_map(|&p| w[p * k..(p + 1) * k].iter().copied())
             .collect()
     };
-    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut out: Vec<Tensor> = Vec::new();
     let mut put = |name: String, shape: Vec<usize>, data: Vec<f32>| out.push((name, shape, data));
 
     let (vs, vt) = (cfg.vocab_size, cfg.tgt_vocab());
