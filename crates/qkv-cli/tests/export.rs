@@ -4,23 +4,22 @@
 mod common;
 use common::{qkv, scratch, tiny_model, TEXTS};
 use qkv::model::Family;
+use std::path::Path;
+
+/// `qkv export --model MODEL --format FORMAT --out OUT`.
+fn export(model: &Path, format: &str, out: &Path) -> (bool, String, String) {
+    let (model, out) = (model.to_str().unwrap(), out.to_str().unwrap());
+    qkv(
+        &["export", "--model", model, "--format", format, "--out", out],
+        None,
+    )
+}
 
 #[test]
 fn export_writes_a_ctranslate2_model_once() {
     let model = tiny_model(Family::Seq2seq, "export-s2s");
     let out = scratch("export-out").join("ct2");
-    let (ok, _, err) = qkv(
-        &[
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            "ctranslate2",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (ok, _, err) = export(&model, "ctranslate2", &out);
     assert!(ok, "{err}");
     for file in ["model.bin", "config.json", "shared_vocabulary.json"] {
         assert!(out.join(file).is_file(), "{file} missing");
@@ -43,18 +42,7 @@ fn export_writes_a_ctranslate2_model_once() {
     assert_eq!(&bin[6..21], b"TransformerSpec");
 
     // A second export into the same directory is refused and leaves the first intact.
-    let (ok, _, err) = qkv(
-        &[
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            "ctranslate2",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (ok, _, err) = export(&model, "ctranslate2", &out);
     assert!(!ok && err.contains("model.bin: already exists"), "{err}");
     assert_eq!(std::fs::read(out.join("model.bin")).unwrap(), bin);
 }
@@ -63,33 +51,11 @@ fn export_writes_a_ctranslate2_model_once() {
 fn export_refuses_what_ctranslate2_cannot_run() {
     let lm = tiny_model(Family::Lm, "export-lm");
     let out = scratch("export-refused").join("ct2");
-    let (ok, _, err) = qkv(
-        &[
-            "export",
-            "--model",
-            lm.to_str().unwrap(),
-            "--format",
-            "ctranslate2",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (ok, _, err) = export(&lm, "ctranslate2", &out);
     assert!(!ok && err.contains("only seq2seq models"), "{err}");
     assert!(!out.exists(), "nothing is written");
     let missing = lm.join("no-such-model");
-    let (ok, _, err) = qkv(
-        &[
-            "export",
-            "--model",
-            missing.to_str().unwrap(),
-            "--format",
-            "ctranslate2",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (ok, _, err) = export(&missing, "ctranslate2", &out);
     assert!(!ok && err.contains("no-such-model"), "{err}");
 }
 
@@ -145,16 +111,7 @@ fn export_hf_writes_a_marian_model_with_its_tokenizer() {
     // The tiny preset is post-LN with sinusoidal positions, as MarianMT is.
     let model = tiny_model(Family::Seq2seq, "export-hf");
     let out = scratch("export-hf-out").join("marian");
-    let args = [
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--format",
-        "hf",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let (ok, _, err) = qkv(&args, None);
+    let (ok, _, err) = export(&model, "hf", &out);
     assert!(ok, "{err}");
     for file in [
         "config.json",
@@ -174,7 +131,7 @@ fn export_hf_writes_a_marian_model_with_its_tokenizer() {
     assert!(weights
         .names()
         .contains(&"model.decoder.layers.0.encoder_attn.k_proj.weight".to_string()));
-    let (ok, _, err) = qkv(&args, None);
+    let (ok, _, err) = export(&model, "hf", &out);
     assert!(
         !ok && err.contains("model.safetensors: already exists"),
         "{err}"
