@@ -8,6 +8,7 @@ use std::io::BufRead;
 pub enum DtypeArg {
     F32,
     Bf16,
+    Int8,
 }
 
 /// `--dtype` of the inference commands (a job's training precision is in its config).
@@ -15,7 +16,9 @@ pub enum DtypeArg {
 pub struct PrecisionArgs {
     /// Operand precision of the matrix products: bf16 runs them on the CPU's avx512_bf16
     /// dot-product instruction with f32 sums and f32 weights (on CPUs without avx512_bf16,
-    /// bf16 runs as f32).
+    /// bf16 runs as f32); int8 runs decoding steps' products (translate, generate, serve) on
+    /// int8 weights with a scale per output channel and int8 activations with a scale per
+    /// row, summed in i32 (needs AVX2); the encoder stays f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
 }
@@ -25,12 +28,19 @@ impl PrecisionArgs {
     pub fn apply(self) -> qkv::kernels::matmul::PrecisionGuard {
         qkv::kernels::matmul::set_matmul_precision(self.dtype.precision())
     }
+
+    /// Quantize `model`'s decoding steps for `--dtype int8` (an error for a model that does
+    /// not decode, or a CPU without AVX2).
+    pub fn apply_to(self, model: &mut qkv::model::AnyModel) -> Result<()> {
+        Ok(model.set_int8_steps(matches!(self.dtype, DtypeArg::Int8))?)
+    }
 }
 
 impl DtypeArg {
     pub fn precision(self) -> qkv::kernels::matmul::Precision {
         match self {
-            DtypeArg::F32 => qkv::kernels::matmul::Precision::F32,
+            // int8 is a property of decoding steps (`apply_to`); other products stay f32.
+            DtypeArg::F32 | DtypeArg::Int8 => qkv::kernels::matmul::Precision::F32,
             DtypeArg::Bf16 => qkv::kernels::matmul::Precision::Bf16,
         }
     }
@@ -39,6 +49,7 @@ impl DtypeArg {
         match self {
             DtypeArg::F32 => "f32",
             DtypeArg::Bf16 => "bf16",
+            DtypeArg::Int8 => "int8",
         }
     }
 }

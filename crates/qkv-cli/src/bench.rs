@@ -161,6 +161,11 @@ pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
 }
 
 fn train_step(a: TrainStepArgs, threads: usize) -> Result<()> {
+    if matches!(a.dtype, DtypeArg::Int8) {
+        bail!(
+            "--dtype int8 applies to decoding steps (translate, generate, serve, bench translate)"
+        );
+    }
     if a.steps == 0 || a.batch == 0 || a.seq == 0 || a.layers == 0 || a.vocab < 2 {
         bail!("--steps, --batch, --seq and --layers must be positive and --vocab at least 2");
     }
@@ -202,6 +207,11 @@ fn train_step(a: TrainStepArgs, threads: usize) -> Result<()> {
 }
 
 fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
+    if matches!(a.dtype, DtypeArg::Int8) {
+        bail!(
+            "--dtype int8 applies to decoding steps (translate, generate, serve, bench translate)"
+        );
+    }
     if a.steps == 0 || a.m == 0 || a.k == 0 || a.n == 0 {
         bail!("--steps, --m, --k and --n must be positive");
     }
@@ -239,6 +249,7 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
 fn translate(a: TranslateArgs, threads: usize) -> Result<()> {
     let _precision = a.precision.apply();
     let mut dir = qkv::model_dir::ModelDir::load(&a.model)?;
+    a.precision.apply_to(&mut dir.model)?;
     let decode = a.decode.over(&dir.files.decode)?;
     let report = qkv::pipeline::evaluate(&mut dir, &a.data, Some(&decode), a.max_tokens.max(1))?;
     let qkv::tasks::Report::Translate(r) = report else {
@@ -271,6 +282,11 @@ fn effective_dtype(d: DtypeArg) -> &'static str {
 }
 
 fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
+    if matches!(a.dtype, DtypeArg::Int8) {
+        bail!(
+            "--dtype int8 applies to decoding steps (translate, generate, serve, bench translate)"
+        );
+    }
     use qkv::bench::{AttentionBench, AttentionKernel};
     if matches!(a.dtype, DtypeArg::Bf16)
         && matches!(

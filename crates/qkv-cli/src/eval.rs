@@ -29,6 +29,7 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<()> {
     let _precision = args.precision.apply();
     let mut dir = ModelDir::load(&args.model)?;
+    args.precision.apply_to(&mut dir.model)?;
     let decode = args.decode.over(&dir.files.decode)?;
     let report = qkv::pipeline::evaluate(&mut dir, &args.data, Some(&decode), args.max_tokens)?;
     println!("{report}");

@@ -78,6 +78,7 @@ fn not_a(path: &Path, what: &str) -> anyhow::Error {
 pub fn run_translate(a: TranslateArgs) -> Result<()> {
     let _precision = a.precision.apply();
     let mut dir = load(&a.model)?;
+    a.precision.apply_to(&mut dir.model)?;
     let opts = translate::TranslateOptions {
         decode: a.decode.over(&dir.files.decode)?,
         nbest: a.nbest,
@@ -127,6 +128,7 @@ pub struct ClassifyArgs {
 pub fn run_classify(a: ClassifyArgs) -> Result<()> {
     let _precision = a.precision.apply();
     let mut dir = load(&a.model)?;
+    a.precision.apply_to(&mut dir.model)?;
     let (AnyModel::Classifier(model), Some(labels)) = (&mut dir.model, &dir.files.labels) else {
         return Err(not_a(&a.model, "a classification model"));
     };
@@ -171,6 +173,7 @@ pub struct GenerateArgs {
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let _precision = a.precision.apply();
     let mut dir = load(&a.model)?;
+    a.precision.apply_to(&mut dir.model)?;
     let AnyModel::Lm(model) = &mut dir.model else {
         return Err(not_a(&a.model, "a language model"));
     };
@@ -224,6 +227,7 @@ pub struct EmbedArgs {
 pub fn run_embed(a: EmbedArgs) -> Result<()> {
     let _precision = a.precision.apply();
     let mut dir = load(&a.model)?;
+    a.precision.apply_to(&mut dir.model)?;
     let AnyModel::Classifier(model) = &mut dir.model else {
         return Err(not_a(
             &a.model,

@@ -137,3 +137,60 @@ fn export_hf_writes_a_marian_model_with_its_tokenizer() {
         "{err}"
     );
 }
+
+#[test]
+fn dtype_int8_quantizes_decoding_and_is_refused_where_nothing_decodes() {
+    let model = tiny_model(Family::Seq2seq, "int8-s2s");
+    let data = scratch("int8-data").join("test.tsv");
+    let pairs: String = TEXTS.iter().map(|t| format!("{t}\t{t}\n")).collect();
+    std::fs::write(&data, pairs).unwrap();
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let (ok, stdout, err) = qkv(
+        &[
+            "bench",
+            "translate",
+            "--model",
+            m,
+            "--data",
+            d,
+            "--dtype",
+            "int8",
+        ],
+        None,
+    );
+    if !qkv::kernels::packed::available() {
+        assert!(!ok && err.contains("needs a CPU with AVX2"), "{err}");
+        return;
+    }
+    assert!(ok, "{err}");
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["dtype"], "int8");
+    let (ok, stdout, err) = qkv(
+        &["translate", "--model", m, "--dtype", "int8"],
+        Some("the king went to the house\n"),
+    );
+    assert!(ok && stdout.lines().count() == 1, "{err}");
+
+    let classifier = tiny_model(Family::Classifier, "int8-cls");
+    let (ok, _, err) = qkv(
+        &[
+            "classify",
+            "--model",
+            classifier.to_str().unwrap(),
+            "--dtype",
+            "int8",
+        ],
+        Some("the king\n"),
+    );
+    assert!(!ok && err.contains("a classifier does not decode"), "{err}");
+    let (ok, _, err) = qkv(
+        &[
+            "bench", "matmul", "--m", "2", "--k", "2", "--n", "2", "--dtype", "int8",
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("--dtype int8 applies to decoding steps"),
+        "{err}"
+    );
+}

@@ -112,6 +112,38 @@ fn reordered_cache_rows_equal_full_forward_of_their_histories() {
     }
 }
 
+/// `int8_steps`: each decoding step's logits stay within int8's quantization error of the
+/// f32 step's (and the f32 steps equal the full forward, tested above).
+#[test]
+fn int8_steps_stay_close_to_f32_steps() {
+    if !qkv::kernels::packed::available() {
+        eprintln!("skipped: int8 decoding needs AVX2+FMA");
+        return;
+    }
+    let cfg = tiny(Family::Seq2seq, NormPlacement::Pre, true, false);
+    let mut rng = Rng::new(6);
+    let (b, s, t) = (3, 7, 6);
+    let src = padded_source(&mut rng, b, s);
+    let mut logits = Vec::new();
+    for int8 in [false, true] {
+        let mut model = Seq2Seq::new(cfg.clone(), 9).unwrap();
+        model.int8_steps = int8;
+        let v = model.vocab() as u32;
+        let mut cache = model
+            .start_decoding(Tokens::new(&src, b, s).unwrap(), t)
+            .unwrap();
+        let mut rng = Rng::new(2);
+        let mut all = Vec::new();
+        for _ in 0..t {
+            let ids = random_ids(&mut rng, b, 1, v);
+            all.extend_from_slice(model.step(&mut cache, &ids).unwrap());
+        }
+        logits.push(all);
+    }
+    let e = rel_err(&logits[1], &logits[0]);
+    assert!(e > 0.0 && e < 5e-2, "int8 logits against f32: rel err {e}");
+}
+
 #[test]
 fn lm_cached_steps_equal_full_forward() {
     let base = tiny(Family::Lm, NormPlacement::Pre, false, true);

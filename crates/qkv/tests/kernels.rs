@@ -205,6 +205,89 @@ fn packed_matmul_matches_naive() {
     }
 }
 
+/// The int8 product against its twin: the naive product of the same quantized operands
+/// (each weight row scaled so its largest magnitude is 127, each input row likewise,
+/// rounded), and within quantization error of the f32 product.
+#[test]
+fn packed_int8_matmul_matches_its_quantized_twin() {
+    use qkv::kernels::packed::{self, PackedI8};
+    if !packed::available() {
+        eprintln!("skipped: this CPU has no AVX2+FMA, so the packed kernel is never used");
+        return;
+    }
+    let quantized = |x: &[f32], k: usize| -> Vec<f32> {
+        x.chunks(k)
+            .flat_map(|row| {
+                let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+                let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                row.iter()
+                    .map(move |&v| (v / s).round().clamp(-127.0, 127.0) * s)
+            })
+            .collect()
+    };
+    let mut rng = Rng::new(12);
+    for (m, k, n) in [
+        (1, 1, 1),
+        (5, 7, 16),
+        (6, 33, 17),
+        (13, 64, 40),
+        (2, 256, 600),
+        (40, 255, 70),
+    ] {
+        let x = random_vec(&mut rng, m * k, 1.0);
+        let mut w = random_vec(&mut rng, n * k, 1.0);
+        w[..k].iter_mut().for_each(|v| *v = 0.0); // an all-zero channel
+        let b = PackedI8::pack(&w, n, k);
+        for acc in [Acc::Set, Acc::Add] {
+            let start = random_vec(&mut rng, m * n, 1.0);
+            let mut twin = start.clone();
+            let (xq, wq) = (quantized(&x, k), quantized(&w, k));
+            matmul_naive(
+                &mut twin,
+                &xq,
+                &wq,
+                m,
+                k,
+                n,
+                Layout::RowMajor,
+                Layout::Transposed,
+                acc,
+            );
+            let mut exact = start.clone();
+            matmul_naive(
+                &mut exact,
+                &x,
+                &w,
+                m,
+                k,
+                n,
+                Layout::RowMajor,
+                Layout::Transposed,
+                acc,
+            );
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = start.clone();
+                let mut scratch = Vec::new();
+                pool.install(|| packed::matmul_packed_i8(&mut got, &x, m, &b, acc, &mut scratch));
+                let e = rel_err(&got, &twin);
+                assert!(
+                    e < 1e-5,
+                    "({m}, {k}, {n}) {acc:?} {threads} threads: rel err {e} to the twin"
+                );
+                let e = rel_err(&got, &exact);
+                assert!(
+                    e < 3e-2,
+                    "({m}, {k}, {n}) {acc:?}: rel err {e} to the f32 product"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_matches_naive_reference_and_finite_differences() {
     let mut rng = Rng::new(2);

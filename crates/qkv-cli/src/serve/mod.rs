@@ -138,7 +138,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_batch == 0 || a.queue == 0 || a.max_texts == 0 || a.max_beam == 0 {
         anyhow::bail!("--max-batch, --queue, --max-texts and --max-beam must be at least 1");
     }
-    let dir = ModelDir::load(&a.model)?;
+    let mut dir = ModelDir::load(&a.model)?;
+    a.precision.apply_to(&mut dir.model)?;
     let max_len = dir.model.config().max_len;
     // What one input may hold: a translation source leaves room for EOS, a prompt for the
     // start token and one new token.

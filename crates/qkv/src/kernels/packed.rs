@@ -66,22 +66,30 @@ pub fn matmul_packed(out: &mut [f32], x: &[f32], m: usize, b: &PackedB, acc: Acc
         "packed product operand too small"
     );
     assert!(available(), "the packed kernel needs AVX2 and FMA");
-    let panels = n.div_ceil(NR);
     let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
+    for_each_tile(m, n, k, &|j, i, rows| {
+        let cols = NR.min(n - j * NR);
+        let panel = &b.data[j * k * NR..][..k * NR];
+        // SAFETY: rows i..i+rows and columns j·NR..j·NR+cols of `out` (m, n) lie in `out`
+        // (asserted above); one tile alone writes them, so concurrent tiles never touch the
+        // same element; x rows i..i+rows hold k floats each.
+        unsafe {
+            let o = out_ptr.get().add(i * n + j * NR);
+            kernel(&x[i * k..], k, rows, panel, o, n, cols, acc.adds());
+        }
+    });
+}
+
+/// Call `tile(panel, first row, rows)` for every tile of MR rows by one panel of an (m, n)
+/// product: panel by panel, shared out over the rayon pool when m·n·k is large enough.
+fn for_each_tile(m: usize, n: usize, k: usize, tile: &(dyn Fn(usize, usize, usize) + Sync)) {
+    let panels = n.div_ceil(NR);
     let run = |j0: usize, j1: usize| {
         for j in j0..j1 {
-            let cols = NR.min(n - j * NR);
-            let panel = &b.data[j * k * NR..][..k * NR];
             let mut i = 0;
             while i < m {
                 let rows = MR.min(m - i);
-                // SAFETY: rows i..i+rows and columns j·NR..j·NR+cols of `out` (m, n) lie in
-                // `out` (asserted above); panel j alone writes those columns, so concurrent
-                // panels never touch the same element; x rows i..i+rows hold k floats each.
-                unsafe {
-                    let o = out_ptr.get().add(i * n + j * NR);
-                    kernel(&x[i * k..], k, rows, panel, o, n, cols, acc.adds());
-                }
+                tile(j, i, rows);
                 i += rows;
             }
         }
@@ -96,6 +104,146 @@ pub fn matmul_packed(out: &mut [f32], x: &[f32], m: usize, b: &PackedB, acc: Acc
     } else {
         run(0, panels);
     }
+}
+
+/// A weight (N, K) quantized to int8 values per output column (`scale[j]` · q), stored as
+/// pairs of i16 for `vpmaddwd` in the panels of [`PackedB`]: the pair (p, p + 1) of column
+/// j at `((j / NR) · K2 / 2 + p / 2) · 2·NR + (j % NR) · 2`, K2 = K rounded up to even.
+#[derive(Clone, Debug)]
+pub struct PackedI8 {
+    pub n: usize,
+    pub k: usize,
+    data: Vec<i16>,
+    /// Per column (padded to whole panels with zeros).
+    scale: Vec<f32>,
+}
+
+impl PackedI8 {
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert!(w.len() >= n * k, "weight smaller than (n, k)");
+        let (panels, k2) = (n.div_ceil(NR), k.next_multiple_of(2));
+        let mut data = vec![0i16; panels * k2 * NR];
+        let mut scale = vec![0.0f32; panels * NR];
+        for (j, row) in w[..n * k].chunks_exact(k).enumerate() {
+            let s = quant_scale(row);
+            scale[j] = s;
+            let panel = &mut data[(j / NR) * k2 * NR..][..k2 * NR];
+            for (p, &v) in row.iter().enumerate() {
+                panel[(p / 2) * 2 * NR + (j % NR) * 2 + p % 2] = quantize(v, s);
+            }
+        }
+        Self { n, k, data, scale }
+    }
+}
+
+/// The symmetric int8 scale of `x`: its largest magnitude maps to 127.
+fn quant_scale(x: &[f32]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+    if amax > 0.0 && amax.is_finite() {
+        amax / 127.0
+    } else {
+        1.0
+    }
+}
+
+fn quantize(v: f32, scale: f32) -> i16 {
+    (v / scale).round().clamp(-127.0, 127.0) as i16
+}
+
+/// `out (m, n) [+]= x (m, k) · Wᵀ` in int8: each row of x quantized to int8 with its own
+/// scale (dynamic, as CTranslate2's int8), products summed exactly in i32, the sum scaled
+/// back by both scales. `xq` is scratch.
+pub fn matmul_packed_i8(
+    out: &mut [f32],
+    x: &[f32],
+    m: usize,
+    b: &PackedI8,
+    acc: Acc,
+    xq: &mut Vec<i16>,
+) {
+    let (n, k) = (b.n, b.k);
+    let k2 = k.next_multiple_of(2);
+    assert!(
+        out.len() >= m * n && x.len() >= m * k,
+        "packed product operand too small"
+    );
+    assert!(available(), "the packed kernel needs AVX2 and FMA");
+    xq.clear();
+    xq.resize(m * k2, 0);
+    let mut sx = vec![0.0f32; m];
+    for (r, row) in x[..m * k].chunks_exact(k).enumerate() {
+        sx[r] = quant_scale(row);
+        for (q, &v) in xq[r * k2..][..k].iter_mut().zip(row) {
+            *q = quantize(v, sx[r]);
+        }
+    }
+    let (xq, sx) = (&xq[..], &sx[..]);
+    let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
+    for_each_tile(m, n, k, &|j, i, rows| {
+        let cols = NR.min(n - j * NR);
+        let panel = &b.data[j * k2 * NR..][..k2 * NR];
+        let scales = &b.scale[j * NR..][..NR];
+        // SAFETY: as in `matmul_packed`; xq rows i..i+rows hold k2 values each.
+        unsafe {
+            let o = out_ptr.get().add(i * n + j * NR);
+            kernel_i8(
+                &xq[i * k2..],
+                &sx[i..],
+                k2,
+                rows,
+                panel,
+                scales,
+                o,
+                n,
+                cols,
+                acc.adds(),
+            );
+        }
+    });
+}
+
+/// [`kernel`] for int8 operands.
+///
+/// # Safety
+/// As [`kernel`], with `xq` holding `rows` rows of `k2` values and `sx` their scales.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_i8(
+    xq: &[i16],
+    sx: &[f32],
+    k2: usize,
+    rows: usize,
+    panel: &[i16],
+    scales: &[f32],
+    o: *mut f32,
+    ldo: usize,
+    cols: usize,
+    add: bool,
+) {
+    // SAFETY (each arm): as this function's contract, for the arm's row count.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        let t = avx2::TileI8 {
+            xq,
+            sx,
+            k2,
+            panel,
+            scales,
+            o,
+            ldo,
+            cols,
+            add,
+        };
+        match rows {
+            6 => avx2::tile_i8::<6>(t),
+            5 => avx2::tile_i8::<5>(t),
+            4 => avx2::tile_i8::<4>(t),
+            3 => avx2::tile_i8::<3>(t),
+            2 => avx2::tile_i8::<2>(t),
+            _ => avx2::tile_i8::<1>(t),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the packed kernel is only used where `available()`");
 }
 
 /// Dispatch on the number of rows so each micro-kernel has its accumulators in registers.
@@ -135,6 +283,84 @@ mod avx2 {
     use super::NR;
     use std::arch::x86_64::*;
 
+    /// The operands of one int8 tile (see [`super::kernel_i8`]).
+    pub(super) struct TileI8<'a> {
+        pub xq: &'a [i16],
+        pub sx: &'a [f32],
+        pub k2: usize,
+        pub panel: &'a [i16],
+        pub scales: &'a [f32],
+        pub o: *mut f32,
+        pub ldo: usize,
+        pub cols: usize,
+        pub add: bool,
+    }
+
+    /// `o[r][c] (+)= sx[r] · scales[c] · Σ_p xq[r][p] · q[p][c]` for r < R, c < cols: pairs
+    /// of int8 values (held in i16) multiplied and added pairwise into i32 by `vpmaddwd`.
+    ///
+    /// # Safety
+    /// As [`super::kernel_i8`] with `rows = R`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_i8<const R: usize>(t: TileI8) {
+        debug_assert!(t.xq.len() >= R * t.k2 && t.panel.len() >= t.k2 * NR);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let (xp, bp) = (t.xq.as_ptr(), t.panel.as_ptr());
+        for p2 in 0..t.k2 / 2 {
+            // SAFETY: pair p2 of the panel (2·NR values) and of each row r < R are in
+            // bounds (checked above in debug builds; the caller's contract otherwise).
+            unsafe {
+                let b0 = _mm256_loadu_si256(bp.add(p2 * 2 * NR) as *const __m256i);
+                let b1 = _mm256_loadu_si256(bp.add(p2 * 2 * NR + NR) as *const __m256i);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pair = (xp.add(r * t.k2 + 2 * p2) as *const i32).read_unaligned();
+                    let a = _mm256_set1_epi32(pair);
+                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(a, b0));
+                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(a, b1));
+                }
+            }
+        }
+        // SAFETY: `scales` holds NR floats; row r < R of `o` has `cols` writable floats.
+        unsafe {
+            let (s0, s1) = (
+                _mm256_loadu_ps(t.scales.as_ptr()),
+                _mm256_loadu_ps(t.scales.as_ptr().add(8)),
+            );
+            for (r, acc) in acc.iter().enumerate() {
+                let f = _mm256_set1_ps(t.sx[r]);
+                let lo = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[0]), _mm256_mul_ps(s0, f));
+                let hi = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[1]), _mm256_mul_ps(s1, f));
+                store(t.o.add(r * t.ldo), lo, hi, t.cols, t.add);
+            }
+        }
+    }
+
+    /// Write (or add) the first `cols` of the 16 floats `lo`, `hi` at `dst`.
+    ///
+    /// # Safety
+    /// `dst` has `cols` writable floats.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(dst: *mut f32, mut lo: __m256, mut hi: __m256, cols: usize, add: bool) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if cols == NR {
+                if add {
+                    lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
+                    hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst.add(8)));
+                }
+                _mm256_storeu_ps(dst, lo);
+                _mm256_storeu_ps(dst.add(8), hi);
+            } else {
+                let mut tmp = [0.0f32; NR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), lo);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), hi);
+                for (c, &v) in tmp[..cols].iter().enumerate() {
+                    *dst.add(c) = if add { *dst.add(c) + v } else { v };
+                }
+            }
+        }
+    }
+
     /// `o[r][c] (+)= Σ_p x[r][p] · panel[p][c]` for r < R, c < cols.
     ///
     /// # Safety
@@ -167,25 +393,7 @@ mod avx2 {
         }
         for (r, acc) in acc.iter().enumerate() {
             // SAFETY: row r < R of `o` has `cols` writable floats (the caller's contract).
-            unsafe {
-                let dst = o.add(r * ldo);
-                if cols == NR {
-                    let (mut lo, mut hi) = (acc[0], acc[1]);
-                    if add {
-                        lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
-                        hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst.add(8)));
-                    }
-                    _mm256_storeu_ps(dst, lo);
-                    _mm256_storeu_ps(dst.add(8), hi);
-                } else {
-                    let mut tmp = [0.0f32; NR];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), acc[0]);
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[1]);
-                    for (c, &v) in tmp[..cols].iter().enumerate() {
-                        *dst.add(c) = if add { *dst.add(c) + v } else { v };
-                    }
-                }
-            }
+            unsafe { store(o.add(r * ldo), acc[0], acc[1], cols, add) };
         }
     }
 }
@@ -194,7 +402,26 @@ mod avx2 {
 /// copy.
 #[derive(Clone, Debug, Default)]
 pub struct PackedWeights {
-    mats: Vec<(usize, PackedB)>,
+    /// Quantize the weights to int8 and run the products in int8 (`--dtype int8`).
+    pub int8: bool,
+    mats: Vec<(usize, Packed)>,
+    /// The int8 products' quantized rows.
+    xq: Vec<i16>,
+}
+
+#[derive(Clone, Debug)]
+enum Packed {
+    F32(PackedB),
+    I8(PackedI8),
+}
+
+impl Packed {
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Packed::F32(b) => (b.n, b.k),
+            Packed::I8(b) => (b.n, b.k),
+        }
+    }
 }
 
 impl PackedWeights {
@@ -266,12 +493,20 @@ pub fn try_matmul_packed(
         let found = weights
             .mats
             .iter()
-            .position(|(a, b)| *a == addr && b.n == n && b.k == k);
+            .position(|(a, b)| *a == addr && b.shape() == (n, k));
         let at = found.unwrap_or_else(|| {
-            weights.mats.push((addr, PackedB::pack(w, n, k)));
+            let packed = if weights.int8 {
+                Packed::I8(PackedI8::pack(w, n, k))
+            } else {
+                Packed::F32(PackedB::pack(w, n, k))
+            };
+            weights.mats.push((addr, packed));
             weights.mats.len() - 1
         });
-        matmul_packed(out, x, m, &weights.mats[at].1, acc);
+        match &weights.mats[at].1 {
+            Packed::F32(b) => matmul_packed(out, x, m, b, acc),
+            Packed::I8(b) => matmul_packed_i8(out, x, m, b, acc, &mut weights.xq),
+        }
         true
     })
 }

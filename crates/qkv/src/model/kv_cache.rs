@@ -57,7 +57,7 @@ pub struct KvCache {
     /// layer's (reused, so a step allocates and zeroes nothing).
     spare: Vec<Vec<f32>>,
     /// The decoder's weights packed for this session's steps (packed at first use).
-    packed: PackedWeights,
+    pub(crate) packed: PackedWeights,
 }
 
 impl KvCache {

@@ -28,6 +28,8 @@ pub struct LanguageModel {
     dh: Vec<f32>,
     /// (B, T) of the last training forward.
     last: LastPass<(usize, usize)>,
+    /// Decoding steps run their products in int8 (`--dtype int8`; see kernels::packed).
+    pub int8_steps: bool,
 }
 
 impl LanguageModel {
@@ -65,6 +67,7 @@ impl LanguageModel {
             dlogits: Vec::new(),
             dh: Vec::new(),
             last: LastPass::Nothing,
+            int8_steps: false,
         })
     }
 
@@ -93,13 +96,15 @@ impl LanguageModel {
     pub fn start_decoding(&mut self, rows: usize, max_len: usize) -> KvCache {
         self.last = LastPass::Other("start_decoding");
         let capacity = max_len.min(self.config.max_len);
-        KvCache::new(
+        let mut cache = KvCache::new(
             rows,
             capacity,
             self.config.d_model,
             self.decoder.layers.len(),
             self.config.recurrent_state(),
-        )
+        );
+        cache.packed.int8 = self.int8_steps;
+        cache
     }
 }
 

@@ -299,6 +299,29 @@ pub enum AnyModel {
 }
 
 impl AnyModel {
+    /// Run decoding steps' products in int8 (per-channel weight scales, per-row activation
+    /// scales; `--dtype int8`). Only models that decode have steps; the CPU needs AVX2.
+    pub fn set_int8_steps(&mut self, on: bool) -> Result<()> {
+        if on && !crate::kernels::packed::available() {
+            return Err(Error::Config(
+                "int8 decoding needs a CPU with AVX2 and FMA".into(),
+            ));
+        }
+        match self {
+            AnyModel::Seq2Seq(m) => m.int8_steps = on,
+            AnyModel::Lm(m) => m.int8_steps = on,
+            AnyModel::Classifier(_) if on => {
+                return Err(Error::Config(
+                    "int8 quantizes decoding steps (translate, generate, serve); a classifier \
+                     does not decode"
+                        .into(),
+                ))
+            }
+            AnyModel::Classifier(_) => {}
+        }
+        Ok(())
+    }
+
     /// A freshly initialised model of `config`'s family.
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
         Ok(match config.family {

@@ -35,6 +35,8 @@ pub struct Seq2Seq {
     encoded: Option<(usize, usize)>,
     /// (B, S, T) of the last training forward.
     last: LastPass<(usize, usize, usize)>,
+    /// Decoding steps run their products in int8 (`--dtype int8`; see kernels::packed).
+    pub int8_steps: bool,
 }
 
 impl Seq2Seq {
@@ -106,6 +108,7 @@ impl Seq2Seq {
             ddec: Vec::new(),
             encoded: None,
             last: LastPass::Nothing,
+            int8_steps: false,
         })
     }
 
@@ -214,6 +217,7 @@ impl Seq2Seq {
             self.decoder
                 .memory_kv(&self.params.data, self.encoder.output(b * s * c), s);
         cache.src_padding = self.src_pad.clone();
+        cache.packed.int8 = self.int8_steps;
         Ok(cache)
     }
 }
