@@ -10,13 +10,14 @@
 # Usage: scripts/bench/translate.sh [MODEL_DIR] [TEST_TSV]
 #   defaults: runs/translate-en-es/best data/translate-en-es/test.tsv.gz
 # Env: REPEAT (default 3), THREADS (default 2), COMPUTE_TYPES (CTranslate2's, default
-# "float32 int8"), BEAMS (default "4 1").
+# "float32 int8"), QKV_DTYPES (qkv's --dtype, default "f32 int8"), BEAMS (default "4 1").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="${1:-runs/translate-en-es/best}"
 data="${2:-data/translate-en-es/test.tsv.gz}"
 repeat="${REPEAT:-3}"; threads="${THREADS:-2}"
 compute_types="${COMPUTE_TYPES:-float32 int8}"; beams="${BEAMS:-4 1}"
+qkv_dtypes="${QKV_DTYPES:-f32 int8}"
 PY=$(scripts/venv.sh)
 "$PY" -c "import ctranslate2" 2>/dev/null || "$PY" -m pip install -q ctranslate2 >&2
 cargo build --release -q -p qkv-cli
@@ -32,8 +33,10 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); ISA fla
 
 for beam in $beams; do
     for i in $(seq "$repeat"); do
-        $qkv --threads "$threads" bench translate --model "$model" --data "$data" --beam "$beam" \
-            --lenpen "$lenpen" --max-len-a 0 --max-len-b "$max_len" | tee -a "$work/lines.jsonl"
+        for dt in $qkv_dtypes; do
+            $qkv --threads "$threads" bench translate --model "$model" --data "$data" --beam "$beam" \
+                --lenpen "$lenpen" --max-len-a 0 --max-len-b "$max_len" --dtype "$dt" | tee -a "$work/lines.jsonl"
+        done
         for ct in $compute_types; do
             "$PY" scripts/bench/translate_ct2.py --ct2 "$work/ct2" --tokenizer "$model/tokenizer.json" \
                 "${tgt_tok[@]}" --data "$data" --beam "$beam" --lenpen "$lenpen" --threads "$threads" \
@@ -46,13 +49,15 @@ done
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def key(r):
-    return (r["beam"], r["impl"] if r["impl"] == "qkv" else "ctranslate2 " + r["compute_type"])
+    if r["impl"] == "qkv":
+        return (r["beam"], "qkv" if r["dtype"] == "f32" else "qkv " + r["dtype"])
+    return (r["beam"], "ctranslate2 " + r["compute_type"])
 groups = {}
 for r in rows:
     groups.setdefault(key(r), []).append(r)
-print("| beam | engine | seconds | target tokens/s | qkv ÷ this | BLEU | peak RSS (MB) |")
+print("| beam | engine | seconds | target tokens/s | qkv f32 ÷ this | BLEU | peak RSS (MB) |")
 print("|---:|---|---:|---:|---:|---:|---:|")
-for (beam, engine), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1] != "qkv", kv[0][1])):
+for (beam, engine), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1].startswith("qkv"), kv[0][1])):
     tps = statistics.median(r["tokens_per_s"] for r in rs)
     qkv = statistics.median(r["tokens_per_s"] for r in groups[(beam, "qkv")])
     print("| %d | %s | %.2f | %.0f | %.2f | %.2f | %.0f |" % (
