@@ -207,7 +207,7 @@ fn packed_matmul_matches_naive() {
 
 /// The int8 product against its twin: the naive product of the same quantized operands
 /// (each weight row scaled so its largest magnitude is 127, each input row likewise,
-/// rounded), and within quantization error of the f32 product.
+/// rounded to nearest, ties to even), and within quantization error of the f32 product.
 #[test]
 fn packed_int8_matmul_matches_its_quantized_twin() {
     use qkv::kernels::packed::{self, PackedI8};
@@ -221,7 +221,7 @@ fn packed_int8_matmul_matches_its_quantized_twin() {
                 let amax = row.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
                 let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
                 row.iter()
-                    .map(move |&v| (v / s).round().clamp(-127.0, 127.0) * s)
+                    .map(move |&v| (v * (1.0 / s)).round_ties_even().clamp(-127.0, 127.0) * s)
             })
             .collect()
     };

@@ -129,14 +129,16 @@ impl PackedI8 {
             scale[j] = s;
             let panel = &mut data[(j / NR) * k2 * NR..][..k2 * NR];
             for (p, &v) in row.iter().enumerate() {
-                panel[(p / 2) * 2 * NR + (j % NR) * 2 + p % 2] = quantize(v, s);
+                panel[(p / 2) * 2 * NR + (j % NR) * 2 + p % 2] = quantize(v, 1.0 / s);
             }
         }
         Self { n, k, data, scale }
     }
 }
 
-/// The symmetric int8 scale of `x`: its largest magnitude maps to 127.
+/// The symmetric int8 scale of `x`: its largest magnitude maps to 127 (values round to the
+/// nearest integer, ties to even).
+#[inline(always)]
 fn quant_scale(x: &[f32]) -> f32 {
     let amax = x.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
     if amax > 0.0 && amax.is_finite() {
@@ -146,8 +148,25 @@ fn quant_scale(x: &[f32]) -> f32 {
     }
 }
 
-fn quantize(v: f32, scale: f32) -> i16 {
-    (v / scale).round().clamp(-127.0, 127.0) as i16
+/// `v / scale` rounded to an int8 value, as `v · (1 / scale)` (`inv`).
+#[inline(always)]
+fn quantize(v: f32, inv: f32) -> i16 {
+    (v * inv).round_ties_even().clamp(-127.0, 127.0) as i16
+}
+
+crate::simd::multiversion! {
+    /// Quantize each row of `x` (rows of `k`) into `xq` (rows of `k2`), its scale into `sx`:
+    /// vectorized, as it runs before every int8 product of a step.
+    fn quantize_rows(x: &[f32], k: usize, k2: usize, xq: &mut [i16], sx: &mut [f32]) {
+        for (r, row) in x.chunks_exact(k).enumerate() {
+            let s = quant_scale(row);
+            sx[r] = s;
+            let inv = 1.0 / s;
+            for (q, &v) in xq[r * k2..][..k].iter_mut().zip(row) {
+                *q = quantize(v, inv);
+            }
+        }
+    }
 }
 
 /// `out (m, n) [+]= x (m, k) · Wᵀ` in int8: each row of x quantized to int8 with its own
@@ -171,12 +190,7 @@ pub fn matmul_packed_i8(
     xq.clear();
     xq.resize(m * k2, 0);
     let mut sx = vec![0.0f32; m];
-    for (r, row) in x[..m * k].chunks_exact(k).enumerate() {
-        sx[r] = quant_scale(row);
-        for (q, &v) in xq[r * k2..][..k].iter_mut().zip(row) {
-            *q = quantize(v, sx[r]);
-        }
-    }
+    quantize_rows(&x[..m * k], k, k2, xq, &mut sx);
     let (xq, sx) = (&xq[..], &sx[..]);
     let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
     for_each_tile(m, n, k, &|j, i, rows| {
