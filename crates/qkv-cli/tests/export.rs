@@ -194,3 +194,34 @@ fn dtype_int8_quantizes_decoding_and_is_refused_where_nothing_decodes() {
         "{err}"
     );
 }
+
+#[test]
+fn export_ctranslate2_refuses_a_tokenizer_without_an_unknown_token() {
+    // A word-level vocabulary with padding, BOS and EOS but no unknown token.
+    let dir = scratch("export-no-unk");
+    let special = |id: u32, s: &str| {
+        format!(
+            r#"{{"id":{id},"content":"{s}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
+        )
+    };
+    let tokenizer = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{},{}],
+        "normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+        "model":{{"type":"WordLevel","unk_token":"<pad>","vocab":{{"<pad>":0,"<s>":1,"</s>":2,"the":3,"king":4}}}}}}"#,
+        special(0, "<pad>"),
+        special(1, "<s>"),
+        special(2, "</s>")
+    );
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+    let mut cfg = qkv::model::ModelConfig::preset("tiny", Family::Seq2seq, 5).unwrap();
+    cfg.max_len = 16;
+    let params = qkv::model::Seq2Seq::new(cfg.clone(), 1).unwrap().params;
+    qkv::checkpoint::save(&dir, &cfg, &params, None).unwrap();
+    let out = scratch("export-no-unk-out").join("ct2");
+    let (ok, _, err) = export(&dir, "ctranslate2", &out);
+    assert!(
+        !ok && err.contains("the target tokenizer has no unknown token"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+}
