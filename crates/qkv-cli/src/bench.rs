@@ -192,7 +192,7 @@ fn train_step(a: TrainStepArgs, threads: usize) -> Result<()> {
     let times = bench::train_step(&b)?;
     let ms = bench::median(&times);
     let line = serde_json::json!({
-        "impl": "qkv",
+        "impl": "qkv", "isa": qkv::simd::isa(),
         "model": format!("{:?}", model).to_lowercase(),
         "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
         "threads": threads, "dtype": effective_dtype(a.dtype), "input_grad": a.input_grad,
@@ -328,7 +328,7 @@ fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
     let tensors = b.tensor_bytes() as f64 / (1024.0 * 1024.0);
     let mb = |x: f64| round(x, 1);
     let line = serde_json::json!({
-        "impl": "qkv",
+        "impl": "qkv", "isa": qkv::simd::isa(),
         "kind": a.kind_name(),
         "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
         "causal": a.causal, "backward": a.backward, "dtype": effective_dtype(a.dtype),

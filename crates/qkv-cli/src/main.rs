@@ -64,6 +64,9 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(e) = qkv::simd::isa_request_error() {
+        bail!(e);
+    }
     let threads = cli.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -279,3 +279,39 @@ fn bench_matmul_packed_needs_an_x_wt_product_in_f32() {
         );
     }
 }
+
+/// `QKV_ISA` lowers the instruction set the kernels dispatch to (reported in the bench JSON);
+/// a value that is not an instruction set, or one the CPU lacks, stops the binary by name.
+#[test]
+fn qkv_isa_lowers_the_dispatched_instruction_set() {
+    let run = |isa: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qkv"))
+            .args([
+                "bench", "matmul", "--m", "16", "--k", "16", "--n", "16", "--steps", "1",
+            ])
+            .env("QKV_ISA", isa)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run qkv");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, stdout, err) = run("baseline");
+    assert!(
+        ok && stdout.contains(r#""isa":"baseline""#),
+        "{stdout} {err}"
+    );
+    let (ok, _, err) = run("sse9");
+    assert!(
+        !ok && err.contains("QKV_ISA=sse9: expected one of baseline, avx2, avx512"),
+        "{err}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if !std::is_x86_feature_detected!("avx512f") {
+        let (ok, _, err) = run("avx512");
+        assert!(
+            !ok && err.contains("QKV_ISA=avx512: this CPU's best is"),
+            "{err}"
+        );
+    }
+}

@@ -39,10 +39,58 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// The instruction sets `QKV_ISA` may name, lowest first.
+const ISAS: [&str; 3] = ["baseline", "avx2", "avx512"];
+
+/// The highest instruction set dispatched kernels may use: `QKV_ISA` (baseline | avx2 |
+/// avx512) lowers it from the CPU's best, so an AVX-512 machine measures and tests the AVX2
+/// path. Unset, or a name that is not one of those (see [`isa_request_error`]), allows all.
+/// (The `gemm` crate's own dispatch is not affected.)
+fn isa_cap() -> usize {
+    use std::sync::OnceLock;
+    static CAP: OnceLock<usize> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("QKV_ISA")
+            .ok()
+            .and_then(|v| ISAS.iter().position(|&n| n == v.trim()))
+            .unwrap_or(ISAS.len() - 1)
+    })
+}
+
+/// Why `QKV_ISA` cannot be honoured here (a name that is not an instruction set, or one this
+/// CPU lacks), for the binary to report before running anything.
+pub fn isa_request_error() -> Option<String> {
+    let v = std::env::var("QKV_ISA").ok()?;
+    let Some(asked) = ISAS.iter().position(|&n| n == v.trim()) else {
+        return Some(format!("QKV_ISA={v}: expected one of {}", ISAS.join(", ")));
+    };
+    let best = cpu_isa();
+    (asked > best).then(|| format!("QKV_ISA={v}: this CPU's best is {}", ISAS[best]))
+}
+
+/// The best instruction set of this CPU, as an index into `ISAS`.
+fn cpu_isa() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+        {
+            return 2;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return 1;
+        }
+    }
+    0
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f")
+    isa_cap() >= 2
+        && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512dq")
@@ -51,11 +99,11 @@ pub fn has_avx512() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    isa_cap() >= 1 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
 /// The instruction set the multiversioned kernels run on this CPU ("avx512", "avx2" or
-/// "baseline"), for benchmark reports.
+/// "baseline"; `QKV_ISA` may lower it), for benchmark reports.
 pub fn isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {

@@ -60,7 +60,7 @@ pub fn available() -> bool {
         *HAS.get_or_init(|| {
             // BW and VL come with every avx512_bf16 CPU so far; checked because the packers
             // are compiled with them.
-            is_x86_feature_detected!("avx512f")
+            crate::simd::has_avx512()
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bf16")
