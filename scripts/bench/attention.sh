@@ -27,6 +27,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # shellcheck source=../venv.sh
 source "$ROOT/scripts/venv.sh"   # sets QKV_PYTHON (creates the venv when missing)
+source "$ROOT/scripts/bench/isa.sh"   # QKV_ISA: the same instruction set for PyTorch
 PY="$QKV_PYTHON"
 QKV="${QKV_BIN:-$ROOT/target/release/qkv}"
 RUNS="${RUNS:-3}"

@@ -134,6 +134,8 @@ def main():
 
     out = {
         "impl": "pytorch",
+        # ATen's dispatched instruction set (ATEN_CPU_CAPABILITY may lower it).
+        "isa": torch.backends.cpu.get_cpu_capability().lower(),
         "kind": "sdpa",
         "n": N,
         "heads": H,

@@ -182,6 +182,8 @@ def main():
     med = statistics.median(times)
     out = {
         "impl": "pytorch",
+        # ATen's dispatched instruction set (ATEN_CPU_CAPABILITY may lower it).
+        "isa": torch.backends.cpu.get_cpu_capability().lower(),
         "model": a.model,
         "ms_per_step": med * 1e3,
         "tokens_per_s": a.batch * a.seq / med,
