@@ -271,7 +271,7 @@ fn packed_int8_matmul_matches_its_quantized_twin() {
                     .build()
                     .unwrap();
                 let mut got = start.clone();
-                let mut scratch = Vec::new();
+                let mut scratch = packed::QuantScratch::default();
                 pool.install(|| packed::matmul_packed_i8(&mut got, &x, m, &b, acc, &mut scratch));
                 let e = rel_err(&got, &twin);
                 assert!(

@@ -106,6 +106,14 @@ fn for_each_tile(m: usize, n: usize, k: usize, tile: &(dyn Fn(usize, usize, usiz
     }
 }
 
+/// The int8 products' activations, quantized per row: reused from product to product so a
+/// step allocates nothing for them.
+#[derive(Clone, Debug, Default)]
+pub struct QuantScratch {
+    xq: Vec<i16>,
+    sx: Vec<f32>,
+}
+
 /// A weight (N, K) quantized to int8 values per output column (`scale[j]` · q), stored as
 /// pairs of i16 for `vpmaddwd` in the panels of [`PackedB`]: the pair (p, p + 1) of column
 /// j at `((j / NR) · K2 / 2 + p / 2) · 2·NR + (j % NR) · 2`, K2 = K rounded up to even.
@@ -171,14 +179,14 @@ crate::simd::multiversion! {
 
 /// `out (m, n) [+]= x (m, k) · Wᵀ` in int8: each row of x quantized to int8 with its own
 /// scale (dynamic, as CTranslate2's int8), products summed exactly in i32, the sum scaled
-/// back by both scales. `xq` is scratch.
+/// back by both scales. `scratch` holds the quantized rows and their scales between calls.
 pub fn matmul_packed_i8(
     out: &mut [f32],
     x: &[f32],
     m: usize,
     b: &PackedI8,
     acc: Acc,
-    xq: &mut Vec<i16>,
+    scratch: &mut QuantScratch,
 ) {
     let (n, k) = (b.n, b.k);
     let k2 = k.next_multiple_of(2);
@@ -187,11 +195,12 @@ pub fn matmul_packed_i8(
         "packed product operand too small"
     );
     assert!(available(), "the packed kernel needs AVX2 and FMA");
+    let QuantScratch { xq, sx } = scratch;
     xq.clear();
     xq.resize(m * k2, 0);
-    let mut sx = vec![0.0f32; m];
-    quantize_rows(&x[..m * k], k, k2, xq, &mut sx);
-    let (xq, sx) = (&xq[..], &sx[..]);
+    sx.resize(m, 0.0);
+    quantize_rows(&x[..m * k], k, k2, xq, sx);
+    let (xq, sx) = (&xq[..], &sx[..m]);
     let out_ptr = crate::parallel::SendPtr(out.as_mut_ptr());
     for_each_tile(m, n, k, &|j, i, rows| {
         let cols = NR.min(n - j * NR);
@@ -420,7 +429,7 @@ pub struct PackedWeights {
     pub int8: bool,
     mats: Vec<(usize, Packed)>,
     /// The int8 products' quantized rows.
-    xq: Vec<i16>,
+    scratch: QuantScratch,
 }
 
 #[derive(Clone, Debug)]
@@ -519,7 +528,7 @@ pub fn try_matmul_packed(
         });
         match &weights.mats[at].1 {
             Packed::F32(b) => matmul_packed(out, x, m, b, acc),
-            Packed::I8(b) => matmul_packed_i8(out, x, m, b, acc, &mut weights.xq),
+            Packed::I8(b) => matmul_packed_i8(out, x, m, b, acc, &mut weights.scratch),
         }
         true
     })
