@@ -196,3 +196,32 @@ fn what_marian_cannot_hold_is_refused_by_name() {
         .to_string()
         .contains("no LayerNorm"));
 }
+
+/// The remaining refusals of both exports, each by what the target cannot hold.
+#[test]
+fn every_other_refusal_names_its_reason() {
+    use qkv::export::{ctranslate2, huggingface};
+    use qkv::kernels::activation::Activation;
+    use qkv::model::AttentionKind;
+    let (post, _) = fixture_model("seq2seq_post");
+    let with = |f: &dyn Fn(&mut ModelConfig)| {
+        let mut c = post.config.clone();
+        f(&mut c);
+        c
+    };
+    let linear = with(&|c| c.attention = AttentionKind::Linear);
+    let identity = with(&|c| c.activation = Activation::Identity);
+    let hf = |c: &ModelConfig| huggingface::check_exportable(c).unwrap_err().to_string();
+    let ct2 = |c: &ModelConfig| {
+        ctranslate2::model_bin(c, &post.params)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(hf(&with(&|c| c.family = Family::Lm)).contains("only seq2seq models become MarianMT"));
+    assert!(hf(&linear).contains("full softmax attention only"));
+    assert!(hf(&identity).contains("feed-forward has an activation"));
+    assert!(hf(&with(&|c| c.d_model = 15)).contains("must be even"));
+    assert!(hf(&with(&|c| c.token_types = 2)).contains("no token types"));
+    assert!(ct2(&linear).contains("linear attention has no CTranslate2 equivalent"));
+    assert!(ct2(&identity).contains("a feed-forward without activation"));
+}
