@@ -1,11 +1,11 @@
-//! Small matrix products for the fused attention tiles, written by hand for AVX-512.
+//! Small matrix products for the fused attention tiles, written by hand for AVX-512 and AVX2.
 //!
 //! Why not the `gemm` crate here: a flash-attention tile product is small (64 × 256 × 64) and
 //! there are N²/(64·256) of them per head. `gemm` packs both operands on every call; profiled
 //! at N = 4096 its packing and dispatch took as long as its microkernel. These tiles need no
 //! packing: the right operand's rows are already contiguous (K and V head rows, or a
 //! transposed K packed once per head), and the left operand is read one broadcast scalar at a
-//! time, so any strides work. Without AVX-512 the `gemm` crate does the same product.
+//! time, so any strides work. On CPUs with neither the `gemm` crate does the same product.
 
 use super::matmul::{gemm_strided, MatMut, MatRef};
 use super::Acc;
@@ -33,6 +33,21 @@ pub(crate) fn gemm_rows(c: &mut MatMut, a: MatRef, b: MatRef, alpha: f32, acc: A
         // constructors checked it; shapes checked above); `c` borrows its elements uniquely.
         return unsafe {
             avx512::gemm_rows(
+                (m, n, k),
+                (a.ptr(), a_rs, a_cs),
+                (b.ptr(), b_rs),
+                (c.ptr(), c_rs),
+                alpha,
+                acc.adds(),
+            )
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx2() {
+        let (a_rs, a_cs, b_rs, c_rs) = (a.rs(), a.cs(), b.rs(), c.rs());
+        // SAFETY: the CPU has AVX2 and FMA (checked); otherwise as above.
+        return unsafe {
+            avx2::gemm_rows(
                 (m, n, k),
                 (a.ptr(), a_rs, a_cs),
                 (b.ptr(), b_rs),
@@ -136,6 +151,152 @@ mod avx {
                 dst.add((q + 4) * dst_rs),
                 _mm256_permute2f128_ps::<0x31>(a, b),
             );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Rows of C per register block: 6 rows × 2 vectors = 12 accumulators of the 16 registers
+    /// (two for B's row, one for the broadcast), the block AVX2 BLAS kernels use.
+    const MR: usize = 6;
+    /// Columns per register block (two 8-float vectors).
+    const NR: usize = 16;
+    /// Rows of B packed at a time (16 KiB of panel, on the stack).
+    const KC: usize = 256;
+
+    /// As the AVX-512 `gemm_rows`, with 8-float vectors.
+    ///
+    /// Unlike the AVX-512 kernel, B's 16-column strip is copied into a contiguous, zero-padded
+    /// panel before the row blocks stream it: B rows here are whole tiles apart (1 KiB for a
+    /// transposed K tile of 256 columns), so the strip's k rows fall into a few L1 sets and
+    /// evicted each other (read in place, the kernel ran 20% slower than `gemm`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the elements named in the AVX-512 version are valid, and C's
+    /// are the caller's alone.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemm_rows(
+        (m, n, k): (usize, usize, usize),
+        (a, a_rs, a_cs): (*const f32, usize, usize),
+        (b, b_rs): (*const f32, usize),
+        (c, c_rs): (*mut f32, usize),
+        alpha: f32,
+        accumulate: bool,
+    ) {
+        let mut panel = [0.0f32; KC * NR];
+        let mut p0 = 0;
+        loop {
+            let kc = (k - p0).min(KC);
+            let op = Operands {
+                k: kc,
+                a_rs,
+                a_cs,
+                c_rs,
+                alpha,
+                // Later slices of k add to what the first wrote.
+                accumulate: accumulate || p0 > 0,
+            };
+            let ak = a.add(p0 * a_cs);
+            let mut j0 = 0;
+            while j0 < n {
+                let cols = (n - j0).min(NR);
+                for p in 0..kc {
+                    let src = b.add((p0 + p) * b_rs + j0);
+                    let dst = panel.as_mut_ptr().add(p * NR);
+                    if cols == NR {
+                        _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+                        _mm256_storeu_ps(dst.add(8), _mm256_loadu_ps(src.add(8)));
+                    } else {
+                        for j in 0..NR {
+                            *dst.add(j) = if j < cols { *src.add(j) } else { 0.0 };
+                        }
+                    }
+                }
+                let cj = c.add(j0);
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = (m - r0).min(MR);
+                    let (ar, cr) = (ak.add(r0 * a_rs), cj.add(r0 * c_rs));
+                    let pp = panel.as_ptr();
+                    match rows {
+                        1 => block::<1>(&op, ar, pp, cr, cols),
+                        2 => block::<2>(&op, ar, pp, cr, cols),
+                        3 => block::<3>(&op, ar, pp, cr, cols),
+                        4 => block::<4>(&op, ar, pp, cr, cols),
+                        5 => block::<5>(&op, ar, pp, cr, cols),
+                        _ => block::<6>(&op, ar, pp, cr, cols),
+                    }
+                    r0 += rows;
+                }
+                j0 += cols;
+            }
+            p0 += kc;
+            if p0 >= k {
+                break;
+            }
+        }
+    }
+
+    struct Operands {
+        k: usize,
+        a_rs: usize,
+        a_cs: usize,
+        c_rs: usize,
+        alpha: f32,
+        accumulate: bool,
+    }
+
+    /// One R × 16 block of C from a packed panel (k rows of 16); only the first `cols` columns
+    /// are written.
+    ///
+    /// # Safety
+    /// As [`gemm_rows`], for the block's R rows and `cols` columns; `b` holds k × 16 floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const R: usize>(
+        op: &Operands,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut ap = a;
+        let mut bp = b;
+        for _ in 0..op.k {
+            let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*ap.add(r * op.a_rs));
+                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+            }
+            ap = ap.add(op.a_cs);
+            bp = bp.add(NR);
+        }
+        let alpha = _mm256_set1_ps(op.alpha);
+        for (r, row) in acc.iter().enumerate() {
+            let cr = c.add(r * op.c_rs);
+            if cols == NR {
+                for (v, &x) in row.iter().enumerate() {
+                    let p = cr.add(8 * v);
+                    let mut y = _mm256_mul_ps(alpha, x);
+                    if op.accumulate {
+                        y = _mm256_add_ps(y, _mm256_loadu_ps(p));
+                    }
+                    _mm256_storeu_ps(p, y);
+                }
+            } else {
+                let mut y = [0.0f32; NR];
+                _mm256_storeu_ps(y.as_mut_ptr(), _mm256_mul_ps(alpha, row[0]));
+                _mm256_storeu_ps(y.as_mut_ptr().add(8), _mm256_mul_ps(alpha, row[1]));
+                for (j, &v) in y[..cols].iter().enumerate() {
+                    let p = cr.add(j);
+                    *p = if op.accumulate { *p + v } else { v };
+                }
+            }
         }
     }
 }
@@ -303,6 +464,7 @@ mod tests {
             (13, 64, 64),
             (6, 100, 33),
             (64, 256, 64),
+            (8, 19, 300), // k beyond one packed slice of B (AVX2)
         ] {
             for transposed_a in [false, true] {
                 for acc in [Acc::Set, Acc::Add] {
