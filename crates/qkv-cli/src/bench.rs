@@ -192,7 +192,7 @@ fn train_step(a: TrainStepArgs, threads: usize) -> Result<()> {
     let times = bench::train_step(&b)?;
     let ms = bench::median(&times);
     let line = serde_json::json!({
-        "impl": "qkv", "isa": qkv::simd::isa(),
+        "impl": "qkv", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
         "model": format!("{:?}", model).to_lowercase(),
         "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
         "threads": threads, "dtype": effective_dtype(a.dtype), "input_grad": a.input_grad,
@@ -236,7 +236,7 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
     let gflop = 2.0 * (a.m * a.k * a.n) as f64 / 1e9;
     let line = serde_json::json!({
         "impl": "qkv", "m": a.m, "k": a.k, "n": a.n, "ta": a.ta, "tb": a.tb,
-        "packed": a.packed, "isa": qkv::simd::isa(),
+        "packed": a.packed, "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
         "dtype": effective_dtype(a.dtype), "threads": threads,
         "ms": round(ms, 3),
         "gflops": round(gflop / (ms / 1e3), 2),
@@ -260,7 +260,7 @@ fn translate(a: TranslateArgs, threads: usize) -> Result<()> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     let line = serde_json::json!({
-        "impl": "qkv", "bench": "translate", "isa": qkv::simd::isa(), "dtype": effective_dtype(a.precision.dtype),
+        "impl": "qkv", "bench": "translate", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(), "dtype": effective_dtype(a.precision.dtype),
         "threads": threads, "beam": decode.beam, "max_tokens": a.max_tokens,
         "sentences": r.sentences, "seconds": round(r.seconds, 3),
         "target_tokens": r.target_tokens,
@@ -328,7 +328,7 @@ fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
     let tensors = b.tensor_bytes() as f64 / (1024.0 * 1024.0);
     let mb = |x: f64| round(x, 1);
     let line = serde_json::json!({
-        "impl": "qkv", "isa": qkv::simd::isa(),
+        "impl": "qkv", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
         "kind": a.kind_name(),
         "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
         "causal": a.causal, "backward": a.backward, "dtype": effective_dtype(a.dtype),

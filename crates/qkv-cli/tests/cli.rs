@@ -301,6 +301,9 @@ fn qkv_isa_lowers_the_dispatched_instruction_set() {
         ok && stdout.contains(r#""isa":"baseline""#),
         "{stdout} {err}"
     );
+    // The `gemm` crate's products keep the CPU's choice, and the line says so.
+    let gemm = format!(r#""gemm_isa":"{}""#, qkv::simd::gemm_isa());
+    assert!(stdout.contains(&gemm), "{stdout}");
     let (ok, _, err) = run("sse9");
     assert!(
         !ok && err.contains("QKV_ISA=sse9: expected one of baseline, avx2, avx512"),

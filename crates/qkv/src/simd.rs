@@ -117,6 +117,22 @@ pub fn isa() -> &'static str {
     "baseline"
 }
 
+/// The instruction set the `gemm` crate's f32 products run (its own dispatch, which
+/// `QKV_ISA` does not reach: the crate offers no switch), for benchmark reports. It mirrors
+/// the crate's choice with the `x86-v4` feature this workspace enables: AVX-512F, else FMA.
+pub fn gemm_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    "baseline"
+}
+
 const LANES: usize = 16;
 
 /// Σ x, with 16 independent accumulators so the loop vectorizes.
