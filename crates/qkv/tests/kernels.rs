@@ -524,7 +524,7 @@ fn cross_entropy_matches_formula_and_finite_differences() {
     let mut rng = Rng::new(6);
     let n = 5;
     let targets = [3u32, 0, 6, 0, 1]; // 0 is the ignored padding index
-    // 37: two whole 16-lane chunks of the vectorized row passes and a remainder.
+                                      // 37: two whole 16-lane chunks of the vectorized row passes and a remainder.
     for (v, smoothing) in [(7, 0.0f32), (7, 0.1), (37, 0.0), (37, 0.1)] {
         let logits = random_vec(&mut rng, n * v, 2.0);
         let run = |l: &[f32]| {

@@ -15,6 +15,7 @@
 
 use super::Acc;
 use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 /// Output columns per panel (two AVX2 registers).
 const NR: usize = 16;
@@ -430,6 +431,52 @@ pub struct PackedWeights {
     mats: Vec<(usize, Packed)>,
     /// The int8 products' quantized rows.
     scratch: QuantScratch,
+    /// Packs shared with the sessions of other copies of the same parameters (see
+    /// [`SharedPacks`]); weights inside `params` are found there by their offset.
+    pub shared: Option<Arc<SharedPacks>>,
+    /// (address, length) of the parameter buffer the session's steps read.
+    params: (usize, usize),
+}
+
+/// Packed weights shared by the decoding threads of one call, each running its own copy of
+/// the model's parameters: keyed by a weight's offset in its parameter buffer, so every copy
+/// finds the same pack. One copy of the decoder's packed weights (13.5 MB for the default
+/// translation model) then stays in the shared cache instead of one per thread, and each
+/// weight is packed once per call rather than once per batch and thread.
+///
+/// Valid only while every copy holds the same values: the owner makes one per call, after
+/// the copies were refreshed, and drops it before the parameters can change.
+#[derive(Debug, Default)]
+pub struct SharedPacks {
+    mats: Mutex<Vec<(PackKey, Arc<Packed>)>>,
+}
+
+/// A shared pack's weight: (offset in the parameters, n, k, int8).
+type PackKey = (usize, usize, usize, bool);
+
+impl SharedPacks {
+    /// Weights packed so far.
+    pub fn len(&self) -> usize {
+        self.mats.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The pack of the weight at `offset`, packing it now if no session has yet.
+    fn get(&self, key: PackKey, w: &[f32]) -> Arc<Packed> {
+        // A thread that panicked while packing left no half-made entry (entries are pushed
+        // whole), so a poisoned lock's contents are still sound.
+        let mut mats = self.mats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = mats.iter().find(|(k, _)| *k == key) {
+            return p.clone();
+        }
+        let (_, n, k, int8) = key;
+        let packed = Arc::new(Packed::new(w, n, k, int8));
+        mats.push((key, packed.clone()));
+        packed
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -439,6 +486,14 @@ enum Packed {
 }
 
 impl Packed {
+    fn new(w: &[f32], n: usize, k: usize, int8: bool) -> Self {
+        if int8 {
+            Packed::I8(PackedI8::pack(w, n, k))
+        } else {
+            Packed::F32(PackedB::pack(w, n, k))
+        }
+    }
+
     fn shape(&self) -> (usize, usize) {
         match self {
             Packed::F32(b) => (b.n, b.k),
@@ -455,6 +510,12 @@ impl PackedWeights {
 
     pub fn is_empty(&self) -> bool {
         self.mats.is_empty()
+    }
+
+    /// The parameter buffer this session's steps read, whose weights [`Self::shared`] packs
+    /// by offset.
+    pub fn set_params(&mut self, params: &[f32]) {
+        self.params = (params.as_ptr() as usize, params.len());
     }
 }
 
@@ -513,16 +574,23 @@ pub fn try_matmul_packed(
             return false;
         };
         let addr = w.as_ptr() as usize;
+        let (base, len) = weights.params;
+        if let Some(shared) = &weights.shared {
+            if addr >= base && addr + n * k * 4 <= base + len * 4 {
+                let pack = shared.get((addr - base, n, k, weights.int8), w);
+                match &*pack {
+                    Packed::F32(b) => matmul_packed(out, x, m, b, acc),
+                    Packed::I8(b) => matmul_packed_i8(out, x, m, b, acc, &mut weights.scratch),
+                }
+                return true;
+            }
+        }
         let found = weights
             .mats
             .iter()
             .position(|(a, b)| *a == addr && b.shape() == (n, k));
         let at = found.unwrap_or_else(|| {
-            let packed = if weights.int8 {
-                Packed::I8(PackedI8::pack(w, n, k))
-            } else {
-                Packed::F32(PackedB::pack(w, n, k))
-            };
+            let packed = Packed::new(w, n, k, weights.int8);
             weights.mats.push((addr, packed));
             weights.mats.len() - 1
         });

@@ -216,6 +216,7 @@ pub(crate) fn decoder_step<'a>(
     cache.check_step(tokens, stack.layers.len(), cross)?;
     let x = embed.step(p, tokens, cache.len)?;
     // The step's products run on this session's packed weights (see kernels::packed).
+    cache.packed.set_params(p);
     let scope = PackedScope::install(std::mem::take(&mut cache.packed));
     let h = stack.step(p, x, cache);
     let v = project_out(p, output, h, logits, embed.c);

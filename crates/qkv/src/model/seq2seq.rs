@@ -37,6 +37,9 @@ pub struct Seq2Seq {
     last: LastPass<(usize, usize, usize)>,
     /// Decoding steps run their products in int8 (`--dtype int8`; see kernels::packed).
     pub int8_steps: bool,
+    /// Packed decoder weights shared with the other copies decoding the same call (see
+    /// `kernels::packed::SharedPacks`); set by whoever made the copies, for that call only.
+    pub(crate) shared_packs: Option<std::sync::Arc<crate::kernels::packed::SharedPacks>>,
 }
 
 impl Seq2Seq {
@@ -109,6 +112,7 @@ impl Seq2Seq {
             encoded: None,
             last: LastPass::Nothing,
             int8_steps: false,
+            shared_packs: None,
         })
     }
 
@@ -218,6 +222,7 @@ impl Seq2Seq {
                 .memory_kv(&self.params.data, self.encoder.output(b * s * c), s);
         cache.src_padding = self.src_pad.clone();
         cache.packed.int8 = self.int8_steps;
+        cache.packed.shared = self.shared_packs.clone();
         Ok(cache)
     }
 }

@@ -224,6 +224,8 @@ pub fn translate_ids_with(
     let precision = crate::kernels::matmul::matmul_precision();
     workers.refresh(model, threads - 1);
     let copies = &mut workers.copies;
+    // Every copy now holds the model's values, so they can share one set of packed weights.
+    let packs = std::sync::Arc::new(crate::kernels::packed::SharedPacks::default());
     // Per worker: (source index, its outputs) for each source it decoded.
     type Decoded = Vec<(usize, Vec<Vec<u32>>)>;
     let done: Vec<Result<Decoded>> = std::thread::scope(|s| {
@@ -231,8 +233,11 @@ pub fn translate_ids_with(
             .chain(copies.iter_mut())
             .map(|m| {
                 let (chunks, next, decode) = (&chunks, &next, &decode);
+                let packs = packs.clone();
                 s.spawn(move || -> Result<Decoded> {
                     let _precision = crate::kernels::matmul::set_matmul_precision(precision);
+                    let m = SharingPacks::new(m, packs);
+                    let m = &mut *m.0;
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(1)
                         .build()
@@ -260,6 +265,23 @@ pub fn translate_ids_with(
         }
     }
     Ok(out)
+}
+
+/// A model copy that decodes on the call's shared packed weights until dropped (also when
+/// its thread unwinds), so no later decoding can meet packs of older parameter values.
+struct SharingPacks<'a>(&'a mut Seq2Seq);
+
+impl<'a> SharingPacks<'a> {
+    fn new(m: &'a mut Seq2Seq, packs: std::sync::Arc<crate::kernels::packed::SharedPacks>) -> Self {
+        m.shared_packs = Some(packs);
+        Self(m)
+    }
+}
+
+impl Drop for SharingPacks<'_> {
+    fn drop(&mut self) {
+        self.0.shared_packs = None;
+    }
 }
 
 /// Decode the sources `chunk` (indices into `sources`) as one padded batch.
@@ -655,6 +677,42 @@ impl Task for Summarize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Decoding threads share one set of packed weights, found by offset in their own copies'
+    /// parameters: any mix-up (a wrong weight, a stale pack) would change outputs against one
+    /// thread, which packs per batch by address.
+    #[test]
+    fn decoding_threads_share_packs_and_give_one_threads_outputs() {
+        use crate::model::{Family, ModelConfig};
+        let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 13).unwrap();
+        cfg.max_len = 16;
+        cfg.dropout = 0.0;
+        let mut model = Seq2Seq::new(cfg, 3).unwrap();
+        let sources: Vec<Vec<u32>> = (0..12u32)
+            .map(|i| (0..3 + i % 5).map(|j| 3 + (i * 7 + j * 3) % 10).collect())
+            .collect();
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        for (beam, int8) in [(1, false), (3, false), (1, true)] {
+            model.int8_steps = int8 && crate::kernels::packed::available();
+            let mut opts = TranslateOptions::new(&DecodeConfig {
+                beam,
+                ..DecodeConfig::default()
+            });
+            opts.max_tokens = 8; // several batches, so both threads decode
+            let mut run = |threads| {
+                pool(threads).install(|| translate_ids(&mut model, &sources, 1, 2, 0, &opts))
+            };
+            let one = run(1).unwrap();
+            let two = run(2).unwrap();
+            assert_eq!(one, two, "beam {beam}, int8 {int8}");
+            assert!(model.shared_packs.is_none(), "the packs outlived the call");
+        }
+    }
 
     #[test]
     fn long_sources_are_dropped_or_cut() {

@@ -141,7 +141,11 @@ mod avx2 {
         }
         let mut sum = hsum(acc);
         for v in &mut row[full..] {
-            *v = if *v == f32::NEG_INFINITY { 0.0 } else { crate::simd::exp(*v - shift) };
+            *v = if *v == f32::NEG_INFINITY {
+                0.0
+            } else {
+                crate::simd::exp(*v - shift)
+            };
             sum += *v;
         }
         sum
@@ -155,7 +159,10 @@ mod avx2 {
         for j in (0..full).step_by(8) {
             mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(j)));
         }
-        let m_new = row[full..].iter().fold(hmax(mx), |a, &b| a.max(b)).max(m_old);
+        let m_new = row[full..]
+            .iter()
+            .fold(hmax(mx), |a, &b| a.max(b))
+            .max(m_old);
         if m_new == f32::NEG_INFINITY {
             row.fill(0.0);
             return (m_new, 1.0, 0.0);
