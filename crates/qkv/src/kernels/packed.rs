@@ -451,19 +451,10 @@ pub struct SharedPacks {
     mats: Mutex<Vec<(PackKey, Arc<Packed>)>>,
 }
 
-/// A shared pack's weight: (offset in the parameters, n, k, int8).
+/// A shared pack's weight: (offset in the parameters, in floats; n; k; int8).
 type PackKey = (usize, usize, usize, bool);
 
 impl SharedPacks {
-    /// Weights packed so far.
-    pub fn len(&self) -> usize {
-        self.mats.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The pack of the weight at `offset`, packing it now if no session has yet.
     fn get(&self, key: PackKey, w: &[f32]) -> Arc<Packed> {
         // A thread that panicked while packing left no half-made entry (entries are pushed
@@ -576,8 +567,9 @@ pub fn try_matmul_packed(
         let addr = w.as_ptr() as usize;
         let (base, len) = weights.params;
         if let Some(shared) = &weights.shared {
-            if addr >= base && addr + n * k * 4 <= base + len * 4 {
-                let pack = shared.get((addr - base, n, k, weights.int8), w);
+            let f32s = std::mem::size_of::<f32>();
+            if addr >= base && addr + n * k * f32s <= base + len * f32s {
+                let pack = shared.get(((addr - base) / f32s, n, k, weights.int8), w);
                 match &*pack {
                     Packed::F32(b) => matmul_packed(out, x, m, b, acc),
                     Packed::I8(b) => matmul_packed_i8(out, x, m, b, acc, &mut weights.scratch),

@@ -236,8 +236,8 @@ pub fn translate_ids_with(
                 let packs = packs.clone();
                 s.spawn(move || -> Result<Decoded> {
                     let _precision = crate::kernels::matmul::set_matmul_precision(precision);
-                    let m = SharingPacks::new(m, packs);
-                    let m = &mut *m.0;
+                    let sharing = SharingPacks::new(m, packs);
+                    let m = &mut *sharing.0;
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(1)
                         .build()
