@@ -3,7 +3,7 @@
 //! log-sum-exp (FlashAttention-2, Algorithm 2). Each task owns its head's dQ, dK and dV.
 
 use super::{at_least, dscore_row, pack_transposed, probs_tile, tile_visible, with_scratch};
-use super::{BC, BR};
+use super::{br, BC};
 use crate::kernels::attention::{grad_heads, AttentionShape, HeadsMut, HeadsRef, Masks};
 use crate::kernels::matmul::{MatMut, MatRef};
 use crate::kernels::tile::gemm_rows;
@@ -104,8 +104,9 @@ fn backward_head(
     let (tq, tk, d) = (s.q_len, s.k_len, s.head_dim);
     at_least(&mut sc.kt, d * BC);
     at_least(&mut sc.vt, d * BC);
-    at_least(&mut sc.p, BR * BC);
-    at_least(&mut sc.dp, BR * BC);
+    let br = br();
+    at_least(&mut sc.p, br * BC);
+    at_least(&mut sc.dp, br * BC);
     dqh.fill(0.0);
     dkh.fill(0.0);
     dvh.fill(0.0);
@@ -115,8 +116,8 @@ fn backward_head(
         pack_transposed(&mut sc.kt, kj);
         pack_transposed(&mut sc.vt, vj);
         let (ktj, vtj) = (MatRef::new(&sc.kt, d, cols), MatRef::new(&sc.vt, d, cols));
-        for i0 in (0..tq).step_by(BR) {
-            let rows = BR.min(tq - i0);
+        for i0 in (0..tq).step_by(br) {
+            let rows = br.min(tq - i0);
             if !tile_visible(masks, i0, i0 + rows, j0, j0 + cols, tk) {
                 continue;
             }
