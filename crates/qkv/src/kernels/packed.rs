@@ -115,14 +115,16 @@ pub struct QuantScratch {
     sx: Vec<f32>,
 }
 
-/// A weight (N, K) quantized to int8 values per output column (`scale[j]` · q), stored as
-/// pairs of i16 for `vpmaddwd` in the panels of [`PackedB`]: the pair (p, p + 1) of column
-/// j at `((j / NR) · K2 / 2 + p / 2) · 2·NR + (j % NR) · 2`, K2 = K rounded up to even.
+/// A weight (N, K) quantized to int8 values per output column (`scale[j]` · q), stored in
+/// pairs for `vpmaddwd` in the panels of [`PackedB`]: the pair (p, p + 1) of column j at
+/// `((j / NR) · K2 / 2 + p / 2) · 2·NR + (j % NR) · 2`, K2 = K rounded up to even. Held as
+/// i8 and widened to i16 as the kernel loads them (`vpmovsxbw`): a step with few rows is bound
+/// by streaming the weights, and i8 halves those bytes against storing i16.
 #[derive(Clone, Debug)]
 pub struct PackedI8 {
     pub n: usize,
     pub k: usize,
-    data: Vec<i16>,
+    data: Vec<i8>,
     /// Per column (padded to whole panels with zeros).
     scale: Vec<f32>,
 }
@@ -131,14 +133,15 @@ impl PackedI8 {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert!(w.len() >= n * k, "weight smaller than (n, k)");
         let (panels, k2) = (n.div_ceil(NR), k.next_multiple_of(2));
-        let mut data = vec![0i16; panels * k2 * NR];
+        let mut data = vec![0i8; panels * k2 * NR];
         let mut scale = vec![0.0f32; panels * NR];
         for (j, row) in w[..n * k].chunks_exact(k).enumerate() {
             let s = quant_scale(row);
             scale[j] = s;
             let panel = &mut data[(j / NR) * k2 * NR..][..k2 * NR];
             for (p, &v) in row.iter().enumerate() {
-                panel[(p / 2) * 2 * NR + (j % NR) * 2 + p % 2] = quantize(v, 1.0 / s);
+                // |q| ≤ 127 (clamped by `quantize`), so it fits i8.
+                panel[(p / 2) * 2 * NR + (j % NR) * 2 + p % 2] = quantize(v, 1.0 / s) as i8;
             }
         }
         Self { n, k, data, scale }
@@ -236,7 +239,7 @@ unsafe fn kernel_i8(
     sx: &[f32],
     k2: usize,
     rows: usize,
-    panel: &[i16],
+    panel: &[i8],
     scales: &[f32],
     o: *mut f32,
     ldo: usize,
@@ -312,7 +315,7 @@ mod avx2 {
         pub xq: &'a [i16],
         pub sx: &'a [f32],
         pub k2: usize,
-        pub panel: &'a [i16],
+        pub panel: &'a [i8],
         pub scales: &'a [f32],
         pub o: *mut f32,
         pub ldo: usize,
@@ -321,7 +324,8 @@ mod avx2 {
     }
 
     /// `o[r][c] (+)= sx[r] · scales[c] · Σ_p xq[r][p] · q[p][c]` for r < R, c < cols: pairs
-    /// of int8 values (held in i16) multiplied and added pairwise into i32 by `vpmaddwd`.
+    /// of int8 values (widened to i16 on load) multiplied and added pairwise into i32 by
+    /// `vpmaddwd`.
     ///
     /// # Safety
     /// As [`super::kernel_i8`] with `rows = R`.
@@ -334,8 +338,11 @@ mod avx2 {
             // SAFETY: pair p2 of the panel (2·NR values) and of each row r < R are in
             // bounds (checked above in debug builds; the caller's contract otherwise).
             unsafe {
-                let b0 = _mm256_loadu_si256(bp.add(p2 * 2 * NR) as *const __m256i);
-                let b1 = _mm256_loadu_si256(bp.add(p2 * 2 * NR + NR) as *const __m256i);
+                let b0 =
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(p2 * 2 * NR) as *const __m128i));
+                let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    bp.add(p2 * 2 * NR + NR) as *const __m128i
+                ));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let pair = (xp.add(r * t.k2 + 2 * p2) as *const i32).read_unaligned();
                     let a = _mm256_set1_epi32(pair);
