@@ -55,32 +55,82 @@ multiversion! {
 
 pub(super) fn online_row(row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::simd::has_avx512() {
-            // SAFETY: the CPU has AVX-512F (checked at run time).
-            return unsafe { avx512::online_row(row, m_old) };
-        }
-        if crate::simd::has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-            return unsafe { avx2::online_row(row, m_old) };
-        }
+    if let Some(isa) = Isa::detect() {
+        return isa.online_row(row, m_old);
     }
     online_row_portable(row, m_old)
 }
 
 pub(super) fn probs_row(row: &mut [f32], lse: f32) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::simd::has_avx512() {
-            // SAFETY: as above.
-            return unsafe { avx512::probs_row(row, lse) };
-        }
-        if crate::simd::has_avx2() {
-            // SAFETY: as above.
-            return unsafe { avx2::probs_row(row, lse) };
-        }
+    if let Some(isa) = Isa::detect() {
+        return isa.probs_row(row, lse);
     }
     probs_row_portable(row, lse)
+}
+
+/// The instruction set whose hand-written passes (a row's maximum; its shifted exponentials
+/// and their sum) this CPU runs; the softmax logic around them is shared.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Isa {
+    Avx512,
+    Avx2,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Isa {
+    fn detect() -> Option<Self> {
+        if crate::simd::has_avx512() {
+            Some(Isa::Avx512)
+        } else if crate::simd::has_avx2() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    }
+
+    fn max(self, row: &[f32]) -> f32 {
+        match self {
+            // SAFETY: `detect` found AVX-512F on this CPU.
+            Isa::Avx512 => unsafe { avx512::row_max(row) },
+            // SAFETY: `detect` found AVX2 and FMA on this CPU.
+            Isa::Avx2 => unsafe { avx2::row_max(row) },
+        }
+    }
+
+    /// `row ← exp(row − shift)` (0 where row is −∞); returns the sum.
+    fn exp_shifted(self, row: &mut [f32], shift: f32) -> f32 {
+        match self {
+            // SAFETY: as in `max`.
+            Isa::Avx512 => unsafe { avx512::exp_shifted(row, shift) },
+            // SAFETY: as in `max`.
+            Isa::Avx2 => unsafe { avx2::exp_shifted(row, shift) },
+        }
+    }
+
+    fn online_row(self, row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
+        let m_new = self.max(row).max(m_old);
+        if m_new == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return (m_new, 1.0, 0.0);
+        }
+        let sum = self.exp_shifted(row, m_new);
+        let alpha = if m_old == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (m_old - m_new).exp()
+        };
+        (m_new, alpha, sum)
+    }
+
+    fn probs_row(self, row: &mut [f32], lse: f32) {
+        if lse == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        self.exp_shifted(row, lse);
+    }
 }
 
 /// Every function here needs AVX2 and FMA (`has_avx2()`): that is their safety contract.
@@ -127,7 +177,7 @@ mod avx2 {
     /// last < 8 elements in scalar code.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+    pub unsafe fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
         let (sv, ninf) = (_mm256_set1_ps(shift), _mm256_set1_ps(f32::NEG_INFINITY));
         let mut acc = _mm256_setzero_ps();
         let p = row.as_mut_ptr();
@@ -152,37 +202,14 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn online_row(row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
+    pub unsafe fn row_max(row: &[f32]) -> f32 {
         let p = row.as_ptr();
         let full = row.len() / 8 * 8;
         let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
         for j in (0..full).step_by(8) {
             mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(j)));
         }
-        let m_new = row[full..]
-            .iter()
-            .fold(hmax(mx), |a, &b| a.max(b))
-            .max(m_old);
-        if m_new == f32::NEG_INFINITY {
-            row.fill(0.0);
-            return (m_new, 1.0, 0.0);
-        }
-        let sum = exp_shifted(row, m_new);
-        let alpha = if m_old == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (m_old - m_new).exp()
-        };
-        (m_new, alpha, sum)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn probs_row(row: &mut [f32], lse: f32) {
-        if lse == f32::NEG_INFINITY {
-            row.fill(0.0);
-            return;
-        }
-        exp_shifted(row, lse);
+        row[full..].iter().fold(hmax(mx), |a, &b| a.max(b))
     }
 }
 
@@ -223,7 +250,7 @@ mod avx512 {
     /// `row ← exp(row − shift)` (0 where row is −∞); returns the sum.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
+    pub unsafe fn exp_shifted(row: &mut [f32], shift: f32) -> f32 {
         let (sv, ninf) = (_mm512_set1_ps(shift), _mm512_set1_ps(f32::NEG_INFINITY));
         let mut acc = _mm512_setzero_ps();
         let p = row.as_mut_ptr();
@@ -241,7 +268,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn online_row(row: &mut [f32], m_old: f32) -> (f32, f32, f32) {
+    pub unsafe fn row_max(row: &[f32]) -> f32 {
         let p = row.as_ptr();
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut j = 0;
@@ -250,27 +277,7 @@ mod avx512 {
             mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(j)));
             j += 16;
         }
-        let m_new = _mm512_reduce_max_ps(mx).max(m_old);
-        if m_new == f32::NEG_INFINITY {
-            row.fill(0.0);
-            return (m_new, 1.0, 0.0);
-        }
-        let sum = exp_shifted(row, m_new);
-        let alpha = if m_old == f32::NEG_INFINITY {
-            0.0
-        } else {
-            (m_old - m_new).exp()
-        };
-        (m_new, alpha, sum)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn probs_row(row: &mut [f32], lse: f32) {
-        if lse == f32::NEG_INFINITY {
-            row.fill(0.0);
-            return;
-        }
-        exp_shifted(row, lse);
+        _mm512_reduce_max_ps(mx)
     }
 }
 
