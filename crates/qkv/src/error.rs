@@ -74,6 +74,9 @@ pub enum Error {
     #[error("scoring: {0}")]
     Metric(#[from] crate::metrics::sacrebleu::MetricError),
 
+    #[error("{0}")]
+    Cuda(#[from] crate::cuda::CudaError),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod decode;
 pub mod dist;

@@ -1,0 +1,40 @@
+// Bias + activation after a product (position-wise FFN, §3.3): kernels::activation on the CPU.
+
+// pre += bias (in place) and post = act(pre); with ACT_IDENTITY `post` may be null.
+// pre, post: (N, F); bias: (F)
+extern "C" __global__ void bias_act_forward(float* pre, float* post, const float* bias, u64 n,
+                                            int f, int act) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * f) return;
+    float v = pre[i] + bias[i % f];
+    pre[i] = v;
+    if (act != ACT_IDENTITY) post[i] = act_apply(act, v);
+}
+
+// In place d ← d · act'(pre) (d holds dpost on entry, dpre on exit; left as it is for
+// ACT_IDENTITY) and dbias += Σ_rows dpre, summed while dpre is in registers. Block (32, 8) over
+// a tile of 32 columns and a chunk of rows, as layernorm_param_grads.
+extern "C" __global__ void bias_act_backward(float* d, float* dbias, const float* pre, int n,
+                                             int f, int act, int rows_per_chunk) {
+    __shared__ float sums[8][33];
+    int col = blockIdx.x * 32 + threadIdx.x;
+    int r0 = blockIdx.y * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+    float acc = 0.0f;
+    if (col < f) {
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            u64 i = (u64)r * f + col;
+            float g = d[i];
+            if (act != ACT_IDENTITY) {
+                g *= act_derivative(act, pre[i]);
+                d[i] = g;
+            }
+            acc += g;
+        }
+    }
+    sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < f) {
+        for (int k = 1; k < 8; k++) acc += sums[k][threadIdx.x];
+        atomicAdd(&dbias[col], acc);
+    }
+}

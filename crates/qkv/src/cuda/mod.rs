@@ -1,0 +1,182 @@
+//! The CUDA backend (issue 18): kernels in CUDA C, compiled at run time by NVRTC for the
+//! device's architecture, launched through the driver API.
+//!
+//! Everything NVIDIA is loaded at run time (`cudarc` with `dynamic-loading`): qkv builds and
+//! runs on machines without CUDA, and asking for the GPU there is [`CudaError::Unavailable`],
+//! naming the library that was not found, never a panic.
+//!
+//! Each kernel source under `cuda/kernels/` has a CPU twin in [`crate::kernels`] with the same
+//! arguments and the same arithmetic in the same order where the GPU allows it; `tests/cuda.rs`
+//! holds every kernel to its twin on a GPU, and `tests/cuda_compile.rs` compiles every source
+//! with NVRTC on machines without one (CI).
+
+mod nvrtc;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+
+pub use nvrtc::{compile, nvrtc_version};
+
+/// One kernel source file and the `extern "C"` functions it defines.
+#[derive(Clone, Copy, Debug)]
+pub struct Source {
+    pub name: &'static str,
+    pub text: &'static str,
+    pub functions: &'static [&'static str],
+}
+
+/// Prepended to every source: the dropout hash, warp and block reductions, activations.
+pub const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// Every kernel source qkv launches.
+pub const SOURCES: &[Source] = &[
+    Source {
+        name: "embedding",
+        text: include_str!("kernels/embedding.cu"),
+        functions: &["embedding_forward", "embedding_backward"],
+    },
+    Source {
+        name: "dropout",
+        text: include_str!("kernels/dropout.cu"),
+        functions: &["residual_add", "dropout_apply"],
+    },
+    Source {
+        name: "layernorm",
+        text: include_str!("kernels/layernorm.cu"),
+        functions: &[
+            "layernorm_forward",
+            "residual_layernorm_forward",
+            "layernorm_backward_input",
+            "layernorm_param_grads",
+        ],
+    },
+    Source {
+        name: "activation",
+        text: include_str!("kernels/activation.cu"),
+        functions: &["bias_act_forward", "bias_act_backward"],
+    },
+    Source {
+        name: "loss",
+        text: include_str!("kernels/loss.cu"),
+        functions: &["cross_entropy"],
+    },
+    Source {
+        name: "optim",
+        text: include_str!("kernels/optim.cu"),
+        functions: &["adamw_step", "sum_squares", "scale"],
+    },
+];
+
+/// What went wrong on the way to, or on, the GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// No driver, no NVRTC, or no device: says which and how to provide it.
+    #[error("CUDA is not available: {0}")]
+    Unavailable(String),
+    /// A kernel source did not compile; `log` is NVRTC's, with lines of `<name>.cu`.
+    #[error("NVRTC could not compile {name}.cu for {arch} ({status}):\n{log}")]
+    Compile {
+        name: String,
+        arch: String,
+        status: String,
+        log: String,
+    },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    /// A kernel called with buffers that do not hold its shape.
+    #[error("{kernel}: {msg}")]
+    Shape { kernel: &'static str, msg: String },
+}
+
+/// Whether the CUDA driver library (`libcuda.so`) can be loaded here.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to open the library by its candidate names; nothing is called in it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC (`libnvrtc.so.13`) can be loaded here.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: as in `driver_available`.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Where to get NVRTC when it is missing: the PyPI wheel CI and the scripts use.
+pub const NVRTC_HINT: &str = "libnvrtc.so.13 was not found on LD_LIBRARY_PATH (pip install \
+    'nvidia-cuda-nvrtc==13.0.*' and add its nvidia/cu13/lib directory)";
+
+/// One GPU: its context, the stream every kernel runs on, and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    name: String,
+    arch: (i32, i32),
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles every kernel for its architecture (once per process
+    /// and architecture: see [`compile`]).
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        if !driver_available() {
+            return Err(CudaError::Unavailable(
+                "the NVIDIA driver library (libcuda.so) was not found: this machine has no \
+                 usable NVIDIA GPU driver"
+                    .into(),
+            ));
+        }
+        if !nvrtc_available() {
+            return Err(CudaError::Unavailable(NVRTC_HINT.into()));
+        }
+        let count = CudaContext::device_count()?;
+        if ordinal as i32 >= count {
+            return Err(CudaError::Unavailable(format!(
+                "device {ordinal} asked for, {count} found"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let arch = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        let stream = ctx.default_stream();
+        let mut functions = HashMap::new();
+        for src in SOURCES {
+            let cubin = compile(src, arch)?;
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
+            for &f in src.functions {
+                functions.insert(f, module.load_function(f)?);
+            }
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            functions,
+            name,
+            arch,
+        })
+    }
+
+    /// The device's name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn describe(&self) -> String {
+        format!("{} (sm_{}{})", self.name, self.arch.0, self.arch.1)
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub(crate) fn function(&self, name: &'static str) -> &CudaFunction {
+        // Every name asked for is listed in SOURCES, all of which `new` loaded.
+        &self.functions[name]
+    }
+
+    /// Waits for every kernel queued so far.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(self.stream.synchronize()?)
+    }
+}

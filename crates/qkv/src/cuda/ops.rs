@@ -1,0 +1,497 @@
+//! Host-side launchers: one per CPU kernel in [`crate::kernels`], with the twin's name,
+//! arguments and semantics, on device buffers. Shapes are checked before launch and reported
+//! as [`CudaError::Shape`]; a launch never reads or writes outside a buffer.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{CudaError, Gpu};
+use crate::kernels::activation::Activation;
+use crate::kernels::dropout::Dropout;
+use crate::kernels::loss::CrossEntropy;
+use crate::kernels::Acc;
+
+/// Threads per block of the elementwise and per-row kernels: 8 warps.
+const THREADS: u32 = 256;
+
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row, eight rows per block.
+fn warp_per_row(n: usize) -> LaunchConfig {
+    let rows = (THREADS / 32) as usize;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(rows).max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks of (32 columns × 8 row stripes) over chunks of rows, for the column sums: enough
+/// chunks to fill the device, each long enough that its one atomic per column is cheap.
+fn column_tiles(n: usize, c: usize) -> (LaunchConfig, i32) {
+    let chunks = n.div_ceil(64).clamp(1, 512);
+    let rows_per_chunk = n.div_ceil(chunks).max(1);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(32) as u32, n.div_ceil(rows_per_chunk).max(1) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, rows_per_chunk as i32)
+}
+
+/// (p, seed, offset) of a dropout, p = 0 for none.
+fn drop_args(drop: Option<Dropout>) -> (f32, u64, u64) {
+    drop.map_or((0.0, 0, 0), |d| (d.p, d.seed, d.offset))
+}
+
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Relu => 0,
+        Activation::Gelu => 1,
+        Activation::Identity => 2,
+    }
+}
+
+/// Fails unless every buffer holds at least its elements.
+fn need(kernel: &'static str, bufs: &[(&str, usize, usize)]) -> Result<(), CudaError> {
+    for &(name, have, want) in bufs {
+        if have < want {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("{name} holds {have} elements, {want} needed"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn rows_of(kernel: &'static str, len: usize, c: usize) -> Result<usize, CudaError> {
+    if c == 0 || len % c != 0 {
+        return Err(CudaError::Shape {
+            kernel,
+            msg: format!("{len} elements are not rows of width {c}"),
+        });
+    }
+    Ok(len / c)
+}
+
+/// A null device pointer, for a kernel's optional output.
+const NULL: u64 = 0;
+
+impl Gpu {
+    /// [`crate::kernels::embedding::embedding_forward`].
+    /// tokens: (N); table: (V, C); pos: (≥T, C); out: (N, C)
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        table: &CudaSlice<f32>,
+        pos: &CudaSlice<f32>,
+        scale: f32,
+        t_len: usize,
+        c: usize,
+        drop: Option<Dropout>,
+    ) -> Result<(), CudaError> {
+        let n = tokens.len();
+        need(
+            "embedding_forward",
+            &[("out", out.len(), n * c), ("pos", pos.len(), t_len.min(n) * c)],
+        )?;
+        let (p, seed, offset) = drop_args(drop);
+        let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
+        let mut b = self.stream().launch_builder(self.function("embedding_forward"));
+        b.arg(out).arg(tokens).arg(table).arg(pos).arg(&scale);
+        b.arg(&t).arg(&c32).arg(&n32).arg(&p).arg(&seed).arg(&offset);
+        // SAFETY: the argument list matches embedding.cu's signature; out and pos were checked
+        // against (N, C) and (T, C), tokens are validated against the vocabulary by the caller.
+        unsafe { b.launch(elementwise(n * c)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::embedding::embedding_backward`]: `dtable[tokens] += dout·scale`,
+    /// `dpos[t] += Σ_b dout` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_backward(
+        &self,
+        dtable: &mut CudaSlice<f32>,
+        dpos: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        scale: f32,
+        t_len: usize,
+        c: usize,
+    ) -> Result<(), CudaError> {
+        let n = tokens.len();
+        need("embedding_backward", &[("dout", dout.len(), n * c)])?;
+        if let Some(dp) = &dpos {
+            need(
+                "embedding_backward",
+                &[("dpos", dp.len(), t_len.min(n) * c)],
+            )?;
+        }
+        let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
+        let mut b = self.stream().launch_builder(self.function("embedding_backward"));
+        b.arg(dtable);
+        match dpos {
+            Some(dp) => b.arg(dp),
+            None => b.arg(&NULL),
+        };
+        b.arg(dout).arg(tokens).arg(&scale).arg(&t).arg(&c32).arg(&n32);
+        // SAFETY: matches embedding.cu; buffers checked above (tokens index dtable's rows and
+        // are validated by the caller).
+        unsafe { b.launch(elementwise(n * c)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::dropout::residual_add`]: `out = x + dropout(sub)`.
+    pub fn residual_add(
+        &self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        sub: &CudaSlice<f32>,
+        drop: Option<Dropout>,
+    ) -> Result<(), CudaError> {
+        let n = x.len();
+        need(
+            "residual_add",
+            &[("out", out.len(), n), ("sub", sub.len(), n)],
+        )?;
+        let (p, seed, offset) = drop_args(drop);
+        let n64 = n as u64;
+        let mut b = self.stream().launch_builder(self.function("residual_add"));
+        b.arg(out).arg(x).arg(sub).arg(&n64).arg(&p).arg(&seed).arg(&offset);
+        // SAFETY: matches dropout.cu; every buffer holds n elements.
+        unsafe { b.launch(elementwise(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::dropout::apply`]: in place `x = dropout(x)`.
+    pub fn dropout_apply(
+        &self,
+        x: &mut CudaSlice<f32>,
+        drop: Option<Dropout>,
+    ) -> Result<(), CudaError> {
+        let Some(d) = drop else { return Ok(()) };
+        let n = x.len() as u64;
+        let mut b = self.stream().launch_builder(self.function("dropout_apply"));
+        b.arg(x).arg(&n).arg(&d.p).arg(&d.seed).arg(&d.offset);
+        // SAFETY: matches dropout.cu; n is x's length.
+        unsafe { b.launch(elementwise(n as usize)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::layernorm::layernorm_forward`]. x, out: (N, C); mean, rstd: (N)
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        c: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let n = rows_of("layernorm_forward", x.len(), c)?;
+        need(
+            "layernorm_forward",
+            &[
+                ("out", out.len(), n * c),
+                ("mean", mean.len(), n),
+                ("rstd", rstd.len(), n),
+                ("w", w.len(), c),
+                ("b", bias.len(), c),
+            ],
+        )?;
+        let (n32, c32) = (n as i32, c as i32);
+        let mut b = self.stream().launch_builder(self.function("layernorm_forward"));
+        b.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(bias);
+        b.arg(&n32).arg(&c32).arg(&eps);
+        // SAFETY: matches layernorm.cu; shapes checked above.
+        unsafe { b.launch(warp_per_row(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::layernorm::residual_layernorm_forward`], in one kernel:
+    /// `sum = x + dropout(sub)`, `out = LN(sum)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_layernorm_forward(
+        &self,
+        sum: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        sub: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        c: usize,
+        eps: f32,
+        drop: Option<Dropout>,
+    ) -> Result<(), CudaError> {
+        let kernel = "residual_layernorm_forward";
+        let n = rows_of(kernel, x.len(), c)?;
+        need(
+            kernel,
+            &[
+                ("sum", sum.len(), n * c),
+                ("out", out.len(), n * c),
+                ("sub", sub.len(), n * c),
+                ("mean", mean.len(), n),
+                ("rstd", rstd.len(), n),
+                ("w", w.len(), c),
+                ("b", bias.len(), c),
+            ],
+        )?;
+        let (p, seed, offset) = drop_args(drop);
+        let (n32, c32) = (n as i32, c as i32);
+        let mut b = self.stream().launch_builder(self.function(kernel));
+        b.arg(sum).arg(out).arg(mean).arg(rstd).arg(x).arg(sub).arg(w).arg(bias);
+        b.arg(&n32).arg(&c32).arg(&eps).arg(&p).arg(&seed).arg(&offset);
+        // SAFETY: matches layernorm.cu; shapes checked above.
+        unsafe { b.launch(warp_per_row(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::layernorm::layernorm_backward`]: `dx (+)= ∂L/∂x`, `dw += …`, `db += …`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        c: usize,
+        dx_acc: Acc,
+    ) -> Result<(), CudaError> {
+        let kernel = "layernorm_backward";
+        let n = rows_of(kernel, x.len(), c)?;
+        need(
+            kernel,
+            &[
+                ("dx", dx.len(), n * c),
+                ("dy", dy.len(), n * c),
+                ("mean", mean.len(), n),
+                ("rstd", rstd.len(), n),
+                ("w", w.len(), c),
+                ("dw", dw.len(), c),
+                ("db", db.len(), c),
+            ],
+        )?;
+        let (n32, c32, acc) = (n as i32, c as i32, dx_acc.adds() as i32);
+        let mut b = self.stream().launch_builder(self.function("layernorm_backward_input"));
+        b.arg(&mut *dx).arg(dy).arg(x).arg(mean).arg(rstd).arg(w);
+        b.arg(&n32).arg(&c32).arg(&acc);
+        // SAFETY: matches layernorm.cu; shapes checked above.
+        unsafe { b.launch(warp_per_row(n)) }?;
+        let (cfg, rows_per_chunk) = column_tiles(n, c);
+        let mut b = self.stream().launch_builder(self.function("layernorm_param_grads"));
+        b.arg(dw).arg(db).arg(dy).arg(x).arg(mean).arg(rstd);
+        b.arg(&n32).arg(&c32).arg(&rows_per_chunk);
+        // SAFETY: matches layernorm.cu; shapes checked above, the grid covers c columns and
+        // n rows in chunks of rows_per_chunk.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::activation::bias_act_forward`]: `pre += bias`, `post = act(pre)`.
+    /// `post` may be `None` only for `Identity`. pre, post: (N, F); bias: (F)
+    pub fn bias_act_forward(
+        &self,
+        pre: &mut CudaSlice<f32>,
+        post: Option<&mut CudaSlice<f32>>,
+        bias: &CudaSlice<f32>,
+        act: Activation,
+    ) -> Result<(), CudaError> {
+        let kernel = "bias_act_forward";
+        let f = bias.len();
+        let n = rows_of(kernel, pre.len(), f)?;
+        match &post {
+            Some(p) => need(kernel, &[("post", p.len(), n * f)])?,
+            None if act != Activation::Identity => {
+                return Err(CudaError::Shape {
+                    kernel,
+                    msg: format!("{act:?} needs an output buffer"),
+                })
+            }
+            None => {}
+        }
+        let (n64, f32_, code) = (n as u64, f as i32, act_code(act));
+        let mut b = self.stream().launch_builder(self.function(kernel));
+        b.arg(pre);
+        match post {
+            Some(p) => b.arg(p),
+            None => b.arg(&NULL),
+        };
+        b.arg(bias).arg(&n64).arg(&f32_).arg(&code);
+        // SAFETY: matches activation.cu; shapes checked above, post is null only for Identity,
+        // which does not write it.
+        unsafe { b.launch(elementwise(n * f)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::activation::bias_act_backward`]: in place `d = dpost·act'(pre)`,
+    /// `dbias += Σ_rows d`.
+    pub fn bias_act_backward(
+        &self,
+        d: &mut CudaSlice<f32>,
+        dbias: &mut CudaSlice<f32>,
+        pre: &CudaSlice<f32>,
+        act: Activation,
+    ) -> Result<(), CudaError> {
+        let kernel = "bias_act_backward";
+        let f = dbias.len();
+        let n = rows_of(kernel, d.len(), f)?;
+        if act != Activation::Identity {
+            need(kernel, &[("pre", pre.len(), n * f)])?;
+        }
+        let (cfg, rows_per_chunk) = column_tiles(n, f);
+        let (n32, f32_, code) = (n as i32, f as i32, act_code(act));
+        let mut b = self.stream().launch_builder(self.function(kernel));
+        b.arg(d).arg(dbias).arg(pre).arg(&n32).arg(&f32_).arg(&code).arg(&rows_per_chunk);
+        // SAFETY: matches activation.cu; shapes checked above (pre is not read for Identity).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::loss::cross_entropy`]: loss over the rows whose target is not
+    /// `ignore`, and ∂(mean loss)/∂logits into `dlogits` when given. The per-row losses are
+    /// summed on the host in f64 (this call waits for the GPU).
+    /// logits, dlogits: (N, V); targets: (N), on the host, as the batch that made them.
+    pub fn cross_entropy(
+        &self,
+        dlogits: Option<&mut CudaSlice<f32>>,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        v: usize,
+        ignore: Option<u32>,
+        smoothing: f32,
+    ) -> Result<CrossEntropy, CudaError> {
+        let kernel = "cross_entropy";
+        let n = targets.len();
+        need(kernel, &[("logits", logits.len(), n * v)])?;
+        if let Some(d) = &dlogits {
+            need(kernel, &[("dlogits", d.len(), n * v)])?;
+        }
+        if let Some((i, &t)) = targets
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= v && Some(t) != ignore)
+        {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("target {t} at row {i} is outside the vocabulary ({v})"),
+            });
+        }
+        let count = targets.iter().filter(|&&t| Some(t) != ignore).count();
+        let inv = 1.0 / count.max(1) as f32;
+        let dev_targets = self.stream().clone_htod(targets)?;
+        let mut rows = self.stream().alloc_zeros::<f32>(2 * n.max(1))?;
+        let (v32, ign) = (v as i32, ignore.map_or(-1i64, i64::from));
+        let mut b = self.stream().launch_builder(self.function(kernel));
+        match dlogits {
+            Some(d) => b.arg(d),
+            None => b.arg(&NULL),
+        };
+        b.arg(&mut rows).arg(logits).arg(&dev_targets);
+        b.arg(&v32).arg(&ign).arg(&smoothing).arg(&inv);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS * 2, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if n > 0 {
+            // SAFETY: matches loss.cu; one block per row, shapes and targets checked above.
+            unsafe { b.launch(cfg) }?;
+        }
+        let host = self.stream().clone_dtoh(&rows)?;
+        let (mut total, mut nll_sum) = (0.0f64, 0.0f64);
+        for r in host[..2 * n].chunks_exact(2) {
+            total += r[0] as f64;
+            nll_sum += r[1] as f64;
+        }
+        Ok(CrossEntropy {
+            mean: if count == 0 {
+                0.0
+            } else {
+                (total / count as f64) as f32
+            },
+            nll_sum,
+            count,
+        })
+    }
+
+    /// [`crate::kernels::optim::adamw_step`], one pass over (param, grad, m, v).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: u64,
+    ) -> Result<(), CudaError> {
+        let n = params.len();
+        need(
+            "adamw_step",
+            &[("grads", grads.len(), n), ("m", m.len(), n), ("v", v.len(), n)],
+        )?;
+        // The scalars exactly as the CPU forms them.
+        let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
+        let bc2 = 1.0 - (beta2 as f64).powi(step as i32);
+        let step_size = (lr as f64 / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let decay = 1.0 - lr * weight_decay;
+        let n64 = n as u64;
+        let mut b = self.stream().launch_builder(self.function("adamw_step"));
+        b.arg(params).arg(grads).arg(m).arg(v).arg(&n64);
+        b.arg(&step_size).arg(&inv_sqrt_bc2).arg(&decay);
+        b.arg(&beta1).arg(&beta2).arg(&eps);
+        // SAFETY: matches optim.cu; every buffer holds n elements.
+        unsafe { b.launch(elementwise(n)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::optim::sum_squares`] (waits for the GPU).
+    pub fn sum_squares(&self, x: &CudaSlice<f32>) -> Result<f64, CudaError> {
+        let mut out = self.stream().alloc_zeros::<f64>(1)?;
+        let n = x.len() as u64;
+        let blocks = x.len().div_ceil(THREADS as usize).clamp(1, 1024) as u32;
+        let mut b = self.stream().launch_builder(self.function("sum_squares"));
+        b.arg(&mut out).arg(x).arg(&n);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches optim.cu; grid-stride over x's n elements into one f64.
+        unsafe { b.launch(cfg) }?;
+        Ok(self.stream().clone_dtoh(&out)?[0])
+    }
+
+    /// [`crate::kernels::optim::scale`]: `x *= s`.
+    pub fn scale(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<(), CudaError> {
+        let n = x.len() as u64;
+        let mut b = self.stream().launch_builder(self.function("scale"));
+        b.arg(x).arg(&n).arg(&s);
+        // SAFETY: matches optim.cu; n is x's length.
+        unsafe { b.launch(elementwise(n as usize)) }?;
+        Ok(())
+    }
+}

@@ -1,0 +1,80 @@
+//! The CUDA kernel sources compile with NVRTC, on machines without a GPU (CI): NVRTC is a
+//! library (`scripts/fetch_nvrtc.sh` fetches it from PyPI), so a kernel that does not compile
+//! fails here, before it ever reaches a GPU. Skips with a message when NVRTC cannot be loaded;
+//! `QKV_REQUIRE_NVRTC=1` (set by `.ci/run`) makes that a failure.
+
+use qkv::cuda::{self, CudaError, Source, SOURCES};
+
+/// The architectures compiled for: A100 (sm_80) and H100/H200 (sm_90), the GPUs qkv is
+/// measured on.
+const ARCHS: [(i32, i32); 2] = [(8, 0), (9, 0)];
+
+fn nvrtc_or_skip() -> bool {
+    if cuda::nvrtc_available() {
+        return true;
+    }
+    if std::env::var_os("QKV_REQUIRE_NVRTC").is_some() {
+        panic!("QKV_REQUIRE_NVRTC is set but {}", cuda::NVRTC_HINT);
+    }
+    eprintln!("skipping: {}", cuda::NVRTC_HINT);
+    false
+}
+
+#[test]
+fn every_kernel_source_compiles_to_a_cubin_with_its_functions() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let (major, minor) = cuda::nvrtc_version().unwrap();
+    assert_eq!(major, 13, "NVRTC {major}.{minor}: the GPU machine's driver is CUDA 13.0");
+    for arch in ARCHS {
+        for src in SOURCES {
+            let cubin = cuda::compile(src, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&cubin[..4], b"\x7fELF", "{}: not a CUBIN", src.name);
+            for f in src.functions {
+                // A CUBIN is an ELF file; each kernel is a symbol named as in the source.
+                let name = format!("\0{f}\0");
+                assert!(
+                    cubin.windows(name.len()).any(|w| w == name.as_bytes()),
+                    "{}.cu for sm_{}{} has no kernel {f}",
+                    src.name,
+                    arch.0,
+                    arch.1
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_source_that_does_not_compile_names_its_file_and_line() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let broken = Source {
+        name: "broken",
+        text: "extern \"C\" __global__ void f(float* x) {\n    x[0] = not_declared;\n}\n",
+        functions: &["f"],
+    };
+    match cuda::compile(&broken, (9, 0)) {
+        Err(CudaError::Compile { name, arch, log, .. }) => {
+            assert_eq!((name.as_str(), arch.as_str()), ("broken", "sm_90"));
+            assert!(log.contains("broken.cu(2)"), "log: {log}");
+            assert!(log.contains("not_declared"), "log: {log}");
+        }
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+}
+
+#[test]
+fn asking_for_a_gpu_without_one_is_an_error_not_a_panic() {
+    if cuda::driver_available() {
+        eprintln!("skipping: this machine has an NVIDIA driver");
+        return;
+    }
+    match cuda::Gpu::new(0) {
+        Err(CudaError::Unavailable(msg)) => assert!(msg.contains("libcuda"), "{msg}"),
+        Err(e) => panic!("expected CudaError::Unavailable, got {e}"),
+        Ok(_) => panic!("a GPU opened without a driver"),
+    }
+}
