@@ -26,7 +26,10 @@ fn every_kernel_source_compiles_to_a_cubin_with_its_functions() {
         return;
     }
     let (major, minor) = cuda::nvrtc_version().unwrap();
-    assert_eq!(major, 13, "NVRTC {major}.{minor}: the GPU machine's driver is CUDA 13.0");
+    assert_eq!(
+        major, 13,
+        "NVRTC {major}.{minor}: the GPU machine's driver is CUDA 13.0"
+    );
     for arch in ARCHS {
         for src in SOURCES {
             let cubin = cuda::compile(src, arch).unwrap_or_else(|e| panic!("{e}"));
@@ -57,7 +60,9 @@ fn a_source_that_does_not_compile_names_its_file_and_line() {
         functions: &["f"],
     };
     match cuda::compile(&broken, (9, 0)) {
-        Err(CudaError::Compile { name, arch, log, .. }) => {
+        Err(CudaError::Compile {
+            name, arch, log, ..
+        }) => {
             assert_eq!((name.as_str(), arch.as_str()), ("broken", "sm_90"));
             assert!(log.contains("broken.cu(2)"), "log: {log}");
             assert!(log.contains("not_declared"), "log: {log}");

@@ -20,7 +20,9 @@ pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: NVRTC writes two ints through valid pointers.
     let status = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
-    status.result().map_err(|e| CudaError::Unavailable(format!("nvrtcVersion: {e:?}")))?;
+    status
+        .result()
+        .map_err(|e| CudaError::Unavailable(format!("nvrtcVersion: {e:?}")))?;
     Ok((major, minor))
 }
 
@@ -32,7 +34,11 @@ type Cache = Mutex<HashMap<(&'static str, (i32, i32)), Vec<u8>>>;
 pub fn compile(src: &Source, arch: (i32, i32)) -> Result<Vec<u8>, CudaError> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    if let Some(cubin) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(src.name, arch)) {
+    if let Some(cubin) = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&(src.name, arch))
+    {
         return Ok(cubin.clone());
     }
     if !nvrtc_available() {

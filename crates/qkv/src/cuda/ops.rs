@@ -37,7 +37,11 @@ fn column_tiles(n: usize, c: usize) -> (LaunchConfig, i32) {
     let chunks = n.div_ceil(64).clamp(1, 512);
     let rows_per_chunk = n.div_ceil(chunks).max(1);
     let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(32) as u32, n.div_ceil(rows_per_chunk).max(1) as u32, 1),
+        grid_dim: (
+            c.div_ceil(32) as u32,
+            n.div_ceil(rows_per_chunk).max(1) as u32,
+            1,
+        ),
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
@@ -101,13 +105,23 @@ impl Gpu {
         let n = tokens.len();
         need(
             "embedding_forward",
-            &[("out", out.len(), n * c), ("pos", pos.len(), t_len.min(n) * c)],
+            &[
+                ("out", out.len(), n * c),
+                ("pos", pos.len(), t_len.min(n) * c),
+            ],
         )?;
         let (p, seed, offset) = drop_args(drop);
         let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
-        let mut b = self.stream().launch_builder(self.function("embedding_forward"));
+        let mut b = self
+            .stream()
+            .launch_builder(self.function("embedding_forward"));
         b.arg(out).arg(tokens).arg(table).arg(pos).arg(&scale);
-        b.arg(&t).arg(&c32).arg(&n32).arg(&p).arg(&seed).arg(&offset);
+        b.arg(&t)
+            .arg(&c32)
+            .arg(&n32)
+            .arg(&p)
+            .arg(&seed)
+            .arg(&offset);
         // SAFETY: the argument list matches embedding.cu's signature; out and pos were checked
         // against (N, C) and (T, C), tokens are validated against the vocabulary by the caller.
         unsafe { b.launch(elementwise(n * c)) }?;
@@ -136,13 +150,20 @@ impl Gpu {
             )?;
         }
         let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
-        let mut b = self.stream().launch_builder(self.function("embedding_backward"));
+        let mut b = self
+            .stream()
+            .launch_builder(self.function("embedding_backward"));
         b.arg(dtable);
         match dpos {
             Some(dp) => b.arg(dp),
             None => b.arg(&NULL),
         };
-        b.arg(dout).arg(tokens).arg(&scale).arg(&t).arg(&c32).arg(&n32);
+        b.arg(dout)
+            .arg(tokens)
+            .arg(&scale)
+            .arg(&t)
+            .arg(&c32)
+            .arg(&n32);
         // SAFETY: matches embedding.cu; buffers checked above (tokens index dtable's rows and
         // are validated by the caller).
         unsafe { b.launch(elementwise(n * c)) }?;
@@ -165,7 +186,13 @@ impl Gpu {
         let (p, seed, offset) = drop_args(drop);
         let n64 = n as u64;
         let mut b = self.stream().launch_builder(self.function("residual_add"));
-        b.arg(out).arg(x).arg(sub).arg(&n64).arg(&p).arg(&seed).arg(&offset);
+        b.arg(out)
+            .arg(x)
+            .arg(sub)
+            .arg(&n64)
+            .arg(&p)
+            .arg(&seed)
+            .arg(&offset);
         // SAFETY: matches dropout.cu; every buffer holds n elements.
         unsafe { b.launch(elementwise(n)) }?;
         Ok(())
@@ -211,7 +238,9 @@ impl Gpu {
             ],
         )?;
         let (n32, c32) = (n as i32, c as i32);
-        let mut b = self.stream().launch_builder(self.function("layernorm_forward"));
+        let mut b = self
+            .stream()
+            .launch_builder(self.function("layernorm_forward"));
         b.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(bias);
         b.arg(&n32).arg(&c32).arg(&eps);
         // SAFETY: matches layernorm.cu; shapes checked above.
@@ -253,8 +282,20 @@ impl Gpu {
         let (p, seed, offset) = drop_args(drop);
         let (n32, c32) = (n as i32, c as i32);
         let mut b = self.stream().launch_builder(self.function(kernel));
-        b.arg(sum).arg(out).arg(mean).arg(rstd).arg(x).arg(sub).arg(w).arg(bias);
-        b.arg(&n32).arg(&c32).arg(&eps).arg(&p).arg(&seed).arg(&offset);
+        b.arg(sum)
+            .arg(out)
+            .arg(mean)
+            .arg(rstd)
+            .arg(x)
+            .arg(sub)
+            .arg(w)
+            .arg(bias);
+        b.arg(&n32)
+            .arg(&c32)
+            .arg(&eps)
+            .arg(&p)
+            .arg(&seed)
+            .arg(&offset);
         // SAFETY: matches layernorm.cu; shapes checked above.
         unsafe { b.launch(warp_per_row(n)) }?;
         Ok(())
@@ -290,13 +331,17 @@ impl Gpu {
             ],
         )?;
         let (n32, c32, acc) = (n as i32, c as i32, dx_acc.adds() as i32);
-        let mut b = self.stream().launch_builder(self.function("layernorm_backward_input"));
+        let mut b = self
+            .stream()
+            .launch_builder(self.function("layernorm_backward_input"));
         b.arg(&mut *dx).arg(dy).arg(x).arg(mean).arg(rstd).arg(w);
         b.arg(&n32).arg(&c32).arg(&acc);
         // SAFETY: matches layernorm.cu; shapes checked above.
         unsafe { b.launch(warp_per_row(n)) }?;
         let (cfg, rows_per_chunk) = column_tiles(n, c);
-        let mut b = self.stream().launch_builder(self.function("layernorm_param_grads"));
+        let mut b = self
+            .stream()
+            .launch_builder(self.function("layernorm_param_grads"));
         b.arg(dw).arg(db).arg(dy).arg(x).arg(mean).arg(rstd);
         b.arg(&n32).arg(&c32).arg(&rows_per_chunk);
         // SAFETY: matches layernorm.cu; shapes checked above, the grid covers c columns and
@@ -359,7 +404,13 @@ impl Gpu {
         let (cfg, rows_per_chunk) = column_tiles(n, f);
         let (n32, f32_, code) = (n as i32, f as i32, act_code(act));
         let mut b = self.stream().launch_builder(self.function(kernel));
-        b.arg(d).arg(dbias).arg(pre).arg(&n32).arg(&f32_).arg(&code).arg(&rows_per_chunk);
+        b.arg(d)
+            .arg(dbias)
+            .arg(pre)
+            .arg(&n32)
+            .arg(&f32_)
+            .arg(&code)
+            .arg(&rows_per_chunk);
         // SAFETY: matches activation.cu; shapes checked above (pre is not read for Identity).
         unsafe { b.launch(cfg) }?;
         Ok(())
@@ -450,7 +501,11 @@ impl Gpu {
         let n = params.len();
         need(
             "adamw_step",
-            &[("grads", grads.len(), n), ("m", m.len(), n), ("v", v.len(), n)],
+            &[
+                ("grads", grads.len(), n),
+                ("m", m.len(), n),
+                ("v", v.len(), n),
+            ],
         )?;
         // The scalars exactly as the CPU forms them.
         let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
