@@ -1,0 +1,306 @@
+//! Every CUDA kernel against its CPU twin in `qkv::kernels`, on a GPU. Without one these tests
+//! skip with a message; `QKV_REQUIRE_CUDA=1` (set by `scripts/gpu/run.sh`) makes that a failure.
+//!
+//! Tolerances: the GPU contracts `a + b·c` into fused multiply-adds and sums in another order
+//! (warp shuffles, atomics), so results agree to float rounding, not bit for bit; dropout masks
+//! agree exactly (the same counter-based hash).
+
+mod common;
+use common::{random_vec, rel_err};
+use cudarc::driver::CudaSlice;
+use qkv::cuda::{CudaError, Gpu};
+use qkv::kernels::activation::{bias_act_backward, bias_act_forward, Activation};
+use qkv::kernels::dropout::{self, Dropout};
+use qkv::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
+use qkv::kernels::layernorm::{layernorm_backward, layernorm_forward, residual_layernorm_forward};
+use qkv::kernels::loss::cross_entropy;
+use qkv::kernels::optim::{adamw_step, scale, sum_squares};
+use qkv::kernels::Acc;
+use qkv::rng::Rng;
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            if std::env::var_os("QKV_REQUIRE_CUDA").is_some() {
+                panic!("QKV_REQUIRE_CUDA is set but: {e}");
+            }
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+fn up<T: cudarc::driver::DeviceRepr>(g: &Gpu, x: &[T]) -> CudaSlice<T> {
+    g.stream().clone_htod(x).unwrap()
+}
+
+fn down(g: &Gpu, x: &CudaSlice<f32>) -> Vec<f32> {
+    g.stream().clone_dtoh(x).unwrap()
+}
+
+fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
+}
+
+const N: usize = 37;
+const WIDTHS: [usize; 3] = [32, 96, 200];
+
+#[test]
+fn embedding_forward_and_backward_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(1);
+    let (v, c, t_len) = (50, 96, 8);
+    let n = 4 * t_len;
+    // Repeated tokens: their gradients meet in the same table row.
+    let tokens: Vec<u32> = (0..n).map(|i| (i * 7 % 13) as u32).collect();
+    let table = random_vec(&mut rng, v * c, 1.0);
+    let pos = sinusoidal_table(t_len, c);
+    for drop in [None, Dropout::new(0.3, 11).map(|d| d.at(5))] {
+        let mut want = vec![0.0; n * c];
+        embedding_forward(&mut want, &tokens, &table, &pos, 3.0, t_len, c, drop);
+        let mut out = g.stream().alloc_zeros::<f32>(n * c).unwrap();
+        let (dt, dtab, dpos) = (up(&g, &tokens), up(&g, &table), up(&g, &pos));
+        g.embedding_forward(&mut out, &dt, &dtab, &dpos, 3.0, t_len, c, drop)
+            .unwrap();
+        let got = down(&g, &out);
+        assert_near("embedding forward", &got, &want, 1e-6);
+        let zeros = |x: &[f32]| x.iter().map(|&v| v == 0.0).collect::<Vec<_>>();
+        assert_eq!(zeros(&got), zeros(&want), "dropout masks differ");
+    }
+    let dout = random_vec(&mut rng, n * c, 1.0);
+    let (mut want_t, mut want_p) = (vec![0.0; v * c], vec![0.0; t_len * c]);
+    embedding_backward(
+        &mut want_t,
+        Some(&mut want_p),
+        &dout,
+        &tokens,
+        3.0,
+        t_len,
+        c,
+    );
+    let mut dtab = g.stream().alloc_zeros::<f32>(v * c).unwrap();
+    let mut dpos = g.stream().alloc_zeros::<f32>(t_len * c).unwrap();
+    let (ddout, dt) = (up(&g, &dout), up(&g, &tokens));
+    g.embedding_backward(&mut dtab, Some(&mut dpos), &ddout, &dt, 3.0, t_len, c)
+        .unwrap();
+    assert_near("embedding dtable", &down(&g, &dtab), &want_t, 1e-5);
+    assert_near("embedding dpos", &down(&g, &dpos), &want_p, 1e-5);
+}
+
+#[test]
+fn residual_add_and_dropout_match_the_cpu_with_the_same_mask() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(2);
+    let n = 10_007;
+    let (x, sub) = (random_vec(&mut rng, n, 1.0), random_vec(&mut rng, n, 1.0));
+    for drop in [
+        None,
+        Dropout::new(0.1, 3),
+        Dropout::new(0.5, 4).map(|d| d.at(999)),
+    ] {
+        let mut want = vec![0.0; n];
+        dropout::residual_add(&mut want, &x, &sub, drop);
+        let mut out = g.stream().alloc_zeros::<f32>(n).unwrap();
+        g.residual_add(&mut out, &up(&g, &x), &up(&g, &sub), drop)
+            .unwrap();
+        assert_near("residual add", &down(&g, &out), &want, 1e-6);
+
+        let mut want = x.clone();
+        dropout::apply(&mut want, drop);
+        let mut dx = up(&g, &x);
+        g.dropout_apply(&mut dx, drop).unwrap();
+        assert_eq!(down(&g, &dx), want, "dropout apply is one multiply: exact");
+    }
+}
+
+#[test]
+fn layernorm_forward_backward_and_add_and_norm_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(3);
+    for c in WIDTHS {
+        let x = random_vec(&mut rng, N * c, 2.0);
+        let sub = random_vec(&mut rng, N * c, 1.0);
+        let w = random_vec(&mut rng, c, 1.0);
+        let b = random_vec(&mut rng, c, 1.0);
+        let dy = random_vec(&mut rng, N * c, 1.0);
+        let drop = Dropout::new(0.2, 9);
+        let (mut sum, mut out, mut mean, mut rstd) = (
+            vec![0.0; N * c],
+            vec![0.0; N * c],
+            vec![0.0; N],
+            vec![0.0; N],
+        );
+        residual_layernorm_forward(
+            &mut sum, &mut out, &mut mean, &mut rstd, &x, &sub, &w, &b, c, 1e-5, drop,
+        );
+        let z = |n| g.stream().alloc_zeros::<f32>(n).unwrap();
+        let (mut gsum, mut gout, mut gmean, mut grstd) = (z(N * c), z(N * c), z(N), z(N));
+        let (gx, gsub, gw, gb) = (up(&g, &x), up(&g, &sub), up(&g, &w), up(&g, &b));
+        g.residual_layernorm_forward(
+            &mut gsum, &mut gout, &mut gmean, &mut grstd, &gx, &gsub, &gw, &gb, c, 1e-5, drop,
+        )
+        .unwrap();
+        assert_near("add & norm sum", &down(&g, &gsum), &sum, 1e-6);
+        assert_near("add & norm out", &down(&g, &gout), &out, 1e-5);
+        assert_near("add & norm mean", &down(&g, &gmean), &mean, 1e-5);
+        assert_near("add & norm rstd", &down(&g, &grstd), &rstd, 1e-5);
+
+        layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, c, 1e-5);
+        g.layernorm_forward(&mut gout, &mut gmean, &mut grstd, &gx, &gw, &gb, c, 1e-5)
+            .unwrap();
+        assert_near("layernorm out", &down(&g, &gout), &out, 1e-5);
+
+        for acc in [Acc::Set, Acc::Add] {
+            let dx0 = random_vec(&mut rng, N * c, 1.0);
+            let (mut dx, mut dw, mut db) = (dx0.clone(), vec![0.5; c], vec![0.25; c]);
+            layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &mean, &rstd, &w, c, acc);
+            let (mut gdx, mut gdw, mut gdb) = (
+                up(&g, &dx0),
+                up(&g, &[0.5; 200][..c]),
+                up(&g, &[0.25; 200][..c]),
+            );
+            g.layernorm_backward(
+                &mut gdx,
+                &mut gdw,
+                &mut gdb,
+                &up(&g, &dy),
+                &gx,
+                &gmean,
+                &grstd,
+                &gw,
+                c,
+                acc,
+            )
+            .unwrap();
+            assert_near(
+                &format!("layernorm dx ({acc:?})"),
+                &down(&g, &gdx),
+                &dx,
+                1e-5,
+            );
+            assert_near("layernorm dw", &down(&g, &gdw), &dw, 1e-5);
+            assert_near("layernorm db", &down(&g, &gdb), &db, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn bias_and_activation_forward_and_backward_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(4);
+    for f in WIDTHS {
+        for act in [Activation::Relu, Activation::Gelu, Activation::Identity] {
+            let pre0 = random_vec(&mut rng, N * f, 2.0);
+            let bias = random_vec(&mut rng, f, 1.0);
+            let (mut pre, mut post) = (pre0.clone(), vec![0.0; N * f]);
+            bias_act_forward(&mut pre, &mut post, &bias, act);
+            let (mut gpre, mut gpost) =
+                (up(&g, &pre0), g.stream().alloc_zeros::<f32>(N * f).unwrap());
+            let gbias = up(&g, &bias);
+            let post_arg = (act != Activation::Identity).then_some(&mut gpost);
+            g.bias_act_forward(&mut gpre, post_arg, &gbias, act)
+                .unwrap();
+            assert_near("bias", &down(&g, &gpre), &pre, 1e-6);
+            if act != Activation::Identity {
+                assert_near(&format!("{act:?}"), &down(&g, &gpost), &post, 1e-5);
+            }
+
+            let d0 = random_vec(&mut rng, N * f, 1.0);
+            let (mut d, mut dbias) = (d0.clone(), vec![1.0; f]);
+            bias_act_backward(&mut d, &mut dbias, &pre, act);
+            let (mut gd, mut gdbias) = (up(&g, &d0), up(&g, &vec![1.0; f]));
+            g.bias_act_backward(&mut gd, &mut gdbias, &gpre, act)
+                .unwrap();
+            assert_near(&format!("{act:?} backward"), &down(&g, &gd), &d, 1e-5);
+            assert_near(&format!("{act:?} dbias"), &down(&g, &gdbias), &dbias, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_with_smoothing_and_padding_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(5);
+    for v in [7, 1000, 8000] {
+        let logits = random_vec(&mut rng, N * v, 3.0);
+        let targets: Vec<u32> = (0..N).map(|i| (i * 31 % v) as u32).collect();
+        let glogits = up(&g, &logits);
+        for (ignore, smoothing) in [(None, 0.0), (Some(targets[3]), 0.1)] {
+            let mut want_d = vec![0.0; N * v];
+            let want = cross_entropy(Some(&mut want_d), &logits, &targets, v, ignore, smoothing);
+            let mut gd = g.stream().alloc_zeros::<f32>(N * v).unwrap();
+            let got = g
+                .cross_entropy(Some(&mut gd), &glogits, &targets, v, ignore, smoothing)
+                .unwrap();
+            assert_eq!(got.count, want.count);
+            assert!(
+                (got.mean - want.mean).abs() <= 1e-5 * want.mean.abs(),
+                "{got:?} vs {want:?}"
+            );
+            assert!((got.nll_sum - want.nll_sum).abs() <= 1e-5 * want.nll_sum.abs());
+            assert_near("dlogits", &down(&g, &gd), &want_d, 1e-5);
+            let eval = g
+                .cross_entropy(None, &glogits, &targets, v, ignore, smoothing)
+                .unwrap();
+            assert_eq!(eval, got, "evaluation's loss equals training's");
+        }
+    }
+    let bad = g.cross_entropy(None, &up(&g, &[0.0f32; 7]), &[7], 7, None, 0.0);
+    assert!(matches!(bad, Err(CudaError::Shape { .. })), "{bad:?}");
+}
+
+#[test]
+fn adamw_and_clipping_passes_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(6);
+    let n = 100_003;
+    let (p0, grad) = (random_vec(&mut rng, n, 1.0), random_vec(&mut rng, n, 0.1));
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
+    let (mut gp, mut gm, mut gv) = (up(&g, &p0), up(&g, &m), up(&g, &v));
+    let gg = up(&g, &grad);
+    for step in 1..=3 {
+        adamw_step(
+            &mut p, &grad, &mut m, &mut v, 1e-3, 0.9, 0.98, 1e-9, 0.01, step,
+        );
+        g.adamw_step(
+            &mut gp, &gg, &mut gm, &mut gv, 1e-3, 0.9, 0.98, 1e-9, 0.01, step,
+        )
+        .unwrap();
+    }
+    assert_near("adamw params", &down(&g, &gp), &p, 1e-6);
+    assert_near("adamw m", &down(&g, &gm), &m, 1e-6);
+    assert_near("adamw v", &down(&g, &gv), &v, 1e-6);
+
+    let (want, got) = (sum_squares(&grad), g.sum_squares(&gg).unwrap());
+    assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    let mut x = grad.clone();
+    scale(&mut x, 0.5);
+    let mut gx = up(&g, &grad);
+    g.scale(&mut gx, 0.5).unwrap();
+    assert_eq!(down(&g, &gx), x);
+}
+
+#[test]
+fn a_kernel_given_short_buffers_is_a_shape_error() {
+    let Some(g) = gpu() else { return };
+    let z = |n| g.stream().alloc_zeros::<f32>(n).unwrap();
+    let (mut out, mut mean, mut rstd) = (z(10), z(4), z(4));
+    let err = g
+        .layernorm_forward(
+            &mut out,
+            &mut mean,
+            &mut rstd,
+            &z(16),
+            &z(4),
+            &z(4),
+            4,
+            1e-5,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("out holds 10 elements, 16 needed"),
+        "{err}"
+    );
+}
