@@ -8,12 +8,16 @@
 mod common;
 use common::{random_vec, rel_err};
 use cudarc::driver::CudaSlice;
+use qkv::cuda::ops::{DevHeads, DevHeadsMut};
 use qkv::cuda::{CudaError, Gpu};
 use qkv::kernels::activation::{bias_act_backward, bias_act_forward, Activation};
+use qkv::kernels::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
 use qkv::kernels::dropout::{self, Dropout};
 use qkv::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
+use qkv::kernels::flash::{flash_backward, flash_forward};
 use qkv::kernels::layernorm::{layernorm_backward, layernorm_forward, residual_layernorm_forward};
 use qkv::kernels::loss::cross_entropy;
+use qkv::kernels::matmul::{matmul_naive, Layout};
 use qkv::kernels::optim::{adamw_step, scale, sum_squares};
 use qkv::kernels::Acc;
 use qkv::rng::Rng;
@@ -280,6 +284,258 @@ fn adamw_and_clipping_passes_match_the_cpu() {
     let mut gx = up(&g, &grad);
     g.scale(&mut gx, 0.5).unwrap();
     assert_eq!(down(&g, &gx), x);
+}
+
+#[test]
+fn products_in_every_layout_match_the_cpu_to_tf32_rounding() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(7);
+    for (m, k, n) in [(1, 1, 1), (37, 19, 23), (128, 256, 64), (300, 512, 96)] {
+        for (al, bl) in [
+            (Layout::RowMajor, Layout::RowMajor),
+            (Layout::RowMajor, Layout::Transposed),
+            (Layout::Transposed, Layout::RowMajor),
+            (Layout::Transposed, Layout::Transposed),
+        ] {
+            let a = random_vec(&mut rng, m * k, 1.0);
+            let b = random_vec(&mut rng, k * n, 1.0);
+            for acc in [Acc::Set, Acc::Add] {
+                let out0 = random_vec(&mut rng, m * n, 1.0);
+                let mut want = out0.clone();
+                matmul_naive(&mut want, &a, &b, m, k, n, al, bl, acc);
+                let mut out = up(&g, &out0);
+                g.matmul(&mut out, &up(&g, &a), &up(&g, &b), m, k, n, al, bl, acc)
+                    .unwrap();
+                // TF32 rounds each operand to 10 mantissa bits: relative 2⁻¹¹ per product,
+                // growing as √k in a sum of random signs.
+                let what = format!("matmul {m}x{k}x{n} {al:?}/{bl:?} {acc:?}");
+                assert_near(&what, &down(&g, &out), &want, 5e-3);
+            }
+        }
+    }
+}
+
+/// Flash attention, forward and backward, on fused (B·T, 3C) QKV views as self-attention uses
+/// them, for each head width bound and mask.
+#[test]
+fn flash_attention_forward_and_backward_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(8);
+    let (batch, heads, t) = (2, 3, 45);
+    for d in [16, 64, 80] {
+        let c = heads * d;
+        let shape = AttentionShape {
+            batch,
+            heads,
+            q_len: t,
+            k_len: t,
+            head_dim: d,
+        };
+        let qkv = random_vec(&mut rng, batch * t * 3 * c, 1.0);
+        let dout = random_vec(&mut rng, batch * t * c, 1.0);
+        let pad: Vec<bool> = (0..batch * t).map(|i| i % t >= t - 3 * (i / t)).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let maskings = [
+            Masks::default(),
+            Masks {
+                key_padding: Some(&pad),
+                ..Masks::default()
+            },
+            Masks {
+                causal: true,
+                ..Masks::default()
+            },
+            Masks {
+                causal: true,
+                window: Some(5),
+                ..Masks::default()
+            },
+            Masks {
+                window: Some(7),
+                key_padding: Some(&pad),
+                ..Masks::default()
+            },
+        ];
+        let gqkv = up(&g, &qkv);
+        for masks in &maskings {
+            let view = |o| HeadsRef {
+                data: &qkv,
+                rs: 3 * c,
+                offset: o,
+            };
+            let (mut out, mut lse) = (vec![0.0; batch * t * c], vec![0.0; batch * heads * t]);
+            flash_forward(
+                &mut out,
+                &mut lse,
+                view(0),
+                view(c),
+                view(2 * c),
+                shape,
+                masks,
+                scale,
+            );
+            let gview = |o| DevHeads {
+                data: &gqkv,
+                rs: 3 * c,
+                offset: o,
+            };
+            let mut gout = g.stream().alloc_zeros::<f32>(batch * t * c).unwrap();
+            let mut glse = g.stream().alloc_zeros::<f32>(batch * heads * t).unwrap();
+            g.flash_forward(
+                &mut gout,
+                &mut glse,
+                gview(0),
+                gview(c),
+                gview(2 * c),
+                shape,
+                masks,
+                scale,
+            )
+            .unwrap();
+            let what = format!("d {d}, {masks:?}");
+            assert_near(&format!("flash out, {what}"), &down(&g, &gout), &out, 1e-5);
+            let (gl, l) = (down(&g, &glse), lse.clone());
+            for (a, b) in gl.iter().zip(&l) {
+                assert!(
+                    a == b || (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "lse {a} vs {b}, {what}"
+                );
+            }
+
+            let mut dqkv = vec![0.0; batch * t * 3 * c];
+            {
+                let [dq, dk, dv] = HeadsMut::split(&mut dqkv, 3 * c, c, [0, c, 2 * c]);
+                flash_backward(
+                    &dq,
+                    &dk,
+                    &dv,
+                    &dout,
+                    &out,
+                    &lse,
+                    view(0),
+                    view(c),
+                    view(2 * c),
+                    shape,
+                    masks,
+                    scale,
+                );
+            }
+            let mut gd = g.stream().alloc_zeros::<f32>(batch * t * 3 * c).unwrap();
+            {
+                let [dq, dk, dv] =
+                    DevHeadsMut::split(&g, &mut gd, 3 * c, c, [0, c, 2 * c]).unwrap();
+                g.flash_backward(
+                    &dq,
+                    &dk,
+                    &dv,
+                    &up(&g, &dout),
+                    &gout,
+                    &glse,
+                    gview(0),
+                    gview(c),
+                    gview(2 * c),
+                    shape,
+                    masks,
+                    scale,
+                )
+                .unwrap();
+            }
+            assert_near(&format!("flash dqkv, {what}"), &down(&g, &gd), &dqkv, 1e-4);
+        }
+    }
+    // Cross-attention: queries and keys of different lengths, in separate buffers.
+    let (tq, tk, d) = (9, 70, 32);
+    let c = heads * d;
+    let shape = AttentionShape {
+        batch,
+        heads,
+        q_len: tq,
+        k_len: tk,
+        head_dim: d,
+    };
+    let q = random_vec(&mut rng, batch * tq * c, 1.0);
+    let kv = random_vec(&mut rng, batch * tk * 2 * c, 1.0);
+    let (mut out, mut lse) = (vec![0.0; batch * tq * c], vec![0.0; batch * heads * tq]);
+    let masks = Masks::default();
+    flash_forward(
+        &mut out,
+        &mut lse,
+        HeadsRef {
+            data: &q,
+            rs: c,
+            offset: 0,
+        },
+        HeadsRef {
+            data: &kv,
+            rs: 2 * c,
+            offset: 0,
+        },
+        HeadsRef {
+            data: &kv,
+            rs: 2 * c,
+            offset: c,
+        },
+        shape,
+        &masks,
+        0.2,
+    );
+    let (gq, gkv) = (up(&g, &q), up(&g, &kv));
+    let mut gout = g.stream().alloc_zeros::<f32>(batch * tq * c).unwrap();
+    let mut glse = g.stream().alloc_zeros::<f32>(batch * heads * tq).unwrap();
+    g.flash_forward(
+        &mut gout,
+        &mut glse,
+        DevHeads {
+            data: &gq,
+            rs: c,
+            offset: 0,
+        },
+        DevHeads {
+            data: &gkv,
+            rs: 2 * c,
+            offset: 0,
+        },
+        DevHeads {
+            data: &gkv,
+            rs: 2 * c,
+            offset: c,
+        },
+        shape,
+        &masks,
+        0.2,
+    )
+    .unwrap();
+    assert_near("cross-attention out", &down(&g, &gout), &out, 1e-5);
+    let too_wide = AttentionShape {
+        head_dim: 160,
+        heads: 1,
+        ..shape
+    };
+    let err = g
+        .flash_forward(
+            &mut gout,
+            &mut glse,
+            DevHeads {
+                data: &gq,
+                rs: 160,
+                offset: 0,
+            },
+            DevHeads {
+                data: &gkv,
+                rs: 320,
+                offset: 0,
+            },
+            DevHeads {
+                data: &gkv,
+                rs: 320,
+                offset: 160,
+            },
+            too_wide,
+            &masks,
+            0.2,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("head width 160"), "{err}");
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod ops;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 
 pub use nvrtc::{compile, nvrtc_version};
@@ -64,6 +65,22 @@ pub const SOURCES: &[Source] = &[
         functions: &["cross_entropy"],
     },
     Source {
+        name: "flash",
+        text: include_str!("kernels/flash.cu"),
+        functions: &[
+            "flash_forward_d32",
+            "flash_forward_d64",
+            "flash_forward_d128",
+            "flash_delta",
+            "flash_backward_dkdv_d32",
+            "flash_backward_dkdv_d64",
+            "flash_backward_dkdv_d128",
+            "flash_backward_dq_d32",
+            "flash_backward_dq_d64",
+            "flash_backward_dq_d128",
+        ],
+    },
+    Source {
         name: "optim",
         text: include_str!("kernels/optim.cu"),
         functions: &["adamw_step", "sum_squares", "scale"],
@@ -86,6 +103,8 @@ pub enum CudaError {
     },
     #[error("CUDA driver: {0}")]
     Driver(#[from] DriverError),
+    #[error("cuBLASLt: {0:?}")]
+    Blas(#[from] cudarc::cublaslt::result::CublasError),
     /// A kernel called with buffers that do not hold its shape.
     #[error("{kernel}: {msg}")]
     Shape { kernel: &'static str, msg: String },
@@ -107,10 +126,18 @@ pub fn nvrtc_available() -> bool {
 pub const NVRTC_HINT: &str = "libnvrtc.so.13 was not found on LD_LIBRARY_PATH (pip install \
     'nvidia-cuda-nvrtc==13.0.*' and add its nvidia/cu13/lib directory)";
 
-/// One GPU: its context, the stream every kernel runs on, and the compiled kernels.
+/// Whether cuBLASLt (`libcublasLt.so.13`) can be loaded here.
+pub fn cublaslt_available() -> bool {
+    // SAFETY: as in `driver_available`.
+    unsafe { cudarc::cublaslt::sys::is_culib_present() }
+}
+
+/// One GPU: its context, the stream every kernel runs on, cuBLASLt for the products, and the
+/// compiled kernels.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    blas: CudaBlasLT,
     functions: HashMap<&'static str, CudaFunction>,
     name: String,
     arch: (i32, i32),
@@ -130,6 +157,13 @@ impl Gpu {
         if !nvrtc_available() {
             return Err(CudaError::Unavailable(NVRTC_HINT.into()));
         }
+        if !cublaslt_available() {
+            return Err(CudaError::Unavailable(
+                "libcublasLt.so.13 was not found on LD_LIBRARY_PATH (pip install \
+                 'nvidia-cublas==13.0.*' and add its nvidia/cu13/lib directory)"
+                    .into(),
+            ));
+        }
         let count = CudaContext::device_count()?;
         if ordinal as i32 >= count {
             return Err(CudaError::Unavailable(format!(
@@ -140,6 +174,7 @@ impl Gpu {
         let arch = ctx.compute_capability()?;
         let name = ctx.name()?;
         let stream = ctx.default_stream();
+        let blas = CudaBlasLT::new(stream.clone())?;
         let mut functions = HashMap::new();
         for src in SOURCES {
             let cubin = compile(src, arch)?;
@@ -151,6 +186,7 @@ impl Gpu {
         Ok(Self {
             ctx,
             stream,
+            blas,
             functions,
             name,
             arch,
@@ -168,6 +204,10 @@ impl Gpu {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    pub(crate) fn blas(&self) -> &CudaBlasLT {
+        &self.blas
     }
 
     pub(crate) fn function(&self, name: &'static str) -> &CudaFunction {

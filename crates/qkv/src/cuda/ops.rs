@@ -2,12 +2,17 @@
 //! arguments and semantics, on device buffers. Shapes are checked before launch and reported
 //! as [`CudaError::Shape`]; a launch never reads or writes outside a buffer.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::cublaslt::{Matmul, MatmulConfig};
+use std::marker::PhantomData;
+
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{CudaError, Gpu};
 use crate::kernels::activation::Activation;
+use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::CrossEntropy;
+use crate::kernels::matmul::Layout;
 use crate::kernels::Acc;
 
 /// Threads per block of the elementwise and per-row kernels: 8 warps.
@@ -547,6 +552,374 @@ impl Gpu {
         b.arg(x).arg(&n).arg(&s);
         // SAFETY: matches optim.cu; n is x's length.
         unsafe { b.launch(elementwise(n as usize)) }?;
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// [`crate::kernels::matmul::matmul`] on cuBLASLt: `out (+)= op(a)·op(b)` with row-major
+    /// (m, k) and (k, n) as the layouts say, in TF32 (tensor cores, f32 accumulation: the GPU's
+    /// f32 mode, as PyTorch's `allow_tf32`; about 10 mantissa bits per operand).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        a_layout: Layout,
+        b_layout: Layout,
+        acc: Acc,
+    ) -> Result<(), CudaError> {
+        need(
+            "matmul",
+            &[
+                ("out", out.len(), m * n),
+                ("a", a.len(), m * k),
+                ("b", b.len(), k * n),
+            ],
+        )?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // cuBLAS is column-major: a row-major (r, c) buffer is its (c, r) transpose there, so
+        // row-major out = op(a)·op(b) is column-major outᵀ = op(b)ᵀ·op(a)ᵀ: b goes first.
+        let (b_t, a_t) = (
+            b_layout == Layout::Transposed,
+            a_layout == Layout::Transposed,
+        );
+        let cfg = MatmulConfig {
+            transa: b_t,
+            transb: a_t,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: if b_t { k } else { n } as i64,
+            ldb: if a_t { m } else { k } as i64,
+            beta: if acc.adds() { 1.0 } else { 0.0 },
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: the three buffers hold (m, k), (k, n) and (m, n) elements (checked above) and
+        // the leading dimensions describe exactly those row-major shapes.
+        unsafe { self.blas().matmul(cfg, b, a, out, None, None) }?;
+        Ok(())
+    }
+}
+
+/// A per-head view of a device buffer, as [`crate::kernels::attention::HeadsRef`]: row `t` of
+/// batch `b` starts at `(b·len + t)·rs + offset`, head `h` `h·D` further.
+#[derive(Clone, Copy)]
+pub struct DevHeads<'a> {
+    pub data: &'a CudaSlice<f32>,
+    pub rs: usize,
+    pub offset: usize,
+}
+
+/// A writable per-head view, as [`crate::kernels::attention::HeadsMut`]: several may point into
+/// one buffer (dQ, dK, dV inside one (B·T, 3C) gradient), with disjoint column ranges.
+pub struct DevHeadsMut<'a> {
+    ptr: u64,
+    len: usize,
+    rs: usize,
+    offset: usize,
+    _borrow: PhantomData<&'a mut CudaSlice<f32>>,
+}
+
+impl<'a> DevHeadsMut<'a> {
+    /// Views of `width` columns starting at each of `offsets`, rows of stride `rs`.
+    pub fn split<const N: usize>(
+        gpu: &Gpu,
+        buf: &'a mut CudaSlice<f32>,
+        rs: usize,
+        width: usize,
+        offsets: [usize; N],
+    ) -> Result<[DevHeadsMut<'a>; N], CudaError> {
+        for (i, &a) in offsets.iter().enumerate() {
+            let overlap = offsets[i + 1..]
+                .iter()
+                .any(|&b| !(a + width <= b || b + width <= a));
+            if a + width > rs || overlap {
+                return Err(CudaError::Shape {
+                    kernel: "DevHeadsMut::split",
+                    msg: format!("views {offsets:?} of width {width} in rows of {rs}"),
+                });
+            }
+        }
+        let len = buf.len();
+        let (ptr, _sync) = buf.device_ptr_mut(gpu.stream());
+        Ok(offsets.map(|offset| DevHeadsMut {
+            ptr,
+            len,
+            rs,
+            offset,
+            _borrow: PhantomData,
+        }))
+    }
+}
+
+/// Fails unless a view with `len` rows per batch row holds `heads` heads of `d` columns.
+fn check_view(
+    kernel: &'static str,
+    name: &str,
+    (data_len, rs, offset): (usize, usize, usize),
+    batch: usize,
+    len: usize,
+    heads: usize,
+    d: usize,
+) -> Result<(), CudaError> {
+    let rows = batch * len;
+    let end = if rows == 0 {
+        0
+    } else {
+        (rows - 1) * rs + offset + heads * d
+    };
+    if offset + heads * d > rs || end > data_len {
+        return Err(CudaError::Shape {
+            kernel,
+            msg: format!(
+                "{name}: {rows} rows of stride {rs} from offset {offset} with {heads} heads of \
+                 {d} do not fit {data_len} elements"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The kernels' head-width bound for head width `d`: 32, 64 or 128.
+fn head_bound(kernel: &'static str, d: usize) -> Result<usize, CudaError> {
+    match d {
+        1..=32 => Ok(32),
+        33..=64 => Ok(64),
+        65..=128 => Ok(128),
+        _ => Err(CudaError::Shape {
+            kernel,
+            msg: format!("head width {d}: the CUDA kernels take 1 to 128"),
+        }),
+    }
+}
+
+/// Query rows per block of flash_forward and flash_backward_dq (FLASH_THREADS in flash.cu).
+const FLASH_THREADS: u32 = 64;
+
+impl Gpu {
+    /// The key-padding mask as bytes on the device (or a null pointer), and its length check.
+    fn padding(
+        &self,
+        kernel: &'static str,
+        masks: &Masks,
+        s: &AttentionShape,
+    ) -> Result<Option<CudaSlice<u8>>, CudaError> {
+        let Some(pad) = masks.key_padding else {
+            return Ok(None);
+        };
+        need(kernel, &[("key padding", pad.len(), s.batch * s.k_len)])?;
+        let bytes: Vec<u8> = pad[..s.batch * s.k_len].iter().map(|&p| p as u8).collect();
+        Ok(Some(self.stream().clone_htod(&bytes)?))
+    }
+
+    fn check_attention(
+        &self,
+        kernel: &'static str,
+        s: &AttentionShape,
+        q: &DevHeads,
+        k: &DevHeads,
+        v: &DevHeads,
+    ) -> Result<usize, CudaError> {
+        let (b, h, d) = (s.batch, s.heads, s.head_dim);
+        let bound = head_bound(kernel, d)?;
+        for (name, x, len) in [("q", q, s.q_len), ("k", k, s.k_len), ("v", v, s.k_len)] {
+            check_view(kernel, name, (x.data.len(), x.rs, x.offset), b, len, h, d)?;
+        }
+        Ok(bound)
+    }
+
+    /// [`crate::kernels::flash::flash_forward`]: out (B, Tq, H·D) contiguous, lse (B, H, Tq).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        q: DevHeads,
+        k: DevHeads,
+        v: DevHeads,
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let kernel = "flash_forward";
+        let bound = self.check_attention(kernel, &s, &q, &k, &v)?;
+        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        need(
+            kernel,
+            &[
+                ("out", out.len(), b * tq * h * d),
+                ("lse", lse.len(), b * h * tq),
+            ],
+        )?;
+        if b * h * tq == 0 {
+            return Ok(());
+        }
+        let pad = self.padding(kernel, masks, &s)?;
+        let ints = [h, tq, tk, d].map(|x| x as i32);
+        let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
+        let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
+        let f = self.function(match bound {
+            32 => "flash_forward_d32",
+            64 => "flash_forward_d64",
+            _ => "flash_forward_d128",
+        });
+        let mut l = self.stream().launch_builder(f);
+        l.arg(out).arg(lse);
+        l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
+        l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
+        l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
+        match &pad {
+            Some(p) => l.arg(p),
+            None => l.arg(&NULL),
+        };
+        for x in &ints {
+            l.arg(x);
+        }
+        l.arg(&causal).arg(&window).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                tq.div_ceil(FLASH_THREADS as usize) as u32,
+                h as u32,
+                b as u32,
+            ),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches flash.cu's flash_forward entry; the views, out, lse and the padding
+        // were checked against the shape above, and d ≤ the entry's bound.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::flash::flash_backward`]: overwrites dq, dk, dv (views that may share
+    /// one buffer). dout, out: (B, Tq, H·D); lse from [`Gpu::flash_forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_backward(
+        &self,
+        dq: &DevHeadsMut,
+        dk: &DevHeadsMut,
+        dv: &DevHeadsMut,
+        dout: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        q: DevHeads,
+        k: DevHeads,
+        v: DevHeads,
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let kernel = "flash_backward";
+        let bound = self.check_attention(kernel, &s, &q, &k, &v)?;
+        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        need(
+            kernel,
+            &[
+                ("dout", dout.len(), b * tq * h * d),
+                ("out", out.len(), b * tq * h * d),
+                ("lse", lse.len(), b * h * tq),
+            ],
+        )?;
+        for (name, x, len) in [("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tk)] {
+            check_view(kernel, name, (x.len, x.rs, x.offset), b, len, h, d)?;
+        }
+        if b * h == 0 || tq + tk == 0 {
+            return Ok(());
+        }
+        let pad = self.padding(kernel, masks, &s)?;
+        let mut delta = self.stream().alloc_zeros::<f32>((b * h * tq).max(1))?;
+        let dims = [b, h, tq, d].map(|x| x as i32);
+        if tq > 0 {
+            let mut l = self.stream().launch_builder(self.function("flash_delta"));
+            l.arg(&mut delta).arg(dout).arg(out);
+            for x in &dims {
+                l.arg(x);
+            }
+            // SAFETY: matches flash.cu's flash_delta; dout and out hold (B, Tq, H·D), delta
+            // (B, H, Tq).
+            unsafe { l.launch(elementwise(b * h * tq)) }?;
+        }
+        let ints = [h, tq, tk, d].map(|x| x as i32);
+        let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
+        let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
+        let outs = [dq, dk, dv].map(|x| (x.ptr, x.rs as i64, x.offset as i64));
+        let name = |stem: &str| -> &'static str {
+            match (stem, bound) {
+                ("dkdv", 32) => "flash_backward_dkdv_d32",
+                ("dkdv", 64) => "flash_backward_dkdv_d64",
+                ("dkdv", _) => "flash_backward_dkdv_d128",
+                (_, 32) => "flash_backward_dq_d32",
+                (_, 64) => "flash_backward_dq_d64",
+                _ => "flash_backward_dq_d128",
+            }
+        };
+        if tk > 0 {
+            let mut l = self.stream().launch_builder(self.function(name("dkdv")));
+            l.arg(&outs[1].0).arg(&outs[1].1).arg(&outs[1].2);
+            l.arg(&outs[2].0).arg(&outs[2].1).arg(&outs[2].2);
+            l.arg(dout).arg(lse).arg(&delta);
+            l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
+            l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
+            l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
+            match &pad {
+                Some(p) => l.arg(p),
+                None => l.arg(&NULL),
+            };
+            for x in &ints {
+                l.arg(x);
+            }
+            l.arg(&causal).arg(&window).arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (tk.div_ceil(32) as u32, h as u32, b as u32),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches flash.cu's flash_backward_dkdv entry; dk and dv are disjoint
+            // views checked against (B, Tk, H, D), the inputs as in forward.
+            unsafe { l.launch(cfg) }?;
+        }
+        if tq > 0 {
+            let mut l = self.stream().launch_builder(self.function(name("dq")));
+            l.arg(&outs[0].0).arg(&outs[0].1).arg(&outs[0].2);
+            l.arg(dout).arg(lse).arg(&delta);
+            l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
+            l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
+            l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
+            match &pad {
+                Some(p) => l.arg(p),
+                None => l.arg(&NULL),
+            };
+            for x in &ints {
+                l.arg(x);
+            }
+            l.arg(&causal).arg(&window).arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    tq.div_ceil(FLASH_THREADS as usize) as u32,
+                    h as u32,
+                    b as u32,
+                ),
+                block_dim: (FLASH_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches flash.cu's flash_backward_dq entry; dq checked against
+            // (B, Tq, H, D), the inputs as in forward.
+            unsafe { l.launch(cfg) }?;
+        }
         Ok(())
     }
 }
