@@ -12,6 +12,7 @@ use qkv::cuda::ops::{DevHeads, DevHeadsMut};
 use qkv::cuda::{CudaError, Gpu};
 use qkv::kernels::activation::{bias_act_backward, bias_act_forward, Activation};
 use qkv::kernels::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
+use qkv::kernels::bf16::{bf16_bits, round_bf16};
 use qkv::kernels::dropout::{self, Dropout};
 use qkv::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
 use qkv::kernels::flash::{flash_backward, flash_forward};
@@ -536,6 +537,61 @@ fn flash_attention_forward_and_backward_match_the_cpu() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("head width 160"), "{err}");
+}
+
+#[test]
+fn bf16_products_equal_f32_products_of_the_rounded_operands() {
+    let Some(g) = gpu() else { return };
+    let specials = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1.0e-40,
+        3.0e38,
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x3F80_7FFF),
+    ];
+    let bits: Vec<u16> = g
+        .stream()
+        .clone_dtoh(&g.to_bf16(&up(&g, &specials), specials.len()).unwrap())
+        .unwrap();
+    let want: Vec<u16> = specials.iter().map(|&x| bf16_bits(x) as u16).collect();
+    assert_eq!(bits, want, "rounding to bf16 (ties to even, NaN quiet)");
+
+    let mut rng = Rng::new(9);
+    for (m, k, n) in [(37, 19, 23), (256, 256, 768), (64, 1024, 256)] {
+        for (al, bl) in [
+            (Layout::RowMajor, Layout::Transposed),
+            (Layout::Transposed, Layout::RowMajor),
+            (Layout::RowMajor, Layout::RowMajor),
+        ] {
+            let a = random_vec(&mut rng, m * k, 1.0);
+            let b = random_vec(&mut rng, k * n, 1.0);
+            let (ra, rb): (Vec<f32>, Vec<f32>) = (
+                a.iter().map(|&x| round_bf16(x)).collect(),
+                b.iter().map(|&x| round_bf16(x)).collect(),
+            );
+            for acc in [Acc::Set, Acc::Add] {
+                let out0 = random_vec(&mut rng, m * n, 1.0);
+                let mut want = out0.clone();
+                matmul_naive(&mut want, &ra, &rb, m, k, n, al, bl, acc);
+                let mut out = up(&g, &out0);
+                g.matmul_bf16(&mut out, &up(&g, &a), &up(&g, &b), m, k, n, al, bl, acc)
+                    .unwrap();
+                // Exact products of bf16 values, summed in f32 in another order.
+                assert_near(
+                    &format!("bf16 matmul {m}x{k}x{n} {al:?}/{bl:?} {acc:?}"),
+                    &down(&g, &out),
+                    &want,
+                    2e-5,
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -10,13 +10,15 @@
 //! holds every kernel to its twin on a GPU, and `tests/cuda_compile.rs` compiles every source
 //! with NVRTC on machines without one (CI).
 
+mod blas;
 mod nvrtc;
 pub mod ops;
+
+pub use blas::Mode;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 
 pub use nvrtc::{compile, nvrtc_version};
@@ -34,6 +36,11 @@ pub const COMMON: &str = include_str!("kernels/common.cuh");
 
 /// Every kernel source qkv launches.
 pub const SOURCES: &[Source] = &[
+    Source {
+        name: "convert",
+        text: include_str!("kernels/convert.cu"),
+        functions: &["to_bf16"],
+    },
     Source {
         name: "embedding",
         text: include_str!("kernels/embedding.cu"),
@@ -137,7 +144,7 @@ pub fn cublaslt_available() -> bool {
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlasLT,
+    blas: blas::Blas,
     functions: HashMap<&'static str, CudaFunction>,
     name: String,
     arch: (i32, i32),
@@ -174,7 +181,7 @@ impl Gpu {
         let arch = ctx.compute_capability()?;
         let name = ctx.name()?;
         let stream = ctx.default_stream();
-        let blas = CudaBlasLT::new(stream.clone())?;
+        let blas = blas::Blas::new(stream.clone(), arch.0)?;
         let mut functions = HashMap::new();
         for src in SOURCES {
             let cubin = compile(src, arch)?;
@@ -206,7 +213,7 @@ impl Gpu {
         &self.ctx
     }
 
-    pub(crate) fn blas(&self) -> &CudaBlasLT {
+    pub(crate) fn blas(&self) -> &blas::Blas {
         &self.blas
     }
 

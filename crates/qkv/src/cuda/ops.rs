@@ -2,12 +2,11 @@
 //! arguments and semantics, on device buffers. Shapes are checked before launch and reported
 //! as [`CudaError::Shape`]; a launch never reads or writes outside a buffer.
 
-use cudarc::cublaslt::{Matmul, MatmulConfig};
 use std::marker::PhantomData;
 
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{CudaError, Gpu};
+use super::{blas, CudaError, Gpu, Mode};
 use crate::kernels::activation::Activation;
 use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
@@ -573,46 +572,118 @@ impl Gpu {
         b_layout: Layout,
         acc: Acc,
     ) -> Result<(), CudaError> {
-        need(
+        let Some(shape) = product_shape(
             "matmul",
-            &[
-                ("out", out.len(), m * n),
-                ("a", a.len(), m * k),
-                ("b", b.len(), k * n),
-            ],
-        )?;
-        if m == 0 || n == 0 {
+            out,
+            a.len(),
+            b.len(),
+            (m, k, n),
+            (a_layout, b_layout),
+            acc,
+            Mode::Tf32,
+        )?
+        else {
             return Ok(());
-        }
-        // cuBLAS is column-major: a row-major (r, c) buffer is its (c, r) transpose there, so
-        // row-major out = op(a)·op(b) is column-major outᵀ = op(b)ᵀ·op(a)ᵀ: b goes first.
-        let (b_t, a_t) = (
-            b_layout == Layout::Transposed,
-            a_layout == Layout::Transposed,
-        );
-        let cfg = MatmulConfig {
-            transa: b_t,
-            transb: a_t,
-            transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            alpha: 1.0,
-            lda: if b_t { k } else { n } as i64,
-            ldb: if a_t { m } else { k } as i64,
-            beta: if acc.adds() { 1.0 } else { 0.0 },
-            ldc: n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
         };
-        // SAFETY: the three buffers hold (m, k), (k, n) and (m, n) elements (checked above) and
-        // the leading dimensions describe exactly those row-major shapes.
-        unsafe { self.blas().matmul(cfg, b, a, out, None, None) }?;
-        Ok(())
+        // SAFETY: `product_shape` checked the buffers against the shape it describes.
+        unsafe { self.blas().matmul(&shape, b, a, out) }
     }
+
+    /// [`crate::kernels::bf16::matmul_bf16`]: as [`Gpu::matmul`], with both operands rounded
+    /// to bf16 (to nearest even, as the CPU's `bf16_bits`) and f32 accumulation and output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        a_layout: Layout,
+        b_layout: Layout,
+        acc: Acc,
+    ) -> Result<(), CudaError> {
+        let Some(shape) = product_shape(
+            "matmul_bf16",
+            out,
+            a.len(),
+            b.len(),
+            (m, k, n),
+            (a_layout, b_layout),
+            acc,
+            Mode::Bf16,
+        )?
+        else {
+            return Ok(());
+        };
+        let (a16, b16) = (self.to_bf16(a, m * k)?, self.to_bf16(b, k * n)?);
+        // SAFETY: `product_shape` checked the buffers against the shape; a16 and b16 hold the
+        // same elements as bf16 bits.
+        unsafe { self.blas().matmul(&shape, &b16, &a16, out) }
+    }
+
+    /// The first `n` elements of `x` rounded to bf16 bits, in a new buffer.
+    pub fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, CudaError> {
+        need("to_bf16", &[("x", x.len(), n)])?;
+        let mut out = self.stream().alloc_zeros::<u16>(n.max(1))?;
+        let n64 = n as u64;
+        let mut l = self.stream().launch_builder(self.function("to_bf16"));
+        l.arg(&mut out).arg(x).arg(&n64);
+        // SAFETY: matches convert.cu; both buffers hold n elements.
+        unsafe { l.launch(elementwise(n)) }?;
+        Ok(out)
+    }
+}
+
+/// The cuBLASLt shape of row-major `out (+)= op(a)·op(b)`, after checking the buffers; `None`
+/// when the product is empty.
+#[allow(clippy::too_many_arguments)]
+fn product_shape(
+    kernel: &'static str,
+    out: &CudaSlice<f32>,
+    a_len: usize,
+    b_len: usize,
+    (m, k, n): (usize, usize, usize),
+    (a_layout, b_layout): (Layout, Layout),
+    acc: Acc,
+    mode: Mode,
+) -> Result<Option<blas::Shape>, CudaError> {
+    need(
+        kernel,
+        &[
+            ("out", out.len(), m * n),
+            ("a", a_len, m * k),
+            ("b", b_len, k * n),
+        ],
+    )?;
+    if m == 0 || n == 0 || k == 0 {
+        if k == 0 && !acc.adds() && m * n > 0 {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: "an empty inner dimension (k = 0) with Acc::Set".into(),
+            });
+        }
+        return Ok(None);
+    }
+    // cuBLAS is column-major: a row-major (r, c) buffer is its (c, r) transpose there, so
+    // row-major out = op(a)·op(b) is column-major outᵀ = op(b)ᵀ·op(a)ᵀ: b goes first.
+    let (b_t, a_t) = (
+        b_layout == Layout::Transposed,
+        a_layout == Layout::Transposed,
+    );
+    Ok(Some(blas::Shape {
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        trans_a: b_t,
+        trans_b: a_t,
+        lda: if b_t { k } else { n } as i64,
+        ldb: if a_t { m } else { k } as i64,
+        ldc: n as i64,
+        mode,
+        accumulate: acc.adds(),
+    }))
 }
 
 /// A per-head view of a device buffer, as [`crate::kernels::attention::HeadsRef`]: row `t` of
