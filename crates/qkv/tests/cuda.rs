@@ -8,10 +8,12 @@
 mod common;
 use common::{random_vec, rel_err};
 use cudarc::driver::CudaSlice;
-use qkv::cuda::ops::{DevHeads, DevHeadsMut};
+use qkv::cuda::ops::{DevHeads, DevHeadsMut, DevKvBlocks};
 use qkv::cuda::{CudaError, Gpu};
 use qkv::kernels::activation::{bias_act_backward, bias_act_forward, Activation};
-use qkv::kernels::attention::{AttentionShape, HeadsMut, HeadsRef, Masks};
+use qkv::kernels::attention::{
+    attention_one_query, AttentionShape, HeadsMut, HeadsRef, KvBlocks, Masks,
+};
 use qkv::kernels::bf16::{bf16_bits, round_bf16};
 use qkv::kernels::dropout::{self, Dropout};
 use qkv::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
@@ -592,6 +594,93 @@ fn bf16_products_equal_f32_products_of_the_rounded_operands() {
             }
         }
     }
+}
+
+/// Decoding's one-query attention over a cache of (K | V) rows, with beam rows sharing blocks,
+/// a window of keys and padding (one row fully masked: zeros).
+#[test]
+fn one_query_attention_over_the_cache_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(10);
+    let (heads, d, blocks, rows) = (4, 64, 3, 50);
+    let (w, rs) = (heads * d, 2 * heads * d + 8);
+    let kv = random_vec(&mut rng, blocks * rows * rs, 1.0);
+    let block = [0usize, 0, 1, 2, 2, 2];
+    let q_rs = w + 5;
+    let q = random_vec(&mut rng, block.len() * q_rs, 1.0);
+    let mut pad = vec![false; blocks * rows];
+    pad[rows + 3..2 * rows].iter_mut().for_each(|p| *p = true);
+    let gkv = up(&g, &kv);
+    for (k_start, k_len, padding) in [
+        (0, 1, None),
+        (0, 50, None),
+        (2, 41, Some(&pad[..])),
+        (3, 50, Some(&pad[..])),
+    ] {
+        let mut want = vec![0.0; block.len() * w];
+        let cpu = KvBlocks {
+            data: &kv,
+            rows,
+            rs,
+            k_offset: 4,
+            v_offset: 4 + w,
+        };
+        attention_one_query(
+            &mut want, &q, q_rs, cpu, &block, k_start, k_len, padding, heads, d, 0.125,
+        );
+        let mut out = g.stream().alloc_zeros::<f32>(block.len() * w).unwrap();
+        let dev = DevKvBlocks {
+            data: &gkv,
+            rows,
+            rs,
+            k_offset: 4,
+            v_offset: 4 + w,
+        };
+        g.attention_one_query(
+            &mut out,
+            &up(&g, &q),
+            q_rs,
+            dev,
+            &block,
+            k_start,
+            k_len,
+            padding,
+            heads,
+            d,
+            0.125,
+        )
+        .unwrap();
+        assert_near(
+            &format!("one-query attention, keys {k_start}..{k_len}"),
+            &down(&g, &out),
+            &want,
+            1e-5,
+        );
+    }
+    let mut out = g.stream().alloc_zeros::<f32>(block.len() * w).unwrap();
+    let dev = DevKvBlocks {
+        data: &gkv,
+        rows,
+        rs,
+        k_offset: 4,
+        v_offset: 4 + w,
+    };
+    let err = g
+        .attention_one_query(
+            &mut out,
+            &up(&g, &q),
+            q_rs,
+            dev,
+            &[0, 3],
+            0,
+            5,
+            None,
+            heads,
+            d,
+            0.125,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("names block 3"), "{err}");
 }
 
 #[test]

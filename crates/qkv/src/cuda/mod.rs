@@ -88,6 +88,11 @@ pub const SOURCES: &[Source] = &[
         ],
     },
     Source {
+        name: "decode",
+        text: include_str!("kernels/decode.cu"),
+        functions: &["attention_one_query"],
+    },
+    Source {
         name: "optim",
         text: include_str!("kernels/optim.cu"),
         functions: &["adamw_step", "sum_squares", "scale"],

@@ -994,3 +994,105 @@ impl Gpu {
         Ok(())
     }
 }
+
+/// A device KV cache as [`crate::kernels::attention::KvBlocks`]: `blocks` of `rows` rows of
+/// stride `rs`, keys at `k_offset` and values at `v_offset` in each row.
+#[derive(Clone, Copy)]
+pub struct DevKvBlocks<'a> {
+    pub data: &'a CudaSlice<f32>,
+    pub rows: usize,
+    pub rs: usize,
+    pub k_offset: usize,
+    pub v_offset: usize,
+}
+
+impl Gpu {
+    /// [`crate::kernels::attention::attention_one_query`]: query row r (row stride `q_rs`)
+    /// against keys `k_start..k_len` of block `block[r]`. out: (R, H·D); `block` and padding
+    /// (blocks, rows) on the host, as decoding holds them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_one_query(
+        &self,
+        out: &mut CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        q_rs: usize,
+        kv: DevKvBlocks,
+        block: &[usize],
+        k_start: usize,
+        k_len: usize,
+        padding: Option<&[bool]>,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let kernel = "attention_one_query";
+        let (r, w) = (block.len(), heads * head_dim);
+        if !(k_start < k_len && k_len <= kv.rows) {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("keys {k_start}..{k_len} of blocks of {} rows", kv.rows),
+            });
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        let n = k_len - k_start;
+        if n > 12 * 1024 {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("{n} keys: the scores' shared memory holds 12288"),
+            });
+        }
+        need(
+            kernel,
+            &[
+                ("out", out.len(), r * w),
+                ("q", q.len(), (r - 1) * q_rs + w),
+                ("kv offsets", kv.rs, kv.k_offset.max(kv.v_offset) + w),
+            ],
+        )?;
+        // An index past the cache would read outside it.
+        let blocks = kv.data.len() / (kv.rows * kv.rs).max(1);
+        if let Some((i, b)) = block.iter().enumerate().find(|&(_, &b)| b >= blocks) {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("row {i} names block {b}, the cache holds {blocks}"),
+            });
+        }
+        let block: Vec<u32> = block.iter().map(|&b| b as u32).collect();
+        let block = self.stream().clone_htod(&block)?;
+        let pad = match padding {
+            Some(p) => {
+                need(kernel, &[("padding", p.len(), blocks * kv.rows)])?;
+                let bytes: Vec<u8> = p.iter().map(|&m| m as u8).collect();
+                Some(self.stream().clone_htod(&bytes)?)
+            }
+            None => None,
+        };
+        let longs = [q_rs, kv.rows, kv.rs, kv.k_offset, kv.v_offset].map(|x| x as i64);
+        let ints = [k_start, k_len].map(|x| x as i32);
+        let (h32, d32) = (heads as i32, head_dim as i32);
+        let mut l = self.stream().launch_builder(self.function(kernel));
+        l.arg(out).arg(q).arg(&longs[0]).arg(kv.data);
+        l.arg(&longs[1])
+            .arg(&longs[2])
+            .arg(&longs[3])
+            .arg(&longs[4]);
+        l.arg(&block).arg(&ints[0]).arg(&ints[1]);
+        match &pad {
+            Some(p) => l.arg(p),
+            None => l.arg(&NULL),
+        };
+        l.arg(&h32).arg(&d32).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (r as u32, heads as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: (n * 4) as u32,
+        };
+        // SAFETY: matches decode.cu; out, q and the row layout checked above, every block index
+        // is inside the cache, keys k_start..k_len lie inside a block, and the scores fit the
+        // dynamic shared memory asked for.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+}

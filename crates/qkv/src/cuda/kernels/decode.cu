@@ -1,0 +1,48 @@
+// One query per row against the KV cache (incremental decoding, the query being the newest
+// position): kernels::attention::attention_one_query on the CPU.
+//   out[r] = softmax(q[r]·K[block[r]]ᵀ · scale) V[block[r]]   over keys k_start..k_len
+// One warp per (row, head): lanes take keys for the scores, then output columns for the
+// weighted sum (coalesced value reads). Scores live in dynamic shared memory (n floats).
+// kv: (blocks, rows, rs) with keys at k_off, values at v_off; pad: (blocks, rows) bytes or null.
+// A fully masked row gives zeros, as softmax_row.
+extern "C" __global__ void attention_one_query(float* out, const float* q, long long q_rs,
+                                               const float* kv, long long rows, long long rs,
+                                               long long k_off, long long v_off,
+                                               const unsigned* block, int k_start, int k_len,
+                                               const unsigned char* pad, int heads, int d,
+                                               float scale) {
+    extern __shared__ float sc[];
+    const float NEG_INF = __int_as_float(0xff800000);
+    int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    u64 blk = block[r];
+    int n = k_len - k_start;
+    const float* qh = q + (u64)r * q_rs + (u64)h * d;
+    u64 base = (blk * rows + k_start) * rs;
+    float mx = NEG_INF;
+    for (int j = lane; j < n; j += 32) {
+        const float* kj = kv + base + (u64)j * rs + k_off + (u64)h * d;
+        float dot = 0.0f;
+        for (int x = 0; x < d; x++) dot += qh[x] * kj[x];
+        float s = dot * scale;
+        if (pad && pad[blk * rows + k_start + j]) s = NEG_INF;
+        sc[j] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += 32) {
+        float p = sc[j] == NEG_INF ? 0.0f : expf(sc[j] - mx);
+        sc[j] = p;
+        sum += p;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    float* o = out + ((u64)r * heads + h) * d;
+    for (int x = lane; x < d; x += 32) {
+        const float* vx = kv + base + v_off + (u64)h * d + x;
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) acc += sc[j] * vx[(u64)j * rs];
+        o[x] = acc * inv;
+    }
+}
