@@ -3,7 +3,10 @@
 # target/gpu/. CUDA's libraries come from the pip packages beside PyTorch (nvidia-*), the
 # driver from the system.
 #
-# Usage: scripts/gpu/run.sh [tests]      prints the device, then each test binary's results
+# Usage: scripts/gpu/run.sh [tests|bench]
+#   tests   every test binary, GPU tests required (QKV_REQUIRE_CUDA=1)
+#   bench   qkv and PyTorch alternating on the same GPU: the training step's products and
+#           attention at N 8192 (D 64, 8 heads), one JSON line each
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/gpu
@@ -36,8 +39,24 @@ tests)
     done
     exit $status
     ;;
+bench)
+    # The encoder step's products (B32·T64 = 2048 rows, d 256, ff 1024) and the base model's.
+    for shape in "2048 256 768 --tb" "2048 1024 256 --tb" "2048 256 1024 --tb" \
+                 "256 2048 768 --ta" "25000 512 2048 --tb"; do
+        set -- $shape
+        for dtype in f32 bf16; do
+            "$bin/qkv" bench matmul --device cuda --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
+            "$py" scripts/gpu/bench_torch.py matmul --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
+        done
+    done
+    for flags in "" "--causal" "--backward" "--causal --backward"; do
+        "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5
+        "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5
+        "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5 --dtype bf16
+    done
+    ;;
 *)
-    echo "unknown: $what (tests)" >&2
+    echo "unknown: $what (tests, bench)" >&2
     exit 2
     ;;
 esac

@@ -64,6 +64,22 @@ pub struct MatmulArgs {
     /// AVX2+FMA; f32).
     #[arg(long)]
     packed: bool,
+    /// Where the product runs: the CPU, or the first NVIDIA GPU (cuBLASLt: TF32 for f32,
+    /// bf16 operands with f32 sums for bf16).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+/// Where a benchmark runs.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// The GPU, or an error that says why there is none.
+fn open_gpu() -> Result<qkv::cuda::Gpu> {
+    Ok(qkv::cuda::Gpu::new(0).context("--device cuda")?)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -102,6 +118,9 @@ pub struct AttentionArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Where the kernels run: the CPU, or the first NVIDIA GPU (flash and window, f32).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -221,23 +240,51 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
     if a.packed && !qkv::kernels::packed::available() {
         bail!("--packed needs AVX2 and FMA, which this CPU does not have");
     }
-    let times = bench::matmul(
-        a.m,
-        a.k,
-        a.n,
-        a.ta,
-        a.tb,
-        a.dtype.precision(),
-        a.steps,
-        a.warmup,
-        a.packed,
-    );
+    if a.packed && a.device == DeviceArg::Cuda {
+        bail!("--packed is the CPU's decoding product; not with --device cuda");
+    }
+    let (times, device, dtype) = match a.device {
+        DeviceArg::Cpu => (
+            bench::matmul(
+                a.m,
+                a.k,
+                a.n,
+                a.ta,
+                a.tb,
+                a.dtype.precision(),
+                a.steps,
+                a.warmup,
+                a.packed,
+            ),
+            "cpu".to_string(),
+            effective_dtype(a.dtype),
+        ),
+        DeviceArg::Cuda => {
+            let gpu = open_gpu()?;
+            let t = bench::matmul_cuda(
+                &gpu,
+                a.m,
+                a.k,
+                a.n,
+                a.ta,
+                a.tb,
+                a.dtype.precision(),
+                a.steps,
+                a.warmup,
+            )?;
+            let dtype = match a.dtype {
+                DtypeArg::Bf16 => "bf16",
+                _ => "tf32",
+            };
+            (t, gpu.describe(), dtype)
+        }
+    };
     let ms = bench::median(&times);
     let gflop = 2.0 * (a.m * a.k * a.n) as f64 / 1e9;
     let line = serde_json::json!({
         "impl": "qkv", "m": a.m, "k": a.k, "n": a.n, "ta": a.ta, "tb": a.tb,
         "packed": a.packed, "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
-        "dtype": effective_dtype(a.dtype), "threads": threads,
+        "device": device, "dtype": dtype, "threads": threads,
         "ms": round(ms, 3),
         "gflops": round(gflop / (ms / 1e3), 2),
     });
@@ -322,14 +369,20 @@ fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
         precision: a.dtype.precision(),
     };
     let base = peak_rss_mb();
-    let times = bench::attention(&b)?;
+    let (times, device) = match a.device {
+        DeviceArg::Cpu => (bench::attention(&b)?, "cpu".to_string()),
+        DeviceArg::Cuda => {
+            let gpu = open_gpu()?;
+            (bench::attention_cuda(&gpu, &b)?, gpu.describe())
+        }
+    };
     let ms = bench::median(&times);
     let peak = peak_rss_mb();
     let tensors = b.tensor_bytes() as f64 / (1024.0 * 1024.0);
     let mb = |x: f64| round(x, 1);
     let line = serde_json::json!({
         "impl": "qkv", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
-        "kind": a.kind_name(),
+        "device": device, "kind": a.kind_name(),
         "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
         "causal": a.causal, "backward": a.backward, "dtype": effective_dtype(a.dtype),
         "threads": threads,

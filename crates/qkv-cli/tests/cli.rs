@@ -318,3 +318,26 @@ fn qkv_isa_lowers_the_dispatched_instruction_set() {
         );
     }
 }
+
+#[test]
+fn device_cuda_without_a_gpu_says_what_is_missing() {
+    if qkv::cuda::driver_available() {
+        eprintln!("skipping: this machine has an NVIDIA driver");
+        return;
+    }
+    for args in [
+        &["bench", "attention", "--n", "64", "--device", "cuda"][..],
+        &[
+            "bench", "matmul", "--m", "8", "--k", "8", "--n", "8", "--device", "cuda",
+        ][..],
+    ] {
+        let (ok, err) = qkv(args);
+        assert!(!ok, "{args:?} succeeded without a GPU");
+        assert!(
+            err.contains("--device cuda")
+                && err.contains("libcuda.so")
+                && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

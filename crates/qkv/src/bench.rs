@@ -375,3 +375,147 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
     }
     Ok(times)
 }
+
+/// [`matmul`] on a GPU (cuBLASLt): TF32 for f32, bf16 operands with f32 sums for bf16. Each
+/// call is timed from a drained stream to its completion, so launch cost is included.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_cuda(
+    gpu: &crate::cuda::Gpu,
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    precision: Precision,
+    steps: usize,
+    warmup: usize,
+) -> Result<Vec<f64>> {
+    let mut rng = Rng::new(5);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let s = gpu.stream();
+    let (da, db) = (
+        s.clone_htod(&a).map_err(cuda_err)?,
+        s.clone_htod(&b).map_err(cuda_err)?,
+    );
+    let mut out = s.alloc_zeros::<f32>(m * n).map_err(cuda_err)?;
+    let (ta, tb) = (Layout::transposed_if(ta), Layout::transposed_if(tb));
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        gpu.synchronize()?;
+        let t0 = Instant::now();
+        match precision {
+            Precision::F32 => gpu.matmul(&mut out, &da, &db, m, k, n, ta, tb, Acc::Set)?,
+            Precision::Bf16 => gpu.matmul_bf16(&mut out, &da, &db, m, k, n, ta, tb, Acc::Set)?,
+        }
+        gpu.synchronize()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}
+
+fn cuda_err(e: cudarc::driver::DriverError) -> crate::error::Error {
+    crate::cuda::CudaError::Driver(e).into()
+}
+
+/// [`attention`] on a GPU: the f32 FlashAttention-2 kernels (flash or window only), each call
+/// timed from a drained stream to its completion.
+pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<f64>> {
+    use crate::cuda::ops::{DevHeads, DevHeadsMut};
+    use crate::kernels::attention::AttentionShape;
+    let window = match b.kernel {
+        AttentionKernel::Flash => None,
+        AttentionKernel::Window(w) => Some(w),
+        k => {
+            return Err(crate::error::Error::Config(format!(
+                "attention bench on the GPU: the {k:?} kernel has no CUDA version (flash, window)"
+            )))
+        }
+    };
+    if b.precision != Precision::F32 {
+        return Err(crate::error::Error::Config(
+            "attention bench on the GPU: the CUDA flash kernels compute in f32 (bf16 tensor-core \
+             kernels are not written yet)"
+                .into(),
+        ));
+    }
+    if b.batch == 0 || b.heads == 0 || b.n == 0 || b.head_dim == 0 || b.steps == 0 {
+        return Err(crate::error::Error::Config(
+            "attention bench: batch, heads, n, head_dim and steps must be positive".into(),
+        ));
+    }
+    let s = AttentionShape {
+        batch: b.batch,
+        heads: b.heads,
+        q_len: b.n,
+        k_len: b.n,
+        head_dim: b.head_dim,
+    };
+    let w = b.heads * b.head_dim;
+    let len = b.batch * b.n * w;
+    let mut rng = Rng::new(3);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal()).collect() };
+    let st = gpu.stream();
+    let up = |x: Vec<f32>| st.clone_htod(&x).map_err(cuda_err);
+    let (q, k, v, dout) = (
+        up(rand(len))?,
+        up(rand(len))?,
+        up(rand(len))?,
+        up(rand(len))?,
+    );
+    let zeros = |n: usize| st.alloc_zeros::<f32>(n).map_err(cuda_err);
+    let (mut out, mut lse) = (zeros(len)?, zeros(b.batch * b.heads * b.n)?);
+    let (mut dq, mut dk, mut dv) = (zeros(len)?, zeros(len)?, zeros(len)?);
+    let masks = Masks {
+        key_padding: None,
+        causal: b.causal,
+        window,
+    };
+    let scale = 1.0 / (b.head_dim as f32).sqrt();
+    let view = |data| DevHeads {
+        data,
+        rs: w,
+        offset: 0,
+    };
+    let mut times = Vec::with_capacity(b.steps);
+    for i in 0..b.warmup + b.steps {
+        gpu.synchronize()?;
+        let t0 = Instant::now();
+        gpu.flash_forward(
+            &mut out,
+            &mut lse,
+            view(&q),
+            view(&k),
+            view(&v),
+            s,
+            &masks,
+            scale,
+        )?;
+        if b.backward {
+            let [a] = DevHeadsMut::split(gpu, &mut dq, w, w, [0])?;
+            let [c] = DevHeadsMut::split(gpu, &mut dk, w, w, [0])?;
+            let [d] = DevHeadsMut::split(gpu, &mut dv, w, w, [0])?;
+            gpu.flash_backward(
+                &a,
+                &c,
+                &d,
+                &dout,
+                &out,
+                &lse,
+                view(&q),
+                view(&k),
+                view(&v),
+                s,
+                &masks,
+                scale,
+            )?;
+        }
+        gpu.synchronize()?;
+        if i >= b.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}

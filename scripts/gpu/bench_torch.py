@@ -1,0 +1,81 @@
+"""PyTorch's side of the GPU benchmarks: the same products and attention shapes as
+`qkv bench matmul|attention --device cuda`, one JSON line each, for scripts/gpu/run.sh.
+
+    python3 scripts/gpu/bench_torch.py matmul --m 2048 --k 256 --n 768 --tb [--dtype bf16]
+    python3 scripts/gpu/bench_torch.py attention --n 8192 [--backward] [--causal] [--dtype bf16]
+
+f32 products run in TF32 (torch.backends.cuda.matmul.allow_tf32), as qkv's; attention is
+scaled_dot_product_attention, whose backend PyTorch picks (flash for bf16; the
+memory-efficient kernel for f32) and names in the line. Times are CUDA-event medians.
+"""
+import argparse
+import json
+
+import torch
+
+
+def timed(fn, steps, warmup):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2], times[0]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["matmul", "attention"])
+    p.add_argument("--m", type=int, default=2048)
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--n", type=int, default=768)
+    p.add_argument("--ta", action="store_true")
+    p.add_argument("--tb", action="store_true")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--backward", action="store_true")
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    line = {"impl": "torch", "torch": torch.__version__, "device": torch.cuda.get_device_name(0)}
+    if a.what == "matmul":
+        x = torch.randn(a.k, a.m, device=dev, dtype=dtype).t() if a.ta else torch.randn(a.m, a.k, device=dev, dtype=dtype)
+        w = torch.randn(a.n, a.k, device=dev, dtype=dtype).t() if a.tb else torch.randn(a.k, a.n, device=dev, dtype=dtype)
+        ms, mn = timed(lambda: torch.matmul(x, w), a.steps, a.warmup)
+        line.update(m=a.m, k=a.k, n=a.n, ta=a.ta, tb=a.tb,
+                    dtype="bf16" if a.dtype == "bf16" else "tf32", ms=round(ms, 4),
+                    gflops=round(2 * a.m * a.k * a.n / (ms / 1e3) / 1e9, 1))
+    else:
+        shape = (a.batch, a.n, a.heads, a.head_dim)
+        q, k, v = (torch.randn(shape, device=dev, dtype=dtype).transpose(1, 2).requires_grad_(a.backward) for _ in range(3))
+        dout = torch.randn(a.batch, a.heads, a.n, a.head_dim, device=dev, dtype=dtype)
+
+        def step():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=a.causal)
+            if a.backward:
+                torch.autograd.grad(out, (q, k, v), dout)
+
+        ms, mn = timed(step, a.steps, a.warmup)
+        backend = "flash" if dtype == torch.bfloat16 else "efficient (f32 has no flash kernel)"
+        line.update(kind="sdpa", backend=backend, n=a.n, heads=a.heads, head_dim=a.head_dim,
+                    batch=a.batch, causal=a.causal, backward=a.backward, dtype=a.dtype,
+                    ms=round(ms, 3), min_ms=round(mn, 3))
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
