@@ -51,6 +51,9 @@ bench)
     done
     for flags in "" "--causal" "--backward" "--causal --backward"; do
         "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5
+        case "$flags" in *backward*) ;; *)
+            "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5 --dtype bf16 ;;
+        esac
         "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5
         "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5 --dtype bf16
     done

@@ -118,7 +118,8 @@ pub struct AttentionArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Where the kernels run: the CPU, or the first NVIDIA GPU (flash and window, f32).
+    /// Where the kernels run: the CPU, or the first NVIDIA GPU (flash and window; f32, or
+    /// the bf16 tensor-core forward).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
 }
@@ -376,6 +377,11 @@ fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
             (bench::attention_cuda(&gpu, &b)?, gpu.describe())
         }
     };
+    // The GPU has bf16 whatever the CPU has.
+    let dtype = match a.device {
+        DeviceArg::Cuda => a.dtype.name(),
+        DeviceArg::Cpu => effective_dtype(a.dtype),
+    };
     let ms = bench::median(&times);
     let peak = peak_rss_mb();
     let tensors = b.tensor_bytes() as f64 / (1024.0 * 1024.0);
@@ -384,7 +390,7 @@ fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
         "impl": "qkv", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
         "device": device, "kind": a.kind_name(),
         "n": a.n, "heads": a.heads, "head_dim": a.head_dim, "batch": a.batch,
-        "causal": a.causal, "backward": a.backward, "dtype": effective_dtype(a.dtype),
+        "causal": a.causal, "backward": a.backward, "dtype": dtype,
         "threads": threads,
         "ms": round(ms, 3),
         "min_ms": round(times.iter().cloned().fold(f64::INFINITY, f64::min), 3),

@@ -420,8 +420,9 @@ fn cuda_err(e: cudarc::driver::DriverError) -> crate::error::Error {
     crate::cuda::CudaError::Driver(e).into()
 }
 
-/// [`attention`] on a GPU: the f32 FlashAttention-2 kernels (flash or window only), each call
-/// timed from a drained stream to its completion.
+/// [`attention`] on a GPU: the FlashAttention-2 kernels (flash or window only; f32 on CUDA
+/// cores, or the bf16 tensor-core forward), each call timed from a drained stream to its
+/// completion.
 pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<f64>> {
     use crate::cuda::ops::{DevHeads, DevHeadsMut};
     use crate::kernels::attention::AttentionShape;
@@ -434,10 +435,11 @@ pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<
             )))
         }
     };
-    if b.precision != Precision::F32 {
+    let tensor_cores = b.precision == Precision::Bf16;
+    if tensor_cores && b.backward {
         return Err(crate::error::Error::Config(
-            "attention bench on the GPU: the CUDA flash kernels compute in f32 (bf16 tensor-core \
-             kernels are not written yet)"
+            "attention bench on the GPU: bf16 (tensor cores) has a forward only so far; the \
+             backward is f32 (drop --dtype bf16)"
                 .into(),
         ));
     }
@@ -483,16 +485,12 @@ pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<
     for i in 0..b.warmup + b.steps {
         gpu.synchronize()?;
         let t0 = Instant::now();
-        gpu.flash_forward(
-            &mut out,
-            &mut lse,
-            view(&q),
-            view(&k),
-            view(&v),
-            s,
-            &masks,
-            scale,
-        )?;
+        let (qv, kv, vv) = (view(&q), view(&k), view(&v));
+        if tensor_cores {
+            gpu.flash_forward_bf16(&mut out, &mut lse, qv, kv, vv, s, &masks, scale)?;
+        } else {
+            gpu.flash_forward(&mut out, &mut lse, qv, kv, vv, s, &masks, scale)?;
+        }
         if b.backward {
             let [a] = DevHeadsMut::split(gpu, &mut dq, w, w, [0])?;
             let [c] = DevHeadsMut::split(gpu, &mut dk, w, w, [0])?;

@@ -683,6 +683,115 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
     assert!(err.to_string().contains("names block 3"), "{err}");
 }
 
+/// The tensor-core forward against the CPU's f32 forward on the same bf16-rounded inputs: what
+/// remains is P's rounding to bf16 before P·V (relative 2⁻⁹ per weight).
+#[test]
+fn tensor_core_flash_forward_matches_the_cpu_on_bf16_inputs() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let (batch, heads) = (2, 2);
+    for (d, tq, tk) in [(32, 100, 100), (64, 130, 130), (128, 70, 70), (64, 17, 200)] {
+        let c = heads * d;
+        let shape = AttentionShape {
+            batch,
+            heads,
+            q_len: tq,
+            k_len: tk,
+            head_dim: d,
+        };
+        let round = |x: Vec<f32>| x.into_iter().map(round_bf16).collect::<Vec<f32>>();
+        let q = round(random_vec(&mut rng, batch * tq * c, 1.0));
+        let kv = round(random_vec(&mut rng, batch * tk * 2 * c, 1.0));
+        let pad: Vec<bool> = (0..batch * tk)
+            .map(|i| i / tk == 1 && i % tk >= tk - 5)
+            .collect();
+        let self_attention = tq == tk;
+        let mut maskings = vec![
+            Masks::default(),
+            Masks {
+                key_padding: Some(&pad),
+                ..Masks::default()
+            },
+        ];
+        if self_attention {
+            maskings.push(Masks {
+                causal: true,
+                ..Masks::default()
+            });
+            maskings.push(Masks {
+                causal: true,
+                window: Some(9),
+                ..Masks::default()
+            });
+        }
+        let (gq, gkv) = (up(&g, &q), up(&g, &kv));
+        let scale = 1.0 / (d as f32).sqrt();
+        for masks in &maskings {
+            let (mut out, mut lse) = (vec![0.0; batch * tq * c], vec![0.0; batch * heads * tq]);
+            flash_forward(
+                &mut out,
+                &mut lse,
+                HeadsRef {
+                    data: &q,
+                    rs: c,
+                    offset: 0,
+                },
+                HeadsRef {
+                    data: &kv,
+                    rs: 2 * c,
+                    offset: 0,
+                },
+                HeadsRef {
+                    data: &kv,
+                    rs: 2 * c,
+                    offset: c,
+                },
+                shape,
+                masks,
+                scale,
+            );
+            let mut gout = g.stream().alloc_zeros::<f32>(batch * tq * c).unwrap();
+            let mut glse = g.stream().alloc_zeros::<f32>(batch * heads * tq).unwrap();
+            g.flash_forward_bf16(
+                &mut gout,
+                &mut glse,
+                DevHeads {
+                    data: &gq,
+                    rs: c,
+                    offset: 0,
+                },
+                DevHeads {
+                    data: &gkv,
+                    rs: 2 * c,
+                    offset: 0,
+                },
+                DevHeads {
+                    data: &gkv,
+                    rs: 2 * c,
+                    offset: c,
+                },
+                shape,
+                masks,
+                scale,
+            )
+            .unwrap();
+            let what = format!("d {d}, tq {tq}, tk {tk}, {masks:?}");
+            assert_near(
+                &format!("tensor-core flash out, {what}"),
+                &down(&g, &gout),
+                &out,
+                1e-2,
+            );
+            for (a, b) in down(&g, &glse).iter().zip(&lse) {
+                assert!(
+                    a == b || (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "lse {a} vs {b}, {what}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn a_kernel_given_short_buffers_is_a_shape_error() {
     let Some(g) = gpu() else { return };

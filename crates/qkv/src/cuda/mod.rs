@@ -88,6 +88,15 @@ pub const SOURCES: &[Source] = &[
         ],
     },
     Source {
+        name: "flash_tc",
+        text: include_str!("kernels/flash_tc.cu"),
+        functions: &[
+            "flash_forward_tc_d32",
+            "flash_forward_tc_d64",
+            "flash_forward_tc_d128",
+        ],
+    },
+    Source {
         name: "decode",
         text: include_str!("kernels/decode.cu"),
         functions: &["attention_one_query"],

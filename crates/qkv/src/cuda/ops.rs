@@ -876,6 +876,73 @@ impl Gpu {
         Ok(())
     }
 
+    /// Flash attention's forward on tensor cores: [`Gpu::flash_forward`] with Q, K, V and P
+    /// rounded to bf16 for the products (f32 sums, f32 softmax statistics), as the CPU's bf16
+    /// flash. Head widths 32, 64 or 128.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_forward_bf16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        q: DevHeads,
+        k: DevHeads,
+        v: DevHeads,
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let kernel = "flash_forward_bf16";
+        let f = match s.head_dim {
+            32 => "flash_forward_tc_d32",
+            64 => "flash_forward_tc_d64",
+            128 => "flash_forward_tc_d128",
+            d => {
+                return Err(CudaError::Shape {
+                    kernel,
+                    msg: format!("head width {d}: the tensor-core kernels take 32, 64 or 128"),
+                })
+            }
+        };
+        self.check_attention(kernel, &s, &q, &k, &v)?;
+        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        need(
+            kernel,
+            &[
+                ("out", out.len(), b * tq * h * d),
+                ("lse", lse.len(), b * h * tq),
+            ],
+        )?;
+        if b * h * tq == 0 {
+            return Ok(());
+        }
+        let pad = self.padding(kernel, masks, &s)?;
+        let ints = [h, tq, tk, d].map(|x| x as i32);
+        let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
+        let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
+        let mut l = self.stream().launch_builder(self.function(f));
+        l.arg(out).arg(lse);
+        l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
+        l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
+        l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
+        match &pad {
+            Some(p) => l.arg(p),
+            None => l.arg(&NULL),
+        };
+        for x in &ints {
+            l.arg(x);
+        }
+        l.arg(&causal).arg(&window).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (tq.div_ceil(64) as u32, h as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches flash_tc.cu's entry for this head width (4 warps, 64 query rows per
+        // block); the views, out, lse and the padding were checked against the shape above.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+
     /// [`crate::kernels::flash::flash_backward`]: overwrites dq, dk, dv (views that may share
     /// one buffer). dout, out: (B, Tq, H·D); lse from [`Gpu::flash_forward`].
     #[allow(clippy::too_many_arguments)]

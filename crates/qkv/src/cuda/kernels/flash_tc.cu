@@ -1,0 +1,207 @@
+// FlashAttention-2's forward (Dao, 2023) on tensor cores: bf16 operands, f32 accumulation,
+// mma.sync.m16n8k16. The twin of flash.cu's f32 forward (same views, masks and saved
+// log-sum-exp), which it is tested against with bf16-rounded inputs.
+//
+// A block is 4 warps and 64 query rows, 16 per warp; key tiles of 64 keys are converted to bf16
+// into shared memory. Each warp keeps its queries as A fragments, its scores S = Q·Kᵀ and output
+// O as C fragments in registers; P = softmax(S) is re-packed from C to A fragments for P·V
+// (the layouts line up: FlashAttention-2 §3.3). Head widths 32, 64 and 128.
+//
+// Fragment layouts of m16n8k16 (PTX ISA), g = lane / 4, t = lane % 4, pairs packed low first:
+//   A (16×16, row): a0 (g, 2t..), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B (16×8, col):  b0 (2t.., g), b1 (2t+8.., g)
+//   C (16×8):       c0 c1 (g, 2t, 2t+1), c2 c3 (g+8, 2t, 2t+1)
+
+#define TC_ROWS 64  // query rows per block
+#define TC_KEYS 64  // keys per tile
+
+__device__ __forceinline__ unsigned short bf16_rn(float x) {
+    unsigned b = __float_as_uint(x);
+    if (x != x) return (unsigned short)((b >> 16) | 0x40);
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    return (unsigned)bf16_rn(lo) | ((unsigned)bf16_rn(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+struct TcVisible {
+    int lo, hi;
+};
+
+// Masks::visible, as in flash.cu.
+__device__ __forceinline__ TcVisible tc_visible(int i, int tk, int causal, int window) {
+    int hi = causal ? min(i + 1, tk) : tk;
+    int lo = 0;
+    if (window > 0) {
+        lo = max(0, i + 1 - window);
+        if (!causal) hi = min(hi, i + window);
+    }
+    return TcVisible{min(lo, hi), hi};
+}
+
+template <int D>
+__device__ void flash_forward_tc(float* out, float* lse, const float* q, long long q_rs,
+                                 long long q_off, const float* k, long long k_rs,
+                                 long long k_off, const float* v, long long v_rs,
+                                 long long v_off, const unsigned char* pad, int heads, int tq,
+                                 int tk, int causal, int window, float scale) {
+    // Rows padded by 8 bf16 (16 bytes): a warp's B-fragment loads then hit 32 distinct banks.
+    __shared__ unsigned short ks[TC_KEYS][D + 8], vs[TC_KEYS][D + 8];
+    const float NEG_INF = __int_as_float(0xff800000);
+    int b = blockIdx.z, h = blockIdx.y;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int i0 = blockIdx.x * TC_ROWS + warp * 16;  // this warp's first query row
+    int rows[2] = {i0 + g, i0 + g + 8};
+
+    // Q as A fragments, D/16 k-steps.
+    unsigned qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            int r = rows[f & 1], c = kk * 16 + 2 * t + (f >> 1) * 8;
+            float x0 = 0.0f, x1 = 0.0f;
+            if (r < tq) {
+                const float* qr = q + ((u64)b * tq + r) * q_rs + q_off + (u64)h * D;
+                x0 = qr[c];
+                x1 = qr[c + 1];
+            }
+            qa[kk][f] = pack2(x0, x1);
+        }
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    TcVisible vis[2] = {tc_visible(min(rows[0], tq - 1), tk, causal, window),
+                        tc_visible(min(rows[1], tq - 1), tk, causal, window)};
+
+    int first = blockIdx.x * TC_ROWS, last = min(tq, first + TC_ROWS) - 1;
+    int band_lo = tc_visible(first, tk, causal, window).lo;
+    int band_hi = tc_visible(last, tk, causal, window).hi;
+    for (int j0 = band_lo - band_lo % TC_KEYS; j0 < band_hi; j0 += TC_KEYS) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < TC_KEYS * D; e += blockDim.x) {
+            int r = e / D, c = e % D, j = j0 + r;
+            float kx = 0.0f, vx = 0.0f;
+            if (j < tk) {
+                kx = k[((u64)b * tk + j) * k_rs + k_off + (u64)h * D + c];
+                vx = v[((u64)b * tk + j) * v_rs + v_off + (u64)h * D + c];
+            }
+            ks[r][c] = bf16_rn(kx);
+            vs[r][c] = bf16_rn(vx);
+        }
+        __syncthreads();
+
+        // S = Q·Kᵀ over this tile: 8 column tiles of 8 keys.
+        float s[TC_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const unsigned short* kr = &ks[nt * 8 + g][kk * 16 + 2 * t];
+                unsigned b0 = *(const unsigned*)kr, b1 = *(const unsigned*)(kr + 8);
+                mma_bf16(s[nt], qa[kk], b0, b1);
+            }
+        }
+        // Scale, mask, and the tile's row maxima (rows g and g+8, across the quad).
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
+#pragma unroll
+            for (int f = 0; f < 4; f++) {
+                int ri = f >> 1, j = j0 + nt * 8 + 2 * t + (f & 1);
+                bool ok = rows[ri] < tq && j >= vis[ri].lo && j < vis[ri].hi &&
+                          !(pad && pad[(u64)b * tk + j]);
+                s[nt][f] = ok ? s[nt][f] * scale : NEG_INF;
+                mx[ri] = fmaxf(mx[ri], s[nt][f]);
+            }
+        }
+        float corr[2];
+#pragma unroll
+        for (int ri = 0; ri < 2; ri++) {
+            mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
+            mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
+            float mnew = fmaxf(m[ri], mx[ri]);
+            // A row that has seen nothing yet keeps m = −∞ and p = 0 (no NaN from −∞ − −∞).
+            corr[ri] = mnew == NEG_INF ? 1.0f : expf(m[ri] - mnew);
+            m[ri] = mnew;
+            l[ri] *= corr[ri];
+        }
+#pragma unroll
+        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
+#pragma unroll
+            for (int f = 0; f < 4; f++) {
+                int ri = f >> 1;
+                float p = s[nt][f] == NEG_INF ? 0.0f : expf(s[nt][f] - m[ri]);
+                s[nt][f] = p;
+                l[ri] += p;  // this thread's part of the row sum; the quad is summed at the end
+            }
+        }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            o[dt][0] *= corr[0];
+            o[dt][1] *= corr[0];
+            o[dt][2] *= corr[1];
+            o[dt][3] *= corr[1];
+        }
+        // O += P·V: P's C fragments of key tiles 2kk and 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+        for (int kk = 0; kk < TC_KEYS / 16; kk++) {
+            unsigned pa[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                              pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            int kr = kk * 16 + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                int c = dt * 8 + g;
+                unsigned b0 = (unsigned)vs[kr][c] | ((unsigned)vs[kr + 1][c] << 16);
+                unsigned b1 = (unsigned)vs[kr + 8][c] | ((unsigned)vs[kr + 9][c] << 16);
+                mma_bf16(o[dt], pa, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        l[ri] += __shfl_xor_sync(0xffffffffu, l[ri], 1);
+        l[ri] += __shfl_xor_sync(0xffffffffu, l[ri], 2);
+    }
+    int w = heads * D;
+#pragma unroll
+    for (int ri = 0; ri < 2; ri++) {
+        int r = rows[ri];
+        if (r >= tq) continue;
+        float inv = l[ri] > 0.0f ? 1.0f / l[ri] : 0.0f;
+        float* orow = out + ((u64)b * tq + r) * w + (u64)h * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            orow[dt * 8 + 2 * t] = o[dt][2 * ri] * inv;
+            orow[dt * 8 + 2 * t + 1] = o[dt][2 * ri + 1] * inv;
+        }
+        if (t == 0) lse[((u64)b * heads + h) * tq + r] = l[ri] > 0.0f ? m[ri] + logf(l[ri]) : NEG_INF;
+    }
+}
+
+#define FLASH_TC_ENTRY(D)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) flash_forward_tc_d##D(                    \
+        float* out, float* lse, const float* q, long long q_rs, long long q_off, const float* k, \
+        long long k_rs, long long k_off, const float* v, long long v_rs, long long v_off,       \
+        const unsigned char* pad, int heads, int tq, int tk, int d, int causal, int window,     \
+        float scale) {                                                                          \
+        flash_forward_tc<D>(out, lse, q, q_rs, q_off, k, k_rs, k_off, v, v_rs, v_off, pad,      \
+                            heads, tq, tk, causal, window, scale);                             \
+    }
+
+FLASH_TC_ENTRY(32)
+FLASH_TC_ENTRY(64)
+FLASH_TC_ENTRY(128)
