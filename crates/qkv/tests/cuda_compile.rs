@@ -32,7 +32,7 @@ fn every_kernel_source_compiles_to_a_cubin_with_its_functions() {
     );
     for arch in ARCHS {
         for src in SOURCES {
-            let cubin = cuda::compile(src, arch).unwrap_or_else(|e| panic!("{e}"));
+            let cubin = cuda::compile_fresh(src, arch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&cubin[..4], b"\x7fELF", "{}: not a CUBIN", src.name);
             for f in src.functions {
                 // A CUBIN is an ELF file; each kernel is a symbol named as in the source.
@@ -59,7 +59,7 @@ fn a_source_that_does_not_compile_names_its_file_and_line() {
         text: "extern \"C\" __global__ void f(float* x) {\n    x[0] = not_declared;\n}\n",
         functions: &["f"],
     };
-    match cuda::compile(&broken, (9, 0)) {
+    match cuda::compile_fresh(&broken, (9, 0)) {
         Err(CudaError::Compile {
             name, arch, log, ..
         }) => {
@@ -69,6 +69,30 @@ fn a_source_that_does_not_compile_names_its_file_and_line() {
         }
         other => panic!("expected a compile error, got {other:?}"),
     }
+}
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_under_a_key_of_source_and_options() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qkv-cuda-cache-{}", std::process::id()));
+    // This test binary's only use of the variable: the other tests call compile_fresh.
+    std::env::set_var("QKV_CUDA_CACHE", &dir);
+    let src = SOURCES.iter().find(|s| s.name == "dropout").unwrap();
+    let cubin = cuda::compile(src, (8, 0)).unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with("dropout-sm_80-") && name.ends_with(".cubin"),
+        "{name}"
+    );
+    assert_eq!(std::fs::read(&files[0]).unwrap(), cubin);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

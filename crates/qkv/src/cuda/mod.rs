@@ -17,11 +17,11 @@ pub mod ops;
 pub use blas::Mode;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 
-pub use nvrtc::{compile, nvrtc_version};
+pub use nvrtc::{compile, compile_fresh, nvrtc_version};
 
 /// One kernel source file and the `extern "C"` functions it defines.
 #[derive(Clone, Copy, Debug)]
@@ -154,19 +154,21 @@ pub fn cublaslt_available() -> bool {
 }
 
 /// One GPU: its context, the stream every kernel runs on, cuBLASLt for the products, and the
-/// compiled kernels.
+/// kernels loaded so far.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: blas::Blas,
-    functions: HashMap<&'static str, CudaFunction>,
+    /// Each source is compiled and loaded at the first use of one of its kernels: a process
+    /// that runs products only never waits for flash attention's compile.
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
     name: String,
     arch: (i32, i32),
 }
 
 impl Gpu {
-    /// Opens device `ordinal` and compiles every kernel for its architecture (once per process
-    /// and architecture: see [`compile`]).
+    /// Opens device `ordinal`. Kernels are compiled for its architecture when first used (see
+    /// [`compile`] for the caches).
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         if !driver_available() {
             return Err(CudaError::Unavailable(
@@ -196,19 +198,11 @@ impl Gpu {
         let name = ctx.name()?;
         let stream = ctx.default_stream();
         let blas = blas::Blas::new(stream.clone(), arch.0)?;
-        let mut functions = HashMap::new();
-        for src in SOURCES {
-            let cubin = compile(src, arch)?;
-            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))?;
-            for &f in src.functions {
-                functions.insert(f, module.load_function(f)?);
-            }
-        }
         Ok(Self {
             ctx,
             stream,
             blas,
-            functions,
+            functions: Mutex::new(HashMap::new()),
             name,
             arch,
         })
@@ -231,9 +225,34 @@ impl Gpu {
         &self.blas
     }
 
-    pub(crate) fn function(&self, name: &'static str) -> &CudaFunction {
-        // Every name asked for is listed in SOURCES, all of which `new` loaded.
-        &self.functions[name]
+    /// Kernel `name`, compiling and loading its source at the first use of any of its kernels.
+    pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction, CudaError> {
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = functions.get(name) {
+            return Ok(f.clone());
+        }
+        let src = SOURCES
+            .iter()
+            .find(|s| s.functions.contains(&name))
+            .ok_or_else(|| CudaError::Shape {
+                kernel: name,
+                msg: "no source defines this kernel".into(),
+            })?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(compile(src, self.arch)?))?;
+        for &f in src.functions {
+            functions.insert(f, module.load_function(f)?);
+        }
+        Ok(functions[name].clone())
+    }
+
+    /// Compiles and loads every source now (a test of them all, or a warm-up before timing).
+    pub fn load_all(&self) -> Result<(), CudaError> {
+        for src in SOURCES {
+            self.function(src.functions[0])?;
+        }
+        Ok(())
     }
 
     /// Waits for every kernel queued so far.

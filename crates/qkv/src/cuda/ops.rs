@@ -116,9 +116,8 @@ impl Gpu {
         )?;
         let (p, seed, offset) = drop_args(drop);
         let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
-        let mut b = self
-            .stream()
-            .launch_builder(self.function("embedding_forward"));
+        let func = self.function("embedding_forward")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(out).arg(tokens).arg(table).arg(pos).arg(&scale);
         b.arg(&t)
             .arg(&c32)
@@ -154,9 +153,8 @@ impl Gpu {
             )?;
         }
         let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
-        let mut b = self
-            .stream()
-            .launch_builder(self.function("embedding_backward"));
+        let func = self.function("embedding_backward")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(dtable);
         match dpos {
             Some(dp) => b.arg(dp),
@@ -189,7 +187,8 @@ impl Gpu {
         )?;
         let (p, seed, offset) = drop_args(drop);
         let n64 = n as u64;
-        let mut b = self.stream().launch_builder(self.function("residual_add"));
+        let func = self.function("residual_add")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(out)
             .arg(x)
             .arg(sub)
@@ -210,7 +209,8 @@ impl Gpu {
     ) -> Result<(), CudaError> {
         let Some(d) = drop else { return Ok(()) };
         let n = x.len() as u64;
-        let mut b = self.stream().launch_builder(self.function("dropout_apply"));
+        let func = self.function("dropout_apply")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(x).arg(&n).arg(&d.p).arg(&d.seed).arg(&d.offset);
         // SAFETY: matches dropout.cu; n is x's length.
         unsafe { b.launch(elementwise(n as usize)) }?;
@@ -242,9 +242,8 @@ impl Gpu {
             ],
         )?;
         let (n32, c32) = (n as i32, c as i32);
-        let mut b = self
-            .stream()
-            .launch_builder(self.function("layernorm_forward"));
+        let func = self.function("layernorm_forward")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(bias);
         b.arg(&n32).arg(&c32).arg(&eps);
         // SAFETY: matches layernorm.cu; shapes checked above.
@@ -285,7 +284,8 @@ impl Gpu {
         )?;
         let (p, seed, offset) = drop_args(drop);
         let (n32, c32) = (n as i32, c as i32);
-        let mut b = self.stream().launch_builder(self.function(kernel));
+        let func = self.function(kernel)?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(sum)
             .arg(out)
             .arg(mean)
@@ -335,17 +335,15 @@ impl Gpu {
             ],
         )?;
         let (n32, c32, acc) = (n as i32, c as i32, dx_acc.adds() as i32);
-        let mut b = self
-            .stream()
-            .launch_builder(self.function("layernorm_backward_input"));
+        let func = self.function("layernorm_backward_input")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(&mut *dx).arg(dy).arg(x).arg(mean).arg(rstd).arg(w);
         b.arg(&n32).arg(&c32).arg(&acc);
         // SAFETY: matches layernorm.cu; shapes checked above.
         unsafe { b.launch(warp_per_row(n)) }?;
         let (cfg, rows_per_chunk) = column_tiles(n, c);
-        let mut b = self
-            .stream()
-            .launch_builder(self.function("layernorm_param_grads"));
+        let func = self.function("layernorm_param_grads")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(dw).arg(db).arg(dy).arg(x).arg(mean).arg(rstd);
         b.arg(&n32).arg(&c32).arg(&rows_per_chunk);
         // SAFETY: matches layernorm.cu; shapes checked above, the grid covers c columns and
@@ -377,7 +375,8 @@ impl Gpu {
             None => {}
         }
         let (n64, f32_, code) = (n as u64, f as i32, act_code(act));
-        let mut b = self.stream().launch_builder(self.function(kernel));
+        let func = self.function(kernel)?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(pre);
         match post {
             Some(p) => b.arg(p),
@@ -407,7 +406,8 @@ impl Gpu {
         }
         let (cfg, rows_per_chunk) = column_tiles(n, f);
         let (n32, f32_, code) = (n as i32, f as i32, act_code(act));
-        let mut b = self.stream().launch_builder(self.function(kernel));
+        let func = self.function(kernel)?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(d)
             .arg(dbias)
             .arg(pre)
@@ -454,7 +454,8 @@ impl Gpu {
         let dev_targets = self.stream().clone_htod(targets)?;
         let mut rows = self.stream().alloc_zeros::<f32>(2 * n.max(1))?;
         let (v32, ign) = (v as i32, ignore.map_or(-1i64, i64::from));
-        let mut b = self.stream().launch_builder(self.function(kernel));
+        let func = self.function(kernel)?;
+        let mut b = self.stream().launch_builder(&func);
         match dlogits {
             Some(d) => b.arg(d),
             None => b.arg(&NULL),
@@ -518,7 +519,8 @@ impl Gpu {
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
         let decay = 1.0 - lr * weight_decay;
         let n64 = n as u64;
-        let mut b = self.stream().launch_builder(self.function("adamw_step"));
+        let func = self.function("adamw_step")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(params).arg(grads).arg(m).arg(v).arg(&n64);
         b.arg(&step_size).arg(&inv_sqrt_bc2).arg(&decay);
         b.arg(&beta1).arg(&beta2).arg(&eps);
@@ -532,7 +534,8 @@ impl Gpu {
         let mut out = self.stream().alloc_zeros::<f64>(1)?;
         let n = x.len() as u64;
         let blocks = x.len().div_ceil(THREADS as usize).clamp(1, 1024) as u32;
-        let mut b = self.stream().launch_builder(self.function("sum_squares"));
+        let func = self.function("sum_squares")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(&mut out).arg(x).arg(&n);
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
@@ -547,7 +550,8 @@ impl Gpu {
     /// [`crate::kernels::optim::scale`]: `x *= s`.
     pub fn scale(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<(), CudaError> {
         let n = x.len() as u64;
-        let mut b = self.stream().launch_builder(self.function("scale"));
+        let func = self.function("scale")?;
+        let mut b = self.stream().launch_builder(&func);
         b.arg(x).arg(&n).arg(&s);
         // SAFETY: matches optim.cu; n is x's length.
         unsafe { b.launch(elementwise(n as usize)) }?;
@@ -628,7 +632,8 @@ impl Gpu {
         need("to_bf16", &[("x", x.len(), n)])?;
         let mut out = self.stream().alloc_zeros::<u16>(n.max(1))?;
         let n64 = n as u64;
-        let mut l = self.stream().launch_builder(self.function("to_bf16"));
+        let func = self.function("to_bf16")?;
+        let mut l = self.stream().launch_builder(&func);
         l.arg(&mut out).arg(x).arg(&n64);
         // SAFETY: matches convert.cu; both buffers hold n elements.
         unsafe { l.launch(elementwise(n)) }?;
@@ -847,8 +852,8 @@ impl Gpu {
             32 => "flash_forward_d32",
             64 => "flash_forward_d64",
             _ => "flash_forward_d128",
-        });
-        let mut l = self.stream().launch_builder(f);
+        })?;
+        let mut l = self.stream().launch_builder(&f);
         l.arg(out).arg(lse);
         l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
         l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
@@ -919,7 +924,8 @@ impl Gpu {
         let ints = [h, tq, tk, d].map(|x| x as i32);
         let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
         let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
-        let mut l = self.stream().launch_builder(self.function(f));
+        let func = self.function(f)?;
+        let mut l = self.stream().launch_builder(&func);
         l.arg(out).arg(lse);
         l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
         l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
@@ -982,7 +988,8 @@ impl Gpu {
         let mut delta = self.stream().alloc_zeros::<f32>((b * h * tq).max(1))?;
         let dims = [b, h, tq, d].map(|x| x as i32);
         if tq > 0 {
-            let mut l = self.stream().launch_builder(self.function("flash_delta"));
+            let func = self.function("flash_delta")?;
+            let mut l = self.stream().launch_builder(&func);
             l.arg(&mut delta).arg(dout).arg(out);
             for x in &dims {
                 l.arg(x);
@@ -1006,7 +1013,8 @@ impl Gpu {
             }
         };
         if tk > 0 {
-            let mut l = self.stream().launch_builder(self.function(name("dkdv")));
+            let func = self.function(name("dkdv"))?;
+            let mut l = self.stream().launch_builder(&func);
             l.arg(&outs[1].0).arg(&outs[1].1).arg(&outs[1].2);
             l.arg(&outs[2].0).arg(&outs[2].1).arg(&outs[2].2);
             l.arg(dout).arg(lse).arg(&delta);
@@ -1031,7 +1039,8 @@ impl Gpu {
             unsafe { l.launch(cfg) }?;
         }
         if tq > 0 {
-            let mut l = self.stream().launch_builder(self.function(name("dq")));
+            let func = self.function(name("dq"))?;
+            let mut l = self.stream().launch_builder(&func);
             l.arg(&outs[0].0).arg(&outs[0].1).arg(&outs[0].2);
             l.arg(dout).arg(lse).arg(&delta);
             l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
@@ -1139,7 +1148,8 @@ impl Gpu {
         let longs = [q_rs, kv.rows, kv.rs, kv.k_offset, kv.v_offset].map(|x| x as i64);
         let ints = [k_start, k_len].map(|x| x as i32);
         let (h32, d32) = (heads as i32, head_dim as i32);
-        let mut l = self.stream().launch_builder(self.function(kernel));
+        let func = self.function(kernel)?;
+        let mut l = self.stream().launch_builder(&func);
         l.arg(out).arg(q).arg(&longs[0]).arg(kv.data);
         l.arg(&longs[1])
             .arg(&longs[2])
