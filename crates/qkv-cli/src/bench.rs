@@ -79,7 +79,7 @@ enum DeviceArg {
 
 /// The GPU, or an error that says why there is none.
 fn open_gpu() -> Result<qkv::cuda::Gpu> {
-    Ok(qkv::cuda::Gpu::new(0).context("--device cuda")?)
+    qkv::cuda::Gpu::new(0).context("--device cuda")
 }
 
 #[derive(Clone, Copy, ValueEnum)]

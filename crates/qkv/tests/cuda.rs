@@ -814,3 +814,59 @@ fn a_kernel_given_short_buffers_is_a_shape_error() {
         "{err}"
     );
 }
+
+/// The optimizer step on the GPU against the CPU's, over a real model's parameter layout:
+/// clipping active, three steps; a non-finite gradient names its parameter and changes nothing.
+#[test]
+fn adamw_step_on_device_parameters_matches_the_cpu_optimizer() {
+    use qkv::cuda::params::{DeviceAdamW, DeviceParams};
+    use qkv::model::{Family, ModelConfig, Seq2Seq};
+    use qkv::optim::{AdamW, AdamWConfig};
+    let Some(g) = gpu() else { return };
+    let cfg = ModelConfig::preset("tiny", Family::Seq2seq, 50).unwrap();
+    let mut model = Seq2Seq::new(cfg, 1).unwrap();
+    let mut rng = Rng::new(12);
+    let n = model.params.data.len();
+    let config = AdamWConfig {
+        clip_norm: Some(0.5),
+        ..AdamWConfig::default()
+    };
+    let mut cpu = AdamW::new(config.clone(), n);
+    let mut dev = DeviceParams::upload(&g, &model.params).unwrap();
+    let mut dev_opt = DeviceAdamW::new(&g, config, n).unwrap();
+    for step in 0..3 {
+        let grad = random_vec(&mut rng, n, 0.1);
+        model.params.grad.copy_from_slice(&grad);
+        g.stream().memcpy_htod(&grad, &mut dev.grad).unwrap();
+        let want = cpu.step(&mut model.params, 1e-3).unwrap();
+        let got = dev_opt.step(&g, &mut dev, 1e-3).unwrap();
+        assert!(
+            (got - want).abs() <= 1e-5 * want,
+            "step {step}: norm {got} vs {want}"
+        );
+    }
+    let mut back = model.params.clone();
+    dev.download(&g, &mut back).unwrap();
+    assert_near(
+        "parameters after 3 steps",
+        &back.data,
+        &model.params.data,
+        1e-6,
+    );
+
+    let mut grad = vec![0.0f32; n];
+    let spec = &model.params.specs[5];
+    grad[spec.offset + 2] = f32::NAN;
+    g.stream().memcpy_htod(&grad, &mut dev.grad).unwrap();
+    let before = g.stream().clone_dtoh(&dev.data).unwrap();
+    let err = dev_opt.step(&g, &mut dev, 1e-3).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("gradient of {} (element 2)", spec.name)),
+        "{err}"
+    );
+    assert_eq!(
+        g.stream().clone_dtoh(&dev.data).unwrap(),
+        before,
+        "parameters changed"
+    );
+}

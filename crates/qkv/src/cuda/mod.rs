@@ -13,6 +13,7 @@
 mod blas;
 mod nvrtc;
 pub mod ops;
+pub mod params;
 
 pub use blas::Mode;
 

@@ -79,7 +79,7 @@ fn need(kernel: &'static str, bufs: &[(&str, usize, usize)]) -> Result<(), CudaE
 }
 
 fn rows_of(kernel: &'static str, len: usize, c: usize) -> Result<usize, CudaError> {
-    if c == 0 || len % c != 0 {
+    if c == 0 || !len.is_multiple_of(c) {
         return Err(CudaError::Shape {
             kernel,
             msg: format!("{len} elements are not rows of width {c}"),
