@@ -77,11 +77,6 @@ enum DeviceArg {
     Cuda,
 }
 
-/// The GPU, or an error that says why there is none.
-fn open_gpu() -> Result<qkv::cuda::Gpu> {
-    qkv::cuda::Gpu::new(0).context("--device cuda")
-}
-
 #[derive(Clone, Copy, ValueEnum)]
 enum AttentionKindArg {
     Flash,
@@ -235,14 +230,14 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
     if a.steps == 0 || a.m == 0 || a.k == 0 || a.n == 0 {
         bail!("--steps, --m, --k and --n must be positive");
     }
+    if a.packed && a.device == DeviceArg::Cuda {
+        bail!("--packed is the CPU's decoding product; not with --device cuda");
+    }
     if a.packed && (a.ta || !a.tb || !matches!(a.dtype, DtypeArg::F32)) {
         bail!("--packed multiplies by a packed x·Wᵀ operand: give --tb, without --ta, in f32");
     }
     if a.packed && !qkv::kernels::packed::available() {
         bail!("--packed needs AVX2 and FMA, which this CPU does not have");
-    }
-    if a.packed && a.device == DeviceArg::Cuda {
-        bail!("--packed is the CPU's decoding product; not with --device cuda");
     }
     let (times, device, dtype) = match a.device {
         DeviceArg::Cpu => (
@@ -261,9 +256,7 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
             effective_dtype(a.dtype),
         ),
         DeviceArg::Cuda => {
-            let gpu = open_gpu()?;
-            let t = bench::matmul_cuda(
-                &gpu,
+            let (t, device) = bench::matmul_cuda(
                 a.m,
                 a.k,
                 a.n,
@@ -272,12 +265,13 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
                 a.dtype.precision(),
                 a.steps,
                 a.warmup,
-            )?;
+            )
+            .context("--device cuda")?;
             let dtype = match a.dtype {
                 DtypeArg::Bf16 => "bf16",
                 _ => "tf32",
             };
-            (t, gpu.describe(), dtype)
+            (t, device, dtype)
         }
     };
     let ms = bench::median(&times);
@@ -372,10 +366,7 @@ fn attention(a: AttentionArgs, threads: usize) -> Result<()> {
     let base = peak_rss_mb();
     let (times, device) = match a.device {
         DeviceArg::Cpu => (bench::attention(&b)?, "cpu".to_string()),
-        DeviceArg::Cuda => {
-            let gpu = open_gpu()?;
-            (bench::attention_cuda(&gpu, &b)?, gpu.describe())
-        }
+        DeviceArg::Cuda => bench::attention_cuda(&b).context("--device cuda")?,
     };
     // The GPU has bf16 whatever the CPU has.
     let dtype = match a.device {

@@ -341,3 +341,44 @@ fn device_cuda_without_a_gpu_says_what_is_missing() {
         );
     }
 }
+
+/// Arguments the GPU path cannot take are refused before any GPU is looked for.
+#[test]
+fn device_cuda_refuses_what_it_cannot_run_before_opening_a_gpu() {
+    let packed: &[&str] = &[
+        "bench", "matmul", "--m", "8", "--k", "8", "--n", "8", "--tb", "--packed", "--device",
+        "cuda",
+    ];
+    let reference: &[&str] = &[
+        "bench",
+        "attention",
+        "--n",
+        "64",
+        "--kind",
+        "reference",
+        "--device",
+        "cuda",
+    ];
+    let bf16_backward: &[&str] = &[
+        "bench",
+        "attention",
+        "--n",
+        "64",
+        "--dtype",
+        "bf16",
+        "--backward",
+        "--device",
+        "cuda",
+    ];
+    for (args, want) in [
+        (packed, "not with --device cuda"),
+        (reference, "has no CUDA version"),
+        (bf16_backward, "forward only so far"),
+    ] {
+        let (ok, err) = qkv(args);
+        assert!(
+            !ok && err.contains(want) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -376,11 +376,11 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-/// [`matmul`] on a GPU (cuBLASLt): TF32 for f32, bf16 operands with f32 sums for bf16. Each
-/// call is timed from a drained stream to its completion, so launch cost is included.
+/// [`matmul`] on the first GPU (cuBLASLt): TF32 for f32, bf16 operands with f32 sums for bf16.
+/// Each call is timed from a drained stream to its completion, so launch cost is included.
+/// Returns the times and the device's description.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_cuda(
-    gpu: &crate::cuda::Gpu,
     m: usize,
     k: usize,
     n: usize,
@@ -389,7 +389,8 @@ pub fn matmul_cuda(
     precision: Precision,
     steps: usize,
     warmup: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(Vec<f64>, String)> {
+    let gpu = &crate::cuda::Gpu::new(0)?;
     let mut rng = Rng::new(5);
     let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
     let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
@@ -413,17 +414,18 @@ pub fn matmul_cuda(
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    Ok(times)
+    Ok((times, gpu.describe()))
 }
 
 fn cuda_err(e: cudarc::driver::DriverError) -> crate::error::Error {
     crate::cuda::CudaError::Driver(e).into()
 }
 
-/// [`attention`] on a GPU: the FlashAttention-2 kernels (flash or window only; f32 on CUDA
-/// cores, or the bf16 tensor-core forward), each call timed from a drained stream to its
-/// completion.
-pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<f64>> {
+/// [`attention`] on the first GPU: the FlashAttention-2 kernels (flash or window only; f32 on
+/// CUDA cores, or the bf16 tensor-core forward), each call timed from a drained stream to its
+/// completion. The arguments are checked before the GPU is opened. Returns the times and the
+/// device's description.
+pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
     use crate::cuda::ops::{DevHeads, DevHeadsMut};
     use crate::kernels::attention::AttentionShape;
     let window = match b.kernel {
@@ -448,6 +450,7 @@ pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<
             "attention bench: batch, heads, n, head_dim and steps must be positive".into(),
         ));
     }
+    let gpu = &crate::cuda::Gpu::new(0)?;
     let s = AttentionShape {
         batch: b.batch,
         heads: b.heads,
@@ -515,5 +518,5 @@ pub fn attention_cuda(gpu: &crate::cuda::Gpu, b: &AttentionBench) -> Result<Vec<
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    Ok(times)
+    Ok((times, gpu.describe()))
 }
