@@ -3,7 +3,7 @@
 # target/gpu/. CUDA's libraries come from the pip packages beside PyTorch (nvidia-*), the
 # driver from the system.
 #
-# Usage: scripts/gpu/run.sh [tests|bench]
+# Usage: scripts/gpu/run.sh [tests|bench|all]
 #   tests   every test binary, GPU tests required (QKV_REQUIRE_CUDA=1)
 #   bench   qkv and PyTorch alternating on the same GPU: the training step's products and
 #           attention at N 8192 (D 64, 8 heads), one JSON line each
@@ -28,38 +28,48 @@ PY
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
-what=${1:-tests}
-case "$what" in
-tests)
+# One failing command does not stop the rest (a device session is short): each failure is
+# reported as a JSON line, and the exit status says whether any failed.
+status=0
+run() {
+    "$@" || { status=1; printf '{"failed": "%s"}\n' "$*"; }
+}
+
+tests() {
     export QKV_REQUIRE_CUDA=1 QKV_REQUIRE_NVRTC=1
-    status=0
     for t in "$bin"/test-*; do
         echo "== $t"
-        "$t" --test-threads=1 || status=1
+        run "$t" --test-threads=1
     done
-    exit $status
-    ;;
-bench)
+}
+
+bench() {
     # The encoder step's products (B32·T64 = 2048 rows, d 256, ff 1024) and the base model's.
     for shape in "2048 256 768 --tb" "2048 1024 256 --tb" "2048 256 1024 --tb" \
                  "256 2048 768 --ta" "25000 512 2048 --tb"; do
         set -- $shape
         for dtype in f32 bf16; do
-            "$bin/qkv" bench matmul --device cuda --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
-            "$py" scripts/gpu/bench_torch.py matmul --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
+            run "$bin/qkv" bench matmul --device cuda --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
+            run "$py" scripts/gpu/bench_torch.py matmul --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
         done
     done
     for flags in "" "--causal" "--backward" "--causal --backward"; do
-        "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5
+        run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5
         case "$flags" in *backward*) ;; *)
-            "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5 --dtype bf16 ;;
+            run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5 --dtype bf16 ;;
         esac
-        "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5
-        "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5 --dtype bf16
+        run "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5
+        run "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5 --dtype bf16
     done
-    ;;
+}
+
+case "${1:-tests}" in
+tests) tests ;;
+bench) bench ;;
+all) tests; bench ;;
 *)
-    echo "unknown: $what (tests, bench)" >&2
+    echo "unknown: $1 (tests, bench, all)" >&2
     exit 2
     ;;
 esac
+exit $status
