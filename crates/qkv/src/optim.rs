@@ -84,12 +84,8 @@ impl AdamW {
     /// first parameter that holds one; the parameters are left untouched.
     pub fn step(&mut self, params: &mut Params, lr: f32) -> Result<f32> {
         let norm = grad_norm(params)?;
-        if let Some(max) = self.config.clip_norm {
-            // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), applied when < 1.
-            let coef = max / (norm + 1e-6);
-            if coef < 1.0 {
-                scale(&mut params.grad, coef);
-            }
+        if let Some(coef) = clip_coef(norm, self.config.clip_norm) {
+            scale(&mut params.grad, coef);
         }
         self.step += 1;
         let c = &self.config;
@@ -107,6 +103,13 @@ impl AdamW {
         );
         Ok(norm)
     }
+}
+
+/// The factor that clips gradients of norm `norm` to `max`, when they need it:
+/// torch.nn.utils.clip_grad_norm_'s `max / (norm + 1e-6)`, applied when below 1.
+pub fn clip_coef(norm: f32, max: Option<f32>) -> Option<f32> {
+    let coef = max? / (norm + 1e-6);
+    (coef < 1.0).then_some(coef)
 }
 
 /// Global L2 norm of all gradients; errors on NaN/Inf, naming the parameter.

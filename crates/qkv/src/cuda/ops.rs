@@ -4,7 +4,7 @@
 
 use std::marker::PhantomData;
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{blas, CudaError, Gpu, Mode};
 use crate::kernels::activation::Activation;
@@ -786,6 +786,36 @@ fn head_bound(kernel: &'static str, d: usize) -> Result<usize, CudaError> {
 /// Query rows per block of flash_forward and flash_backward_dq (FLASH_THREADS in flash.cu).
 const FLASH_THREADS: u32 = 64;
 
+/// What every flash kernel takes after its outputs, in flash.cu's order: the Q, K and V views,
+/// the key padding, the sizes and the masks.
+struct AttnArgs<'a> {
+    data: [&'a CudaSlice<f32>; 3],
+    views: [(i64, i64); 3],
+    pad: Option<CudaSlice<u8>>,
+    ints: [i32; 4],
+    masks: [i32; 2],
+    scale: f32,
+}
+
+impl<'a> AttnArgs<'a> {
+    fn push<'b>(&'b self, l: &mut LaunchArgs<'b>)
+    where
+        'a: 'b,
+    {
+        for (data, (rs, off)) in self.data.iter().zip(&self.views) {
+            l.arg(*data).arg(rs).arg(off);
+        }
+        match &self.pad {
+            Some(p) => l.arg(p),
+            None => l.arg(&NULL),
+        };
+        for x in self.ints.iter().chain(&self.masks) {
+            l.arg(x);
+        }
+        l.arg(&self.scale);
+    }
+}
+
 impl Gpu {
     /// The key-padding mask as bytes on the device (or a null pointer), and its length check.
     fn padding(
@@ -800,6 +830,28 @@ impl Gpu {
         need(kernel, &[("key padding", pad.len(), s.batch * s.k_len)])?;
         let bytes: Vec<u8> = pad[..s.batch * s.k_len].iter().map(|&p| p as u8).collect();
         Ok(Some(self.stream().clone_htod(&bytes)?))
+    }
+
+    /// The flash kernels' shared arguments, with the padding uploaded.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_args<'a>(
+        &self,
+        kernel: &'static str,
+        s: &AttentionShape,
+        q: DevHeads<'a>,
+        k: DevHeads<'a>,
+        v: DevHeads<'a>,
+        masks: &Masks,
+        scale: f32,
+    ) -> Result<AttnArgs<'a>, CudaError> {
+        Ok(AttnArgs {
+            data: [q.data, k.data, v.data],
+            views: [q, k, v].map(|x| (x.rs as i64, x.offset as i64)),
+            pad: self.padding(kernel, masks, s)?,
+            ints: [s.heads, s.q_len, s.k_len, s.head_dim].map(|x| x as i32),
+            masks: [masks.causal as i32, masks.window.unwrap_or(0) as i32],
+            scale,
+        })
     }
 
     fn check_attention(
@@ -833,7 +885,7 @@ impl Gpu {
     ) -> Result<(), CudaError> {
         let kernel = "flash_forward";
         let bound = self.check_attention(kernel, &s, &q, &k, &v)?;
-        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        let (b, h, tq, d) = (s.batch, s.heads, s.q_len, s.head_dim);
         need(
             kernel,
             &[
@@ -844,10 +896,7 @@ impl Gpu {
         if b * h * tq == 0 {
             return Ok(());
         }
-        let pad = self.padding(kernel, masks, &s)?;
-        let ints = [h, tq, tk, d].map(|x| x as i32);
-        let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
-        let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
+        let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
         let f = self.function(match bound {
             32 => "flash_forward_d32",
             64 => "flash_forward_d64",
@@ -855,17 +904,7 @@ impl Gpu {
         })?;
         let mut l = self.stream().launch_builder(&f);
         l.arg(out).arg(lse);
-        l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
-        l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
-        l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
-        match &pad {
-            Some(p) => l.arg(p),
-            None => l.arg(&NULL),
-        };
-        for x in &ints {
-            l.arg(x);
-        }
-        l.arg(&causal).arg(&window).arg(&scale);
+        args.push(&mut l);
         let cfg = LaunchConfig {
             grid_dim: (
                 tq.div_ceil(FLASH_THREADS as usize) as u32,
@@ -909,7 +948,7 @@ impl Gpu {
             }
         };
         self.check_attention(kernel, &s, &q, &k, &v)?;
-        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        let (b, h, tq, d) = (s.batch, s.heads, s.q_len, s.head_dim);
         need(
             kernel,
             &[
@@ -920,24 +959,11 @@ impl Gpu {
         if b * h * tq == 0 {
             return Ok(());
         }
-        let pad = self.padding(kernel, masks, &s)?;
-        let ints = [h, tq, tk, d].map(|x| x as i32);
-        let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
-        let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
+        let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
         let func = self.function(f)?;
         let mut l = self.stream().launch_builder(&func);
         l.arg(out).arg(lse);
-        l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
-        l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
-        l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
-        match &pad {
-            Some(p) => l.arg(p),
-            None => l.arg(&NULL),
-        };
-        for x in &ints {
-            l.arg(x);
-        }
-        l.arg(&causal).arg(&window).arg(&scale);
+        args.push(&mut l);
         let cfg = LaunchConfig {
             grid_dim: (tq.div_ceil(64) as u32, h as u32, b as u32),
             block_dim: (128, 1, 1),
@@ -984,7 +1010,7 @@ impl Gpu {
         if b * h == 0 || tq + tk == 0 {
             return Ok(());
         }
-        let pad = self.padding(kernel, masks, &s)?;
+        let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
         let mut delta = self.stream().alloc_zeros::<f32>((b * h * tq).max(1))?;
         let dims = [b, h, tq, d].map(|x| x as i32);
         if tq > 0 {
@@ -998,9 +1024,6 @@ impl Gpu {
             // (B, H, Tq).
             unsafe { l.launch(elementwise(b * h * tq)) }?;
         }
-        let ints = [h, tq, tk, d].map(|x| x as i32);
-        let (causal, window) = (masks.causal as i32, masks.window.unwrap_or(0) as i32);
-        let views = [q, k, v].map(|x| (x.rs as i64, x.offset as i64));
         let outs = [dq, dk, dv].map(|x| (x.ptr, x.rs as i64, x.offset as i64));
         let name = |stem: &str| -> &'static str {
             match (stem, bound) {
@@ -1018,17 +1041,7 @@ impl Gpu {
             l.arg(&outs[1].0).arg(&outs[1].1).arg(&outs[1].2);
             l.arg(&outs[2].0).arg(&outs[2].1).arg(&outs[2].2);
             l.arg(dout).arg(lse).arg(&delta);
-            l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
-            l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
-            l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
-            match &pad {
-                Some(p) => l.arg(p),
-                None => l.arg(&NULL),
-            };
-            for x in &ints {
-                l.arg(x);
-            }
-            l.arg(&causal).arg(&window).arg(&scale);
+            args.push(&mut l);
             let cfg = LaunchConfig {
                 grid_dim: (tk.div_ceil(32) as u32, h as u32, b as u32),
                 block_dim: (32, 1, 1),
@@ -1043,17 +1056,7 @@ impl Gpu {
             let mut l = self.stream().launch_builder(&func);
             l.arg(&outs[0].0).arg(&outs[0].1).arg(&outs[0].2);
             l.arg(dout).arg(lse).arg(&delta);
-            l.arg(q.data).arg(&views[0].0).arg(&views[0].1);
-            l.arg(k.data).arg(&views[1].0).arg(&views[1].1);
-            l.arg(v.data).arg(&views[2].0).arg(&views[2].1);
-            match &pad {
-                Some(p) => l.arg(p),
-                None => l.arg(&NULL),
-            };
-            for x in &ints {
-                l.arg(x);
-            }
-            l.arg(&causal).arg(&window).arg(&scale);
+            args.push(&mut l);
             let cfg = LaunchConfig {
                 grid_dim: (
                     tq.div_ceil(FLASH_THREADS as usize) as u32,

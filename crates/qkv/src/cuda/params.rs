@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{CudaError, Gpu};
 use crate::error::{Error, Result};
-use crate::optim::AdamWConfig;
+use crate::optim::{clip_coef, AdamWConfig};
 use crate::params::{ParamSpec, Params};
 
 /// A model's parameters and gradients on the GPU.
@@ -76,11 +76,8 @@ impl DeviceAdamW {
         if !norm.is_finite() {
             return Err(non_finite(gpu, params, norm)?);
         }
-        if let Some(max) = self.config.clip_norm {
-            let coef = max / (norm + 1e-6);
-            if coef < 1.0 {
-                gpu.scale(&mut params.grad, coef)?;
-            }
+        if let Some(coef) = clip_coef(norm, self.config.clip_norm) {
+            gpu.scale(&mut params.grad, coef)?;
         }
         self.step += 1;
         let c = &self.config;

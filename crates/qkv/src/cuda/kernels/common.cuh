@@ -73,3 +73,25 @@ __device__ __forceinline__ float act_derivative(int act, float x) {
                x * 0.3989422804014327f * expf(-0.5f * x * x);
     return 1.0f;
 }
+
+// Attention masks (kernels::attention::Masks) for the flash kernels.
+struct Visible {
+    int lo, hi;
+};
+
+// Keys [lo, hi) query i may see under the causal and window masks (Masks::visible): causal
+// hides keys after i; a window w > 0 keeps i−w+1..=i (causal) or |i − j| < w.
+__device__ __forceinline__ Visible visible(int i, int tk, int causal, int window) {
+    int hi = causal ? min(i + 1, tk) : tk;
+    int lo = 0;
+    if (window > 0) {
+        lo = max(0, i + 1 - window);
+        if (!causal) hi = min(hi, i + window);
+    }
+    return Visible{min(lo, hi), hi};
+}
+
+// Whether key j is visible and not padding (pad: (B, Tk) bytes, 1 = padding; null: none).
+__device__ __forceinline__ bool sees(Visible v, int j, const unsigned char* pad, int b, int tk) {
+    return j >= v.lo && j < v.hi && !(pad && pad[(u64)b * tk + j]);
+}

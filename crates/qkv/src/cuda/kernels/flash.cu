@@ -15,25 +15,6 @@
 #define FLASH_BQ 8   // queries per shared-memory tile (dK, dV)
 #define FLASH_THREADS 64  // query rows per block (forward, dQ); the launcher's block size
 
-struct Visible {
-    int lo, hi;
-};
-
-// Keys [lo, hi) query i may see under the causal and window masks (Masks::visible).
-__device__ __forceinline__ Visible visible(int i, int tk, int causal, int window) {
-    int hi = causal ? min(i + 1, tk) : tk;
-    int lo = 0;
-    if (window > 0) {
-        lo = max(0, i + 1 - window);
-        if (!causal) hi = min(hi, i + window);
-    }
-    return Visible{min(lo, hi), hi};
-}
-
-__device__ __forceinline__ bool sees(Visible v, int j, const unsigned char* pad, int b, int tk) {
-    return j >= v.lo && j < v.hi && !(pad && pad[(u64)b * tk + j]);
-}
-
 __device__ __forceinline__ u64 row_at(int b, int len, int t, long long rs, long long off, int h,
                                       int d) {
     return ((u64)b * len + t) * rs + off + (u64)h * d;

@@ -33,21 +33,6 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-struct TcVisible {
-    int lo, hi;
-};
-
-// Masks::visible, as in flash.cu.
-__device__ __forceinline__ TcVisible tc_visible(int i, int tk, int causal, int window) {
-    int hi = causal ? min(i + 1, tk) : tk;
-    int lo = 0;
-    if (window > 0) {
-        lo = max(0, i + 1 - window);
-        if (!causal) hi = min(hi, i + window);
-    }
-    return TcVisible{min(lo, hi), hi};
-}
-
 template <int D>
 __device__ void flash_forward_tc(float* out, float* lse, const float* q, long long q_rs,
                                  long long q_off, const float* k, long long k_rs,
@@ -82,12 +67,12 @@ __device__ void flash_forward_tc(float* out, float* lse, const float* q, long lo
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    TcVisible vis[2] = {tc_visible(min(rows[0], tq - 1), tk, causal, window),
-                        tc_visible(min(rows[1], tq - 1), tk, causal, window)};
+    Visible vis[2] = {visible(min(rows[0], tq - 1), tk, causal, window),
+                        visible(min(rows[1], tq - 1), tk, causal, window)};
 
     int first = blockIdx.x * TC_ROWS, last = min(tq, first + TC_ROWS) - 1;
-    int band_lo = tc_visible(first, tk, causal, window).lo;
-    int band_hi = tc_visible(last, tk, causal, window).hi;
+    int band_lo = visible(first, tk, causal, window).lo;
+    int band_hi = visible(last, tk, causal, window).hi;
     for (int j0 = band_lo - band_lo % TC_KEYS; j0 < band_hi; j0 += TC_KEYS) {
         __syncthreads();
         for (int e = threadIdx.x; e < TC_KEYS * D; e += blockDim.x) {
@@ -121,8 +106,7 @@ __device__ void flash_forward_tc(float* out, float* lse, const float* q, long lo
 #pragma unroll
             for (int f = 0; f < 4; f++) {
                 int ri = f >> 1, j = j0 + nt * 8 + 2 * t + (f & 1);
-                bool ok = rows[ri] < tq && j >= vis[ri].lo && j < vis[ri].hi &&
-                          !(pad && pad[(u64)b * tk + j]);
+                bool ok = rows[ri] < tq && sees(vis[ri], j, pad, b, tk);
                 s[nt][f] = ok ? s[nt][f] * scale : NEG_INF;
                 mx[ri] = fmaxf(mx[ri], s[nt][f]);
             }
