@@ -107,3 +107,43 @@ fn asking_for_a_gpu_without_one_is_an_error_not_a_panic() {
         Ok(_) => panic!("a GPU opened without a driver"),
     }
 }
+
+/// The tensor-core kernels keep their fragments in registers: ptxas's report (NVRTC with
+/// `--ptxas-options=-v`) shows no spills on sm_90. A change that makes them spill would slow
+/// them several times over without failing any other test here.
+#[test]
+fn tensor_core_kernels_do_not_spill_registers() {
+    use cudarc::nvrtc::result;
+    use std::ffi::{CStr, CString};
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let src = SOURCES.iter().find(|s| s.name == "flash_tc").unwrap();
+    let text = format!("{}\n{}", cuda::COMMON, src.text);
+    let text = CString::new(text).unwrap();
+    let prog = result::create_program(&text, None).unwrap();
+    let opts = [
+        "--gpu-architecture=sm_90".to_string(),
+        "--std=c++17".into(),
+        "--ptxas-options=-v".into(),
+    ];
+    // SAFETY: `prog` was just created; it is compiled, its log read, and destroyed once.
+    let log = unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let log = result::get_program_log(prog).unwrap();
+        let log = CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
+        result::destroy_program(prog).unwrap();
+        compiled.unwrap_or_else(|e| panic!("{e:?}\n{log}"));
+        log
+    };
+    for f in src.functions {
+        let at = log
+            .find(&format!("Function properties for {f}"))
+            .unwrap_or_else(|| panic!("no ptxas report for {f}:\n{log}"));
+        let report = log[at..].lines().nth(1).unwrap_or_default();
+        assert!(
+            report.contains(" 0 bytes spill stores"),
+            "{f} spills: {report}"
+        );
+    }
+}
