@@ -55,9 +55,7 @@ bench() {
     done
     for flags in "" "--causal" "--backward" "--causal --backward"; do
         run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5
-        case "$flags" in *backward*) ;; *)
-            run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5 --dtype bf16 ;;
-        esac
+        run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5 --dtype bf16
         run "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5
         run "$py" scripts/gpu/bench_torch.py attention --n 8192 $flags --steps 5 --dtype bf16
     done

@@ -114,7 +114,7 @@ pub struct AttentionArgs {
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Where the kernels run: the CPU, or the first NVIDIA GPU (flash and window; f32, or
-    /// the bf16 tensor-core forward).
+    /// bf16 on tensor cores).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
 }

@@ -359,21 +359,20 @@ fn device_cuda_refuses_what_it_cannot_run_before_opening_a_gpu() {
         "--device",
         "cuda",
     ];
-    let bf16_backward: &[&str] = &[
+    let linear: &[&str] = &[
         "bench",
         "attention",
         "--n",
         "64",
-        "--dtype",
-        "bf16",
-        "--backward",
+        "--kind",
+        "linear",
         "--device",
         "cuda",
     ];
     for (args, want) in [
         (packed, "not with --device cuda"),
         (reference, "has no CUDA version"),
-        (bf16_backward, "forward only so far"),
+        (linear, "has no CUDA version"),
     ] {
         let (ok, err) = qkv(args);
         assert!(

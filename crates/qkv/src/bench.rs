@@ -422,7 +422,7 @@ fn cuda_err(e: cudarc::driver::DriverError) -> crate::error::Error {
 }
 
 /// [`attention`] on the first GPU: the FlashAttention-2 kernels (flash or window only; f32 on
-/// CUDA cores, or the bf16 tensor-core forward), each call timed from a drained stream to its
+/// CUDA cores, or bf16 on tensor cores), each call timed from a drained stream to its
 /// completion. The arguments are checked before the GPU is opened. Returns the times and the
 /// device's description.
 pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
@@ -438,13 +438,6 @@ pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
         }
     };
     let tensor_cores = b.precision == Precision::Bf16;
-    if tensor_cores && b.backward {
-        return Err(crate::error::Error::Config(
-            "attention bench on the GPU: bf16 (tensor cores) has a forward only so far; the \
-             backward is f32 (drop --dtype bf16)"
-                .into(),
-        ));
-    }
     if b.batch == 0 || b.heads == 0 || b.n == 0 || b.head_dim == 0 || b.steps == 0 {
         return Err(crate::error::Error::Config(
             "attention bench: batch, heads, n, head_dim and steps must be positive".into(),
@@ -498,20 +491,14 @@ pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
             let [a] = DevHeadsMut::split(gpu, &mut dq, w, w, [0])?;
             let [c] = DevHeadsMut::split(gpu, &mut dk, w, w, [0])?;
             let [d] = DevHeadsMut::split(gpu, &mut dv, w, w, [0])?;
-            gpu.flash_backward(
-                &a,
-                &c,
-                &d,
-                &dout,
-                &out,
-                &lse,
-                view(&q),
-                view(&k),
-                view(&v),
-                s,
-                &masks,
-                scale,
-            )?;
+            let (qv, kv, vv) = (view(&q), view(&k), view(&v));
+            if tensor_cores {
+                gpu.flash_backward_bf16(
+                    &a, &c, &d, &dout, &out, &lse, qv, kv, vv, s, &masks, scale,
+                )?;
+            } else {
+                gpu.flash_backward(&a, &c, &d, &dout, &out, &lse, qv, kv, vv, s, &masks, scale)?;
+            }
         }
         gpu.synchronize()?;
         if i >= b.warmup {

@@ -792,6 +792,114 @@ fn tensor_core_flash_forward_matches_the_cpu_on_bf16_inputs() {
     }
 }
 
+/// The tensor-core backward against the CPU's f32 backward on bf16-rounded Q, K, V and dO:
+/// what remains is P's and dS's rounding to bf16 inside the products.
+#[test]
+fn tensor_core_flash_backward_matches_the_cpu_on_bf16_inputs() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(13);
+    let (batch, heads) = (2, 2);
+    let round = |x: Vec<f32>| x.into_iter().map(round_bf16).collect::<Vec<f32>>();
+    for (d, t) in [(32, 100), (64, 130)] {
+        let c = heads * d;
+        let shape = AttentionShape {
+            batch,
+            heads,
+            q_len: t,
+            k_len: t,
+            head_dim: d,
+        };
+        let qkv = round(random_vec(&mut rng, batch * t * 3 * c, 1.0));
+        let dout = round(random_vec(&mut rng, batch * t * c, 1.0));
+        let pad: Vec<bool> = (0..batch * t)
+            .map(|i| i / t == 1 && i % t >= t - 7)
+            .collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let maskings = [
+            Masks::default(),
+            Masks {
+                key_padding: Some(&pad),
+                ..Masks::default()
+            },
+            Masks {
+                causal: true,
+                ..Masks::default()
+            },
+            Masks {
+                causal: true,
+                window: Some(20),
+                key_padding: Some(&pad),
+            },
+        ];
+        let (gqkv, gdout) = (up(&g, &qkv), up(&g, &dout));
+        for masks in &maskings {
+            let view = |o| HeadsRef {
+                data: &qkv,
+                rs: 3 * c,
+                offset: o,
+            };
+            let (mut out, mut lse) = (vec![0.0; batch * t * c], vec![0.0; batch * heads * t]);
+            flash_forward(
+                &mut out,
+                &mut lse,
+                view(0),
+                view(c),
+                view(2 * c),
+                shape,
+                masks,
+                scale,
+            );
+            let mut dqkv = vec![0.0; batch * t * 3 * c];
+            {
+                let [dq, dk, dv] = HeadsMut::split(&mut dqkv, 3 * c, c, [0, c, 2 * c]);
+                flash_backward(
+                    &dq,
+                    &dk,
+                    &dv,
+                    &dout,
+                    &out,
+                    &lse,
+                    view(0),
+                    view(c),
+                    view(2 * c),
+                    shape,
+                    masks,
+                    scale,
+                );
+            }
+            // The saved forward from the CPU, so only the backward is compared.
+            let (gout, glse) = (up(&g, &out), up(&g, &lse));
+            let gview = |o| DevHeads {
+                data: &gqkv,
+                rs: 3 * c,
+                offset: o,
+            };
+            let mut gd = g.stream().alloc_zeros::<f32>(batch * t * 3 * c).unwrap();
+            {
+                let [dq, dk, dv] =
+                    DevHeadsMut::split(&g, &mut gd, 3 * c, c, [0, c, 2 * c]).unwrap();
+                g.flash_backward_bf16(
+                    &dq,
+                    &dk,
+                    &dv,
+                    &gdout,
+                    &gout,
+                    &glse,
+                    gview(0),
+                    gview(c),
+                    gview(2 * c),
+                    shape,
+                    masks,
+                    scale,
+                )
+                .unwrap();
+            }
+            let what = format!("tensor-core flash dqkv, d {d}, {masks:?}");
+            assert_near(&what, &down(&g, &gd), &dqkv, 3e-2);
+        }
+    }
+}
+
 #[test]
 fn a_kernel_given_short_buffers_is_a_shape_error() {
     let Some(g) = gpu() else { return };

@@ -95,6 +95,9 @@ pub const SOURCES: &[Source] = &[
             "flash_forward_tc_d32",
             "flash_forward_tc_d64",
             "flash_forward_tc_d128",
+            "flash_backward_tc_d32",
+            "flash_backward_tc_d64",
+            "flash_dq_scatter",
         ],
     },
     Source {

@@ -975,6 +975,102 @@ impl Gpu {
         Ok(())
     }
 
+    /// Flash attention's backward on tensor cores: [`Gpu::flash_backward`] with Q, K, V, dO,
+    /// P and dS rounded to bf16 for the products (f32 sums); dQ is summed with f32 atomics.
+    /// Head widths 32 and 64.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_backward_bf16(
+        &self,
+        dq: &DevHeadsMut,
+        dk: &DevHeadsMut,
+        dv: &DevHeadsMut,
+        dout: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        q: DevHeads,
+        k: DevHeads,
+        v: DevHeads,
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) -> Result<(), CudaError> {
+        let kernel = "flash_backward_bf16";
+        let f = match s.head_dim {
+            32 => "flash_backward_tc_d32",
+            64 => "flash_backward_tc_d64",
+            d => {
+                return Err(CudaError::Shape {
+                    kernel,
+                    msg: format!("head width {d}: the tensor-core backward takes 32 or 64"),
+                })
+            }
+        };
+        self.check_attention(kernel, &s, &q, &k, &v)?;
+        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        need(
+            kernel,
+            &[
+                ("dout", dout.len(), b * tq * h * d),
+                ("out", out.len(), b * tq * h * d),
+                ("lse", lse.len(), b * h * tq),
+            ],
+        )?;
+        for (name, x, len) in [("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tk)] {
+            check_view(kernel, name, (x.len, x.rs, x.offset), b, len, h, d)?;
+        }
+        if b * h == 0 || tq == 0 || tk == 0 {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: "empty queries or keys: use flash_backward".into(),
+            });
+        }
+        let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
+        let rows = b * h * tq;
+        let mut delta = self.stream().alloc_zeros::<f32>(rows)?;
+        let mut dq_acc = self.stream().alloc_zeros::<f32>(rows * d)?;
+        let dims = [b, h, tq, d].map(|x| x as i32);
+        let func = self.function("flash_delta")?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&mut delta).arg(dout).arg(out);
+        for x in &dims {
+            l.arg(x);
+        }
+        // SAFETY: matches flash.cu's flash_delta; dout and out hold (B, Tq, H·D), delta
+        // (B, H, Tq).
+        unsafe { l.launch(elementwise(rows)) }?;
+
+        let outs = [dk, dv].map(|x| (x.ptr, x.rs as i64, x.offset as i64));
+        let func = self.function(f)?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&mut dq_acc);
+        for o in &outs {
+            l.arg(&o.0).arg(&o.1).arg(&o.2);
+        }
+        l.arg(dout).arg(lse).arg(&delta);
+        args.push(&mut l);
+        let cfg = LaunchConfig {
+            grid_dim: (tk.div_ceil(64) as u32, h as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches flash_tc.cu's backward entry for this head width (4 warps, 64 keys per
+        // block); dk and dv are disjoint views checked against (B, Tk, H, D), dq_acc holds
+        // (B, H, Tq, D), the inputs as in forward.
+        unsafe { l.launch(cfg) }?;
+
+        let (dq_rs, dq_off) = (dq.rs as i64, dq.offset as i64);
+        let func = self.function("flash_dq_scatter")?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&dq.ptr).arg(&dq_rs).arg(&dq_off).arg(&dq_acc);
+        for x in &dims {
+            l.arg(x);
+        }
+        // SAFETY: matches flash_tc.cu's flash_dq_scatter; dq was checked against
+        // (B, Tq, H, D) and dq_acc holds (B, H, Tq, D).
+        unsafe { l.launch(elementwise(rows * d)) }?;
+        Ok(())
+    }
+
     /// [`crate::kernels::flash::flash_backward`]: overwrites dq, dk, dv (views that may share
     /// one buffer). dout, out: (B, Tq, H·D); lse from [`Gpu::flash_forward`].
     #[allow(clippy::too_many_arguments)]
