@@ -832,6 +832,58 @@ impl Gpu {
         Ok(Some(self.stream().clone_htod(&bytes)?))
     }
 
+    /// A backward's checks: the inputs as forward's, the gradient views, and dout, out and lse
+    /// (B, Tq, H·D), (B, Tq, H·D) and (B, H, Tq). Returns the head-width bound.
+    fn check_backward(
+        &self,
+        kernel: &'static str,
+        s: &AttentionShape,
+        [q, k, v]: [DevHeads; 3],
+        grads: [&DevHeadsMut; 3],
+        [dout, out, lse]: [&CudaSlice<f32>; 3],
+    ) -> Result<usize, CudaError> {
+        let bound = self.check_attention(kernel, s, &q, &k, &v)?;
+        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
+        need(
+            kernel,
+            &[
+                ("dout", dout.len(), b * tq * h * d),
+                ("out", out.len(), b * tq * h * d),
+                ("lse", lse.len(), b * h * tq),
+            ],
+        )?;
+        let [dq, dk, dv] = grads;
+        for (name, x, len) in [("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tk)] {
+            check_view(kernel, name, (x.len, x.rs, x.offset), b, len, h, d)?;
+        }
+        Ok(bound)
+    }
+
+    /// FlashAttention-2's D = rowsum(dO ∘ O), (B, H, Tq): what every backward kernel reads.
+    fn flash_delta(
+        &self,
+        dout: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        s: &AttentionShape,
+    ) -> Result<CudaSlice<f32>, CudaError> {
+        let rows = s.batch * s.heads * s.q_len;
+        let mut delta = self.stream().alloc_zeros::<f32>(rows.max(1))?;
+        if rows == 0 {
+            return Ok(delta);
+        }
+        let dims = [s.batch, s.heads, s.q_len, s.head_dim].map(|x| x as i32);
+        let func = self.function("flash_delta")?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&mut delta).arg(dout).arg(out);
+        for x in &dims {
+            l.arg(x);
+        }
+        // SAFETY: matches flash.cu's flash_delta; the callers checked dout and out against
+        // (B, Tq, H·D); delta holds (B, H, Tq).
+        unsafe { l.launch(elementwise(rows)) }?;
+        Ok(delta)
+    }
+
     /// The flash kernels' shared arguments, with the padding uploaded.
     #[allow(clippy::too_many_arguments)]
     fn attn_args<'a>(
@@ -884,40 +936,13 @@ impl Gpu {
         scale: f32,
     ) -> Result<(), CudaError> {
         let kernel = "flash_forward";
-        let bound = self.check_attention(kernel, &s, &q, &k, &v)?;
-        let (b, h, tq, d) = (s.batch, s.heads, s.q_len, s.head_dim);
-        need(
-            kernel,
-            &[
-                ("out", out.len(), b * tq * h * d),
-                ("lse", lse.len(), b * h * tq),
-            ],
-        )?;
-        if b * h * tq == 0 {
-            return Ok(());
-        }
-        let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
-        let f = self.function(match bound {
+        let f = match head_bound(kernel, s.head_dim)? {
             32 => "flash_forward_d32",
             64 => "flash_forward_d64",
             _ => "flash_forward_d128",
-        })?;
-        let mut l = self.stream().launch_builder(&f);
-        l.arg(out).arg(lse);
-        args.push(&mut l);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                tq.div_ceil(FLASH_THREADS as usize) as u32,
-                h as u32,
-                b as u32,
-            ),
-            block_dim: (FLASH_THREADS, 1, 1),
-            shared_mem_bytes: 0,
         };
-        // SAFETY: matches flash.cu's flash_forward entry; the views, out, lse and the padding
-        // were checked against the shape above, and d ≤ the entry's bound.
-        unsafe { l.launch(cfg) }?;
-        Ok(())
+        let block = (FLASH_THREADS as usize, FLASH_THREADS);
+        self.forward_with(kernel, f, block, out, lse, q, k, v, s, masks, scale)
     }
 
     /// Flash attention's forward on tensor cores: [`Gpu::flash_forward`] with Q, K, V and P
@@ -947,6 +972,27 @@ impl Gpu {
                 })
             }
         };
+        // 4 warps, 16 query rows each.
+        self.forward_with(kernel, f, (64, 128), out, lse, q, k, v, s, masks, scale)
+    }
+
+    /// Checks and launches forward kernel `f` (flash.cu's or flash_tc.cu's argument list),
+    /// one block of `threads` threads per `rows` query rows of a head.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        kernel: &'static str,
+        f: &'static str,
+        (rows, threads): (usize, u32),
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        q: DevHeads,
+        k: DevHeads,
+        v: DevHeads,
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) -> Result<(), CudaError> {
         self.check_attention(kernel, &s, &q, &k, &v)?;
         let (b, h, tq, d) = (s.batch, s.heads, s.q_len, s.head_dim);
         need(
@@ -965,12 +1011,14 @@ impl Gpu {
         l.arg(out).arg(lse);
         args.push(&mut l);
         let cfg = LaunchConfig {
-            grid_dim: (tq.div_ceil(64) as u32, h as u32, b as u32),
-            block_dim: (128, 1, 1),
+            grid_dim: (tq.div_ceil(rows) as u32, h as u32, b as u32),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches flash_tc.cu's entry for this head width (4 warps, 64 query rows per
-        // block); the views, out, lse and the padding were checked against the shape above.
+        // SAFETY: `f` takes (out, lse) and then the shared attention arguments; the views, out,
+        // lse and the padding were checked against the shape above, the head width against
+        // the kernel's (the callers' choice of `f`), and each kernel's block covers `rows`
+        // query rows with `threads` threads, as launched.
         unsafe { l.launch(cfg) }?;
         Ok(())
     }
@@ -1005,19 +1053,8 @@ impl Gpu {
                 })
             }
         };
-        self.check_attention(kernel, &s, &q, &k, &v)?;
+        self.check_backward(kernel, &s, [q, k, v], [dq, dk, dv], [dout, out, lse])?;
         let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
-        need(
-            kernel,
-            &[
-                ("dout", dout.len(), b * tq * h * d),
-                ("out", out.len(), b * tq * h * d),
-                ("lse", lse.len(), b * h * tq),
-            ],
-        )?;
-        for (name, x, len) in [("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tk)] {
-            check_view(kernel, name, (x.len, x.rs, x.offset), b, len, h, d)?;
-        }
         if b * h == 0 || tq == 0 || tk == 0 {
             return Err(CudaError::Shape {
                 kernel,
@@ -1026,18 +1063,9 @@ impl Gpu {
         }
         let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
         let rows = b * h * tq;
-        let mut delta = self.stream().alloc_zeros::<f32>(rows)?;
+        let delta = self.flash_delta(dout, out, &s)?;
         let mut dq_acc = self.stream().alloc_zeros::<f32>(rows * d)?;
         let dims = [b, h, tq, d].map(|x| x as i32);
-        let func = self.function("flash_delta")?;
-        let mut l = self.stream().launch_builder(&func);
-        l.arg(&mut delta).arg(dout).arg(out);
-        for x in &dims {
-            l.arg(x);
-        }
-        // SAFETY: matches flash.cu's flash_delta; dout and out hold (B, Tq, H·D), delta
-        // (B, H, Tq).
-        unsafe { l.launch(elementwise(rows)) }?;
 
         let outs = [dk, dv].map(|x| (x.ptr, x.rs as i64, x.offset as i64));
         let func = self.function(f)?;
@@ -1090,36 +1118,13 @@ impl Gpu {
         scale: f32,
     ) -> Result<(), CudaError> {
         let kernel = "flash_backward";
-        let bound = self.check_attention(kernel, &s, &q, &k, &v)?;
-        let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
-        need(
-            kernel,
-            &[
-                ("dout", dout.len(), b * tq * h * d),
-                ("out", out.len(), b * tq * h * d),
-                ("lse", lse.len(), b * h * tq),
-            ],
-        )?;
-        for (name, x, len) in [("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tk)] {
-            check_view(kernel, name, (x.len, x.rs, x.offset), b, len, h, d)?;
-        }
+        let bound = self.check_backward(kernel, &s, [q, k, v], [dq, dk, dv], [dout, out, lse])?;
+        let (b, h, tq, tk) = (s.batch, s.heads, s.q_len, s.k_len);
         if b * h == 0 || tq + tk == 0 {
             return Ok(());
         }
         let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
-        let mut delta = self.stream().alloc_zeros::<f32>((b * h * tq).max(1))?;
-        let dims = [b, h, tq, d].map(|x| x as i32);
-        if tq > 0 {
-            let func = self.function("flash_delta")?;
-            let mut l = self.stream().launch_builder(&func);
-            l.arg(&mut delta).arg(dout).arg(out);
-            for x in &dims {
-                l.arg(x);
-            }
-            // SAFETY: matches flash.cu's flash_delta; dout and out hold (B, Tq, H·D), delta
-            // (B, H, Tq).
-            unsafe { l.launch(elementwise(b * h * tq)) }?;
-        }
+        let delta = self.flash_delta(dout, out, &s)?;
         let outs = [dq, dk, dv].map(|x| (x.ptr, x.rs as i64, x.offset as i64));
         let name = |stem: &str| -> &'static str {
             match (stem, bound) {
