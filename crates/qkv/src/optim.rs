@@ -118,17 +118,23 @@ pub fn grad_norm(params: &Params) -> Result<f32> {
     if norm.is_finite() {
         return Ok(norm);
     }
-    for s in &params.specs {
-        let g = &params.grad[s.offset..s.offset + s.len];
+    Err(non_finite_gradient(&params.specs, &params.grad, norm))
+}
+
+/// The error for a gradient whose norm is `norm` (not finite): names the first parameter that
+/// holds a NaN or infinity, and its element. `grad` is in the specs' flat layout.
+pub fn non_finite_gradient(specs: &[crate::params::ParamSpec], grad: &[f32], norm: f32) -> Error {
+    for s in specs {
+        let g = &grad[s.offset..s.offset + s.len];
         if let Some(i) = g.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
+            return Error::NonFinite {
                 what: format!("gradient of {} (element {i})", s.name),
                 value: g[i],
-            });
+            };
         }
     }
-    Err(Error::NonFinite {
+    Error::NonFinite {
         what: "gradient norm".into(),
         value: norm,
-    })
+    }
 }

@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{CudaError, Gpu};
 use crate::error::{Error, Result};
-use crate::optim::{clip_coef, AdamWConfig};
+use crate::optim::{clip_coef, non_finite_gradient, AdamWConfig};
 use crate::params::{ParamSpec, Params};
 
 /// A model's parameters and gradients on the GPU.
@@ -101,17 +101,5 @@ impl DeviceAdamW {
 /// name the parameter, as [`crate::optim::grad_norm`] does.
 fn non_finite(gpu: &Gpu, params: &DeviceParams, norm: f32) -> Result<Error, CudaError> {
     let grad = gpu.stream().clone_dtoh(&params.grad)?;
-    for s in &params.specs {
-        let g = &grad[s.offset..s.offset + s.len];
-        if let Some(i) = g.iter().position(|v| !v.is_finite()) {
-            return Ok(Error::NonFinite {
-                what: format!("gradient of {} (element {i})", s.name),
-                value: g[i],
-            });
-        }
-    }
-    Ok(Error::NonFinite {
-        what: "gradient norm".into(),
-        value: norm,
-    })
+    Ok(non_finite_gradient(&params.specs, &grad, norm))
 }
