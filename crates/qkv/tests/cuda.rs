@@ -597,8 +597,10 @@ fn bf16_products_equal_f32_products_of_the_rounded_operands() {
 }
 
 /// Decoding's one-query attention over a cache of (K | V) rows, with beam rows sharing blocks,
-/// a window of keys and padding (one row fully masked: zeros).
+/// a window of keys, padding (one row fully masked: zeros) and rows at different positions
+/// (continuous batching).
 #[test]
+#[allow(clippy::single_range_in_vec_init)] // one key range for every row, as decoding passes
 fn one_query_attention_over_the_cache_matches_the_cpu() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(10);
@@ -611,11 +613,13 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
     let mut pad = vec![false; blocks * rows];
     pad[rows + 3..2 * rows].iter_mut().for_each(|p| *p = true);
     let gkv = up(&g, &kv);
-    for (k_start, k_len, padding) in [
-        (0, 1, None),
-        (0, 50, None),
-        (2, 41, Some(&pad[..])),
-        (3, 50, Some(&pad[..])),
+    let per_row = [0..7, 0..50, 1..2, 4..30, 0..1, 10..49];
+    for (keys, padding) in [
+        (&[0..1][..], None),
+        (&[0..50], None),
+        (&[2..41], Some(&pad[..])),
+        (&[3..50], Some(&pad[..])),
+        (&per_row, Some(&pad[..])),
     ] {
         let mut want = vec![0.0; block.len() * w];
         let cpu = KvBlocks {
@@ -626,7 +630,7 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
             v_offset: 4 + w,
         };
         attention_one_query(
-            &mut want, &q, q_rs, cpu, &block, k_start, k_len, padding, heads, d, 0.125,
+            &mut want, &q, q_rs, cpu, &block, keys, padding, heads, d, 0.125,
         );
         let mut out = g.stream().alloc_zeros::<f32>(block.len() * w).unwrap();
         let dev = DevKvBlocks {
@@ -642,8 +646,7 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
             q_rs,
             dev,
             &block,
-            k_start,
-            k_len,
+            keys,
             padding,
             heads,
             d,
@@ -651,7 +654,7 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
         )
         .unwrap();
         assert_near(
-            &format!("one-query attention, keys {k_start}..{k_len}"),
+            &format!("one-query attention, keys {keys:?}"),
             &down(&g, &out),
             &want,
             1e-5,
@@ -672,8 +675,7 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
             q_rs,
             dev,
             &[0, 3],
-            0,
-            5,
+            &[0..5],
             None,
             heads,
             d,

@@ -3,6 +3,7 @@
 //! as [`CudaError::Shape`]; a launch never reads or writes outside a buffer.
 
 use std::marker::PhantomData;
+use std::ops::Range;
 
 use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -1188,8 +1189,8 @@ pub struct DevKvBlocks<'a> {
 
 impl Gpu {
     /// [`crate::kernels::attention::attention_one_query`]: query row r (row stride `q_rs`)
-    /// against keys `k_start..k_len` of block `block[r]`. out: (R, H·D); `block` and padding
-    /// (blocks, rows) on the host, as decoding holds them.
+    /// against keys `keys[r]` (or `keys[0]` for every row) of block `block[r]`. out: (R, H·D);
+    /// `block`, `keys` and padding (blocks, rows) on the host, as decoding holds them.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_one_query(
         &self,
@@ -1198,8 +1199,7 @@ impl Gpu {
         q_rs: usize,
         kv: DevKvBlocks,
         block: &[usize],
-        k_start: usize,
-        k_len: usize,
+        keys: &[Range<usize>],
         padding: Option<&[bool]>,
         heads: usize,
         head_dim: usize,
@@ -1207,16 +1207,25 @@ impl Gpu {
     ) -> Result<(), CudaError> {
         let kernel = "attention_one_query";
         let (r, w) = (block.len(), heads * head_dim);
-        if !(k_start < k_len && k_len <= kv.rows) {
+        if keys.len() != 1 && keys.len() != r {
             return Err(CudaError::Shape {
                 kernel,
-                msg: format!("keys {k_start}..{k_len} of blocks of {} rows", kv.rows),
+                msg: format!(
+                    "{} key ranges for {r} rows (one, or one per row)",
+                    keys.len()
+                ),
+            });
+        }
+        if let Some(k) = keys.iter().find(|k| !(k.start < k.end && k.end <= kv.rows)) {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("keys {k:?} of blocks of {} rows", kv.rows),
             });
         }
         if r == 0 {
             return Ok(());
         }
-        let n = k_len - k_start;
+        let n = keys.iter().map(|k| k.end - k.start).max().unwrap_or(0);
         if n > 12 * 1024 {
             return Err(CudaError::Shape {
                 kernel,
@@ -1241,6 +1250,11 @@ impl Gpu {
         }
         let block: Vec<u32> = block.iter().map(|&b| b as u32).collect();
         let block = self.stream().clone_htod(&block)?;
+        let spans: Vec<i32> = (0..r)
+            .map(|i| &keys[if keys.len() == 1 { 0 } else { i }])
+            .flat_map(|k| [k.start as i32, k.end as i32])
+            .collect();
+        let spans = self.stream().clone_htod(&spans)?;
         let pad = match padding {
             Some(p) => {
                 need(kernel, &[("padding", p.len(), blocks * kv.rows)])?;
@@ -1250,7 +1264,6 @@ impl Gpu {
             None => None,
         };
         let longs = [q_rs, kv.rows, kv.rs, kv.k_offset, kv.v_offset].map(|x| x as i64);
-        let ints = [k_start, k_len].map(|x| x as i32);
         let (h32, d32) = (heads as i32, head_dim as i32);
         let func = self.function(kernel)?;
         let mut l = self.stream().launch_builder(&func);
@@ -1259,7 +1272,7 @@ impl Gpu {
             .arg(&longs[2])
             .arg(&longs[3])
             .arg(&longs[4]);
-        l.arg(&block).arg(&ints[0]).arg(&ints[1]);
+        l.arg(&block).arg(&spans);
         match &pad {
             Some(p) => l.arg(p),
             None => l.arg(&NULL),
@@ -1271,8 +1284,8 @@ impl Gpu {
             shared_mem_bytes: (n * 4) as u32,
         };
         // SAFETY: matches decode.cu; out, q and the row layout checked above, every block index
-        // is inside the cache, keys k_start..k_len lie inside a block, and the scores fit the
-        // dynamic shared memory asked for.
+        // is inside the cache, every row's keys lie inside a block, and the longest row's
+        // scores fit the dynamic shared memory asked for.
         unsafe { l.launch(cfg) }?;
         Ok(())
     }

@@ -12,6 +12,7 @@ use super::Acc;
 use crate::simd;
 use rayon::prelude::*;
 use std::marker::PhantomData;
+use std::ops::Range;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -286,10 +287,12 @@ pub struct KvBlocks<'a> {
     pub v_offset: usize,
 }
 
-/// One query per row against keys `k_start..k_len` of its block (incremental decoding, where the
+/// One query per row against keys `keys[r]` of its block (incremental decoding, where the
 /// query is the newest position): `out[r] = softmax(q[r]·K[block[r]]ᵀ · scale) V[block[r]]`.
 /// out: (R, H·D); q: (R, ·) with row stride `q_rs`; `block[r]` picks row r's key/value block
-/// (beam hypotheses of one source share its cross-attention block); padding: (blocks, rows).
+/// (beam hypotheses of one source share its cross-attention block); `keys`: one range for
+/// every row, or one per row (rows of one cache may be at different positions, and sources
+/// of different lengths); padding: (blocks, rows).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_one_query(
     out: &mut [f32],
@@ -297,20 +300,25 @@ pub fn attention_one_query(
     q_rs: usize,
     kv: KvBlocks,
     block: &[usize],
-    k_start: usize,
-    k_len: usize,
+    keys: &[Range<usize>],
     padding: Option<&[bool]>,
     heads: usize,
     head_dim: usize,
     scale: f32,
 ) {
     let (w, d) = (heads * head_dim, head_dim);
-    assert!(k_start < k_len && k_len <= kv.rows && out.len() >= block.len() * w);
+    assert!(keys.len() == 1 || keys.len() == block.len());
+    assert!(keys.iter().all(|k| k.start < k.end && k.end <= kv.rows));
+    assert!(out.len() >= block.len() * w);
     out[..block.len() * w]
         .par_chunks_mut(w)
         .zip(block.par_iter())
         .enumerate()
         .for_each_init(Vec::new, |scores, (r, (o, &blk))| {
+            let Range {
+                start: k_start,
+                end: k_len,
+            } = keys[if keys.len() == 1 { 0 } else { r }];
             let n = k_len - k_start;
             scores.resize(n, 0.0);
             let base = (blk * kv.rows + k_start) * kv.rs;

@@ -19,6 +19,7 @@ use crate::kernels::linear_attention::{
 };
 use crate::kernels::Acc;
 use crate::params::ParamBuilder;
+use std::ops::Range;
 
 /// The masks of the last forward, owned, because the fused kernels apply them again in backward.
 #[derive(Clone, Debug, Default)]
@@ -67,6 +68,8 @@ struct Core {
     masks: SavedMasks,
     /// Shape and kernel of the last forward.
     last: Option<(AttentionShape, AttentionKind)>,
+    /// A decoding step's keys: one range for every row, or one per row.
+    spans: Vec<Range<usize>>,
 }
 
 #[derive(Clone, Debug)]
@@ -450,8 +453,20 @@ impl SelfAttention {
             return &self.core.out[..r * c];
         }
         for row in 0..r {
-            let dst = (ctx.own[row] * kv.rows + ctx.pos) * 2 * c;
+            let dst = (ctx.own[row] * kv.rows + ctx.pos[row]) * 2 * c;
             kv.data[dst..dst + 2 * c].copy_from_slice(&qkv[row * 3 * c + c..(row + 1) * 3 * c]);
+        }
+        let window = self.window;
+        let keys = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1;
+        self.core.spans.clear();
+        match ctx.pos {
+            [first, rest @ ..] if rest.iter().any(|p| p != first) => {
+                self.core.spans.extend(ctx.pos.iter().map(|&p| keys(p)))
+            }
+            _ => self
+                .core
+                .spans
+                .push(keys(ctx.pos.first().copied().unwrap_or(0))),
         }
         let blocks = KvBlocks {
             data: &kv.data,
@@ -462,15 +477,13 @@ impl SelfAttention {
         };
         let ctx_buf = buf(&mut self.core.ctx, r * c);
         let scale = 1.0 / (d as f32).sqrt();
-        let start = self.window.map_or(0, |w| (ctx.pos + 1).saturating_sub(w));
         attention_one_query(
             ctx_buf,
             &self.qkv_buf,
             3 * c,
             blocks,
             ctx.own,
-            start,
-            ctx.pos + 1,
+            &self.core.spans,
             None,
             self.heads,
             d,
@@ -509,6 +522,14 @@ impl CrossAttention {
         };
         let d = c / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
+        // Sources absorbed from a batch of shorter ones hold fewer keys than their blocks.
+        self.core.spans.clear();
+        if ctx.src_len.iter().any(|&s| s != kv.rows) {
+            let keys = ctx.source_of.iter().map(|&b| 0..ctx.src_len[b]);
+            self.core.spans.extend(keys);
+        } else {
+            self.core.spans.push(0..kv.rows);
+        }
         let ctx_buf = buf(&mut self.core.ctx, r * c);
         attention_one_query(
             ctx_buf,
@@ -516,8 +537,7 @@ impl CrossAttention {
             c,
             blocks,
             ctx.source_of,
-            0,
-            kv.rows,
+            &self.core.spans,
             Some(ctx.src_padding),
             self.heads,
             d,

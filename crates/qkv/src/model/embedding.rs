@@ -3,7 +3,7 @@
 //! (`with_token_types`, `with_norm`).
 
 use super::{buf, config::Positional, norm::LayerNorm, Mode, Tokens};
-use crate::error::{Error, Result};
+use crate::error::{shape_err, Error, Result};
 use crate::kernels::dropout::{self, Dropout};
 use crate::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
 use crate::kernels::Acc;
@@ -220,13 +220,21 @@ impl Embedding {
 
 impl Embedding {
     /// Incremental decoding: ids (R) at position `pos` → (R, C), no dropout.
-    pub fn step(&mut self, p: &[f32], ids: &[u32], pos: usize) -> Result<&[f32]> {
+    pub fn step(&mut self, p: &[f32], ids: &[u32], pos: &[usize]) -> Result<&[f32]> {
         let one = Tokens::new(ids, ids.len(), 1)?;
         one.check_vocab(self.input, self.vocab())?;
-        if pos >= self.max_len {
+        if pos.len() != ids.len() {
+            return Err(shape_err(
+                "decoding step positions",
+                format!("{} (one per token)", ids.len()),
+                pos.len(),
+            ));
+        }
+        let last = pos.iter().copied().max().unwrap_or(0);
+        if last >= self.max_len {
             return Err(Error::SequenceTooLong {
                 input: self.input,
-                len: pos + 1,
+                len: last + 1,
                 max_len: self.max_len,
             });
         }
@@ -236,17 +244,19 @@ impl Embedding {
             PositionTable::Learned(pp) => pp.of(p),
         };
         let out = buf(&mut self.out, ids.len() * c);
-        // Every row is at `pos`: a table of one position starting there, with T = 1.
-        embedding_forward(
-            out,
-            ids,
-            self.table.of(p),
-            &pos_rows[pos * c..],
-            self.scale,
-            1,
-            c,
-            None,
-        );
+        let (table, scale) = (self.table.of(p), self.scale);
+        // T = 1: a table of one position, starting at the rows' position.
+        let embed = |out: &mut [f32], ids: &[u32], at: usize| {
+            embedding_forward(out, ids, table, &pos_rows[at * c..], scale, 1, c, None)
+        };
+        if pos.windows(2).all(|w| w[0] == w[1]) {
+            embed(out, ids, pos.first().copied().unwrap_or(0));
+        } else {
+            // An absorbing cache's rows are at different positions.
+            for (r, &at) in pos.iter().enumerate() {
+                embed(&mut out[r * c..(r + 1) * c], &ids[r..r + 1], at);
+            }
+        }
         self.drop = None;
         self.finish(p, ids.len() * c);
         Ok(&self.out[..ids.len() * c])

@@ -4,6 +4,9 @@
 //!
 //! Rows are what is being decoded (batch × beam). Beam search reorders rows with
 //! [`KvCache::reorder`]; the cross-attention blocks stay per source and rows point at them.
+//! Rows need not be at the same position: [`KvCache::absorb`] adds the rows of a freshly
+//! started cache to one whose rows are part-way through their outputs (continuous batching:
+//! a batch's last, longest outputs are decoded together with the next batch's first tokens).
 
 use super::embedding::Embedding;
 use super::linear::project_out;
@@ -36,8 +39,11 @@ impl LayerKv {
 
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    /// Positions decoded so far; the next token goes to position `len`.
+    /// Steps taken; for a cache whose rows started together (every cache but an absorbing
+    /// one), each row's position: the next token goes to position `len`.
     pub len: usize,
+    /// Row r's position: the positions it has decoded, where its next token goes.
+    pub(crate) pos: Vec<usize>,
     /// Most positions this cache can hold.
     pub capacity: usize,
     pub(crate) c: usize,
@@ -49,6 +55,9 @@ pub struct KvCache {
     pub(crate) cross_kv: Vec<LayerKv>,
     /// (B, S): `true` where the source is padding.
     pub(crate) src_padding: Vec<bool>,
+    /// (B): keys in each source block (S, or fewer for a block absorbed from a batch of
+    /// shorter sources).
+    pub(crate) src_len: Vec<usize>,
     /// Which source block each row reads in cross-attention.
     pub(crate) source_of: Vec<usize>,
     /// Row r's self-attention block.
@@ -65,6 +74,7 @@ impl KvCache {
     pub(crate) fn new(rows: usize, capacity: usize, c: usize, layers: usize, state: usize) -> Self {
         Self {
             len: 0,
+            pos: vec![0; rows],
             capacity,
             c,
             self_kv: (0..layers)
@@ -72,6 +82,7 @@ impl KvCache {
                 .collect(),
             cross_kv: Vec::new(),
             src_padding: Vec::new(),
+            src_len: Vec::new(),
             source_of: (0..rows).collect(),
             own: (0..rows).collect(),
             spare: vec![Vec::new(); layers],
@@ -82,6 +93,11 @@ impl KvCache {
     /// Rows being decoded.
     pub fn rows(&self) -> usize {
         self.own.len()
+    }
+
+    /// Positions in each source block (the longest source of the batch that started it).
+    pub fn source_len(&self) -> usize {
+        self.cross_kv.first().map_or(0, |l| l.rows)
     }
 
     /// The source (batch row of the encoded input) that row `r` translates.
@@ -99,7 +115,8 @@ impl KvCache {
     /// attention reads (7.7% of a beam-4 translation's time). Linear-attention layers keep a
     /// fixed-size state per row and are copied into place.
     pub fn reorder(&mut self, order: &[usize]) {
-        let (n, w) = (self.len, 2 * self.c);
+        // Positions every block may hold (rows of an absorbing cache differ).
+        let (n, w) = (self.pos.iter().copied().max().unwrap_or(0), 2 * self.c);
         let recurrent = self.self_kv.iter().any(|l| l.state > 0);
         if recurrent {
             for (layer, spare) in self.self_kv.iter_mut().zip(&mut self.spare) {
@@ -152,6 +169,7 @@ impl KvCache {
                 // `taken` has a slot per continuing row, so a slot is free for each copy.
                 let to = free.next().expect("a free block for every copy");
                 let from = self.own[parent];
+                let n = self.pos[parent];
                 own[i] = to;
                 for layer in &mut self.self_kv {
                     let block = layer.rows * w;
@@ -163,6 +181,111 @@ impl KvCache {
             self.own = own;
         }
         self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
+        self.pos = order.iter().map(|&r| self.pos[r]).collect();
+    }
+
+    /// Whether [`Self::absorb`] can take `other`'s rows: a fresh cache of the same model
+    /// whose outputs and sources fit this one's blocks, with softmax attention (a linear
+    /// attention layer's state is not kept per block).
+    pub fn can_absorb(&self, other: &KvCache) -> bool {
+        let rows = |l: &[LayerKv]| l.first().map_or(0, |l| l.rows);
+        other.len == 0
+            && self.c == other.c
+            && self.self_kv.len() == other.self_kv.len()
+            && self.cross_kv.len() == other.cross_kv.len()
+            && self.self_kv.iter().all(|l| l.state == 0)
+            && other.self_kv.iter().all(|l| l.state == 0)
+            && other.capacity <= self.capacity
+            && rows(&other.cross_kv) <= rows(&self.cross_kv)
+    }
+
+    /// Continuous batching: add the rows of `other`, a freshly started cache (other sources,
+    /// same model), after this cache's rows, at position 0 while this cache's rows go on
+    /// from theirs. Source blocks that no row reads any more are dropped first, so a cache
+    /// that absorbs batch after batch holds only the sources being decoded. New rows take
+    /// the self-attention blocks of rows that ended before new ones are allocated.
+    pub fn absorb(&mut self, other: KvCache) -> Result<()> {
+        if !self.can_absorb(&other) {
+            return Err(Error::Usage(
+                "a cache absorbs only a fresh cache of the same model whose outputs and \
+                 sources fit its blocks"
+                    .into(),
+            ));
+        }
+        let w = 2 * self.c;
+        // Keep the source blocks some row reads, in order.
+        let mut read = vec![false; self.src_len.len()];
+        self.source_of.iter().for_each(|&b| read[b] = true);
+        // (old block, new block) for every block kept; new ≤ old, so moves go downwards.
+        let moves: Vec<(usize, usize)> = (0..read.len())
+            .filter(|&b| read[b])
+            .enumerate()
+            .map(|(to, from)| (from, to))
+            .collect();
+        let kept = moves.len();
+        let s = self.source_len();
+        for layer in &mut self.cross_kv {
+            let block = s * w;
+            for &(from, to) in &moves {
+                layer
+                    .data
+                    .copy_within(from * block..(from + 1) * block, to * block);
+            }
+            layer.data.truncate(kept * block);
+        }
+        let mut new_index = vec![usize::MAX; read.len()];
+        for &(from, to) in &moves {
+            self.src_padding.copy_within(from * s..(from + 1) * s, to * s);
+            self.src_len[to] = self.src_len[from];
+            new_index[from] = to;
+        }
+        self.src_padding.truncate(kept * s);
+        self.src_len.truncate(kept);
+        for b in &mut self.source_of {
+            *b = new_index[*b];
+        }
+        // Append the new sources' blocks, each padded to this cache's S.
+        let s_new = other.cross_kv.first().map_or(0, |l| l.rows);
+        for (layer, new) in self.cross_kv.iter_mut().zip(&other.cross_kv) {
+            for b in 0..other.src_len.len() {
+                layer
+                    .data
+                    .extend_from_slice(&new.data[b * s_new * w..(b + 1) * s_new * w]);
+                layer.data.resize(layer.data.len() + (s - s_new) * w, 0.0);
+            }
+        }
+        for b in 0..other.src_len.len() {
+            self.src_padding
+                .extend_from_slice(&other.src_padding[b * s_new..(b + 1) * s_new]);
+            self.src_padding
+                .extend(std::iter::repeat_n(true, s - s_new));
+        }
+        self.src_len.extend_from_slice(&other.src_len);
+        self.source_of
+            .extend(other.source_of.iter().map(|&b| b + kept));
+        // Self-attention blocks: free ones first, then new ones.
+        let total = self
+            .self_kv
+            .first()
+            .map_or(0, |l| l.data.len() / (l.rows * w).max(1));
+        let mut held = vec![false; total];
+        for &b in &self.own {
+            held[b] = true;
+        }
+        let mut free = (0..total).filter(|&b| !held[b]);
+        let mut next_new = total;
+        for _ in 0..other.rows() {
+            let b = free.next().unwrap_or_else(|| {
+                next_new += 1;
+                next_new - 1
+            });
+            self.own.push(b);
+        }
+        for layer in &mut self.self_kv {
+            layer.data.resize(next_new * layer.rows * w, 0.0);
+        }
+        self.pos.extend(std::iter::repeat_n(0, other.rows()));
+        Ok(())
     }
 }
 
@@ -181,10 +304,11 @@ impl KvCache {
                 "this cache was started by a different model".into(),
             ));
         }
-        if self.len >= self.capacity {
+        let longest = self.pos.iter().copied().max().unwrap_or(0);
+        if longest >= self.capacity {
             return Err(Error::SequenceTooLong {
                 input: "decoded sequence",
-                len: self.len + 1,
+                len: longest + 1,
                 max_len: self.capacity,
             });
         }
@@ -214,7 +338,7 @@ pub(crate) fn decoder_step<'a>(
 ) -> Result<&'a [f32]> {
     let cross = stack.layers.iter().any(|l| l.cross.is_some());
     cache.check_step(tokens, stack.layers.len(), cross)?;
-    let x = embed.step(p, tokens, cache.len)?;
+    let x = embed.step(p, tokens, &cache.pos)?;
     // The step's products run on this session's packed weights (see kernels::packed).
     cache.packed.set_params(p);
     let scope = PackedScope::install(std::mem::take(&mut cache.packed));
@@ -222,15 +346,18 @@ pub(crate) fn decoder_step<'a>(
     let v = project_out(p, output, h, logits, embed.c);
     cache.packed = scope.finish();
     cache.len += 1;
+    cache.pos.iter_mut().for_each(|p| *p += 1);
     Ok(&logits[..tokens.len() * v])
 }
 
 /// What one decoding step of a layer needs besides its own cache.
 #[derive(Clone, Copy)]
 pub(crate) struct StepCtx<'a> {
-    /// Position of the token being decoded.
-    pub pos: usize,
+    /// Per row, the position of the token being decoded.
+    pub pos: &'a [usize],
     pub own: &'a [usize],
     pub source_of: &'a [usize],
     pub src_padding: &'a [bool],
+    /// Per source block, its keys.
+    pub src_len: &'a [usize],
 }

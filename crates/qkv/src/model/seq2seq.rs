@@ -221,6 +221,7 @@ impl Seq2Seq {
             self.decoder
                 .memory_kv(&self.params.data, self.encoder.output(b * s * c), s);
         cache.src_padding = self.src_pad.clone();
+        cache.src_len = vec![s; b];
         cache.packed.int8 = self.int8_steps;
         cache.packed.shared = self.shared_packs.clone();
         Ok(cache)

@@ -341,10 +341,11 @@ impl Stack {
                 },
                 Attend::Step(cache) => {
                     let KvCache {
-                        len,
+                        pos,
                         self_kv,
                         cross_kv,
                         src_padding,
+                        src_len,
                         source_of,
                         own,
                         ..
@@ -353,10 +354,11 @@ impl Stack {
                         self_kv: &mut self_kv[i],
                         cross_kv: cross_kv.get(i),
                         ctx: StepCtx {
-                            pos: *len,
+                            pos,
                             own,
                             source_of,
                             src_padding,
+                            src_len,
                         },
                     }
                 }

@@ -4,13 +4,13 @@
 
 use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
-use crate::decode::{beam_search, greedy, DecodeConfig};
+use crate::decode::{argmax, beam_search, greedy, DecodeConfig};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
 use crate::metrics::rouge::{self, Rouge};
 use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
-use crate::model::{ModelConfig, Seq2Seq, Tokens};
+use crate::model::{Incremental, KvCache, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
 use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
 use std::fmt;
@@ -141,7 +141,8 @@ pub fn encode_sources(
 
 /// Translate encoded sources (each ending in EOS, within the model's `max_len`): per
 /// source, `nbest` outputs (best first) as target ids. Sources are decoded longest first in
-/// batches of about `max_tokens` source tokens.
+/// batches of about `max_tokens` source tokens; greedy decoding starts the next batch as soon
+/// as a row of the last one ends (see [`greedy_continuous`]).
 ///
 /// With more than one thread in the pool, whole batches go to workers, each decoding on one
 /// thread with its own copy of the model's buffers: a decoding step's products are too small
@@ -196,27 +197,27 @@ pub fn translate_ids_with(
     pad: u32,
     opts: &TranslateOptions,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
-    let mut order: Vec<usize> = (0..sources.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(sources[i].len()));
-    let mut chunks: Vec<&[usize]> = Vec::new();
-    let mut start = 0;
-    while start < order.len() {
-        let longest = sources[order[start]].len();
-        let rows = (opts.max_tokens / longest.max(1))
-            .max(1)
-            .min(order.len() - start);
-        chunks.push(&order[start..start + rows]);
-        start += rows;
-    }
+    let order = longest_first(sources);
+    let chunks = chunk_by_tokens(sources, &order, opts.max_tokens);
     let mut out = vec![Vec::new(); sources.len()];
-    let decode =
-        |m: &mut Seq2Seq, chunk: &[usize]| translate_batch(m, sources, chunk, bos, eos, pad, opts);
+    // One worker's share: the chunks `take` hands it, as (source index, outputs).
+    let decode = |m: &mut Seq2Seq, take: &mut TakeChunk<'_>| {
+        let beam = opts.decode.beam(opts.nbest);
+        if beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() {
+            return greedy_continuous(m, sources, take, bos, eos, pad, opts);
+        }
+        let mut mine = Vec::new();
+        while let Some(chunk) = take() {
+            let outputs = translate_batch(m, sources, chunk, bos, eos, pad, opts)?;
+            mine.extend(chunk.iter().copied().zip(outputs));
+        }
+        Ok(mine)
+    };
     let threads = rayon::current_num_threads().min(chunks.len());
     if threads <= 1 {
-        for chunk in chunks {
-            for (&i, h) in chunk.iter().zip(decode(model, chunk)?) {
-                out[i] = h;
-            }
+        let mut all = chunks.iter().copied();
+        for (i, h) in decode(model, &mut || all.next())? {
+            out[i] = h;
         }
         return Ok(out);
     }
@@ -243,13 +244,11 @@ pub fn translate_ids_with(
                         .build()
                         .map_err(|e| Error::Usage(format!("starting a decoding thread: {e}")))?;
                     pool.install(|| {
-                        let mut mine = Vec::new();
-                        loop {
+                        let mut take = || {
                             let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(chunk) = chunks.get(k) else { break };
-                            mine.extend(chunk.iter().copied().zip(decode(m, chunk)?));
-                        }
-                        Ok(mine)
+                            chunks.get(k).copied()
+                        };
+                        decode(m, &mut take)
                     })
                 })
             })
@@ -265,6 +264,33 @@ pub fn translate_ids_with(
         }
     }
     Ok(out)
+}
+
+/// Source indices, longest source first.
+fn longest_first(sources: &[Vec<u32>]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sources[i].len()));
+    order
+}
+
+/// `order` cut into batches of about `max_tokens` source tokens (padded to each batch's
+/// first, longest source).
+fn chunk_by_tokens<'a>(
+    sources: &[Vec<u32>],
+    order: &'a [usize],
+    max_tokens: usize,
+) -> Vec<&'a [usize]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let longest = sources[order[start]].len();
+        let rows = (max_tokens / longest.max(1))
+            .max(1)
+            .min(order.len() - start);
+        chunks.push(&order[start..start + rows]);
+        start += rows;
+    }
+    chunks
 }
 
 /// A model copy that decodes on the call's shared packed weights until dropped (also when
@@ -284,16 +310,18 @@ impl Drop for SharingPacks<'_> {
     }
 }
 
-/// Decode the sources `chunk` (indices into `sources`) as one padded batch.
-fn translate_batch(
+/// Hands a decoding worker its next chunk of sources (indices), until there are none.
+type TakeChunk<'c> = dyn FnMut() -> Option<&'c [usize]> + 'c;
+
+/// The sources `chunk` (indices into `sources`) as one padded batch: the encoder run over
+/// them and a decoding cache for their outputs.
+fn start_batch(
     model: &mut Seq2Seq,
     sources: &[Vec<u32>],
     chunk: &[usize],
-    bos: u32,
-    eos: u32,
     pad: u32,
     opts: &TranslateOptions,
-) -> Result<Vec<Vec<Vec<u32>>>> {
+) -> Result<KvCache> {
     let rows = chunk.len();
     let longest = chunk.iter().map(|&i| sources[i].len()).max().unwrap_or(0);
     let mut src = Vec::with_capacity(rows * longest);
@@ -304,7 +332,115 @@ fn translate_batch(
     // Each of the `out_len` positions fed (BOS first) yields one token, so outputs hold
     // at most `out_len` tokens, EOS included.
     let out_len = opts.decode.max_output(longest, model.config.max_len);
-    let mut cache = model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)?;
+    model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)
+}
+
+/// Greedy decoding of the chunks `take` hands out, continuously (continuous batching, as
+/// vLLM's scheduler does): once fewer rows are decoding than the last chunk brought, the
+/// next chunk is encoded and its rows join the same cache ([`KvCache::absorb`]), so a
+/// batch's few longest outputs are decoded alongside the next batch instead of in steps of
+/// a few rows (measured: a one-row step costs 5× a row of a 64-row step). Refilling at half
+/// the chunk's rows instead measured 7–10% slower, with 1.5× about the same. Every row decodes
+/// as it would in its own batch: its own positions, its source's keys, its batch's length
+/// limit. Returns (source index, outputs) for every source of every chunk taken.
+fn greedy_continuous(
+    model: &mut Seq2Seq,
+    sources: &[Vec<u32>],
+    take: &mut TakeChunk<'_>,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    opts: &TranslateOptions,
+) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
+    /// A cache row: its source, the tokens chosen so far, and how many it may hold.
+    struct Row {
+        source: usize,
+        out: Vec<u32>,
+        limit: usize,
+    }
+    let mut done = Vec::new();
+    let mut cache: Option<KvCache> = None;
+    let (mut rows, mut next) = (Vec::<Row>::new(), Vec::<u32>::new());
+    let mut pending = take();
+    let mut refill_below = 0;
+    let vocab = model.config.tgt_vocab();
+    loop {
+        while let Some(chunk) = pending.filter(|_| rows.len() < refill_below.max(1)) {
+            let fits = cache.as_ref().is_some_and(|c| {
+                let longest = chunk.iter().map(|&i| sources[i].len()).max().unwrap_or(0);
+                let capacity = opts.decode.max_output(longest, model.config.max_len);
+                capacity.min(model.config.max_len) <= c.capacity && longest <= c.source_len()
+            });
+            if !rows.is_empty() && !fits {
+                break; // the rows decoding now end first, then a new cache starts
+            }
+            let fresh = start_batch(model, sources, chunk, pad, opts)?;
+            // Outputs hold at most capacity − 1 tokens: a token chosen at the last position
+            // could never be fed back (see `decode::generate`).
+            let limit = fresh.capacity.saturating_sub(1);
+            match cache.as_mut() {
+                Some(c) if !rows.is_empty() => c.absorb(fresh)?,
+                _ => cache = Some(fresh),
+            }
+            rows.extend(chunk.iter().map(|&source| Row {
+                source,
+                out: Vec::new(),
+                limit,
+            }));
+            next.resize(rows.len(), bos);
+            refill_below = chunk.len();
+            pending = take();
+        }
+        let Some(cache) = cache.as_mut().filter(|_| !rows.is_empty()) else {
+            break;
+        };
+        // A row with no room for a token ends before its first step.
+        let logits = if rows.iter().any(|r| r.limit > 0) {
+            model.step(cache, &next)?
+        } else {
+            &[]
+        };
+        let mut keep = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter_mut().enumerate() {
+            if row.limit > 0 {
+                let t = argmax(&logits[i * vocab..(i + 1) * vocab]) as u32;
+                if t != eos {
+                    row.out.push(t);
+                    if row.out.len() < row.limit {
+                        next[keep.len()] = t;
+                        keep.push(i);
+                    }
+                }
+            }
+        }
+        if keep.len() != rows.len() {
+            cache.reorder(&keep);
+            let mut kept = keep.iter().peekable();
+            for (i, row) in std::mem::take(&mut rows).into_iter().enumerate() {
+                if kept.peek() == Some(&&i) {
+                    kept.next();
+                    rows.push(row);
+                } else {
+                    done.push((row.source, vec![row.out]));
+                }
+            }
+            next.truncate(rows.len());
+        }
+    }
+    Ok(done)
+}
+
+/// Decode the sources `chunk` (indices into `sources`) as one padded batch.
+fn translate_batch(
+    model: &mut Seq2Seq,
+    sources: &[Vec<u32>],
+    chunk: &[usize],
+    bos: u32,
+    eos: u32,
+    pad: u32,
+    opts: &TranslateOptions,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let mut cache = start_batch(model, sources, chunk, pad, opts)?;
     let beam = opts.decode.beam(opts.nbest);
     if beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() {
         return Ok(greedy(model, &mut cache, bos, eos)?
@@ -712,6 +848,98 @@ mod tests {
             assert_eq!(one, two, "beam {beam}, int8 {int8}");
             assert!(model.shared_packs.is_none(), "the packs outlived the call");
         }
+    }
+
+    /// Greedy decoding with continuous batching gives every source what decoding its batch
+    /// alone gives: rows joining part-way keep their own positions (and sliding windows),
+    /// source lengths and length limits.
+    #[test]
+    fn continuous_greedy_equals_decoding_each_batch_alone() {
+        use crate::model::{Family, ModelConfig, NormPlacement};
+        let sources: Vec<Vec<u32>> = (0..80u32)
+            .map(|i| {
+                (0..2 + (i * 5) % 11)
+                    .map(|j| 3 + (i * 7 + j * 3) % 20)
+                    .collect()
+            })
+            .collect();
+        for (norm, window, seed) in [
+            (NormPlacement::Pre, None, 3),
+            (NormPlacement::Post, Some(3), 4),
+        ] {
+            let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 23).unwrap();
+            cfg.max_len = 24;
+            cfg.dropout = 0.0;
+            cfg.norm = norm;
+            cfg.attention_window = window;
+            let mut model = Seq2Seq::new(cfg, seed).unwrap();
+            // Larger weights than initialisation's, so outputs depend on their sources.
+            model.params.data.iter_mut().for_each(|v| *v *= 4.0);
+            let mut opts = TranslateOptions::new(&DecodeConfig {
+                beam: 1,
+                ..DecodeConfig::default()
+            });
+            opts.max_tokens = 120;
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let mut run = |eos| {
+                pool.install(|| translate_ids(&mut model, &sources, 1, eos, 0, &opts))
+                    .unwrap()
+            };
+            // An untrained model rarely chooses any given EOS, so every row of a batch would
+            // run to the batch's limit and end in one step. As EOS, the token whose first
+            // occurrence (after the first position) varies most ends rows at many different
+            // steps, and later batches join part-way.
+            let outputs = run(2);
+            let firsts = |t: u32| {
+                let at = outputs
+                    .iter()
+                    .filter_map(|o| o[0].iter().position(|&x| x == t));
+                at.filter(|&p| p > 0)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            };
+            let eos = (3..23).max_by_key(|&t| firsts(t)).unwrap();
+            let continuous = run(eos);
+            let order = longest_first(&sources);
+            let chunks = chunk_by_tokens(&sources, &order, opts.max_tokens);
+            assert!(chunks.len() > 4, "{} batches", chunks.len());
+            let mut lengths = std::collections::BTreeSet::new();
+            for chunk in chunks {
+                let alone = translate_batch(&mut model, &sources, chunk, 1, eos, 0, &opts).unwrap();
+                for (&i, out) in chunk.iter().zip(alone) {
+                    lengths.insert(out[0].len());
+                    assert_eq!(
+                        continuous[i], out,
+                        "source {i}, {norm:?}, window {window:?}"
+                    );
+                }
+            }
+            // Outputs that end early and outputs that run to their batch's limit.
+            assert!(lengths.len() > 3, "output lengths {lengths:?}");
+        }
+    }
+
+    /// A cache absorbs only a fresh cache whose sources and outputs fit its blocks.
+    #[test]
+    fn a_cache_refuses_rows_that_do_not_fit() {
+        use crate::model::{Family, ModelConfig};
+        let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 13).unwrap();
+        cfg.max_len = 16;
+        let mut model = Seq2Seq::new(cfg, 3).unwrap();
+        let mut start = |len: usize, out: usize| {
+            let src: Vec<u32> = (0..len as u32).map(|i| 3 + i % 9).collect();
+            model
+                .start_decoding(Tokens::new(&src, 1, len).unwrap(), out)
+                .unwrap()
+        };
+        let mut cache = start(5, 8);
+        assert!(cache.absorb(start(6, 8)).is_err(), "a longer source");
+        assert!(cache.absorb(start(5, 9)).is_err(), "longer outputs");
+        cache.absorb(start(4, 8)).unwrap();
+        assert_eq!((cache.rows(), cache.source_len()), (2, 5));
     }
 
     #[test]

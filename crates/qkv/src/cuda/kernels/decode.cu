@@ -1,21 +1,23 @@
 // One query per row against the KV cache (incremental decoding, the query being the newest
 // position): kernels::attention::attention_one_query on the CPU.
-//   out[r] = softmax(q[r]·K[block[r]]ᵀ · scale) V[block[r]]   over keys k_start..k_len
+//   out[r] = softmax(q[r]·K[block[r]]ᵀ · scale) V[block[r]]   over keys span[2r]..span[2r+1]
+// (rows of one cache may be at different positions, and read sources of different lengths)
 // One warp per (row, head): lanes take keys for the scores, then output columns for the
-// weighted sum (coalesced value reads). Scores live in dynamic shared memory (n floats).
+// weighted sum (coalesced value reads). Scores live in dynamic shared memory (the longest
+// row's n floats).
 // kv: (blocks, rows, rs) with keys at k_off, values at v_off; pad: (blocks, rows) bytes or null.
 // A fully masked row gives zeros, as softmax_row.
 extern "C" __global__ void attention_one_query(float* out, const float* q, long long q_rs,
                                                const float* kv, long long rows, long long rs,
                                                long long k_off, long long v_off,
-                                               const unsigned* block, int k_start, int k_len,
+                                               const unsigned* block, const int* span,
                                                const unsigned char* pad, int heads, int d,
                                                float scale) {
     extern __shared__ float sc[];
     const float NEG_INF = __int_as_float(0xff800000);
     int r = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     u64 blk = block[r];
-    int n = k_len - k_start;
+    int k_start = span[2 * r], n = span[2 * r + 1] - k_start;
     const float* qh = q + (u64)r * q_rs + (u64)h * d;
     u64 base = (blk * rows + k_start) * rs;
     float mx = NEG_INF;
