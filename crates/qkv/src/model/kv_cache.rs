@@ -185,10 +185,9 @@ impl KvCache {
     }
 
     /// Whether [`Self::absorb`] can take `other`'s rows: a fresh cache of the same model
-    /// whose outputs and sources fit this one's blocks, with softmax attention (a linear
+    /// whose outputs fit this one's capacity, with softmax attention (a linear
     /// attention layer's state is not kept per block).
     pub fn can_absorb(&self, other: &KvCache) -> bool {
-        let rows = |l: &[LayerKv]| l.first().map_or(0, |l| l.rows);
         other.len == 0
             && self.c == other.c
             && self.self_kv.len() == other.self_kv.len()
@@ -196,94 +195,76 @@ impl KvCache {
             && self.self_kv.iter().all(|l| l.state == 0)
             && other.self_kv.iter().all(|l| l.state == 0)
             && other.capacity <= self.capacity
-            && rows(&other.cross_kv) <= rows(&self.cross_kv)
     }
 
     /// Continuous batching: add the rows of `other`, a freshly started cache (other sources,
     /// same model), after this cache's rows, at position 0 while this cache's rows go on
-    /// from theirs. Source blocks that no row reads any more are dropped first, so a cache
-    /// that absorbs batch after batch holds only the sources being decoded. New rows take
-    /// the self-attention blocks of rows that ended before new ones are allocated.
+    /// from theirs. Source blocks and self-attention blocks that no row reads any more are
+    /// dropped, so a cache that absorbs batch after batch holds only the rows being decoded.
     pub fn absorb(&mut self, other: KvCache) -> Result<()> {
         if !self.can_absorb(&other) {
             return Err(Error::Usage(
-                "a cache absorbs only a fresh cache of the same model whose outputs and \
-                 sources fit its blocks"
+                "a cache absorbs only a fresh cache of the same model whose outputs fit \
+                 its capacity"
                     .into(),
             ));
         }
         let w = 2 * self.c;
-        // Keep the source blocks some row reads, in order.
+        // Source blocks: those some row still reads, then `other`'s, in new buffers whose
+        // stride is the longest of their sources (sources come longest first, so padding
+        // every new source to the first one's length would hold ever more padding: 0.25 GB
+        // on the default job's test set).
         let mut read = vec![false; self.src_len.len()];
         self.source_of.iter().for_each(|&b| read[b] = true);
-        // (old block, new block) for every block kept; new ≤ old, so moves go downwards.
-        let moves: Vec<(usize, usize)> = (0..read.len())
-            .filter(|&b| read[b])
-            .enumerate()
-            .map(|(to, from)| (from, to))
+        let kept: Vec<usize> = (0..read.len()).filter(|&b| read[b]).collect();
+        let (s_old, s_new) = (self.source_len(), other.source_len());
+        // (cache, block, stride, keys) of every block of the new layout.
+        let blocks: Vec<(&KvCache, usize, usize, usize)> = kept
+            .iter()
+            .map(|&b| (&*self, b, s_old, self.src_len[b]))
+            .chain((0..other.src_len.len()).map(|b| (&other, b, s_new, other.src_len[b])))
             .collect();
-        let kept = moves.len();
-        let s = self.source_len();
-        for layer in &mut self.cross_kv {
-            let block = s * w;
-            for &(from, to) in &moves {
-                layer
-                    .data
-                    .copy_within(from * block..(from + 1) * block, to * block);
-            }
-            layer.data.truncate(kept * block);
+        let s = blocks.iter().map(|b| b.3).max().unwrap_or(0);
+        let cross_kv: Vec<LayerKv> = (0..self.cross_kv.len())
+            .map(|l| {
+                let mut data = vec![0.0; blocks.len() * s * w];
+                for (i, &(cache, b, stride, n)) in blocks.iter().enumerate() {
+                    data[i * s * w..][..n * w]
+                        .copy_from_slice(&cache.cross_kv[l].data[b * stride * w..][..n * w]);
+                }
+                LayerKv {
+                    data,
+                    rows: s,
+                    state: 0,
+                }
+            })
+            .collect();
+        let mut src_padding = vec![true; blocks.len() * s];
+        for (i, &(cache, b, stride, n)) in blocks.iter().enumerate() {
+            src_padding[i * s..][..n].copy_from_slice(&cache.src_padding[b * stride..][..n]);
         }
+        let src_len: Vec<usize> = blocks.iter().map(|b| b.3).collect();
         let mut new_index = vec![usize::MAX; read.len()];
-        for &(from, to) in &moves {
-            self.src_padding.copy_within(from * s..(from + 1) * s, to * s);
-            self.src_len[to] = self.src_len[from];
-            new_index[from] = to;
-        }
-        self.src_padding.truncate(kept * s);
-        self.src_len.truncate(kept);
-        for b in &mut self.source_of {
-            *b = new_index[*b];
-        }
-        // Append the new sources' blocks, each padded to this cache's S.
-        let s_new = other.cross_kv.first().map_or(0, |l| l.rows);
-        for (layer, new) in self.cross_kv.iter_mut().zip(&other.cross_kv) {
-            for b in 0..other.src_len.len() {
-                layer
-                    .data
-                    .extend_from_slice(&new.data[b * s_new * w..(b + 1) * s_new * w]);
-                layer.data.resize(layer.data.len() + (s - s_new) * w, 0.0);
-            }
-        }
-        for b in 0..other.src_len.len() {
-            self.src_padding
-                .extend_from_slice(&other.src_padding[b * s_new..(b + 1) * s_new]);
-            self.src_padding
-                .extend(std::iter::repeat_n(true, s - s_new));
-        }
-        self.src_len.extend_from_slice(&other.src_len);
-        self.source_of
-            .extend(other.source_of.iter().map(|&b| b + kept));
-        // Self-attention blocks: free ones first, then new ones.
-        let total = self
-            .self_kv
-            .first()
-            .map_or(0, |l| l.data.len() / (l.rows * w).max(1));
-        let mut held = vec![false; total];
-        for &b in &self.own {
-            held[b] = true;
-        }
-        let mut free = (0..total).filter(|&b| !held[b]);
-        let mut next_new = total;
-        for _ in 0..other.rows() {
-            let b = free.next().unwrap_or_else(|| {
-                next_new += 1;
-                next_new - 1
-            });
-            self.own.push(b);
-        }
+        kept.iter()
+            .enumerate()
+            .for_each(|(to, &b)| new_index[b] = to);
+        let source_of: Vec<usize> = (self.source_of.iter().map(|&b| new_index[b]))
+            .chain(other.source_of.iter().map(|&b| b + kept.len()))
+            .collect();
+        (self.cross_kv, self.src_padding, self.src_len) = (cross_kv, src_padding, src_len);
+        self.source_of = source_of;
+        // Self-attention blocks: a new, lazily zeroed buffer with a block per row, holding
+        // the positions the going-on rows have decoded (as `reorder`'s).
+        let rows = self.own.len() + other.rows();
         for layer in &mut self.self_kv {
-            layer.data.resize(next_new * layer.rows * w, 0.0);
+            let block = layer.rows * w;
+            let mut data = vec![0.0; rows * block];
+            for (i, (&b, &n)) in self.own.iter().zip(&self.pos).enumerate() {
+                data[i * block..][..n * w].copy_from_slice(&layer.data[b * block..][..n * w]);
+            }
+            layer.data = data;
         }
+        self.own = (0..rows).collect();
         self.pos.extend(std::iter::repeat_n(0, other.rows()));
         Ok(())
     }
