@@ -30,7 +30,8 @@ pub struct TranslateArgs {
     data: std::path::PathBuf,
     #[command(flatten)]
     decode: crate::infer::DecodeArgs,
-    /// Source tokens per decoding batch.
+    /// Source tokens per decoding batch (greedy decoding refills its batch as rows end, with
+    /// chunks of half as many).
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
     /// Write the translations here.

@@ -60,7 +60,8 @@ pub struct TranslateArgs {
     /// Hypotheses per input (tab-separated on one line), at most the beam.
     #[arg(long, default_value_t = 1)]
     pub nbest: usize,
-    /// Source tokens per decoding batch.
+    /// Source tokens per decoding batch (greedy decoding refills its batch as rows end, with
+    /// chunks of half as many).
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
     #[command(flatten)]
