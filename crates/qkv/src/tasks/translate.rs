@@ -336,16 +336,32 @@ fn start_batch(
     opts: &TranslateOptions,
 ) -> Result<KvCache> {
     let rows = chunk.len();
-    let longest = chunk.iter().map(|&i| sources[i].len()).max().unwrap_or(0);
+    let longest = longest_of(sources, chunk);
     let mut src = Vec::with_capacity(rows * longest);
     for &i in chunk {
         src.extend_from_slice(&sources[i]);
         src.extend(std::iter::repeat_n(pad, longest - sources[i].len()));
     }
-    // Each of the `out_len` positions fed (BOS first) yields one token, so outputs hold
-    // at most `out_len` tokens, EOS included.
-    let out_len = opts.decode.max_output(longest, model.config.max_len);
-    model.start_decoding(Tokens::new(&src, rows, longest)?, out_len)
+    model.start_decoding(
+        Tokens::new(&src, rows, longest)?,
+        out_len(model, sources, chunk, opts),
+    )
+}
+
+fn longest_of(sources: &[Vec<u32>], chunk: &[usize]) -> usize {
+    chunk.iter().map(|&i| sources[i].len()).max().unwrap_or(0)
+}
+
+/// The output positions of a chunk's cache (its capacity): each position fed (BOS first)
+/// yields one token, so outputs hold at most this many tokens, EOS included.
+fn out_len(
+    model: &Seq2Seq,
+    sources: &[Vec<u32>],
+    chunk: &[usize],
+    opts: &TranslateOptions,
+) -> usize {
+    let longest = longest_of(sources, chunk);
+    opts.decode.max_output(longest, model.config.max_len)
 }
 
 /// Greedy decoding of the chunks `take` hands out, continuously (continuous batching, as
@@ -379,11 +395,8 @@ fn greedy_continuous(
     let vocab = model.config.tgt_vocab();
     loop {
         while let Some(chunk) = pending.filter(|_| rows.len() < refill_below.max(1)) {
-            let fits = cache.as_ref().is_some_and(|c| {
-                let longest = chunk.iter().map(|&i| sources[i].len()).max().unwrap_or(0);
-                let capacity = opts.decode.max_output(longest, model.config.max_len);
-                capacity.min(model.config.max_len) <= c.capacity
-            });
+            let fits = (cache.as_ref())
+                .is_some_and(|c| out_len(model, sources, chunk, opts) <= c.capacity);
             if !rows.is_empty() && !fits {
                 break; // the rows decoding now end first, then a new cache starts
             }
