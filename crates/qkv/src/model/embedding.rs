@@ -262,3 +262,41 @@ impl Embedding {
         Ok(&self.out[..ids.len() * c])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamBuilder;
+
+    /// A step's rows at different positions embed as each would alone; a position list that
+    /// does not match the tokens, or a position past the table, is an error.
+    #[test]
+    fn step_takes_a_position_per_row() {
+        let mut pb = ParamBuilder::default();
+        let (c, max_len) = (8, 6);
+        let mut e = Embedding::new(
+            &mut pb,
+            "embed",
+            None,
+            "pos",
+            11,
+            c,
+            max_len,
+            Positional::Learned,
+            true,
+            "tokens",
+            0,
+        );
+        let params = pb.build(3).unwrap();
+        let p = &params.data;
+        let rows = e.step(p, &[4, 7, 9], &[0, 5, 2]).unwrap().to_vec();
+        for (r, (&id, &at)) in [4u32, 7, 9].iter().zip(&[0usize, 5, 2]).enumerate() {
+            let alone = e.step(p, &[id], &[at]).unwrap();
+            assert_eq!(&rows[r * c..(r + 1) * c], alone, "row {r}");
+        }
+        let err = e.step(p, &[4, 7], &[0]).unwrap_err().to_string();
+        assert!(err.contains("decoding step positions"), "{err}");
+        let err = e.step(p, &[4, 7], &[0, max_len]).unwrap_err().to_string();
+        assert!(err.contains(&format!("{}", max_len + 1)), "{err}");
+    }
+}
