@@ -30,6 +30,10 @@ pub struct DecodeArgs {
     /// Never repeat an n-gram of this size in an output (fairseq's --no-repeat-ngram-size).
     #[arg(long)]
     pub no_repeat_ngram_size: Option<usize>,
+    /// Minimum Bayes risk: output, of the beam's best N, the one most alike the others
+    /// (ROUGE-L for a summarizer, chrF for a translator); 0 or 1: the most probable.
+    #[arg(long)]
+    pub mbr: Option<usize>,
 }
 
 impl DecodeArgs {
@@ -44,6 +48,7 @@ impl DecodeArgs {
             no_repeat_ngram_size: self
                 .no_repeat_ngram_size
                 .unwrap_or(base.no_repeat_ngram_size),
+            mbr: self.mbr.unwrap_or(base.mbr),
             ..base.clone()
         };
         d.validate()?;

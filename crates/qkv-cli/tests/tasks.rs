@@ -606,6 +606,52 @@ fn summarize_reports_rouge_and_warm_starts() {
         None,
     );
     assert!(ok && out.contains("ROUGE-L "), "{out}{err}");
+    // MBR returns, of the beam's outputs, the one qkv::mbr ranks first by ROUGE-L; with
+    // --nbest it reorders them; eval says it ran it.
+    let sources: String = std::fs::read_to_string(dir.join("test.tsv"))
+        .unwrap()
+        .lines()
+        .map(|l| format!("{}\n", l.split('\t').next().unwrap()))
+        .collect();
+    let model = best.to_str().unwrap();
+    let run = |extra: &[&str]| -> Vec<Vec<String>> {
+        let mut args = vec!["translate", "--model", model, "--beam", "4"];
+        args.extend(extra);
+        let (ok, out, err) = qkv(&args, Some(&sources));
+        assert!(ok, "{err}");
+        out.lines()
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect()
+    };
+    let nbest = run(&["--nbest", "4"]);
+    let chosen = run(&["--mbr", "4"]);
+    let reordered = run(&["--mbr", "4", "--nbest", "4"]);
+    assert_eq!(nbest.len(), 20);
+    let mut moved = 0;
+    for ((cands, one), all) in nbest.iter().zip(&chosen).zip(&reordered) {
+        let order = qkv::mbr::rank(cands, qkv::mbr::Utility::RougeL).unwrap();
+        moved += usize::from(order[0] != 0);
+        assert_eq!(one, &vec![cands[order[0]].clone()]);
+        let want: Vec<String> = order.iter().map(|&i| cands[i].clone()).collect();
+        assert_eq!(all, &want);
+    }
+    // Somewhere the consensus is not the most probable output, so MBR changed something.
+    assert!(moved > 0, "{nbest:?}");
+    let (ok, out, err) = qkv(
+        &[
+            "eval",
+            "--model",
+            model,
+            "--data",
+            dir.join("test.tsv").to_str().unwrap(),
+            "--beam",
+            "4",
+            "--mbr",
+            "4",
+        ],
+        None,
+    );
+    assert!(ok && out.contains("beam 4, MBR over 4"), "{out}{err}");
     // A summarizer reads the start of a passage longer than its max_len (24) and says so.
     let long = format!("{}\nthe king\n", "the king and the house ".repeat(20));
     let (ok, out, err) = qkv(

@@ -26,6 +26,10 @@ pub struct DecodeConfig {
     /// Never repeat an n-gram of this size within an output (fairseq's
     /// `--no-repeat-ngram-size`; 0, the default, allows repeats).
     pub no_repeat_ngram_size: usize,
+    /// Minimum Bayes risk: return, of the beam's best `mbr` outputs (at most the beam), the
+    /// one most alike the others ([`crate::mbr`]; ROUGE-L for summaries, chrF for
+    /// translations). 0 or 1, the default, returns the most probable output.
+    pub mbr: usize,
     /// Language models: new tokens per prompt (default 200).
     pub max_new_tokens: usize,
     /// Language models: sampling temperature (default 0.8).
@@ -43,6 +47,7 @@ impl Default for DecodeConfig {
             max_len_b: 10,
             min_len: 0,
             no_repeat_ngram_size: 0,
+            mbr: 0,
             max_new_tokens: 200,
             temperature: 0.8,
             top_k: None,
@@ -88,6 +93,12 @@ impl DecodeConfig {
             top_p: self.top_p,
             seed,
         }
+    }
+
+    /// Outputs to decode per input for `nbest` results: enough for MBR's candidates, never
+    /// more than the beam.
+    pub fn candidates(&self, nbest: usize) -> usize {
+        nbest.max(self.mbr).min(self.beam).max(1)
     }
 
     /// Most output positions (EOS included) for a source of `src_len` tokens, within the

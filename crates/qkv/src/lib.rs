@@ -7,8 +7,8 @@
 //! - [`model`]: layers, blocks and the three model families; no IO.
 //! - [`optim`], [`schedule`], [`train`]: AdamW, learning rates, the training loop and its
 //!   run directory.
-//! - [`data`], [`decode`], [`metrics`]: tokenizers and batches, decoding, sacreBLEU-exact
-//!   scores.
+//! - [`data`], [`decode`], [`metrics`], [`mbr`]: tokenizers and batches, decoding,
+//!   sacreBLEU-exact scores, minimum Bayes risk selection among a beam's outputs.
 //! - [`checkpoint`], [`model_dir`], [`hf`]: model directories on disk (qkv's and Hugging
 //!   Face's).
 //! - [`tasks`], [`job`], [`pipeline`]: translation, classification and language modelling
@@ -26,6 +26,7 @@ pub mod hf;
 pub mod inspect;
 pub mod job;
 pub mod kernels;
+pub mod mbr;
 pub mod metrics;
 pub mod model;
 pub mod model_dir;

@@ -7,6 +7,7 @@
 
 use super::metrics::Metrics;
 use qkv::decode::Choice;
+use qkv::mbr::Utility;
 use qkv::model::AnyModel;
 use qkv::model_dir::ModelDir;
 use qkv::tasks::{classify, lm, translate};
@@ -190,15 +191,17 @@ fn call_model(
                 // decoding threads.
                 max_tokens: 2048,
             };
-            let ids =
-                translate::translate_ids_with(m, workers, &rows, tgt.bos, tgt.eos, tgt.pad, &opts);
-            ids.map(|hyps| {
-                Reply::Texts(
-                    hyps.into_iter()
-                        .map(|mut h| (Vec::new(), h.swap_remove(0)))
-                        .collect(),
-                )
-            })
+            // The model's `decode.mbr` chooses among as many of the request's beam outputs.
+            let wide = opts.widened();
+            translate::translate_ids_with(m, workers, &rows, tgt.bos, tgt.eos, tgt.pad, &wide)
+                .and_then(|hyps| translate::select(hyps, tgt, &opts, Utility::for_task(files.task)))
+                .map(|hyps| {
+                    Reply::Texts(
+                        hyps.into_iter()
+                            .map(|mut h| (Vec::new(), h.swap_remove(0).0))
+                            .collect(),
+                    )
+                })
         }
         (Work::Classify { .. }, AnyModel::Classifier(m)) => {
             classify::predict_ids(m, &rows, tok.pad, max_tokens).map(Reply::Rows)

@@ -131,8 +131,9 @@ fn ngram_score(target: &[String], prediction: &[String], n: usize) -> Score {
     )
 }
 
-/// `_score_lcs`: the longest common subsequence over the prediction's and target's lengths.
-fn lcs_score(target: &[String], prediction: &[String]) -> Score {
+/// ROUGE-L of tokenized texts (`_score_lcs`): the longest common subsequence over the
+/// prediction's and target's lengths.
+pub fn lcs_score(target: &[String], prediction: &[String]) -> Score {
     if target.is_empty() || prediction.is_empty() {
         return Score::default();
     }

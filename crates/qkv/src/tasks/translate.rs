@@ -7,12 +7,14 @@ use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
 use crate::decode::{argmax, beam_search, greedy, DecodeConfig};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
+use crate::mbr::{self, Utility};
 use crate::metrics::rouge::{self, Rouge};
 use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
 use crate::model::{Incremental, KvCache, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
 use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
+use rayon::prelude::*;
 use std::fmt;
 use std::path::Path;
 use std::time::Instant;
@@ -97,6 +99,14 @@ impl TranslateOptions {
             decode: decode.clone(),
             nbest: 1,
             max_tokens: 4096,
+        }
+    }
+
+    /// These options decoding as many outputs per input as [`select`] chooses among.
+    pub fn widened(&self) -> Self {
+        Self {
+            nbest: self.decode.candidates(self.nbest),
+            ..self.clone()
         }
     }
 }
@@ -508,11 +518,46 @@ pub fn translate(
         summarizer.then_some(&mut cut),
     )?;
     let tgt = files.target_tokenizer();
-    let outputs = translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, opts)?
+    let hyps = translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &opts.widened())?;
+    let outputs = select(hyps, tgt, opts, Utility::for_task(files.task))?
         .into_iter()
-        .map(|hyps| hyps.iter().map(|h| tgt.decode(h)).collect())
-        .collect::<Result<_>>()?;
+        .map(|hyps| hyps.into_iter().map(|(_, text)| text).collect())
+        .collect();
     Ok(Translated { outputs, cut })
+}
+
+/// Per input, its `opts.nbest` outputs as (ids, text), best first, from the
+/// `opts.widened()` hypotheses decoding gave it: in the beam's order, or with MBR
+/// (`decode.mbr` > 1) the first `mbr` ordered by expected `utility` ([`mbr::rank`]) and any
+/// others after them.
+pub fn select(
+    hyps: Vec<Vec<Vec<u32>>>,
+    tgt: &Tokenizer,
+    opts: &TranslateOptions,
+    utility: Utility,
+) -> Result<Vec<Vec<(Vec<u32>, String)>>> {
+    let mbr = opts.decode.mbr;
+    hyps.into_par_iter()
+        .map(|ids| {
+            let texts = ids
+                .iter()
+                .map(|h| tgt.decode(h))
+                .collect::<Result<Vec<_>>>()?;
+            let mut order: Vec<usize> = (0..ids.len()).collect();
+            if mbr > 1 {
+                let k = mbr.min(ids.len());
+                order = mbr::rank(&texts[..k], utility)?;
+                order.extend(k..ids.len());
+            }
+            let mut pairs: Vec<Option<(Vec<u32>, String)>> =
+                ids.into_iter().zip(texts).map(Some).collect();
+            Ok(order
+                .into_iter()
+                .take(opts.nbest)
+                .filter_map(|i| pairs[i].take())
+                .collect())
+        })
+        .collect()
 }
 
 /// Per-side tokenizers must agree on the special ids the model and batches use.
@@ -533,6 +578,9 @@ pub fn check_specials(src_tok: &Tokenizer, tgt_tok: &Tokenizer) -> Result<()> {
 pub struct TranslateReport {
     pub sentences: usize,
     pub beam: usize,
+    /// Candidates MBR chose each output among (`decode.candidates(1)` when `decode.mbr` > 1,
+    /// else 0).
+    pub mbr: usize,
     pub seconds: f64,
     /// Sources longer than the model reads, cut to its limit to be translated at all.
     pub cut: usize,
@@ -551,11 +599,11 @@ pub struct TranslateReport {
 
 impl fmt::Display for TranslateReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{} sentences, beam {}, {:.1} s",
-            self.sentences, self.beam, self.seconds
-        )?;
+        write!(f, "{} sentences, beam {}", self.sentences, self.beam)?;
+        if self.mbr > 1 {
+            write!(f, ", MBR over {}", self.mbr)?;
+        }
+        writeln!(f, ", {:.1} s", self.seconds)?;
         if self.cut > 0 {
             writeln!(
                 f,
@@ -594,12 +642,14 @@ pub fn evaluate(
         nbest: 1,
         ..opts.clone()
     };
+    let hyps = translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &one.widened())?;
     let mut hypotheses = Vec::with_capacity(src.len());
     let mut target_tokens = 0;
-    for mut h in translate_ids(model, &src, tgt.bos, tgt.eos, tgt.pad, &one)? {
-        let best = h.swap_remove(0);
-        target_tokens += best.len() + 1;
-        hypotheses.push(tgt.decode(&best)?);
+    for h in select(hyps, tgt, &one, Utility::for_task(files.task))? {
+        for (ids, text) in h {
+            target_tokens += ids.len() + 1;
+            hypotheses.push(text);
+        }
     }
     let rouge = (files.task == Some(TaskKind::Summarize)).then(|| {
         let scored: Vec<(&str, &str)> = refs
@@ -626,6 +676,11 @@ pub fn evaluate(
     Ok(TranslateReport {
         sentences: n,
         beam: opts.decode.beam,
+        mbr: if opts.decode.mbr > 1 {
+            opts.decode.candidates(1)
+        } else {
+            0
+        },
         seconds: t.elapsed().as_secs_f64(),
         cut,
         limit,
