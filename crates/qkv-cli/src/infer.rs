@@ -34,6 +34,19 @@ pub struct DecodeArgs {
     /// (ROUGE-L for a summarizer, chrF for a translator); 0 or 1: the most probable.
     #[arg(long)]
     pub mbr: Option<usize>,
+    /// Draw --beam outputs per input by sampling instead of beam search (fairseq's
+    /// --sampling), e.g. as candidates for --mbr.
+    #[arg(long)]
+    pub sampling: bool,
+    /// Sampling temperature (with --sampling).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample among the k most likely tokens (with --sampling).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probability reaches p (with --sampling).
+    #[arg(long)]
+    pub top_p: Option<f32>,
 }
 
 impl DecodeArgs {
@@ -49,6 +62,10 @@ impl DecodeArgs {
                 .no_repeat_ngram_size
                 .unwrap_or(base.no_repeat_ngram_size),
             mbr: self.mbr.unwrap_or(base.mbr),
+            sampling: self.sampling || base.sampling,
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.or(base.top_k),
+            top_p: self.top_p.or(base.top_p),
             ..base.clone()
         };
         d.validate()?;

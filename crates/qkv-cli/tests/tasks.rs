@@ -637,6 +637,14 @@ fn summarize_reports_rouge_and_warm_starts() {
     }
     // Somewhere the consensus is not the most probable output, so MBR changed something.
     assert!(moved > 0, "{nbest:?}");
+    // --sampling draws the beam's worth of outputs per input instead, reproducibly.
+    let sampled = run(&["--sampling", "--temperature", "2", "--nbest", "4"]);
+    assert!(sampled.iter().all(|s| s.len() == 4), "{sampled:?}");
+    assert_ne!(sampled, nbest);
+    assert_eq!(
+        sampled,
+        run(&["--sampling", "--temperature", "2", "--nbest", "4"])
+    );
     let (ok, out, err) = qkv(
         &[
             "eval",

@@ -30,9 +30,13 @@ pub struct DecodeConfig {
     /// one most alike the others ([`crate::mbr`]; ROUGE-L for summaries, chrF for
     /// translations). 0 or 1, the default, returns the most probable output.
     pub mbr: usize,
+    /// Translation and summaries: draw `beam` outputs per input by sampling (`temperature`,
+    /// `top_k`, `top_p`) instead of beam search (fairseq's `--sampling`); MBR's usual
+    /// candidates. Off by default.
+    pub sampling: bool,
     /// Language models: new tokens per prompt (default 200).
     pub max_new_tokens: usize,
-    /// Language models: sampling temperature (default 0.8).
+    /// Sampling temperature of language models and of `sampling` (default 0.8).
     pub temperature: f32,
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
@@ -48,6 +52,7 @@ impl Default for DecodeConfig {
             min_len: 0,
             no_repeat_ngram_size: 0,
             mbr: 0,
+            sampling: false,
             max_new_tokens: 200,
             temperature: 0.8,
             top_k: None,
@@ -211,6 +216,19 @@ pub fn generate<M: Incremental>(
     eos: u32,
     choices: &[Choice],
 ) -> Result<Vec<Vec<u32>>> {
+    generate_within(model, cache, prefixes, eos, choices, None)
+}
+
+/// [`generate`], and with `rules` a row never takes a token they ban after its output so far
+/// (`min_len`, `no_repeat_ngram_size`, with the prefix's first token as BOS).
+fn generate_within<M: Incremental>(
+    model: &mut M,
+    cache: &mut KvCache,
+    prefixes: &[Vec<u32>],
+    eos: u32,
+    choices: &[Choice],
+    rules: Option<&BeamConfig>,
+) -> Result<Vec<Vec<u32>>> {
     if prefixes.len() != cache.rows() || prefixes.iter().any(|p| p.is_empty()) {
         return Err(Error::Config(format!(
             "generate needs one non-empty prefix per cache row ({} rows, {} prefixes)",
@@ -261,7 +279,17 @@ pub fn generate<M: Incremental>(
             let token = if pos + 1 < prefix.len() {
                 prefix[pos + 1]
             } else {
-                let l = &logits[i * vocab..(i + 1) * vocab];
+                let mut l = &logits[i * vocab..(i + 1) * vocab];
+                let banned = rules.map_or(Vec::new(), |r| r.banned(prefix[0], &out[row], eos));
+                let masked;
+                if !banned.is_empty() {
+                    let mut m = l.to_vec();
+                    for &b in &banned {
+                        m[b as usize] = f32::NEG_INFINITY;
+                    }
+                    masked = m;
+                    l = &masked;
+                }
                 let t = match choice(row) {
                     Choice::Greedy => argmax(l),
                     Choice::Sample(s) => sample_token(l, s, &mut rngs[row]),
@@ -293,6 +321,49 @@ pub fn greedy<M: Incremental>(
 ) -> Result<Vec<Vec<u32>>> {
     let prefixes = vec![vec![bos]; cache.rows()];
     generate(model, cache, &prefixes, eos, &[Choice::Greedy])
+}
+
+/// `n` sampled outputs (tokens after `bos`, without EOS) for every row of a freshly started
+/// `cache` (one row per input), under `rules`' `min_len` and `no_repeat_ngram_size`
+/// (fairseq's `--sampling` with `--beam n`). Sample `k` of input `i` draws from
+/// `sampling` seeded by `hash(seeds[i], k)`, so it is the same whatever it is batched with.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_outputs<M: Incremental>(
+    model: &mut M,
+    cache: &mut KvCache,
+    bos: u32,
+    eos: u32,
+    n: usize,
+    rules: &BeamConfig,
+    sampling: &Sampling,
+    seeds: &[u64],
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let inputs = cache.rows();
+    if n == 0 || seeds.len() != inputs {
+        return Err(Error::Config(format!(
+            "sampling needs n >= 1 and one seed per input (n {n}, {} seeds, {inputs} inputs)",
+            seeds.len()
+        )));
+    }
+    let rows: Vec<usize> = (0..inputs)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .collect();
+    cache.reorder(&rows);
+    let choices: Vec<Choice> = rows
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| {
+            Choice::Sample(Sampling {
+                seed: hash(seeds[i], (r % n) as u64),
+                ..sampling.clone()
+            })
+        })
+        .collect();
+    let prefixes = vec![vec![bos]; rows.len()];
+    let mut out = generate_within(model, cache, &prefixes, eos, &choices, Some(rules))?.into_iter();
+    Ok((0..inputs)
+        .map(|_| out.by_ref().take(n).collect())
+        .collect())
 }
 
 #[derive(Clone, Debug, PartialEq)]

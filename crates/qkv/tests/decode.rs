@@ -3,7 +3,7 @@
 
 mod common;
 use common::{rel_err, tiny};
-use qkv::decode::{beam_search, generate, greedy, BeamConfig, Choice, Sampling};
+use qkv::decode::{beam_search, generate, greedy, sample_outputs, BeamConfig, Choice, Sampling};
 use qkv::model::{
     AttentionKind, Family, Incremental, LanguageModel, NormPlacement, Seq2Seq, Tokens,
 };
@@ -351,4 +351,81 @@ fn min_len_and_no_repeat_ngram_constrain_beam_search() {
         }
         assert!(hyps.iter().all(|h| !h.is_empty()));
     }
+}
+
+/// Sampled outputs of a Seq2Seq (fairseq's `--sampling`): `n` per input, each drawn from its
+/// input's seed and its index alone (the same alone as in a batch, other seeds differ), under
+/// `min_len` and `no_repeat_ngram_size` like beam search.
+#[test]
+fn seq2seq_samples_follow_their_seed_and_the_rules() {
+    let cfg = tiny(Family::Seq2seq, NormPlacement::Pre, false, false);
+    let mut model = Seq2Seq::new(cfg, 11).unwrap();
+    let mut rng = Rng::new(9);
+    let (b, s, cap, n) = (4, 6, 15, 5);
+    let src = padded_source(&mut rng, b, s);
+    let (bos, eos) = (1, 2);
+    let sampling = Sampling {
+        temperature: 1.5,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+    };
+    let bigrams_repeat = |t: &[u32]| {
+        let seq: Vec<u32> = std::iter::once(bos).chain(t.iter().copied()).collect();
+        let mut seen = std::collections::HashSet::new();
+        seq.windows(2).any(|w| !seen.insert((w[0], w[1])))
+    };
+    let run =
+        |model: &mut Seq2Seq, rows: std::ops::Range<usize>, cfg: &BeamConfig, seeds: &[u64]| {
+            let tokens = Tokens::new(&src[rows.start * s..rows.end * s], rows.len(), s).unwrap();
+            let mut cache = model.start_decoding(tokens, cap).unwrap();
+            sample_outputs(model, &mut cache, bos, eos, n, cfg, &sampling, seeds).unwrap()
+        };
+    let free = BeamConfig::default();
+    let seeds = [10, 11, 12, 13];
+    let all = run(&mut model, 0..b, &free, &seeds);
+    assert_eq!(all.len(), b);
+    assert!(all.iter().all(|o| o.len() == n), "{all:?}");
+    assert_eq!(
+        all,
+        run(&mut model, 0..b, &free, &seeds),
+        "not reproducible"
+    );
+    for i in 0..b {
+        assert_eq!(
+            run(&mut model, i..i + 1, &free, &seeds[i..i + 1])[0],
+            all[i],
+            "input {i}"
+        );
+    }
+    // An input's samples differ from each other, and from another seed's.
+    assert!(all.iter().any(|o| o.iter().any(|t| t != &o[0])), "{all:?}");
+    assert_ne!(all, run(&mut model, 0..b, &free, &[20, 21, 22, 23]));
+    // The random model repeats bigrams and ends early when free, never when constrained.
+    let min_len = 6;
+    let flat = |o: &Vec<Vec<Vec<u32>>>| o.iter().flatten().cloned().collect::<Vec<_>>();
+    assert!(flat(&all).iter().any(|t| bigrams_repeat(t)), "{all:?}");
+    assert!(flat(&all).iter().any(|t| t.len() < min_len), "{all:?}");
+    let rules = BeamConfig {
+        min_len,
+        no_repeat_ngram_size: 2,
+        ..BeamConfig::default()
+    };
+    for t in flat(&run(&mut model, 0..b, &rules, &seeds)) {
+        assert!(!bigrams_repeat(&t) && t.len() >= min_len, "{t:?}");
+    }
+    let mut cache = model
+        .start_decoding(Tokens::new(&src, b, s).unwrap(), cap)
+        .unwrap();
+    let e = sample_outputs(
+        &mut model,
+        &mut cache,
+        bos,
+        eos,
+        n,
+        &free,
+        &sampling,
+        &seeds[..2],
+    );
+    assert!(e.unwrap_err().to_string().contains("one seed per input"));
 }

@@ -4,7 +4,7 @@
 
 use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
-use crate::decode::{argmax, beam_search, greedy, DecodeConfig};
+use crate::decode::{argmax, beam_search, greedy, sample_outputs, DecodeConfig};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
 use crate::mbr::{self, Utility};
@@ -282,7 +282,8 @@ pub fn translate_ids_with(
 /// default job's test set; 0.68 GB with chunks of `max_tokens`), and as fast.
 fn batching(opts: &TranslateOptions) -> (bool, usize) {
     let beam = opts.decode.beam(opts.nbest);
-    let continuous = beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains();
+    let continuous =
+        beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() && !opts.decode.sampling;
     match continuous {
         true => (true, (opts.max_tokens / 2).max(1)),
         false => (false, opts.max_tokens),
@@ -478,6 +479,14 @@ fn translate_batch(
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut cache = start_batch(model, sources, chunk, pad, opts)?;
     let beam = opts.decode.beam(opts.nbest);
+    if opts.decode.sampling {
+        // Seeded by the source's index, so a source's samples do not depend on its batch.
+        let seeds: Vec<u64> = chunk.iter().map(|&i| i as u64).collect();
+        let sampling = opts.decode.sampling(0);
+        return sample_outputs(
+            model, &mut cache, bos, eos, opts.nbest, &beam, &sampling, &seeds,
+        );
+    }
     if beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() {
         return Ok(greedy(model, &mut cache, bos, eos)?
             .into_iter()
