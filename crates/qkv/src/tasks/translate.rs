@@ -535,6 +535,9 @@ pub fn translate(
     Ok(Translated { outputs, cut })
 }
 
+/// One output: its target ids and its text.
+pub type Output = (Vec<u32>, String);
+
 /// Per input, its `opts.nbest` outputs as (ids, text), best first, from the
 /// `opts.widened()` hypotheses decoding gave it: in the beam's order, or with MBR
 /// (`decode.mbr` > 1) the first `mbr` ordered by expected `utility` ([`mbr::rank`]) and any
@@ -544,7 +547,7 @@ pub fn select(
     tgt: &Tokenizer,
     opts: &TranslateOptions,
     utility: Utility,
-) -> Result<Vec<Vec<(Vec<u32>, String)>>> {
+) -> Result<Vec<Vec<Output>>> {
     let mbr = opts.decode.mbr;
     hyps.into_par_iter()
         .map(|ids| {
@@ -558,8 +561,7 @@ pub fn select(
                 order = mbr::rank(&texts[..k], utility)?;
                 order.extend(k..ids.len());
             }
-            let mut pairs: Vec<Option<(Vec<u32>, String)>> =
-                ids.into_iter().zip(texts).map(Some).collect();
+            let mut pairs: Vec<Option<Output>> = ids.into_iter().zip(texts).map(Some).collect();
             Ok(order
                 .into_iter()
                 .take(opts.nbest)
