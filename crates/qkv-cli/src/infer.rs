@@ -35,9 +35,9 @@ pub struct DecodeArgs {
     #[arg(long)]
     pub mbr: Option<usize>,
     /// Draw --beam outputs per input by sampling instead of beam search (fairseq's
-    /// --sampling), e.g. as candidates for --mbr.
-    #[arg(long)]
-    pub sampling: bool,
+    /// --sampling), e.g. as candidates for --mbr; `--sampling false` turns off a model's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub sampling: Option<bool>,
     /// Sampling temperature (with --sampling).
     #[arg(long)]
     pub temperature: Option<f32>,
@@ -47,6 +47,9 @@ pub struct DecodeArgs {
     /// Sample among the most likely tokens whose probability reaches p (with --sampling).
     #[arg(long)]
     pub top_p: Option<f32>,
+    /// Seed of the samples (with --sampling).
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 impl DecodeArgs {
@@ -62,10 +65,11 @@ impl DecodeArgs {
                 .no_repeat_ngram_size
                 .unwrap_or(base.no_repeat_ngram_size),
             mbr: self.mbr.unwrap_or(base.mbr),
-            sampling: self.sampling || base.sampling,
+            sampling: self.sampling.unwrap_or(base.sampling),
             temperature: self.temperature.unwrap_or(base.temperature),
             top_k: self.top_k.or(base.top_k),
             top_p: self.top_p.or(base.top_p),
+            seed: self.seed.unwrap_or(base.seed),
             ..base.clone()
         };
         d.validate()?;

@@ -34,6 +34,8 @@ pub struct DecodeConfig {
     /// `top_k`, `top_p`) instead of beam search (fairseq's `--sampling`); MBR's usual
     /// candidates. Off by default.
     pub sampling: bool,
+    /// With `sampling`: source `i`'s samples draw from `hash(seed, i)` (default 0).
+    pub seed: u64,
     /// Language models: new tokens per prompt (default 200).
     pub max_new_tokens: usize,
     /// Sampling temperature of language models and of `sampling` (default 0.8).
@@ -53,6 +55,7 @@ impl Default for DecodeConfig {
             no_repeat_ngram_size: 0,
             mbr: 0,
             sampling: false,
+            seed: 0,
             max_new_tokens: 200,
             temperature: 0.8,
             top_k: None,

@@ -13,6 +13,7 @@ use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
 use crate::model::{Incremental, KvCache, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
+use crate::rng::hash;
 use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
 use rayon::prelude::*;
 use std::fmt;
@@ -481,7 +482,10 @@ fn translate_batch(
     let beam = opts.decode.beam(opts.nbest);
     if opts.decode.sampling {
         // Seeded by the source's index, so a source's samples do not depend on its batch.
-        let seeds: Vec<u64> = chunk.iter().map(|&i| i as u64).collect();
+        let seeds: Vec<u64> = chunk
+            .iter()
+            .map(|&i| hash(opts.decode.seed, i as u64))
+            .collect();
         let sampling = opts.decode.sampling(0);
         return sample_outputs(
             model, &mut cache, bos, eos, opts.nbest, &beam, &sampling, &seeds,
