@@ -26,7 +26,8 @@ pub struct DecodeConfig {
     /// Never repeat an n-gram of this size within an output (fairseq's
     /// `--no-repeat-ngram-size`; 0, the default, allows repeats).
     pub no_repeat_ngram_size: usize,
-    /// Minimum Bayes risk: return, of the beam's best `mbr` outputs (at most the beam), the
+    /// Minimum Bayes risk: return, of the beam's best `mbr` outputs (with `sampling`, the
+    /// first `mbr` samples; at most the beam), the
     /// one most alike the others ([`crate::mbr`]; ROUGE-L for summaries, chrF for
     /// translations). 0 or 1, the default, returns the most probable output.
     pub mbr: usize,
