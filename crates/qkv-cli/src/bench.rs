@@ -304,7 +304,7 @@ fn translate(a: TranslateArgs, threads: usize) -> Result<()> {
     }
     let line = serde_json::json!({
         "impl": "qkv", "bench": "translate", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(), "dtype": effective_dtype(a.precision.dtype),
-        "threads": threads, "beam": decode.beam, "mbr": decode.mbr, "max_tokens": a.max_tokens,
+        "threads": threads, "beam": decode.beam, "mbr": decode.mbr, "mbr_references": decode.references(), "max_tokens": a.max_tokens,
         "sentences": r.sentences, "seconds": round(r.seconds, 3),
         "target_tokens": r.target_tokens,
         "tokens_per_s": round(r.target_tokens as f64 / r.seconds, 1),

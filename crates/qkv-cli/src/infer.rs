@@ -34,11 +34,15 @@ pub struct DecodeArgs {
     /// (ROUGE-L for a summarizer, chrF for a translator); 0 or 1: the most probable.
     #[arg(long)]
     pub mbr: Option<usize>,
+    /// With --mbr: score the candidates against N samples per input (drawn by --temperature,
+    /// --top-k, --top-p, --seed) instead of against each other; 0: against each other.
+    #[arg(long)]
+    pub mbr_references: Option<usize>,
     /// Draw --beam outputs per input by sampling instead of beam search (fairseq's
     /// --sampling), e.g. as candidates for --mbr; `--sampling false` turns off a model's.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub sampling: Option<bool>,
-    /// Sampling temperature (with --sampling).
+    /// Sampling temperature (with --sampling or --mbr-references).
     #[arg(long)]
     pub temperature: Option<f32>,
     /// Sample among the k most likely tokens (with --sampling).
@@ -47,7 +51,7 @@ pub struct DecodeArgs {
     /// Sample among the most likely tokens whose probability reaches p (with --sampling).
     #[arg(long)]
     pub top_p: Option<f32>,
-    /// Seed of the samples (with --sampling).
+    /// Seed of the samples (with --sampling or --mbr-references).
     #[arg(long)]
     pub seed: Option<u64>,
 }
@@ -65,6 +69,7 @@ impl DecodeArgs {
                 .no_repeat_ngram_size
                 .unwrap_or(base.no_repeat_ngram_size),
             mbr: self.mbr.unwrap_or(base.mbr),
+            mbr_references: self.mbr_references.unwrap_or(base.mbr_references),
             sampling: self.sampling.unwrap_or(base.sampling),
             temperature: self.temperature.unwrap_or(base.temperature),
             top_k: self.top_k.or(base.top_k),

@@ -645,6 +645,50 @@ fn summarize_reports_rouge_and_warm_starts() {
         sampled,
         run(&["--sampling", "--temperature", "2", "--nbest", "4"])
     );
+    // --mbr-references scores the beam's outputs against samples instead: those --sampling
+    // draws with the references' seed.
+    let seed = (7 ^ qkv::tasks::translate::REFERENCE_STREAM).to_string();
+    let (ok, out, err) = qkv(
+        &[
+            "translate",
+            "--model",
+            model,
+            "--sampling",
+            "--beam",
+            "8",
+            "--nbest",
+            "8",
+            "--temperature",
+            "2",
+            "--seed",
+            &seed,
+        ],
+        Some(&sources),
+    );
+    assert!(ok, "{err}");
+    let drawn: Vec<Vec<String>> = out
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect();
+    let against = run(&[
+        "--mbr",
+        "4",
+        "--nbest",
+        "4",
+        "--mbr-references",
+        "8",
+        "--temperature",
+        "2",
+        "--seed",
+        "7",
+    ]);
+    assert_eq!(against.len(), nbest.len());
+    for ((cands, refs), all) in nbest.iter().zip(&drawn).zip(&against) {
+        assert_eq!(refs.len(), 8);
+        let order = qkv::mbr::rank_against(cands, refs, qkv::mbr::Utility::RougeL).unwrap();
+        let want: Vec<String> = order.iter().map(|&i| cands[i].clone()).collect();
+        assert_eq!(all, &want);
+    }
     let (ok, out, err) = qkv(
         &[
             "eval",
@@ -660,6 +704,26 @@ fn summarize_reports_rouge_and_warm_starts() {
         None,
     );
     assert!(ok && out.contains("beam 4, MBR over 4"), "{out}{err}");
+    let (ok, out, err) = qkv(
+        &[
+            "eval",
+            "--model",
+            model,
+            "--data",
+            dir.join("test.tsv").to_str().unwrap(),
+            "--beam",
+            "4",
+            "--mbr",
+            "4",
+            "--mbr-references",
+            "6",
+        ],
+        None,
+    );
+    assert!(
+        ok && out.contains("beam 4, MBR over 4 against 6 samples"),
+        "{out}{err}"
+    );
     // A summarizer reads the start of a passage longer than its max_len (24) and says so.
     let long = format!("{}\nthe king\n", "the king and the house ".repeat(20));
     let (ok, out, err) = qkv(

@@ -31,6 +31,13 @@ pub struct DecodeConfig {
     /// one most alike the others ([`crate::mbr`]; ROUGE-L for summaries, chrF for
     /// translations). 0 or 1, the default, returns the most probable output.
     pub mbr: usize,
+    /// With `mbr`: score each candidate against this many samples per input (drawn by
+    /// `temperature`, `top_k`, `top_p` and `seed`, under `min_len` and
+    /// `no_repeat_ngram_size`) instead of against the other candidates. Samples at
+    /// temperature 1 estimate the model's distribution without bias, and the beam's outputs
+    /// are better candidates than samples (Eikema & Aziz, 2020, separate hypotheses from
+    /// pseudo-references). 0, the default, scores candidates against each other.
+    pub mbr_references: usize,
     /// Translation and summaries: draw `beam` outputs per input by sampling (`temperature`,
     /// `top_k`, `top_p`) instead of beam search (fairseq's `--sampling`); MBR's usual
     /// candidates. Off by default.
@@ -55,6 +62,7 @@ impl Default for DecodeConfig {
             min_len: 0,
             no_repeat_ngram_size: 0,
             mbr: 0,
+            mbr_references: 0,
             sampling: false,
             seed: 0,
             max_new_tokens: 200,
@@ -108,6 +116,15 @@ impl DecodeConfig {
     /// more than the beam.
     pub fn candidates(&self, nbest: usize) -> usize {
         nbest.max(self.mbr).min(self.beam).max(1)
+    }
+
+    /// Samples drawn per input as MBR's references (`mbr_references`, when MBR is on).
+    pub fn references(&self) -> usize {
+        if self.mbr > 1 {
+            self.mbr_references
+        } else {
+            0
+        }
     }
 
     /// Most output positions (EOS included) for a source of `src_len` tokens, within the

@@ -66,10 +66,49 @@ pub fn rank(candidates: &[String], utility: Utility) -> Result<Vec<usize>> {
             }
         }
     }
-    let mut order: Vec<usize> = (0..n).collect();
-    // A stable sort on descending utility keeps the model's order among equals.
+    Ok(by_expected(&expected))
+}
+
+/// Indices of `candidates` (best first by the model) ordered by expected utility against
+/// `references`, samples of the model's outputs for the same input (Eikema & Aziz, 2020:
+/// pseudo-references apart from the hypotheses). With no references, [`rank`].
+pub fn rank_against(
+    candidates: &[String],
+    references: &[String],
+    utility: Utility,
+) -> Result<Vec<usize>> {
+    if references.is_empty() {
+        return rank(candidates, utility);
+    }
+    let mut expected = vec![0.0f64; candidates.len()];
+    match utility {
+        Utility::RougeL => {
+            let tokenize = |t: &[String]| -> Vec<Vec<String>> {
+                t.iter().map(|c| rouge::tokenize(c, true)).collect()
+            };
+            let (hyps, refs) = (tokenize(candidates), tokenize(references));
+            for (e, h) in expected.iter_mut().zip(&hyps) {
+                *e = refs.iter().map(|r| rouge::lcs_score(r, h).fmeasure).sum();
+            }
+        }
+        Utility::Chrf => {
+            let opts = ChrfOptions::default();
+            for (e, hyp) in expected.iter_mut().zip(candidates) {
+                for reference in references {
+                    *e += sentence_chrf(hyp, &[reference], &opts)?.score / 100.0;
+                }
+            }
+        }
+    }
+    Ok(by_expected(&expected))
+}
+
+/// Indices by descending expected utility; a stable sort keeps the model's order among
+/// equals.
+fn by_expected(expected: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..expected.len()).collect();
     order.sort_by(|&a, &b| expected[b].total_cmp(&expected[a]));
-    Ok(order)
+    order
 }
 
 #[cfg(test)]
@@ -129,6 +168,33 @@ mod tests {
         let mut want: Vec<usize> = (0..c.len()).collect();
         want.sort_by(|&a, &b| sum(b).total_cmp(&sum(a)));
         assert_eq!(rank(&c, Utility::RougeL).unwrap(), want);
+    }
+
+    #[test]
+    fn references_decide_instead_of_the_other_candidates() {
+        // Against each other the two alike candidates win; against references that agree
+        // with the odd one, it wins.
+        let c = texts(&["the sin of israel", "the sin of judah", "the call of moses"]);
+        let refs = texts(&[
+            "the call of moses",
+            "moses is called",
+            "the call of moses at the bush",
+        ]);
+        for u in [Utility::RougeL, Utility::Chrf] {
+            assert_eq!(rank(&c, u).unwrap()[2], 2, "{u:?}");
+            assert_eq!(rank_against(&c, &refs, u).unwrap()[0], 2, "{u:?}");
+            assert_eq!(rank_against(&c, &[], u).unwrap(), rank(&c, u).unwrap());
+        }
+        // The expected ROUGE-L of each candidate is its summed rouge::score F1 against the
+        // references (reference first, as rouge-score takes them).
+        let sum = |h: &str| -> f64 {
+            refs.iter()
+                .map(|r| rouge::score(r, h, true).rouge_l.fmeasure)
+                .sum()
+        };
+        let mut want: Vec<usize> = (0..c.len()).collect();
+        want.sort_by(|&a, &b| sum(&c[b]).total_cmp(&sum(&c[a])));
+        assert_eq!(rank_against(&c, &refs, Utility::RougeL).unwrap(), want);
     }
 
     #[test]

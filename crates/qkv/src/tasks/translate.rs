@@ -151,7 +151,8 @@ pub fn encode_sources(
 }
 
 /// Translate encoded sources (each ending in EOS, within the model's `max_len`): per
-/// source, `nbest` outputs (best first) as target ids. Sources are decoded longest first in
+/// source, `nbest` outputs (best first) as target ids, followed by
+/// `decode.references()` samples as MBR's references (which [`select`] takes off). Sources are decoded longest first in
 /// batches of about `max_tokens` source tokens; greedy decoding starts the next batch (of
 /// half as many) as soon as a row of the last one ends (see [`greedy_continuous`]).
 ///
@@ -283,8 +284,11 @@ pub fn translate_ids_with(
 /// default job's test set; 0.68 GB with chunks of `max_tokens`), and as fast.
 fn batching(opts: &TranslateOptions) -> (bool, usize) {
     let beam = opts.decode.beam(opts.nbest);
-    let continuous =
-        beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() && !opts.decode.sampling;
+    let continuous = beam.beam <= 1
+        && beam.nbest <= 1
+        && !beam.constrains()
+        && !opts.decode.sampling
+        && opts.decode.references() == 0;
     match continuous {
         true => (true, (opts.max_tokens / 2).max(1)),
         false => (false, opts.max_tokens),
@@ -480,30 +484,64 @@ fn translate_batch(
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut cache = start_batch(model, sources, chunk, pad, opts)?;
     let beam = opts.decode.beam(opts.nbest);
-    if opts.decode.sampling {
-        // Seeded by the source's index, so a source's samples do not depend on its batch.
-        let seeds: Vec<u64> = chunk
+    // Seeded by the source's index, so a source's samples do not depend on its batch.
+    let seeds = |stream: u64| -> Vec<u64> {
+        chunk
             .iter()
-            .map(|&i| hash(opts.decode.seed, i as u64))
-            .collect();
-        let sampling = opts.decode.sampling(0);
-        return sample_outputs(
-            model, &mut cache, bos, eos, opts.nbest, &beam, &sampling, &seeds,
-        );
-    }
-    if beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() {
-        return Ok(greedy(model, &mut cache, bos, eos)?
+            .map(|&i| hash(opts.decode.seed ^ stream, i as u64))
+            .collect()
+    };
+    let sampling = opts.decode.sampling(0);
+    let references = opts.decode.references();
+    // The references decode on a copy of the encoded batch, drawn apart from the candidates.
+    let mut reference_cache = (references > 0).then(|| cache.clone());
+    let mut outputs = if opts.decode.sampling {
+        sample_outputs(
+            model,
+            &mut cache,
+            bos,
+            eos,
+            opts.nbest,
+            &beam,
+            &sampling,
+            &seeds(CANDIDATE_STREAM),
+        )?
+    } else if beam.beam <= 1 && beam.nbest <= 1 && !beam.constrains() {
+        greedy(model, &mut cache, bos, eos)?
             .into_iter()
             .map(|t| vec![t])
-            .collect());
+            .collect()
+    } else {
+        // Beam search returns at least one hypothesis per input: EOS is forced at the length
+        // limit.
+        beam_search(model, &mut cache, bos, eos, &beam)?
+            .into_iter()
+            .map(|h| h.into_iter().map(|h| h.tokens).collect())
+            .collect()
+    };
+    if let Some(cache) = reference_cache.as_mut() {
+        let drawn = sample_outputs(
+            model,
+            cache,
+            bos,
+            eos,
+            references,
+            &beam,
+            &sampling,
+            &seeds(REFERENCE_STREAM),
+        )?;
+        for (o, r) in outputs.iter_mut().zip(drawn) {
+            o.extend(r);
+        }
     }
-    // Beam search returns at least one hypothesis per input: EOS is forced at the length
-    // limit.
-    Ok(beam_search(model, &mut cache, bos, eos, &beam)?
-        .into_iter()
-        .map(|h| h.into_iter().map(|h| h.tokens).collect())
-        .collect())
+    Ok(outputs)
 }
+
+/// Sample streams of a `decode.seed`: the candidates' (`decode.sampling`) and MBR's
+/// references' (`decode.mbr_references`), so the two never draw alike. The references of
+/// seed `s` are the samples `decode.sampling` draws with seed `s ^ REFERENCE_STREAM`.
+const CANDIDATE_STREAM: u64 = 0;
+pub const REFERENCE_STREAM: u64 = 0x4d42_525f_5245_4653;
 
 /// Outputs of [`translate`]: per text, `nbest` outputs (best first).
 pub struct Translated {
@@ -553,16 +591,20 @@ pub fn select(
     utility: Utility,
 ) -> Result<Vec<Vec<Output>>> {
     let mbr = opts.decode.mbr;
+    let references = opts.decode.references();
     hyps.into_par_iter()
-        .map(|ids| {
-            let texts = ids
-                .iter()
-                .map(|h| tgt.decode(h))
-                .collect::<Result<Vec<_>>>()?;
+        .map(|mut ids| {
+            let drawn = ids.split_off(ids.len().saturating_sub(references));
+            let decode = |ids: &[Vec<u32>]| {
+                ids.iter()
+                    .map(|h| tgt.decode(h))
+                    .collect::<Result<Vec<_>>>()
+            };
+            let (texts, drawn) = (decode(&ids)?, decode(&drawn)?);
             let mut order: Vec<usize> = (0..ids.len()).collect();
             if mbr > 1 {
                 let k = mbr.min(ids.len());
-                order = mbr::rank(&texts[..k], utility)?;
+                order = mbr::rank_against(&texts[..k], &drawn, utility)?;
                 order.extend(k..ids.len());
             }
             let mut pairs: Vec<Option<Output>> = ids.into_iter().zip(texts).map(Some).collect();
@@ -596,6 +638,9 @@ pub struct TranslateReport {
     /// Candidates MBR chose each output among (`decode.candidates(1)` when `decode.mbr` > 1,
     /// else 0).
     pub mbr: usize,
+    /// Samples per input MBR scored the candidates against (`decode.references()`; 0: each
+    /// other).
+    pub mbr_references: usize,
     pub seconds: f64,
     /// Sources longer than the model reads, cut to its limit to be translated at all.
     pub cut: usize,
@@ -617,6 +662,9 @@ impl fmt::Display for TranslateReport {
         write!(f, "{} sentences, beam {}", self.sentences, self.beam)?;
         if self.mbr > 1 {
             write!(f, ", MBR over {}", self.mbr)?;
+            if self.mbr_references > 0 {
+                write!(f, " against {} samples", self.mbr_references)?;
+            }
         }
         writeln!(f, ", {:.1} s", self.seconds)?;
         if self.cut > 0 {
@@ -696,6 +744,7 @@ pub fn evaluate(
         } else {
             0
         },
+        mbr_references: opts.decode.references(),
         seconds: t.elapsed().as_secs_f64(),
         cut,
         limit,
@@ -944,6 +993,63 @@ mod tests {
             assert_eq!(one, two, "beam {beam}, int8 {int8}");
             assert!(model.shared_packs.is_none(), "the packs outlived the call");
         }
+    }
+
+    /// With `mbr_references`, a source's outputs are its candidates (as without references)
+    /// followed by that many samples: those `decode.sampling` draws with the references'
+    /// seed, whatever the batching. Without MBR there are none.
+    #[test]
+    fn mbr_references_follow_the_candidates_and_draw_their_own_seed() {
+        use crate::model::{Family, ModelConfig};
+        let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 13).unwrap();
+        cfg.max_len = 16;
+        cfg.dropout = 0.0;
+        let mut model = Seq2Seq::new(cfg, 5).unwrap();
+        let sources: Vec<Vec<u32>> = (0..9u32)
+            .map(|i| (0..3 + i % 4).map(|j| 3 + (i * 5 + j * 3) % 10).collect())
+            .collect();
+        let base = DecodeConfig {
+            beam: 3,
+            mbr: 3,
+            temperature: 1.5,
+            seed: 9,
+            ..DecodeConfig::default()
+        };
+        let mut decode = |d: &DecodeConfig, nbest: usize, max_tokens: usize| {
+            let opts = TranslateOptions {
+                decode: d.clone(),
+                nbest,
+                max_tokens,
+            };
+            translate_ids(&mut model, &sources, 1, 2, 0, &opts).unwrap()
+        };
+        let with = DecodeConfig {
+            mbr_references: 5,
+            ..base.clone()
+        };
+        let sampling = DecodeConfig {
+            sampling: true,
+            beam: 5,
+            mbr: 0,
+            seed: 9 ^ REFERENCE_STREAM,
+            ..base.clone()
+        };
+        // Batches of 8 tokens cut the sources into several, each with its own length limit.
+        for max_tokens in [4096, 8] {
+            let candidates = decode(&base, 3, max_tokens);
+            let drawn = decode(&sampling, 5, max_tokens);
+            let all = decode(&with, 3, max_tokens);
+            for ((a, c), d) in all.iter().zip(&candidates).zip(&drawn) {
+                assert_eq!(&a[..c.len()], &c[..], "max_tokens {max_tokens}");
+                assert_eq!(&a[c.len()..], &d[..], "max_tokens {max_tokens}");
+            }
+            assert!(
+                drawn.iter().any(|d| d.windows(2).any(|w| w[0] != w[1])),
+                "the samples never differ: {drawn:?}"
+            );
+        }
+        let off = DecodeConfig { mbr: 0, ..with };
+        assert_eq!(decode(&off, 3, 4096), decode(&base, 3, 4096));
     }
 
     /// Greedy decoding with continuous batching gives every source what decoding its batch
