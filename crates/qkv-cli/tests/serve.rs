@@ -262,6 +262,43 @@ fn translation_service_checks_its_options() {
     assert_eq!(status, 404);
 }
 
+/// The service decodes as the model directory's `decode.json` says, MBR against sampled
+/// references included: one request's translations equal `qkv translate`'s, and MBR changed
+/// some of them.
+#[test]
+fn translation_service_decodes_as_the_model_directory_says() {
+    let dir = tiny_model(Family::Seq2seq, "s2s-mbr");
+    std::fs::write(
+        dir.join("decode.json"),
+        r#"{"beam": 4, "mbr": 4, "mbr_references": 6, "temperature": 1.5, "max_len_b": 6}"#,
+    )
+    .unwrap();
+    let stdin: String = TEXTS.iter().map(|t| format!("{t}\n")).collect();
+    let translate = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["translate", "--model", dir.to_str().unwrap()];
+        args.extend(extra);
+        let (ok, out, err) = common::qkv(&args, Some(&stdin));
+        assert!(ok, "{err}");
+        out.lines().map(str::to_string).collect()
+    };
+    let (with, without) = (translate(&[]), translate(&["--mbr", "0"]));
+    assert_eq!(with.len(), TEXTS.len());
+    assert_ne!(
+        with, without,
+        "MBR chose the most probable output everywhere"
+    );
+    let server = Server::start(&dir, &[]);
+    let (status, reply) = server.post("/v1/translate", &json!({"texts": TEXTS}));
+    assert_eq!(status, 200, "{reply}");
+    let served: Vec<String> = reply["translations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(served, with);
+}
+
 #[test]
 fn generation_service_limits_and_graceful_shutdown() {
     let dir = tiny_model(Family::Lm, "lm");
