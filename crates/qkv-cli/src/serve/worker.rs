@@ -192,6 +192,8 @@ fn call_model(
                 max_tokens: 2048,
             };
             // The model's `decode.mbr` chooses among as many of the request's beam outputs.
+            // Samples (`decode.sampling`, `decode.mbr_references`) are seeded by a text's row
+            // in this batch, so a lone request draws what `qkv translate` draws for its texts.
             let wide = opts.widened();
             translate::translate_ids_with(m, workers, &rows, tgt.bos, tgt.eos, tgt.pad, &wide)
                 .and_then(|hyps| translate::select(hyps, tgt, &opts, Utility::for_task(files.task)))
