@@ -282,6 +282,8 @@ pub fn config_json(cfg: &ModelConfig, ids: SpecialIds) -> serde_json::Value {
 
 /// `generation_config.json`: the model's decoding defaults (`decode.json`) in
 /// `generate`'s terms; EOS is forced at the length limit, as qkv's beam search does.
+/// Minimum Bayes risk (`decode.mbr`) has no `generate` counterpart and is left out: an
+/// exported model returns the most probable beam output, or one sample.
 pub fn generation_config_json(
     cfg: &ModelConfig,
     ids: SpecialIds,
@@ -302,6 +304,17 @@ pub fn generation_config_json(
     }
     if decode.no_repeat_ngram_size > 0 {
         g["no_repeat_ngram_size"] = decode.no_repeat_ngram_size.into();
+    }
+    if decode.sampling {
+        // qkv's first sample of an input is drawn as `generate` draws its one.
+        g["do_sample"] = true.into();
+        g["num_beams"] = 1.into();
+        g["temperature"] = decode.temperature.into();
+        // `generate` keeps only the 50 most likely tokens unless told otherwise; qkv all.
+        g["top_k"] = decode.top_k.unwrap_or(0).into();
+        if let Some(p) = decode.top_p {
+            g["top_p"] = p.into();
+        }
     }
     g
 }
@@ -356,4 +369,44 @@ pub fn write(
     save_tensors(&weights, &views, metadata)?;
     files.push(weights);
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Family;
+
+    #[test]
+    fn generation_config_carries_sampling_and_turns_off_generates_top_k() {
+        let cfg = ModelConfig::preset("tiny", Family::Seq2seq, 40).unwrap();
+        let ids = SpecialIds {
+            pad: 0,
+            bos: 1,
+            eos: 2,
+        };
+        let beam = DecodeConfig {
+            beam: 5,
+            min_len: 3,
+            ..DecodeConfig::default()
+        };
+        let g = generation_config_json(&cfg, ids, &beam);
+        assert_eq!(g["num_beams"], 5);
+        assert_eq!(
+            g["min_length"], 4,
+            "generate counts the decoder's start token"
+        );
+        assert!(g.get("do_sample").is_none(), "{g}");
+        let sampled = DecodeConfig {
+            sampling: true,
+            temperature: 0.5,
+            top_p: Some(0.9),
+            ..beam
+        };
+        let g = generation_config_json(&cfg, ids, &sampled);
+        assert_eq!(g["do_sample"], true);
+        assert_eq!(g["num_beams"], 1);
+        assert_eq!(g["temperature"], 0.5);
+        assert_eq!(g["top_k"], 0);
+        assert!((g["top_p"].as_f64().unwrap() - 0.9).abs() < 1e-6, "{g}");
+    }
 }
