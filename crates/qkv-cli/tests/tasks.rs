@@ -689,41 +689,30 @@ fn summarize_reports_rouge_and_warm_starts() {
         let want: Vec<String> = order.iter().map(|&i| cands[i].clone()).collect();
         assert_eq!(all, &want);
     }
-    let (ok, out, err) = qkv(
-        &[
+    // eval says how MBR ran.
+    let test = dir.join("test.tsv");
+    for (extra, says) in [
+        (&[][..], "beam 4, MBR over 4,"),
+        (
+            &["--mbr-references", "6"][..],
+            "beam 4, MBR over 4 against 6 samples,",
+        ),
+    ] {
+        let mut args = vec![
             "eval",
             "--model",
             model,
             "--data",
-            dir.join("test.tsv").to_str().unwrap(),
+            test.to_str().unwrap(),
             "--beam",
             "4",
             "--mbr",
             "4",
-        ],
-        None,
-    );
-    assert!(ok && out.contains("beam 4, MBR over 4"), "{out}{err}");
-    let (ok, out, err) = qkv(
-        &[
-            "eval",
-            "--model",
-            model,
-            "--data",
-            dir.join("test.tsv").to_str().unwrap(),
-            "--beam",
-            "4",
-            "--mbr",
-            "4",
-            "--mbr-references",
-            "6",
-        ],
-        None,
-    );
-    assert!(
-        ok && out.contains("beam 4, MBR over 4 against 6 samples"),
-        "{out}{err}"
-    );
+        ];
+        args.extend(extra);
+        let (ok, out, err) = qkv(&args, None);
+        assert!(ok && out.contains(says), "{out}{err}");
+    }
     // A summarizer reads the start of a passage longer than its max_len (24) and says so.
     let long = format!("{}\nthe king\n", "the king and the house ".repeat(20));
     let (ok, out, err) = qkv(
