@@ -151,10 +151,11 @@ pub fn encode_sources(
 }
 
 /// Translate encoded sources (each ending in EOS, within the model's `max_len`): per
-/// source, `nbest` outputs (best first) as target ids, followed by
-/// `decode.references()` samples as MBR's references (which [`select`] takes off). Sources are decoded longest first in
-/// batches of about `max_tokens` source tokens; greedy decoding starts the next batch (of
-/// half as many) as soon as a row of the last one ends (see [`greedy_continuous`]).
+/// source, `nbest` outputs (best first) as target ids, followed by `decode.references()`
+/// samples as MBR's references (which [`select`] takes off). Sources are decoded longest
+/// first in batches of about `max_tokens` source tokens; greedy decoding starts the next
+/// batch (of half as many) as soon as a row of the last one ends (see
+/// [`greedy_continuous`]).
 ///
 /// With more than one thread in the pool, whole batches go to workers, each decoding on one
 /// thread with its own copy of the model's buffers: a decoding step's products are too small
