@@ -642,6 +642,7 @@ pub struct TranslateReport {
     /// Samples per input MBR scored the candidates against (`decode.references()`; 0: each
     /// other).
     pub mbr_references: usize,
+    /// Tokenizing, decoding and detokenizing (not scoring).
     pub seconds: f64,
     /// Sources longer than the model reads, cut to its limit to be translated at all.
     pub cut: usize,
@@ -715,6 +716,9 @@ pub fn evaluate(
             hypotheses.push(text);
         }
     }
+    // The clock covers tokenizing, decoding and detokenizing, as a throughput's peer
+    // (`scripts/bench/translate_ct2.py`) times it; scoring is not translation.
+    let seconds = t.elapsed().as_secs_f64();
     let rouge = (files.task == Some(TaskKind::Summarize)).then(|| {
         let scored: Vec<(&str, &str)> = refs
             .iter()
@@ -746,7 +750,7 @@ pub fn evaluate(
             0
         },
         mbr_references: opts.decode.references(),
-        seconds: t.elapsed().as_secs_f64(),
+        seconds,
         cut,
         limit,
         target_tokens,
