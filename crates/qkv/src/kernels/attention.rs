@@ -324,6 +324,25 @@ pub fn attention_one_query(
             let base = (blk * kv.rows + k_start) * kv.rs;
             let pad = padding.map(|m| &m[blk * kv.rows + k_start..blk * kv.rows + k_len]);
             let q = &q[r * q_rs..][..w];
+            #[cfg(target_arch = "x86_64")]
+            if d % 8 == 0 && simd::has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA (checked); the slices' lengths bound every
+                // read (see the function).
+                return unsafe {
+                    one_query_avx2::row(
+                        o,
+                        q,
+                        &kv.data[base..],
+                        kv.rs,
+                        kv.k_offset,
+                        kv.v_offset,
+                        pad,
+                        scores,
+                        d,
+                        scale,
+                    )
+                };
+            }
             one_query_row(
                 o,
                 q,
@@ -389,6 +408,217 @@ crate::simd::multiversion! {
                 prefetch_head(kv, (j + PREFETCH) * rs + v_offset + h * d, d);
                 let vj = &kv[j * rs + v_offset + h * d..][..d];
                 oh.iter_mut().zip(vj).for_each(|(x, v)| *x += pj * v);
+            }
+        }
+    }
+}
+
+/// [`one_query_row`] with AVX2 and FMA, for head widths that are multiples of 8. The
+/// portable loop waits on its own sums: a dot product of 64 floats is two dependent FMA chains
+/// and a horizontal sum per key, and the weighted sum of values loads and stores its output
+/// per key. Here eight keys' dot products run as independent chains and are summed
+/// horizontally together, and the output stays in registers while the values stream past:
+/// 1.5× the portable loop on a cache held in L3, 1.1× on one read from memory, greedy
+/// translation 6% faster (Zen3, BENCHMARKS.md). Software prefetching, as the portable loop
+/// does, measured slower here. Same result up to the order of the sums.
+#[cfg(target_arch = "x86_64")]
+mod one_query_avx2 {
+    use super::softmax_row;
+    use std::arch::x86_64::*;
+
+    /// Sums of eight vectors, lane k of the result = Σ lanes of `v[k]`.
+    #[inline(always)]
+    unsafe fn hsum8(v: [__m256; 8]) -> __m256 {
+        let a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        let b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        // a holds keys 0–3 in its low and high halves (partial sums), b keys 4–7.
+        let lo = _mm256_permute2f128_ps::<0x20>(a, b);
+        let hi = _mm256_permute2f128_ps::<0x31>(a, b);
+        _mm256_add_ps(lo, hi)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// `o[h] = softmax(q[h]·K[h]ᵀ · scale) V[h]` for every head h of one query, over the
+    /// `n = scores.len()` key rows of `kv` (row stride `rs`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, `d % 8 == 0`, `q.len() == o.len()` a multiple of `d`,
+    /// and `kv` must hold `n` rows of `rs` floats whose key and value heads
+    /// (`[k_offset + h·d, +d)`, `[v_offset + h·d, +d)`) lie inside the row (asserted below).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn row(
+        o: &mut [f32],
+        q: &[f32],
+        kv: &[f32],
+        rs: usize,
+        k_offset: usize,
+        v_offset: usize,
+        pad: Option<&[bool]>,
+        scores: &mut [f32],
+        d: usize,
+        scale: f32,
+    ) {
+        let n = scores.len();
+        let w = o.len();
+        assert!(d % 8 == 0 && q.len() == w && w % d == 0);
+        assert!(n == 0 || (n - 1) * rs + k_offset.max(v_offset) + w <= kv.len());
+        let kv_at = |j: usize, off: usize| kv.as_ptr().add(j * rs + off);
+        for h in 0..w / d {
+            let qh = q.as_ptr().add(h * d);
+            let (ko, vo) = (k_offset + h * d, v_offset + h * d);
+            // Scores, eight keys at a time.
+            let mut j = 0;
+            while j + 8 <= n {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut i = 0;
+                while i < d {
+                    let qv = _mm256_loadu_ps(qh.add(i));
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kv_at(j + k, ko + i)), *a);
+                    }
+                    i += 8;
+                }
+                let s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(j), s);
+                j += 8;
+            }
+            for (j, s) in scores.iter_mut().enumerate().skip(j) {
+                let mut acc = _mm256_setzero_ps();
+                let mut i = 0;
+                while i < d {
+                    let kj = _mm256_loadu_ps(kv_at(j, ko + i));
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(i)), kj, acc);
+                    i += 8;
+                }
+                *s = hsum(acc) * scale;
+            }
+            softmax_row(scores, n, pad);
+            // o[h] = Σ_j p_j V_j[h], in blocks of up to 64 columns held in registers.
+            let mut c = 0;
+            while c < d {
+                let cols = (d - c).min(64);
+                weighted_sum(&mut o[h * d + c..h * d + c + cols], kv, rs, vo + c, scores);
+                c += cols;
+            }
+        }
+    }
+
+    /// `out = Σ_j p[j] · kv[j·rs + off..][..out.len()]`, out.len() a multiple of 8, ≤ 64.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_sum(out: &mut [f32], kv: &[f32], rs: usize, off: usize, p: &[f32]) {
+        match out.len() / 8 {
+            8 => weighted_sum_n::<8>(out, kv, rs, off, p),
+            7 => weighted_sum_n::<7>(out, kv, rs, off, p),
+            6 => weighted_sum_n::<6>(out, kv, rs, off, p),
+            5 => weighted_sum_n::<5>(out, kv, rs, off, p),
+            4 => weighted_sum_n::<4>(out, kv, rs, off, p),
+            3 => weighted_sum_n::<3>(out, kv, rs, off, p),
+            2 => weighted_sum_n::<2>(out, kv, rs, off, p),
+            _ => weighted_sum_n::<1>(out, kv, rs, off, p),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn weighted_sum_n<const B: usize>(
+        out: &mut [f32],
+        kv: &[f32],
+        rs: usize,
+        off: usize,
+        p: &[f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); B];
+        for (j, &pj) in p.iter().enumerate() {
+            let (pv, v) = (_mm256_set1_ps(pj), kv.as_ptr().add(j * rs + off));
+            for (b, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.add(8 * b)), *a);
+            }
+        }
+        for (b, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * b), *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The dispatched one-query attention (AVX2 where the CPU has it) against the portable
+    /// loop, over head widths below, at and above one 64-column register block, key counts
+    /// around the 8-key groups, and padded keys (a row of only padding gives zeros).
+    #[test]
+    fn one_query_matches_the_portable_loop() {
+        let mut seed = 0;
+        let mut next = |n: usize| -> Vec<f32> {
+            seed += 1;
+            (0..n).map(|i| crate::rng::normal(seed, i as u64)).collect()
+        };
+        for (heads, d) in [(4, 64), (2, 32), (2, 128), (3, 72), (1, 8), (2, 12)] {
+            let w = heads * d;
+            for n in [1, 7, 8, 9, 17, 40] {
+                let (rows, blocks, cap) = (3, 2, n + 3);
+                let rs = 2 * w + 5;
+                let kv = next(blocks * cap * rs);
+                let q = next(rows * (w + 1));
+                let block = [1, 0, 1];
+                let keys = [0..n, 2..n.max(3), 1..n + 1];
+                let pad: Vec<bool> = (0..blocks * cap).map(|i| i % 5 == 3).collect();
+                for padding in [None, Some(&pad[..])] {
+                    let blocks = KvBlocks {
+                        data: &kv,
+                        rows: cap,
+                        rs,
+                        k_offset: 3,
+                        v_offset: w + 4,
+                    };
+                    let mut got = vec![f32::NAN; rows * w];
+                    attention_one_query(
+                        &mut got,
+                        &q,
+                        w + 1,
+                        blocks,
+                        &block,
+                        &keys,
+                        padding,
+                        heads,
+                        d,
+                        0.3,
+                    );
+                    for r in 0..rows {
+                        let k = keys[r].clone();
+                        let base = (block[r] * cap + k.start) * rs;
+                        let pad =
+                            padding.map(|m| &m[block[r] * cap + k.start..block[r] * cap + k.end]);
+                        let mut want = vec![0.0; w];
+                        let mut scores = vec![0.0; k.len()];
+                        let qr = &q[r * (w + 1)..][..w];
+                        one_query_row(
+                            &mut want,
+                            qr,
+                            &kv[base..],
+                            rs,
+                            3,
+                            w + 4,
+                            pad,
+                            &mut scores,
+                            d,
+                            0.3,
+                        );
+                        for (i, (g, e)) in got[r * w..(r + 1) * w].iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                                "heads {heads} d {d} n {n} row {r} column {i}: {g} vs {e}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
