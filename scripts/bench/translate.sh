@@ -3,7 +3,7 @@
 # run: the model is exported with `qkv export --format ctranslate2`, then each engine
 # translates the test set REPEAT times (beam 4 and greedy, 2 threads; CTranslate2 in batches
 # of 32 sentences, qkv in batches of its default 2,048 source tokens, greedy refilled
-# continuously in chunks of 1,024). Both stop an output at the model's
+# continuously in chunks of 256). Both stop an output at the model's
 # max_len (qkv: --max-len-a 0 --max-len-b max_len; CTranslate2: max_decoding_length
 # max_len - 1), so both do the same work. Prints each run's JSON line, then a markdown table
 # of medians with the ratio qkv / CTranslate2 in target tokens/s.

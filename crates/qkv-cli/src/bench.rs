@@ -31,7 +31,7 @@ pub struct TranslateArgs {
     #[command(flatten)]
     decode: crate::infer::DecodeArgs,
     /// Source tokens per decoding batch (greedy decoding refills its batch as rows end, with
-    /// chunks of half as many).
+    /// chunks of an eighth as many).
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
     /// Write the translations here.

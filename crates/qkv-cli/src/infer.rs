@@ -92,7 +92,7 @@ pub struct TranslateArgs {
     #[arg(long, default_value_t = 1)]
     pub nbest: usize,
     /// Source tokens per decoding batch (greedy decoding refills its batch as rows end, with
-    /// chunks of half as many).
+    /// chunks of an eighth as many).
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: usize,
     #[command(flatten)]
