@@ -418,7 +418,7 @@ crate::simd::multiversion! {
 /// and a horizontal sum per key, and the weighted sum of values loads and stores its output
 /// per key. Here eight keys' dot products run as independent chains and are summed
 /// horizontally together, and the output stays in registers while the values stream past:
-/// 1.5× the portable loop on a cache held in L3, 1.1× on one read from memory, greedy
+/// 1.6× the portable loop on a cache held in L3, 1.3× on one read from memory, greedy
 /// translation 6% faster (Zen3, BENCHMARKS.md). Software prefetching, as the portable loop
 /// does, measured slower here. Same result up to the order of the sums.
 #[cfg(target_arch = "x86_64")]
