@@ -158,6 +158,8 @@ fn minilm_fine_tunes_as_a_classifier_through_a_job() {
         None,
     );
     assert!(!ok && err.contains("classify task only"), "{err}");
+    // Its checkpoints hold MiniLM (0.5 GB); a failing run keeps them to look at.
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A summarize job with `"init_from"` all-MiniLM-L6-v2 (Rothe et al., 2020): the encoder,
@@ -248,4 +250,5 @@ fn minilm_warm_starts_a_summarizer_through_a_job() {
         err.contains("one vocabulary") && err.contains("joint"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
