@@ -324,37 +324,21 @@ pub fn attention_one_query(
             let base = (blk * kv.rows + k_start) * kv.rs;
             let pad = padding.map(|m| &m[blk * kv.rows + k_start..blk * kv.rows + k_len]);
             let q = &q[r * q_rs..][..w];
+            let keys = RowKeys {
+                kv: &kv.data[base..],
+                rs: kv.rs,
+                k_offset: kv.k_offset,
+                v_offset: kv.v_offset,
+                d,
+                scale,
+            };
             #[cfg(target_arch = "x86_64")]
             if d % 8 == 0 && simd::has_avx2() {
                 // SAFETY: the CPU has AVX2 and FMA (checked); the slices' lengths bound every
                 // read (see the function).
-                return unsafe {
-                    one_query_avx2::row(
-                        o,
-                        q,
-                        &kv.data[base..],
-                        kv.rs,
-                        kv.k_offset,
-                        kv.v_offset,
-                        pad,
-                        scores,
-                        d,
-                        scale,
-                    )
-                };
+                return unsafe { one_query_avx2::row(o, q, keys, pad, scores) };
             }
-            one_query_row(
-                o,
-                q,
-                &kv.data[base..],
-                kv.rs,
-                kv.k_offset,
-                kv.v_offset,
-                pad,
-                scores,
-                d,
-                scale,
-            );
+            one_query_row(o, q, keys, pad, scores);
         });
 }
 
@@ -380,21 +364,29 @@ fn prefetch_head(kv: &[f32], at: usize, d: usize) {
     let _ = (kv, at, d);
 }
 
+/// One query's keys and values: rows of `rs` floats from its first key, key head h at
+/// `[k_offset + h·d, +d)` and value head h at `[v_offset + h·d, +d)`; scores scale by `scale`.
+#[derive(Clone, Copy)]
+struct RowKeys<'a> {
+    kv: &'a [f32],
+    rs: usize,
+    k_offset: usize,
+    v_offset: usize,
+    d: usize,
+    scale: f32,
+}
+
 crate::simd::multiversion! {
     /// One row of [`attention_one_query`]: every head of query `q` (H·D) against the `n =
-    /// scores.len()` keys and values of `kv` (row stride `rs`), into `o` (H·D).
+    /// scores.len()` keys and values of `keys`, into `o` (H·D).
     fn one_query_row(
         o: &mut [f32],
         q: &[f32],
-        kv: &[f32],
-        rs: usize,
-        k_offset: usize,
-        v_offset: usize,
+        keys: RowKeys<'_>,
         pad: Option<&[bool]>,
         scores: &mut [f32],
-        d: usize,
-        scale: f32,
     ) {
+        let RowKeys { kv, rs, k_offset, v_offset, d, scale } = keys;
         let n = scores.len();
         for (h, (qh, oh)) in q.chunks_exact(d).zip(o.chunks_exact_mut(d)).enumerate() {
             for (j, s) in scores.iter_mut().enumerate() {
@@ -423,7 +415,7 @@ crate::simd::multiversion! {
 /// does, measured slower here. Same result up to the order of the sums.
 #[cfg(target_arch = "x86_64")]
 mod one_query_avx2 {
-    use super::softmax_row;
+    use super::{softmax_row, RowKeys};
     use std::arch::x86_64::*;
 
     /// Sums of eight vectors, lane k of the result = Σ lanes of `v[k]`.
@@ -445,26 +437,28 @@ mod one_query_avx2 {
     }
 
     /// `o[h] = softmax(q[h]·K[h]ᵀ · scale) V[h]` for every head h of one query, over the
-    /// `n = scores.len()` key rows of `kv` (row stride `rs`).
+    /// `n = scores.len()` key rows of `keys`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, `d % 8 == 0`, `q.len() == o.len()` a multiple of `d`,
-    /// and `kv` must hold `n` rows of `rs` floats whose key and value heads
-    /// (`[k_offset + h·d, +d)`, `[v_offset + h·d, +d)`) lie inside the row (asserted below).
+    /// The CPU must have AVX2 and FMA. The rest is asserted: `d % 8 == 0`, `q.len() ==
+    /// o.len()` a multiple of `d`, and `keys.kv` holds `n` rows whose key and value heads lie
+    /// inside it.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn row(
         o: &mut [f32],
         q: &[f32],
-        kv: &[f32],
-        rs: usize,
-        k_offset: usize,
-        v_offset: usize,
+        keys: RowKeys<'_>,
         pad: Option<&[bool]>,
         scores: &mut [f32],
-        d: usize,
-        scale: f32,
     ) {
+        let RowKeys {
+            kv,
+            rs,
+            k_offset,
+            v_offset,
+            d,
+            scale,
+        } = keys;
         let n = scores.len();
         let w = o.len();
         assert!(d % 8 == 0 && q.len() == w && w % d == 0);
@@ -599,18 +593,15 @@ mod tests {
                         let mut want = vec![0.0; w];
                         let mut scores = vec![0.0; k.len()];
                         let qr = &q[r * (w + 1)..][..w];
-                        one_query_row(
-                            &mut want,
-                            qr,
-                            &kv[base..],
+                        let keys = RowKeys {
+                            kv: &kv[base..],
                             rs,
-                            3,
-                            w + 4,
-                            pad,
-                            &mut scores,
+                            k_offset: 3,
+                            v_offset: w + 4,
                             d,
-                            0.3,
-                        );
+                            scale: 0.3,
+                        };
+                        one_query_row(&mut want, qr, keys, pad, &mut scores);
                         for (i, (g, e)) in got[r * w..(r + 1) * w].iter().zip(&want).enumerate() {
                             assert!(
                                 (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
