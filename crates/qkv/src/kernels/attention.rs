@@ -461,7 +461,7 @@ mod one_query_avx2 {
         } = keys;
         let n = scores.len();
         let w = o.len();
-        assert!(d % 8 == 0 && q.len() == w && w % d == 0);
+        assert!(d % 8 == 0 && q.len() == w && w.is_multiple_of(d));
         assert!(n == 0 || (n - 1) * rs + k_offset.max(v_offset) + w <= kv.len());
         let kv_at = |j: usize, off: usize| kv.as_ptr().add(j * rs + off);
         for h in 0..w / d {
