@@ -416,6 +416,7 @@ crate::simd::multiversion! {
 #[cfg(target_arch = "x86_64")]
 mod one_query_avx2 {
     use super::{softmax_row, RowKeys};
+    use crate::simd::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// Sums of eight vectors, lane k of the result = Σ lanes of `v[k]`.
@@ -427,13 +428,6 @@ mod one_query_avx2 {
         let lo = _mm256_permute2f128_ps::<0x20>(a, b);
         let hi = _mm256_permute2f128_ps::<0x31>(a, b);
         _mm256_add_ps(lo, hi)
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// `o[h] = softmax(q[h]·K[h]ᵀ · scale) V[h]` for every head h of one query, over the

@@ -159,14 +159,6 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
     unsafe fn hmax(v: __m256) -> f32 {
         let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -189,7 +181,7 @@ mod avx2 {
             _mm256_storeu_ps(p.add(j), e);
             acc = _mm256_add_ps(acc, e);
         }
-        let mut sum = hsum(acc);
+        let mut sum = crate::simd::avx2::hsum(acc);
         for v in &mut row[full..] {
             *v = if *v == f32::NEG_INFINITY {
                 0.0
