@@ -310,6 +310,8 @@ pub fn attention_one_query(
     assert!(keys.len() == 1 || keys.len() == block.len());
     assert!(keys.iter().all(|k| k.start < k.end && k.end <= kv.rows));
     assert!(out.len() >= block.len() * w);
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = d % 8 == 0 && simd::has_avx2();
     out[..block.len() * w]
         .par_chunks_mut(w)
         .zip(block.par_iter())
@@ -333,7 +335,7 @@ pub fn attention_one_query(
                 scale,
             };
             #[cfg(target_arch = "x86_64")]
-            if d % 8 == 0 && simd::has_avx2() {
+            if avx2 {
                 // SAFETY: the CPU has AVX2 and FMA (checked); the slices' lengths bound every
                 // read (see the function).
                 return unsafe { one_query_avx2::row(o, q, keys, pad, scores) };
