@@ -763,6 +763,91 @@ fn summarize_reports_rouge_and_warm_starts() {
     assert!(err.contains("ffn") && err.contains("has shape"), "{err}");
 }
 
+/// `"best_metric": "rougeL"` scores every validation by decoding the validation passages
+/// the way the job decodes (the value `qkv eval` gives that checkpoint), logs it in
+/// `metrics.csv`, and keeps as `best/` the checkpoint that scored highest.
+#[test]
+fn summarize_keeps_the_checkpoint_with_the_best_validation_rouge() {
+    let dir = scratch("summarize-best-rouge");
+    let pairs = |n, seed| -> String {
+        parallel(n, seed)
+            .lines()
+            .map(|l| {
+                let passage = l.split('\t').next().unwrap();
+                let head: Vec<&str> = passage.split(' ').take(2).collect();
+                format!("{passage}\t{}\n", head.join(" "))
+            })
+            .collect()
+    };
+    std::fs::write(dir.join("train.tsv"), pairs(300, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), pairs(20, 2)).unwrap();
+    let cfg = job(
+        &dir,
+        "summarize",
+        TINY,
+        60,
+        ["train.tsv", "valid.tsv", "valid.tsv"],
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        r#""keep_last": 2,"#,
+        r#""keep_last": 3, "best_metric": "rougeL","#,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let run = dir.join("run");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let scored: Vec<(u64, f64)> = csv
+        .lines()
+        .filter(|l| l.contains(",valid,"))
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(f[7], "rougeL", "{l}");
+            (f[0].parse().unwrap(), f[8].parse().unwrap())
+        })
+        .collect();
+    let steps: Vec<u64> = scored.iter().map(|s| s.0).collect();
+    assert_eq!(steps, [20, 40, 60], "{csv}");
+    let valid = dir.join("valid.tsv");
+    for &(step, value) in &scored {
+        let ckpt = run.join(format!("checkpoint-{step:07}"));
+        let (ok, out, err) = qkv(
+            &[
+                "eval",
+                "--model",
+                ckpt.to_str().unwrap(),
+                "--data",
+                valid.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+        let printed: f64 = out
+            .split("ROUGE-L ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .expect(&out);
+        assert!(
+            (printed - value).abs() < 0.006,
+            "step {step}: {value} vs {out}"
+        );
+    }
+    // The first highest score's checkpoint is best/ (a later tie does not replace it).
+    let top = scored
+        .iter()
+        .fold(scored[0], |a, &b| if b.1 > a.1 { b } else { a });
+    assert!(top.1 > 0.0, "nothing learned: {scored:?}");
+    let state = std::fs::read_to_string(run.join("best/trainer_state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(state["step"], top.0, "{state} {scored:?}");
+    assert_eq!(
+        std::fs::read(run.join("best/model.safetensors")).unwrap(),
+        std::fs::read(run.join(format!("checkpoint-{:07}/model.safetensors", top.0))).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A model directory whose `task.json` names no task is an error naming the file.
 #[test]
 fn an_unknown_task_in_a_model_directory_is_an_error_naming_the_file() {

@@ -6,7 +6,7 @@
 use crate::decode::DecodeConfig;
 use crate::error::{Error, Result};
 use crate::model::{Family, ModelConfig};
-use crate::train::TrainConfig;
+use crate::train::{BestMetric, TrainConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,17 @@ impl TaskKind {
             TaskKind::Translate | TaskKind::Summarize => Family::Seq2seq,
             TaskKind::Classify => Family::Classifier,
             TaskKind::Lm => Family::Lm,
+        }
+    }
+
+    /// The scores its validation can choose the best checkpoint by (`train.best_metric`).
+    pub fn best_metrics(self) -> &'static [BestMetric] {
+        use BestMetric::*;
+        match self {
+            TaskKind::Translate => &[Loss, Bleu, Chrf],
+            TaskKind::Summarize => &[Loss, Bleu, Chrf, Rouge1, Rouge2, RougeL],
+            TaskKind::Classify => &[Loss, Accuracy],
+            TaskKind::Lm => &[Loss],
         }
     }
 }
@@ -177,6 +188,21 @@ impl Job {
         job.decode
             .validate()
             .map_err(|e| job_err(path, e.to_string()))?;
+        if let Some(m) = job.train.best_metric {
+            let allowed = job.task.best_metrics();
+            if !allowed.contains(&m) {
+                let names: Vec<_> = allowed.iter().map(|m| m.name()).collect();
+                return Err(job_err(
+                    path,
+                    format!(
+                        "train.best_metric \"{}\" is not scored by {} jobs (they score: {})",
+                        m.name(),
+                        serde_json::to_string(&job.task).unwrap_or_default(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(job)
     }
 
@@ -380,6 +406,11 @@ mod tests {
             ),
             (r#""decode": {"beam": 0}"#, "decode.beam"),
             (r#""decode": {"temperature": 0}"#, "temperature"),
+            (
+                r#""train": {"best_metric": "bleu"}"#,
+                "best_metric \"bleu\"",
+            ),
+            (r#""train": {"best_metric": "rouge"}"#, "rougeL"),
         ] {
             let path = write(
                 "bad",

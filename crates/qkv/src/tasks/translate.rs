@@ -14,7 +14,7 @@ use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
 use crate::model::{Incremental, KvCache, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
 use crate::rng::hash;
-use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
+use crate::train::{loss_tally, BestMetric, Observer, Part, Tally, TrainData};
 use rayon::prelude::*;
 use std::fmt;
 use std::path::Path;
@@ -769,10 +769,53 @@ pub fn evaluate(
 pub struct Translate {
     train: ParallelData,
     valid: Vec<Seq2SeqBatch>,
+    /// Set when the job chooses its best checkpoint by a decoding metric.
+    valid_decode: Option<ValidDecode>,
     test: Option<Vec<(String, String)>>,
     target: Tokenizer,
     max_tokens: usize,
     seed: u64,
+}
+
+/// Scoring a checkpoint by decoding the validation sources (`train.best_metric` "bleu",
+/// "chrf" or a ROUGE), as fairseq's `--eval-bleu` and Hugging Face's
+/// `predict_with_generate` do: the job's `decode` settings, so the checkpoint kept is the
+/// one that decodes best the way the model will be used.
+struct ValidDecode {
+    metric: BestMetric,
+    pairs: Vec<(String, String)>,
+    files: ModelFiles,
+}
+
+impl ValidDecode {
+    /// The metric over every validation pair (× 100, as reported).
+    fn score(&self, model: &mut Seq2Seq) -> Result<f64> {
+        let opts = TranslateOptions::new(&self.files.decode);
+        let report = evaluate(model, &self.files, &self.pairs, &opts, 0)?;
+        let rouge = |pick: fn(&Rouge) -> f64| -> Result<f64> {
+            report
+                .rouge
+                .as_ref()
+                .map(|r| 100.0 * pick(r))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "train.best_metric {} needs a summarize job",
+                        self.metric.name()
+                    ))
+                })
+        };
+        match self.metric {
+            BestMetric::Bleu => Ok(report.bleu.score),
+            BestMetric::Chrf => Ok(report.chrf.score),
+            BestMetric::Rouge1 => rouge(|r| r.rouge1.fmeasure),
+            BestMetric::Rouge2 => rouge(|r| r.rouge2.fmeasure),
+            BestMetric::RougeL => rouge(|r| r.rouge_l.fmeasure),
+            m @ (BestMetric::Loss | BestMetric::Accuracy) => Err(Error::Config(format!(
+                "train.best_metric {} is not a decoding metric",
+                m.name()
+            ))),
+        }
+    }
 }
 
 impl TrainData<Seq2Seq> for Translate {
@@ -783,19 +826,32 @@ impl TrainData<Seq2Seq> for Translate {
     }
 
     fn validate(&mut self, model: &mut Seq2Seq, part: Part) -> Result<Tally> {
-        loss_tally(model, &self.valid, part)
+        let mut tally = loss_tally(model, &self.valid, part)?;
+        if let Some(d) = &self.valid_decode {
+            // Rank 0 decodes every pair and the ranks' sums hold its score once: corpus
+            // BLEU and chrF do not split into shares, and sampling draws by a source's
+            // index, which a share would renumber.
+            let (value, weight) = if part.rank == 0 {
+                (d.score(model)?, 1.0)
+            } else {
+                (0.0, 0.0)
+            };
+            tally.metric = Some((d.metric.name().to_string(), value, weight));
+        }
+        Ok(tally)
     }
 }
 
 impl Translate {
-    /// Read, tokenize and batch the job's pairs; `truncate_source` cuts long sources
-    /// instead of dropping their pairs (summarization).
+    /// Read, tokenize and batch the job's pairs; a summarizer cuts long sources instead of
+    /// dropping their pairs.
     fn prepare_pairs(
         job: &Job,
         run: &Path,
         observer: &mut dyn Observer,
-        truncate_source: bool,
+        kind: TaskKind,
     ) -> Result<Prepared<Self>> {
+        let truncate_source = kind == TaskKind::Summarize;
         let train_pairs = read_pairs(job, &job.data.train, false, observer)?;
         let valid_pairs = read_pairs(job, &job.data.valid, false, observer)?;
         let test = job
@@ -843,7 +899,7 @@ impl Translate {
             target_tokenizer,
             labels: None,
             decode: job.decode.clone(),
-            task: None,
+            task: (kind == TaskKind::Summarize).then_some(kind),
         };
         let (src_tok, tgt_tok) = (&files.tokenizer, files.target_tokenizer());
         let cut = truncate_source;
@@ -879,8 +935,18 @@ impl Translate {
             tgt_tok.vocab_size()
         ));
         let max_tokens = job.train.max_tokens;
+        let valid_decode = job
+            .train
+            .best_metric
+            .filter(|m| !matches!(m, BestMetric::Loss | BestMetric::Accuracy))
+            .map(|metric| ValidDecode {
+                metric,
+                pairs: valid_pairs,
+                files: files.clone(),
+            });
         let task = Translate {
             valid: valid_data.epoch_batches(tgt_tok, max_tokens, 0, 0),
+            valid_decode,
             train,
             test,
             target: tgt_tok.clone(),
@@ -899,7 +965,7 @@ impl Task for Translate {
     type Model = Seq2Seq;
 
     fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
-        Self::prepare_pairs(job, run, observer, false)
+        Self::prepare_pairs(job, run, observer, TaskKind::Translate)
     }
 
     fn new_model(&self, config: ModelConfig, job: &Job) -> Result<Seq2Seq> {
@@ -938,13 +1004,10 @@ impl Task for Summarize {
     type Model = Seq2Seq;
 
     fn prepare(job: &Job, run: &Path, observer: &mut dyn Observer) -> Result<Prepared<Self>> {
-        let p = Translate::prepare_pairs(job, run, observer, true)?;
+        let p = Translate::prepare_pairs(job, run, observer, TaskKind::Summarize)?;
         Ok(Prepared {
             task: Summarize(p.task),
-            files: ModelFiles {
-                task: Some(TaskKind::Summarize),
-                ..p.files
-            },
+            files: p.files,
             config: p.config,
         })
     }

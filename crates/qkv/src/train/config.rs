@@ -45,6 +45,49 @@ pub struct TrainConfig {
     /// the last 5 checkpoints"); the average replaces `best/` when it validates better.
     /// 0 or 1 (the default): off. Needs `keep_last` at least as large.
     pub average_last: usize,
+    /// What `best/` is chosen by (fairseq's `--best-checkpoint-metric`, Hugging Face's
+    /// `metric_for_best_model`); default: the task's metric (a classifier's accuracy),
+    /// otherwise the validation loss. A decoding metric decodes the validation sources with
+    /// the job's `decode` at every validation.
+    pub best_metric: Option<BestMetric>,
+}
+
+/// A score the best checkpoint can be chosen by; names as the metrics' own tools print
+/// them (`rouge-score`'s `rougeL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BestMetric {
+    #[serde(rename = "loss")]
+    Loss,
+    #[serde(rename = "accuracy")]
+    Accuracy,
+    /// sacreBLEU's corpus BLEU.
+    #[serde(rename = "bleu")]
+    Bleu,
+    /// sacreBLEU's corpus chrF.
+    #[serde(rename = "chrf")]
+    Chrf,
+    /// Mean ROUGE F1 over the examples, as `rouge-score` with the stemmer.
+    #[serde(rename = "rouge1")]
+    Rouge1,
+    #[serde(rename = "rouge2")]
+    Rouge2,
+    #[serde(rename = "rougeL")]
+    RougeL,
+}
+
+impl BestMetric {
+    /// The name in `metrics.csv` and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            BestMetric::Loss => "loss",
+            BestMetric::Accuracy => "accuracy",
+            BestMetric::Bleu => "bleu",
+            BestMetric::Chrf => "chrf",
+            BestMetric::Rouge1 => "rouge1",
+            BestMetric::Rouge2 => "rouge2",
+            BestMetric::RougeL => "rougeL",
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -63,6 +106,7 @@ impl Default for TrainConfig {
             time_limit_s: None,
             precision: Precision::F32,
             average_last: 0,
+            best_metric: None,
         }
     }
 }

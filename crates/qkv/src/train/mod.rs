@@ -28,7 +28,7 @@ mod config;
 mod run_dir;
 
 pub use average::average_checkpoints;
-pub use config::TrainConfig;
+pub use config::{BestMetric, TrainConfig};
 pub use run_dir::{
     load_state, load_train_config, read_metrics, MetricsRow, RowKind, RunDir, BEST_DIR,
     METRICS_FILE, TRAINER_STATE_FILE, TRAIN_CONFIG_FILE,
@@ -77,11 +77,12 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// The value the best checkpoint is selected by (higher is better).
-    fn score(&self) -> f64 {
-        match &self.metric {
-            Some((_, v)) => *v,
-            None => -self.loss,
+    /// The value the best checkpoint is selected by (higher is better): the task's metric,
+    /// or the loss when there is none or `best_metric` asks for it.
+    fn score(&self, best: Option<BestMetric>) -> f64 {
+        match (&self.metric, best) {
+            (Some((_, v)), b) if b != Some(BestMetric::Loss) => *v,
+            _ => -self.loss,
         }
     }
 }
@@ -555,7 +556,7 @@ impl<M: Model> Trainer<M> {
         let v = self.validation(data)?;
         let seconds = t0.elapsed().as_secs_f64();
         // A non-finite score (e.g. a diverging model) never counts as an improvement.
-        let score = v.score();
+        let score = v.score(self.cfg.best_metric);
         let improved = score.is_finite() && self.state.best.is_none_or(|(best, _)| score > best);
         if improved {
             self.state.best = Some((score, self.state.step));
@@ -676,7 +677,7 @@ impl<M: Model> Trainer<M> {
             "sharing the averaged checkpoints",
         )?;
         let v = self.validation(data)?;
-        let score = v.score();
+        let score = v.score(self.cfg.best_metric);
         let better = score.is_finite() && self.state.best.is_none_or(|(best, _)| score > best);
         if better {
             self.state.best = Some((score, self.state.step));
@@ -705,4 +706,25 @@ pub fn loss_tally<M: Model>(model: &mut M, batches: &[M::Batch], part: Part) -> 
 /// Mean validation loss per target (no label smoothing) over `batches`, forward only.
 pub fn mean_loss<M: Model>(model: &mut M, batches: &[M::Batch]) -> Result<f64> {
     Ok(loss_tally(model, batches, Part::WHOLE)?.validation().loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_best_checkpoint_is_scored_by_the_task_metric_unless_told_loss() {
+        let v = Validation {
+            loss: 2.0,
+            metric: Some(("accuracy".into(), 81.0)),
+        };
+        assert_eq!(v.score(None), 81.0);
+        assert_eq!(v.score(Some(BestMetric::Accuracy)), 81.0);
+        assert_eq!(v.score(Some(BestMetric::Loss)), -2.0);
+        let loss_only = Validation {
+            loss: 2.0,
+            metric: None,
+        };
+        assert_eq!(loss_only.score(None), -2.0);
+    }
 }
