@@ -555,6 +555,18 @@ fn a_job_with_only_task_and_data_trains() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `passage<TAB>summary` lines whose "summary" is the passage's first two words.
+fn summaries(n: usize, seed: usize) -> String {
+    parallel(n, seed)
+        .lines()
+        .map(|l| {
+            let passage = l.split('\t').next().unwrap();
+            let head: Vec<&str> = passage.split(' ').take(2).collect();
+            format!("{passage}\t{}\n", head.join(" "))
+        })
+        .collect()
+}
+
 /// A summarize job trains a Seq2Seq model whose directory says it summarizes: the test report
 /// and `qkv eval` give ROUGE. A second job warm-starts from it (`init_from`: its config,
 /// tokenizer and every parameter); one whose overrides change a shape is refused, naming
@@ -562,20 +574,9 @@ fn a_job_with_only_task_and_data_trains() {
 #[test]
 fn summarize_reports_rouge_and_warm_starts() {
     let dir = scratch("summarize");
-    // "Summaries": the first two words of each passage.
-    let pairs = |n, seed| -> String {
-        parallel(n, seed)
-            .lines()
-            .map(|l| {
-                let passage = l.split('\t').next().unwrap();
-                let head: Vec<&str> = passage.split(' ').take(2).collect();
-                format!("{passage}\t{}\n", head.join(" "))
-            })
-            .collect()
-    };
-    std::fs::write(dir.join("train.tsv"), pairs(300, 1)).unwrap();
-    std::fs::write(dir.join("valid.tsv"), pairs(20, 2)).unwrap();
-    std::fs::write(dir.join("test.tsv"), pairs(20, 3)).unwrap();
+    std::fs::write(dir.join("train.tsv"), summaries(300, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), summaries(20, 2)).unwrap();
+    std::fs::write(dir.join("test.tsv"), summaries(20, 3)).unwrap();
     let cfg = job(
         &dir,
         "summarize",
@@ -769,18 +770,8 @@ fn summarize_reports_rouge_and_warm_starts() {
 #[test]
 fn summarize_keeps_the_checkpoint_with_the_best_validation_rouge() {
     let dir = scratch("summarize-best-rouge");
-    let pairs = |n, seed| -> String {
-        parallel(n, seed)
-            .lines()
-            .map(|l| {
-                let passage = l.split('\t').next().unwrap();
-                let head: Vec<&str> = passage.split(' ').take(2).collect();
-                format!("{passage}\t{}\n", head.join(" "))
-            })
-            .collect()
-    };
-    std::fs::write(dir.join("train.tsv"), pairs(300, 1)).unwrap();
-    std::fs::write(dir.join("valid.tsv"), pairs(20, 2)).unwrap();
+    std::fs::write(dir.join("train.tsv"), summaries(300, 1)).unwrap();
+    std::fs::write(dir.join("valid.tsv"), summaries(20, 2)).unwrap();
     let cfg = job(
         &dir,
         "summarize",
