@@ -1,16 +1,19 @@
 //! `qkv eval`: score a model directory on a test file (`qkv::pipeline::evaluate`).
 
 use crate::args::PrecisionArgs;
+use crate::infer::Translator;
 use anyhow::{Context, Result};
 use qkv::model_dir::ModelDir;
+use qkv::pipeline::evaluate_translation;
 use qkv::tasks::Report;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Model directory (a checkpoint, e.g. runs/translate-en-es/best).
-    #[arg(long)]
-    pub model: PathBuf,
+    /// Model directory (a checkpoint, e.g. runs/translate-en-es/best). Several translation or
+    /// summarization models (`--model a b`) decode as an ensemble, as `qkv translate`'s.
+    #[arg(long, required = true, num_args = 1..)]
+    pub model: Vec<PathBuf>,
     /// Test data: `source<TAB>target` (translate), `label<TAB>text` (classify) or text (lm).
     #[arg(long)]
     pub data: PathBuf,
@@ -28,10 +31,24 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let _precision = args.precision.apply();
-    let mut dir = ModelDir::load(&args.model)?;
-    args.precision.apply_to(&mut dir.model)?;
-    let decode = args.decode.over(&dir.files.decode)?;
-    let report = qkv::pipeline::evaluate(&mut dir, &args.data, Some(&decode), args.max_tokens)?;
+    let report = if let [path] = &args.model[..] {
+        let mut dir = ModelDir::load(path)?;
+        args.precision.apply_to(&mut dir.model)?;
+        let decode = args.decode.over(&dir.files.decode)?;
+        qkv::pipeline::evaluate(&mut dir, &args.data, Some(&decode), args.max_tokens)?
+    } else {
+        let (model, files) = crate::infer::load_translator(&args.model, args.precision)?;
+        let decode = args.decode.over(&files.decode)?;
+        let (data, max) = (&args.data, args.max_tokens);
+        match model {
+            Translator::Ensemble(mut m) => {
+                evaluate_translation(&mut m, &files, data, Some(&decode), max)?
+            }
+            Translator::One(mut m) => {
+                evaluate_translation(&mut *m, &files, data, Some(&decode), max)?
+            }
+        }
+    };
     println!("{report}");
     if let (Some(out), Report::Translate(r)) = (&args.output, &report) {
         std::fs::write(out, r.hypotheses.join("\n") + "\n")

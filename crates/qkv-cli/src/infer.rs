@@ -4,8 +4,8 @@
 use crate::args::{name_input, stdin_lines, PrecisionArgs};
 use anyhow::{bail, Result};
 use qkv::decode::{argmax, Choice, DecodeConfig};
-use qkv::model::AnyModel;
-use qkv::model_dir::ModelDir;
+use qkv::model::{AnyModel, EncoderDecoder, Ensemble, Seq2Seq};
+use qkv::model_dir::{ModelDir, ModelFiles};
 use qkv::tasks::{classify, lm, translate};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,8 +84,11 @@ impl DecodeArgs {
 
 #[derive(clap::Args)]
 pub struct TranslateArgs {
-    #[arg(long)]
-    pub model: PathBuf,
+    /// Model directory; several (`--model a b`, or the flag repeated) decode as an ensemble
+    /// that averages their next-token probabilities, with the first's tokenizer and decoding
+    /// defaults.
+    #[arg(long, required = true, num_args = 1..)]
+    pub model: Vec<PathBuf>,
     #[command(flatten)]
     pub decode: DecodeArgs,
     /// Hypotheses per input (tab-separated on one line), at most the beam.
@@ -107,12 +110,41 @@ fn not_a(path: &Path, what: &str) -> anyhow::Error {
     anyhow::anyhow!("{} is not {what}", path.display())
 }
 
+/// A translation model, or several as an ensemble, with the (first) model's files.
+pub enum Translator {
+    One(Box<Seq2Seq>),
+    Ensemble(Ensemble),
+}
+
+/// Load `paths` as one translation (or summarization) model or an ensemble of them, each with
+/// `precision`'s decoding steps.
+pub fn load_translator(
+    paths: &[PathBuf],
+    precision: PrecisionArgs,
+) -> Result<(Translator, ModelFiles)> {
+    let mut dirs = Vec::with_capacity(paths.len());
+    for path in paths {
+        let mut dir = load(path)?;
+        precision.apply_to(&mut dir.model)?;
+        dirs.push((path.clone(), dir));
+    }
+    if let [(path, _)] = &dirs[..] {
+        let path = path.clone();
+        let dir = dirs.pop().expect("one model").1;
+        let AnyModel::Seq2Seq(model) = dir.model else {
+            return Err(not_a(&path, "a translation model"));
+        };
+        return Ok((Translator::One(Box::new(model)), dir.files));
+    }
+    let (ensemble, files) = qkv::model_dir::ensemble(dirs)?;
+    Ok((Translator::Ensemble(ensemble), files))
+}
+
 pub fn run_translate(a: TranslateArgs) -> Result<()> {
     let _precision = a.precision.apply();
-    let mut dir = load(&a.model)?;
-    a.precision.apply_to(&mut dir.model)?;
+    let (mut model, files) = load_translator(&a.model, a.precision)?;
     let opts = translate::TranslateOptions {
-        decode: a.decode.over(&dir.files.decode)?,
+        decode: a.decode.over(&files.decode)?,
         nbest: a.nbest,
         max_tokens: a.max_tokens.max(1),
     };
@@ -123,12 +155,21 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
             opts.decode.beam
         );
     }
-    let AnyModel::Seq2Seq(model) = &mut dir.model else {
-        return Err(not_a(&a.model, "a translation model"));
-    };
     let lines = stdin_lines()?;
-    let out = translate::translate(model, &dir.files, &lines, &opts)
-        .map_err(|e| name_input(e, "stdin line"))?;
+    match &mut model {
+        Translator::One(m) => translate_lines(&mut **m, &files, &lines, &opts),
+        Translator::Ensemble(m) => translate_lines(m, &files, &lines, &opts),
+    }
+}
+
+fn translate_lines<M: EncoderDecoder>(
+    model: &mut M,
+    files: &ModelFiles,
+    lines: &[String],
+    opts: &translate::TranslateOptions,
+) -> Result<()> {
+    let out =
+        translate::translate(model, files, lines, opts).map_err(|e| name_input(e, "stdin line"))?;
     if out.cut > 0 {
         eprintln!(
             "{} of {} passages were longer than the model's {} tokens and were cut to them",

@@ -138,6 +138,32 @@ fn translate_train_eval_translate_average_resume() {
         Some("the son\n"),
     );
     assert!(ok && out.lines().count() == 1, "{out}{err}");
+    // Two copies of a model decode as the model; two checkpoints as an ensemble, in
+    // `translate` and `eval`.
+    let translate = |models: &[&str]| {
+        let mut args = vec!["translate", "--beam", "3", "--nbest", "2", "--model"];
+        args.extend(models);
+        let (ok, out, err) = qkv(&args, Some("the king\ngreat house god\n"));
+        assert!(ok, "{err}");
+        out
+    };
+    let best_s = best.to_str().unwrap();
+    let alone = translate(&[best_s]);
+    assert_eq!(translate(&[best_s, best_s]), alone);
+    assert_eq!(translate(&[&ckpts[0], &ckpts[1]]).lines().count(), 2);
+    let eval = |models: &[&str]| {
+        let test = dir.join("test.tsv");
+        let mut args = vec!["eval", "--data", test.to_str().unwrap(), "--model"];
+        args.extend(models);
+        let (ok, out, err) = qkv(&args, None);
+        assert!(ok, "{err}");
+        out.lines()
+            .find(|l| l.starts_with("BLEU = "))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(eval(&[best_s, best_s]), eval(&[best_s]));
+    assert!(eval(&[&ckpts[0], &ckpts[1]]).contains("BLEU = "));
     // A fresh run never overwrites a used run directory; nbest must fit the beam.
     let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
     assert!(

@@ -13,7 +13,7 @@ use crate::data::Tokenizer;
 use crate::decode::DecodeConfig;
 use crate::error::{Error, Result};
 use crate::job::TaskKind;
-use crate::model::{AnyModel, Family};
+use crate::model::{AnyModel, Ensemble, Family};
 use crate::tasks::classify::Labels;
 use crate::train::{load_train_config, TrainConfig, TRAIN_CONFIG_FILE};
 use std::path::{Path, PathBuf};
@@ -207,5 +207,129 @@ impl ModelDir {
 
     pub fn family(&self) -> Family {
         self.model.config().family
+    }
+}
+
+/// Translation (or summarization) model directories as one [`Ensemble`] (fairseq's
+/// `--path a.pt:b.pt`), with the files of the first (its decoding defaults and tokenizers).
+/// Every model must be a Seq2Seq model with the first's tokenizers and task; an error names
+/// the directory that is not.
+pub fn ensemble(dirs: Vec<(PathBuf, ModelDir)>) -> Result<(Ensemble, ModelFiles)> {
+    let mut models = Vec::with_capacity(dirs.len());
+    let mut first: Option<(PathBuf, ModelFiles)> = None;
+    for (path, dir) in dirs {
+        let AnyModel::Seq2Seq(model) = dir.model else {
+            return Err(file_err(
+                &path,
+                format!(
+                    "an ensemble takes translation or summarization models, not a {:?} model",
+                    dir.model.config().family
+                ),
+            ));
+        };
+        if let Some((first_path, files)) = &first {
+            let same_side = |a: &Option<Tokenizer>, b: &Option<Tokenizer>| match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_as(b),
+                _ => false,
+            };
+            if !files.tokenizer.same_as(&dir.files.tokenizer)
+                || !same_side(&files.target_tokenizer, &dir.files.target_tokenizer)
+            {
+                return Err(file_err(
+                    &path,
+                    format!(
+                        "its tokenizer differs from {}'s; an ensemble's models share their \
+                         vocabularies",
+                        first_path.display()
+                    ),
+                ));
+            }
+            if files.task != dir.files.task {
+                return Err(file_err(
+                    &path,
+                    format!(
+                        "a {} model, and {} a {} model",
+                        task_name(dir.files.task),
+                        first_path.display(),
+                        task_name(files.task)
+                    ),
+                ));
+            }
+        } else {
+            first = Some((path, dir.files));
+        }
+        models.push(model);
+    }
+    let Some((_, files)) = first else {
+        return Err(Error::Usage("an ensemble needs at least one model".into()));
+    };
+    Ok((Ensemble::new(models)?, files))
+}
+
+fn task_name(task: Option<TaskKind>) -> &'static str {
+    match task {
+        Some(TaskKind::Summarize) => "summarization",
+        _ => "translation",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+
+    fn dir(family: Family, text: &str, task: Option<TaskKind>) -> ModelDir {
+        let tokenizer = Tokenizer::train_bpe([text].iter(), 40, false).unwrap();
+        let cfg = ModelConfig::preset("tiny", family, tokenizer.vocab_size()).unwrap();
+        ModelDir {
+            model: AnyModel::new(cfg, 1).unwrap(),
+            files: ModelFiles {
+                tokenizer,
+                target_tokenizer: None,
+                labels: None,
+                decode: DecodeConfig::default(),
+                task,
+            },
+            train_config: None,
+        }
+    }
+
+    /// Models that cannot decode together are errors naming the directory that does not fit.
+    #[test]
+    fn an_ensemble_takes_seq2seq_models_with_one_vocabulary_and_task() {
+        let text = "the king went to the house of god";
+        let seq2seq = || dir(Family::Seq2seq, text, None);
+        let named = |dirs: Vec<ModelDir>| {
+            let paths = ["a", "b", "c"].map(PathBuf::from);
+            paths.into_iter().zip(dirs).collect::<Vec<_>>()
+        };
+        let (ens, _) = ensemble(named(vec![seq2seq(), seq2seq(), seq2seq()])).unwrap();
+        assert_eq!(ens.models.len(), 3);
+        let cases = [
+            (
+                vec![seq2seq(), dir(Family::Classifier, text, None)],
+                "b: an ensemble takes translation or summarization models",
+            ),
+            (
+                vec![
+                    seq2seq(),
+                    seq2seq(),
+                    dir(Family::Seq2seq, "a b c d e f", None),
+                ],
+                "c: its tokenizer differs from a's",
+            ),
+            (
+                vec![
+                    seq2seq(),
+                    dir(Family::Seq2seq, text, Some(TaskKind::Summarize)),
+                ],
+                "b: a summarization model, and a a translation model",
+            ),
+        ];
+        for (dirs, want) in cases {
+            let err = ensemble(named(dirs)).err().unwrap().to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 }

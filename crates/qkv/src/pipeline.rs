@@ -12,8 +12,8 @@ use crate::decode::DecodeConfig;
 use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
-use crate::model::{AnyModel, Model};
-use crate::model_dir::ModelDir;
+use crate::model::{AnyModel, EncoderDecoder, Model};
+use crate::model_dir::{ModelDir, ModelFiles};
 use crate::tasks::classify::{self, Classify};
 use crate::tasks::lm::{self, Lm};
 use crate::tasks::translate::{self, Summarize, Translate, TranslateOptions};
@@ -230,6 +230,24 @@ fn run<T: Task>(
     Ok(report)
 }
 
+/// Score a translation or summarization model (or an [`crate::model::Ensemble`] of them) on
+/// `source<TAB>target` pairs, as [`evaluate`] does.
+pub fn evaluate_translation<M: EncoderDecoder>(
+    model: &mut M,
+    files: &ModelFiles,
+    data: &Path,
+    decode: Option<&DecodeConfig>,
+    max_tokens: usize,
+) -> Result<Report> {
+    let pairs = read_parallel(data, false)?.records;
+    let opts = TranslateOptions {
+        max_tokens,
+        ..TranslateOptions::new(decode.unwrap_or(&files.decode))
+    };
+    let report = translate::evaluate(model, files, &pairs, &opts, 0)?;
+    Ok(Report::Translate(report))
+}
+
 /// Score a model directory on a test file: `source<TAB>target` pairs (translation: BLEU,
 /// chrF), `label<TAB>text` examples (classification: accuracy, macro-F1) or text (language
 /// model: perplexity, bits per character). `decode` overrides the model's own decoding
@@ -242,16 +260,7 @@ pub fn evaluate(
 ) -> Result<Report> {
     let files = &dir.files;
     match &mut dir.model {
-        AnyModel::Seq2Seq(m) => {
-            let pairs = read_parallel(data, false)?.records;
-            let opts = TranslateOptions {
-                max_tokens,
-                ..TranslateOptions::new(decode.unwrap_or(&files.decode))
-            };
-            Ok(Report::Translate(translate::evaluate(
-                m, files, &pairs, &opts, 0,
-            )?))
-        }
+        AnyModel::Seq2Seq(m) => evaluate_translation(m, files, data, decode, max_tokens),
         AnyModel::Classifier(m) => {
             let labels = files.labels.as_ref().ok_or_else(|| {
                 Error::Config("this model has no class labels (an embedding model)".into())

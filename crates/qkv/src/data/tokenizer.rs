@@ -164,6 +164,15 @@ impl Tokenizer {
         })
     }
 
+    /// Whether `other` encodes and decodes as this tokenizer does: the same vocabulary,
+    /// merges, normalization and special tokens (compared as their serialized form).
+    pub fn same_as(&self, other: &Tokenizer) -> bool {
+        let json = |t: &Tokenizer| t.inner.to_string(false).ok();
+        (self.pad, self.bos, self.eos, self.unk) == (other.pad, other.bos, other.eos, other.unk)
+            && json(self).is_some()
+            && json(self) == json(other)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -67,6 +67,9 @@ pub struct KvCache {
     spare: Vec<Vec<f32>>,
     /// The decoder's weights packed for this session's steps (packed at first use).
     pub(crate) packed: PackedWeights,
+    /// An ensemble's caches of its other models ([`super::ensemble`]), one each, with the same
+    /// rows: [`Self::reorder`] and [`Self::absorb`] apply to them too, so they stay in step.
+    pub(crate) members: Vec<KvCache>,
 }
 
 impl KvCache {
@@ -87,6 +90,7 @@ impl KvCache {
             own: (0..rows).collect(),
             spare: vec![Vec::new(); layers],
             packed: PackedWeights::default(),
+            members: Vec::new(),
         }
     }
 
@@ -182,6 +186,7 @@ impl KvCache {
         }
         self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
         self.pos = order.iter().map(|&r| self.pos[r]).collect();
+        self.members.iter_mut().for_each(|m| m.reorder(order));
     }
 
     /// Whether [`Self::absorb`] can take `other`'s rows: a fresh cache of the same model
@@ -195,19 +200,28 @@ impl KvCache {
             && self.self_kv.iter().all(|l| l.state == 0)
             && other.self_kv.iter().all(|l| l.state == 0)
             && other.capacity <= self.capacity
+            && self.members.len() == other.members.len()
+            && (self.members.iter().zip(&other.members)).all(|(a, b)| a.can_absorb(b))
     }
 
     /// Continuous batching: add the rows of `other`, a freshly started cache (other sources,
     /// same model), after this cache's rows, at position 0 while this cache's rows go on
     /// from theirs. Source blocks and self-attention blocks that no row reads any more are
     /// dropped, so a cache that absorbs batch after batch holds only the rows being decoded.
-    pub fn absorb(&mut self, other: KvCache) -> Result<()> {
+    pub fn absorb(&mut self, mut other: KvCache) -> Result<()> {
         if !self.can_absorb(&other) {
             return Err(Error::Usage(
                 "a cache absorbs only a fresh cache of the same model whose outputs fit \
                  its capacity"
                     .into(),
             ));
+        }
+        for (mine, theirs) in self
+            .members
+            .iter_mut()
+            .zip(std::mem::take(&mut other.members))
+        {
+            mine.absorb(theirs)?;
         }
         let w = 2 * self.c;
         // Source blocks: those some row still reads, then `other`'s, in new buffers whose

@@ -16,6 +16,7 @@ pub mod attention;
 pub mod classifier;
 pub mod config;
 pub mod embedding;
+pub mod ensemble;
 pub mod feed_forward;
 pub mod kv_cache;
 pub mod linear;
@@ -26,6 +27,7 @@ pub mod stack;
 
 pub use classifier::Classifier;
 pub use config::{AttentionKind, Family, ModelConfig, NormPlacement, Pooling, Positional};
+pub use ensemble::{EncoderDecoder, Ensemble};
 pub use kv_cache::{Incremental, KvCache};
 pub use lm::LanguageModel;
 pub use seq2seq::Seq2Seq;

@@ -11,7 +11,7 @@ use crate::mbr::{self, Utility};
 use crate::metrics::rouge::{self, Rouge};
 use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
-use crate::model::{Incremental, KvCache, ModelConfig, Seq2Seq, Tokens};
+use crate::model::{EncoderDecoder, KvCache, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
 use crate::rng::hash;
 use crate::train::{loss_tally, BestMetric, Observer, Part, Tally, TrainData};
@@ -113,8 +113,8 @@ impl TranslateOptions {
 }
 
 /// The longest source a model reads: `max_len` positions, one of them EOS.
-pub fn source_limit(model: &Seq2Seq) -> usize {
-    model.config.max_len - 1
+pub fn source_limit<M: EncoderDecoder>(model: &M) -> usize {
+    model.max_len() - 1
 }
 
 /// Each text as the encoder reads it (tokens + EOS). A text over `limit` tokens is an
@@ -162,8 +162,8 @@ pub fn encode_sources(
 /// to keep two cores busy (one thread runs `gemm` at ~92 GFLOP/s on a Zen3 core, two at
 /// ~150–170 on the step's shapes), and beam bookkeeping between the products is serial. A
 /// batch decodes the same whichever worker takes it, so outputs do not depend on threads.
-pub fn translate_ids(
-    model: &mut Seq2Seq,
+pub fn translate_ids<M: EncoderDecoder>(
+    model: &mut M,
     sources: &[Vec<u32>],
     bos: u32,
     eos: u32,
@@ -177,21 +177,22 @@ pub fn translate_ids(
 /// Copies of a model that [`translate_ids_with`] decodes on besides the model itself, kept by
 /// a caller that translates again and again (a server), so their buffers stay allocated;
 /// every call refreshes their parameters from the model.
-#[derive(Default)]
-pub struct DecodeWorkers {
-    copies: Vec<Seq2Seq>,
+pub struct DecodeWorkers<M = Seq2Seq> {
+    copies: Vec<M>,
 }
 
-impl DecodeWorkers {
+impl<M> Default for DecodeWorkers<M> {
+    fn default() -> Self {
+        Self { copies: Vec::new() }
+    }
+}
+
+impl<M: EncoderDecoder> DecodeWorkers<M> {
     /// `n` copies holding `model`'s current parameters.
-    fn refresh(&mut self, model: &Seq2Seq, n: usize) {
+    fn refresh(&mut self, model: &M, n: usize) {
         self.copies.truncate(n);
         for c in &mut self.copies {
-            if c.config == model.config {
-                c.params.data.copy_from_slice(&model.params.data);
-            } else {
-                *c = model.clone();
-            }
+            c.refresh_from(model);
         }
         while self.copies.len() < n {
             self.copies.push(model.clone());
@@ -201,9 +202,9 @@ impl DecodeWorkers {
 
 /// [`translate_ids`] on the caller's [`DecodeWorkers`].
 #[allow(clippy::too_many_arguments)]
-pub fn translate_ids_with(
-    model: &mut Seq2Seq,
-    workers: &mut DecodeWorkers,
+pub fn translate_ids_with<M: EncoderDecoder>(
+    model: &mut M,
+    workers: &mut DecodeWorkers<M>,
     sources: &[Vec<u32>],
     bos: u32,
     eos: u32,
@@ -215,7 +216,7 @@ pub fn translate_ids_with(
     let chunks = chunk_by_tokens(sources, &order, chunk_tokens);
     let mut out = vec![Vec::new(); sources.len()];
     // One worker's share: the chunks `take` hands it, as (source index, outputs).
-    let decode = |m: &mut Seq2Seq, take: &mut TakeChunk<'_>| {
+    let decode = |m: &mut M, take: &mut TakeChunk<'_>| {
         if continuous {
             return greedy_continuous(m, sources, take, bos, eos, pad, opts);
         }
@@ -328,18 +329,18 @@ fn chunk_by_tokens<'a>(
 
 /// A model copy that decodes on the call's shared packed weights until dropped (also when
 /// its thread unwinds), so no later decoding can meet packs of older parameter values.
-struct SharingPacks<'a>(&'a mut Seq2Seq);
+struct SharingPacks<'a, M: EncoderDecoder>(&'a mut M);
 
-impl<'a> SharingPacks<'a> {
-    fn new(m: &'a mut Seq2Seq, packs: std::sync::Arc<crate::kernels::packed::SharedPacks>) -> Self {
-        m.shared_packs = Some(packs);
+impl<'a, M: EncoderDecoder> SharingPacks<'a, M> {
+    fn new(m: &'a mut M, packs: std::sync::Arc<crate::kernels::packed::SharedPacks>) -> Self {
+        m.share_packs(Some(packs));
         Self(m)
     }
 }
 
-impl Drop for SharingPacks<'_> {
+impl<M: EncoderDecoder> Drop for SharingPacks<'_, M> {
     fn drop(&mut self) {
-        self.0.shared_packs = None;
+        self.0.share_packs(None);
     }
 }
 
@@ -348,8 +349,8 @@ type TakeChunk<'c> = dyn FnMut() -> Option<&'c [usize]> + 'c;
 
 /// The sources `chunk` (indices into `sources`) as one padded batch: the encoder run over
 /// them and a decoding cache for their outputs.
-fn start_batch(
-    model: &mut Seq2Seq,
+fn start_batch<M: EncoderDecoder>(
+    model: &mut M,
     sources: &[Vec<u32>],
     chunk: &[usize],
     pad: u32,
@@ -374,14 +375,14 @@ fn longest_of(sources: &[Vec<u32>], chunk: &[usize]) -> usize {
 
 /// The output positions of a chunk's cache (its capacity): each position fed (BOS first)
 /// yields one token, so outputs hold at most this many tokens, EOS included.
-fn out_len(
-    model: &Seq2Seq,
+fn out_len<M: EncoderDecoder>(
+    model: &M,
     sources: &[Vec<u32>],
     chunk: &[usize],
     opts: &TranslateOptions,
 ) -> usize {
     let longest = longest_of(sources, chunk);
-    opts.decode.max_output(longest, model.config.max_len)
+    opts.decode.max_output(longest, model.max_len())
 }
 
 /// Greedy decoding of the chunks `take` hands out, continuously (continuous batching, as
@@ -392,8 +393,8 @@ fn out_len(
 /// the chunk's rows instead measured 7–10% slower, with 1.5× about the same. Every row decodes
 /// as it would in its own batch: its own positions, its source's keys, its batch's length
 /// limit. Returns (source index, outputs) for every source of every chunk taken.
-fn greedy_continuous(
-    model: &mut Seq2Seq,
+fn greedy_continuous<M: EncoderDecoder>(
+    model: &mut M,
     sources: &[Vec<u32>],
     take: &mut TakeChunk<'_>,
     bos: u32,
@@ -412,7 +413,7 @@ fn greedy_continuous(
     let (mut rows, mut next) = (Vec::<Row>::new(), Vec::<u32>::new());
     let mut pending = take();
     let mut refill_below = 0;
-    let vocab = model.config.tgt_vocab();
+    let vocab = model.vocab();
     loop {
         while let Some(chunk) = pending.filter(|_| rows.len() < refill_below.max(1)) {
             let fits = (cache.as_ref())
@@ -477,8 +478,8 @@ fn greedy_continuous(
 }
 
 /// Decode the sources `chunk` (indices into `sources`) as one padded batch.
-fn translate_batch(
-    model: &mut Seq2Seq,
+fn translate_batch<M: EncoderDecoder>(
+    model: &mut M,
     sources: &[Vec<u32>],
     chunk: &[usize],
     bos: u32,
@@ -557,8 +558,8 @@ pub struct Translated {
 /// Translate (or summarize) `texts`. A text longer than the model reads is an error naming
 /// it for a translation model; a summarizer (`files.task`) reads its start, as it was
 /// trained to, and counts it in [`Translated::cut`].
-pub fn translate(
-    model: &mut Seq2Seq,
+pub fn translate<M: EncoderDecoder>(
+    model: &mut M,
     files: &ModelFiles,
     texts: &[String],
     opts: &TranslateOptions,
@@ -692,8 +693,8 @@ impl fmt::Display for TranslateReport {
 
 /// Translate the sources of `pairs` and score against their targets (sacreBLEU's BLEU and
 /// chrF, and ROUGE for a summarizer: `files.task`); `samples` sentences are kept as examples.
-pub fn evaluate(
-    model: &mut Seq2Seq,
+pub fn evaluate<M: EncoderDecoder>(
+    model: &mut M,
     files: &ModelFiles,
     pairs: &[(String, String)],
     opts: &TranslateOptions,
@@ -1194,6 +1195,67 @@ mod tests {
             }
             // Outputs that end early and outputs that run to their batch's limit.
             assert!(lengths.len() > 3, "output lengths {lengths:?}");
+        }
+    }
+
+    /// An ensemble decodes as the average of its models, whatever the decoding: one model
+    /// alone decodes exactly as that model, two copies of one model as the model (their
+    /// caches reordered by beam search, absorbed by continuous batching, copied to decoding
+    /// threads in step), and two different models otherwise.
+    #[test]
+    fn an_ensemble_of_one_model_or_of_copies_decodes_as_the_model() {
+        use crate::model::{Ensemble, Family, ModelConfig};
+        let model = |seed| {
+            let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 23).unwrap();
+            cfg.max_len = 24;
+            cfg.dropout = 0.0;
+            let mut m = Seq2Seq::new(cfg, seed).unwrap();
+            m.params.data.iter_mut().for_each(|v| *v *= 4.0);
+            m
+        };
+        let sources: Vec<Vec<u32>> = (0..30u32)
+            .map(|i| {
+                (0..2 + (i * 5) % 11)
+                    .map(|j| 3 + (i * 7 + j * 3) % 20)
+                    .collect()
+            })
+            .collect();
+        let (a, b) = (model(3), model(4));
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        for (beam, threads) in [(1, 1), (1, 2), (3, 1), (3, 2)] {
+            let mut opts = TranslateOptions::new(&DecodeConfig {
+                beam,
+                ..DecodeConfig::default()
+            });
+            opts.nbest = beam;
+            opts.max_tokens = 96; // several batches (greedy: chunks of 12 tokens)
+            let run = |m: &mut dyn FnMut(&TranslateOptions) -> Vec<Vec<Vec<u32>>>| m(&opts);
+            let mut single = a.clone();
+            let want = run(&mut |o| {
+                pool(threads).install(|| translate_ids(&mut single, &sources, 1, 2, 0, o).unwrap())
+            });
+            for models in [
+                vec![a.clone()],
+                vec![a.clone(), a.clone()],
+                vec![a.clone(), b.clone()],
+            ] {
+                let n = models.len();
+                let same = n == 1 || models[1].params.data == a.params.data;
+                let mut ens = Ensemble::new(models).unwrap();
+                let got = run(&mut |o| {
+                    pool(threads).install(|| translate_ids(&mut ens, &sources, 1, 2, 0, o).unwrap())
+                });
+                let what = format!("{n} models, beam {beam}, {threads} threads");
+                match same {
+                    true => assert_eq!(got, want, "{what}"),
+                    false => assert_ne!(got, want, "{what}: the second model changed nothing"),
+                }
+            }
         }
     }
 
