@@ -23,8 +23,11 @@ pub trait EncoderDecoder: Incremental + Clone + Send {
     fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache>;
     /// Take `other`'s parameter values (a decoding copy refreshed for a call).
     fn refresh_from(&mut self, other: &Self);
-    /// Packed decoder weights shared with the other copies decoding the same call.
-    fn share_packs(&mut self, packs: Option<Arc<SharedPacks>>);
+    /// Parameter vectors (models): each gets its own [`SharedPacks`] in [`Self::share_packs`].
+    fn parameter_sets(&self) -> usize;
+    /// Packed decoder weights shared with the other copies decoding the same call, one set per
+    /// model; none (empty) ends the sharing.
+    fn share_packs(&mut self, packs: Vec<Arc<SharedPacks>>);
 }
 
 impl EncoderDecoder for Seq2Seq {
@@ -41,8 +44,11 @@ impl EncoderDecoder for Seq2Seq {
             *self = other.clone();
         }
     }
-    fn share_packs(&mut self, packs: Option<Arc<SharedPacks>>) {
-        self.shared_packs = packs;
+    fn parameter_sets(&self) -> usize {
+        1
+    }
+    fn share_packs(&mut self, packs: Vec<Arc<SharedPacks>>) {
+        self.shared_packs = packs.into_iter().next();
     }
 }
 
@@ -151,10 +157,15 @@ impl EncoderDecoder for Ensemble {
         }
     }
 
-    /// Only the first model's: the packs are found by offset into one parameter vector, and
-    /// the others pack their weights per cache.
-    fn share_packs(&mut self, packs: Option<Arc<SharedPacks>>) {
-        self.models[0].shared_packs = packs;
+    fn parameter_sets(&self) -> usize {
+        self.models.len()
+    }
+    /// A set per model: packs are found by their offset into one model's parameters.
+    fn share_packs(&mut self, packs: Vec<Arc<SharedPacks>>) {
+        let mut packs = packs.into_iter();
+        for m in &mut self.models {
+            m.shared_packs = packs.next();
+        }
     }
 }
 

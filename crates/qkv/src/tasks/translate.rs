@@ -239,8 +239,11 @@ pub fn translate_ids_with<M: EncoderDecoder>(
     let precision = crate::kernels::matmul::matmul_precision();
     workers.refresh(model, threads - 1);
     let copies = &mut workers.copies;
-    // Every copy now holds the model's values, so they can share one set of packed weights.
-    let packs = std::sync::Arc::new(crate::kernels::packed::SharedPacks::default());
+    // Every copy now holds the model's values, so they can share one set of packed weights
+    // (per model of an ensemble).
+    let packs: Vec<_> = (0..model.parameter_sets())
+        .map(|_| std::sync::Arc::new(crate::kernels::packed::SharedPacks::default()))
+        .collect();
     // Per worker: (source index, its outputs) for each source it decoded.
     type Decoded = Vec<(usize, Vec<Vec<u32>>)>;
     let done: Vec<Result<Decoded>> = std::thread::scope(|s| {
@@ -332,15 +335,15 @@ fn chunk_by_tokens<'a>(
 struct SharingPacks<'a, M: EncoderDecoder>(&'a mut M);
 
 impl<'a, M: EncoderDecoder> SharingPacks<'a, M> {
-    fn new(m: &'a mut M, packs: std::sync::Arc<crate::kernels::packed::SharedPacks>) -> Self {
-        m.share_packs(Some(packs));
+    fn new(m: &'a mut M, packs: Vec<std::sync::Arc<crate::kernels::packed::SharedPacks>>) -> Self {
+        m.share_packs(packs);
         Self(m)
     }
 }
 
 impl<M: EncoderDecoder> Drop for SharingPacks<'_, M> {
     fn drop(&mut self) {
-        self.0.share_packs(None);
+        self.0.share_packs(Vec::new());
     }
 }
 
@@ -1251,6 +1254,8 @@ mod tests {
                     pool(threads).install(|| translate_ids(&mut ens, &sources, 1, 2, 0, o).unwrap())
                 });
                 let what = format!("{n} models, beam {beam}, {threads} threads");
+                let sharing = ens.models.iter().any(|m| m.shared_packs.is_some());
+                assert!(!sharing, "{what}: the packs outlived the call");
                 match same {
                     true => assert_eq!(got, want, "{what}"),
                     false => assert_ne!(got, want, "{what}: the second model changed nothing"),
