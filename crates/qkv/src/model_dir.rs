@@ -249,7 +249,7 @@ pub fn ensemble(dirs: Vec<(PathBuf, ModelDir)>) -> Result<(Ensemble, ModelFiles)
                 return Err(file_err(
                     &path,
                     format!(
-                        "a {} model, and {} a {} model",
+                        "a {} model, where {} is a {} model",
                         task_name(dir.files.task),
                         first_path.display(),
                         task_name(files.task)
@@ -324,7 +324,7 @@ mod tests {
                     seq2seq(),
                     dir(Family::Seq2seq, text, Some(TaskKind::Summarize)),
                 ],
-                "b: a summarization model, and a a translation model",
+                "b: a summarization model, where a is a translation model",
             ),
         ];
         for (dirs, want) in cases {

@@ -168,9 +168,9 @@ impl Tokenizer {
     /// merges, normalization and special tokens (compared as their serialized form).
     pub fn same_as(&self, other: &Tokenizer) -> bool {
         let json = |t: &Tokenizer| t.inner.to_string(false).ok();
-        (self.pad, self.bos, self.eos, self.unk) == (other.pad, other.bos, other.eos, other.unk)
-            && json(self).is_some()
-            && json(self) == json(other)
+        let specials = |t: &Tokenizer| (t.pad, t.bos, t.eos, t.unk);
+        specials(self) == specials(other)
+            && matches!((json(self), json(other)), (Some(a), Some(b)) if a == b)
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -1,8 +1,14 @@
 //! Ensembles of Seq2Seq models (fairseq's `--path a.pt:b.pt`, OpenNMT's `-model a.pt b.pt`):
 //! every model reads the source and the tokens chosen so far, and each next token comes from
 //! the average of their distributions, `log((1/n) Σᵢ softmax(zᵢ))`, as fairseq's
-//! `EnsembleModel` averages probabilities. Checkpoints of one run, or runs with other seeds,
-//! decode better together than alone when each has learned a little differently.
+//! `EnsembleModel` averages probabilities. Runs with other seeds (or checkpoints of one run)
+//! can decode better together than alone when each has learned a little differently.
+//!
+//! Two differences from fairseq: sampling's temperature T divides the averaged
+//! log-probabilities (drawing from p̄^(1/T), renormalized), where fairseq divides each model's
+//! logits before averaging; the two agree at T = 1. And probabilities below ~1e-38 (e^-87, where
+//! [`crate::simd::exp`] stops) count as that floor, so the far tail of the vocabulary ties there
+//! (log-probability ≈ −87 − ln Σ); no decoding rule reaches so far down.
 //!
 //! The models' caches travel together: the first model's [`KvCache`] holds the others' in
 //! `members`, and its `reorder` and `absorb` apply to them, so beam search and continuous
@@ -86,18 +92,19 @@ impl Incremental for Ensemble {
     }
 
     /// Each model's step on its own cache, then the average of their probabilities. One model
-    /// alone returns its logits unchanged.
+    /// alone returns its logits unchanged. After an error the cache is not to be stepped
+    /// again (some models may have taken the step), as every caller does.
     fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
         let n = self.models.len();
-        if n == 1 {
-            return self.models[0].step(cache, tokens);
-        }
-        let (first, rest) = self.models.split_first_mut().expect("at least one model");
-        if cache.members.len() != rest.len() {
+        if n == 0 || cache.members.len() + 1 != n {
             return Err(Error::Config(
                 "this cache was started by a different ensemble".into(),
             ));
         }
+        if n == 1 {
+            return self.models[0].step(cache, tokens);
+        }
+        let (first, rest) = self.models.split_first_mut().expect("at least one model");
         let mut members = std::mem::take(&mut cache.members);
         let stepped = first.step(cache, tokens).map(|z| {
             self.log_probs.clear();

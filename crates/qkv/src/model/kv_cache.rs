@@ -189,6 +189,13 @@ impl KvCache {
         self.members.iter_mut().for_each(|m| m.reorder(order));
     }
 
+    /// Whether rows may join this cache part-way ([`Self::absorb`]): softmax attention in
+    /// every layer, its own and its ensemble members' (a linear attention layer's state is not
+    /// kept per block).
+    pub fn absorbs_rows(&self) -> bool {
+        self.self_kv.iter().all(|l| l.state == 0) && self.members.iter().all(|m| m.absorbs_rows())
+    }
+
     /// Whether [`Self::absorb`] can take `other`'s rows: a fresh cache of the same model
     /// whose outputs fit this one's capacity, with softmax attention (a linear
     /// attention layer's state is not kept per block).
@@ -292,6 +299,11 @@ impl KvCache {
                 "decoding step",
                 format!("{} tokens (one per row)", self.rows()),
                 tokens.len(),
+            ));
+        }
+        if !self.members.is_empty() {
+            return Err(Error::Config(
+                "this cache was started by an ensemble: step it with the ensemble".into(),
             ));
         }
         if self.self_kv.len() != layers || (cross && self.cross_kv.len() != layers) {

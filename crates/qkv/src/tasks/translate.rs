@@ -419,8 +419,9 @@ fn greedy_continuous<M: EncoderDecoder>(
     let vocab = model.vocab();
     loop {
         while let Some(chunk) = pending.filter(|_| rows.len() < refill_below.max(1)) {
-            let fits = (cache.as_ref())
-                .is_some_and(|c| out_len(model, sources, chunk, opts) <= c.capacity);
+            let fits = (cache.as_ref()).is_some_and(|c| {
+                c.absorbs_rows() && out_len(model, sources, chunk, opts) <= c.capacity
+            });
             if !rows.is_empty() && !fits {
                 break; // the rows decoding now end first, then a new cache starts
             }
@@ -1132,7 +1133,7 @@ mod tests {
     /// source lengths and length limits.
     #[test]
     fn continuous_greedy_equals_decoding_each_batch_alone() {
-        use crate::model::{Family, ModelConfig, NormPlacement};
+        use crate::model::{AttentionKind, Family, ModelConfig, NormPlacement};
         let sources: Vec<Vec<u32>> = (0..80u32)
             .map(|i| {
                 (0..2 + (i * 5) % 11)
@@ -1140,15 +1141,19 @@ mod tests {
                     .collect()
             })
             .collect();
-        for (norm, window, seed) in [
-            (NormPlacement::Pre, None, 3),
-            (NormPlacement::Post, Some(3), 4),
+        // Linear self-attention keeps one state per row, so its rows cannot join part-way:
+        // each batch waits for the last to end, with the same outputs.
+        for (norm, window, attention, seed) in [
+            (NormPlacement::Pre, None, AttentionKind::Flash, 3),
+            (NormPlacement::Post, Some(3), AttentionKind::Flash, 4),
+            (NormPlacement::Pre, None, AttentionKind::Linear, 5),
         ] {
             let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 23).unwrap();
             cfg.max_len = 24;
             cfg.dropout = 0.0;
             cfg.norm = norm;
             cfg.attention_window = window;
+            cfg.attention = attention;
             let mut model = Seq2Seq::new(cfg, seed).unwrap();
             // Larger weights than initialisation's, so outputs depend on their sources.
             model.params.data.iter_mut().for_each(|v| *v *= 4.0);
@@ -1192,7 +1197,7 @@ mod tests {
                     lengths.insert(out[0].len());
                     assert_eq!(
                         continuous[i], out,
-                        "source {i}, {norm:?}, window {window:?}"
+                        "source {i}, {norm:?}, window {window:?}, {attention:?}"
                     );
                 }
             }
