@@ -259,6 +259,26 @@ mod tests {
         }
     }
 
+    /// A cache goes with what started it: an ensemble's cache refuses a single model's step,
+    /// and an ensemble refuses a cache with another number of models.
+    #[test]
+    fn a_cache_is_stepped_by_what_started_it() {
+        let (a, b) = (model(3, 13), model(4, 13));
+        let src: Vec<u32> = vec![3, 4, 5, 2];
+        let tokens = Tokens::new(&src, 1, 4).unwrap();
+        let mut two = Ensemble::new(vec![a.clone(), b]).unwrap();
+        let mut one = Ensemble::new(vec![a.clone()]).unwrap();
+        let mut single = a;
+        let mut cache = two.start_decoding(tokens, 8).unwrap();
+        let err = single.step(&mut cache, &[1]).err().unwrap().to_string();
+        assert!(err.contains("started by an ensemble"), "{err}");
+        assert!(one.step(&mut cache, &[1]).is_err());
+        let mut plain = single.start_decoding(tokens, 8).unwrap();
+        let err = two.step(&mut plain, &[1]).err().unwrap().to_string();
+        assert!(err.contains("a different ensemble"), "{err}");
+        assert!(two.step(&mut cache, &[1]).is_ok());
+    }
+
     #[test]
     fn models_must_share_the_target_vocabulary() {
         let err = Ensemble::new(vec![model(3, 13), model(4, 14)])
