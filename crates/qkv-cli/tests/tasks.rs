@@ -39,6 +39,28 @@ fn job(dir: &Path, task: &str, model: &str, max_steps: u64, files: [&str; 3]) ->
 
 const TINY: &str = r#"{ "preset": "tiny", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_len": 24, "dropout": 0.0 }"#;
 
+/// `qkv eval` on a file with nothing to score fails, naming the file and what it lacks, once.
+fn eval_of_an_empty_file_is_an_error(model: &Path, what: &str) {
+    let empty = model.parent().unwrap().join("empty.txt");
+    std::fs::write(&empty, "\n \n").unwrap();
+    let (ok, out, err) = qkv(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            empty.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("empty.txt") && err.contains(&format!("no {what} to evaluate")),
+        "{err}"
+    );
+    assert_eq!(err.matches("to evaluate").count(), 1, "{err}");
+}
+
 #[test]
 fn translate_train_eval_translate_average_resume() {
     let dir = scratch("translate");
@@ -88,6 +110,7 @@ fn translate_train_eval_translate_average_resume() {
         None,
     );
     assert!(ok && out.contains("BLEU = "), "{out}{err}");
+    eval_of_an_empty_file_is_an_error(&best, "`source<TAB>target` pairs");
     // A word-for-word task this small is learned: BLEU well above zero.
     let bleu: f64 = out
         .split("BLEU = ")
@@ -245,6 +268,7 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     let labels: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(labels, ["positive", "negative"]);
+    eval_of_an_empty_file_is_an_error(&best, "`label<TAB>text` examples");
     // bf16 inference (f32 where the CPU lacks avx512_bf16) agrees with f32.
     let (ok, out16, err) = qkv(
         &[
@@ -298,6 +322,7 @@ fn classify_and_lm_train_and_predict() {
     );
     assert!(ok, "{err}");
     assert!(out.starts_with("to be or not to be"), "{out}");
+    eval_of_an_empty_file_is_an_error(&best, "text");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -71,11 +71,13 @@ pub enum Error {
         msg: String,
     },
 
+    // Neither wraps its error as a `source`: the message already holds it, and a report that
+    // walks the chain (anyhow's "Caused by") would print it twice.
     #[error("scoring: {0}")]
-    Metric(#[from] crate::metrics::sacrebleu::MetricError),
+    Metric(crate::metrics::sacrebleu::MetricError),
 
     #[error("{0}")]
-    Cuda(#[from] crate::cuda::CudaError),
+    Cuda(crate::cuda::CudaError),
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -85,6 +87,18 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl From<crate::metrics::sacrebleu::MetricError> for Error {
+    fn from(e: crate::metrics::sacrebleu::MetricError) -> Self {
+        Error::Metric(e)
+    }
+}
+
+impl From<crate::cuda::CudaError> for Error {
+    fn from(e: crate::cuda::CudaError) -> Self {
+        Error::Cuda(e)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

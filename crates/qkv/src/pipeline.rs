@@ -240,12 +240,28 @@ pub fn evaluate_translation<M: EncoderDecoder>(
     max_tokens: usize,
 ) -> Result<Report> {
     let pairs = read_parallel(data, false)?.records;
+    nonempty(data, &pairs, "`source<TAB>target` pairs")?;
     let opts = TranslateOptions {
         max_tokens,
         ..TranslateOptions::new(decode.unwrap_or(&files.decode))
     };
     let report = translate::evaluate(model, files, &pairs, &opts, 0)?;
     Ok(Report::Translate(report))
+}
+
+/// A test file without a record to score is an error naming it, not a score of nothing.
+fn nonempty<T>(path: &Path, records: &[T], what: &str) -> Result<()> {
+    if records.is_empty() {
+        return Err(empty_file(path, what));
+    }
+    Ok(())
+}
+
+fn empty_file(path: &Path, what: &str) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        msg: format!("no {what} to evaluate (the file is empty or blank)"),
+    }
 }
 
 /// Score a model directory on a test file: `source<TAB>target` pairs (translation: BLEU,
@@ -266,11 +282,15 @@ pub fn evaluate(
                 Error::Config("this model has no class labels (an embedding model)".into())
             })?;
             let examples = read_labelled(data, false)?.records;
+            nonempty(data, &examples, "`label<TAB>text` examples")?;
             let r = classify::evaluate(m, &files.tokenizer, labels, &examples, max_tokens)?;
             Ok(Report::Classify(r))
         }
         AnyModel::Lm(m) => {
             let text = read_text(data)?;
+            if text.trim().is_empty() {
+                return Err(empty_file(data, "text"));
+            }
             Ok(Report::Lm(lm::evaluate(
                 m,
                 &files.tokenizer,
