@@ -106,10 +106,16 @@ impl Observer for Progress {
         ));
     }
     fn on_horizon(&mut self, horizon: u64, max_steps: u64, seconds_per_update: f64) {
-        self.say(format!(
-            "{seconds_per_update:.3} s/update here: the time limit holds {horizon} of the {max_steps} \
-             updates; the schedule ends at update {horizon}"
-        ));
+        // Only a horizon below max_steps fits the schedule (Trainer::schedule): a run whose
+        // max_steps is below its schedule's end stops there without cooling down.
+        self.say(if horizon < max_steps {
+            format!(
+                "{seconds_per_update:.3} s/update here: the time limit holds {horizon} of the \
+                 {max_steps} updates; the schedule ends at update {horizon}"
+            )
+        } else {
+            format!("{seconds_per_update:.3} s/update here: the time limit holds all {max_steps} updates")
+        });
     }
     fn on_average(&mut self, n: usize, v: &Validation, best: bool) {
         self.say(format!(
