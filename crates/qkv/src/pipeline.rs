@@ -240,7 +240,7 @@ pub fn evaluate_translation<M: EncoderDecoder>(
     max_tokens: usize,
 ) -> Result<Report> {
     let pairs = read_parallel(data, false)?.records;
-    nonempty(data, &pairs, "`source<TAB>target` pairs")?;
+    something_to_score(data, pairs.is_empty(), "`source<TAB>target` pairs")?;
     let opts = TranslateOptions {
         max_tokens,
         ..TranslateOptions::new(decode.unwrap_or(&files.decode))
@@ -250,18 +250,14 @@ pub fn evaluate_translation<M: EncoderDecoder>(
 }
 
 /// A test file without a record to score is an error naming it, not a score of nothing.
-fn nonempty<T>(path: &Path, records: &[T], what: &str) -> Result<()> {
-    if records.is_empty() {
-        return Err(empty_file(path, what));
+fn something_to_score(path: &Path, empty: bool, what: &str) -> Result<()> {
+    if empty {
+        return Err(Error::File {
+            path: path.to_path_buf(),
+            msg: format!("no {what} to evaluate (the file is empty or blank)"),
+        });
     }
     Ok(())
-}
-
-fn empty_file(path: &Path, what: &str) -> Error {
-    Error::File {
-        path: path.to_path_buf(),
-        msg: format!("no {what} to evaluate (the file is empty or blank)"),
-    }
 }
 
 /// Score a model directory on a test file: `source<TAB>target` pairs (translation: BLEU,
@@ -282,15 +278,13 @@ pub fn evaluate(
                 Error::Config("this model has no class labels (an embedding model)".into())
             })?;
             let examples = read_labelled(data, false)?.records;
-            nonempty(data, &examples, "`label<TAB>text` examples")?;
+            something_to_score(data, examples.is_empty(), "`label<TAB>text` examples")?;
             let r = classify::evaluate(m, &files.tokenizer, labels, &examples, max_tokens)?;
             Ok(Report::Classify(r))
         }
         AnyModel::Lm(m) => {
             let text = read_text(data)?;
-            if text.trim().is_empty() {
-                return Err(empty_file(data, "text"));
-            }
+            something_to_score(data, text.trim().is_empty(), "text")?;
             Ok(Report::Lm(lm::evaluate(
                 m,
                 &files.tokenizer,
