@@ -323,6 +323,24 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     assert!(out.starts_with("to be or not to be"), "{out}");
     eval_of_an_empty_file_is_an_error(&best, "text");
+    // Text shorter than one block of max_len tokens names its file, in eval and in a job
+    // (before any training).
+    std::fs::write(dir.join("short.txt"), "to be\n").unwrap();
+    let short = dir.join("short.txt");
+    let args = ["eval", "--model", best.to_str().unwrap(), "--data"];
+    let (ok, _, err) = qkv(&[&args[..], &[short.to_str().unwrap()]].concat(), None);
+    assert!(!ok && err.contains("short.txt: the text has"), "{err}");
+    std::fs::remove_dir_all(dir.join("run")).unwrap();
+    let cfg = job(
+        &dir,
+        "lm",
+        TINY,
+        40,
+        ["train.txt", "short.txt", "valid.txt"],
+    );
+    let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
+    assert!(!ok && err.contains("short.txt: the text has"), "{err}");
+    assert!(!err.contains("update 1/"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -289,6 +289,7 @@ pub fn evaluate(
                 m,
                 &files.tokenizer,
                 &text,
+                data,
                 max_tokens,
             )?))
         }

@@ -44,6 +44,28 @@ impl TokenStream {
             .collect()
     }
 
+    /// Why the stream holds not one whole block of `len + 1` tokens, if it does not.
+    fn too_short(&self, len: usize) -> Option<String> {
+        (self.ids.len() < len + 2).then(|| {
+            format!(
+                "the text has {} tokens, fewer than one block of {} (lower max_len)",
+                self.ids.len(),
+                len + 1
+            )
+        })
+    }
+
+    /// An [`Error::File`] naming `path` when the stream, read from it, holds not one block.
+    pub fn one_block(&self, len: usize, path: &Path) -> Result<()> {
+        match self.too_short(len) {
+            Some(msg) => Err(Error::File {
+                path: path.to_path_buf(),
+                msg,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// An epoch's batches of `max_tokens / len` blocks, block order shuffled by (seed, epoch).
     /// Each epoch shifts the block boundaries by an offset, so positions see varied contexts.
     pub fn epoch_batches(
@@ -58,12 +80,8 @@ impl TokenStream {
                 "language-model blocks need max_len >= 2".into(),
             ));
         }
-        if self.ids.len() < len + 2 {
-            return Err(Error::Config(format!(
-                "the text has {} tokens, fewer than one block of {} (lower max_len)",
-                self.ids.len(),
-                len + 1
-            )));
+        if let Some(msg) = self.too_short(len) {
+            return Err(Error::Config(msg));
         }
         let mut rng = Rng::new(hash(seed, epoch));
         // Never so far that not one whole block is left.
@@ -189,9 +207,11 @@ pub fn evaluate(
     model: &mut LanguageModel,
     tok: &Tokenizer,
     text: &str,
+    path: &Path,
     max_tokens: usize,
 ) -> Result<LmReport> {
     let stream = encode_text(tok, text)?;
+    stream.one_block(model.config.max_len - 1, path)?;
     let batches = stream.epoch_batches(model.config.max_len - 1, max_tokens, 0, 0)?;
     let (mut sum, mut n) = (0.0, 0usize);
     for b in &batches {
@@ -252,7 +272,11 @@ impl Task for Lm {
         let block = config.max_len - 1;
         let max_tokens = job.train.max_tokens;
         // Surface a text too short for one block now, not at the first epoch.
-        train.epoch_batches(block, max_tokens, job.train.seed, 0)?;
+        train.one_block(block, &job.data.train)?;
+        valid.one_block(block, &job.data.valid)?;
+        if let (Some(text), Some(path)) = (&test, job.data.test.as_deref()) {
+            encode_text(&tok, text)?.one_block(block, path)?;
+        }
         observer.on_message(&format!(
             "train: {} tokens, valid: {} tokens, blocks of {block}, vocabulary {}",
             train.ids.len(),
@@ -292,11 +316,11 @@ impl Task for Lm {
         files: &ModelFiles,
         job: &Job,
     ) -> Result<Option<Report>> {
-        let Some(text) = &self.test else {
+        let (Some(text), Some(path)) = (&self.test, job.data.test.as_deref()) else {
             return Ok(None);
         };
         let tok = &files.tokenizer;
-        let mut report = evaluate(model, tok, text, self.max_tokens)?;
+        let mut report = evaluate(model, tok, text, path, self.max_tokens)?;
         let prompts = vec![String::new(); job.samples];
         let max_new = files.decode.max_new_tokens.min(model.config.max_len - 1);
         // Sample i uses seed + i, so the samples differ from each other.
