@@ -26,11 +26,11 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
-    /// `state == 0`: room for `rows` positions per block; otherwise one recurrent state each.
-    pub(crate) fn zeros(blocks: usize, rows: usize, c: usize, state: usize) -> Self {
-        let per_block = if state > 0 { state } else { rows * 2 * c };
+    /// `state == 0`: blocks of room for `rows` positions, allocated at the first step
+    /// ([`KvCache::ensure_blocks`]); otherwise one zeroed recurrent state per block.
+    pub(crate) fn new(blocks: usize, rows: usize, state: usize) -> Self {
         Self {
-            data: vec![0.0; blocks * per_block],
+            data: vec![0.0; blocks * state],
             rows,
             state,
         }
@@ -81,7 +81,7 @@ impl KvCache {
             capacity,
             c,
             self_kv: (0..layers)
-                .map(|_| LayerKv::zeros(rows, capacity, c, state))
+                .map(|_| LayerKv::new(rows, capacity, state))
                 .collect(),
             cross_kv: Vec::new(),
             src_padding: Vec::new(),
@@ -91,6 +91,22 @@ impl KvCache {
             spare: vec![Vec::new(); layers],
             packed: PackedWeights::default(),
             members: Vec::new(),
+        }
+    }
+
+    /// Softmax-attention layers' blocks, up to the last one a row holds, allocated when first
+    /// stepped: a fresh buffer is zeroed lazily by the allocator, so positions never decoded
+    /// are never touched, and a cache absorbed before its first step (continuous batching's
+    /// chunks) allocates none.
+    fn ensure_blocks(&mut self) {
+        let blocks = self.own.iter().max().map_or(0, |&b| b + 1);
+        for layer in self.self_kv.iter_mut().filter(|l| l.state == 0) {
+            let need = blocks * layer.rows * 2 * self.c;
+            if layer.data.is_empty() {
+                layer.data = vec![0.0; need];
+            } else if layer.data.len() < need {
+                layer.data.resize(need, 0.0);
+            }
         }
     }
 
@@ -274,16 +290,33 @@ impl KvCache {
             .collect();
         (self.cross_kv, self.src_padding, self.src_len) = (cross_kv, src_padding, src_len);
         self.source_of = source_of;
-        // Self-attention blocks: a new, lazily zeroed buffer with a block per row, holding
-        // the positions the going-on rows have decoded (as `reorder`'s).
+        // Self-attention blocks: the going-on rows' decoded positions move to blocks
+        // 0..own.len(), and the new rows take the blocks after them. Where the buffer has
+        // room and the rows' blocks are in order (greedy decoding, which only drops rows),
+        // that is a compaction in place; the blocks past the last row keep stale positions,
+        // which no row reads before writing them. Otherwise a new, lazily zeroed buffer (as
+        // `reorder`'s). A new buffer per absorb cost greedy decoding ~1.3% of its time in
+        // zeroing alone.
         let rows = self.own.len() + other.rows();
+        let in_order = self.own.windows(2).all(|b| b[0] < b[1]);
         for layer in &mut self.self_kv {
             let block = layer.rows * w;
-            let mut data = vec![0.0; rows * block];
-            for (i, (&b, &n)) in self.own.iter().zip(&self.pos).enumerate() {
-                data[i * block..][..n * w].copy_from_slice(&layer.data[b * block..][..n * w]);
+            let moves = self.own.iter().zip(&self.pos).enumerate();
+            if in_order && layer.data.len() >= rows * block {
+                // own[i] >= i, increasing: each block moves down onto one already moved.
+                for (i, (&b, &n)) in moves.filter(|(i, (&b, _))| b != *i) {
+                    layer
+                        .data
+                        .copy_within(b * block..b * block + n * w, i * block);
+                }
+            } else {
+                let mut data = vec![0.0; rows * block];
+                // n > 0: a cache not yet stepped has no blocks.
+                for (i, (&b, &n)) in moves.filter(|(_, (_, &n))| n > 0) {
+                    data[i * block..][..n * w].copy_from_slice(&layer.data[b * block..][..n * w]);
+                }
+                layer.data = data;
             }
-            layer.data = data;
         }
         self.own = (0..rows).collect();
         self.pos.extend(std::iter::repeat_n(0, other.rows()));
@@ -345,6 +378,7 @@ pub(crate) fn decoder_step<'a>(
 ) -> Result<&'a [f32]> {
     let cross = stack.layers.iter().any(|l| l.cross.is_some());
     cache.check_step(tokens, stack.layers.len(), cross)?;
+    cache.ensure_blocks();
     let x = embed.step(p, tokens, &cache.pos)?;
     // The step's products run on this session's packed weights (see kernels::packed).
     cache.packed.set_params(p);
