@@ -430,4 +430,39 @@ mod tests {
             .to_string();
         assert!(e.contains("d_modle"), "{e}");
     }
+
+    /// Every committed job config loads, its model section builds a model config (unless it
+    /// starts from another model), and the
+    /// data it names is in the repository (a `data/` path that is not bundled would fail
+    /// only when a user runs it).
+    #[test]
+    fn every_committed_config_is_a_job_with_bundled_data() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let job = Job::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            // A warm start takes its model from the starting directory (not bundled).
+            if job.init_from.is_none() && job.pretrained.is_none() {
+                job.model_config(None, 100, 0, 2)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            let files = [&job.data.train, &job.data.valid].into_iter();
+            for f in files.chain(job.data.test.as_ref()) {
+                // The tweets are not bundled (their license): scripts fetch them.
+                let bundled = !f.to_string_lossy().contains("tweets");
+                assert!(
+                    !bundled || f.exists(),
+                    "{}: {}",
+                    path.display(),
+                    f.display()
+                );
+            }
+            n += 1;
+        }
+        assert!(n >= 10, "{n} configs in {}", dir.display());
+    }
 }
