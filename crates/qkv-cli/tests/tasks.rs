@@ -293,13 +293,8 @@ fn classify_and_lm_train_and_predict() {
         std::fs::write(dir.join(f), &text).unwrap();
     }
     std::fs::remove_dir_all(dir.join("run")).unwrap();
-    let cfg = job(
-        &dir,
-        "lm",
-        TINY,
-        40,
-        ["train.txt", "valid.txt", "valid.txt"],
-    );
+    let lm_job = |valid: &str| job(&dir, "lm", TINY, 40, ["train.txt", valid, "valid.txt"]);
+    let cfg = lm_job("valid.txt");
     let (ok, out, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
     assert!(ok, "{err}");
     assert!(
@@ -331,13 +326,7 @@ fn classify_and_lm_train_and_predict() {
     let (ok, _, err) = qkv(&[&args[..], &[short.to_str().unwrap()]].concat(), None);
     assert!(!ok && err.contains("short.txt: the text has"), "{err}");
     std::fs::remove_dir_all(dir.join("run")).unwrap();
-    let cfg = job(
-        &dir,
-        "lm",
-        TINY,
-        40,
-        ["train.txt", "short.txt", "valid.txt"],
-    );
+    let cfg = lm_job("short.txt");
     let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
     assert!(!ok && err.contains("short.txt: the text has"), "{err}");
     assert!(!err.contains("update 1/"), "{err}");

@@ -277,6 +277,7 @@ impl Task for Lm {
         if let (Some(text), Some(path)) = (&test, job.data.test.as_deref()) {
             encode_text(&tok, text)?.one_block(block, path)?;
         }
+        train.epoch_batches(block, max_tokens, job.train.seed, 0)?; // max_len 1: no block
         observer.on_message(&format!(
             "train: {} tokens, valid: {} tokens, blocks of {block}, vocabulary {}",
             train.ids.len(),
