@@ -182,6 +182,16 @@ impl ModelDir {
                 train_config: None,
             });
         }
+        if !dir.join(CONFIG_FILE).is_file() {
+            return Err(file_err(
+                dir,
+                format!(
+                    "not a model directory: it has no {CONFIG_FILE} (a trained model's \
+                     directory, such as a run's best/ or a checkpoint-N/, holds {CONFIG_FILE}, \
+                     {MODEL_FILE} and {TOKENIZER_FILE})"
+                ),
+            ));
+        }
         let cfg = checkpoint::load_config(dir)?;
         let files = ModelFiles::read(dir, cfg.pad_id, cfg.n_classes)?;
         let mut model = AnyModel::new(cfg.clone(), 0)?;
@@ -331,5 +341,21 @@ mod tests {
             let err = ensemble(named(dirs)).err().unwrap().to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    /// A directory that is not a model (a run directory, a typo'd parent) says which file
+    /// is missing and what a model directory holds.
+    #[test]
+    fn a_directory_without_a_config_is_not_a_model() {
+        let run = std::env::temp_dir().join(format!("qkv-model-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&run).unwrap();
+        let err = ModelDir::load(&run).err().unwrap().to_string();
+        std::fs::remove_dir_all(&run).unwrap();
+        assert!(err.starts_with(&run.display().to_string()), "{err}");
+        assert!(
+            err.contains("not a model directory: it has no config.json"),
+            "{err}"
+        );
+        assert!(err.contains("best/"), "{err}");
     }
 }

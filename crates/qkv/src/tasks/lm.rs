@@ -212,6 +212,15 @@ pub fn evaluate(
 ) -> Result<LmReport> {
     let stream = encode_text(tok, text)?;
     stream.one_block(model.config.max_len - 1, path)?;
+    evaluate_stream(model, &stream, max_tokens)
+}
+
+/// [`evaluate`] on a text already encoded (and checked to hold a block).
+fn evaluate_stream(
+    model: &mut LanguageModel,
+    stream: &TokenStream,
+    max_tokens: usize,
+) -> Result<LmReport> {
     let batches = stream.epoch_batches(model.config.max_len - 1, max_tokens, 0, 0)?;
     let (mut sum, mut n) = (0.0, 0usize);
     for b in &batches {
@@ -234,7 +243,7 @@ pub fn evaluate(
 pub struct Lm {
     train: TokenStream,
     valid: Vec<LmBatch>,
-    test: Option<String>,
+    test: Option<TokenStream>,
     block: usize,
     max_tokens: usize,
     seed: u64,
@@ -274,9 +283,14 @@ impl Task for Lm {
         // Surface a text too short for one block now, not at the first epoch.
         train.one_block(block, &job.data.train)?;
         valid.one_block(block, &job.data.valid)?;
-        if let (Some(text), Some(path)) = (&test, job.data.test.as_deref()) {
-            encode_text(&tok, text)?.one_block(block, path)?;
-        }
+        let test = match (test, job.data.test.as_deref()) {
+            (Some(text), Some(path)) => {
+                let stream = encode_text(&tok, &text)?;
+                stream.one_block(block, path)?;
+                Some(stream)
+            }
+            _ => None,
+        };
         train.epoch_batches(block, max_tokens, job.train.seed, 0)?; // max_len 1: no block
         observer.on_message(&format!(
             "train: {} tokens, valid: {} tokens, blocks of {block}, vocabulary {}",
@@ -317,11 +331,11 @@ impl Task for Lm {
         files: &ModelFiles,
         job: &Job,
     ) -> Result<Option<Report>> {
-        let (Some(text), Some(path)) = (&self.test, job.data.test.as_deref()) else {
+        let Some(stream) = &self.test else {
             return Ok(None);
         };
         let tok = &files.tokenizer;
-        let mut report = evaluate(model, tok, text, path, self.max_tokens)?;
+        let mut report = evaluate_stream(model, stream, self.max_tokens)?;
         let prompts = vec![String::new(); job.samples];
         let max_new = files.decode.max_new_tokens.min(model.config.max_len - 1);
         // Sample i uses seed + i, so the samples differ from each other.
