@@ -198,6 +198,7 @@ pub fn max(x: &[f32]) -> f32 {
 
 /// e^x to ~2 ulp (Cephes `expf` polynomial), branch-free so loops over it vectorize.
 /// Inputs below −87.3 give ~1e−38 rather than 0; NaN propagates.
+#[allow(clippy::excessive_precision)] // the coefficients as published
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -226,6 +227,7 @@ pub fn exp(x: f32) -> f32 {
 /// call, and exact GELU spends most of its time there). The rational approximation
 /// x·P(x²)/Q(x²) on [−4, 4] (beyond which erf is ±1 in f32) with the coefficients that Eigen
 /// and XLA use for single-precision erf.
+#[allow(clippy::excessive_precision)] // the coefficients as published
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);

@@ -51,7 +51,7 @@ impl Classifier {
             cfg.positional,
             cfg.scale_embeddings,
             "tokens",
-            sites.next(),
+            sites.next_id(),
         )
         .with_token_types(&mut pb, "embed_types", cfg.token_types)
         .with_norm(&mut pb, "embed_norm", cfg.embed_norm, cfg.layer_norm_eps);

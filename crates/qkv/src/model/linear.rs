@@ -70,6 +70,7 @@ impl Linear {
     /// `dW += dyᵀ x`, `db += Σ_rows dy` (unless `bias` says it is done), and `dx (+)= dy W`
     /// when `dx` is given (`dx_acc`: overwrite or add).
     /// x: (N, I), dy: (N, O), dx: (N, I)
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         p: &[f32],

@@ -50,7 +50,7 @@ impl LanguageModel {
             cfg.positional,
             cfg.scale_embeddings,
             "tokens",
-            sites.next(),
+            sites.next_id(),
         );
         let n_layers = cfg.n_decoder_layers;
         let decoder = Stack::new(&mut pb, "decoder", n_layers, false, cfg, &mut sites);

@@ -99,7 +99,7 @@ impl Mode {
 #[derive(Default)]
 pub struct SiteIds(u64);
 impl SiteIds {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_id(&mut self) -> u64 {
         self.0 += 1;
         self.0
     }

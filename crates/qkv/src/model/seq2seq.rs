@@ -60,7 +60,7 @@ impl Seq2Seq {
             cfg.positional,
             cfg.scale_embeddings,
             "source",
-            sites.next(),
+            sites.next_id(),
         )
         .with_token_types(&mut pb, "src_embed_types", cfg.token_types)
         .with_norm(
@@ -81,7 +81,7 @@ impl Seq2Seq {
             cfg.positional,
             cfg.scale_embeddings,
             "target",
-            sites.next(),
+            sites.next_id(),
         )
         .with_token_types(&mut pb, "tgt_embed_types", cfg.token_types)
         .with_norm(

@@ -108,7 +108,7 @@ impl Block {
                 c,
                 eps,
                 placement,
-                sites.next(),
+                sites.next_id(),
             )
         };
         let self_attn = SelfAttention::new(pb, &format!("{name}.self_attn"), cfg);

@@ -46,6 +46,7 @@ pub struct Prepared<T> {
 }
 
 /// What scoring a model found (and sample outputs), printable as the CLI shows it.
+#[allow(clippy::large_enum_variant)] // one per evaluation
 #[derive(Clone, Debug)]
 pub enum Report {
     Translate(translate::TranslateReport),
