@@ -196,14 +196,16 @@ pub fn max(x: &[f32]) -> f32 {
     rest.iter().fold(m, |a, &b| if b > a { b } else { a })
 }
 
+/// ln 2 = LN2_HI + LN2_LO, the first with few enough mantissa bits that n·LN2_HI is exact.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
 /// e^x to ~2 ulp (Cephes `expf` polynomial), branch-free so loops over it vectorize.
 /// Inputs below −87.3 give ~1e−38 rather than 0; NaN propagates.
 #[allow(clippy::excessive_precision)] // the coefficients as published
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5·2²³ rounds to an integer held in the low mantissa bits: n both as a float and,
     // by reinterpreting the bits, as an integer. (`as i32` on a float is a saturating
     // conversion the compiler cannot vectorize.)
@@ -245,6 +247,47 @@ pub fn erf(x: f32) -> f32 {
     q = q * x2 - 7.373_329e-3;
     q = q * x2 - 1.426_474e-2;
     x * p / q
+}
+
+/// ln x to a few ulp (Cephes `logf` polynomial), branch-free so loops over it vectorize
+/// (libm's `logf` is a scalar call). Inputs below the smallest normal float (zero, subnormals,
+/// negatives) give ln(1.18e−38) ≈ −87.3, the floor [`exp`] has; NaN propagates; +∞ is not
+/// handled (finite inputs only).
+#[allow(clippy::excessive_precision)] // the coefficients as published
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let v = if x < f32::MIN_POSITIVE {
+        f32::MIN_POSITIVE
+    } else {
+        x
+    };
+    // v = m·2^e with m in [0.5, 1): the exponent field, and the mantissa under exponent −1.
+    let bits = v.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 126;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    // Keep the polynomial's argument in [√½ − 1, √2 − 1).
+    let small = m < SQRT_HALF;
+    e -= small as i32;
+    let r = if small { m + m - 1.0 } else { m - 1.0 };
+    let e = e as f32;
+    let z = r * r;
+    let mut p = 7.037_683_6e-2f32;
+    p = p * r - 1.151_461e-1;
+    p = p * r + 1.167_699_9e-1;
+    p = p * r - 1.242_014_1e-1;
+    p = p * r + 1.424_932_3e-1;
+    p = p * r - 1.666_805_8e-1;
+    p = p * r + 2.000_071_5e-1;
+    p = p * r - 2.499_999_4e-1;
+    p = p * r + 3.333_333_1e-1;
+    let y = p * r * z + LN2_LO * e - 0.5 * z;
+    let out = r + y + LN2_HI * e;
+    if x.is_nan() {
+        x
+    } else {
+        out
+    }
 }
 
 /// Helpers shared by the hand-written AVX2 kernels.
@@ -292,6 +335,29 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert!(super::exp(f32::NAN).is_nan());
         assert_eq!(super::exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn ln_matches_f64_to_a_few_ulp() {
+        let mut worst = 0.0f64;
+        // Every binade from the smallest normal to the largest, 4,099 points each.
+        let mut x = f32::MIN_POSITIVE;
+        while x.is_finite() {
+            for i in 0..4099 {
+                let v = x * (1.0 + i as f32 / 4099.0);
+                let (a, b) = (super::ln(v) as f64, (v as f64).ln());
+                worst = worst.max((a - b).abs() / b.abs().max(1.0));
+            }
+            x *= 2.0;
+        }
+        assert!(worst < 3e-7, "worst error {worst}");
+        assert_eq!(super::ln(1.0), 0.0);
+        assert!(super::ln(f32::NAN).is_nan());
+        let floor = super::ln(f32::MIN_POSITIVE);
+        assert!((floor as f64 - (f32::MIN_POSITIVE as f64).ln()).abs() < 1e-5);
+        for below in [0.0, 1e-40, -1.0] {
+            assert_eq!(super::ln(below), floor, "{below}");
+        }
     }
 
     #[test]

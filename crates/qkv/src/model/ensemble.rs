@@ -127,8 +127,7 @@ impl Incremental for Ensemble {
         let done = step_all();
         cache.members = members;
         done?;
-        let ln_n = (n as f32).ln();
-        self.log_probs.iter_mut().for_each(|p| *p = p.ln() - ln_n);
+        ln_minus(&mut self.log_probs, (n as f32).ln());
         Ok(&self.log_probs)
     }
 }
@@ -173,6 +172,13 @@ impl EncoderDecoder for Ensemble {
         for m in &mut self.models {
             m.shared_packs = packs.next();
         }
+    }
+}
+
+crate::simd::multiversion! {
+    /// `x` = ln `x` − `shift`, element-wise (a probability's floor is e^-87.3, as `exp`'s).
+    fn ln_minus(x: &mut [f32], shift: f32) {
+        x.iter_mut().for_each(|p| *p = crate::simd::ln(*p) - shift);
     }
 }
 
