@@ -432,9 +432,8 @@ mod tests {
     }
 
     /// Every committed job config loads, its model section builds a model config (unless it
-    /// starts from another model), and the
-    /// data it names is in the repository (a `data/` path that is not bundled would fail
-    /// only when a user runs it).
+    /// starts from another model), and the data it names is in the repository (a `data/`
+    /// path that is not bundled would fail only when a user runs it).
     #[test]
     fn every_committed_config_is_a_job_with_bundled_data() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
