@@ -14,6 +14,7 @@ fn parallel(n: usize, seed: usize) -> String {
 }
 
 fn job(dir: &Path, task: &str, model: &str, max_steps: u64, files: [&str; 3]) -> PathBuf {
+    let warmup = max_steps.min(10);
     let cfg = format!(
         r#"{{
   "task": "{task}",
@@ -22,7 +23,7 @@ fn job(dir: &Path, task: &str, model: &str, max_steps: u64, files: [&str; 3]) ->
   "model": {model},
   "train": {{
     "max_steps": {max_steps}, "max_tokens": 256, "accumulate": 1,
-    "schedule": {{ "kind": "cosine", "peak": 0.003, "min": 0.0001, "warmup": 10, "total": {max_steps} }},
+    "schedule": {{ "kind": "cosine", "peak": 0.003, "min": 0.0001, "warmup": {warmup}, "total": {max_steps} }},
     "optimizer": {{ "beta1": 0.9, "beta2": 0.98, "eps": 1e-9, "weight_decay": 0.0, "clip_norm": 1.0 }},
     "label_smoothing": 0.1, "seed": 1, "valid_every": 20, "save_every": 20, "keep_last": 2, "time_limit_s": null
   }},

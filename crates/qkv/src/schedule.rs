@@ -95,6 +95,24 @@ impl Schedule {
                 )));
             }
         }
+        if let Schedule::Cosine {
+            peak,
+            min,
+            warmup,
+            total,
+        } = *self
+        {
+            if min > peak {
+                return Err(Error::Config(format!(
+                    "schedule.min {min} is above schedule.peak {peak} (a cosine decays from peak to min)"
+                )));
+            }
+            if total == 0 || warmup > total {
+                return Err(Error::Config(format!(
+                    "schedule.total must be at least 1 and at least schedule.warmup {warmup}, got {total}"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -194,6 +194,33 @@ fn invalid_configs_are_rejected_with_the_field() {
         e.contains("attention_window") && e.contains("linear"),
         "{e}"
     );
+    // A zero size names its field, the target vocabulary of a seq2seq model included.
+    let mut c = ModelConfig::preset("tiny", Family::Seq2seq, 10).unwrap();
+    c.tgt_vocab_size = Some(0);
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("tgt_vocab_size must be positive"), "{e}");
+    let t = qkv::train::TrainConfig {
+        accumulate: 0,
+        ..Default::default()
+    };
+    let e = t.validate().unwrap_err().to_string();
+    assert!(e.contains("train.accumulate must be at least 1"), "{e}");
+    // A cosine that would rise, or end before its warm-up does, is a mistake in the file.
+    use qkv::schedule::Schedule;
+    let cosine = |min, warmup, total| Schedule::Cosine {
+        peak: 1e-3,
+        min,
+        warmup,
+        total,
+    };
+    assert!(cosine(5e-5, 150, 1200).validate().is_ok());
+    let e = cosine(2e-3, 150, 1200).validate().unwrap_err().to_string();
+    assert!(
+        e.contains("schedule.min 0.002 is above schedule.peak 0.001"),
+        "{e}"
+    );
+    let e = cosine(5e-5, 1500, 1200).validate().unwrap_err().to_string();
+    assert!(e.contains("schedule.warmup 1500, got 1200"), "{e}");
     // An unknown kernel name in a config file names the field's choices.
     let mut v = serde_json::to_value(ModelConfig::preset("tiny", Family::Lm, 10).unwrap()).unwrap();
     v["attention"] = "sparse".into();

@@ -229,13 +229,17 @@ impl ModelConfig {
                 self.layer_norm_eps
             ));
         }
-        if self.d_model == 0
-            || self.n_heads == 0
-            || self.d_ff == 0
-            || self.max_len == 0
-            || self.vocab_size == 0
-        {
-            return bad("d_model, n_heads, d_ff, max_len and vocab_size must be positive".into());
+        for (field, value) in [
+            ("d_model", self.d_model),
+            ("n_heads", self.n_heads),
+            ("d_ff", self.d_ff),
+            ("max_len", self.max_len),
+            ("vocab_size", self.vocab_size),
+            ("tgt_vocab_size", self.tgt_vocab()),
+        ] {
+            if value == 0 {
+                return bad(format!("{field} must be positive, got 0"));
+            }
         }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(

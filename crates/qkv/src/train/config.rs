@@ -115,8 +115,14 @@ impl TrainConfig {
     /// Reject settings the trainer cannot run, naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.max_tokens == 0 || self.accumulate == 0 || self.max_steps == 0 {
-            return bad("max_steps, max_tokens and accumulate must be at least 1".into());
+        for (field, value) in [
+            ("max_steps", self.max_steps),
+            ("max_tokens", self.max_tokens as u64),
+            ("accumulate", self.accumulate as u64),
+        ] {
+            if value == 0 {
+                return bad(format!("train.{field} must be at least 1, got 0"));
+            }
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(format!(
