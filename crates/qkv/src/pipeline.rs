@@ -81,7 +81,9 @@ fn prepare<T: Task>(
         if comm.size() > 1 {
             send_files(comm, &extra_files)?;
         }
-        return Ok((prepared, Some(RunDir { path, extra_files })));
+        let run = RunDir { path, extra_files };
+        run.restore_interrupted()?;
+        return Ok((prepared, Some(run)));
     }
     let copy = PrivateDir::new(comm.rank())?;
     receive_files(comm, &copy.0)?;

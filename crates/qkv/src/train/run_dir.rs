@@ -5,7 +5,10 @@
 //!
 //! Crash safety: a checkpoint is written to `<name>.tmp` and moved into place; `best/` is
 //! replaced by an atomic exchange of the two directories (Linux `renameat2`), so at every
-//! moment `best/` holds a complete checkpoint, old or new.
+//! moment `best/` holds a complete checkpoint, old or new. Where the filesystem cannot
+//! exchange, the old `best/` is parked as `best.old/` between two renames; a crash between
+//! them leaves `best.old/` alone, which the next run over the directory moves back
+//! ([`RunDir::restore_interrupted`]).
 
 use super::{TrainConfig, TrainerState};
 use crate::checkpoint::{self, io_err, json_err, write_atomic};
@@ -123,6 +126,27 @@ impl RunDir {
         self.path.join(BEST_DIR)
     }
 
+    /// Move back a `best.old/` (or `checkpoint-N.old/`) that a crash left parked in the
+    /// middle of [`replace_dir`]'s fallback, where its directory is missing.
+    pub fn restore_interrupted(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return Ok(()); // a new run: nothing to restore
+        };
+        for entry in entries {
+            let old = entry.map_err(io_err(&self.path))?.path();
+            let dst = old.with_extension("");
+            let ours = dst
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == BEST_DIR || n.starts_with("checkpoint-"));
+            let parked = old.extension().is_some_and(|e| e == "old") && old.is_dir();
+            if ours && parked && !dst.exists() {
+                std::fs::rename(&old, &dst).map_err(io_err(&dst))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write a checkpoint into `name/` via `name.tmp/`.
     pub(crate) fn save<M: Model>(
         &self,
@@ -219,17 +243,23 @@ pub fn load_train_config(dir: &Path) -> Result<TrainConfig> {
 }
 
 /// Move the complete directory `new` to `dst`. An existing `dst` is exchanged with `new` in
-/// one step and then removed, so `dst` is never missing.
+/// one step and then removed, so `dst` is never missing; without the exchange, `dst` is
+/// missing between two renames, and `<dst>.old` holds it meanwhile.
 pub(crate) fn replace_dir(new: &Path, dst: &Path) -> Result<()> {
+    let old = dst.with_extension("old");
     if !dst.exists() {
-        return std::fs::rename(new, dst).map_err(io_err(dst));
+        std::fs::rename(new, dst).map_err(io_err(dst))?;
+        // A parked copy left by an interrupted replacement is older than `new`.
+        if old.is_dir() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        return Ok(());
     }
     match exchange(new, dst) {
         Ok(()) => {}
         // Filesystems without the exchange: park the old directory beside it for the
         // moment between the two renames.
         Err(_) => {
-            let old = dst.with_extension("old");
             if old.exists() {
                 std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
             }
@@ -287,6 +317,40 @@ mod tests {
         replace_dir(&new, &dst).unwrap();
         assert_eq!(std::fs::read_to_string(dst.join("f")).unwrap(), "new");
         assert!(!new.exists() && !root.join("best.old").exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_best_parked_by_an_interrupted_replacement_is_restored() {
+        let root = std::env::temp_dir().join(format!("qkv-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // The crash came between the fallback's two renames: only best.old/ is left.
+        let parked = root.join("best.old");
+        std::fs::create_dir_all(&parked).unwrap();
+        std::fs::write(parked.join("f"), "old").unwrap();
+        std::fs::create_dir_all(root.join("notes.old")).unwrap();
+        let run = RunDir {
+            path: root.clone(),
+            extra_files: vec![],
+        };
+        run.restore_interrupted().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.best().join("f")).unwrap(),
+            "old"
+        );
+        assert!(!parked.exists());
+        assert!(root.join("notes.old").is_dir(), "not ours: left alone");
+        // Had the next save come first, its new best/ supersedes the parked one.
+        std::fs::rename(run.best(), &parked).unwrap();
+        let new = root.join("best.tmp");
+        std::fs::create_dir_all(&new).unwrap();
+        std::fs::write(new.join("f"), "new").unwrap();
+        replace_dir(&new, &run.best()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.best().join("f")).unwrap(),
+            "new"
+        );
+        assert!(!parked.exists() && !new.exists());
         let _ = std::fs::remove_dir_all(&root);
     }
 
