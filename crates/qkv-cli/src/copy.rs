@@ -48,12 +48,12 @@ pub fn run(a: CopyArgs) -> Result<()> {
         vocab: a.vocab,
         batch: a.batch,
         steps: a.steps,
-        seed: a.seed + 1,
+        seed: a.seed.wrapping_add(1),
     };
     let mut progress = Every100(Instant::now());
     let mut trainer = train_copy(model, &task, &mut progress)?;
     let n = 200;
-    let eval = evaluate_copy(&mut trainer.model, &task, n, a.seed + 999)?;
+    let eval = evaluate_copy(&mut trainer.model, &task, n, a.seed.wrapping_add(999))?;
     println!(
         "held-out exact match: {}/{n} ({:.1}%)",
         eval.exact,

@@ -147,6 +147,7 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
         decode: a.decode.over(&files.decode)?,
         nbest: a.nbest,
         max_tokens: a.max_tokens.max(1),
+        sample_ids: Vec::new(),
     };
     if a.nbest == 0 || a.nbest > opts.decode.beam {
         bail!(
@@ -264,7 +265,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let choices: Vec<Choice> = (0..prompts.len() as u64)
         .map(|i| match a.greedy {
             true => Choice::Greedy,
-            false => Choice::Sample(sampling.sampling(a.seed + i)),
+            false => Choice::Sample(sampling.sampling(a.seed.wrapping_add(i))),
         })
         .collect();
     let max_new = a

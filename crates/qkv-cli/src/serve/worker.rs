@@ -190,10 +190,15 @@ fn call_model(
                 // Batches of ~2,048 source tokens: a batch of long inputs splits over the
                 // decoding threads.
                 max_tokens: 2048,
+                // Samples (`decode.sampling`, `decode.mbr_references`) are seeded by a text's
+                // index within its request: a request draws what `qkv translate` draws for its
+                // texts, whatever other requests share its batch.
+                sample_ids: group
+                    .iter()
+                    .flat_map(|j| 0..j.work.inputs() as u64)
+                    .collect(),
             };
             // The model's `decode.mbr` chooses among as many of the request's beam outputs.
-            // Samples (`decode.sampling`, `decode.mbr_references`) are seeded by a text's row
-            // in this batch, so a lone request draws what `qkv translate` draws for its texts.
             let wide = opts.widened();
             translate::translate_ids_with(m, workers, &rows, tgt.bos, tgt.eos, tgt.pad, &wide)
                 .and_then(|hyps| translate::select(hyps, tgt, &opts, Utility::for_task(files.task)))

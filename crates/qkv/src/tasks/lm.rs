@@ -340,7 +340,7 @@ impl Task for Lm {
         let max_new = files.decode.max_new_tokens.min(model.config.max_len - 1);
         // Sample i uses seed + i, so the samples differ from each other.
         let choices: Vec<Choice> = (0..job.samples as u64)
-            .map(|i| Choice::Sample(files.decode.sampling(job.train.seed + i)))
+            .map(|i| Choice::Sample(files.decode.sampling(job.train.seed.wrapping_add(i))))
             .collect();
         if !choices.is_empty() {
             report.samples = complete(model, tok, &prompts, max_new, &choices)?;

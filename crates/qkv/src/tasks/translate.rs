@@ -92,6 +92,11 @@ pub struct TranslateOptions {
     /// Hypotheses per input (≤ beam).
     pub nbest: usize,
     pub max_tokens: usize,
+    /// What seeds each source's samples (`decode.sampling`, `decode.mbr_references`): empty,
+    /// the source's index; otherwise one id per source. A service decoding several requests
+    /// as one batch gives each text its index within its own request, so a request draws
+    /// the same samples whatever it is batched with.
+    pub sample_ids: Vec<u64>,
 }
 
 impl TranslateOptions {
@@ -100,6 +105,7 @@ impl TranslateOptions {
             decode: decode.clone(),
             nbest: 1,
             max_tokens: 4096,
+            sample_ids: Vec::new(),
         }
     }
 
@@ -493,11 +499,14 @@ fn translate_batch<M: EncoderDecoder>(
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut cache = start_batch(model, sources, chunk, pad, opts)?;
     let beam = opts.decode.beam(opts.nbest);
-    // Seeded by the source's index, so a source's samples do not depend on its batch.
+    // Seeded by the source's index (or id), so a source's samples do not depend on its batch.
     let seeds = |stream: u64| -> Vec<u64> {
         chunk
             .iter()
-            .map(|&i| hash(opts.decode.seed ^ stream, i as u64))
+            .map(|&i| {
+                let id = opts.sample_ids.get(i).copied().unwrap_or(i as u64);
+                hash(opts.decode.seed ^ stream, id)
+            })
             .collect()
     };
     let sampling = opts.decode.sampling(0);
@@ -1096,6 +1105,7 @@ mod tests {
                 decode: d.clone(),
                 nbest,
                 max_tokens,
+                sample_ids: vec![],
             };
             translate_ids(&mut model, &sources, 1, 2, 0, &opts).unwrap()
         };
@@ -1124,8 +1134,26 @@ mod tests {
                 "the samples never differ: {drawn:?}"
             );
         }
-        let off = DecodeConfig { mbr: 0, ..with };
+        let off = DecodeConfig {
+            mbr: 0,
+            ..with.clone()
+        };
         assert_eq!(decode(&off, 3, 4096), decode(&base, 3, 4096));
+
+        // Two requests decoded as one batch (sources 0-3 and 4-8), each text seeded by its
+        // index within its request, draw what each request draws alone.
+        let opts = |sample_ids: Vec<u64>| TranslateOptions {
+            decode: with.clone(),
+            nbest: 3,
+            max_tokens: 4096,
+            sample_ids,
+        };
+        let ids: Vec<u64> = (0..4).chain(0..5).collect();
+        let together = translate_ids(&mut model, &sources, 1, 2, 0, &opts(ids)).unwrap();
+        let first = translate_ids(&mut model, &sources[..4], 1, 2, 0, &opts(vec![])).unwrap();
+        let second = translate_ids(&mut model, &sources[4..], 1, 2, 0, &opts(vec![])).unwrap();
+        assert_eq!(together[..4], first[..]);
+        assert_eq!(together[4..], second[..]);
     }
 
     /// Greedy decoding with continuous batching gives every source what decoding its batch
