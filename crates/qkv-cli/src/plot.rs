@@ -46,7 +46,7 @@ fn read_metrics(csv: &Path) -> Result<Curves> {
 /// Draw `metrics.csv` of `run_dir` into `run_dir/loss.png` (800 × 500).
 pub fn loss_curve(run_dir: &Path) -> Result<()> {
     register_font();
-    let (train, valid) = read_metrics(&run_dir.join("metrics.csv"))?;
+    let (train, valid) = read_metrics(&run_dir.join(qkv::train::METRICS_FILE))?;
     if train.is_empty() {
         return Ok(());
     }

@@ -8,7 +8,7 @@
 //! accumulators, two panel loads and six broadcasts per k.
 //!
 //! Written by hand because `gemm` has no entry point for an operand packed in advance.
-//! Packing is scoped with [`PackedScope`]: while one is installed on a thread, [`lookup`]
+//! Packing is scoped with [`PackedScope`]: while one is installed on a thread, [`try_matmul_packed`]
 //! finds a weight's packed copy by its address (packing it on first use), so the layers'
 //! code is the same in a step as in a full forward; the scope belongs to one decoding
 //! session (a `KvCache`), which is started after the weights last changed.
@@ -526,8 +526,8 @@ thread_local! {
 pub struct PackedScope(bool);
 
 impl PackedScope {
-    /// Install `weights` (taken out of their session) on this thread; `None` where the CPU
-    /// has no packed kernel, so products go to `gemm` as everywhere else.
+    /// Install `weights` (taken out of their session) on this thread; where the CPU has no
+    /// packed kernel the scope is inactive, so products go to `gemm` as everywhere else.
     pub fn install(weights: PackedWeights) -> Self {
         if !available() {
             return Self(false);
