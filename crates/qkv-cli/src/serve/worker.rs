@@ -170,6 +170,10 @@ fn run_group(
     }
 }
 
+/// Input tokens per forward pass when classifying or embedding a group (`qkv classify`'s
+/// default `--max-tokens`).
+const ENCODER_BATCH_TOKENS: usize = 8192;
+
 fn call_model(
     dir: &mut ModelDir,
     workers: &mut translate::DecodeWorkers,
@@ -178,7 +182,6 @@ fn call_model(
     let rows: Vec<Vec<u32>> = group.iter().flat_map(|j| j.work.rows()).collect();
     let files = &dir.files;
     let (tok, tgt) = (&files.tokenizer, files.target_tokenizer());
-    let max_tokens = 8192;
     let out = match (&group[0].work, &mut dir.model) {
         (Work::Translate { beam, .. }, AnyModel::Seq2Seq(m)) => {
             let opts = translate::TranslateOptions {
@@ -211,10 +214,10 @@ fn call_model(
                 })
         }
         (Work::Classify { .. }, AnyModel::Classifier(m)) => {
-            classify::predict_ids(m, &rows, tok.pad, max_tokens).map(Reply::Rows)
+            classify::predict_ids(m, &rows, tok.pad, ENCODER_BATCH_TOKENS).map(Reply::Rows)
         }
         (Work::Embed { .. }, AnyModel::Classifier(m)) => {
-            classify::embed_ids(m, &rows, tok.pad, max_tokens).map(Reply::Rows)
+            classify::embed_ids(m, &rows, tok.pad, ENCODER_BATCH_TOKENS).map(Reply::Rows)
         }
         (Work::Generate { max_new, .. }, AnyModel::Lm(m)) => {
             let choices: Vec<Choice> = group
