@@ -287,16 +287,43 @@ fn translation_service_decodes_as_the_model_directory_says() {
         with, without,
         "MBR chose the most probable output everywhere"
     );
-    let server = Server::start(&dir, &[]);
+    // A long batch window, so that the two concurrent requests below share one batch.
+    let server = Server::start(&dir, &["--batch-window-ms", "1500"]);
+    let texts = |reply: &Value| -> Vec<String> {
+        reply["translations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
     let (status, reply) = server.post("/v1/translate", &json!({"texts": TEXTS}));
     assert_eq!(status, 200, "{reply}");
-    let served: Vec<String> = reply["translations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(served, with);
+    assert_eq!(texts(&reply), with);
+
+    // The MBR references are seeded by a text's index within its own request, so a request
+    // draws what `qkv translate` draws for its texts whatever it is batched with.
+    let (first, second) = std::thread::scope(|s| {
+        let a = s.spawn(|| server.post("/v1/translate", &json!({"texts": TEXTS[..2]})));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let b = server.post("/v1/translate", &json!({"texts": TEXTS[2..]}));
+        (a.join().unwrap(), b)
+    });
+    assert_eq!((first.0, second.0), (200, 200), "{first:?} {second:?}");
+    let alone: String = TEXTS[2..].iter().map(|t| format!("{t}\n")).collect();
+    let (ok, out, err) = common::qkv(
+        &["translate", "--model", dir.to_str().unwrap()],
+        Some(&alone),
+    );
+    assert!(ok, "{err}");
+    let alone: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_ne!(
+        alone,
+        with[2..],
+        "the seeds never mattered: the check below could not fail"
+    );
+    assert_eq!(texts(&first.1), with[..2]);
+    assert_eq!(texts(&second.1), alone);
 }
 
 #[test]
