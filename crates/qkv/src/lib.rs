@@ -14,6 +14,7 @@
 //! - [`tasks`], [`job`], [`pipeline`]: translation, classification and language modelling
 //!   from text files to scored models; what the `qkv` binary adapts to a terminal and HTTP.
 
+pub mod backend;
 pub mod bench;
 pub mod checkpoint;
 pub mod cuda;

@@ -9,6 +9,7 @@ use super::config::{AttentionKind, ModelConfig};
 use super::kv_cache::{LayerKv, StepCtx};
 use super::linear::BiasGrad;
 use super::linear::Linear;
+use crate::backend::Cpu;
 use crate::kernels::attention::{
     attention_backward, attention_forward, attention_one_query, AttentionShape, HeadsMut, HeadsRef,
     KvBlocks, Masks,
@@ -121,7 +122,7 @@ impl SelfAttention {
         let c = self.c;
         let n = batch * t;
         let qkv = buf(&mut self.qkv_buf, n * 3 * c);
-        self.qkv.forward(p, x, qkv);
+        self.qkv.forward(&Cpu, p, x, qkv);
         let shape = AttentionShape {
             batch,
             heads: self.heads,
@@ -183,8 +184,16 @@ impl SelfAttention {
                 view(2 * c),
             );
         }
-        self.qkv
-            .backward(p, g, x, &self.dqkv[..n * 3 * c], dx, acc, BiasGrad::Compute);
+        self.qkv.backward(
+            &Cpu,
+            p,
+            g,
+            x,
+            &self.dqkv[..n * 3 * c],
+            dx,
+            acc,
+            BiasGrad::Compute,
+        );
     }
 }
 
@@ -245,9 +254,10 @@ impl CrossAttention {
         memory_padding: Option<&[bool]>,
     ) -> &[f32] {
         let c = self.c;
-        self.q.forward(p, x, buf(&mut self.q_buf, batch * tq * c));
+        self.q
+            .forward(&Cpu, p, x, buf(&mut self.q_buf, batch * tq * c));
         self.kv
-            .forward(p, memory, buf(&mut self.kv_buf, batch * tk * 2 * c));
+            .forward(&Cpu, p, memory, buf(&mut self.kv_buf, batch * tk * 2 * c));
         let shape = AttentionShape {
             batch,
             heads: self.heads,
@@ -311,6 +321,7 @@ impl CrossAttention {
                 .backward(p, g, &self.out, dy, &dq, &dk, &dv, q, kv(0), kv(c));
         }
         self.q.backward(
+            &Cpu,
             p,
             g,
             x,
@@ -320,6 +331,7 @@ impl CrossAttention {
             BiasGrad::Compute,
         );
         self.kv.backward(
+            &Cpu,
             p,
             g,
             memory,
@@ -367,7 +379,7 @@ impl Core {
             }
         }
         self.masks.save(masks);
-        out_proj.forward(p, &self.ctx[..n * c], buf(&mut self.out, n * c));
+        out_proj.forward(&Cpu, p, &self.ctx[..n * c], buf(&mut self.out, n * c));
         self.last = Some((s, kind));
         &self.out[..n * c]
     }
@@ -400,7 +412,7 @@ impl Core {
         let n = s.batch * s.q_len;
         let dctx = buf(&mut self.dctx, n * c);
         let ctx = &self.ctx[..n * c];
-        out_proj.backward(p, g, ctx, dy, Some(dctx), Acc::Set, BiasGrad::Compute);
+        out_proj.backward(&Cpu, p, g, ctx, dy, Some(dctx), Acc::Set, BiasGrad::Compute);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let (dctx, ctx) = (&self.dctx[..n * c], &self.ctx[..n * c]);
         let masks = self.masks.masks();
@@ -437,7 +449,7 @@ impl SelfAttention {
         let c = self.c;
         let r = x.len() / c;
         let qkv = buf(&mut self.qkv_buf, r * 3 * c);
-        self.qkv.forward(p, x, qkv);
+        self.qkv.forward(&Cpu, p, x, qkv);
         let d = c / self.heads;
         if self.core.kind == AttentionKind::Linear {
             let ctx_buf = buf(&mut self.core.ctx, r * c);
@@ -448,8 +460,12 @@ impl SelfAttention {
                 self.heads,
                 d,
             );
-            self.out
-                .forward(p, &self.core.ctx[..r * c], buf(&mut self.core.out, r * c));
+            self.out.forward(
+                &Cpu,
+                p,
+                &self.core.ctx[..r * c],
+                buf(&mut self.core.out, r * c),
+            );
             return &self.core.out[..r * c];
         }
         for row in 0..r {
@@ -489,8 +505,12 @@ impl SelfAttention {
             d,
             scale,
         );
-        self.out
-            .forward(p, &self.core.ctx[..r * c], buf(&mut self.core.out, r * c));
+        self.out.forward(
+            &Cpu,
+            p,
+            &self.core.ctx[..r * c],
+            buf(&mut self.core.out, r * c),
+        );
         &self.core.out[..r * c]
     }
 }
@@ -500,7 +520,7 @@ impl CrossAttention {
     /// (B, S, 2C).
     pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> LayerKv {
         let mut data = vec![0.0; memory.len() * 2];
-        self.kv.forward(p, memory, &mut data);
+        self.kv.forward(&Cpu, p, memory, &mut data);
         LayerKv {
             data,
             rows: s_len,
@@ -512,7 +532,7 @@ impl CrossAttention {
     pub(crate) fn step(&mut self, p: &[f32], x: &[f32], kv: &LayerKv, ctx: StepCtx) -> &[f32] {
         let c = self.c;
         let r = x.len() / c;
-        self.q.forward(p, x, buf(&mut self.q_buf, r * c));
+        self.q.forward(&Cpu, p, x, buf(&mut self.q_buf, r * c));
         let blocks = KvBlocks {
             data: &kv.data,
             rows: kv.rows,
@@ -543,8 +563,12 @@ impl CrossAttention {
             d,
             scale,
         );
-        self.out
-            .forward(p, &self.core.ctx[..r * c], buf(&mut self.core.out, r * c));
+        self.out.forward(
+            &Cpu,
+            p,
+            &self.core.ctx[..r * c],
+            buf(&mut self.core.out, r * c),
+        );
         &self.core.out[..r * c]
     }
 }

@@ -10,6 +10,7 @@ use super::stack::{InputGrad, Stack};
 use super::{
     buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
 };
+use crate::backend::Cpu;
 use crate::data::ClassifyBatch;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::attention::Masks;
@@ -105,7 +106,7 @@ impl Classifier {
         let (k, c) = (self.config.n_classes, self.config.d_model);
         let logits = buf(&mut self.logits, b * k);
         if let Some(head) = &self.head {
-            head.forward(&self.params.data, &self.pooled[..b * c], logits);
+            head.forward(&Cpu, &self.params.data, &self.pooled[..b * c], logits);
         }
         Ok(&self.logits[..b * k])
     }
@@ -212,6 +213,7 @@ impl Model for Classifier {
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dpooled = buf(&mut self.dpooled, b * c);
         head.backward(
+            &Cpu,
             p,
             g,
             &self.pooled[..b * c],

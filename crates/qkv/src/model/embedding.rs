@@ -3,6 +3,7 @@
 //! (`with_token_types`, `with_norm`).
 
 use super::{buf, config::Positional, norm::LayerNorm, Mode, Tokens};
+use crate::backend::Cpu;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::dropout::{self, Dropout};
 use crate::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
@@ -120,7 +121,7 @@ impl Embedding {
         if let Some(norm) = &mut self.norm {
             let pre = buf(&mut self.pre, n);
             pre.copy_from_slice(&self.out[..n]);
-            norm.forward(p, &self.pre[..n], &mut self.out[..n]);
+            norm.forward(&Cpu, p, &self.pre[..n], &mut self.out[..n]);
             dropout::apply(&mut self.out[..n], self.drop);
         }
     }
@@ -170,7 +171,7 @@ impl Embedding {
         dropout::backward_into(d, &dy[..n], self.drop);
         if let Some(norm) = &self.norm {
             let dpre = buf(&mut self.dpre, n);
-            norm.backward(p, g, &self.pre[..n], &self.dout[..n], dpre, Acc::Set);
+            norm.backward(&Cpu, p, g, &self.pre[..n], &self.dout[..n], dpre, Acc::Set);
             std::mem::swap(&mut self.dout, &mut self.dpre);
         }
         if let Some(tp) = self.types {

@@ -1,35 +1,33 @@
 //! Position-wise feed-forward network (§3.3): `FFN(x) = act(x W₁ + b₁) W₂ + b₂`.
 
-use super::buf;
 use super::linear::BiasGrad;
 use super::linear::Linear;
-use crate::kernels::activation::{
-    bias_act_backward, bias_act_backward_bf16, bias_act_forward, bias_act_forward_bf16, Activation,
-};
-use crate::kernels::bf16::{padded_len, Operand};
-use crate::kernels::matmul::bf16_active;
+use crate::backend::Operand::{Bf16, F32};
+use crate::backend::{Backend, Cpu};
+use crate::kernels::activation::Activation;
+use crate::kernels::bf16::padded_len;
 use crate::kernels::Acc;
-use crate::params::{two_mut, ParamBuilder};
+use crate::params::ParamBuilder;
 
 #[derive(Clone, Debug)]
-pub struct FeedForward {
+pub struct FeedForward<B: Backend = Cpu> {
     pub up: Linear,
     pub down: Linear,
     pub activation: Activation,
-    pre: Vec<f32>,   // (N, F) x W₁ + b₁
-    post: Vec<f32>,  // (N, F) act(pre)
-    out: Vec<f32>,   // (N, C)
-    dpost: Vec<f32>, // (N, F) ∂L/∂post, then in place ∂L/∂pre
+    pre: B::Buf,   // (N, F) x W₁ + b₁
+    post: B::Buf,  // (N, F) act(pre)
+    out: B::Buf,   // (N, C)
+    dpost: B::Buf, // (N, F) ∂L/∂post, then in place ∂L/∂pre
     // With bf16 products, `post` and `∂L/∂pre` are only ever read by products, so they are
     // written in bf16 alone (rows padded for the product's blocks): see `Operand`.
-    post_bf16: Vec<u16>, // (N, F)
-    dpre_bf16: Vec<u16>, // (N, F)
+    post_bf16: B::Buf16, // (N, F)
+    dpre_bf16: B::Buf16, // (N, F)
     bf16: bool,          // whether the last forward wrote `post_bf16` instead of `post`
     #[cfg(test)]
     f32_storage: bool, // tests: keep f32 activations even with bf16 products (the reference)
 }
 
-impl FeedForward {
+impl<B: Backend> FeedForward<B> {
     pub fn new(
         pb: &mut ParamBuilder,
         name: &str,
@@ -41,12 +39,12 @@ impl FeedForward {
             up: Linear::new(pb, &format!("{name}.up"), c, f, true),
             down: Linear::new(pb, &format!("{name}.down"), f, c, true),
             activation,
-            pre: Vec::new(),
-            post: Vec::new(),
-            out: Vec::new(),
-            dpost: Vec::new(),
-            post_bf16: Vec::new(),
-            dpre_bf16: Vec::new(),
+            pre: B::Buf::default(),
+            post: B::Buf::default(),
+            out: B::Buf::default(),
+            dpost: B::Buf::default(),
+            post_bf16: B::Buf16::default(),
+            dpre_bf16: B::Buf16::default(),
             bf16: false,
             #[cfg(test)]
             f32_storage: false,
@@ -54,87 +52,80 @@ impl FeedForward {
     }
 
     /// x: (N, C) → (N, C)
-    pub fn forward(&mut self, p: &[f32], x: &[f32]) -> &[f32] {
+    pub fn forward(&mut self, be: &B, p: B::Ref<'_>, x: B::Ref<'_>) -> B::Ref<'_> {
         let (c, f) = (self.up.in_features, self.up.out_features);
-        let n = x.len() / c;
-        let pre = buf(&mut self.pre, n * f);
-        self.up.matmul(p, x, pre);
-        let b1 = self.up.bias.expect("ffn has biases");
-        self.bf16 = bf16_active() && self.activation != Activation::Identity;
+        let n = B::len(x) / c;
+        let mut pre = B::grow(&mut self.pre, n * f);
+        self.up.matmul(be, p, x, B::reborrow(&mut pre));
+        let b1 = B::param(p, self.up.bias.expect("ffn has biases"));
+        self.bf16 = be.bf16_products() && self.activation != Activation::Identity;
         #[cfg(test)]
         {
             self.bf16 &= !self.f32_storage;
         }
-        let out = buf(&mut self.out, n * c);
+        let out = B::grow(&mut self.out, n * c);
         if self.bf16 {
-            let post = buf16(&mut self.post_bf16, padded_len(n, f));
-            bias_act_forward_bf16(pre, post, b1.of(p), self.activation);
-            self.down
-                .forward_operand(p, Operand::Bf16(&self.post_bf16), n, out);
+            let post = B::grow16(&mut self.post_bf16, padded_len(n, f));
+            be.bias_act_forward_bf16(pre, post, b1, self.activation);
+            let post = Bf16(B::view16(&self.post_bf16));
+            self.down.forward_operand(be, p, post, n, out);
         } else {
-            bias_act_forward(pre, buf(&mut self.post, n * f), b1.of(p), self.activation);
-            self.down.forward(p, &self.post[..n * f], out);
+            let post = B::grow(&mut self.post, n * f);
+            be.bias_act_forward(pre, post, b1, self.activation);
+            self.down.forward(be, p, B::view(&self.post, n * f), out);
         }
-        &self.out[..n * c]
+        B::view(&self.out, n * c)
     }
 
     /// `dx (+)= ∂L/∂x` from dy: (N, C)
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        be: &B,
+        p: B::Ref<'_>,
+        mut g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: B::Mut<'_>,
         acc: Acc,
     ) {
         let (c, f) = (self.up.in_features, self.up.out_features);
-        let n = x.len() / c;
-        let dpost = buf(&mut self.dpost, n * f);
+        let n = B::len(x) / c;
+        let mut dpost = B::grow(&mut self.dpost, n * f);
         let b1 = self.up.bias.expect("ffn has biases");
+        let pre = B::view(&self.pre, n * f);
+        let (down, up) = (&self.down, &self.up);
         if self.bf16 {
-            let post = Operand::Bf16(&self.post_bf16);
-            let dy = Operand::F32(dy);
-            self.down.backward_operands(
+            let post = Bf16(B::view16(&self.post_bf16));
+            let d_post = Some(B::reborrow(&mut dpost));
+            let g_down = B::reborrow(&mut g);
+            down.backward_operands(
+                be,
                 p,
-                g,
+                g_down,
                 n,
                 post,
-                dy,
-                Some(dpost),
+                F32(dy),
+                d_post,
                 Acc::Set,
                 BiasGrad::Compute,
             );
-            let (_, db1) = two_mut(g, self.up.weight, b1);
-            let dpre = buf16(&mut self.dpre_bf16, padded_len(n, f));
-            bias_act_backward_bf16(dpost, db1, &self.pre[..n * f], self.activation, dpre);
-            let (x, dpre) = (Operand::F32(x), Operand::Bf16(&self.dpre_bf16));
-            self.up
-                .backward_operands(p, g, n, x, dpre, Some(dx), acc, BiasGrad::Done);
+            let (_, db1) = B::params_mut(B::reborrow(&mut g), up.weight, b1);
+            let dpre = B::grow16(&mut self.dpre_bf16, padded_len(n, f));
+            be.bias_act_backward_bf16(B::shared(&dpost), db1, pre, self.activation, dpre);
+            let dpre = Bf16(B::view16(&self.dpre_bf16));
+            up.backward_operands(be, p, g, n, F32(x), dpre, Some(dx), acc, BiasGrad::Done);
             return;
         }
-        self.down.backward(
-            p,
-            g,
-            &self.post[..n * f],
-            dy,
-            Some(dpost),
-            Acc::Set,
-            BiasGrad::Compute,
-        );
-        let (_, db1) = two_mut(g, self.up.weight, b1);
-        bias_act_backward(dpost, db1, &self.pre[..n * f], self.activation);
-        self.up
-            .backward(p, g, x, &self.dpost[..n * f], Some(dx), acc, BiasGrad::Done);
+        let post = B::view(&self.post, n * f);
+        let g_down = B::reborrow(&mut g);
+        let d_post = Some(B::reborrow(&mut dpost));
+        down.backward(be, p, g_down, post, dy, d_post, Acc::Set, BiasGrad::Compute);
+        let (_, db1) = B::params_mut(B::reborrow(&mut g), up.weight, b1);
+        be.bias_act_backward(B::reborrow(&mut dpost), db1, pre, self.activation);
+        let dpre = B::shared(&dpost);
+        up.backward(be, p, g, x, dpre, Some(dx), acc, BiasGrad::Done);
     }
-}
-
-/// Grow-only bf16 buffer, as [`buf`].
-fn buf16(v: &mut Vec<u16>, n: usize) -> &mut [u16] {
-    if v.len() < n {
-        v.resize(n, 0);
-    }
-    &mut v[..n]
 }
 
 #[cfg(test)]
@@ -154,7 +145,7 @@ mod tests {
         let (n, c, f) = (37, 24, 64); // 37 rows: a partial block of the product's 12
         for act in [Activation::Relu, Activation::Gelu] {
             let mut pb = ParamBuilder::default();
-            let ffn = FeedForward::new(&mut pb, "ffn", c, f, act);
+            let ffn: FeedForward = FeedForward::new(&mut pb, "ffn", c, f, act);
             let mut params = pb.build(5).unwrap();
             // Non-zero biases, so the bias gradients and activations are not trivial.
             params.data.iter_mut().for_each(|v| *v += 0.01);
@@ -164,10 +155,10 @@ mod tests {
             let run = |f32_storage: bool| {
                 let mut ffn = ffn.clone();
                 ffn.f32_storage = f32_storage;
-                let y = ffn.forward(&params.data, &x).to_vec();
+                let y = ffn.forward(&Cpu, &params.data, &x).to_vec();
                 let mut grad = vec![0.0; params.data.len()];
                 let mut dx = vec![0.0; n * c];
-                ffn.backward(&params.data, &mut grad, &x, &dy, &mut dx, Acc::Set);
+                ffn.backward(&Cpu, &params.data, &mut grad, &x, &dy, &mut dx, Acc::Set);
                 assert_eq!(ffn.bf16, !f32_storage);
                 (y, grad, dx)
             };

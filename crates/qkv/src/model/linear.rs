@@ -1,12 +1,12 @@
 //! A fully connected layer in PyTorch's layout: weight (O, I), `y = x Wᵀ + b`.
 
 use super::buf;
-use crate::kernels::activation::{bias_act_forward, column_sum, Activation};
-use crate::kernels::bf16::{linear_bf16, Operand};
+use crate::backend::Backend;
+use crate::backend::Operand::{self, Bf16, F32};
+use crate::kernels::matmul::matmul;
 use crate::kernels::matmul::Layout::{RowMajor, Transposed};
-use crate::kernels::matmul::{bf16_active, matmul, matmul_operands};
 use crate::kernels::Acc;
-use crate::params::{two_mut, Init, Param, ParamBuilder};
+use crate::params::{Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -41,85 +41,89 @@ impl Linear {
     }
 
     /// `y = x Wᵀ` without the bias (callers fuse the bias into their next pass). x: (N, I), y: (N, O)
-    pub fn matmul(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
-        let n = x.len() / self.in_features;
-        let (i, o, w) = (self.in_features, self.out_features, self.weight.of(p));
-        matmul(y, x, w, n, i, o, RowMajor, Transposed, Acc::Set);
+    pub fn matmul<B: Backend>(&self, be: &B, p: B::Ref<'_>, x: B::Ref<'_>, y: B::Mut<'_>) {
+        let n = B::len(x) / self.in_features;
+        let (i, o, w) = (
+            self.in_features,
+            self.out_features,
+            B::param(p, self.weight),
+        );
+        let layouts = (RowMajor, Transposed);
+        be.matmul(y, F32(x), F32(w), n, i, o, layouts, Acc::Set);
     }
 
     /// `y = x Wᵀ + b`. x: (N, I), y: (N, O)
-    pub fn forward(&self, p: &[f32], x: &[f32], y: &mut [f32]) {
-        self.forward_operand(p, Operand::F32(x), x.len() / self.in_features, y);
+    pub fn forward<B: Backend>(&self, be: &B, p: B::Ref<'_>, x: B::Ref<'_>, y: B::Mut<'_>) {
+        self.forward_operand(be, p, F32(x), B::len(x) / self.in_features, y);
     }
 
     /// [`Self::forward`] for an input that may already be bf16. x: (N, I), y: (N, O)
-    pub fn forward_operand(&self, p: &[f32], x: Operand, n: usize, y: &mut [f32]) {
+    pub fn forward_operand<B: Backend>(
+        &self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: Operand<'_, B>,
+        n: usize,
+        y: B::Mut<'_>,
+    ) {
         let (i, o) = (self.in_features, self.out_features);
-        if bf16_active() {
-            let bias = self.bias.map(|b| b.of(p));
-            return linear_bf16(&mut y[..n * o], x, self.weight.of(p), bias, n, i, o);
-        }
-        let w = Operand::F32(self.weight.of(p));
-        let y_rows = &mut y[..n * o];
-        matmul_operands(y_rows, x, w, n, i, o, RowMajor, Transposed, Acc::Set);
-        if let Some(b) = self.bias {
-            bias_act_forward(y, &mut [], b.of(p), Activation::Identity);
-        }
+        let bias = self.bias.map(|b| B::param(p, b));
+        be.linear(y, x, B::param(p, self.weight), bias, n, i, o);
     }
 
     /// `dW += dyᵀ x`, `db += Σ_rows dy` (unless `bias` says it is done), and `dx (+)= dy W`
     /// when `dx` is given (`dx_acc`: overwrite or add).
     /// x: (N, I), dy: (N, O), dx: (N, I)
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward<B: Backend>(
         &self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
+        be: &B,
+        p: B::Ref<'_>,
+        g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: Option<B::Mut<'_>>,
         dx_acc: Acc,
         bias: BiasGrad,
     ) {
-        let n = x.len() / self.in_features;
-        let (x, dy) = (Operand::F32(x), Operand::F32(dy));
-        self.backward_operands(p, g, n, x, dy, dx, dx_acc, bias);
+        let n = B::len(x) / self.in_features;
+        self.backward_operands(be, p, g, n, F32(x), F32(dy), dx, dx_acc, bias);
     }
 
     /// [`Self::backward`] for an input and output gradient that may already be bf16; a bf16
     /// `dy` needs `BiasGrad::Done` (its column sums were formed by whoever rounded it).
     /// x: (N, I), dy: (N, O), dx: (N, I)
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_operands(
+    pub fn backward_operands<B: Backend>(
         &self,
-        p: &[f32],
-        g: &mut [f32],
+        be: &B,
+        p: B::Ref<'_>,
+        g: B::Mut<'_>,
         n: usize,
-        x: Operand,
-        dy: Operand,
-        dx: Option<&mut [f32]>,
+        x: Operand<'_, B>,
+        dy: Operand<'_, B>,
+        dx: Option<B::Mut<'_>>,
         dx_acc: Acc,
         bias: BiasGrad,
     ) {
         let bias_done = bias == BiasGrad::Done;
         let (i, o) = (self.in_features, self.out_features);
         // dW (O, I) += dyᵀ x
-        let weight_grad =
-            |dw: &mut [f32]| matmul_operands(dw, dy, x, o, n, i, Transposed, RowMajor, Acc::Add);
+        let weight_grad = |dw| be.matmul(dw, dy, x, o, n, i, (Transposed, RowMajor), Acc::Add);
         match (self.bias, dy) {
-            (Some(b), Operand::F32(dy_f32)) if !bias_done => {
-                let (dw, db) = two_mut(g, self.weight, b);
+            (Some(b), F32(dy_f32)) if !bias_done => {
+                let (dw, db) = B::params_mut(g, self.weight, b);
                 weight_grad(dw);
-                column_sum(db, &dy_f32[..n * o], o);
+                be.column_sum(db, B::sub(dy_f32, 0..n * o), o);
             }
-            (Some(_), Operand::Bf16(_)) if !bias_done => {
+            (Some(_), Bf16(_)) if !bias_done => {
                 unreachable!("a bf16 output gradient comes with its bias gradient formed")
             }
-            _ => weight_grad(self.weight.of_mut(g)),
+            _ => weight_grad(B::param_mut(g, self.weight)),
         }
         if let Some(dx) = dx {
-            let (dx, w) = (&mut dx[..n * i], Operand::F32(self.weight.of(p)));
-            matmul_operands(dx, dy, w, n, o, i, RowMajor, RowMajor, dx_acc);
+            let (dx, w) = (B::prefix_mut(dx, n * i), F32(B::param(p, self.weight)));
+            be.matmul(dx, dy, w, n, o, i, (RowMajor, RowMajor), dx_acc);
         }
     }
 }

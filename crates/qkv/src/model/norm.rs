@@ -1,25 +1,23 @@
 //! "Add & Norm" around a sublayer (§3.1, §5.4 residual dropout), in either placement:
 //! post-LN `y = LN(x + dropout(f(x)))` (the paper) or pre-LN `y = x + dropout(f(LN(x)))`.
 
-use super::{buf, config::NormPlacement, Mode};
-use crate::kernels::dropout::{self, Dropout};
-use crate::kernels::layernorm::{
-    layernorm_backward, layernorm_forward, residual_layernorm_forward,
-};
+use super::{config::NormPlacement, Mode};
+use crate::backend::{Backend, Cpu};
+use crate::kernels::dropout::Dropout;
 use crate::kernels::Acc;
-use crate::params::{two_mut, Init, Param, ParamBuilder};
+use crate::params::{Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
-pub struct LayerNorm {
+pub struct LayerNorm<B: Backend = Cpu> {
     pub weight: Param,
     pub bias: Param,
     pub eps: f32,
     pub c: usize,
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
+    mean: B::Buf, // (N)
+    rstd: B::Buf, // (N)
 }
 
-impl LayerNorm {
+impl<B: Backend> LayerNorm<B> {
     pub fn new(pb: &mut ParamBuilder, name: &str, c: usize, eps: f32) -> Self {
         let weight = pb.add(format!("{name}.weight"), &[c], Init::Ones);
         let bias = pb.add(format!("{name}.bias"), &[c], Init::Zeros);
@@ -28,68 +26,61 @@ impl LayerNorm {
             bias,
             eps,
             c,
-            mean: Vec::new(),
-            rstd: Vec::new(),
+            mean: B::Buf::default(),
+            rstd: B::Buf::default(),
         }
     }
 
     /// x, out: (N, C)
-    pub fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32]) {
-        let n = x.len() / self.c;
-        layernorm_forward(
+    pub fn forward(&mut self, be: &B, p: B::Ref<'_>, x: B::Ref<'_>, out: B::Mut<'_>) {
+        let n = B::len(x) / self.c;
+        be.layernorm_forward(
             out,
-            buf(&mut self.mean, n),
-            buf(&mut self.rstd, n),
+            B::grow(&mut self.mean, n),
+            B::grow(&mut self.rstd, n),
             x,
-            self.weight.of(p),
-            self.bias.of(p),
+            B::param(p, self.weight),
+            B::param(p, self.bias),
             self.c,
             self.eps,
         );
     }
 
     /// `dx (+)= LN'(dy)` for the `x` given to the last forward.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        be: &B,
+        p: B::Ref<'_>,
+        g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: B::Mut<'_>,
         acc: Acc,
     ) {
-        let n = x.len() / self.c;
-        let (dw, db) = two_mut(g, self.weight, self.bias);
-        layernorm_backward(
-            dx,
-            dw,
-            db,
-            dy,
-            x,
-            &self.mean[..n],
-            &self.rstd[..n],
-            self.weight.of(p),
-            self.c,
-            acc,
-        );
+        let n = B::len(x) / self.c;
+        let stats = (B::view(&self.mean, n), B::view(&self.rstd, n));
+        let dparams = B::params_mut(g, self.weight, self.bias);
+        let w = B::param(p, self.weight);
+        be.layernorm_backward(dx, dparams, dy, x, stats, w, self.c, acc);
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct AddNorm {
-    pub norm: LayerNorm,
+pub struct AddNorm<B: Backend = Cpu> {
+    pub norm: LayerNorm<B>,
     pub placement: NormPlacement,
     site: u64,
     drop: Option<Dropout>,
     /// post: x + dropout(f); pre: LN(x)
-    saved: Vec<f32>,
+    saved: B::Buf,
     /// dropout'(upstream gradient) for the sublayer output
-    dsub_out: Vec<f32>,
+    dsub_out: B::Buf,
     /// pre: gradient w.r.t. LN(x), produced by the sublayer's backward
-    dsub_in: Vec<f32>,
+    dsub_in: B::Buf,
 }
 
-impl AddNorm {
+impl<B: Backend> AddNorm<B> {
     pub fn new(
         pb: &mut ParamBuilder,
         name: &str,
@@ -103,48 +94,55 @@ impl AddNorm {
             placement,
             site,
             drop: None,
-            saved: Vec::new(),
-            dsub_out: Vec::new(),
-            dsub_in: Vec::new(),
+            saved: B::Buf::default(),
+            dsub_out: B::Buf::default(),
+            dsub_in: B::Buf::default(),
         }
     }
 
     /// What the sublayer reads: `x` itself (post) or `LN(x)` (pre).
-    pub fn sublayer_input<'a>(&'a mut self, p: &[f32], x: &'a [f32]) -> &'a [f32] {
+    pub fn sublayer_input<'a>(&'a mut self, be: &B, p: B::Ref<'_>, x: B::Ref<'a>) -> B::Ref<'a> {
         match self.placement {
             NormPlacement::Post => x,
             NormPlacement::Pre => {
-                let out = buf(&mut self.saved, x.len());
-                self.norm.forward(p, x, out);
-                &self.saved[..x.len()]
+                let n = B::len(x);
+                self.norm.forward(be, p, x, B::grow(&mut self.saved, n));
+                B::view(&self.saved, n)
             }
         }
     }
 
     /// Combine the block input `x` with the sublayer output `f` into `y`.
-    pub fn finish(&mut self, p: &[f32], x: &[f32], f: &[f32], y: &mut [f32], mode: Mode) {
-        self.drop = mode.site(self.site, x.len());
+    pub fn finish(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        f: B::Ref<'_>,
+        y: B::Mut<'_>,
+        mode: Mode,
+    ) {
+        let len = B::len(x);
+        self.drop = mode.site(self.site, len);
         match self.placement {
             NormPlacement::Post => {
-                let n = x.len() / self.norm.c;
-                let sum = buf(&mut self.saved, x.len());
-                let (w, b) = (self.norm.weight.of(p), self.norm.bias.of(p));
-                let (mean, rstd) = (buf(&mut self.norm.mean, n), buf(&mut self.norm.rstd, n));
-                residual_layernorm_forward(
-                    sum,
+                let norm = &mut self.norm;
+                let n = len / norm.c;
+                let params = (B::param(p, norm.weight), B::param(p, norm.bias));
+                be.residual_layernorm_forward(
+                    B::grow(&mut self.saved, len),
                     y,
-                    mean,
-                    rstd,
+                    B::grow(&mut norm.mean, n),
+                    B::grow(&mut norm.rstd, n),
                     x,
                     f,
-                    w,
-                    b,
-                    self.norm.c,
-                    self.norm.eps,
+                    params,
+                    norm.c,
+                    norm.eps,
                     self.drop,
                 );
             }
-            NormPlacement::Pre => dropout::residual_add(y, x, f, self.drop),
+            NormPlacement::Pre => be.residual_add(y, x, f, self.drop),
         }
     }
 
@@ -153,33 +151,36 @@ impl AddNorm {
     /// [`AddNorm::backward_input`]). `x` is the block input of the last forward.
     pub fn backward_output<'a>(
         &'a mut self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &'a [f32],
-        dy: &[f32],
-        dx: &'a mut [f32],
-    ) -> SublayerGrad<'a> {
-        let n = dy.len();
+        be: &B,
+        p: B::Ref<'_>,
+        g: B::Mut<'_>,
+        x: B::Ref<'a>,
+        dy: B::Ref<'_>,
+        mut dx: B::Mut<'a>,
+    ) -> SublayerGrad<'a, B> {
+        let n = B::len(dy);
         match self.placement {
             NormPlacement::Post => {
-                self.norm.backward(p, g, &self.saved[..n], dy, dx, Acc::Set);
-                dropout::backward_into(buf(&mut self.dsub_out, n), dx, self.drop);
+                let saved = B::view(&self.saved, n);
+                let dx_now = B::reborrow(&mut dx);
+                self.norm.backward(be, p, g, saved, dy, dx_now, Acc::Set);
+                let dsub_out = B::grow(&mut self.dsub_out, n);
+                be.dropout_backward(dsub_out, B::shared(&dx), self.drop);
                 // The sublayer read x itself: its input gradient adds onto the residual's.
                 SublayerGrad {
-                    d_output: &self.dsub_out[..n],
+                    d_output: B::view(&self.dsub_out, n),
                     input: x,
                     d_input: dx,
                     acc: Acc::Add,
                 }
             }
             NormPlacement::Pre => {
-                dx[..n].copy_from_slice(dy);
-                dropout::backward_into(buf(&mut self.dsub_out, n), dy, self.drop);
-                buf(&mut self.dsub_in, n);
+                be.copy(dx, dy);
+                be.dropout_backward(B::grow(&mut self.dsub_out, n), dy, self.drop);
                 SublayerGrad {
-                    d_output: &self.dsub_out[..n],
-                    input: &self.saved[..n],
-                    d_input: &mut self.dsub_in[..n],
+                    d_output: B::view(&self.dsub_out, n),
+                    input: B::view(&self.saved, n),
+                    d_input: B::grow(&mut self.dsub_in, n),
                     acc: Acc::Set,
                 }
             }
@@ -187,37 +188,46 @@ impl AddNorm {
     }
 
     /// Second half: pre-LN adds `LN'(dsub_in)` onto `dx`; post-LN has nothing left to do.
-    pub fn backward_input(&self, p: &[f32], g: &mut [f32], x: &[f32], dx: &mut [f32]) {
+    pub fn backward_input(
+        &self,
+        be: &B,
+        p: B::Ref<'_>,
+        g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        dx: B::Mut<'_>,
+    ) {
         if self.placement == NormPlacement::Pre {
-            self.norm
-                .backward(p, g, x, &self.dsub_in[..x.len()], dx, Acc::Add);
+            let dsub_in = B::view(&self.dsub_in, B::len(x));
+            self.norm.backward(be, p, g, x, dsub_in, dx, Acc::Add);
         }
     }
 }
 
 /// What a sublayer's backward needs from the Add & Norm around it.
-pub struct SublayerGrad<'a> {
+pub struct SublayerGrad<'a, B: Backend = Cpu> {
     /// Gradient of the sublayer's output.
-    pub d_output: &'a [f32],
+    pub d_output: B::Ref<'a>,
     /// The sublayer's input in forward: x (post-LN) or LN(x) (pre-LN).
-    pub input: &'a [f32],
+    pub input: B::Ref<'a>,
     /// Where the sublayer writes the gradient of its input: overwritten or added onto.
-    pub d_input: &'a mut [f32],
+    pub d_input: B::Mut<'a>,
     pub acc: Acc,
 }
 
 /// A stack's output: the last layer's `x` itself (post-LN), or `final_norm(x)` written to `out`
 /// (pre-LN, whose residual stream is never normalized inside the layers). x: (N, C)
-pub fn final_output<'a>(
-    final_norm: &mut Option<LayerNorm>,
-    p: &[f32],
-    x: &'a [f32],
-    out: &'a mut Vec<f32>,
-) -> &'a [f32] {
+pub fn final_output<'a, B: Backend>(
+    be: &B,
+    final_norm: &mut Option<LayerNorm<B>>,
+    p: B::Ref<'_>,
+    x: B::Ref<'a>,
+    out: &'a mut B::Buf,
+) -> B::Ref<'a> {
     match final_norm {
         Some(norm) => {
-            norm.forward(p, x, buf(out, x.len()));
-            &out[..x.len()]
+            let n = B::len(x);
+            norm.forward(be, p, x, B::grow(out, n));
+            B::view(out, n)
         }
         None => x,
     }

@@ -13,6 +13,7 @@ use super::feed_forward::FeedForward;
 use super::kv_cache::{KvCache, LayerKv, StepCtx};
 use super::norm::{final_output, AddNorm, LayerNorm};
 use super::{buf, Mode, SiteIds};
+use crate::backend::Cpu;
 use crate::kernels::attention::Masks;
 use crate::kernels::Acc;
 use crate::params::ParamBuilder;
@@ -136,7 +137,7 @@ impl Block {
     /// x, y: (N, C) rows: (B, T, C) for sequences, (R, C) for a decoding step.
     fn forward(&mut self, p: &[f32], x: &[f32], y: &mut [f32], at: BlockAttend, mode: Mode) {
         let n = x.len();
-        let a_in = self.self_attn_norm.sublayer_input(p, x);
+        let a_in = self.self_attn_norm.sublayer_input(&Cpu, p, x);
         let (a, cross_in) = match at {
             BlockAttend::Sequence {
                 batch,
@@ -157,10 +158,10 @@ impl Block {
             ),
         };
         self.self_attn_norm
-            .finish(p, x, a, buf(&mut self.after_self_attn, n), mode);
+            .finish(&Cpu, p, x, a, buf(&mut self.after_self_attn, n), mode);
         let mut h = &self.after_self_attn[..n];
         if let (Some(cross), Some(input)) = (&mut self.cross, cross_in) {
-            let c_in = cross.norm.sublayer_input(p, h);
+            let c_in = cross.norm.sublayer_input(&Cpu, p, h);
             let ca = match input {
                 CrossInput::Memory {
                     memory: m,
@@ -173,12 +174,12 @@ impl Block {
             };
             cross
                 .norm
-                .finish(p, h, ca, buf(&mut self.after_cross_attn, n), mode);
+                .finish(&Cpu, p, h, ca, buf(&mut self.after_cross_attn, n), mode);
             h = &self.after_cross_attn[..n];
         }
-        let f_in = self.ffn_norm.sublayer_input(p, h);
-        let f = self.ffn.forward(p, f_in);
-        self.ffn_norm.finish(p, h, f, y, mode);
+        let f_in = self.ffn_norm.sublayer_input(&Cpu, p, h);
+        let f = self.ffn.forward(&Cpu, p, f_in);
+        self.ffn_norm.finish(&Cpu, p, h, f, y, mode);
     }
 
     /// dy → dx (overwritten) for the `x` of the last sequence forward. A decoder block adds
@@ -209,29 +210,33 @@ impl Block {
             ),
             None => (after_self, &mut *d_after_self),
         };
-        let s = self.ffn_norm.backward_output(p, g, ffn_in, dy, d_ffn_in);
+        let s = self
+            .ffn_norm
+            .backward_output(&Cpu, p, g, ffn_in, dy, d_ffn_in);
         self.ffn
-            .backward(p, g, s.input, s.d_output, s.d_input, s.acc);
-        self.ffn_norm.backward_input(p, g, ffn_in, d_ffn_in);
+            .backward(&Cpu, p, g, s.input, s.d_output, s.d_input, s.acc);
+        self.ffn_norm.backward_input(&Cpu, p, g, ffn_in, d_ffn_in);
         if let (Some(cross), Some((states, dmemory))) = (&mut self.cross, memory) {
             let d_after_cross = &self.d_after_cross_attn[..n];
             let s = cross
                 .norm
-                .backward_output(p, g, after_self, d_after_cross, d_after_self);
+                .backward_output(&Cpu, p, g, after_self, d_after_cross, d_after_self);
             cross
                 .attn
                 .backward(p, g, s.input, states, s.d_output, s.d_input, s.acc, dmemory);
-            cross.norm.backward_input(p, g, after_self, d_after_self);
+            cross
+                .norm
+                .backward_input(&Cpu, p, g, after_self, d_after_self);
         }
         let reads_x = self.self_attn_norm.placement == NormPlacement::Post;
         let d_after_self = &self.d_after_self_attn[..n];
         let s = self
             .self_attn_norm
-            .backward_output(p, g, x, d_after_self, dx);
+            .backward_output(&Cpu, p, g, x, d_after_self, dx);
         let d_input = (input_grad == InputGrad::Wanted || !reads_x).then_some(s.d_input);
         self.self_attn
             .backward(p, g, s.input, s.d_output, d_input, s.acc);
-        self.self_attn_norm.backward_input(p, g, x, dx);
+        self.self_attn_norm.backward_input(&Cpu, p, g, x, dx);
     }
 }
 
@@ -366,7 +371,7 @@ impl Stack {
             layer.forward(p, &lo[i][..n], buf(&mut hi[0], n), block_at, mode);
         }
         let last = &self.hidden[self.layers.len()][..n];
-        final_output(&mut self.final_norm, p, last, &mut self.out)
+        final_output(&Cpu, &mut self.final_norm, p, last, &mut self.out)
     }
 
     /// The output of the last forward, (N, C).
@@ -398,7 +403,7 @@ impl Stack {
         let [d0, d1] = &mut self.dh;
         let (mut cur, mut next) = (buf(d0, n), buf(d1, n));
         match &self.final_norm {
-            Some(norm) => norm.backward(p, g, &self.hidden[l][..n], dy, cur, Acc::Set),
+            Some(norm) => norm.backward(&Cpu, p, g, &self.hidden[l][..n], dy, cur, Acc::Set),
             None => cur.copy_from_slice(dy),
         }
         for i in (0..l).rev() {

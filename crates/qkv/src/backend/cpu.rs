@@ -1,0 +1,228 @@
+//! The CPU backend: plain slices and [`crate::kernels`], one call per op (inlined: the CPU
+//! path costs what it cost before the seam).
+
+use super::{Backend, Operand};
+use crate::kernels::activation::{self, Activation};
+use crate::kernels::bf16::{self, linear_bf16};
+use crate::kernels::dropout::{self, Dropout};
+use crate::kernels::layernorm;
+use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
+use crate::kernels::Acc;
+use crate::params::{two_mut, Param};
+use std::ops::Range;
+
+/// The CPU: buffers are `Vec`s, views are slices, ops are [`crate::kernels`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cpu;
+
+fn cpu_operand<'a>(x: Operand<'a, Cpu>) -> bf16::Operand<'a> {
+    match x {
+        Operand::F32(x) => bf16::Operand::F32(x),
+        Operand::Bf16(x) => bf16::Operand::Bf16(x),
+    }
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Buf16 = Vec<u16>;
+    type Ref<'a> = &'a [f32];
+    type Mut<'a> = &'a mut [f32];
+    type Ref16<'a> = &'a [u16];
+    type Mut16<'a> = &'a mut [u16];
+
+    #[inline]
+    fn grow(b: &mut Vec<f32>, n: usize) -> &mut [f32] {
+        if b.len() < n {
+            b.resize(n, 0.0);
+        }
+        &mut b[..n]
+    }
+    #[inline]
+    fn grow16(b: &mut Vec<u16>, n: usize) -> &mut [u16] {
+        if b.len() < n {
+            b.resize(n, 0);
+        }
+        &mut b[..n]
+    }
+    #[inline]
+    fn view(b: &Vec<f32>, n: usize) -> &[f32] {
+        &b[..n]
+    }
+    #[inline]
+    fn view16(b: &Vec<u16>) -> &[u16] {
+        b
+    }
+    #[inline]
+    fn sub<'a>(x: Self::Ref<'a>, r: Range<usize>) -> Self::Ref<'a> {
+        &x[r]
+    }
+    #[inline]
+    fn len(x: &[f32]) -> usize {
+        x.len()
+    }
+    #[inline]
+    fn reborrow<'b>(x: &'b mut &mut [f32]) -> &'b mut [f32] {
+        x
+    }
+    #[inline]
+    fn shared<'b>(x: &'b &mut [f32]) -> &'b [f32] {
+        x
+    }
+    #[inline]
+    fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a> {
+        &mut x[..n]
+    }
+    #[inline]
+    fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a> {
+        w.of_mut(g)
+    }
+    #[inline]
+    fn params_mut<'a>(g: Self::Mut<'a>, a: Param, b: Param) -> (Self::Mut<'a>, Self::Mut<'a>) {
+        two_mut(g, a, b)
+    }
+
+    #[inline]
+    fn bf16_products(&self) -> bool {
+        bf16_active()
+    }
+
+    #[inline]
+    fn matmul(
+        &self,
+        out: &mut [f32],
+        a: Operand<'_, Cpu>,
+        b: Operand<'_, Cpu>,
+        m: usize,
+        k: usize,
+        n: usize,
+        (la, lb): (Layout, Layout),
+        acc: Acc,
+    ) {
+        let (a, b) = (cpu_operand(a), cpu_operand(b));
+        matmul_operands(out, a, b, m, k, n, la, lb, acc);
+    }
+
+    #[inline]
+    fn linear(
+        &self,
+        y: &mut [f32],
+        x: Operand<'_, Cpu>,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) {
+        let x = cpu_operand(x);
+        if bf16_active() {
+            return linear_bf16(&mut y[..n * o], x, w, bias, n, i, o);
+        }
+        let y = &mut y[..n * o];
+        matmul_operands(
+            y,
+            x,
+            bf16::Operand::F32(w),
+            n,
+            i,
+            o,
+            Layout::RowMajor,
+            Layout::Transposed,
+            Acc::Set,
+        );
+        if let Some(b) = bias {
+            activation::bias_act_forward(y, &mut [], b, Activation::Identity);
+        }
+    }
+
+    #[inline]
+    fn column_sum(&self, acc: &mut [f32], x: &[f32], f: usize) {
+        activation::column_sum(acc, x, f);
+    }
+    #[inline]
+    fn bias_act_forward(&self, pre: &mut [f32], post: &mut [f32], bias: &[f32], act: Activation) {
+        activation::bias_act_forward(pre, post, bias, act);
+    }
+    #[inline]
+    fn bias_act_forward_bf16(
+        &self,
+        pre: &mut [f32],
+        post: &mut [u16],
+        bias: &[f32],
+        act: Activation,
+    ) {
+        activation::bias_act_forward_bf16(pre, post, bias, act);
+    }
+    #[inline]
+    fn bias_act_backward(&self, d: &mut [f32], dbias: &mut [f32], pre: &[f32], act: Activation) {
+        activation::bias_act_backward(d, dbias, pre, act);
+    }
+    #[inline]
+    fn bias_act_backward_bf16(
+        &self,
+        d: &[f32],
+        dbias: &mut [f32],
+        pre: &[f32],
+        act: Activation,
+        out: &mut [u16],
+    ) {
+        activation::bias_act_backward_bf16(d, dbias, pre, act, out);
+    }
+
+    #[inline]
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        c: usize,
+        eps: f32,
+    ) {
+        layernorm::layernorm_forward(out, mean, rstd, x, w, b, c, eps);
+    }
+    #[inline]
+    fn residual_layernorm_forward(
+        &self,
+        sum: &mut [f32],
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        sub: &[f32],
+        (w, b): (&[f32], &[f32]),
+        c: usize,
+        eps: f32,
+        drop: Option<Dropout>,
+    ) {
+        layernorm::residual_layernorm_forward(sum, out, mean, rstd, x, sub, w, b, c, eps, drop);
+    }
+    #[inline]
+    fn layernorm_backward(
+        &self,
+        dx: &mut [f32],
+        (dw, db): (&mut [f32], &mut [f32]),
+        dy: &[f32],
+        x: &[f32],
+        (mean, rstd): (&[f32], &[f32]),
+        w: &[f32],
+        c: usize,
+        dx_acc: Acc,
+    ) {
+        layernorm::layernorm_backward(dx, dw, db, dy, x, mean, rstd, w, c, dx_acc);
+    }
+
+    #[inline]
+    fn residual_add(&self, out: &mut [f32], x: &[f32], sub: &[f32], drop: Option<Dropout>) {
+        dropout::residual_add(out, x, sub, drop);
+    }
+    #[inline]
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        dst[..src.len()].copy_from_slice(src);
+    }
+    #[inline]
+    fn dropout_backward(&self, out: &mut [f32], dy: &[f32], drop: Option<Dropout>) {
+        dropout::backward_into(out, dy, drop);
+    }
+}

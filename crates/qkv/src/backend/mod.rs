@@ -1,0 +1,216 @@
+//! The seam between the layers and the hardware they run on (issue 18: one model code for the
+//! CPU and the GPU). A layer's forward and backward are written once against [`Backend`]; an
+//! implementation owns the buffers and runs the kernels: [`Cpu`] calls [`crate::kernels`].
+//!
+//! Buffers are the backend's: an owned, grow-only activation buffer ([`Backend::Buf`],
+//! reused while shapes do not grow, as `model::buf` did for `Vec<f32>`) and borrowed views
+//! of one ([`Backend::Ref`], [`Backend::Mut`]). On the CPU the views are plain slices, so a
+//! layer written against the seam compiles to the kernel calls it made before. Parameters
+//! and their gradients are views of the flat buffers of [`crate::params`], addressed by
+//! [`Param`] on either side.
+//!
+//! The ops are the kernels' twins with the same arguments; each says which kernel it is.
+//! They return nothing: shapes are the layers' invariants (a mismatch is a bug, and the CPU
+//! kernels assert), and a device that fails asynchronously reports it where the caller
+//! next reads a result back, as CUDA does.
+//!
+//! Layers move onto the seam one at a time, leaves first (`Linear`, `LayerNorm`, `AddNorm`,
+//! `FeedForward` so far); a layer not yet moved calls the CPU kernels directly and passes
+//! [`Cpu`] to the ones below it.
+
+mod cpu;
+
+pub use cpu::Cpu;
+
+use crate::kernels::activation::Activation;
+use crate::kernels::dropout::Dropout;
+use crate::kernels::matmul::Layout;
+use crate::kernels::Acc;
+use crate::params::Param;
+use std::fmt::Debug;
+use std::ops::Range;
+
+/// Where a model's buffers live and its kernels run. Shapes in the ops' comments use N rows
+/// of C (or F) columns; every view is row-major and dense.
+pub trait Backend: Debug {
+    /// An owned f32 buffer (activations, saved statistics), grown on demand.
+    type Buf: Default + Clone + Debug + Send;
+    /// An owned buffer of bf16 bits: an activation kept only for products that read bf16.
+    type Buf16: Default + Clone + Debug + Send;
+    /// A shared view of f32s: `&[f32]` on the CPU.
+    type Ref<'a>: Copy;
+    /// An exclusive view of f32s: `&mut [f32]` on the CPU.
+    type Mut<'a>;
+    /// A shared view of bf16 bits.
+    type Ref16<'a>: Copy;
+    /// An exclusive view of bf16 bits.
+    type Mut16<'a>;
+
+    /// The first `n` elements of `b`, growing it (contents unspecified) if it is shorter.
+    fn grow(b: &mut Self::Buf, n: usize) -> Self::Mut<'_>;
+    /// As [`Backend::grow`], for bf16 bits.
+    fn grow16(b: &mut Self::Buf16, n: usize) -> Self::Mut16<'_>;
+    /// The first `n` elements of `b`.
+    fn view(b: &Self::Buf, n: usize) -> Self::Ref<'_>;
+    /// All of `b`.
+    fn view16(b: &Self::Buf16) -> Self::Ref16<'_>;
+    /// Elements `r` of `x`.
+    fn sub<'a>(x: Self::Ref<'a>, r: Range<usize>) -> Self::Ref<'a>;
+    /// The number of elements `x` views.
+    fn len(x: Self::Ref<'_>) -> usize;
+    /// A shorter-lived exclusive view of the same elements, so `x` can be used again after.
+    fn reborrow<'b>(x: &'b mut Self::Mut<'_>) -> Self::Mut<'b>;
+    /// A shared view of the elements `x` views.
+    fn shared<'b>(x: &'b Self::Mut<'_>) -> Self::Ref<'b>;
+    /// The first `n` elements of `x`.
+    fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a>;
+
+    /// One parameter's values in the flat buffer `p`.
+    fn param<'a>(p: Self::Ref<'a>, w: Param) -> Self::Ref<'a> {
+        Self::sub(p, w.range())
+    }
+    /// One parameter's gradient in the flat gradient buffer `g`.
+    fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a>;
+    /// Two parameters' gradients (registered in this order) in the flat gradient buffer.
+    fn params_mut<'a>(g: Self::Mut<'a>, a: Param, b: Param) -> (Self::Mut<'a>, Self::Mut<'a>);
+
+    /// Whether products round their operands to bf16 (f32 accumulation).
+    fn bf16_products(&self) -> bool;
+
+    /// `kernels::matmul::matmul_operands`: `out (m, n) (+)= op(a) · op(b)`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        out: Self::Mut<'_>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        m: usize,
+        k: usize,
+        n: usize,
+        layouts: (Layout, Layout),
+        acc: Acc,
+    );
+    /// A fully connected layer, `y = x Wᵀ (+ b)`, in the backend's product precision (the CPU
+    /// fuses the bias into its bf16 product, `kernels::bf16::linear_bf16`).
+    /// x: (N, I), w: (O, I), y: (N, O)
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        y: Self::Mut<'_>,
+        x: Operand<'_, Self>,
+        w: Self::Ref<'_>,
+        bias: Option<Self::Ref<'_>>,
+        n: usize,
+        i: usize,
+        o: usize,
+    );
+    /// `kernels::activation::column_sum`: `acc (F) += Σ_rows x`. x: (N, F)
+    fn column_sum(&self, acc: Self::Mut<'_>, x: Self::Ref<'_>, f: usize);
+    /// `kernels::activation::bias_act_forward`: `pre += bias`, `post = act(pre)`.
+    /// pre, post: (N, F)
+    fn bias_act_forward(
+        &self,
+        pre: Self::Mut<'_>,
+        post: Self::Mut<'_>,
+        bias: Self::Ref<'_>,
+        act: Activation,
+    );
+    /// `kernels::activation::bias_act_forward_bf16`: as `bias_act_forward`, `post` in bf16
+    /// bits (rows padded as the bf16 product reads them).
+    fn bias_act_forward_bf16(
+        &self,
+        pre: Self::Mut<'_>,
+        post: Self::Mut16<'_>,
+        bias: Self::Ref<'_>,
+        act: Activation,
+    );
+    /// `kernels::activation::bias_act_backward`: `d ← d·act'(pre)` in place,
+    /// `dbias += Σ_rows d`. d, pre: (N, F)
+    fn bias_act_backward(
+        &self,
+        d: Self::Mut<'_>,
+        dbias: Self::Mut<'_>,
+        pre: Self::Ref<'_>,
+        act: Activation,
+    );
+    /// `kernels::activation::bias_act_backward_bf16`: as `bias_act_backward`, the result in
+    /// bf16 bits in `out` (the bias gradient sums the unrounded values).
+    fn bias_act_backward_bf16(
+        &self,
+        d: Self::Ref<'_>,
+        dbias: Self::Mut<'_>,
+        pre: Self::Ref<'_>,
+        act: Activation,
+        out: Self::Mut16<'_>,
+    );
+    /// `kernels::layernorm::layernorm_forward`; mean and rstd (N) are kept for backward.
+    /// x, out: (N, C)
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: Self::Mut<'_>,
+        mean: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        x: Self::Ref<'_>,
+        w: Self::Ref<'_>,
+        b: Self::Ref<'_>,
+        c: usize,
+        eps: f32,
+    );
+    /// `kernels::layernorm::residual_layernorm_forward`: `sum = x + dropout(sub)`,
+    /// `out = LN(sum)`. All (N, C)
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward(
+        &self,
+        sum: Self::Mut<'_>,
+        out: Self::Mut<'_>,
+        mean: Self::Mut<'_>,
+        rstd: Self::Mut<'_>,
+        x: Self::Ref<'_>,
+        sub: Self::Ref<'_>,
+        params: (Self::Ref<'_>, Self::Ref<'_>),
+        c: usize,
+        eps: f32,
+        drop: Option<Dropout>,
+    );
+    /// `kernels::layernorm::layernorm_backward`: `dx (+)= LN'(dy)`, `dw += …`, `db += …`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dx: Self::Mut<'_>,
+        dparams: (Self::Mut<'_>, Self::Mut<'_>),
+        dy: Self::Ref<'_>,
+        x: Self::Ref<'_>,
+        stats: (Self::Ref<'_>, Self::Ref<'_>),
+        w: Self::Ref<'_>,
+        c: usize,
+        dx_acc: Acc,
+    );
+    /// `kernels::dropout::residual_add`: `out = x + dropout(sub)`.
+    fn residual_add(
+        &self,
+        out: Self::Mut<'_>,
+        x: Self::Ref<'_>,
+        sub: Self::Ref<'_>,
+        drop: Option<Dropout>,
+    );
+    /// `dst[..len(src)] = src`.
+    fn copy(&self, dst: Self::Mut<'_>, src: Self::Ref<'_>);
+    /// `kernels::dropout::backward_into`: `out = dropout'(dy)` (a copy without dropout).
+    fn dropout_backward(&self, out: Self::Mut<'_>, dy: Self::Ref<'_>, drop: Option<Dropout>);
+}
+
+/// A product's operand: f32s, or bf16 bits a pass before it already rounded (rows padded as
+/// the CPU's bf16 product reads them; see `kernels::bf16::Operand`).
+pub enum Operand<'a, B: Backend + ?Sized> {
+    F32(B::Ref<'a>),
+    Bf16(B::Ref16<'a>),
+}
+
+impl<B: Backend + ?Sized> Clone for Operand<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend + ?Sized> Copy for Operand<'_, B> {}
