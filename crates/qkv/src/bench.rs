@@ -428,6 +428,7 @@ fn cuda_err(e: cudarc::driver::DriverError) -> crate::error::Error {
 pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
     use crate::cuda::ops::{DevHeads, DevHeadsMut};
     use crate::kernels::attention::AttentionShape;
+    use cudarc::driver::CudaSlice;
     let window = match b.kernel {
         AttentionKernel::Flash => None,
         AttentionKernel::Window(w) => Some(w),
@@ -472,11 +473,11 @@ pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
         window,
     };
     let scale = 1.0 / (b.head_dim as f32).sqrt();
-    let view = |data| DevHeads {
-        data,
-        rs: w,
-        offset: 0,
-    };
+    fn heads(data: &CudaSlice<f32>, rs: usize) -> DevHeads<'_> {
+        let (data, offset) = (data.into(), 0);
+        DevHeads { data, rs, offset }
+    }
+    let view = |data| heads(data, w);
     let mut times = Vec::with_capacity(b.steps);
     for i in 0..b.warmup + b.steps {
         gpu.synchronize()?;
@@ -488,9 +489,9 @@ pub fn attention_cuda(b: &AttentionBench) -> Result<(Vec<f64>, String)> {
             gpu.flash_forward(&mut out, &mut lse, qv, kv, vv, s, &masks, scale)?;
         }
         if b.backward {
-            let [a] = DevHeadsMut::split(gpu, &mut dq, w, w, [0])?;
-            let [c] = DevHeadsMut::split(gpu, &mut dk, w, w, [0])?;
-            let [d] = DevHeadsMut::split(gpu, &mut dv, w, w, [0])?;
+            let [a] = DevHeadsMut::split(&mut dq, w, w, [0])?;
+            let [c] = DevHeadsMut::split(&mut dk, w, w, [0])?;
+            let [d] = DevHeadsMut::split(&mut dv, w, w, [0])?;
             let (qv, kv, vv) = (view(&q), view(&k), view(&v));
             if tensor_cores {
                 gpu.flash_backward_bf16(

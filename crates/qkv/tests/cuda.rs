@@ -378,7 +378,7 @@ fn flash_attention_forward_and_backward_match_the_cpu() {
                 scale,
             );
             let gview = |o| DevHeads {
-                data: &gqkv,
+                data: (&gqkv).into(),
                 rs: 3 * c,
                 offset: o,
             };
@@ -425,8 +425,7 @@ fn flash_attention_forward_and_backward_match_the_cpu() {
             }
             let mut gd = g.stream().alloc_zeros::<f32>(batch * t * 3 * c).unwrap();
             {
-                let [dq, dk, dv] =
-                    DevHeadsMut::split(&g, &mut gd, 3 * c, c, [0, c, 2 * c]).unwrap();
+                let [dq, dk, dv] = DevHeadsMut::split(&mut gd, 3 * c, c, [0, c, 2 * c]).unwrap();
                 g.flash_backward(
                     &dq,
                     &dk,
@@ -489,17 +488,17 @@ fn flash_attention_forward_and_backward_match_the_cpu() {
         &mut gout,
         &mut glse,
         DevHeads {
-            data: &gq,
+            data: (&gq).into(),
             rs: c,
             offset: 0,
         },
         DevHeads {
-            data: &gkv,
+            data: (&gkv).into(),
             rs: 2 * c,
             offset: 0,
         },
         DevHeads {
-            data: &gkv,
+            data: (&gkv).into(),
             rs: 2 * c,
             offset: c,
         },
@@ -519,17 +518,17 @@ fn flash_attention_forward_and_backward_match_the_cpu() {
             &mut gout,
             &mut glse,
             DevHeads {
-                data: &gq,
+                data: (&gq).into(),
                 rs: 160,
                 offset: 0,
             },
             DevHeads {
-                data: &gkv,
+                data: (&gkv).into(),
                 rs: 320,
                 offset: 0,
             },
             DevHeads {
-                data: &gkv,
+                data: (&gkv).into(),
                 rs: 320,
                 offset: 160,
             },
@@ -634,7 +633,7 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
         );
         let mut out = g.stream().alloc_zeros::<f32>(block.len() * w).unwrap();
         let dev = DevKvBlocks {
-            data: &gkv,
+            data: (&gkv).into(),
             rows,
             rs,
             k_offset: 4,
@@ -662,7 +661,7 @@ fn one_query_attention_over_the_cache_matches_the_cpu() {
     }
     let mut out = g.stream().alloc_zeros::<f32>(block.len() * w).unwrap();
     let dev = DevKvBlocks {
-        data: &gkv,
+        data: (&gkv).into(),
         rows,
         rs,
         k_offset: 4,
@@ -758,17 +757,17 @@ fn tensor_core_flash_forward_matches_the_cpu_on_bf16_inputs() {
                 &mut gout,
                 &mut glse,
                 DevHeads {
-                    data: &gq,
+                    data: (&gq).into(),
                     rs: c,
                     offset: 0,
                 },
                 DevHeads {
-                    data: &gkv,
+                    data: (&gkv).into(),
                     rs: 2 * c,
                     offset: 0,
                 },
                 DevHeads {
-                    data: &gkv,
+                    data: (&gkv).into(),
                     rs: 2 * c,
                     offset: c,
                 },
@@ -872,14 +871,13 @@ fn tensor_core_flash_backward_matches_the_cpu_on_bf16_inputs() {
             // The saved forward from the CPU, so only the backward is compared.
             let (gout, glse) = (up(&g, &out), up(&g, &lse));
             let gview = |o| DevHeads {
-                data: &gqkv,
+                data: (&gqkv).into(),
                 rs: 3 * c,
                 offset: o,
             };
             let mut gd = g.stream().alloc_zeros::<f32>(batch * t * 3 * c).unwrap();
             {
-                let [dq, dk, dv] =
-                    DevHeadsMut::split(&g, &mut gd, 3 * c, c, [0, c, 2 * c]).unwrap();
+                let [dq, dk, dv] = DevHeadsMut::split(&mut gd, 3 * c, c, [0, c, 2 * c]).unwrap();
                 g.flash_backward_bf16(
                     &dq,
                     &dk,

@@ -11,8 +11,9 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result, sys};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
+use super::view::{DevMut, DevRef};
 use super::CudaError;
 
 /// The operands' element type and the arithmetic.
@@ -184,9 +185,9 @@ impl Blas {
     pub unsafe fn matmul<T>(
         &self,
         s: &Shape,
-        a: &CudaSlice<T>,
-        b: &CudaSlice<T>,
-        d: &mut CudaSlice<f32>,
+        a: DevRef<T>,
+        b: DevRef<T>,
+        d: DevMut<f32>,
     ) -> Result<(), CudaError> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         if !plans.contains_key(s) {
@@ -196,9 +197,7 @@ impl Blas {
         let p = &plans[s];
         let (alpha, beta) = (1.0f32, if s.accumulate { 1.0f32 } else { 0.0 });
         let stream = &self.stream;
-        let (ap, _ra) = a.device_ptr(stream);
-        let (bp, _rb) = b.device_ptr(stream);
-        let (dp, _rd) = d.device_ptr_mut(stream);
+        let (ap, bp, dp) = (a.addr(), b.addr(), d.shared().addr());
         let (wp, _rw) = self.workspace.device_ptr(stream);
         // SAFETY: the plan's handles are live (owned by the map, locked); the caller promises
         // the buffers match the plan's layouts; C and D are the same buffer, as cuBLASLt allows

@@ -14,6 +14,7 @@ mod blas;
 mod nvrtc;
 pub mod ops;
 pub mod params;
+pub mod view;
 
 pub use blas::Mode;
 

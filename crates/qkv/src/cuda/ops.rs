@@ -5,8 +5,9 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
 
+use super::view::{DevMut, DevRef};
 use super::{blas, CudaError, Gpu, Mode};
 use crate::kernels::activation::Activation;
 use crate::kernels::attention::{AttentionShape, Masks};
@@ -96,17 +97,20 @@ impl Gpu {
     /// [`crate::kernels::embedding::embedding_forward`].
     /// tokens: (N); table: (V, C); pos: (≥T, C); out: (N, C)
     #[allow(clippy::too_many_arguments)]
-    pub fn embedding_forward(
+    pub fn embedding_forward<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
         tokens: &CudaSlice<u32>,
-        table: &CudaSlice<f32>,
-        pos: &CudaSlice<f32>,
+        table: impl Into<DevRef<'v>>,
+        pos: impl Into<DevRef<'v>>,
         scale: f32,
         t_len: usize,
         c: usize,
         drop: Option<Dropout>,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let table: DevRef = table.into();
+        let pos: DevRef = pos.into();
         let n = tokens.len();
         need(
             "embedding_forward",
@@ -119,7 +123,7 @@ impl Gpu {
         let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
         let func = self.function("embedding_forward")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(out).arg(tokens).arg(table).arg(pos).arg(&scale);
+        b.arg(&out).arg(tokens).arg(&table).arg(&pos).arg(&scale);
         b.arg(&t)
             .arg(&c32)
             .arg(&n32)
@@ -135,16 +139,18 @@ impl Gpu {
     /// [`crate::kernels::embedding::embedding_backward`]: `dtable[tokens] += dout·scale`,
     /// `dpos[t] += Σ_b dout` when given.
     #[allow(clippy::too_many_arguments)]
-    pub fn embedding_backward(
+    pub fn embedding_backward<'v>(
         &self,
-        dtable: &mut CudaSlice<f32>,
+        dtable: impl Into<DevMut<'v>>,
         dpos: Option<&mut CudaSlice<f32>>,
-        dout: &CudaSlice<f32>,
+        dout: impl Into<DevRef<'v>>,
         tokens: &CudaSlice<u32>,
         scale: f32,
         t_len: usize,
         c: usize,
     ) -> Result<(), CudaError> {
+        let dtable: DevMut = dtable.into();
+        let dout: DevRef = dout.into();
         let n = tokens.len();
         need("embedding_backward", &[("dout", dout.len(), n * c)])?;
         if let Some(dp) = &dpos {
@@ -156,12 +162,12 @@ impl Gpu {
         let (t, c32, n32) = (t_len as i32, c as i32, n as i32);
         let func = self.function("embedding_backward")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(dtable);
+        b.arg(&dtable);
         match dpos {
             Some(dp) => b.arg(dp),
             None => b.arg(&NULL),
         };
-        b.arg(dout)
+        b.arg(&dout)
             .arg(tokens)
             .arg(&scale)
             .arg(&t)
@@ -174,13 +180,16 @@ impl Gpu {
     }
 
     /// [`crate::kernels::dropout::residual_add`]: `out = x + dropout(sub)`.
-    pub fn residual_add(
+    pub fn residual_add<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        sub: &CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        x: impl Into<DevRef<'v>>,
+        sub: impl Into<DevRef<'v>>,
         drop: Option<Dropout>,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let x: DevRef = x.into();
+        let sub: DevRef = sub.into();
         let n = x.len();
         need(
             "residual_add",
@@ -190,9 +199,9 @@ impl Gpu {
         let n64 = n as u64;
         let func = self.function("residual_add")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(out)
-            .arg(x)
-            .arg(sub)
+        b.arg(&out)
+            .arg(&x)
+            .arg(&sub)
             .arg(&n64)
             .arg(&p)
             .arg(&seed)
@@ -203,16 +212,17 @@ impl Gpu {
     }
 
     /// [`crate::kernels::dropout::apply`]: in place `x = dropout(x)`.
-    pub fn dropout_apply(
+    pub fn dropout_apply<'v>(
         &self,
-        x: &mut CudaSlice<f32>,
+        x: impl Into<DevMut<'v>>,
         drop: Option<Dropout>,
     ) -> Result<(), CudaError> {
+        let x: DevMut = x.into();
         let Some(d) = drop else { return Ok(()) };
         let n = x.len() as u64;
         let func = self.function("dropout_apply")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(x).arg(&n).arg(&d.p).arg(&d.seed).arg(&d.offset);
+        b.arg(&x).arg(&n).arg(&d.p).arg(&d.seed).arg(&d.offset);
         // SAFETY: matches dropout.cu; n is x's length.
         unsafe { b.launch(elementwise(n as usize)) }?;
         Ok(())
@@ -220,17 +230,23 @@ impl Gpu {
 
     /// [`crate::kernels::layernorm::layernorm_forward`]. x, out: (N, C); mean, rstd: (N)
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_forward(
+    pub fn layernorm_forward<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        mean: impl Into<DevMut<'v>>,
+        rstd: impl Into<DevMut<'v>>,
+        x: impl Into<DevRef<'v>>,
+        w: impl Into<DevRef<'v>>,
+        bias: impl Into<DevRef<'v>>,
         c: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let mean: DevMut = mean.into();
+        let rstd: DevMut = rstd.into();
+        let x: DevRef = x.into();
+        let w: DevRef = w.into();
+        let bias: DevRef = bias.into();
         let n = rows_of("layernorm_forward", x.len(), c)?;
         need(
             "layernorm_forward",
@@ -245,7 +261,7 @@ impl Gpu {
         let (n32, c32) = (n as i32, c as i32);
         let func = self.function("layernorm_forward")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(out).arg(mean).arg(rstd).arg(x).arg(w).arg(bias);
+        b.arg(&out).arg(&mean).arg(&rstd).arg(&x).arg(&w).arg(&bias);
         b.arg(&n32).arg(&c32).arg(&eps);
         // SAFETY: matches layernorm.cu; shapes checked above.
         unsafe { b.launch(warp_per_row(n)) }?;
@@ -255,20 +271,28 @@ impl Gpu {
     /// [`crate::kernels::layernorm::residual_layernorm_forward`], in one kernel:
     /// `sum = x + dropout(sub)`, `out = LN(sum)`.
     #[allow(clippy::too_many_arguments)]
-    pub fn residual_layernorm_forward(
+    pub fn residual_layernorm_forward<'v>(
         &self,
-        sum: &mut CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        mean: &mut CudaSlice<f32>,
-        rstd: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        sub: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        sum: impl Into<DevMut<'v>>,
+        out: impl Into<DevMut<'v>>,
+        mean: impl Into<DevMut<'v>>,
+        rstd: impl Into<DevMut<'v>>,
+        x: impl Into<DevRef<'v>>,
+        sub: impl Into<DevRef<'v>>,
+        w: impl Into<DevRef<'v>>,
+        bias: impl Into<DevRef<'v>>,
         c: usize,
         eps: f32,
         drop: Option<Dropout>,
     ) -> Result<(), CudaError> {
+        let sum: DevMut = sum.into();
+        let out: DevMut = out.into();
+        let mean: DevMut = mean.into();
+        let rstd: DevMut = rstd.into();
+        let x: DevRef = x.into();
+        let sub: DevRef = sub.into();
+        let w: DevRef = w.into();
+        let bias: DevRef = bias.into();
         let kernel = "residual_layernorm_forward";
         let n = rows_of(kernel, x.len(), c)?;
         need(
@@ -287,14 +311,14 @@ impl Gpu {
         let (n32, c32) = (n as i32, c as i32);
         let func = self.function(kernel)?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(sum)
-            .arg(out)
-            .arg(mean)
-            .arg(rstd)
-            .arg(x)
-            .arg(sub)
-            .arg(w)
-            .arg(bias);
+        b.arg(&sum)
+            .arg(&out)
+            .arg(&mean)
+            .arg(&rstd)
+            .arg(&x)
+            .arg(&sub)
+            .arg(&w)
+            .arg(&bias);
         b.arg(&n32)
             .arg(&c32)
             .arg(&eps)
@@ -308,19 +332,27 @@ impl Gpu {
 
     /// [`crate::kernels::layernorm::layernorm_backward`]: `dx (+)= ∂L/∂x`, `dw += …`, `db += …`.
     #[allow(clippy::too_many_arguments)]
-    pub fn layernorm_backward(
+    pub fn layernorm_backward<'v>(
         &self,
-        dx: &mut CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
-        db: &mut CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
-        rstd: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        dx: impl Into<DevMut<'v>>,
+        dw: impl Into<DevMut<'v>>,
+        db: impl Into<DevMut<'v>>,
+        dy: impl Into<DevRef<'v>>,
+        x: impl Into<DevRef<'v>>,
+        mean: impl Into<DevRef<'v>>,
+        rstd: impl Into<DevRef<'v>>,
+        w: impl Into<DevRef<'v>>,
         c: usize,
         dx_acc: Acc,
     ) -> Result<(), CudaError> {
+        let dx: DevMut = dx.into();
+        let dw: DevMut = dw.into();
+        let db: DevMut = db.into();
+        let dy: DevRef = dy.into();
+        let x: DevRef = x.into();
+        let mean: DevRef = mean.into();
+        let rstd: DevRef = rstd.into();
+        let w: DevRef = w.into();
         let kernel = "layernorm_backward";
         let n = rows_of(kernel, x.len(), c)?;
         need(
@@ -338,14 +370,14 @@ impl Gpu {
         let (n32, c32, acc) = (n as i32, c as i32, dx_acc.adds() as i32);
         let func = self.function("layernorm_backward_input")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(&mut *dx).arg(dy).arg(x).arg(mean).arg(rstd).arg(w);
+        b.arg(&dx).arg(&dy).arg(&x).arg(&mean).arg(&rstd).arg(&w);
         b.arg(&n32).arg(&c32).arg(&acc);
         // SAFETY: matches layernorm.cu; shapes checked above.
         unsafe { b.launch(warp_per_row(n)) }?;
         let (cfg, rows_per_chunk) = column_tiles(n, c);
         let func = self.function("layernorm_param_grads")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(dw).arg(db).arg(dy).arg(x).arg(mean).arg(rstd);
+        b.arg(&dw).arg(&db).arg(&dy).arg(&x).arg(&mean).arg(&rstd);
         b.arg(&n32).arg(&c32).arg(&rows_per_chunk);
         // SAFETY: matches layernorm.cu; shapes checked above, the grid covers c columns and
         // n rows in chunks of rows_per_chunk.
@@ -355,13 +387,15 @@ impl Gpu {
 
     /// [`crate::kernels::activation::bias_act_forward`]: `pre += bias`, `post = act(pre)`.
     /// `post` may be `None` only for `Identity`. pre, post: (N, F); bias: (F)
-    pub fn bias_act_forward(
+    pub fn bias_act_forward<'v>(
         &self,
-        pre: &mut CudaSlice<f32>,
+        pre: impl Into<DevMut<'v>>,
         post: Option<&mut CudaSlice<f32>>,
-        bias: &CudaSlice<f32>,
+        bias: impl Into<DevRef<'v>>,
         act: Activation,
     ) -> Result<(), CudaError> {
+        let pre: DevMut = pre.into();
+        let bias: DevRef = bias.into();
         let kernel = "bias_act_forward";
         let f = bias.len();
         let n = rows_of(kernel, pre.len(), f)?;
@@ -378,12 +412,12 @@ impl Gpu {
         let (n64, f32_, code) = (n as u64, f as i32, act_code(act));
         let func = self.function(kernel)?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(pre);
+        b.arg(&pre);
         match post {
             Some(p) => b.arg(p),
             None => b.arg(&NULL),
         };
-        b.arg(bias).arg(&n64).arg(&f32_).arg(&code);
+        b.arg(&bias).arg(&n64).arg(&f32_).arg(&code);
         // SAFETY: matches activation.cu; shapes checked above, post is null only for Identity,
         // which does not write it.
         unsafe { b.launch(elementwise(n * f)) }?;
@@ -392,13 +426,16 @@ impl Gpu {
 
     /// [`crate::kernels::activation::bias_act_backward`]: in place `d = dpost·act'(pre)`,
     /// `dbias += Σ_rows d`.
-    pub fn bias_act_backward(
+    pub fn bias_act_backward<'v>(
         &self,
-        d: &mut CudaSlice<f32>,
-        dbias: &mut CudaSlice<f32>,
-        pre: &CudaSlice<f32>,
+        d: impl Into<DevMut<'v>>,
+        dbias: impl Into<DevMut<'v>>,
+        pre: impl Into<DevRef<'v>>,
         act: Activation,
     ) -> Result<(), CudaError> {
+        let d: DevMut = d.into();
+        let dbias: DevMut = dbias.into();
+        let pre: DevRef = pre.into();
         let kernel = "bias_act_backward";
         let f = dbias.len();
         let n = rows_of(kernel, d.len(), f)?;
@@ -409,9 +446,9 @@ impl Gpu {
         let (n32, f32_, code) = (n as i32, f as i32, act_code(act));
         let func = self.function(kernel)?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(d)
-            .arg(dbias)
-            .arg(pre)
+        b.arg(&d)
+            .arg(&dbias)
+            .arg(&pre)
             .arg(&n32)
             .arg(&f32_)
             .arg(&code)
@@ -425,15 +462,16 @@ impl Gpu {
     /// `ignore`, and ∂(mean loss)/∂logits into `dlogits` when given. The per-row losses are
     /// summed on the host in f64 (this call waits for the GPU).
     /// logits, dlogits: (N, V); targets: (N), on the host, as the batch that made them.
-    pub fn cross_entropy(
+    pub fn cross_entropy<'v>(
         &self,
         dlogits: Option<&mut CudaSlice<f32>>,
-        logits: &CudaSlice<f32>,
+        logits: impl Into<DevRef<'v>>,
         targets: &[u32],
         v: usize,
         ignore: Option<u32>,
         smoothing: f32,
     ) -> Result<CrossEntropy, CudaError> {
+        let logits: DevRef = logits.into();
         let kernel = "cross_entropy";
         let n = targets.len();
         need(kernel, &[("logits", logits.len(), n * v)])?;
@@ -461,7 +499,7 @@ impl Gpu {
             Some(d) => b.arg(d),
             None => b.arg(&NULL),
         };
-        b.arg(&mut rows).arg(logits).arg(&dev_targets);
+        b.arg(&mut rows).arg(&logits).arg(&dev_targets);
         b.arg(&v32).arg(&ign).arg(&smoothing).arg(&inv);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
@@ -491,12 +529,12 @@ impl Gpu {
 
     /// [`crate::kernels::optim::adamw_step`], one pass over (param, grad, m, v).
     #[allow(clippy::too_many_arguments)]
-    pub fn adamw_step(
+    pub fn adamw_step<'v>(
         &self,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        params: impl Into<DevMut<'v>>,
+        grads: impl Into<DevRef<'v>>,
+        m: impl Into<DevMut<'v>>,
+        v: impl Into<DevMut<'v>>,
         lr: f32,
         beta1: f32,
         beta2: f32,
@@ -504,6 +542,10 @@ impl Gpu {
         weight_decay: f32,
         step: u64,
     ) -> Result<(), CudaError> {
+        let params: DevMut = params.into();
+        let grads: DevRef = grads.into();
+        let m: DevMut = m.into();
+        let v: DevMut = v.into();
         let n = params.len();
         need(
             "adamw_step",
@@ -522,7 +564,7 @@ impl Gpu {
         let n64 = n as u64;
         let func = self.function("adamw_step")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(params).arg(grads).arg(m).arg(v).arg(&n64);
+        b.arg(&params).arg(&grads).arg(&m).arg(&v).arg(&n64);
         b.arg(&step_size).arg(&inv_sqrt_bc2).arg(&decay);
         b.arg(&beta1).arg(&beta2).arg(&eps);
         // SAFETY: matches optim.cu; every buffer holds n elements.
@@ -565,11 +607,11 @@ impl Gpu {
     /// (m, k) and (k, n) as the layouts say, in TF32 (tensor cores, f32 accumulation: the GPU's
     /// f32 mode, as PyTorch's `allow_tf32`; about 10 mantissa bits per operand).
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul(
+    pub fn matmul<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        a: impl Into<DevRef<'v>>,
+        b: impl Into<DevRef<'v>>,
         m: usize,
         k: usize,
         n: usize,
@@ -577,9 +619,12 @@ impl Gpu {
         b_layout: Layout,
         acc: Acc,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let a: DevRef = a.into();
+        let b: DevRef = b.into();
         let Some(shape) = product_shape(
             "matmul",
-            out,
+            out.len(),
             a.len(),
             b.len(),
             (m, k, n),
@@ -597,11 +642,11 @@ impl Gpu {
     /// [`crate::kernels::bf16::matmul_bf16`]: as [`Gpu::matmul`], with both operands rounded
     /// to bf16 (to nearest even, as the CPU's `bf16_bits`) and f32 accumulation and output.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16(
+    pub fn matmul_bf16<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        a: impl Into<DevRef<'v>>,
+        b: impl Into<DevRef<'v>>,
         m: usize,
         k: usize,
         n: usize,
@@ -609,9 +654,12 @@ impl Gpu {
         b_layout: Layout,
         acc: Acc,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let a: DevRef = a.into();
+        let b: DevRef = b.into();
         let Some(shape) = product_shape(
             "matmul_bf16",
-            out,
+            out.len(),
             a.len(),
             b.len(),
             (m, k, n),
@@ -625,17 +673,25 @@ impl Gpu {
         let (a16, b16) = (self.to_bf16(a, m * k)?, self.to_bf16(b, k * n)?);
         // SAFETY: `product_shape` checked the buffers against the shape; a16 and b16 hold the
         // same elements as bf16 bits.
-        unsafe { self.blas().matmul(&shape, &b16, &a16, out) }
+        unsafe {
+            self.blas()
+                .matmul(&shape, (&b16).into(), (&a16).into(), out)
+        }
     }
 
     /// The first `n` elements of `x` rounded to bf16 bits, in a new buffer.
-    pub fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>, CudaError> {
+    pub fn to_bf16<'v>(
+        &self,
+        x: impl Into<DevRef<'v>>,
+        n: usize,
+    ) -> Result<CudaSlice<u16>, CudaError> {
+        let x: DevRef = x.into();
         need("to_bf16", &[("x", x.len(), n)])?;
         let mut out = self.stream().alloc_zeros::<u16>(n.max(1))?;
         let n64 = n as u64;
         let func = self.function("to_bf16")?;
         let mut l = self.stream().launch_builder(&func);
-        l.arg(&mut out).arg(x).arg(&n64);
+        l.arg(&mut out).arg(&x).arg(&n64);
         // SAFETY: matches convert.cu; both buffers hold n elements.
         unsafe { l.launch(elementwise(n)) }?;
         Ok(out)
@@ -647,7 +703,7 @@ impl Gpu {
 #[allow(clippy::too_many_arguments)]
 fn product_shape(
     kernel: &'static str,
-    out: &CudaSlice<f32>,
+    out_len: usize,
     a_len: usize,
     b_len: usize,
     (m, k, n): (usize, usize, usize),
@@ -658,7 +714,7 @@ fn product_shape(
     need(
         kernel,
         &[
-            ("out", out.len(), m * n),
+            ("out", out_len, m * n),
             ("a", a_len, m * k),
             ("b", b_len, k * n),
         ],
@@ -696,7 +752,7 @@ fn product_shape(
 /// batch `b` starts at `(b·len + t)·rs + offset`, head `h` `h·D` further.
 #[derive(Clone, Copy)]
 pub struct DevHeads<'a> {
-    pub data: &'a CudaSlice<f32>,
+    pub data: DevRef<'a>,
     pub rs: usize,
     pub offset: usize,
 }
@@ -714,8 +770,7 @@ pub struct DevHeadsMut<'a> {
 impl<'a> DevHeadsMut<'a> {
     /// Views of `width` columns starting at each of `offsets`, rows of stride `rs`.
     pub fn split<const N: usize>(
-        gpu: &Gpu,
-        buf: &'a mut CudaSlice<f32>,
+        buf: impl Into<DevMut<'a>>,
         rs: usize,
         width: usize,
         offsets: [usize; N],
@@ -731,8 +786,8 @@ impl<'a> DevHeadsMut<'a> {
                 });
             }
         }
-        let len = buf.len();
-        let (ptr, _sync) = buf.device_ptr_mut(gpu.stream());
+        let buf: DevMut = buf.into();
+        let (ptr, len) = (buf.shared().addr(), buf.len());
         Ok(offsets.map(|offset| DevHeadsMut {
             ptr,
             len,
@@ -790,7 +845,7 @@ const FLASH_THREADS: u32 = 64;
 /// What every flash kernel takes after its outputs, in flash.cu's order: the Q, K and V views,
 /// the key padding, the sizes and the masks.
 struct AttnArgs<'a> {
-    data: [&'a CudaSlice<f32>; 3],
+    data: [DevRef<'a>; 3],
     views: [(i64, i64); 3],
     pad: Option<CudaSlice<u8>>,
     ints: [i32; 4],
@@ -804,7 +859,7 @@ impl<'a> AttnArgs<'a> {
         'a: 'b,
     {
         for (data, (rs, off)) in self.data.iter().zip(&self.views) {
-            l.arg(*data).arg(rs).arg(off);
+            l.arg(data).arg(rs).arg(off);
         }
         match &self.pad {
             Some(p) => l.arg(p),
@@ -841,7 +896,7 @@ impl Gpu {
         s: &AttentionShape,
         [q, k, v]: [DevHeads; 3],
         grads: [&DevHeadsMut; 3],
-        [dout, out, lse]: [&CudaSlice<f32>; 3],
+        [dout, out, lse]: [DevRef; 3],
     ) -> Result<usize, CudaError> {
         let bound = self.check_attention(kernel, s, &q, &k, &v)?;
         let (b, h, tq, tk, d) = (s.batch, s.heads, s.q_len, s.k_len, s.head_dim);
@@ -861,12 +916,14 @@ impl Gpu {
     }
 
     /// FlashAttention-2's D = rowsum(dO ∘ O), (B, H, Tq): what every backward kernel reads.
-    fn flash_delta(
+    fn flash_delta<'v>(
         &self,
-        dout: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
+        dout: impl Into<DevRef<'v>>,
+        out: impl Into<DevRef<'v>>,
         s: &AttentionShape,
     ) -> Result<CudaSlice<f32>, CudaError> {
+        let dout: DevRef = dout.into();
+        let out: DevRef = out.into();
         let rows = s.batch * s.heads * s.q_len;
         let mut delta = self.stream().alloc_zeros::<f32>(rows.max(1))?;
         if rows == 0 {
@@ -875,7 +932,7 @@ impl Gpu {
         let dims = [s.batch, s.heads, s.q_len, s.head_dim].map(|x| x as i32);
         let func = self.function("flash_delta")?;
         let mut l = self.stream().launch_builder(&func);
-        l.arg(&mut delta).arg(dout).arg(out);
+        l.arg(&mut delta).arg(&dout).arg(&out);
         for x in &dims {
             l.arg(x);
         }
@@ -925,10 +982,10 @@ impl Gpu {
 
     /// [`crate::kernels::flash::flash_forward`]: out (B, Tq, H·D) contiguous, lse (B, H, Tq).
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_forward(
+    pub fn flash_forward<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        lse: impl Into<DevMut<'v>>,
         q: DevHeads,
         k: DevHeads,
         v: DevHeads,
@@ -936,6 +993,8 @@ impl Gpu {
         masks: &Masks,
         scale: f32,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let lse: DevMut = lse.into();
         let kernel = "flash_forward";
         let f = match head_bound(kernel, s.head_dim)? {
             32 => "flash_forward_d32",
@@ -950,10 +1009,10 @@ impl Gpu {
     /// rounded to bf16 for the products (f32 sums, f32 softmax statistics), as the CPU's bf16
     /// flash. Head widths 32, 64 or 128.
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_forward_bf16(
+    pub fn flash_forward_bf16<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        lse: impl Into<DevMut<'v>>,
         q: DevHeads,
         k: DevHeads,
         v: DevHeads,
@@ -961,6 +1020,8 @@ impl Gpu {
         masks: &Masks,
         scale: f32,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let lse: DevMut = lse.into();
         let kernel = "flash_forward_bf16";
         let f = match s.head_dim {
             32 => "flash_forward_tc_d32",
@@ -980,13 +1041,13 @@ impl Gpu {
     /// Checks and launches forward kernel `f` (flash.cu's or flash_tc.cu's argument list),
     /// one block of `threads` threads per `rows` query rows of a head.
     #[allow(clippy::too_many_arguments)]
-    fn forward_with(
+    fn forward_with<'v>(
         &self,
         kernel: &'static str,
         f: &'static str,
         (rows, threads): (usize, u32),
-        out: &mut CudaSlice<f32>,
-        lse: &mut CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        lse: impl Into<DevMut<'v>>,
         q: DevHeads,
         k: DevHeads,
         v: DevHeads,
@@ -994,6 +1055,8 @@ impl Gpu {
         masks: &Masks,
         scale: f32,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let lse: DevMut = lse.into();
         self.check_attention(kernel, &s, &q, &k, &v)?;
         let (b, h, tq, d) = (s.batch, s.heads, s.q_len, s.head_dim);
         need(
@@ -1009,7 +1072,7 @@ impl Gpu {
         let args = self.attn_args(kernel, &s, q, k, v, masks, scale)?;
         let func = self.function(f)?;
         let mut l = self.stream().launch_builder(&func);
-        l.arg(out).arg(lse);
+        l.arg(&out).arg(&lse);
         args.push(&mut l);
         let cfg = LaunchConfig {
             grid_dim: (tq.div_ceil(rows) as u32, h as u32, b as u32),
@@ -1028,14 +1091,14 @@ impl Gpu {
     /// P and dS rounded to bf16 for the products (f32 sums); dQ is summed with f32 atomics.
     /// Head widths 32 and 64.
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_backward_bf16(
+    pub fn flash_backward_bf16<'v>(
         &self,
         dq: &DevHeadsMut,
         dk: &DevHeadsMut,
         dv: &DevHeadsMut,
-        dout: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
-        lse: &CudaSlice<f32>,
+        dout: impl Into<DevRef<'v>>,
+        out: impl Into<DevRef<'v>>,
+        lse: impl Into<DevRef<'v>>,
         q: DevHeads,
         k: DevHeads,
         v: DevHeads,
@@ -1043,6 +1106,9 @@ impl Gpu {
         masks: &Masks,
         scale: f32,
     ) -> Result<(), CudaError> {
+        let dout: DevRef = dout.into();
+        let out: DevRef = out.into();
+        let lse: DevRef = lse.into();
         let kernel = "flash_backward_bf16";
         let f = match s.head_dim {
             32 => "flash_backward_tc_d32",
@@ -1075,7 +1141,7 @@ impl Gpu {
         for o in &outs {
             l.arg(&o.0).arg(&o.1).arg(&o.2);
         }
-        l.arg(dout).arg(lse).arg(&delta);
+        l.arg(&dout).arg(&lse).arg(&delta);
         args.push(&mut l);
         let cfg = LaunchConfig {
             grid_dim: (tk.div_ceil(64) as u32, h as u32, b as u32),
@@ -1103,14 +1169,14 @@ impl Gpu {
     /// [`crate::kernels::flash::flash_backward`]: overwrites dq, dk, dv (views that may share
     /// one buffer). dout, out: (B, Tq, H·D); lse from [`Gpu::flash_forward`].
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_backward(
+    pub fn flash_backward<'v>(
         &self,
         dq: &DevHeadsMut,
         dk: &DevHeadsMut,
         dv: &DevHeadsMut,
-        dout: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
-        lse: &CudaSlice<f32>,
+        dout: impl Into<DevRef<'v>>,
+        out: impl Into<DevRef<'v>>,
+        lse: impl Into<DevRef<'v>>,
         q: DevHeads,
         k: DevHeads,
         v: DevHeads,
@@ -1118,6 +1184,9 @@ impl Gpu {
         masks: &Masks,
         scale: f32,
     ) -> Result<(), CudaError> {
+        let dout: DevRef = dout.into();
+        let out: DevRef = out.into();
+        let lse: DevRef = lse.into();
         let kernel = "flash_backward";
         let bound = self.check_backward(kernel, &s, [q, k, v], [dq, dk, dv], [dout, out, lse])?;
         let (b, h, tq, tk) = (s.batch, s.heads, s.q_len, s.k_len);
@@ -1142,7 +1211,7 @@ impl Gpu {
             let mut l = self.stream().launch_builder(&func);
             l.arg(&outs[1].0).arg(&outs[1].1).arg(&outs[1].2);
             l.arg(&outs[2].0).arg(&outs[2].1).arg(&outs[2].2);
-            l.arg(dout).arg(lse).arg(&delta);
+            l.arg(&dout).arg(&lse).arg(&delta);
             args.push(&mut l);
             let cfg = LaunchConfig {
                 grid_dim: (tk.div_ceil(32) as u32, h as u32, b as u32),
@@ -1157,7 +1226,7 @@ impl Gpu {
             let func = self.function(name("dq"))?;
             let mut l = self.stream().launch_builder(&func);
             l.arg(&outs[0].0).arg(&outs[0].1).arg(&outs[0].2);
-            l.arg(dout).arg(lse).arg(&delta);
+            l.arg(&dout).arg(&lse).arg(&delta);
             args.push(&mut l);
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -1180,7 +1249,7 @@ impl Gpu {
 /// stride `rs`, keys at `k_offset` and values at `v_offset` in each row.
 #[derive(Clone, Copy)]
 pub struct DevKvBlocks<'a> {
-    pub data: &'a CudaSlice<f32>,
+    pub data: DevRef<'a>,
     pub rows: usize,
     pub rs: usize,
     pub k_offset: usize,
@@ -1192,10 +1261,10 @@ impl Gpu {
     /// against keys `keys[r]` (or `keys[0]` for every row) of block `block[r]`. out: (R, H·D);
     /// `block`, `keys` and padding (blocks, rows) on the host, as decoding holds them.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_one_query(
+    pub fn attention_one_query<'v>(
         &self,
-        out: &mut CudaSlice<f32>,
-        q: &CudaSlice<f32>,
+        out: impl Into<DevMut<'v>>,
+        q: impl Into<DevRef<'v>>,
         q_rs: usize,
         kv: DevKvBlocks,
         block: &[usize],
@@ -1205,6 +1274,8 @@ impl Gpu {
         head_dim: usize,
         scale: f32,
     ) -> Result<(), CudaError> {
+        let out: DevMut = out.into();
+        let q: DevRef = q.into();
         let kernel = "attention_one_query";
         let (r, w) = (block.len(), heads * head_dim);
         if keys.len() != 1 && keys.len() != r {
@@ -1267,7 +1338,7 @@ impl Gpu {
         let (h32, d32) = (heads as i32, head_dim as i32);
         let func = self.function(kernel)?;
         let mut l = self.stream().launch_builder(&func);
-        l.arg(out).arg(q).arg(&longs[0]).arg(kv.data);
+        l.arg(&out).arg(&q).arg(&longs[0]).arg(&kv.data);
         l.arg(&longs[1])
             .arg(&longs[2])
             .arg(&longs[3])
