@@ -1,5 +1,6 @@
-//! Every CUDA kernel against its CPU twin in `qkv::kernels`, on a GPU. Without one these tests
-//! skip with a message; `QKV_REQUIRE_CUDA=1` (set by `scripts/gpu/run.sh`) makes that a failure.
+//! Every CUDA kernel against its CPU twin in `qkv::kernels`, and the layers written against
+//! `qkv::backend::Backend` on `Cuda` against `Cpu`, on a GPU. Without one these tests skip with
+//! a message; `QKV_REQUIRE_CUDA=1` (set by `scripts/gpu/run.sh`) makes that a failure.
 //!
 //! Tolerances: the GPU contracts `a + b·c` into fused multiply-adds and sums in another order
 //! (warp shuffles, atomics), so results agree to float rounding, not bit for bit; dropout masks
@@ -206,7 +207,7 @@ fn bias_and_activation_forward_and_backward_match_the_cpu() {
             let (mut gpre, mut gpost) =
                 (up(&g, &pre0), g.stream().alloc_zeros::<f32>(N * f).unwrap());
             let gbias = up(&g, &bias);
-            let post_arg = (act != Activation::Identity).then_some(&mut gpost);
+            let post_arg = (act != Activation::Identity).then(|| (&mut gpost).into());
             g.bias_act_forward(&mut gpre, post_arg, &gbias, act)
                 .unwrap();
             assert_near("bias", &down(&g, &gpre), &pre, 1e-6);
@@ -977,4 +978,134 @@ fn adamw_step_on_device_parameters_matches_the_cpu_optimizer() {
         before,
         "parameters changed"
     );
+}
+
+// The layers written against `qkv::backend::Backend`, on the `Cuda` backend against the `Cpu`
+// backend with the same parameters and inputs: one model code for both devices (issue 18).
+
+/// A layer's parameters: the builder's initialisation moved off ones and zeros, which would
+/// hide a swapped weight and bias.
+fn layer_params(pb: qkv::params::ParamBuilder, rng: &mut Rng) -> Vec<f32> {
+    let mut params = pb.build(3).unwrap().data;
+    params.iter_mut().for_each(|v| *v += 0.1 * rng.normal());
+    params
+}
+
+#[test]
+fn feed_forward_on_the_cuda_backend_matches_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::model::feed_forward::FeedForward;
+    use qkv::params::ParamBuilder;
+
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let mut rng = Rng::new(41);
+    let (n, c, f) = (N, 48, 160);
+    let x = random_vec(&mut rng, n * c, 1.0);
+    let dy = random_vec(&mut rng, n * c, 1.0);
+    let dx0 = random_vec(&mut rng, n * c, 1.0);
+    let (gx, gdy) = (up(&g, &x), up(&g, &dy));
+    // TF32 products against f32 (see the products test); bf16 operands: 8-bit mantissas.
+    for (bf16, tol) in [(false, 5e-3), (true, 3e-2)] {
+        let be = Cuda::new(g.clone(), bf16);
+        for act in [Activation::Relu, Activation::Gelu] {
+            let mut pb = ParamBuilder::default();
+            let mut cpu: FeedForward = FeedForward::new(&mut pb, "ffn", c, f, act);
+            // An empty builder registers the same layout: the GPU layer reads the same `p`.
+            let mut dev: FeedForward<Cuda> =
+                FeedForward::new(&mut ParamBuilder::default(), "ffn", c, f, act);
+            let p = layer_params(pb, &mut rng);
+            let y = cpu.forward(&Cpu, &p, &x).to_vec();
+            let (mut grad, mut dx) = (vec![0.0; p.len()], dx0.clone());
+            cpu.backward(&Cpu, &p, &mut grad, &x, &dy, &mut dx, Acc::Add);
+
+            let (gp, mut gg, mut gdx) = (up(&g, &p), up(&g, &vec![0.0; p.len()]), up(&g, &dx0));
+            let gy = dev.forward(&be, (&gp).into(), (&gx).into());
+            let gy = g.to_host(gy).unwrap();
+            let (gpv, gxv, gdyv) = ((&gp).into(), (&gx).into(), (&gdy).into());
+            let (ggv, gdxv) = ((&mut gg).into(), (&mut gdx).into());
+            dev.backward(&be, gpv, ggv, gxv, gdyv, gdxv, Acc::Add);
+            be.sync().unwrap();
+            let what = |s: &str| format!("ffn {act:?} bf16 {bf16}: {s}");
+            assert_near(&what("output"), &gy, &y, tol);
+            assert_near(&what("dx"), &down(&g, &gdx), &dx, tol);
+            assert_near(&what("parameter gradients"), &down(&g, &gg), &grad, tol);
+        }
+    }
+}
+
+#[test]
+fn add_and_norm_on_the_cuda_backend_matches_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::model::config::NormPlacement;
+    use qkv::model::norm::AddNorm;
+    use qkv::model::Mode;
+    use qkv::params::ParamBuilder;
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    let g = be.gpu();
+    let mut rng = Rng::new(43);
+    let (n, c) = (N, 48);
+    let [x, sub, dy, fill] = [0; 4].map(|_| random_vec(&mut rng, n * c, 1.0));
+    let (gx, gsub, gdy) = (up(g, &x), up(g, &sub), up(g, &dy));
+    let zeros = |len: usize| up(g, &vec![0.0f32; len]);
+    // What a sublayer's backward does with its input gradient: overwrite or add `fill`.
+    let write = |mut d: Vec<f32>, acc: Acc| {
+        d.iter_mut()
+            .zip(&fill)
+            .for_each(|(d, f)| *d = if acc.adds() { *d + f } else { *f });
+        d
+    };
+    for placement in [NormPlacement::Post, NormPlacement::Pre] {
+        // Residual dropout draws the same mask on both devices.
+        let mode = Mode::train(0.1, 0.0, 9);
+        let mut pb = ParamBuilder::default();
+        let mut cpu: AddNorm = AddNorm::new(&mut pb, "norm", c, 1e-5, placement, 4);
+        let mut dev: AddNorm<Cuda> =
+            AddNorm::new(&mut ParamBuilder::default(), "norm", c, 1e-5, placement, 4);
+        let p = layer_params(pb, &mut rng);
+
+        let input = cpu.sublayer_input(&Cpu, &p, &x).to_vec();
+        let mut y = vec![0.0; n * c];
+        cpu.finish(&Cpu, &p, &x, &sub, &mut y, mode);
+        let (mut grad, mut dx) = (vec![0.0; p.len()], vec![0.0; n * c]);
+        let s = cpu.backward_output(&Cpu, &p, &mut grad, &x, &dy, &mut dx);
+        let (d_output, sub_input) = (s.d_output.to_vec(), s.input.to_vec());
+        let d_input = s.d_input.to_vec();
+        s.d_input.copy_from_slice(&write(d_input.clone(), s.acc));
+        cpu.backward_input(&Cpu, &p, &mut grad, &x, &mut dx);
+
+        let gp = up(g, &p);
+        let (mut gg, mut gy, mut gdx) = (zeros(p.len()), zeros(n * c), zeros(n * c));
+        let gin = dev.sublayer_input(&be, (&gp).into(), (&gx).into());
+        let gin = g.to_host(gin).unwrap();
+        let (gpv, gxv) = ((&gp).into(), (&gx).into());
+        dev.finish(&be, gpv, gxv, (&gsub).into(), (&mut gy).into(), mode);
+        let (gpv, gxv, gdyv) = ((&gp).into(), (&gx).into(), (&gdy).into());
+        let s = dev.backward_output(&be, gpv, (&mut gg).into(), gxv, gdyv, (&mut gdx).into());
+        let g_d_output = g.to_host(s.d_output).unwrap();
+        let g_sub_input = g.to_host(s.input).unwrap();
+        let mut g_d_input = s.d_input;
+        let g_d_input_host = g.to_host(g_d_input.shared()).unwrap();
+        let written = up(g, &write(g_d_input_host.clone(), s.acc));
+        be.copy(g_d_input.reborrow(), (&written).into());
+        dev.backward_input(
+            &be,
+            (&gp).into(),
+            (&mut gg).into(),
+            (&gx).into(),
+            (&mut gdx).into(),
+        );
+        be.sync().unwrap();
+
+        let what = |s: &str| format!("add & norm {placement:?}: {s}");
+        assert_near(&what("sublayer input"), &gin, &input, 1e-5);
+        assert_near(&what("y"), &down(g, &gy), &y, 1e-5);
+        assert_near(&what("d_output"), &g_d_output, &d_output, 1e-5);
+        assert_near(&what("input"), &g_sub_input, &sub_input, 1e-5);
+        assert_near(&what("d_input"), &g_d_input_host, &d_input, 1e-5);
+        assert_near(&what("dx"), &down(g, &gdx), &dx, 1e-4);
+        assert_near(&what("parameter gradients"), &down(g, &gg), &grad, 1e-4);
+    }
 }

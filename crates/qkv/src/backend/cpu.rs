@@ -31,14 +31,14 @@ impl Backend for Cpu {
     type Mut16<'a> = &'a mut [u16];
 
     #[inline]
-    fn grow(b: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    fn grow<'a>(&self, b: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
         if b.len() < n {
             b.resize(n, 0.0);
         }
         &mut b[..n]
     }
     #[inline]
-    fn grow16(b: &mut Vec<u16>, n: usize) -> &mut [u16] {
+    fn grow16<'a>(&self, b: &'a mut Vec<u16>, n: usize) -> &'a mut [u16] {
         if b.len() < n {
             b.resize(n, 0);
         }
@@ -84,6 +84,9 @@ impl Backend for Cpu {
     #[inline]
     fn bf16_products(&self) -> bool {
         bf16_active()
+    }
+    fn sync(&self) -> crate::error::Result<()> {
+        Ok(())
     }
 
     #[inline]

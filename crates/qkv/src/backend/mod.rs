@@ -19,8 +19,10 @@
 //! [`Cpu`] to the ones below it.
 
 mod cpu;
+mod cuda;
 
 pub use cpu::Cpu;
+pub use cuda::{Cuda, DevBuf};
 
 use crate::kernels::activation::Activation;
 use crate::kernels::dropout::Dropout;
@@ -47,9 +49,9 @@ pub trait Backend: Debug {
     type Mut16<'a>;
 
     /// The first `n` elements of `b`, growing it (contents unspecified) if it is shorter.
-    fn grow(b: &mut Self::Buf, n: usize) -> Self::Mut<'_>;
+    fn grow<'a>(&self, b: &'a mut Self::Buf, n: usize) -> Self::Mut<'a>;
     /// As [`Backend::grow`], for bf16 bits.
-    fn grow16(b: &mut Self::Buf16, n: usize) -> Self::Mut16<'_>;
+    fn grow16<'a>(&self, b: &'a mut Self::Buf16, n: usize) -> Self::Mut16<'a>;
     /// The first `n` elements of `b`.
     fn view(b: &Self::Buf, n: usize) -> Self::Ref<'_>;
     /// All of `b`.
@@ -76,6 +78,10 @@ pub trait Backend: Debug {
 
     /// Whether products round their operands to bf16 (f32 accumulation).
     fn bf16_products(&self) -> bool;
+
+    /// Waits for the ops queued so far and reports the first that failed since the last
+    /// call (a device's launches fail asynchronously; the CPU's ops cannot fail).
+    fn sync(&self) -> crate::error::Result<()>;
 
     /// `kernels::matmul::matmul_operands`: `out (m, n) (+)= op(a) · op(b)`.
     #[allow(clippy::too_many_arguments)]

@@ -66,7 +66,12 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "activation",
         text: include_str!("kernels/activation.cu"),
-        functions: &["bias_act_forward", "bias_act_backward"],
+        functions: &[
+            "bias_act_forward",
+            "bias_act_backward",
+            "bias_act_forward_bf16",
+            "bias_act_backward_bf16",
+        ],
     },
     Source {
         name: "loss",

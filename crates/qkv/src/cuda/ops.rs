@@ -211,6 +211,45 @@ impl Gpu {
         Ok(())
     }
 
+    /// The elements of `x`, on the host (waits for the GPU).
+    pub fn to_host<'v>(&self, x: impl Into<DevRef<'v>>) -> Result<Vec<f32>, CudaError> {
+        let x: DevRef = x.into();
+        let mut host = vec![0.0f32; x.len()];
+        // SAFETY: x lies inside a live allocation and `host` holds its elements; the
+        // synchronize below completes the copy before `host` is read or dropped.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut host,
+                x.addr(),
+                self.stream().cu_stream(),
+            )
+        }?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// `dst = src`, on the stream.
+    pub fn copy<'v>(
+        &self,
+        dst: impl Into<DevMut<'v>>,
+        src: impl Into<DevRef<'v>>,
+    ) -> Result<(), CudaError> {
+        let (dst, src): (DevMut, DevRef) = (dst.into(), src.into());
+        need("copy", &[("dst", dst.len(), src.len())])?;
+        let bytes = src.len() * size_of::<f32>();
+        // SAFETY: both views lie inside live allocations (their lifetimes say so) and dst
+        // holds src's elements; the copy is ordered on the stream with every launch.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst.shared().addr(),
+                src.addr(),
+                bytes,
+                self.stream().cu_stream(),
+            )
+        }?;
+        Ok(())
+    }
+
     /// [`crate::kernels::dropout::apply`]: in place `x = dropout(x)`.
     pub fn dropout_apply<'v>(
         &self,
@@ -390,7 +429,7 @@ impl Gpu {
     pub fn bias_act_forward<'v>(
         &self,
         pre: impl Into<DevMut<'v>>,
-        post: Option<&mut CudaSlice<f32>>,
+        post: Option<DevMut<'v>>,
         bias: impl Into<DevRef<'v>>,
         act: Activation,
     ) -> Result<(), CudaError> {
@@ -413,7 +452,7 @@ impl Gpu {
         let func = self.function(kernel)?;
         let mut b = self.stream().launch_builder(&func);
         b.arg(&pre);
-        match post {
+        match &post {
             Some(p) => b.arg(p),
             None => b.arg(&NULL),
         };
@@ -454,6 +493,93 @@ impl Gpu {
             .arg(&code)
             .arg(&rows_per_chunk);
         // SAFETY: matches activation.cu; shapes checked above (pre is not read for Identity).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::activation::column_sum`]: `acc (F) += Σ_rows x`. x: (N, F)
+    pub fn column_sum<'v>(
+        &self,
+        acc: impl Into<DevMut<'v>>,
+        x: impl Into<DevRef<'v>>,
+    ) -> Result<(), CudaError> {
+        let (acc, x): (DevMut, DevRef) = (acc.into(), x.into());
+        let kernel = "column_sum";
+        let f = acc.len();
+        let n = rows_of(kernel, x.len(), f)?;
+        let (cfg, rows_per_chunk) = column_tiles(n, f);
+        let (n32, f32_, code) = (n as i32, f as i32, act_code(Activation::Identity));
+        let func = self.function("bias_act_backward")?;
+        let mut b = self.stream().launch_builder(&func);
+        b.arg(&x).arg(&acc).arg(&x);
+        b.arg(&n32).arg(&f32_).arg(&code).arg(&rows_per_chunk);
+        // SAFETY: bias_act_backward with ACT_IDENTITY reads `d` and never writes it, so x may
+        // be passed as `d` (and, unread, as `pre`); x holds (N, F), acc (F).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::activation::bias_act_forward_bf16`]: `pre += bias`,
+    /// `post = bf16(act(pre))`. pre, post: (N, F); act is not `Identity`.
+    pub fn bias_act_forward_bf16<'v>(
+        &self,
+        pre: impl Into<DevMut<'v>>,
+        post: impl Into<DevMut<'v, u16>>,
+        bias: impl Into<DevRef<'v>>,
+        act: Activation,
+    ) -> Result<(), CudaError> {
+        let (pre, post, bias): (DevMut, DevMut<u16>, DevRef) =
+            (pre.into(), post.into(), bias.into());
+        let kernel = "bias_act_forward_bf16";
+        let f = bias.len();
+        let n = rows_of(kernel, pre.len(), f)?;
+        need(kernel, &[("post", post.len(), n * f)])?;
+        if act == Activation::Identity {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: "no activation to write".into(),
+            });
+        }
+        let (n64, f32_, code) = (n as u64, f as i32, act_code(act));
+        let func = self.function(kernel)?;
+        let mut b = self.stream().launch_builder(&func);
+        b.arg(&pre)
+            .arg(&post)
+            .arg(&bias)
+            .arg(&n64)
+            .arg(&f32_)
+            .arg(&code);
+        // SAFETY: matches activation.cu; pre and post hold (N, F), bias (F).
+        unsafe { b.launch(elementwise(n * f)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::activation::bias_act_backward_bf16`]: `out = bf16(d · act'(pre))`,
+    /// `dbias += Σ_rows d · act'(pre)` (unrounded). d, pre, out: (N, F)
+    pub fn bias_act_backward_bf16<'v>(
+        &self,
+        d: impl Into<DevRef<'v>>,
+        dbias: impl Into<DevMut<'v>>,
+        pre: impl Into<DevRef<'v>>,
+        act: Activation,
+        out: impl Into<DevMut<'v, u16>>,
+    ) -> Result<(), CudaError> {
+        let (d, dbias, pre, out): (DevRef, DevMut, DevRef, DevMut<u16>) =
+            (d.into(), dbias.into(), pre.into(), out.into());
+        let kernel = "bias_act_backward_bf16";
+        let f = dbias.len();
+        let n = rows_of(kernel, d.len(), f)?;
+        need(
+            kernel,
+            &[("pre", pre.len(), n * f), ("out", out.len(), n * f)],
+        )?;
+        let (cfg, rows_per_chunk) = column_tiles(n, f);
+        let (n32, f32_, code) = (n as i32, f as i32, act_code(act));
+        let func = self.function(kernel)?;
+        let mut b = self.stream().launch_builder(&func);
+        b.arg(&d).arg(&dbias).arg(&pre).arg(&out);
+        b.arg(&n32).arg(&f32_).arg(&code).arg(&rows_per_chunk);
+        // SAFETY: matches activation.cu; d, pre and out hold (N, F), dbias (F).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -657,7 +783,7 @@ impl Gpu {
         let out: DevMut = out.into();
         let a: DevRef = a.into();
         let b: DevRef = b.into();
-        let Some(shape) = product_shape(
+        if product_shape(
             "matmul_bf16",
             out.len(),
             a.len(),
@@ -667,16 +793,45 @@ impl Gpu {
             acc,
             Mode::Bf16,
         )?
+        .is_none()
+        {
+            return Ok(());
+        }
+        let (a16, b16) = (self.to_bf16(a, m * k)?, self.to_bf16(b, k * n)?);
+        let layouts = (a_layout, b_layout);
+        self.matmul_bf16_bits(out, &a16, &b16, (m, k, n), layouts, acc)
+    }
+
+    /// [`Gpu::matmul_bf16`] on operands already rounded to bf16 bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_bits<'v>(
+        &self,
+        out: impl Into<DevMut<'v>>,
+        a: impl Into<DevRef<'v, u16>>,
+        b: impl Into<DevRef<'v, u16>>,
+        (m, k, n): (usize, usize, usize),
+        layouts: (Layout, Layout),
+        acc: Acc,
+    ) -> Result<(), CudaError> {
+        let (out, a, b): (DevMut, DevRef<u16>, DevRef<u16>) = (out.into(), a.into(), b.into());
+        let kernel = "matmul_bf16";
+        let shape = (m, k, n);
+        let Some(shape) = product_shape(
+            kernel,
+            out.len(),
+            a.len(),
+            b.len(),
+            shape,
+            layouts,
+            acc,
+            Mode::Bf16,
+        )?
         else {
             return Ok(());
         };
-        let (a16, b16) = (self.to_bf16(a, m * k)?, self.to_bf16(b, k * n)?);
-        // SAFETY: `product_shape` checked the buffers against the shape; a16 and b16 hold the
-        // same elements as bf16 bits.
-        unsafe {
-            self.blas()
-                .matmul(&shape, (&b16).into(), (&a16).into(), out)
-        }
+        // SAFETY: `product_shape` checked the buffers against the shape; both operands are bf16
+        // bits, as Mode::Bf16's plan reads them.
+        unsafe { self.blas().matmul(&shape, b, a, out) }
     }
 
     /// The first `n` elements of `x` rounded to bf16 bits, in a new buffer.

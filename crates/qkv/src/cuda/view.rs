@@ -93,7 +93,15 @@ impl<'a, T> DevMut<'a, T> {
             "{a:?} and {b:?} must be disjoint and in order"
         );
         let whole = DevRef::<T>::from_raw(self.ptr, self.len);
-        (Self::from_ref(whole.slice(a)), Self::from_ref(whole.slice(b)))
+        (
+            Self::from_ref(whole.slice(a)),
+            Self::from_ref(whole.slice(b)),
+        )
+    }
+
+    /// As [`DevRef::unbacked`].
+    pub(crate) fn unbacked(len: usize) -> Self {
+        Self::from_ref(DevRef::unbacked(len))
     }
 
     fn from_ref(r: DevRef<'_, T>) -> Self {
@@ -106,6 +114,12 @@ impl<'a, T> DevMut<'a, T> {
 }
 
 impl<T> DevRef<'_, T> {
+    /// A view of `len` elements at address 0, standing in for an allocation that failed: the
+    /// backend that made it is failed and launches nothing with it.
+    pub(crate) fn unbacked(len: usize) -> Self {
+        Self::from_raw(0, len)
+    }
+
     fn from_raw(ptr: u64, len: usize) -> Self {
         Self {
             ptr,

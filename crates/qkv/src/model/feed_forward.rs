@@ -55,7 +55,7 @@ impl<B: Backend> FeedForward<B> {
     pub fn forward(&mut self, be: &B, p: B::Ref<'_>, x: B::Ref<'_>) -> B::Ref<'_> {
         let (c, f) = (self.up.in_features, self.up.out_features);
         let n = B::len(x) / c;
-        let mut pre = B::grow(&mut self.pre, n * f);
+        let mut pre = be.grow(&mut self.pre, n * f);
         self.up.matmul(be, p, x, B::reborrow(&mut pre));
         let b1 = B::param(p, self.up.bias.expect("ffn has biases"));
         self.bf16 = be.bf16_products() && self.activation != Activation::Identity;
@@ -63,14 +63,14 @@ impl<B: Backend> FeedForward<B> {
         {
             self.bf16 &= !self.f32_storage;
         }
-        let out = B::grow(&mut self.out, n * c);
+        let out = be.grow(&mut self.out, n * c);
         if self.bf16 {
-            let post = B::grow16(&mut self.post_bf16, padded_len(n, f));
+            let post = be.grow16(&mut self.post_bf16, padded_len(n, f));
             be.bias_act_forward_bf16(pre, post, b1, self.activation);
             let post = Bf16(B::view16(&self.post_bf16));
             self.down.forward_operand(be, p, post, n, out);
         } else {
-            let post = B::grow(&mut self.post, n * f);
+            let post = be.grow(&mut self.post, n * f);
             be.bias_act_forward(pre, post, b1, self.activation);
             self.down.forward(be, p, B::view(&self.post, n * f), out);
         }
@@ -91,7 +91,7 @@ impl<B: Backend> FeedForward<B> {
     ) {
         let (c, f) = (self.up.in_features, self.up.out_features);
         let n = B::len(x) / c;
-        let mut dpost = B::grow(&mut self.dpost, n * f);
+        let mut dpost = be.grow(&mut self.dpost, n * f);
         let b1 = self.up.bias.expect("ffn has biases");
         let pre = B::view(&self.pre, n * f);
         let (down, up) = (&self.down, &self.up);
@@ -111,7 +111,7 @@ impl<B: Backend> FeedForward<B> {
                 BiasGrad::Compute,
             );
             let (_, db1) = B::params_mut(B::reborrow(&mut g), up.weight, b1);
-            let dpre = B::grow16(&mut self.dpre_bf16, padded_len(n, f));
+            let dpre = be.grow16(&mut self.dpre_bf16, padded_len(n, f));
             be.bias_act_backward_bf16(B::shared(&dpost), db1, pre, self.activation, dpre);
             let dpre = Bf16(B::view16(&self.dpre_bf16));
             up.backward_operands(be, p, g, n, F32(x), dpre, Some(dx), acc, BiasGrad::Done);

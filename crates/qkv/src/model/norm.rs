@@ -36,8 +36,8 @@ impl<B: Backend> LayerNorm<B> {
         let n = B::len(x) / self.c;
         be.layernorm_forward(
             out,
-            B::grow(&mut self.mean, n),
-            B::grow(&mut self.rstd, n),
+            be.grow(&mut self.mean, n),
+            be.grow(&mut self.rstd, n),
             x,
             B::param(p, self.weight),
             B::param(p, self.bias),
@@ -106,7 +106,7 @@ impl<B: Backend> AddNorm<B> {
             NormPlacement::Post => x,
             NormPlacement::Pre => {
                 let n = B::len(x);
-                self.norm.forward(be, p, x, B::grow(&mut self.saved, n));
+                self.norm.forward(be, p, x, be.grow(&mut self.saved, n));
                 B::view(&self.saved, n)
             }
         }
@@ -130,10 +130,10 @@ impl<B: Backend> AddNorm<B> {
                 let n = len / norm.c;
                 let params = (B::param(p, norm.weight), B::param(p, norm.bias));
                 be.residual_layernorm_forward(
-                    B::grow(&mut self.saved, len),
+                    be.grow(&mut self.saved, len),
                     y,
-                    B::grow(&mut norm.mean, n),
-                    B::grow(&mut norm.rstd, n),
+                    be.grow(&mut norm.mean, n),
+                    be.grow(&mut norm.rstd, n),
                     x,
                     f,
                     params,
@@ -164,7 +164,7 @@ impl<B: Backend> AddNorm<B> {
                 let saved = B::view(&self.saved, n);
                 let dx_now = B::reborrow(&mut dx);
                 self.norm.backward(be, p, g, saved, dy, dx_now, Acc::Set);
-                let dsub_out = B::grow(&mut self.dsub_out, n);
+                let dsub_out = be.grow(&mut self.dsub_out, n);
                 be.dropout_backward(dsub_out, B::shared(&dx), self.drop);
                 // The sublayer read x itself: its input gradient adds onto the residual's.
                 SublayerGrad {
@@ -176,11 +176,11 @@ impl<B: Backend> AddNorm<B> {
             }
             NormPlacement::Pre => {
                 be.copy(dx, dy);
-                be.dropout_backward(B::grow(&mut self.dsub_out, n), dy, self.drop);
+                be.dropout_backward(be.grow(&mut self.dsub_out, n), dy, self.drop);
                 SublayerGrad {
                     d_output: B::view(&self.dsub_out, n),
                     input: B::view(&self.saved, n),
-                    d_input: B::grow(&mut self.dsub_in, n),
+                    d_input: be.grow(&mut self.dsub_in, n),
                     acc: Acc::Set,
                 }
             }
@@ -226,7 +226,7 @@ pub fn final_output<'a, B: Backend>(
     match final_norm {
         Some(norm) => {
             let n = B::len(x);
-            norm.forward(be, p, x, B::grow(out, n));
+            norm.forward(be, p, x, be.grow(out, n));
             B::view(out, n)
         }
         None => x,

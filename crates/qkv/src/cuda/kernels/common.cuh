@@ -22,6 +22,13 @@ __device__ __forceinline__ float drop_factor(float p, u64 seed, u64 i) {
     return u < p ? 0.0f : 1.0f / (1.0f - p);
 }
 
+// f32 → bf16 bits, rounded to nearest even, NaN kept quiet: kernels::bf16::bf16_bits.
+__device__ __forceinline__ unsigned short bf16_rn(float x) {
+    unsigned b = __float_as_uint(x);
+    if (x != x) return (unsigned short)((b >> 16) | 0x40);
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

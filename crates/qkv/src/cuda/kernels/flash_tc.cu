@@ -15,12 +15,6 @@
 #define TC_ROWS 64  // query rows per block
 #define TC_KEYS 64  // keys per tile
 
-__device__ __forceinline__ unsigned short bf16_rn(float x) {
-    unsigned b = __float_as_uint(x);
-    if (x != x) return (unsigned short)((b >> 16) | 0x40);
-    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return (unsigned)bf16_rn(lo) | ((unsigned)bf16_rn(hi) << 16);
 }

@@ -1,0 +1,332 @@
+//! The CUDA backend: buffers in GPU memory, ops launched by [`crate::cuda::Gpu`] on its one
+//! stream (cuBLASLt products: TF32, or bf16 operands with f32 sums; NVRTC-compiled kernels).
+//!
+//! A launch fails asynchronously on a GPU, so the ops do not return errors: the first one is
+//! kept, every op after it does nothing, and [`Backend::sync`] reports it. Nothing a failed
+//! op left behind is read before then.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+
+use super::{Backend, Operand};
+use crate::cuda::view::{DevMut, DevRef};
+use crate::cuda::{CudaError, Gpu};
+use crate::error::Result;
+use crate::kernels::activation::Activation;
+use crate::kernels::dropout::Dropout;
+use crate::kernels::matmul::Layout;
+use crate::kernels::Acc;
+use crate::params::Param;
+
+/// One GPU, its product precision, and the first failure since the last [`Backend::sync`].
+pub struct Cuda {
+    gpu: Arc<Gpu>,
+    bf16: bool,
+    failed: Mutex<Option<CudaError>>,
+}
+
+impl fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let precision = if self.bf16 { "bf16" } else { "tf32" };
+        write!(f, "Cuda({}, {precision})", self.gpu.describe())
+    }
+}
+
+impl Cuda {
+    /// The backend on `gpu`; `bf16`: products round their operands to bf16 (mixed precision,
+    /// as the CPU's `Precision::Bf16`), otherwise TF32.
+    pub fn new(gpu: Arc<Gpu>, bf16: bool) -> Self {
+        Self {
+            gpu,
+            bf16,
+            failed: Mutex::new(None),
+        }
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Runs `op` unless an earlier op failed; keeps its failure.
+    fn run(&self, op: impl FnOnce(&Gpu) -> Result<(), CudaError>) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none() {
+            *failed = op(&self.gpu).err();
+        }
+    }
+
+    fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Option<CudaSlice<T>> {
+        let mut slice = None;
+        self.run(|gpu| {
+            slice = Some(gpu.stream().alloc_zeros::<T>(n.max(1))?);
+            Ok(())
+        });
+        slice
+    }
+
+    /// Both operands of a product as bf16 bits: rounded here when given in f32.
+    fn bf16_operand<'a>(&self, x: Operand<'a, Cuda>, n: usize) -> Bits<'a> {
+        match x {
+            Operand::Bf16(x) => Bits::Borrowed(x),
+            Operand::F32(x) => {
+                let mut out = None;
+                self.run(|gpu| {
+                    out = Some(gpu.to_bf16(x, n)?);
+                    Ok(())
+                });
+                Bits::Owned(out)
+            }
+        }
+    }
+}
+
+/// A product operand in bf16 bits: a caller's, or rounded for this product.
+enum Bits<'a> {
+    Borrowed(DevRef<'a, u16>),
+    Owned(Option<CudaSlice<u16>>),
+}
+
+impl Bits<'_> {
+    fn view(&self) -> Option<DevRef<'_, u16>> {
+        match self {
+            Bits::Borrowed(x) => Some(*x),
+            Bits::Owned(x) => x.as_ref().map(DevRef::from),
+        }
+    }
+}
+
+/// A grow-only buffer in GPU memory (empty until first grown).
+#[derive(Debug)]
+pub struct DevBuf<T>(Option<CudaSlice<T>>);
+
+impl<T> Default for DevBuf<T> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<T: DeviceRepr> Clone for DevBuf<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> DevBuf<T> {
+    fn grow<'a>(&'a mut self, cuda: &Cuda, n: usize) -> DevMut<'a, T> {
+        if self.0.as_ref().is_none_or(|s| s.len() < n) {
+            self.0 = cuda.alloc(n);
+        }
+        match &mut self.0 {
+            Some(s) => DevMut::from(s).slice(0..n),
+            // Allocation failed: `cuda` is failed and launches nothing with this view.
+            None => DevMut::unbacked(n),
+        }
+    }
+
+    fn view(&self, n: usize) -> DevRef<'_, T> {
+        match &self.0 {
+            Some(s) => DevRef::from(s).slice(0..n),
+            None => DevRef::unbacked(0).slice(0..n),
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = DevBuf<f32>;
+    type Buf16 = DevBuf<u16>;
+    type Ref<'a> = DevRef<'a>;
+    type Mut<'a> = DevMut<'a>;
+    type Ref16<'a> = DevRef<'a, u16>;
+    type Mut16<'a> = DevMut<'a, u16>;
+
+    fn grow<'a>(&self, b: &'a mut DevBuf<f32>, n: usize) -> DevMut<'a> {
+        b.grow(self, n)
+    }
+    fn grow16<'a>(&self, b: &'a mut DevBuf<u16>, n: usize) -> DevMut<'a, u16> {
+        b.grow(self, n)
+    }
+    fn view(b: &DevBuf<f32>, n: usize) -> DevRef<'_> {
+        b.view(n)
+    }
+    fn view16(b: &DevBuf<u16>) -> DevRef<'_, u16> {
+        b.view(b.0.as_ref().map_or(0, |s| s.len()))
+    }
+    fn sub<'a>(x: Self::Ref<'a>, r: Range<usize>) -> Self::Ref<'a> {
+        x.slice(r)
+    }
+    fn len(x: DevRef<'_>) -> usize {
+        x.len()
+    }
+    fn reborrow<'b>(x: &'b mut DevMut<'_>) -> DevMut<'b> {
+        x.reborrow()
+    }
+    fn shared<'b>(x: &'b DevMut<'_>) -> DevRef<'b> {
+        x.shared()
+    }
+    fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a> {
+        x.slice(0..n)
+    }
+    fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a> {
+        g.slice(w.range())
+    }
+    fn params_mut<'a>(g: Self::Mut<'a>, a: Param, b: Param) -> (Self::Mut<'a>, Self::Mut<'a>) {
+        g.split(a.range(), b.range())
+    }
+
+    fn bf16_products(&self) -> bool {
+        self.bf16
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.run(|gpu| gpu.synchronize());
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match failed.take() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn matmul(
+        &self,
+        out: DevMut<'_>,
+        a: Operand<'_, Cuda>,
+        b: Operand<'_, Cuda>,
+        m: usize,
+        k: usize,
+        n: usize,
+        layouts: (Layout, Layout),
+        acc: Acc,
+    ) {
+        if let (Operand::F32(a), Operand::F32(b), false) = (a, b, self.bf16) {
+            let (la, lb) = layouts;
+            return self.run(|gpu| gpu.matmul(out, a, b, m, k, n, la, lb, acc));
+        }
+        let (a, b) = (self.bf16_operand(a, m * k), self.bf16_operand(b, k * n));
+        if let (Some(a), Some(b)) = (a.view(), b.view()) {
+            self.run(|gpu| gpu.matmul_bf16_bits(out, a, b, (m, k, n), layouts, acc));
+        }
+    }
+
+    fn linear(
+        &self,
+        mut y: DevMut<'_>,
+        x: Operand<'_, Cuda>,
+        w: DevRef<'_>,
+        bias: Option<DevRef<'_>>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) {
+        let layouts = (Layout::RowMajor, Layout::Transposed);
+        let y_rows = y.reborrow().slice(0..n * o);
+        self.matmul(y_rows, x, Operand::F32(w), n, i, o, layouts, Acc::Set);
+        if let Some(b) = bias {
+            let y_rows = y.slice(0..n * o);
+            self.run(|gpu| gpu.bias_act_forward(y_rows, None, b, Activation::Identity));
+        }
+    }
+
+    fn column_sum(&self, acc: DevMut<'_>, x: DevRef<'_>, _f: usize) {
+        self.run(|gpu| gpu.column_sum(acc, x));
+    }
+    fn bias_act_forward(
+        &self,
+        pre: DevMut<'_>,
+        post: DevMut<'_>,
+        bias: DevRef<'_>,
+        act: Activation,
+    ) {
+        let post = (act != Activation::Identity).then_some(post);
+        self.run(|gpu| gpu.bias_act_forward(pre, post, bias, act));
+    }
+    fn bias_act_forward_bf16(
+        &self,
+        pre: DevMut<'_>,
+        post: DevMut<'_, u16>,
+        bias: DevRef<'_>,
+        act: Activation,
+    ) {
+        self.run(|gpu| gpu.bias_act_forward_bf16(pre, post, bias, act));
+    }
+    fn bias_act_backward(
+        &self,
+        d: DevMut<'_>,
+        dbias: DevMut<'_>,
+        pre: DevRef<'_>,
+        act: Activation,
+    ) {
+        self.run(|gpu| gpu.bias_act_backward(d, dbias, pre, act));
+    }
+    fn bias_act_backward_bf16(
+        &self,
+        d: DevRef<'_>,
+        dbias: DevMut<'_>,
+        pre: DevRef<'_>,
+        act: Activation,
+        out: DevMut<'_, u16>,
+    ) {
+        self.run(|gpu| gpu.bias_act_backward_bf16(d, dbias, pre, act, out));
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: DevMut<'_>,
+        mean: DevMut<'_>,
+        rstd: DevMut<'_>,
+        x: DevRef<'_>,
+        w: DevRef<'_>,
+        b: DevRef<'_>,
+        c: usize,
+        eps: f32,
+    ) {
+        self.run(|gpu| gpu.layernorm_forward(out, mean, rstd, x, w, b, c, eps));
+    }
+    fn residual_layernorm_forward(
+        &self,
+        sum: DevMut<'_>,
+        out: DevMut<'_>,
+        mean: DevMut<'_>,
+        rstd: DevMut<'_>,
+        x: DevRef<'_>,
+        sub: DevRef<'_>,
+        (w, b): (DevRef<'_>, DevRef<'_>),
+        c: usize,
+        eps: f32,
+        drop: Option<Dropout>,
+    ) {
+        self.run(|gpu| {
+            gpu.residual_layernorm_forward(sum, out, mean, rstd, x, sub, w, b, c, eps, drop)
+        });
+    }
+    fn layernorm_backward(
+        &self,
+        dx: DevMut<'_>,
+        (dw, db): (DevMut<'_>, DevMut<'_>),
+        dy: DevRef<'_>,
+        x: DevRef<'_>,
+        (mean, rstd): (DevRef<'_>, DevRef<'_>),
+        w: DevRef<'_>,
+        c: usize,
+        dx_acc: Acc,
+    ) {
+        self.run(|gpu| gpu.layernorm_backward(dx, dw, db, dy, x, mean, rstd, w, c, dx_acc));
+    }
+
+    fn residual_add(&self, out: DevMut<'_>, x: DevRef<'_>, sub: DevRef<'_>, drop: Option<Dropout>) {
+        self.run(|gpu| gpu.residual_add(out, x, sub, drop));
+    }
+    fn copy(&self, dst: DevMut<'_>, src: DevRef<'_>) {
+        let dst = dst.slice(0..src.len());
+        self.run(|gpu| gpu.copy(dst, src));
+    }
+    fn dropout_backward(&self, out: DevMut<'_>, dy: DevRef<'_>, drop: Option<Dropout>) {
+        let mut out = out.slice(0..dy.len());
+        self.run(|gpu| {
+            gpu.copy(out.reborrow(), dy)?;
+            gpu.dropout_apply(out, drop)
+        });
+    }
+}
