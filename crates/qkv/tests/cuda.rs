@@ -1109,3 +1109,103 @@ fn add_and_norm_on_the_cuda_backend_matches_the_cpu_backend() {
         assert_near(&what("parameter gradients"), &down(g, &gg), &grad, 1e-4);
     }
 }
+
+#[test]
+fn self_and_cross_attention_on_the_cuda_backend_match_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::model::attention::{CrossAttention, SelfAttention};
+    use qkv::model::config::{Family, ModelConfig};
+    use qkv::params::ParamBuilder;
+
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let mut rng = Rng::new(47);
+    let (batch, tq, tk) = (3, 11, 7);
+    // Head widths 64 (tensor cores with bf16) and 40 (f32 kernels either way).
+    for (d_model, heads) in [(128, 2), (80, 2)] {
+        let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 50).unwrap();
+        (cfg.d_model, cfg.n_heads) = (d_model, heads);
+        let c = d_model;
+        let x = random_vec(&mut rng, batch * tq * c, 1.0);
+        let memory = random_vec(&mut rng, batch * tk * c, 1.0);
+        let dy = random_vec(&mut rng, batch * tq * c, 1.0);
+        let dx0 = random_vec(&mut rng, batch * tq * c, 1.0);
+        // The last two keys of the second row are padding.
+        let padding: Vec<bool> = (0..batch * tq)
+            .map(|i| i / tq == 1 && i % tq >= tq - 2)
+            .collect();
+        let memory_padding: Vec<bool> = (0..batch * tk).map(|i| i % tk == tk - 1).collect();
+        let (gx, gmem, gdy) = (up(&g, &x), up(&g, &memory), up(&g, &dy));
+        for (bf16, tol) in [(false, 5e-3), (true, 3e-2)] {
+            let be = Cuda::new(g.clone(), bf16);
+            for causal in [false, true] {
+                let masks = Masks {
+                    key_padding: Some(&padding),
+                    causal,
+                    window: None,
+                };
+                let mut pb = ParamBuilder::default();
+                let mut cpu: SelfAttention = SelfAttention::new(&mut pb, "attn", &cfg);
+                let mut dev: SelfAttention<Cuda> =
+                    SelfAttention::new(&mut ParamBuilder::default(), "attn", &cfg);
+                let p = layer_params(pb, &mut rng);
+                let y = cpu.forward(&Cpu, &p, &x, batch, tq, &masks).to_vec();
+                let (mut grad, mut dx) = (vec![0.0; p.len()], dx0.clone());
+                cpu.backward(&Cpu, &p, &mut grad, &x, &dy, Some(&mut dx), Acc::Add);
+
+                let gp = up(&g, &p);
+                let (mut gg, mut gdx) = (up(&g, &vec![0.0; p.len()]), up(&g, &dx0));
+                let gy = dev.forward(&be, (&gp).into(), (&gx).into(), batch, tq, &masks);
+                let gy = g.to_host(gy).unwrap();
+                let (gpv, gxv, gdyv) = ((&gp).into(), (&gx).into(), (&gdy).into());
+                let gdxv = Some((&mut gdx).into());
+                dev.backward(&be, gpv, (&mut gg).into(), gxv, gdyv, gdxv, Acc::Add);
+                be.sync().unwrap();
+                let what =
+                    |s: &str| format!("self-attention C {c} causal {causal} bf16 {bf16}: {s}");
+                assert_near(&what("output"), &gy, &y, tol);
+                assert_near(&what("dx"), &down(&g, &gdx), &dx, tol);
+                assert_near(&what("parameter gradients"), &down(&g, &gg), &grad, tol);
+            }
+
+            let mut pb = ParamBuilder::default();
+            let mut cpu: CrossAttention = CrossAttention::new(&mut pb, "cross", &cfg);
+            let mut dev: CrossAttention<Cuda> =
+                CrossAttention::new(&mut ParamBuilder::default(), "cross", &cfg);
+            let p = layer_params(pb, &mut rng);
+            let mp = Some(memory_padding.as_slice());
+            let y = cpu
+                .forward(&Cpu, &p, &x, &memory, batch, tq, tk, mp)
+                .to_vec();
+            let (mut grad, mut dx) = (vec![0.0; p.len()], dx0.clone());
+            let mut dmem = vec![0.5; memory.len()];
+            cpu.backward(
+                &Cpu,
+                &p,
+                &mut grad,
+                &x,
+                &memory,
+                &dy,
+                &mut dx,
+                Acc::Add,
+                &mut dmem,
+            );
+
+            let gp = up(&g, &p);
+            let (mut gg, mut gdx) = (up(&g, &vec![0.0; p.len()]), up(&g, &dx0));
+            let mut gdmem = up(&g, &vec![0.5; memory.len()]);
+            let (gpv, gxv, gmv) = ((&gp).into(), (&gx).into(), (&gmem).into());
+            let gy = dev.forward(&be, gpv, gxv, gmv, batch, tq, tk, mp);
+            let gy = g.to_host(gy).unwrap();
+            let (gpv, gxv, gmv, gdyv) = ((&gp).into(), (&gx).into(), (&gmem).into(), (&gdy).into());
+            let (ggv, gdxv, gdmv) = ((&mut gg).into(), (&mut gdx).into(), (&mut gdmem).into());
+            dev.backward(&be, gpv, ggv, gxv, gmv, gdyv, gdxv, Acc::Add, gdmv);
+            be.sync().unwrap();
+            let what = |s: &str| format!("cross-attention C {c} bf16 {bf16}: {s}");
+            assert_near(&what("output"), &gy, &y, tol);
+            assert_near(&what("dx"), &down(&g, &gdx), &dx, tol);
+            assert_near(&what("dmemory"), &down(&g, &gdmem), &dmem, tol);
+            assert_near(&what("parameter gradients"), &down(&g, &gg), &grad, tol);
+        }
+    }
+}

@@ -1,19 +1,33 @@
 //! The CPU backend: plain slices and [`crate::kernels`], one call per op (inlined: the CPU
 //! path costs what it cost before the seam).
 
-use super::{Backend, Operand};
+use super::{Backend, HeadGrads, Heads, Operand};
 use crate::kernels::activation::{self, Activation};
+use crate::kernels::attention::{
+    attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef, Masks,
+};
 use crate::kernels::bf16::{self, linear_bf16};
 use crate::kernels::dropout::{self, Dropout};
+use crate::kernels::flash::{flash_backward, flash_forward};
 use crate::kernels::layernorm;
+use crate::kernels::linear_attention::{linear_attention_backward, linear_attention_forward};
 use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
 use crate::kernels::Acc;
+use crate::model::config::AttentionKind;
 use crate::params::{two_mut, Param};
 use std::ops::Range;
 
 /// The CPU: buffers are `Vec`s, views are slices, ops are [`crate::kernels`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cpu;
+
+fn heads(h: Heads<'_, Cpu>) -> HeadsRef<'_> {
+    HeadsRef {
+        data: h.data,
+        rs: h.rs,
+        offset: h.offset,
+    }
+}
 
 fn cpu_operand<'a>(x: Operand<'a, Cpu>) -> bf16::Operand<'a> {
     match x {
@@ -227,5 +241,59 @@ impl Backend for Cpu {
     #[inline]
     fn dropout_backward(&self, out: &mut [f32], dy: &[f32], drop: Option<Dropout>) {
         dropout::backward_into(out, dy, drop);
+    }
+
+    fn attention_forward(
+        &self,
+        kind: AttentionKind,
+        out: &mut [f32],
+        saved: &mut [f32],
+        qkv: [Heads<'_, Cpu>; 3],
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) {
+        let [q, k, v] = qkv.map(heads);
+        match kind {
+            AttentionKind::Materialized => attention_forward(out, saved, q, k, v, s, masks, scale),
+            AttentionKind::Flash => flash_forward(out, saved, q, k, v, s, masks, scale),
+            AttentionKind::Linear => linear_attention_forward(out, saved, q, k, v, s, masks),
+        }
+    }
+
+    fn attention_backward(
+        &self,
+        kind: AttentionKind,
+        grads: HeadGrads<'_, Cpu>,
+        (dout, out, saved): (&[f32], &[f32], &[f32]),
+        scratch: &mut Vec<f32>,
+        qkv: [Heads<'_, Cpu>; 3],
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) {
+        let c = s.heads * s.head_dim;
+        let [dq, dk, dv] = match grads {
+            HeadGrads::Fused(d) => HeadsMut::split(d, 3 * c, c, [0, c, 2 * c]),
+            HeadGrads::Split(dq, dkv) => {
+                let [dq] = HeadsMut::split(dq, c, c, [0]);
+                let [dk, dv] = HeadsMut::split(dkv, 2 * c, c, [0, c]);
+                [dq, dk, dv]
+            }
+        };
+        let [q, k, v] = qkv.map(heads);
+        let (dq, dk, dv) = (&dq, &dk, &dv);
+        match kind {
+            AttentionKind::Materialized => {
+                let scratch = self.grow(scratch, s.batch * s.heads * s.q_len * s.k_len);
+                attention_backward(dq, dk, dv, dout, saved, q, k, v, scratch, s, scale);
+            }
+            AttentionKind::Flash => {
+                flash_backward(dq, dk, dv, dout, out, saved, q, k, v, s, masks, scale)
+            }
+            AttentionKind::Linear => {
+                linear_attention_backward(dq, dk, dv, dout, out, saved, q, k, v, s, masks)
+            }
+        }
     }
 }

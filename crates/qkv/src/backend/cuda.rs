@@ -11,14 +11,17 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
-use super::{Backend, Operand};
+use super::{Backend, HeadGrads, Heads, Operand};
+use crate::cuda::ops::{DevHeads, DevHeadsMut};
 use crate::cuda::view::{DevMut, DevRef};
 use crate::cuda::{CudaError, Gpu};
 use crate::error::Result;
 use crate::kernels::activation::Activation;
+use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::matmul::Layout;
 use crate::kernels::Acc;
+use crate::model::config::AttentionKind;
 use crate::params::Param;
 
 /// One GPU, its product precision, and the first failure since the last [`Backend::sync`].
@@ -48,6 +51,12 @@ impl Cuda {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Whether attention runs on tensor cores: with bf16 products, at the head widths whose
+    /// forward and backward both have a tensor-core kernel (32, 64); otherwise in f32.
+    fn tensor_core_attention(&self, head_dim: usize) -> bool {
+        self.bf16 && matches!(head_dim, 32 | 64)
     }
 
     /// Runs `op` unless an earlier op failed; keeps its failure.
@@ -80,6 +89,29 @@ impl Cuda {
                 Bits::Owned(out)
             }
         }
+    }
+}
+
+fn dev_heads(h: Heads<'_, Cuda>) -> DevHeads<'_> {
+    DevHeads {
+        data: h.data,
+        rs: h.rs,
+        offset: h.offset,
+    }
+}
+
+/// The GPU runs flash attention only; the other kinds are named in the error.
+fn flash_only(kind: AttentionKind) -> Result<(), CudaError> {
+    match kind {
+        AttentionKind::Flash => Ok(()),
+        AttentionKind::Materialized => Err(CudaError::Unsupported(
+            "materialized attention (attention weights) is not on CUDA: record weights on the \
+             CPU, or use \"attention\": \"flash\""
+                .into(),
+        )),
+        AttentionKind::Linear => Err(CudaError::Unsupported(
+            "linear attention is not on CUDA: use \"attention\": \"flash\"".into(),
+        )),
     }
 }
 
@@ -327,6 +359,61 @@ impl Backend for Cuda {
         self.run(|gpu| {
             gpu.copy(out.reborrow(), dy)?;
             gpu.dropout_apply(out, drop)
+        });
+    }
+
+    fn attention_forward(
+        &self,
+        kind: AttentionKind,
+        out: DevMut<'_>,
+        saved: DevMut<'_>,
+        qkv: [Heads<'_, Cuda>; 3],
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) {
+        let [q, k, v] = qkv.map(dev_heads);
+        let tensor_cores = self.tensor_core_attention(s.head_dim);
+        self.run(|gpu| {
+            flash_only(kind)?;
+            if tensor_cores {
+                gpu.flash_forward_bf16(out, saved, q, k, v, s, masks, scale)
+            } else {
+                gpu.flash_forward(out, saved, q, k, v, s, masks, scale)
+            }
+        });
+    }
+
+    fn attention_backward(
+        &self,
+        kind: AttentionKind,
+        grads: HeadGrads<'_, Cuda>,
+        (dout, out, saved): (DevRef<'_>, DevRef<'_>, DevRef<'_>),
+        _scratch: &mut DevBuf<f32>,
+        qkv: [Heads<'_, Cuda>; 3],
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    ) {
+        let [q, k, v] = qkv.map(dev_heads);
+        let c = s.heads * s.head_dim;
+        let tensor_cores = self.tensor_core_attention(s.head_dim);
+        self.run(|gpu| {
+            flash_only(kind)?;
+            let [dq, dk, dv] = match grads {
+                HeadGrads::Fused(d) => DevHeadsMut::split(d, 3 * c, c, [0, c, 2 * c])?,
+                HeadGrads::Split(dq, dkv) => {
+                    let [dq] = DevHeadsMut::split(dq, c, c, [0])?;
+                    let [dk, dv] = DevHeadsMut::split(dkv, 2 * c, c, [0, c])?;
+                    [dq, dk, dv]
+                }
+            };
+            let (dq, dk, dv) = (&dq, &dk, &dv);
+            if tensor_cores {
+                gpu.flash_backward_bf16(dq, dk, dv, dout, out, saved, q, k, v, s, masks, scale)
+            } else {
+                gpu.flash_backward(dq, dk, dv, dout, out, saved, q, k, v, s, masks, scale)
+            }
         });
     }
 }

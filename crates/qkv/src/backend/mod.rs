@@ -25,9 +25,11 @@ pub use cpu::Cpu;
 pub use cuda::{Cuda, DevBuf};
 
 use crate::kernels::activation::Activation;
+use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::matmul::Layout;
 use crate::kernels::Acc;
+use crate::model::config::AttentionKind;
 use crate::params::Param;
 use std::fmt::Debug;
 use std::ops::Range;
@@ -204,6 +206,61 @@ pub trait Backend: Debug {
     fn copy(&self, dst: Self::Mut<'_>, src: Self::Ref<'_>);
     /// `kernels::dropout::backward_into`: `out = dropout'(dy)` (a copy without dropout).
     fn dropout_backward(&self, out: Self::Mut<'_>, dy: Self::Ref<'_>, drop: Option<Dropout>);
+
+    /// Scaled dot-product attention (§3.2.1) with `kind`'s kernel: `kernels::attention::
+    /// attention_forward` (materialized: `saved` gets the probabilities, (B, H, Tq, Tk)),
+    /// `kernels::flash::flash_forward` or `kernels::linear_attention::
+    /// linear_attention_forward` (`saved` gets (B, H, Tq) statistics). out: (B, Tq, H·D)
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        kind: AttentionKind,
+        out: Self::Mut<'_>,
+        saved: Self::Mut<'_>,
+        qkv: [Heads<'_, Self>; 3],
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    );
+    /// The backward of [`Backend::attention_forward`] with the same `kind`: overwrites the
+    /// gradients of q, k and v. `scratch` is the backend's, grown as its kernel needs.
+    /// dout, out: (B, Tq, H·D)
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        kind: AttentionKind,
+        grads: HeadGrads<'_, Self>,
+        dout_out_saved: (Self::Ref<'_>, Self::Ref<'_>, Self::Ref<'_>),
+        scratch: &mut Self::Buf,
+        qkv: [Heads<'_, Self>; 3],
+        s: AttentionShape,
+        masks: &Masks,
+        scale: f32,
+    );
+}
+
+/// Per-head view of a buffer, as `kernels::attention::HeadsRef`: row t of batch b starts at
+/// `(b·len + t)·rs + offset`, head h `h·D` further.
+pub struct Heads<'a, B: Backend + ?Sized> {
+    pub data: B::Ref<'a>,
+    pub rs: usize,
+    pub offset: usize,
+}
+
+impl<B: Backend + ?Sized> Clone for Heads<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend + ?Sized> Copy for Heads<'_, B> {}
+
+/// Where an attention backward writes the gradients of q, k and v (width C = H·D each).
+pub enum HeadGrads<'a, B: Backend + ?Sized> {
+    /// Side by side in one (B·T, 3C) buffer: self-attention's fused projection.
+    Fused(B::Mut<'a>),
+    /// dQ in (B·Tq, C), dK and dV side by side in (B·Tk, 2C): cross-attention's.
+    Split(B::Mut<'a>, B::Mut<'a>),
 }
 
 /// A product's operand: f32s, or bf16 bits a pass before it already rounded (rows padded as

@@ -136,6 +136,9 @@ pub enum CudaError {
     Driver(#[from] DriverError),
     #[error("cuBLASLt: {0:?}")]
     Blas(#[from] cudarc::cublaslt::result::CublasError),
+    /// What the CUDA backend does not run (yet), named, with what to use instead.
+    #[error("{0}")]
+    Unsupported(String),
     /// A kernel called with buffers that do not hold its shape.
     #[error("{kernel}: {msg}")]
     Shape { kernel: &'static str, msg: String },

@@ -9,15 +9,9 @@ use super::config::{AttentionKind, ModelConfig};
 use super::kv_cache::{LayerKv, StepCtx};
 use super::linear::BiasGrad;
 use super::linear::Linear;
-use crate::backend::Cpu;
-use crate::kernels::attention::{
-    attention_backward, attention_forward, attention_one_query, AttentionShape, HeadsMut, HeadsRef,
-    KvBlocks, Masks,
-};
-use crate::kernels::flash::{flash_backward, flash_forward};
-use crate::kernels::linear_attention::{
-    linear_attention_backward, linear_attention_forward, linear_attention_step,
-};
+use crate::backend::{Backend, Cpu, HeadGrads, Heads};
+use crate::kernels::attention::{attention_one_query, AttentionShape, KvBlocks, Masks};
+use crate::kernels::linear_attention::linear_attention_step;
 use crate::kernels::Acc;
 use crate::params::ParamBuilder;
 use std::ops::Range;
@@ -54,18 +48,18 @@ impl SavedMasks {
 }
 
 /// Buffers shared by both kinds: the attention core and the output projection.
-#[derive(Clone, Debug, Default)]
-struct Core {
+#[derive(Clone, Debug)]
+struct Core<B: Backend = Cpu> {
     kind: AttentionKind,
     /// Run the materialized kernel and keep its weights, whatever `kind` says.
     record_weights: bool,
     /// What backward needs from forward: the probabilities (B, H, Tq, Tk) when materialized,
     /// the log-sum-exp (B, H, Tq) for flash, the normalisers (B, H, Tq) for linear.
-    saved: Vec<f32>,
-    ctx: Vec<f32>,     // (B, Tq, C) concatenated heads
-    out: Vec<f32>,     // (B, Tq, C) after Wᴼ
-    dctx: Vec<f32>,    // (B, Tq, C)
-    scratch: Vec<f32>, // (B, H, Tq, Tk), materialized backward only
+    saved: B::Buf,
+    ctx: B::Buf,     // (B, Tq, C) concatenated heads
+    out: B::Buf,     // (B, Tq, C) after Wᴼ
+    dctx: B::Buf,    // (B, Tq, C)
+    scratch: B::Buf, // the backend's, for its backward kernel
     masks: SavedMasks,
     /// Shape and kernel of the last forward.
     last: Option<(AttentionShape, AttentionKind)>,
@@ -74,18 +68,18 @@ struct Core {
 }
 
 #[derive(Clone, Debug)]
-pub struct SelfAttention {
+pub struct SelfAttention<B: Backend = Cpu> {
     pub qkv: Linear,
     pub out: Linear,
     pub heads: usize,
     c: usize,
     window: Option<usize>,
-    qkv_buf: Vec<f32>, // (B, T, 3C)
-    dqkv: Vec<f32>,    // (B, T, 3C)
-    core: Core,
+    qkv_buf: B::Buf, // (B, T, 3C)
+    dqkv: B::Buf,    // (B, T, 3C)
+    core: Core<B>,
 }
 
-impl SelfAttention {
+impl<B: Backend> SelfAttention<B> {
     pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig) -> Self {
         let c = cfg.d_model;
         Self {
@@ -94,12 +88,9 @@ impl SelfAttention {
             heads: cfg.n_heads,
             c,
             window: cfg.attention_window,
-            qkv_buf: Vec::new(),
-            dqkv: Vec::new(),
-            core: Core {
-                kind: cfg.attention,
-                ..Core::default()
-            },
+            qkv_buf: B::Buf::default(),
+            dqkv: B::Buf::default(),
+            core: Core::new(cfg.attention),
         }
     }
 
@@ -113,16 +104,17 @@ impl SelfAttention {
     /// x: (B, T, C) → (B, T, C)
     pub fn forward(
         &mut self,
-        p: &[f32],
-        x: &[f32],
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
         batch: usize,
         t: usize,
         masks: &Masks,
-    ) -> &[f32] {
+    ) -> B::Ref<'_> {
         let c = self.c;
         let n = batch * t;
-        let qkv = buf(&mut self.qkv_buf, n * 3 * c);
-        self.qkv.forward(&Cpu, p, x, qkv);
+        self.qkv
+            .forward(be, p, x, be.grow(&mut self.qkv_buf, n * 3 * c));
         let shape = AttentionShape {
             batch,
             heads: self.heads,
@@ -130,8 +122,9 @@ impl SelfAttention {
             k_len: t,
             head_dim: c / self.heads,
         };
-        let view = |offset| HeadsRef {
-            data: &self.qkv_buf[..n * 3 * c],
+        let qkv = B::view(&self.qkv_buf, n * 3 * c);
+        let view = |offset| Heads::<B> {
+            data: qkv,
             rs: 3 * c,
             offset,
         };
@@ -139,79 +132,65 @@ impl SelfAttention {
             window: self.window,
             ..*masks
         };
-        self.core
-            .forward(p, &self.out, view(0), view(c), view(2 * c), shape, &masks)
-    }
-
-    /// Attention weights of the last forward, (B, H, T, T), if it recorded them.
-    pub fn weights(&self) -> Option<&[f32]> {
-        self.core.weights()
+        let heads = [view(0), view(c), view(2 * c)];
+        self.core.forward(be, p, &self.out, heads, shape, &masks)
     }
 
     /// dy: (B, T, C) → `dx (+)= ∂L/∂x`; with `dx: None` only the parameter gradients (the
     /// input-gradient product of the QKV projection is skipped).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
+        be: &B,
+        p: B::Ref<'_>,
+        mut g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: Option<B::Mut<'_>>,
         acc: Acc,
     ) {
         let c = self.c;
         let (s, _) = self.core.last.expect("backward before forward");
         let n = s.batch * s.q_len;
-        let qkv = &self.qkv_buf[..n * 3 * c];
-        let view = |offset| HeadsRef {
+        let qkv = B::view(&self.qkv_buf, n * 3 * c);
+        let view = |offset| Heads::<B> {
             data: qkv,
             rs: 3 * c,
             offset,
         };
-        let dqkv = buf(&mut self.dqkv, n * 3 * c);
-        {
-            let [dq, dk, dv] = HeadsMut::split(dqkv, 3 * c, c, [0, c, 2 * c]);
-            self.core.backward(
-                p,
-                g,
-                &self.out,
-                dy,
-                &dq,
-                &dk,
-                &dv,
-                view(0),
-                view(c),
-                view(2 * c),
-            );
-        }
-        self.qkv.backward(
-            &Cpu,
-            p,
-            g,
-            x,
-            &self.dqkv[..n * 3 * c],
-            dx,
-            acc,
-            BiasGrad::Compute,
-        );
+        let heads = [view(0), view(c), view(2 * c)];
+        let dqkv = HeadGrads::Fused(be.grow(&mut self.dqkv, n * 3 * c));
+        let core_g = B::reborrow(&mut g);
+        self.core
+            .backward(be, p, core_g, &self.out, dy, dqkv, heads);
+        let dqkv = B::view(&self.dqkv, n * 3 * c);
+        self.qkv
+            .backward(be, p, g, x, dqkv, dx, acc, BiasGrad::Compute);
+    }
+}
+
+impl SelfAttention<Cpu> {
+    /// Attention weights of the last forward, (B, H, T, T), if it recorded them.
+    pub fn weights(&self) -> Option<&[f32]> {
+        self.core.weights()
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct CrossAttention {
+pub struct CrossAttention<B: Backend = Cpu> {
     pub q: Linear,
     pub kv: Linear,
     pub out: Linear,
     pub heads: usize,
     c: usize,
-    q_buf: Vec<f32>,  // (B, Tq, C)
-    kv_buf: Vec<f32>, // (B, Tk, 2C)
-    dq: Vec<f32>,
-    dkv: Vec<f32>,
-    core: Core,
+    q_buf: B::Buf,  // (B, Tq, C)
+    kv_buf: B::Buf, // (B, Tk, 2C)
+    dq: B::Buf,
+    dkv: B::Buf,
+    core: Core<B>,
 }
 
-impl CrossAttention {
+impl<B: Backend> CrossAttention<B> {
     pub fn new(pb: &mut ParamBuilder, name: &str, cfg: &ModelConfig) -> Self {
         let c = cfg.d_model;
         // Linear attention is a self-attention model; the source is attended with softmax.
@@ -225,14 +204,11 @@ impl CrossAttention {
             out: Linear::new(pb, &format!("{name}.out"), c, c, true),
             heads: cfg.n_heads,
             c,
-            q_buf: Vec::new(),
-            kv_buf: Vec::new(),
-            dq: Vec::new(),
-            dkv: Vec::new(),
-            core: Core {
-                kind,
-                ..Core::default()
-            },
+            q_buf: B::Buf::default(),
+            kv_buf: B::Buf::default(),
+            dq: B::Buf::default(),
+            dkv: B::Buf::default(),
+            core: Core::new(kind),
         }
     }
 
@@ -245,19 +221,20 @@ impl CrossAttention {
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
-        p: &[f32],
-        x: &[f32],
-        memory: &[f32],
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        memory: B::Ref<'_>,
         batch: usize,
         tq: usize,
         tk: usize,
         memory_padding: Option<&[bool]>,
-    ) -> &[f32] {
+    ) -> B::Ref<'_> {
         let c = self.c;
-        self.q
-            .forward(&Cpu, p, x, buf(&mut self.q_buf, batch * tq * c));
-        self.kv
-            .forward(&Cpu, p, memory, buf(&mut self.kv_buf, batch * tk * 2 * c));
+        let (nq, nk) = (batch * tq, batch * tk);
+        self.q.forward(be, p, x, be.grow(&mut self.q_buf, nq * c));
+        let kv = be.grow(&mut self.kv_buf, nk * 2 * c);
+        self.kv.forward(be, p, memory, kv);
         let shape = AttentionShape {
             batch,
             heads: self.heads,
@@ -265,77 +242,52 @@ impl CrossAttention {
             k_len: tk,
             head_dim: c / self.heads,
         };
-        let q = HeadsRef {
-            data: &self.q_buf[..batch * tq * c],
-            rs: c,
-            offset: 0,
-        };
-        let kv = |offset| HeadsRef {
-            data: &self.kv_buf[..batch * tk * 2 * c],
-            rs: 2 * c,
-            offset,
-        };
+        let heads = cross_heads::<B>(&self.q_buf, &self.kv_buf, c, shape);
         let masks = Masks {
             key_padding: memory_padding,
             causal: false,
             window: None,
         };
-        self.core
-            .forward(p, &self.out, q, kv(0), kv(c), shape, &masks)
-    }
-
-    pub fn weights(&self) -> Option<&[f32]> {
-        self.core.weights()
+        self.core.forward(be, p, &self.out, heads, shape, &masks)
     }
 
     /// `dx (+)= ∂L/∂x`; `dmemory += ∂L/∂memory` (several decoder layers read one memory).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &[f32],
-        memory: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        be: &B,
+        p: B::Ref<'_>,
+        mut g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        memory: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        dx: B::Mut<'_>,
         acc: Acc,
-        dmemory: &mut [f32],
+        dmemory: B::Mut<'_>,
     ) {
         let c = self.c;
         let (s, _) = self.core.last.expect("backward before forward");
         let (nq, nk) = (s.batch * s.q_len, s.batch * s.k_len);
-        let q = HeadsRef {
-            data: &self.q_buf[..nq * c],
-            rs: c,
-            offset: 0,
-        };
-        let kv = |offset| HeadsRef {
-            data: &self.kv_buf[..nk * 2 * c],
-            rs: 2 * c,
-            offset,
-        };
         {
-            let [dq] = HeadsMut::split(buf(&mut self.dq, nq * c), c, c, [0]);
-            let [dk, dv] = HeadsMut::split(buf(&mut self.dkv, nk * 2 * c), 2 * c, c, [0, c]);
+            let grads = HeadGrads::Split(
+                be.grow(&mut self.dq, nq * c),
+                be.grow(&mut self.dkv, nk * 2 * c),
+            );
+            let heads = cross_heads::<B>(&self.q_buf, &self.kv_buf, c, s);
+            let core_g = B::reborrow(&mut g);
             self.core
-                .backward(p, g, &self.out, dy, &dq, &dk, &dv, q, kv(0), kv(c));
+                .backward(be, p, core_g, &self.out, dy, grads, heads);
         }
-        self.q.backward(
-            &Cpu,
-            p,
-            g,
-            x,
-            &self.dq[..nq * c],
-            Some(dx),
-            acc,
-            BiasGrad::Compute,
-        );
+        let (dq, dkv) = (B::view(&self.dq, nq * c), B::view(&self.dkv, nk * 2 * c));
+        let q_g = B::reborrow(&mut g);
+        self.q
+            .backward(be, p, q_g, x, dq, Some(dx), acc, BiasGrad::Compute);
         self.kv.backward(
-            &Cpu,
+            be,
             p,
             g,
             memory,
-            &self.dkv[..nk * 2 * c],
+            dkv,
             Some(dmemory),
             Acc::Add,
             BiasGrad::Compute,
@@ -343,21 +295,71 @@ impl CrossAttention {
     }
 }
 
-impl Core {
-    #[allow(clippy::too_many_arguments)]
+/// Cross-attention's Q, K and V for shape `s`: views of the Q projection's (B·Tq, C) and the
+/// fused K, V projection's (B·Tk, 2C) buffers.
+fn cross_heads<'a, B: Backend>(
+    q_buf: &'a B::Buf,
+    kv_buf: &'a B::Buf,
+    c: usize,
+    s: AttentionShape,
+) -> [Heads<'a, B>; 3] {
+    let (nq, nk) = (s.batch * s.q_len, s.batch * s.k_len);
+    let kv = B::view(kv_buf, nk * 2 * c);
+    let q = Heads {
+        data: B::view(q_buf, nq * c),
+        rs: c,
+        offset: 0,
+    };
+    let kv = |offset| Heads::<B> {
+        data: kv,
+        rs: 2 * c,
+        offset,
+    };
+    [q, kv(0), kv(c)]
+}
+
+impl CrossAttention<Cpu> {
+    pub fn weights(&self) -> Option<&[f32]> {
+        self.core.weights()
+    }
+}
+
+impl<B: Backend> Core<B> {
+    fn new(kind: AttentionKind) -> Self {
+        Self {
+            kind,
+            record_weights: false,
+            saved: B::Buf::default(),
+            ctx: B::Buf::default(),
+            out: B::Buf::default(),
+            dctx: B::Buf::default(),
+            scratch: B::Buf::default(),
+            masks: SavedMasks::default(),
+            last: None,
+            spans: Vec::new(),
+        }
+    }
+
+    /// The length of `saved` for a forward of shape `s` with `kind`'s kernel.
+    fn saved_len(s: AttentionShape, kind: AttentionKind) -> usize {
+        let rows = s.batch * s.heads * s.q_len;
+        match kind {
+            AttentionKind::Materialized => rows * s.k_len,
+            AttentionKind::Flash | AttentionKind::Linear => rows,
+        }
+    }
+
     fn forward(
         &mut self,
-        p: &[f32],
+        be: &B,
+        p: B::Ref<'_>,
         out_proj: &Linear,
-        q: HeadsRef,
-        k: HeadsRef,
-        v: HeadsRef,
+        qkv: [Heads<'_, B>; 3],
         s: AttentionShape,
         masks: &Masks,
-    ) -> &[f32] {
+    ) -> B::Ref<'_> {
         let c = s.heads * s.head_dim;
         let n = s.batch * s.q_len;
-        let rows = s.batch * s.heads * s.q_len;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         // Linear attention is a different function: recording must not swap softmax in.
         let kind = if self.record_weights && self.kind != AttentionKind::Linear {
@@ -365,25 +367,52 @@ impl Core {
         } else {
             self.kind
         };
-        let ctx = buf(&mut self.ctx, n * c);
-        match kind {
-            AttentionKind::Materialized => {
-                let probs = buf(&mut self.saved, rows * s.k_len);
-                attention_forward(ctx, probs, q, k, v, s, masks, scale);
-            }
-            AttentionKind::Flash => {
-                flash_forward(ctx, buf(&mut self.saved, rows), q, k, v, s, masks, scale)
-            }
-            AttentionKind::Linear => {
-                linear_attention_forward(ctx, buf(&mut self.saved, rows), q, k, v, s, masks)
-            }
-        }
+        let ctx = be.grow(&mut self.ctx, n * c);
+        let saved = be.grow(&mut self.saved, Self::saved_len(s, kind));
+        be.attention_forward(kind, ctx, saved, qkv, s, masks, scale);
         self.masks.save(masks);
-        out_proj.forward(&Cpu, p, &self.ctx[..n * c], buf(&mut self.out, n * c));
+        let out = be.grow(&mut self.out, n * c);
+        out_proj.forward(be, p, B::view(&self.ctx, n * c), out);
         self.last = Some((s, kind));
-        &self.out[..n * c]
+        B::view(&self.out, n * c)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        g: B::Mut<'_>,
+        out_proj: &Linear,
+        dy: B::Ref<'_>,
+        grads: HeadGrads<'_, B>,
+        qkv: [Heads<'_, B>; 3],
+    ) {
+        let (s, kind) = self.last.expect("backward before forward");
+        let c = s.heads * s.head_dim;
+        let n = s.batch * s.q_len;
+        let dctx = be.grow(&mut self.dctx, n * c);
+        let ctx = B::view(&self.ctx, n * c);
+        out_proj.backward(be, p, g, ctx, dy, Some(dctx), Acc::Set, BiasGrad::Compute);
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let dctx = B::view(&self.dctx, n * c);
+        let saved = B::view(&self.saved, Self::saved_len(s, kind));
+        let masks = self.masks.masks();
+        let tensors = (dctx, ctx, saved);
+        be.attention_backward(
+            kind,
+            grads,
+            tensors,
+            &mut self.scratch,
+            qkv,
+            s,
+            &masks,
+            scale,
+        );
+    }
+}
+
+impl Core<Cpu> {
     fn weights(&self) -> Option<&[f32]> {
         match self.last {
             Some((s, AttentionKind::Materialized)) => {
@@ -392,58 +421,10 @@ impl Core {
             _ => None,
         }
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &mut self,
-        p: &[f32],
-        g: &mut [f32],
-        out_proj: &Linear,
-        dy: &[f32],
-        dq: &HeadsMut,
-        dk: &HeadsMut,
-        dv: &HeadsMut,
-        q: HeadsRef,
-        k: HeadsRef,
-        v: HeadsRef,
-    ) {
-        let (s, kind) = self.last.expect("backward before forward");
-        let c = s.heads * s.head_dim;
-        let n = s.batch * s.q_len;
-        let dctx = buf(&mut self.dctx, n * c);
-        let ctx = &self.ctx[..n * c];
-        out_proj.backward(&Cpu, p, g, ctx, dy, Some(dctx), Acc::Set, BiasGrad::Compute);
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let (dctx, ctx) = (&self.dctx[..n * c], &self.ctx[..n * c]);
-        let masks = self.masks.masks();
-        match kind {
-            AttentionKind::Materialized => {
-                let scratch = buf(&mut self.scratch, s.batch * s.heads * s.q_len * s.k_len);
-                attention_backward(dq, dk, dv, dctx, &self.saved, q, k, v, scratch, s, scale);
-            }
-            AttentionKind::Flash => flash_backward(
-                dq,
-                dk,
-                dv,
-                dctx,
-                ctx,
-                &self.saved,
-                q,
-                k,
-                v,
-                s,
-                &masks,
-                scale,
-            ),
-            AttentionKind::Linear => {
-                linear_attention_backward(dq, dk, dv, dctx, ctx, &self.saved, q, k, v, s, &masks)
-            }
-        }
-    }
 }
 
-/// Incremental decoding (see `kv_cache`): one new position per row.
-impl SelfAttention {
+/// Incremental decoding (see `kv_cache`): one new position per row, on the CPU.
+impl SelfAttention<Cpu> {
     /// x: (R, C) for position `ctx.pos` → (R, C); appends this position's K, V to `kv`.
     pub(crate) fn step(&mut self, p: &[f32], x: &[f32], kv: &mut LayerKv, ctx: StepCtx) -> &[f32] {
         let c = self.c;
@@ -515,7 +496,7 @@ impl SelfAttention {
     }
 }
 
-impl CrossAttention {
+impl CrossAttention<Cpu> {
     /// Keys and values of the encoder output, computed once per source: memory (B, S, C) →
     /// (B, S, 2C).
     pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> LayerKv {

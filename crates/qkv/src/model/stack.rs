@@ -145,7 +145,7 @@ impl Block {
                 masks,
                 memory,
             } => (
-                self.self_attn.forward(p, a_in, batch, t, masks),
+                self.self_attn.forward(&Cpu, p, a_in, batch, t, masks),
                 memory.map(|memory| CrossInput::Memory { memory, batch, t }),
             ),
             BlockAttend::Step {
@@ -169,7 +169,7 @@ impl Block {
                     t,
                 } => cross
                     .attn
-                    .forward(p, c_in, m.states, batch, t, m.len, m.padding),
+                    .forward(&Cpu, p, c_in, m.states, batch, t, m.len, m.padding),
                 CrossInput::Cache { kv, ctx } => cross.attn.step(p, c_in, kv, ctx),
             };
             cross
@@ -221,9 +221,9 @@ impl Block {
             let s = cross
                 .norm
                 .backward_output(&Cpu, p, g, after_self, d_after_cross, d_after_self);
-            cross
-                .attn
-                .backward(p, g, s.input, states, s.d_output, s.d_input, s.acc, dmemory);
+            cross.attn.backward(
+                &Cpu, p, g, s.input, states, s.d_output, s.d_input, s.acc, dmemory,
+            );
             cross
                 .norm
                 .backward_input(&Cpu, p, g, after_self, d_after_self);
@@ -235,7 +235,7 @@ impl Block {
             .backward_output(&Cpu, p, g, x, d_after_self, dx);
         let d_input = (input_grad == InputGrad::Wanted || !reads_x).then_some(s.d_input);
         self.self_attn
-            .backward(p, g, s.input, s.d_output, d_input, s.acc);
+            .backward(&Cpu, p, g, s.input, s.d_output, d_input, s.acc);
         self.self_attn_norm.backward_input(&Cpu, p, g, x, dx);
     }
 }
