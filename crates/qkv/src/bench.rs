@@ -1,6 +1,7 @@
 //! Training-step benchmarks: the same step the PyTorch scripts under `scripts/bench/` time.
 //! Returns timings only; printing and memory readings belong to the CLI.
 
+use crate::backend::Cpu;
 use crate::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
 use crate::error::Result;
 use crate::kernels::attention::Masks;
@@ -95,7 +96,16 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
             let mut dy = vec![0.0f32; n * c];
             let masks = Masks::default();
             time_steps(b.warmup, b.steps, &mut || {
-                let y = stack.forward(&params.data, &x, b.batch, b.seq, &masks, None, Mode::EVAL);
+                let y = stack.forward(
+                    &Cpu,
+                    &params.data,
+                    &x,
+                    b.batch,
+                    b.seq,
+                    &masks,
+                    None,
+                    Mode::EVAL,
+                );
                 // MSE loss: dL/dy = 2 (y − target) / numel
                 let s = 2.0 / (n * c) as f32;
                 dy.iter_mut()
@@ -109,6 +119,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
                     InputGrad::Skip
                 };
                 stack.backward(
+                    &Cpu,
                     &params.data,
                     &mut params.grad,
                     &dy,

@@ -4,6 +4,7 @@
 
 mod common;
 use common::{tiny, train_mode, Case};
+use qkv::backend::Cpu;
 use qkv::model::{Family, Mode, NormPlacement};
 
 fn check(m: Case, what: &str) {
@@ -224,7 +225,16 @@ fn parameter_only_backward_gives_the_same_parameter_gradients() {
             .collect();
         let mut grads = Vec::new();
         for params_only in [false, true] {
-            stack.forward(&params.data, &x, b, t, &Masks::default(), None, Mode::EVAL);
+            stack.forward(
+                &Cpu,
+                &params.data,
+                &x,
+                b,
+                t,
+                &Masks::default(),
+                None,
+                Mode::EVAL,
+            );
             params.zero_grad();
             let input_grad = if params_only {
                 InputGrad::Skip
@@ -232,6 +242,7 @@ fn parameter_only_backward_gives_the_same_parameter_gradients() {
                 InputGrad::Wanted
             };
             let dx = stack.backward(
+                &Cpu,
                 &params.data,
                 &mut params.grad,
                 &dy,

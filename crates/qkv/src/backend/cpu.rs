@@ -83,6 +83,14 @@ impl Backend for Cpu {
         x
     }
     #[inline]
+    fn shorten<'s, 'l: 's>(x: Self::Ref<'l>) -> Self::Ref<'s> {
+        x
+    }
+    #[inline]
+    fn into_ref<'a>(x: Self::Mut<'a>) -> Self::Ref<'a> {
+        x
+    }
+    #[inline]
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a> {
         &mut x[..n]
     }

@@ -198,6 +198,12 @@ impl Backend for Cuda {
     fn shared<'b>(x: &'b DevMut<'_>) -> DevRef<'b> {
         x.shared()
     }
+    fn shorten<'s, 'l: 's>(x: Self::Ref<'l>) -> Self::Ref<'s> {
+        x
+    }
+    fn into_ref<'a>(x: Self::Mut<'a>) -> Self::Ref<'a> {
+        x.into()
+    }
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a> {
         x.slice(0..n)
     }

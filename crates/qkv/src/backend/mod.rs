@@ -36,7 +36,7 @@ use std::ops::Range;
 
 /// Where a model's buffers live and its kernels run. Shapes in the ops' comments use N rows
 /// of C (or F) columns; every view is row-major and dense.
-pub trait Backend: Debug {
+pub trait Backend: Debug + 'static {
     /// An owned f32 buffer (activations, saved statistics), grown on demand.
     type Buf: Default + Clone + Debug + Send;
     /// An owned buffer of bf16 bits: an activation kept only for products that read bf16.
@@ -66,6 +66,11 @@ pub trait Backend: Debug {
     fn reborrow<'b>(x: &'b mut Self::Mut<'_>) -> Self::Mut<'b>;
     /// A shared view of the elements `x` views.
     fn shared<'b>(x: &'b Self::Mut<'_>) -> Self::Ref<'b>;
+    /// The same view for a shorter time. A slice does this by itself (it is covariant); a
+    /// generic `Ref<'a>` is not, so generic code says where it needs it.
+    fn shorten<'s, 'l: 's>(x: Self::Ref<'l>) -> Self::Ref<'s>;
+    /// The elements `x` views, read-only, for as long as `x` would have lived.
+    fn into_ref<'a>(x: Self::Mut<'a>) -> Self::Ref<'a>;
     /// The first `n` elements of `x`.
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a>;
 

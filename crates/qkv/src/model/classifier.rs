@@ -136,7 +136,7 @@ impl Classifier {
             causal: false,
             window: None,
         };
-        let h = self.encoder.forward(p, x, b, t, &masks, None, mode);
+        let h = self.encoder.forward(&Cpu, p, x, b, t, &masks, None, mode);
         let pooled = buf(&mut self.pooled, b * c);
         for (row, out) in pooled.chunks_mut(c).enumerate() {
             out.iter_mut().for_each(|v| *v = 0.0);
@@ -237,6 +237,7 @@ impl Model for Classifier {
             }
         }
         let dx = self.encoder.backward(
+            &Cpu,
             p,
             g,
             &self.dh[..b * t * c],

@@ -9,6 +9,7 @@ use super::stack::{InputGrad, Stack};
 use super::{
     buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
 };
+use crate::backend::Cpu;
 use crate::data::LmBatch;
 use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
@@ -87,7 +88,7 @@ impl LanguageModel {
             causal: true,
             window: None,
         };
-        let h = self.decoder.forward(p, x, b, t, &masks, None, mode);
+        let h = self.decoder.forward(&Cpu, p, x, b, t, &masks, None, mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
         Ok(&self.logits[..b * t * v])
     }
@@ -157,6 +158,7 @@ impl Model for LanguageModel {
         let h = self.decoder.output(b * t * c);
         project_out_backward(p, g, self.output, h, dlogits, dh, c);
         let dx = self.decoder.backward(
+            &Cpu,
             p,
             g,
             &self.dh[..b * t * c],

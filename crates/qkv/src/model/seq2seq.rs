@@ -9,6 +9,7 @@ use super::stack::{InputGrad, Memory, Stack};
 use super::{
     buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
 };
+use crate::backend::Cpu;
 use crate::data::Seq2SeqBatch;
 use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
@@ -160,7 +161,7 @@ impl Seq2Seq {
         };
         let memory = self
             .encoder
-            .forward(p, x, src.batch, src.len, &masks, None, mode);
+            .forward(&Cpu, p, x, src.batch, src.len, &masks, None, mode);
         self.encoded = Some((src.batch, src.len));
         Ok(memory)
     }
@@ -197,7 +198,7 @@ impl Seq2Seq {
         };
         let h = self
             .decoder
-            .forward(p, y, b, tgt_in.len, &masks, Some(memory), mode);
+            .forward(&Cpu, p, y, b, tgt_in.len, &masks, Some(memory), mode);
         let v = project_out(p, self.output, h, &mut self.logits, c);
         Ok(&self.logits[..b * tgt_in.len * v])
     }
@@ -283,6 +284,7 @@ impl Model for Seq2Seq {
         let memory = self.encoder.output(b * s * c);
         let mut done = super::count_blocks(ready);
         let dy = self.decoder.backward(
+            &Cpu,
             p,
             g,
             &self.ddec[..b * t * c],
@@ -292,6 +294,7 @@ impl Model for Seq2Seq {
         );
         self.tgt_embed.backward(p, g, dy);
         let dx = self.encoder.backward(
+            &Cpu,
             p,
             g,
             &self.dmemory[..b * s * c],

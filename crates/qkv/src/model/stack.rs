@@ -4,28 +4,36 @@
 //! cross-attention the same block is a decoder-only language model's layer.
 //!
 //! A block runs one of two ways, through one `forward`: over whole sequences (training,
-//! scoring, encoding), or one new position per row over a caller-owned [`KvCache`]
-//! (incremental decoding). Only the attention sublayers differ between the two.
+//! scoring, encoding; on any [`Backend`]), or one new position per row over a caller-owned
+//! [`KvCache`] (incremental decoding, on the CPU). Only the attention sublayers differ between
+//! the two: a `Keys` value says which.
 
 use super::attention::{CrossAttention, SelfAttention};
 use super::config::{ModelConfig, NormPlacement};
 use super::feed_forward::FeedForward;
 use super::kv_cache::{KvCache, LayerKv, StepCtx};
-use super::norm::{final_output, AddNorm, LayerNorm};
-use super::{buf, Mode, SiteIds};
-use crate::backend::Cpu;
+use super::norm::{final_output, AddNorm, LayerNorm, SublayerGrad};
+use super::{Mode, SiteIds};
+use crate::backend::{Backend, Cpu};
 use crate::kernels::attention::Masks;
 use crate::kernels::Acc;
 use crate::params::ParamBuilder;
 use std::ops::Range;
 
 /// The encoder output every decoder block attends over. states: (B, S, C); padding: (B, S)
-#[derive(Clone, Copy)]
-pub struct Memory<'a> {
-    pub states: &'a [f32],
+pub struct Memory<'a, B: Backend = Cpu> {
+    pub states: B::Ref<'a>,
     pub len: usize,
     pub padding: Option<&'a [bool]>,
 }
+
+impl<B: Backend> Clone for Memory<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Memory<'_, B> {}
 
 /// Whether a stack's backward must produce the gradient of its input (an embedding below
 /// needs it; a benchmark's random input, like PyTorch's input without `requires_grad`, does
@@ -36,61 +44,129 @@ pub enum InputGrad {
     Skip,
 }
 
-/// What a stack's attention reads besides its input rows.
-pub(crate) enum Attend<'a> {
-    /// Whole sequences: (B, T) rows, their masks, and the encoder output for decoder blocks.
-    Sequence {
-        batch: usize,
-        t: usize,
-        masks: &'a Masks<'a>,
-        memory: Option<Memory<'a>>,
-    },
-    /// One new position per row: earlier positions (and the source's keys and values) are
-    /// in the cache, which gains this position's keys and values.
-    Step(&'a mut KvCache),
+/// What a block's attention sublayers read besides their input rows: the only part of a
+/// block that differs between whole sequences and decoding steps.
+trait Keys<B: Backend> {
+    /// Self-attention of `x`'s rows. x: (N, C) → (N, C)
+    fn self_attention<'a>(
+        &mut self,
+        be: &B,
+        attn: &'a mut SelfAttention<B>,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+    ) -> B::Ref<'a>;
+    /// Whether there is a source for cross-attention (decoder blocks read it).
+    fn has_source(&self) -> bool;
+    /// Cross-attention of `x`'s rows over the source. x: (N, C) → (N, C)
+    fn cross_attention<'a>(
+        &mut self,
+        be: &B,
+        attn: &'a mut CrossAttention<B>,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+    ) -> B::Ref<'a>;
+}
+
+/// Whole sequences: (B, T) rows, their masks, and the encoder output for decoder blocks.
+pub(crate) struct Sequence<'m, 'a, B: Backend = Cpu> {
+    pub batch: usize,
+    pub t: usize,
+    pub masks: &'m Masks<'m>,
+    pub memory: Option<Memory<'a, B>>,
+}
+
+impl<B: Backend> Clone for Sequence<'_, '_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Sequence<'_, '_, B> {}
+
+impl<B: Backend> Keys<B> for Sequence<'_, '_, B> {
+    fn self_attention<'a>(
+        &mut self,
+        be: &B,
+        attn: &'a mut SelfAttention<B>,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+    ) -> B::Ref<'a> {
+        attn.forward(be, p, x, self.batch, self.t, self.masks)
+    }
+    fn has_source(&self) -> bool {
+        self.memory.is_some()
+    }
+    fn cross_attention<'a>(
+        &mut self,
+        be: &B,
+        attn: &'a mut CrossAttention<B>,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+    ) -> B::Ref<'a> {
+        let m = self.memory.expect("cross-attention without a source");
+        attn.forward(be, p, x, m.states, self.batch, self.t, m.len, m.padding)
+    }
+}
+
+/// One new position per row: earlier positions (and the source's keys and values) are in
+/// this block's cache slots, and self-attention appends this position's keys and values.
+struct Step<'a> {
+    self_kv: &'a mut LayerKv,
+    cross_kv: Option<&'a LayerKv>,
+    ctx: StepCtx<'a>,
+}
+
+impl Keys<Cpu> for Step<'_> {
+    fn self_attention<'a>(
+        &mut self,
+        _: &Cpu,
+        attn: &'a mut SelfAttention,
+        p: &[f32],
+        x: &[f32],
+    ) -> &'a [f32] {
+        attn.step(p, x, self.self_kv, self.ctx)
+    }
+    fn has_source(&self) -> bool {
+        self.cross_kv.is_some()
+    }
+    fn cross_attention<'a>(
+        &mut self,
+        _: &Cpu,
+        attn: &'a mut CrossAttention,
+        p: &[f32],
+        x: &[f32],
+    ) -> &'a [f32] {
+        let kv = self.cross_kv.expect("cross-attention without a source");
+        attn.step(p, x, kv, self.ctx)
+    }
 }
 
 /// A decoder block's cross-attention sublayer and the Add & Norm around it.
 #[derive(Clone, Debug)]
-pub struct CrossSublayer {
-    pub attn: CrossAttention,
-    pub norm: AddNorm,
+pub struct CrossSublayer<B: Backend = Cpu> {
+    pub attn: CrossAttention<B>,
+    pub norm: AddNorm<B>,
 }
 
 /// One layer: self-attention → (cross-attention →) feed-forward, each in Add & Norm.
 #[derive(Clone, Debug)]
-pub struct Block {
-    pub self_attn: SelfAttention,
-    pub self_attn_norm: AddNorm,
+pub struct Block<B: Backend = Cpu> {
+    pub self_attn: SelfAttention<B>,
+    pub self_attn_norm: AddNorm<B>,
     /// Decoder blocks only.
-    pub cross: Option<CrossSublayer>,
-    pub ffn: FeedForward,
-    pub ffn_norm: AddNorm,
+    pub cross: Option<CrossSublayer<B>>,
+    pub ffn: FeedForward<B>,
+    pub ffn_norm: AddNorm<B>,
     /// Where this block's parameters lie in the flat buffers (registered one after another):
     /// its gradients are final once its backward is done.
     pub params: Range<usize>,
-    after_self_attn: Vec<f32>,    // (N, C)
-    after_cross_attn: Vec<f32>,   // (N, C), decoder blocks
-    d_after_self_attn: Vec<f32>,  // (N, C)
-    d_after_cross_attn: Vec<f32>, // (N, C), decoder blocks
+    after_self_attn: B::Buf,    // (N, C)
+    after_cross_attn: B::Buf,   // (N, C), decoder blocks
+    d_after_self_attn: B::Buf,  // (N, C)
+    d_after_cross_attn: B::Buf, // (N, C), decoder blocks
 }
 
-/// The attention inputs of one block: its own cache slot when decoding step by step.
-enum BlockAttend<'a> {
-    Sequence {
-        batch: usize,
-        t: usize,
-        masks: &'a Masks<'a>,
-        memory: Option<Memory<'a>>,
-    },
-    Step {
-        self_kv: &'a mut LayerKv,
-        cross_kv: Option<&'a LayerKv>,
-        ctx: StepCtx<'a>,
-    },
-}
-
-impl Block {
+impl<B: Backend> Block<B> {
     /// Parameters are registered in checkpoint order: self-attention, its norm,
     /// cross-attention and its norm (decoder), feed-forward, its norm.
     pub fn new(
@@ -127,59 +203,39 @@ impl Block {
             cross,
             ffn,
             ffn_norm,
-            after_self_attn: Vec::new(),
-            after_cross_attn: Vec::new(),
-            d_after_self_attn: Vec::new(),
-            d_after_cross_attn: Vec::new(),
+            after_self_attn: B::Buf::default(),
+            after_cross_attn: B::Buf::default(),
+            d_after_self_attn: B::Buf::default(),
+            d_after_cross_attn: B::Buf::default(),
         }
     }
 
     /// x, y: (N, C) rows: (B, T, C) for sequences, (R, C) for a decoding step.
-    fn forward(&mut self, p: &[f32], x: &[f32], y: &mut [f32], at: BlockAttend, mode: Mode) {
-        let n = x.len();
-        let a_in = self.self_attn_norm.sublayer_input(&Cpu, p, x);
-        let (a, cross_in) = match at {
-            BlockAttend::Sequence {
-                batch,
-                t,
-                masks,
-                memory,
-            } => (
-                self.self_attn.forward(&Cpu, p, a_in, batch, t, masks),
-                memory.map(|memory| CrossInput::Memory { memory, batch, t }),
-            ),
-            BlockAttend::Step {
-                self_kv,
-                cross_kv,
-                ctx,
-            } => (
-                self.self_attn.step(p, a_in, self_kv, ctx),
-                cross_kv.map(|kv| CrossInput::Cache { kv, ctx }),
-            ),
-        };
-        self.self_attn_norm
-            .finish(&Cpu, p, x, a, buf(&mut self.after_self_attn, n), mode);
-        let mut h = &self.after_self_attn[..n];
-        if let (Some(cross), Some(input)) = (&mut self.cross, cross_in) {
-            let c_in = cross.norm.sublayer_input(&Cpu, p, h);
-            let ca = match input {
-                CrossInput::Memory {
-                    memory: m,
-                    batch,
-                    t,
-                } => cross
-                    .attn
-                    .forward(&Cpu, p, c_in, m.states, batch, t, m.len, m.padding),
-                CrossInput::Cache { kv, ctx } => cross.attn.step(p, c_in, kv, ctx),
-            };
-            cross
-                .norm
-                .finish(&Cpu, p, h, ca, buf(&mut self.after_cross_attn, n), mode);
-            h = &self.after_cross_attn[..n];
+    fn forward(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        y: B::Mut<'_>,
+        keys: &mut impl Keys<B>,
+        mode: Mode,
+    ) {
+        let n = B::len(x);
+        let a_in = self.self_attn_norm.sublayer_input(be, p, B::shorten(x));
+        let a = keys.self_attention(be, &mut self.self_attn, p, a_in);
+        let after_self = be.grow(&mut self.after_self_attn, n);
+        self.self_attn_norm.finish(be, p, x, a, after_self, mode);
+        let mut h = B::view(&self.after_self_attn, n);
+        if let (Some(cross), true) = (&mut self.cross, keys.has_source()) {
+            let c_in = cross.norm.sublayer_input(be, p, B::shorten(h));
+            let ca = keys.cross_attention(be, &mut cross.attn, p, c_in);
+            let after_cross = be.grow(&mut self.after_cross_attn, n);
+            cross.norm.finish(be, p, h, ca, after_cross, mode);
+            h = B::view(&self.after_cross_attn, n);
         }
-        let f_in = self.ffn_norm.sublayer_input(&Cpu, p, h);
-        let f = self.ffn.forward(&Cpu, p, f_in);
-        self.ffn_norm.finish(&Cpu, p, h, f, y, mode);
+        let f_in = self.ffn_norm.sublayer_input(be, p, B::shorten(h));
+        let f = self.ffn.forward(be, p, f_in);
+        self.ffn_norm.finish(be, p, h, f, y, mode);
     }
 
     /// dy → dx (overwritten) for the `x` of the last sequence forward. A decoder block adds
@@ -192,78 +248,134 @@ impl Block {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
-        p: &[f32],
-        g: &mut [f32],
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
+        be: &B,
+        p: B::Ref<'_>,
+        mut g: B::Mut<'_>,
+        x: B::Ref<'_>,
+        dy: B::Ref<'_>,
+        mut dx: B::Mut<'_>,
         input_grad: InputGrad,
-        memory: Option<(&[f32], &mut [f32])>,
+        memory: Option<(B::Ref<'_>, B::Mut<'_>)>,
     ) {
-        let n = x.len();
-        let after_self = &self.after_self_attn[..n];
-        let d_after_self = buf(&mut self.d_after_self_attn, n);
-        let (ffn_in, d_ffn_in) = match self.cross {
-            Some(_) => (
-                &self.after_cross_attn[..n],
-                buf(&mut self.d_after_cross_attn, n),
-            ),
-            None => (after_self, &mut *d_after_self),
-        };
-        let s = self
-            .ffn_norm
-            .backward_output(&Cpu, p, g, ffn_in, dy, d_ffn_in);
-        self.ffn
-            .backward(&Cpu, p, g, s.input, s.d_output, s.d_input, s.acc);
-        self.ffn_norm.backward_input(&Cpu, p, g, ffn_in, d_ffn_in);
-        if let (Some(cross), Some((states, dmemory))) = (&mut self.cross, memory) {
-            let d_after_cross = &self.d_after_cross_attn[..n];
-            let s = cross
-                .norm
-                .backward_output(&Cpu, p, g, after_self, d_after_cross, d_after_self);
-            cross.attn.backward(
-                &Cpu, p, g, s.input, states, s.d_output, s.d_input, s.acc, dmemory,
-            );
-            cross
-                .norm
-                .backward_input(&Cpu, p, g, after_self, d_after_self);
+        let n = B::len(x);
+        let after_self = B::view(&self.after_self_attn, n);
+        {
+            let mut d_after_self = be.grow(&mut self.d_after_self_attn, n);
+            {
+                let (ffn_in, mut d_ffn_in) = match self.cross {
+                    Some(_) => (
+                        B::view(&self.after_cross_attn, n),
+                        be.grow(&mut self.d_after_cross_attn, n),
+                    ),
+                    None => (after_self, B::reborrow(&mut d_after_self)),
+                };
+                let (g1, d1) = (B::reborrow(&mut g), B::reborrow(&mut d_ffn_in));
+                let ffn_in1 = B::shorten(ffn_in);
+                let SublayerGrad {
+                    d_output,
+                    input,
+                    d_input,
+                    acc,
+                } = self.ffn_norm.backward_output(be, p, g1, ffn_in1, dy, d1);
+                let g1 = B::reborrow(&mut g);
+                self.ffn.backward(be, p, g1, input, d_output, d_input, acc);
+                let g1 = B::reborrow(&mut g);
+                self.ffn_norm.backward_input(be, p, g1, ffn_in, d_ffn_in);
+            }
+            if let (Some(cross), Some((states, dmemory))) = (&mut self.cross, memory) {
+                let d_after_cross = B::view(&self.d_after_cross_attn, n);
+                let (g1, d1) = (B::reborrow(&mut g), B::reborrow(&mut d_after_self));
+                let SublayerGrad {
+                    d_output,
+                    input,
+                    d_input,
+                    acc,
+                } = cross.norm.backward_output(
+                    be,
+                    p,
+                    g1,
+                    B::shorten(after_self),
+                    d_after_cross,
+                    d1,
+                );
+                let g1 = B::reborrow(&mut g);
+                cross
+                    .attn
+                    .backward(be, p, g1, input, states, d_output, d_input, acc, dmemory);
+                let g1 = B::reborrow(&mut g);
+                cross
+                    .norm
+                    .backward_input(be, p, g1, after_self, d_after_self);
+            }
         }
         let reads_x = self.self_attn_norm.placement == NormPlacement::Post;
-        let d_after_self = &self.d_after_self_attn[..n];
-        let s = self
+        let d_after_self = B::view(&self.d_after_self_attn, n);
+        let (g1, dx1) = (B::reborrow(&mut g), B::reborrow(&mut dx));
+        let SublayerGrad {
+            d_output,
+            input,
+            d_input,
+            acc,
+        } = self
             .self_attn_norm
-            .backward_output(&Cpu, p, g, x, d_after_self, dx);
-        let d_input = (input_grad == InputGrad::Wanted || !reads_x).then_some(s.d_input);
+            .backward_output(be, p, g1, B::shorten(x), d_after_self, dx1);
+        let d_input = (input_grad == InputGrad::Wanted || !reads_x).then_some(d_input);
+        let g1 = B::reborrow(&mut g);
         self.self_attn
-            .backward(&Cpu, p, g, s.input, s.d_output, d_input, s.acc);
-        self.self_attn_norm.backward_input(&Cpu, p, g, x, dx);
+            .backward(be, p, g1, input, d_output, d_input, acc);
+        self.self_attn_norm.backward_input(be, p, g, x, dx);
     }
 }
 
-/// Where a decoder block's cross-attention finds the source.
-enum CrossInput<'a> {
-    Memory {
-        memory: Memory<'a>,
-        batch: usize,
-        t: usize,
-    },
-    Cache {
-        kv: &'a LayerKv,
-        ctx: StepCtx<'a>,
-    },
+/// What each block of a stack attends over: the same sequences for every block, or each
+/// block's slots of a decoding cache.
+trait StackKeys<B: Backend> {
+    fn block(&mut self, i: usize) -> impl Keys<B> + '_;
+}
+
+impl<B: Backend> StackKeys<B> for Sequence<'_, '_, B> {
+    fn block(&mut self, _: usize) -> impl Keys<B> + '_ {
+        *self
+    }
+}
+
+impl StackKeys<Cpu> for KvCache {
+    fn block(&mut self, i: usize) -> impl Keys<Cpu> + '_ {
+        let KvCache {
+            pos,
+            self_kv,
+            cross_kv,
+            src_padding,
+            src_len,
+            source_of,
+            own,
+            ..
+        } = self;
+        Step {
+            self_kv: &mut self_kv[i],
+            cross_kv: cross_kv.get(i),
+            ctx: StepCtx {
+                pos,
+                own,
+                source_of,
+                src_padding,
+                src_len,
+            },
+        }
+    }
 }
 
 /// N blocks, and the final LayerNorm of pre-LN stacks; owns the hidden states between blocks.
 #[derive(Clone, Debug)]
-pub struct Stack {
-    pub layers: Vec<Block>,
-    pub final_norm: Option<LayerNorm>,
-    hidden: Vec<Vec<f32>>, // L + 1 buffers of (N, C): the input, then each block's output
-    out: Vec<f32>,         // final_norm output (pre-LN)
-    dh: [Vec<f32>; 2],
+pub struct Stack<B: Backend = Cpu> {
+    pub layers: Vec<Block<B>>,
+    pub final_norm: Option<LayerNorm<B>>,
+    hidden: Vec<B::Buf>, // L + 1 buffers of (N, C): the input, then each block's output
+    out: B::Buf,         // final_norm output (pre-LN)
+    dh: [B::Buf; 2],
 }
 
-impl Stack {
+impl<B: Backend> Stack<B> {
     /// `n_layers` blocks named `{name}.layers.{i}`, with cross-attention when `cross_attention`.
     pub fn new(
         pb: &mut ParamBuilder,
@@ -295,9 +407,9 @@ impl Stack {
         Self {
             layers,
             final_norm,
-            hidden: vec![Vec::new(); n_layers + 1],
-            out: Vec::new(),
-            dh: [Vec::new(), Vec::new()],
+            hidden: (0..n_layers + 1).map(|_| B::Buf::default()).collect(),
+            out: B::Buf::default(),
+            dh: [B::Buf::default(), B::Buf::default()],
         }
     }
 
@@ -305,80 +417,48 @@ impl Stack {
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
-        p: &[f32],
-        x: &[f32],
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
         batch: usize,
         t: usize,
         masks: &Masks,
-        memory: Option<Memory>,
+        memory: Option<Memory<'_, B>>,
         mode: Mode,
-    ) -> &[f32] {
-        let at = Attend::Sequence {
+    ) -> B::Ref<'_> {
+        let mut keys = Sequence {
             batch,
             t,
             masks,
             memory,
         };
-        self.run(p, x, at, mode)
+        self.run(be, p, x, &mut keys, mode)
     }
 
-    /// x: (R, C) embeddings of the newest position of each cache row → (R, C).
-    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], cache: &mut KvCache) -> &[f32] {
-        self.run(p, x, Attend::Step(cache), Mode::EVAL)
-    }
-
-    fn run(&mut self, p: &[f32], x: &[f32], mut at: Attend, mode: Mode) -> &[f32] {
-        let n = x.len();
-        buf(&mut self.hidden[0], n).copy_from_slice(x);
+    fn run(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        keys: &mut impl StackKeys<B>,
+        mode: Mode,
+    ) -> B::Ref<'_> {
+        let n = B::len(x);
+        be.copy(be.grow(&mut self.hidden[0], n), x);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let (lo, hi) = self.hidden.split_at_mut(i + 1);
-            let block_at = match &mut at {
-                Attend::Sequence {
-                    batch,
-                    t,
-                    masks,
-                    memory,
-                } => BlockAttend::Sequence {
-                    batch: *batch,
-                    t: *t,
-                    masks,
-                    memory: *memory,
-                },
-                Attend::Step(cache) => {
-                    let KvCache {
-                        pos,
-                        self_kv,
-                        cross_kv,
-                        src_padding,
-                        src_len,
-                        source_of,
-                        own,
-                        ..
-                    } = &mut **cache;
-                    BlockAttend::Step {
-                        self_kv: &mut self_kv[i],
-                        cross_kv: cross_kv.get(i),
-                        ctx: StepCtx {
-                            pos,
-                            own,
-                            source_of,
-                            src_padding,
-                            src_len,
-                        },
-                    }
-                }
-            };
-            layer.forward(p, &lo[i][..n], buf(&mut hi[0], n), block_at, mode);
+            let (input, output) = (B::view(&lo[i], n), be.grow(&mut hi[0], n));
+            layer.forward(be, p, input, output, &mut keys.block(i), mode);
         }
-        let last = &self.hidden[self.layers.len()][..n];
-        final_output(&Cpu, &mut self.final_norm, p, last, &mut self.out)
+        let last = B::view(&self.hidden[self.layers.len()], n);
+        final_output(be, &mut self.final_norm, p, last, &mut self.out)
     }
 
     /// The output of the last forward, (N, C).
-    pub fn output(&self, n: usize) -> &[f32] {
+    pub fn output(&self, n: usize) -> B::Ref<'_> {
         match self.final_norm {
-            Some(_) => &self.out[..n],
-            None => &self.hidden[self.layers.len()][..n],
+            Some(_) => B::view(&self.out, n),
+            None => B::view(&self.hidden[self.layers.len()], n),
         }
     }
 
@@ -389,37 +469,52 @@ impl Stack {
     /// not the input's gradient.
     /// `done(g)` is called after each block's backward (last block first; see
     /// [`Stack::grad_order`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        p: &[f32],
-        g: &mut [f32],
-        dy: &[f32],
+        be: &B,
+        p: B::Ref<'_>,
+        mut g: B::Mut<'_>,
+        dy: B::Ref<'_>,
         input_grad: InputGrad,
-        mut memory: Option<(&[f32], &mut [f32])>,
-        done: &mut dyn FnMut(&[f32]),
-    ) -> &[f32] {
-        let n = dy.len();
+        mut memory: Option<(B::Ref<'_>, B::Mut<'_>)>,
+        done: &mut dyn FnMut(B::Ref<'_>),
+    ) -> B::Ref<'_> {
+        let n = B::len(dy);
         let l = self.layers.len();
         let [d0, d1] = &mut self.dh;
-        let (mut cur, mut next) = (buf(d0, n), buf(d1, n));
+        let (mut cur, mut next) = (be.grow(d0, n), be.grow(d1, n));
         match &self.final_norm {
-            Some(norm) => norm.backward(&Cpu, p, g, &self.hidden[l][..n], dy, cur, Acc::Set),
-            None => cur.copy_from_slice(dy),
+            Some(norm) => {
+                let (g1, c1) = (B::reborrow(&mut g), B::reborrow(&mut cur));
+                let last = B::view(&self.hidden[l], n);
+                norm.backward(be, p, g1, last, dy, c1, Acc::Set)
+            }
+            None => be.copy(B::reborrow(&mut cur), dy),
         }
         for i in (0..l).rev() {
-            let memory = memory.as_mut().map(|(m, dm)| (*m, &mut **dm));
+            let memory = memory.as_mut().map(|(m, dm)| (*m, B::reborrow(dm)));
             // Every block but the first feeds the gradient of its input to the one below.
             let input_grad = if i > 0 { InputGrad::Wanted } else { input_grad };
-            self.layers[i].backward(p, g, &self.hidden[i][..n], cur, next, input_grad, memory);
-            done(g);
+            let input = B::view(&self.hidden[i], n);
+            let (g1, dy1, dx1) = (B::reborrow(&mut g), B::shared(&cur), B::reborrow(&mut next));
+            self.layers[i].backward(be, p, g1, input, dy1, dx1, input_grad, memory);
+            done(B::shared(&g));
             std::mem::swap(&mut cur, &mut next);
         }
-        cur
+        B::into_ref(cur)
     }
 
     /// The blocks' parameter ranges in the order `backward` finishes their gradients.
     pub fn grad_order(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         self.layers.iter().rev().map(|b| b.params.clone())
+    }
+}
+
+impl Stack<Cpu> {
+    /// x: (R, C) embeddings of the newest position of each cache row → (R, C).
+    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], cache: &mut KvCache) -> &[f32] {
+        self.run(&Cpu, p, x, cache, Mode::EVAL)
     }
 
     /// Cross-attention keys and values of every block for the memory (B, S, C).
