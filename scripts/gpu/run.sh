@@ -5,8 +5,9 @@
 #
 # Usage: scripts/gpu/run.sh [tests|bench|all]
 #   tests   every test binary, GPU tests required (QKV_REQUIRE_CUDA=1)
-#   bench   qkv and PyTorch alternating on the same GPU: the training step's products and
-#           attention at N 8192 (D 64, 8 heads), one JSON line each
+#   bench   qkv and PyTorch alternating on the same GPU: the training step's products, the
+#           encoder-layer training step, and attention at N 8192 (D 64, 8 heads), one JSON
+#           line each
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/gpu
@@ -52,6 +53,11 @@ bench() {
             run "$bin/qkv" bench matmul --device cuda --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
             run "$py" scripts/gpu/bench_torch.py matmul --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
         done
+    done
+    # The encoder-layer training step (issue 18's first target: B32 T64 d256 h8 ff1024).
+    for dtype in f32 bf16; do
+        run "$bin/qkv" bench train-step --device cuda --dtype "$dtype" --steps 30 --warmup 5
+        run "$py" scripts/gpu/bench_torch.py train-step --batch 32 --dtype "$dtype" --steps 30 --warmup 5
     done
     for flags in "" "--causal" "--backward" "--causal --backward"; do
         run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5

@@ -158,6 +158,10 @@ pub struct TrainStepArgs {
     steps: usize,
     #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Where the step runs: the CPU, or the first NVIDIA GPU (the encoder stack: TF32 for f32,
+    /// bf16 operands with f32 sums for bf16).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
 }
 
 /// JSON numbers with `digits` decimals.
@@ -205,13 +209,23 @@ fn train_step(a: TrainStepArgs, threads: usize) -> Result<()> {
         precision: a.dtype.precision(),
         input_grad: a.input_grad,
     };
-    let times = bench::train_step(&b)?;
+    let (times, device, dtype) = match a.device {
+        DeviceArg::Cpu => (
+            bench::train_step(&b)?,
+            "cpu".to_string(),
+            effective_dtype(a.dtype),
+        ),
+        DeviceArg::Cuda => {
+            let (times, device) = bench::train_step_cuda(&b).context("--device cuda")?;
+            (times, device, a.dtype.name())
+        }
+    };
     let ms = bench::median(&times);
     let line = serde_json::json!({
         "impl": "qkv", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(),
-        "model": format!("{:?}", model).to_lowercase(),
+        "model": format!("{:?}", model).to_lowercase(), "device": device,
         "batch": a.batch, "seq": a.seq, "d_model": a.d_model, "heads": a.heads, "d_ff": a.d_ff, "layers": a.layers,
-        "threads": threads, "dtype": effective_dtype(a.dtype), "input_grad": a.input_grad,
+        "threads": threads, "dtype": dtype, "input_grad": a.input_grad,
         "ms_per_step": round(ms, 3),
         "min_ms": round(times.iter().cloned().fold(f64::INFINITY, f64::min), 3),
         "tokens_per_s": ((a.batch * a.seq) as f64 / (ms / 1e3)).round(),

@@ -43,9 +43,8 @@ pub struct TrainStepBench {
     pub input_grad: bool,
 }
 
-/// Per-step wall times in milliseconds, after warm-up.
-pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
-    let _precision = set_matmul_precision(b.precision);
+/// The model configuration a benchmark's sizes describe (dropout 0, post-LN, ReLU), validated.
+fn bench_config(b: &TrainStepBench) -> Result<ModelConfig> {
     let family = match b.model {
         BenchModel::Encoder | BenchModel::Classifier => Family::Classifier,
         BenchModel::Seq2seq => Family::Seq2seq,
@@ -68,6 +67,22 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     }
     // The encoder variant builds a bare stack, so validate here as the models' constructors do.
     cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The encoder benchmark's input and target, (B·T, C) each: the same on either device.
+fn encoder_data(b: &TrainStepBench) -> (Vec<f32>, Vec<f32>) {
+    let n = b.batch * b.seq * b.d_model;
+    let mut rng = Rng::new(8);
+    let x = (0..n).map(|_| rng.normal()).collect();
+    let target = (0..n).map(|_| rng.normal()).collect();
+    (x, target)
+}
+
+/// Per-step wall times in milliseconds, after warm-up.
+pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
+    let _precision = set_matmul_precision(b.precision);
+    let cfg = bench_config(b)?;
     let mut rng = Rng::new(7);
     let (n, c) = (b.batch * b.seq, b.d_model);
     let tokens: Vec<u32> = (0..n)
@@ -91,8 +106,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
             );
             let mut params: Params = pb.build(1)?;
             let mut opt = AdamW::new(opt_cfg, params.len());
-            let x: Vec<f32> = (0..n * c).map(|_| rng.normal()).collect();
-            let target: Vec<f32> = (0..n * c).map(|_| rng.normal()).collect();
+            let (x, target) = encoder_data(b);
             let mut dy = vec![0.0f32; n * c];
             let masks = Masks::default();
             time_steps(b.warmup, b.steps, &mut || {
@@ -385,6 +399,85 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
         }
     }
     Ok(times)
+}
+
+/// [`train_step`]'s encoder stack on the first GPU: the same `Stack` code on the CUDA
+/// backend, with parameters, gradients and AdamW's moments on the device (TF32 products, or
+/// bf16 operands with f32 sums). Each step is timed to its completion. Returns the times and
+/// the device's description. The other models' embeddings, losses and trainer are the CPU's
+/// so far: asking for them here is an error that says so.
+pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
+    use crate::backend::{Backend, Cuda};
+    use crate::cuda::params::{DeviceAdamW, DeviceParams};
+    use crate::cuda::{CudaError, Gpu};
+
+    if b.model != BenchModel::Encoder {
+        return Err(CudaError::Unsupported(format!(
+            "the {:?} train step on CUDA: only the encoder stack runs there so far (embeddings, \
+             the output projection and the loss are the CPU's)",
+            b.model
+        ))
+        .into());
+    }
+    let bf16 = match b.precision {
+        Precision::F32 => false,
+        Precision::Bf16 => true,
+    };
+    let cfg = bench_config(b)?;
+    let gpu = std::sync::Arc::new(Gpu::new(0)?);
+    let be = Cuda::new(gpu.clone(), bf16);
+    let mut pb = ParamBuilder::default();
+    let mut stack: Stack<Cuda> = Stack::new(
+        &mut pb,
+        "encoder",
+        b.layers,
+        false,
+        &cfg,
+        &mut SiteIds::default(),
+    );
+    let params: Params = pb.build(1)?;
+    let mut dev = DeviceParams::upload(&gpu, &params)?;
+    let opt_cfg = AdamWConfig {
+        clip_norm: None,
+        ..AdamWConfig::default()
+    };
+    let mut opt = DeviceAdamW::new(&gpu, opt_cfg, params.len())?;
+    let (x, target) = encoder_data(b);
+    let neg_target: Vec<f32> = target.iter().map(|t| -t).collect();
+    let st = gpu.stream();
+    let x = st.clone_htod(&x).map_err(cuda_err)?;
+    let neg_target = st.clone_htod(&neg_target).map_err(cuda_err)?;
+    let mut dy = st.alloc_zeros::<f32>(x.len()).map_err(cuda_err)?;
+    let masks = Masks::default();
+    let input_grad = if b.input_grad {
+        InputGrad::Wanted
+    } else {
+        InputGrad::Skip
+    };
+    let times = time_steps(b.warmup, b.steps, &mut || {
+        let data = (&dev.data).into();
+        let y = stack.forward(
+            &be,
+            data,
+            (&x).into(),
+            b.batch,
+            b.seq,
+            &masks,
+            None,
+            Mode::EVAL,
+        );
+        // MSE loss: dL/dy = 2 (y − target) / numel
+        be.residual_add((&mut dy).into(), y, (&neg_target).into(), None);
+        gpu.scale(&mut dy, 2.0 / x.len() as f32)?;
+        dev.zero_grad(&gpu)?;
+        let (data, grad) = ((&dev.data).into(), (&mut dev.grad).into());
+        stack.backward(&be, data, grad, (&dy).into(), input_grad, None, &mut |_| {});
+        be.sync()?;
+        opt.step(&gpu, &mut dev, 1e-4)?;
+        gpu.synchronize()?;
+        Ok(())
+    })?;
+    Ok((times, gpu.describe()))
 }
 
 /// [`matmul`] on the first GPU (cuBLASLt): TF32 for f32, bf16 operands with f32 sums for bf16.

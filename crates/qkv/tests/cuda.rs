@@ -1209,3 +1209,101 @@ fn self_and_cross_attention_on_the_cuda_backend_match_the_cpu_backend() {
         }
     }
 }
+
+/// A decoder stack (self-attention with a causal and a padding mask, cross-attention over a
+/// padded memory, feed-forward) in both norm placements, with dropout: output, every
+/// parameter gradient, the input's and the memory's gradients.
+#[test]
+fn a_decoder_stack_on_the_cuda_backend_matches_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::model::config::{Family, ModelConfig, NormPlacement};
+    use qkv::model::stack::{InputGrad, Memory, Stack};
+    use qkv::model::{Mode, SiteIds};
+    use qkv::params::ParamBuilder;
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    let g = be.gpu();
+    let mut rng = Rng::new(53);
+    let (batch, t, s_len) = (2, 9, 6);
+    for placement in [NormPlacement::Post, NormPlacement::Pre] {
+        let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 50).unwrap();
+        cfg.norm = placement;
+        let c = cfg.d_model;
+        let mode = Mode::train(0.1, 0.0, 17);
+        // Built alike, the two stacks have one parameter layout and one set of dropout sites.
+        let mut pb = ParamBuilder::default();
+        let mut cpu: Stack = Stack::new(&mut pb, "decoder", 2, true, &cfg, &mut SiteIds::default());
+        let mut dev: Stack<Cuda> = Stack::new(
+            &mut ParamBuilder::default(),
+            "decoder",
+            2,
+            true,
+            &cfg,
+            &mut SiteIds::default(),
+        );
+        let p = layer_params(pb, &mut rng);
+        let x = random_vec(&mut rng, batch * t * c, 1.0);
+        let memory = random_vec(&mut rng, batch * s_len * c, 1.0);
+        let dy = random_vec(&mut rng, batch * t * c, 1.0);
+        let padding: Vec<bool> = (0..batch * t).map(|i| i >= 2 * t - 3).collect();
+        let memory_padding: Vec<bool> = (0..batch * s_len)
+            .map(|i| i % s_len == 0 && i > 0)
+            .collect();
+        let masks = Masks {
+            key_padding: Some(&padding),
+            causal: true,
+            window: None,
+        };
+
+        let mem = Memory {
+            states: memory.as_slice(),
+            len: s_len,
+            padding: Some(&memory_padding),
+        };
+        let y = cpu
+            .forward(&Cpu, &p, &x, batch, t, &masks, Some(mem), mode)
+            .to_vec();
+        let (mut grad, mut dmem) = (vec![0.0; p.len()], vec![0.0; memory.len()]);
+        let dx = cpu
+            .backward(
+                &Cpu,
+                &p,
+                &mut grad,
+                &dy,
+                InputGrad::Wanted,
+                Some((&memory, &mut dmem)),
+                &mut |_| {},
+            )
+            .to_vec();
+
+        let (gp, gx, gmem, gdy) = (up(g, &p), up(g, &x), up(g, &memory), up(g, &dy));
+        let (mut gg, mut gdmem) = (up(g, &vec![0.0; p.len()]), up(g, &vec![0.0; memory.len()]));
+        let mem = Memory {
+            states: (&gmem).into(),
+            len: s_len,
+            padding: Some(&memory_padding),
+        };
+        let (gpv, gxv) = ((&gp).into(), (&gx).into());
+        let gy = dev.forward(&be, gpv, gxv, batch, t, &masks, Some(mem), mode);
+        let gy = g.to_host(gy).unwrap();
+        let memory_grad = Some(((&gmem).into(), (&mut gdmem).into()));
+        let (gpv, ggv, gdyv) = ((&gp).into(), (&mut gg).into(), (&gdy).into());
+        let gdx = dev.backward(
+            &be,
+            gpv,
+            ggv,
+            gdyv,
+            InputGrad::Wanted,
+            memory_grad,
+            &mut |_| {},
+        );
+        let gdx = g.to_host(gdx).unwrap();
+        be.sync().unwrap();
+        let what = |s: &str| format!("decoder stack {placement:?}: {s}");
+        assert_near(&what("output"), &gy, &y, 5e-3);
+        assert_near(&what("dx"), &gdx, &dx, 5e-3);
+        assert_near(&what("dmemory"), &down(g, &gdmem), &dmem, 5e-3);
+        assert_near(&what("parameter gradients"), &down(g, &gg), &grad, 5e-3);
+    }
+}
