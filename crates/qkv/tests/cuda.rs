@@ -91,8 +91,16 @@ fn embedding_forward_and_backward_match_the_cpu() {
     let mut dtab = g.stream().alloc_zeros::<f32>(v * c).unwrap();
     let mut dpos = g.stream().alloc_zeros::<f32>(t_len * c).unwrap();
     let (ddout, dt) = (up(&g, &dout), up(&g, &tokens));
-    g.embedding_backward(&mut dtab, Some(&mut dpos), &ddout, &dt, 3.0, t_len, c)
-        .unwrap();
+    g.embedding_backward(
+        &mut dtab,
+        Some((&mut dpos).into()),
+        &ddout,
+        &dt,
+        3.0,
+        t_len,
+        c,
+    )
+    .unwrap();
     assert_near("embedding dtable", &down(&g, &dtab), &want_t, 1e-5);
     assert_near("embedding dpos", &down(&g, &dpos), &want_p, 1e-5);
 }
@@ -240,7 +248,14 @@ fn cross_entropy_with_smoothing_and_padding_matches_the_cpu() {
             let want = cross_entropy(Some(&mut want_d), &logits, &targets, v, ignore, smoothing);
             let mut gd = g.stream().alloc_zeros::<f32>(N * v).unwrap();
             let got = g
-                .cross_entropy(Some(&mut gd), &glogits, &targets, v, ignore, smoothing)
+                .cross_entropy(
+                    Some((&mut gd).into()),
+                    &glogits,
+                    &targets,
+                    v,
+                    ignore,
+                    smoothing,
+                )
                 .unwrap();
             assert_eq!(got.count, want.count);
             assert!(
@@ -1304,6 +1319,86 @@ fn a_decoder_stack_on_the_cuda_backend_matches_the_cpu_backend() {
         assert_near(&what("output"), &gy, &y, 5e-3);
         assert_near(&what("dx"), &gdx, &dx, 5e-3);
         assert_near(&what("dmemory"), &down(g, &gdmem), &dmem, 5e-3);
+        assert_near(&what("parameter gradients"), &down(g, &gg), &grad, 5e-3);
+    }
+}
+
+/// Embeddings (sinusoidal and learned positions, with dropout), the tied output projection
+/// and the loss: output, logits, loss and every gradient.
+#[test]
+fn embedding_projection_and_loss_on_the_cuda_backend_match_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::model::config::Positional;
+    use qkv::model::embedding::Embedding;
+    use qkv::model::linear::{project_out, project_out_backward};
+    use qkv::model::{Mode, Tokens};
+    use qkv::params::ParamBuilder;
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    let g = be.gpu();
+    let mut rng = Rng::new(59);
+    let (batch, t, c, vocab, max_len) = (3, 7, 32, 41, 16);
+    let ids: Vec<u32> = (0..batch * t).map(|i| (i * 7 % vocab) as u32).collect();
+    let targets: Vec<u32> = (0..batch * t).map(|i| (i * 5 % vocab) as u32).collect();
+    let tokens = Tokens::new(&ids, batch, t).unwrap();
+    let mode = Mode::train(0.1, 0.1, 23);
+    for positional in [Positional::Sinusoidal, Positional::Learned] {
+        let (v, m, pos) = (vocab, max_len, positional);
+        let mut pb = ParamBuilder::default();
+        let mut cpu: Embedding = Embedding::new(
+            &mut pb, "embed", None, "pos", v, c, m, pos, true, "tokens", 1,
+        );
+        let mut dev: Embedding<Cuda> = Embedding::new(
+            &mut ParamBuilder::default(),
+            "embed",
+            None,
+            "pos",
+            v,
+            c,
+            m,
+            pos,
+            true,
+            "tokens",
+            1,
+        );
+        let table = cpu.table;
+        let p = layer_params(pb, &mut rng);
+
+        let x = cpu.forward(&Cpu, &p, tokens, mode).unwrap().to_vec();
+        let mut logits = Vec::new();
+        project_out(&Cpu, &p, table, &x, &mut logits, c);
+        let mut dlogits = vec![0.0; logits.len()];
+        let loss = Cpu.cross_entropy(Some(&mut dlogits), &logits, &targets, v, None, 0.1);
+        let (mut grad, mut dx) = (vec![0.0; p.len()], vec![0.0; x.len()]);
+        project_out_backward(&Cpu, &p, &mut grad, table, &x, &dlogits, &mut dx, c);
+        cpu.backward(&Cpu, &p, &mut grad, &dx);
+
+        let gp = up(g, &p);
+        let mut gg = up(g, &vec![0.0; p.len()]);
+        let gx = dev.forward(&be, (&gp).into(), tokens, mode).unwrap();
+        let gx_host = g.to_host(gx).unwrap();
+        let mut glogits = qkv::backend::DevBuf::default();
+        project_out(&be, (&gp).into(), table, gx, &mut glogits, c);
+        let glv = Cuda::view(&glogits, logits.len());
+        let mut gdlogits = up(g, &vec![0.0; logits.len()]);
+        let gloss = be.cross_entropy(Some((&mut gdlogits).into()), glv, &targets, v, None, 0.1);
+        let mut gdx = up(g, &vec![0.0; x.len()]);
+        let (gpv, ggv, gdl) = ((&gp).into(), (&mut gg).into(), (&gdlogits).into());
+        project_out_backward(&be, gpv, ggv, table, gx, gdl, (&mut gdx).into(), c);
+        let glogits_host = g.to_host(glv).unwrap();
+        dev.backward(&be, (&gp).into(), (&mut gg).into(), (&gdx).into());
+        be.sync().unwrap();
+        let what = |s: &str| format!("{positional:?} positions: {s}");
+        assert_near(&what("embeddings"), &gx_host, &x, 1e-5);
+        assert_near(&what("logits"), &glogits_host, &logits, 5e-3);
+        assert!(
+            (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean.abs(),
+            "{}",
+            what("loss")
+        );
+        assert_eq!(gloss.count, loss.count);
+        assert_near(&what("dx"), &down(g, &gdx), &dx, 5e-3);
         assert_near(&what("parameter gradients"), &down(g, &gg), &grad, 5e-3);
     }
 }

@@ -8,9 +8,11 @@ use crate::kernels::attention::{
 };
 use crate::kernels::bf16::{self, linear_bf16};
 use crate::kernels::dropout::{self, Dropout};
+use crate::kernels::embedding;
 use crate::kernels::flash::{flash_backward, flash_forward};
 use crate::kernels::layernorm;
 use crate::kernels::linear_attention::{linear_attention_backward, linear_attention_forward};
+use crate::kernels::loss::{self, CrossEntropy};
 use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
@@ -249,6 +251,62 @@ impl Backend for Cpu {
     #[inline]
     fn dropout_backward(&self, out: &mut [f32], dy: &[f32], drop: Option<Dropout>) {
         dropout::backward_into(out, dy, drop);
+    }
+
+    #[inline]
+    fn add_rows(&self, x: &mut [f32], row: &[f32]) {
+        x.chunks_mut(row.len())
+            .for_each(|o| o.iter_mut().zip(row).for_each(|(o, t)| *o += t));
+    }
+    #[inline]
+    fn dropout_apply(&self, x: &mut [f32], drop: Option<Dropout>) {
+        dropout::apply(x, drop);
+    }
+    #[inline]
+    fn scale(&self, x: &mut [f32], s: f32) {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+    #[inline]
+    fn upload(&self, host: Vec<f32>) -> Vec<f32> {
+        host
+    }
+
+    #[inline]
+    fn embedding_forward(
+        &self,
+        out: &mut [f32],
+        tokens: &[u32],
+        table: &[f32],
+        pos: &[f32],
+        scale: f32,
+        (t_len, c): (usize, usize),
+        drop: Option<Dropout>,
+    ) {
+        embedding::embedding_forward(out, tokens, table, pos, scale, t_len, c, drop);
+    }
+    #[inline]
+    fn embedding_backward(
+        &self,
+        dtable: &mut [f32],
+        dpos: Option<&mut [f32]>,
+        dout: &[f32],
+        tokens: &[u32],
+        scale: f32,
+        (t_len, c): (usize, usize),
+    ) {
+        embedding::embedding_backward(dtable, dpos, dout, tokens, scale, t_len, c);
+    }
+    #[inline]
+    fn cross_entropy(
+        &self,
+        dlogits: Option<&mut [f32]>,
+        logits: &[f32],
+        targets: &[u32],
+        v: usize,
+        ignore: Option<u32>,
+        smoothing: f32,
+    ) -> CrossEntropy {
+        loss::cross_entropy(dlogits, logits, targets, v, ignore, smoothing)
     }
 
     fn attention_forward(

@@ -19,6 +19,7 @@ use crate::error::Result;
 use crate::kernels::activation::Activation;
 use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
+use crate::kernels::loss::CrossEntropy;
 use crate::kernels::matmul::Layout;
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
@@ -366,6 +367,76 @@ impl Backend for Cuda {
             gpu.copy(out.reborrow(), dy)?;
             gpu.dropout_apply(out, drop)
         });
+    }
+
+    fn add_rows(&self, x: DevMut<'_>, row: DevRef<'_>) {
+        self.run(|gpu| gpu.bias_act_forward(x, None, row, Activation::Identity));
+    }
+    fn dropout_apply(&self, x: DevMut<'_>, drop: Option<Dropout>) {
+        self.run(|gpu| gpu.dropout_apply(x, drop));
+    }
+    fn scale(&self, x: DevMut<'_>, s: f32) {
+        if s != 1.0 {
+            self.run(|gpu| gpu.scale(x, s));
+        }
+    }
+    fn upload(&self, host: Vec<f32>) -> DevBuf<f32> {
+        let mut slice = None;
+        self.run(|gpu| {
+            slice = Some(gpu.stream().clone_htod(&host)?);
+            Ok(())
+        });
+        DevBuf(slice)
+    }
+
+    fn embedding_forward(
+        &self,
+        out: DevMut<'_>,
+        tokens: &[u32],
+        table: DevRef<'_>,
+        pos: DevRef<'_>,
+        scale: f32,
+        (t_len, c): (usize, usize),
+        drop: Option<Dropout>,
+    ) {
+        self.run(|gpu| {
+            let tokens = gpu.stream().clone_htod(tokens)?;
+            gpu.embedding_forward(out, &tokens, table, pos, scale, t_len, c, drop)
+        });
+    }
+    fn embedding_backward(
+        &self,
+        dtable: DevMut<'_>,
+        dpos: Option<DevMut<'_>>,
+        dout: DevRef<'_>,
+        tokens: &[u32],
+        scale: f32,
+        (t_len, c): (usize, usize),
+    ) {
+        self.run(|gpu| {
+            let tokens = gpu.stream().clone_htod(tokens)?;
+            gpu.embedding_backward(dtable, dpos, dout, &tokens, scale, t_len, c)
+        });
+    }
+    fn cross_entropy(
+        &self,
+        dlogits: Option<DevMut<'_>>,
+        logits: DevRef<'_>,
+        targets: &[u32],
+        v: usize,
+        ignore: Option<u32>,
+        smoothing: f32,
+    ) -> CrossEntropy {
+        let mut out = CrossEntropy {
+            mean: f32::NAN,
+            nll_sum: f64::NAN,
+            count: 0,
+        };
+        self.run(|gpu| {
+            out = gpu.cross_entropy(dlogits, logits, targets, v, ignore, smoothing)?;
+            Ok(())
+        });
+        out
     }
 
     fn attention_forward(

@@ -27,6 +27,7 @@ pub use cuda::{Cuda, DevBuf};
 use crate::kernels::activation::Activation;
 use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
+use crate::kernels::loss::CrossEntropy;
 use crate::kernels::matmul::Layout;
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
@@ -211,6 +212,53 @@ pub trait Backend: Debug + 'static {
     fn copy(&self, dst: Self::Mut<'_>, src: Self::Ref<'_>);
     /// `kernels::dropout::backward_into`: `out = dropout'(dy)` (a copy without dropout).
     fn dropout_backward(&self, out: Self::Mut<'_>, dy: Self::Ref<'_>, drop: Option<Dropout>);
+
+    /// `x[r] += row` for every row r of x (N, C): a broadcast row, such as BERT's token type.
+    fn add_rows(&self, x: Self::Mut<'_>, row: Self::Ref<'_>);
+    /// `kernels::dropout::apply`: in place `x = dropout(x)`.
+    fn dropout_apply(&self, x: Self::Mut<'_>, drop: Option<Dropout>);
+    /// `x *= s` (a loss gradient's share of an accumulated update).
+    fn scale(&self, x: Self::Mut<'_>, s: f32);
+    /// A buffer holding `host` (moved on the CPU, copied to a device).
+    fn upload(&self, host: Vec<f32>) -> Self::Buf;
+
+    /// `kernels::embedding::embedding_forward`: `out = table[tokens]·scale + pos[t]`, with
+    /// dropout. tokens: (N) on the host, as batches hold them, T per row; out: (N, C)
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward(
+        &self,
+        out: Self::Mut<'_>,
+        tokens: &[u32],
+        table: Self::Ref<'_>,
+        pos: Self::Ref<'_>,
+        scale: f32,
+        t_len_c: (usize, usize),
+        drop: Option<Dropout>,
+    );
+    /// `kernels::embedding::embedding_backward`: `dtable[tokens] += dout·scale`,
+    /// `dpos[t] += Σ_b dout` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        dtable: Self::Mut<'_>,
+        dpos: Option<Self::Mut<'_>>,
+        dout: Self::Ref<'_>,
+        tokens: &[u32],
+        scale: f32,
+        t_len_c: (usize, usize),
+    );
+    /// `kernels::loss::cross_entropy`: the loss of `logits` (N, V) against `targets` (N, on
+    /// the host), and ∂(mean loss)/∂logits into `dlogits` when given. A device waits for
+    /// the sums; if it failed, the loss is NaN and [`Backend::sync`] says why.
+    fn cross_entropy(
+        &self,
+        dlogits: Option<Self::Mut<'_>>,
+        logits: Self::Ref<'_>,
+        targets: &[u32],
+        v: usize,
+        ignore: Option<u32>,
+        smoothing: f32,
+    ) -> CrossEntropy;
 
     /// Scaled dot-product attention (§3.2.1) with `kind`'s kernel: `kernels::attention::
     /// attention_forward` (materialized: `saved` gets the probabilities, (B, H, Tq, Tk)),

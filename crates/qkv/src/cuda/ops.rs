@@ -142,7 +142,7 @@ impl Gpu {
     pub fn embedding_backward<'v>(
         &self,
         dtable: impl Into<DevMut<'v>>,
-        dpos: Option<&mut CudaSlice<f32>>,
+        dpos: Option<DevMut<'v>>,
         dout: impl Into<DevRef<'v>>,
         tokens: &CudaSlice<u32>,
         scale: f32,
@@ -163,7 +163,7 @@ impl Gpu {
         let func = self.function("embedding_backward")?;
         let mut b = self.stream().launch_builder(&func);
         b.arg(&dtable);
-        match dpos {
+        match &dpos {
             Some(dp) => b.arg(dp),
             None => b.arg(&NULL),
         };
@@ -590,7 +590,7 @@ impl Gpu {
     /// logits, dlogits: (N, V); targets: (N), on the host, as the batch that made them.
     pub fn cross_entropy<'v>(
         &self,
-        dlogits: Option<&mut CudaSlice<f32>>,
+        dlogits: Option<DevMut<'v>>,
         logits: impl Into<DevRef<'v>>,
         targets: &[u32],
         v: usize,
@@ -621,7 +621,7 @@ impl Gpu {
         let (v32, ign) = (v as i32, ignore.map_or(-1i64, i64::from));
         let func = self.function(kernel)?;
         let mut b = self.stream().launch_builder(&func);
-        match dlogits {
+        match &dlogits {
             Some(d) => b.arg(d),
             None => b.arg(&NULL),
         };
@@ -717,11 +717,12 @@ impl Gpu {
     }
 
     /// [`crate::kernels::optim::scale`]: `x *= s`.
-    pub fn scale(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<(), CudaError> {
+    pub fn scale<'v>(&self, x: impl Into<DevMut<'v>>, s: f32) -> Result<(), CudaError> {
+        let x: DevMut = x.into();
         let n = x.len() as u64;
         let func = self.function("scale")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(x).arg(&n).arg(&s);
+        b.arg(&x).arg(&n).arg(&s);
         // SAFETY: matches optim.cu; n is x's length.
         unsafe { b.launch(elementwise(n as usize)) }?;
         Ok(())

@@ -129,7 +129,7 @@ impl Classifier {
     fn pool(&mut self, tokens: Tokens, mode: Mode) -> Result<()> {
         let p = &self.params.data;
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
-        let x = self.embed.forward(p, tokens, mode)?;
+        let x = self.embed.forward(&Cpu, p, tokens, mode)?;
         tokens.padding_mask(self.config.pad_id, &mut self.pad);
         let masks = Masks {
             key_padding: Some(&self.pad),
@@ -191,7 +191,7 @@ impl Model for Classifier {
         self.last = LastPass::Other("a failed forward");
         self.run(Tokens::new(&batch.tokens, b, t)?, mode)?;
         let logits = &self.logits[..b * k];
-        let loss = loss_of(logits, &mut self.dlogits, labels, k, None, mode)?;
+        let loss = loss_of(&Cpu, logits, &mut self.dlogits, labels, k, None, mode)?;
         self.last = LastPass::after_forward(mode, (b, t));
         Ok(Forward { loss, logits })
     }
@@ -209,7 +209,7 @@ impl Model for Classifier {
             .as_ref()
             .ok_or_else(|| Error::Usage("no class head".into()))?;
         let dlogits = &mut self.dlogits[..b * k];
-        scale_grad(dlogits, scale);
+        scale_grad(&Cpu, dlogits, scale);
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dpooled = buf(&mut self.dpooled, b * c);
         head.backward(
@@ -245,7 +245,7 @@ impl Model for Classifier {
             None,
             &mut super::count_blocks(ready),
         );
-        self.embed.backward(p, g, dx);
+        self.embed.backward(&Cpu, p, g, dx);
         Ok(())
     }
 }

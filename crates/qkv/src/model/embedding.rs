@@ -3,24 +3,45 @@
 //! (`with_token_types`, `with_norm`).
 
 use super::{buf, config::Positional, norm::LayerNorm, Mode, Tokens};
-use crate::backend::Cpu;
+use crate::backend::{Backend, Cpu};
 use crate::error::{shape_err, Error, Result};
-use crate::kernels::dropout::{self, Dropout};
-use crate::kernels::embedding::{embedding_backward, embedding_forward, sinusoidal_table};
+use crate::kernels::dropout::Dropout;
+use crate::kernels::embedding::{embedding_forward, sinusoidal_table};
 use crate::kernels::Acc;
 use crate::params::{Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
-pub enum PositionTable {
-    Sinusoidal(Vec<f32>),
+pub enum PositionTable<B: Backend = Cpu> {
+    /// §3.5's fixed (max_len, C) table: computed on the host, on the backend from the first
+    /// forward on.
+    Sinusoidal(Staged<B>),
     Learned(Param),
 }
 
+/// A constant built on the host, moved to the backend when a forward first has one.
 #[derive(Clone, Debug)]
-pub struct Embedding {
+pub enum Staged<B: Backend = Cpu> {
+    Host(Vec<f32>),
+    Ready(B::Buf),
+}
+
+impl<B: Backend> Staged<B> {
+    fn ready(&mut self, be: &B) -> &B::Buf {
+        if let Staged::Host(host) = self {
+            *self = Staged::Ready(be.upload(std::mem::take(host)));
+        }
+        match self {
+            Staged::Ready(buf) => buf,
+            Staged::Host(_) => unreachable!("moved to the backend above"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Embedding<B: Backend = Cpu> {
     /// (V, C); may be shared with another embedding or the output projection.
     pub table: Param,
-    pub positions: PositionTable,
+    pub positions: PositionTable<B>,
     pub scale: f32,
     pub c: usize,
     pub max_len: usize,
@@ -29,17 +50,17 @@ pub struct Embedding {
     drop: Option<Dropout>,
     /// (types, C) token-type table; every token uses row 0.
     types: Option<Param>,
-    norm: Option<LayerNorm>,
+    norm: Option<LayerNorm<B>>,
     tokens: Vec<u32>,
     t_len: usize,
     /// The summed embeddings before `norm` (kept for its backward).
-    pre: Vec<f32>,
-    out: Vec<f32>,
-    dout: Vec<f32>,
-    dpre: Vec<f32>,
+    pre: B::Buf,
+    out: B::Buf,
+    dout: B::Buf,
+    dpre: B::Buf,
 }
 
-impl Embedding {
+impl<B: Backend> Embedding<B> {
     /// A new token table named `table_name`, or an existing one (`shared`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -64,7 +85,9 @@ impl Embedding {
             )
         });
         let positions = match positional {
-            Positional::Sinusoidal => PositionTable::Sinusoidal(sinusoidal_table(max_len, c)),
+            Positional::Sinusoidal => {
+                PositionTable::Sinusoidal(Staged::Host(sinusoidal_table(max_len, c)))
+            }
             Positional::Learned => PositionTable::Learned(pb.add(
                 format!("{pos_name}.weight"),
                 &[max_len, c],
@@ -85,10 +108,10 @@ impl Embedding {
             norm: None,
             tokens: Vec::new(),
             t_len: 0,
-            pre: Vec::new(),
-            out: Vec::new(),
-            dout: Vec::new(),
-            dpre: Vec::new(),
+            pre: B::Buf::default(),
+            out: B::Buf::default(),
+            dout: B::Buf::default(),
+            dpre: B::Buf::default(),
         }
     }
 
@@ -111,18 +134,15 @@ impl Embedding {
 
     /// Token-type row and LayerNorm over `self.out[..n]` (the plain sums), then dropout when
     /// there is a norm (without one, dropout was already fused into the sum).
-    fn finish(&mut self, p: &[f32], n: usize) {
+    fn finish(&mut self, be: &B, p: B::Ref<'_>, n: usize) {
         if let Some(tp) = self.types {
-            let row = &tp.of(p)[..self.c];
-            self.out[..n]
-                .chunks_mut(self.c)
-                .for_each(|o| o.iter_mut().zip(row).for_each(|(o, t)| *o += t));
+            let row = B::sub(B::param(p, tp), 0..self.c);
+            be.add_rows(be.grow(&mut self.out, n), row);
         }
         if let Some(norm) = &mut self.norm {
-            let pre = buf(&mut self.pre, n);
-            pre.copy_from_slice(&self.out[..n]);
-            norm.forward(&Cpu, p, &self.pre[..n], &mut self.out[..n]);
-            dropout::apply(&mut self.out[..n], self.drop);
+            be.copy(be.grow(&mut self.pre, n), B::view(&self.out, n));
+            norm.forward(be, p, B::view(&self.pre, n), be.grow(&mut self.out, n));
+            be.dropout_apply(be.grow(&mut self.out, n), self.drop);
         }
     }
 
@@ -131,7 +151,13 @@ impl Embedding {
     }
 
     /// tokens: (B, T) → (B, T, C). Rejects unknown ids and sequences longer than the table.
-    pub fn forward(&mut self, p: &[f32], tokens: Tokens, mode: Mode) -> Result<&[f32]> {
+    pub fn forward(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        tokens: Tokens,
+        mode: Mode,
+    ) -> Result<B::Ref<'_>> {
         tokens.check_vocab(self.input, self.vocab())?;
         if tokens.len > self.max_len {
             return Err(Error::SequenceTooLong {
@@ -145,81 +171,55 @@ impl Embedding {
         self.tokens.extend_from_slice(tokens.ids);
         self.t_len = tokens.len;
         let n = tokens.ids.len() * self.c;
-        let pos: &[f32] = match &self.positions {
-            PositionTable::Sinusoidal(t) => t,
-            PositionTable::Learned(pp) => pp.of(p),
+        let pos = match &mut self.positions {
+            PositionTable::Sinusoidal(t) => {
+                let t = t.ready(be);
+                B::view(t, self.max_len * self.c)
+            }
+            PositionTable::Learned(pp) => B::param(B::shorten(p), *pp),
         };
         let fused_drop = if self.norm.is_some() { None } else { self.drop };
-        embedding_forward(
-            buf(&mut self.out, n),
-            tokens.ids,
-            self.table.of(p),
-            pos,
-            self.scale,
-            tokens.len,
-            self.c,
-            fused_drop,
-        );
-        self.finish(p, n);
-        Ok(&self.out[..n])
+        let out = be.grow(&mut self.out, n);
+        let table = B::param(p, self.table);
+        let shape = (tokens.len, self.c);
+        be.embedding_forward(out, tokens.ids, table, pos, self.scale, shape, fused_drop);
+        self.finish(be, p, n);
+        Ok(B::view(&self.out, n))
     }
 
     /// dy: (B, T, C); accumulates into the table (and learned positions, token types, norm).
-    pub fn backward(&mut self, p: &[f32], g: &mut [f32], dy: &[f32]) {
+    pub fn backward(&mut self, be: &B, p: B::Ref<'_>, mut g: B::Mut<'_>, dy: B::Ref<'_>) {
         let n = self.tokens.len() * self.c;
-        let d = buf(&mut self.dout, n);
-        dropout::backward_into(d, &dy[..n], self.drop);
+        be.dropout_backward(be.grow(&mut self.dout, n), B::sub(dy, 0..n), self.drop);
         if let Some(norm) = &self.norm {
-            let dpre = buf(&mut self.dpre, n);
-            norm.backward(&Cpu, p, g, &self.pre[..n], &self.dout[..n], dpre, Acc::Set);
+            let dpre = be.grow(&mut self.dpre, n);
+            let (pre, dout) = (B::view(&self.pre, n), B::view(&self.dout, n));
+            norm.backward(be, p, B::reborrow(&mut g), pre, dout, dpre, Acc::Set);
             std::mem::swap(&mut self.dout, &mut self.dpre);
         }
+        let dout = B::view(&self.dout, n);
         if let Some(tp) = self.types {
-            let drow = &mut tp.of_mut(g)[..self.c];
-            for d in self.dout[..n].chunks(self.c) {
-                drow.iter_mut().zip(d).for_each(|(a, b)| *a += b);
-            }
+            let drow = B::prefix_mut(B::param_mut(B::reborrow(&mut g), tp), self.c);
+            be.column_sum(drow, dout, self.c);
         }
-        let (table, c, scale, t_len) = (self.table, self.c, self.scale, self.t_len);
-        match self.positions {
+        let (table, tokens) = (self.table, &self.tokens);
+        let (scale, shape) = (self.scale, (self.t_len, self.c));
+        let (dtable, dpos) = match self.positions {
             PositionTable::Learned(pp) if pp.offset > table.offset => {
-                let (lo, hi) = g.split_at_mut(pp.offset);
-                embedding_backward(
-                    table.of_mut(lo),
-                    Some(&mut hi[..pp.len]),
-                    &self.dout[..n],
-                    &self.tokens,
-                    scale,
-                    t_len,
-                    c,
-                );
+                let (dtable, dpos) = B::params_mut(g, table, pp);
+                (dtable, Some(dpos))
             }
             PositionTable::Learned(pp) => {
-                let (lo, hi) = g.split_at_mut(table.offset);
-                embedding_backward(
-                    &mut hi[..table.len],
-                    Some(pp.of_mut(lo)),
-                    &self.dout[..n],
-                    &self.tokens,
-                    scale,
-                    t_len,
-                    c,
-                );
+                let (dpos, dtable) = B::params_mut(g, pp, table);
+                (dtable, Some(dpos))
             }
-            PositionTable::Sinusoidal(_) => embedding_backward(
-                table.of_mut(g),
-                None,
-                &self.dout[..n],
-                &self.tokens,
-                scale,
-                t_len,
-                c,
-            ),
-        }
+            PositionTable::Sinusoidal(_) => (B::param_mut(g, table), None),
+        };
+        be.embedding_backward(dtable, dpos, dout, tokens, scale, shape);
     }
 }
 
-impl Embedding {
+impl Embedding<Cpu> {
     /// Incremental decoding: ids (R) at position `pos` → (R, C), no dropout.
     pub fn step(&mut self, p: &[f32], ids: &[u32], pos: &[usize]) -> Result<&[f32]> {
         let one = Tokens::new(ids, ids.len(), 1)?;
@@ -240,8 +240,8 @@ impl Embedding {
             });
         }
         let c = self.c;
-        let pos_rows: &[f32] = match &self.positions {
-            PositionTable::Sinusoidal(t) => t,
+        let pos_rows: &[f32] = match &mut self.positions {
+            PositionTable::Sinusoidal(t) => t.ready(&Cpu),
             PositionTable::Learned(pp) => pp.of(p),
         };
         let out = buf(&mut self.out, ids.len() * c);
@@ -259,7 +259,7 @@ impl Embedding {
             }
         }
         self.drop = None;
-        self.finish(p, ids.len() * c);
+        self.finish(&Cpu, p, ids.len() * c);
         Ok(&self.out[..ids.len() * c])
     }
 }

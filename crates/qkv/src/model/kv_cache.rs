@@ -11,6 +11,7 @@
 use super::embedding::Embedding;
 use super::linear::project_out;
 use super::stack::Stack;
+use crate::backend::Cpu;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::packed::{PackedScope, PackedWeights};
 use crate::params::Param;
@@ -384,7 +385,7 @@ pub(crate) fn decoder_step<'a>(
     cache.packed.set_params(p);
     let scope = PackedScope::install(std::mem::take(&mut cache.packed));
     let h = stack.step(p, x, cache);
-    let v = project_out(p, output, h, logits, embed.c);
+    let v = project_out(&Cpu, p, output, h, logits, embed.c);
     cache.packed = scope.finish();
     cache.len += 1;
     cache.pos.iter_mut().for_each(|p| *p += 1);

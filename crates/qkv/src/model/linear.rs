@@ -1,9 +1,7 @@
 //! A fully connected layer in PyTorch's layout: weight (O, I), `y = x Wᵀ + b`.
 
-use super::buf;
 use crate::backend::Backend;
 use crate::backend::Operand::{self, Bf16, F32};
-use crate::kernels::matmul::matmul;
 use crate::kernels::matmul::Layout::{RowMajor, Transposed};
 use crate::kernels::Acc;
 use crate::params::{Init, Param, ParamBuilder};
@@ -149,29 +147,48 @@ pub fn output_weight(pb: &mut ParamBuilder, tied: Option<Param>, v: usize, c: us
 }
 
 /// Output projection to the vocabulary, possibly sharing an embedding table (§3.4):
-/// `logits = h Eᵀ`, no bias. h: (N, C), logits: (N, V)
-pub fn project_out(p: &[f32], table: Param, h: &[f32], logits: &mut Vec<f32>, c: usize) -> usize {
+/// `logits = h Eᵀ`, no bias. Returns V. h: (N, C), logits: (N, V)
+pub fn project_out<B: Backend>(
+    be: &B,
+    p: B::Ref<'_>,
+    table: Param,
+    h: B::Ref<'_>,
+    logits: &mut B::Buf,
+    c: usize,
+) -> usize {
     let v = table.len / c;
-    let n = h.len() / c;
-    let out = buf(logits, n * v);
-    let e = table.of(p);
-    matmul(out, h, e, n, c, v, RowMajor, Transposed, Acc::Set);
+    let n = B::len(h) / c;
+    let out = be.grow(logits, n * v);
+    let e = B::param(p, table);
+    be.matmul(
+        out,
+        F32(h),
+        F32(e),
+        n,
+        c,
+        v,
+        (RowMajor, Transposed),
+        Acc::Set,
+    );
     v
 }
 
 /// Backward of [`project_out`]: `dE += dlogitsᵀ h`, `dh = dlogits E`.
-pub fn project_out_backward(
-    p: &[f32],
-    g: &mut [f32],
+#[allow(clippy::too_many_arguments)]
+pub fn project_out_backward<B: Backend>(
+    be: &B,
+    p: B::Ref<'_>,
+    g: B::Mut<'_>,
     table: Param,
-    h: &[f32],
-    dlogits: &[f32],
-    dh: &mut [f32],
+    h: B::Ref<'_>,
+    dlogits: B::Ref<'_>,
+    dh: B::Mut<'_>,
     c: usize,
 ) {
     let v = table.len / c;
-    let n = h.len() / c;
-    let (de, e) = (table.of_mut(g), table.of(p));
-    matmul(de, dlogits, h, v, n, c, Transposed, RowMajor, Acc::Add);
-    matmul(dh, dlogits, e, n, v, c, RowMajor, RowMajor, Acc::Set);
+    let n = B::len(h) / c;
+    let (de, e) = (B::param_mut(g, table), B::param(p, table));
+    let (dl, h) = (F32(dlogits), F32(h));
+    be.matmul(de, dl, h, v, n, c, (Transposed, RowMajor), Acc::Add);
+    be.matmul(dh, dl, F32(e), n, v, c, (RowMajor, RowMajor), Acc::Set);
 }

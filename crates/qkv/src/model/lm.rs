@@ -81,7 +81,7 @@ impl LanguageModel {
     fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
         let p = &self.params.data;
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
-        let x = self.embed.forward(p, tokens, mode)?;
+        let x = self.embed.forward(&Cpu, p, tokens, mode)?;
         tokens.padding_mask(self.config.pad_id, &mut self.pad);
         let masks = Masks {
             key_padding: Some(&self.pad),
@@ -89,7 +89,7 @@ impl LanguageModel {
             window: None,
         };
         let h = self.decoder.forward(&Cpu, p, x, b, t, &masks, None, mode);
-        let v = project_out(p, self.output, h, &mut self.logits, c);
+        let v = project_out(&Cpu, p, self.output, h, &mut self.logits, c);
         Ok(&self.logits[..b * t * v])
     }
 
@@ -138,7 +138,7 @@ impl Model for LanguageModel {
         self.run(Tokens::new(&batch.input, b, t)?, mode)?;
         let logits = &self.logits[..b * t * v];
         let pad = Some(self.config.pad_id);
-        let loss = loss_of(logits, &mut self.dlogits, targets.ids, v, pad, mode)?;
+        let loss = loss_of(&Cpu, logits, &mut self.dlogits, targets.ids, v, pad, mode)?;
         self.last = LastPass::after_forward(mode, (b, t));
         Ok(Forward { loss, logits })
     }
@@ -152,11 +152,11 @@ impl Model for LanguageModel {
         let (b, t) = self.last.take_for_backward()?;
         let (c, v) = (self.config.d_model, self.config.vocab_size);
         let dlogits = &mut self.dlogits[..b * t * v];
-        scale_grad(dlogits, scale);
+        scale_grad(&Cpu, dlogits, scale);
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let dh = buf(&mut self.dh, b * t * c);
         let h = self.decoder.output(b * t * c);
-        project_out_backward(p, g, self.output, h, dlogits, dh, c);
+        project_out_backward(&Cpu, p, g, self.output, h, dlogits, dh, c);
         let dx = self.decoder.backward(
             &Cpu,
             p,
@@ -166,7 +166,7 @@ impl Model for LanguageModel {
             None,
             &mut super::count_blocks(ready),
         );
-        self.embed.backward(p, g, dx);
+        self.embed.backward(&Cpu, p, g, dx);
         Ok(())
     }
 }

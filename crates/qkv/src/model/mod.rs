@@ -32,9 +32,10 @@ pub use kv_cache::{Incremental, KvCache};
 pub use lm::LanguageModel;
 pub use seq2seq::Seq2Seq;
 
+use crate::backend::Backend;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::dropout::Dropout;
-use crate::kernels::loss::{cross_entropy, CrossEntropy};
+use crate::kernels::loss::CrossEntropy;
 use crate::params::Params;
 use crate::rng;
 use std::ops::Range;
@@ -262,20 +263,23 @@ impl<S: Copy> LastPass<S> {
 
 /// The loss of `logits` (N, V) against `targets` (N), ignoring `ignore`; in a training
 /// `mode` ∂loss/∂logits goes to `dlogits`. A non-finite loss is an error.
-pub(crate) fn loss_of(
-    logits: &[f32],
-    dlogits: &mut Vec<f32>,
+pub(crate) fn loss_of<B: Backend>(
+    be: &B,
+    logits: B::Ref<'_>,
+    dlogits: &mut B::Buf,
     targets: &[u32],
     v: usize,
     ignore: Option<u32>,
     mode: Mode,
 ) -> Result<Loss> {
-    let d = mode.grad.then(|| buf(dlogits, logits.len()));
+    let d = mode.grad.then(|| be.grow(dlogits, B::len(logits)));
+    let smoothing = mode.label_smoothing;
     let CrossEntropy {
         mean,
         nll_sum,
         count,
-    } = cross_entropy(d, logits, targets, v, ignore, mode.label_smoothing);
+    } = be.cross_entropy(d, logits, targets, v, ignore, smoothing);
+    be.sync()?;
     finite("loss", mean)?;
     Ok(Loss {
         mean,
@@ -285,9 +289,9 @@ pub(crate) fn loss_of(
 }
 
 /// Multiply a loss gradient by `scale` (gradient accumulation weights micro-batches).
-pub(crate) fn scale_grad(d: &mut [f32], scale: f32) {
+pub(crate) fn scale_grad<B: Backend>(be: &B, d: B::Mut<'_>, scale: f32) {
     if scale != 1.0 {
-        d.iter_mut().for_each(|x| *x *= scale);
+        be.scale(d, scale);
     }
 }
 

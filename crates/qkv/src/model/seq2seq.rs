@@ -152,7 +152,7 @@ impl Seq2Seq {
     fn run_encoder(&mut self, src: Tokens, mode: Mode) -> Result<&[f32]> {
         let p = &self.params.data;
         self.encoded = None;
-        let x = self.src_embed.forward(p, src, mode)?;
+        let x = self.src_embed.forward(&Cpu, p, src, mode)?;
         src.padding_mask(self.config.pad_id, &mut self.src_pad);
         let masks = Masks {
             key_padding: Some(&self.src_pad),
@@ -184,7 +184,7 @@ impl Seq2Seq {
         };
         let p = &self.params.data;
         let c = self.config.d_model;
-        let y = self.tgt_embed.forward(p, tgt_in, mode)?;
+        let y = self.tgt_embed.forward(&Cpu, p, tgt_in, mode)?;
         tgt_in.padding_mask(self.config.pad_id, &mut self.tgt_pad);
         let masks = Masks {
             key_padding: Some(&self.tgt_pad),
@@ -199,7 +199,7 @@ impl Seq2Seq {
         let h = self
             .decoder
             .forward(&Cpu, p, y, b, tgt_in.len, &masks, Some(memory), mode);
-        let v = project_out(p, self.output, h, &mut self.logits, c);
+        let v = project_out(&Cpu, p, self.output, h, &mut self.logits, c);
         Ok(&self.logits[..b * tgt_in.len * v])
     }
 
@@ -259,7 +259,7 @@ impl Model for Seq2Seq {
         self.run(src, tgt_in, mode)?;
         let logits = &self.logits[..b * t * vt];
         let pad = Some(self.config.pad_id);
-        let loss = loss_of(logits, &mut self.dlogits, tgt_out.ids, vt, pad, mode)?;
+        let loss = loss_of(&Cpu, logits, &mut self.dlogits, tgt_out.ids, vt, pad, mode)?;
         self.last = LastPass::after_forward(mode, (b, s, t));
         Ok(Forward { loss, logits })
     }
@@ -274,11 +274,11 @@ impl Model for Seq2Seq {
         let (b, s, t) = self.last.take_for_backward()?;
         let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
         let dlogits = &mut self.dlogits[..b * t * vt];
-        scale_grad(dlogits, scale);
+        scale_grad(&Cpu, dlogits, scale);
         let (p, g) = (&self.params.data, &mut self.params.grad);
         let h = self.decoder.output(b * t * c);
         let ddec = buf(&mut self.ddec, b * t * c);
-        project_out_backward(p, g, self.output, h, dlogits, ddec, c);
+        project_out_backward(&Cpu, p, g, self.output, h, dlogits, ddec, c);
         let dmemory = buf(&mut self.dmemory, b * s * c);
         dmemory.iter_mut().for_each(|v| *v = 0.0);
         let memory = self.encoder.output(b * s * c);
@@ -292,7 +292,7 @@ impl Model for Seq2Seq {
             Some((memory, dmemory)),
             &mut done,
         );
-        self.tgt_embed.backward(p, g, dy);
+        self.tgt_embed.backward(&Cpu, p, g, dy);
         let dx = self.encoder.backward(
             &Cpu,
             p,
@@ -302,7 +302,7 @@ impl Model for Seq2Seq {
             None,
             &mut done,
         );
-        self.src_embed.backward(p, g, dx);
+        self.src_embed.backward(&Cpu, p, g, dx);
         Ok(())
     }
 }
