@@ -70,6 +70,14 @@ fn bench_config(b: &TrainStepBench) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// The model benchmarks' tokens: (B·T) ids, none of them padding (0).
+fn bench_tokens(b: &TrainStepBench) -> Vec<u32> {
+    let mut rng = Rng::new(7);
+    (0..b.batch * b.seq)
+        .map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32)
+        .collect()
+}
+
 /// The encoder benchmark's input and target, (B·T, C) each: the same on either device.
 fn encoder_data(b: &TrainStepBench) -> (Vec<f32>, Vec<f32>) {
     let n = b.batch * b.seq * b.d_model;
@@ -83,11 +91,8 @@ fn encoder_data(b: &TrainStepBench) -> (Vec<f32>, Vec<f32>) {
 pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     let _precision = set_matmul_precision(b.precision);
     let cfg = bench_config(b)?;
-    let mut rng = Rng::new(7);
     let (n, c) = (b.batch * b.seq, b.d_model);
-    let tokens: Vec<u32> = (0..n)
-        .map(|_| 1 + rng.below(b.vocab as u64 - 1) as u32)
-        .collect();
+    let tokens = bench_tokens(b);
     let opt_cfg = AdamWConfig {
         clip_norm: None,
         ..AdamWConfig::default()
@@ -411,10 +416,10 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     use crate::cuda::params::{DeviceAdamW, DeviceParams};
     use crate::cuda::{CudaError, Gpu};
 
-    if b.model != BenchModel::Encoder {
+    if !matches!(b.model, BenchModel::Encoder | BenchModel::Lm) {
         return Err(CudaError::Unsupported(format!(
-            "the {:?} train step on CUDA: only the encoder stack runs there so far (embeddings, \
-             the output projection and the loss are the CPU's)",
+            "the {:?} train step on CUDA: the encoder stack and the language model run there \
+             so far",
             b.model
         ))
         .into());
@@ -426,6 +431,31 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     let cfg = bench_config(b)?;
     let gpu = std::sync::Arc::new(Gpu::new(0)?);
     let be = Cuda::new(gpu.clone(), bf16);
+    let opt_cfg = AdamWConfig {
+        clip_norm: None,
+        ..AdamWConfig::default()
+    };
+    if b.model == BenchModel::Lm {
+        let tokens = bench_tokens(b);
+        let blocks: Vec<Vec<u32>> = tokens
+            .chunks(b.seq)
+            .map(|r| [r, &r[..1]].concat())
+            .collect();
+        let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
+        let batch = LmBatch::new(&blocks);
+        let mut model = LanguageModel::on(be, cfg, 1)?;
+        let mut opt = DeviceAdamW::new(&gpu, opt_cfg, model.params().len())?;
+        let times = time_steps(b.warmup, b.steps, &mut || {
+            gpu.zero(model.params_mut().grad.view_mut())?;
+            model.forward(&batch, Mode::train(0.0, 0.1, 0))?;
+            model.backward(1.0)?;
+            let p = model.params_mut();
+            opt.step_views(&gpu, &p.specs, p.data.view_mut(), p.grad.view_mut(), 1e-4)?;
+            gpu.synchronize()?;
+            Ok(())
+        })?;
+        return Ok((times, gpu.describe()));
+    }
     let mut pb = ParamBuilder::default();
     let mut stack: Stack<Cuda> = Stack::new(
         &mut pb,
@@ -437,10 +467,6 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     );
     let params: Params = pb.build(1)?;
     let mut dev = DeviceParams::upload(&gpu, &params)?;
-    let opt_cfg = AdamWConfig {
-        clip_norm: None,
-        ..AdamWConfig::default()
-    };
     let mut opt = DeviceAdamW::new(&gpu, opt_cfg, params.len())?;
     let (x, target) = encoder_data(b);
     let neg_target: Vec<f32> = target.iter().map(|t| -t).collect();

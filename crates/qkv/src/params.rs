@@ -2,6 +2,7 @@
 //! Layers hold [`Param`] handles (offset, length) into them; names follow the checkpoint
 //! layout, so initialisation, saving and loading share one table.
 
+use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -141,21 +142,38 @@ pub(crate) fn zeros(n: usize, what: &str) -> Result<Vec<f32>> {
     Ok(v)
 }
 
-/// The model's parameters and gradients.
+/// The model's parameters and gradients, in `B`'s buffers (host `Vec`s on the CPU).
 #[derive(Clone, Debug)]
-pub struct Params {
+pub struct Params<B: Backend = Cpu> {
     pub specs: Vec<ParamSpec>,
-    pub data: Vec<f32>,
-    pub grad: Vec<f32>,
+    pub data: B::Buf,
+    pub grad: B::Buf,
+}
+
+impl<B: Backend> Params<B> {
+    /// `host`'s values and gradients on `be` (moved on the CPU).
+    pub fn upload(be: &B, host: Params) -> Self {
+        Params {
+            specs: host.specs,
+            data: be.upload(host.data),
+            grad: be.upload(host.grad),
+        }
+    }
+
+    /// The number of parameters: the flat buffers' length (specs are laid end to end).
+    pub fn len(&self) -> usize {
+        self.specs
+            .iter()
+            .map(|s| s.offset + s.len)
+            .max()
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Params {
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
     pub fn spec(&self, name: &str) -> Option<&ParamSpec> {
         self.specs.iter().find(|s| s.name == name)
     }

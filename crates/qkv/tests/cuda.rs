@@ -1402,3 +1402,49 @@ fn embedding_projection_and_loss_on_the_cuda_backend_match_the_cpu_backend() {
         assert_near(&what("parameter gradients"), &down(g, &gg), &grad, 5e-3);
     }
 }
+
+/// The language model, whole: the same model code on both backends from the same seed gives
+/// the same loss, logits and gradients (pre-LN, learned positions, dropout, label smoothing).
+#[test]
+fn a_language_model_on_the_cuda_backend_matches_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::data::LmBatch;
+    use qkv::model::config::{Family, ModelConfig, NormPlacement, Positional};
+    use qkv::model::{LanguageModel, Mode, Model};
+
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let be = Cuda::new(g.clone(), false);
+    let mut cfg = ModelConfig::preset("tiny", Family::Lm, 60).unwrap();
+    (cfg.norm, cfg.positional, cfg.max_len) = (NormPlacement::Pre, Positional::Learned, 32);
+    let mut cpu = LanguageModel::on(Cpu, cfg.clone(), 5).unwrap();
+    let mut dev = LanguageModel::on(be, cfg, 5).unwrap();
+    let blocks: Vec<Vec<u32>> = (0..3)
+        .map(|r| {
+            (0..13)
+                .map(|i| (1 + (r * 17 + i * 7) % 59) as u32)
+                .collect()
+        })
+        .collect();
+    let blocks: Vec<&[u32]> = blocks.iter().map(|b| b.as_slice()).collect();
+    let batch = LmBatch::new(&blocks);
+    let mode = Mode::train(0.1, 0.1, 31);
+
+    let f = cpu.forward(&batch, mode).unwrap();
+    let (loss, logits) = (f.loss, f.logits.to_vec());
+    cpu.backward(0.5).unwrap();
+    let gf = dev.forward(&batch, mode).unwrap();
+    let gloss = gf.loss;
+    let glogits = g.to_host(gf.logits).unwrap();
+    dev.backward(0.5).unwrap();
+    let grad = g.to_host(Cuda::view(&dev.params().grad, dev.params().len()));
+    let what = |s: &str| format!("language model: {s}");
+    assert!(
+        (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean,
+        "{}",
+        what("loss")
+    );
+    assert_eq!(gloss.count, loss.count, "{}", what("counted targets"));
+    assert_near(&what("logits"), &glogits, &logits, 5e-3);
+    assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
+}

@@ -148,7 +148,7 @@ impl<T: DeviceRepr> Clone for DevBuf<T> {
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> DevBuf<T> {
-    fn grow<'a>(&'a mut self, cuda: &Cuda, n: usize) -> DevMut<'a, T> {
+    pub(crate) fn grow<'a>(&'a mut self, cuda: &Cuda, n: usize) -> DevMut<'a, T> {
         if self.0.as_ref().is_none_or(|s| s.len() < n) {
             self.0 = cuda.alloc(n);
         }
@@ -156,6 +156,14 @@ impl<T: DeviceRepr + ValidAsZeroBits> DevBuf<T> {
             Some(s) => DevMut::from(s).slice(0..n),
             // Allocation failed: `cuda` is failed and launches nothing with this view.
             None => DevMut::unbacked(n),
+        }
+    }
+
+    /// All of the buffer, writable (a model's flat parameters or gradients).
+    pub fn view_mut(&mut self) -> DevMut<'_, T> {
+        match &mut self.0 {
+            Some(s) => DevMut::from(s),
+            None => DevMut::unbacked(0),
         }
     }
 

@@ -228,6 +228,23 @@ impl Gpu {
         Ok(host)
     }
 
+    /// `x = 0`, on the stream.
+    pub fn zero<'v>(&self, x: impl Into<DevMut<'v>>) -> Result<(), CudaError> {
+        let x: DevMut = x.into();
+        let bytes = x.len() * size_of::<f32>();
+        // SAFETY: x lies inside a live allocation of at least `bytes` bytes; the memset is
+        // ordered on the stream with every launch.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                x.shared().addr(),
+                0,
+                bytes,
+                self.stream().cu_stream(),
+            )
+        }?;
+        Ok(())
+    }
+
     /// `dst = src`, on the stream.
     pub fn copy<'v>(
         &self,
@@ -699,13 +716,14 @@ impl Gpu {
     }
 
     /// [`crate::kernels::optim::sum_squares`] (waits for the GPU).
-    pub fn sum_squares(&self, x: &CudaSlice<f32>) -> Result<f64, CudaError> {
+    pub fn sum_squares<'v>(&self, x: impl Into<DevRef<'v>>) -> Result<f64, CudaError> {
+        let x: DevRef = x.into();
         let mut out = self.stream().alloc_zeros::<f64>(1)?;
         let n = x.len() as u64;
         let blocks = x.len().div_ceil(THREADS as usize).clamp(1, 1024) as u32;
         let func = self.function("sum_squares")?;
         let mut b = self.stream().launch_builder(&func);
-        b.arg(&mut out).arg(x).arg(&n);
+        b.arg(&mut out).arg(&x).arg(&n);
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (THREADS, 1, 1),

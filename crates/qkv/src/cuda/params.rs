@@ -5,8 +5,9 @@
 
 use cudarc::driver::CudaSlice;
 
+use super::view::DevMut;
 use super::{CudaError, Gpu};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::optim::{clip_coef, non_finite_gradient, AdamWConfig};
 use crate::params::{ParamSpec, Params};
 
@@ -72,18 +73,33 @@ impl DeviceAdamW {
     /// AdamW update. Returns the norm before clipping; a non-finite gradient is an error naming
     /// the first parameter that holds one, with the parameters untouched.
     pub fn step(&mut self, gpu: &Gpu, params: &mut DeviceParams, lr: f32) -> Result<f32> {
-        let norm = gpu.sum_squares(&params.grad)?.sqrt() as f32;
+        let (data, grad) = ((&mut params.data).into(), (&mut params.grad).into());
+        self.step_views(gpu, &params.specs, data, grad, lr)
+    }
+
+    /// [`DeviceAdamW::step`] on a model's flat buffers wherever they are held (a model on the
+    /// CUDA backend keeps them in its `Params<Cuda>`).
+    pub fn step_views(
+        &mut self,
+        gpu: &Gpu,
+        specs: &[ParamSpec],
+        data: DevMut<'_>,
+        mut grad: DevMut<'_>,
+        lr: f32,
+    ) -> Result<f32> {
+        let norm = gpu.sum_squares(grad.shared())?.sqrt() as f32;
         if !norm.is_finite() {
-            return Err(non_finite(gpu, params, norm)?);
+            let host = gpu.to_host(grad.shared())?;
+            return Err(non_finite_gradient(specs, &host, norm));
         }
         if let Some(coef) = clip_coef(norm, self.config.clip_norm) {
-            gpu.scale(&mut params.grad, coef)?;
+            gpu.scale(grad.reborrow(), coef)?;
         }
         self.step += 1;
         let c = &self.config;
         gpu.adamw_step(
-            &mut params.data,
-            &params.grad,
+            data,
+            grad,
             &mut self.m,
             &mut self.v,
             lr,
@@ -95,11 +111,4 @@ impl DeviceAdamW {
         )?;
         Ok(norm)
     }
-}
-
-/// The error for a non-finite gradient norm: the gradients come to the host (a rare path) to
-/// name the parameter, as [`crate::optim::grad_norm`] does.
-fn non_finite(gpu: &Gpu, params: &DeviceParams, norm: f32) -> Result<Error, CudaError> {
-    let grad = gpu.stream().clone_dtoh(&params.grad)?;
-    Ok(non_finite_gradient(&params.specs, &grad, norm))
 }

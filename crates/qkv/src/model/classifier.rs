@@ -243,7 +243,7 @@ impl Model for Classifier {
             &self.dh[..b * t * c],
             InputGrad::Wanted,
             None,
-            &mut super::count_blocks(ready),
+            &mut super::count_blocks::<Cpu>(ready),
         );
         self.embed.backward(&Cpu, p, g, dx);
         Ok(())

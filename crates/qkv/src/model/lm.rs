@@ -6,35 +6,42 @@ use super::embedding::Embedding;
 use super::kv_cache::{decoder_step, Incremental, KvCache};
 use super::linear::{output_weight, project_out, project_out_backward};
 use super::stack::{InputGrad, Stack};
-use super::{
-    buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
-};
-use crate::backend::Cpu;
+use super::{check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens};
+use crate::backend::{Backend, Cpu};
 use crate::data::LmBatch;
 use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
 use crate::params::{Param, ParamBuilder, Params};
 use std::ops::Range;
 
-pub struct LanguageModel {
+pub struct LanguageModel<B: Backend = Cpu> {
     pub config: ModelConfig,
-    pub params: Params,
-    pub embed: Embedding,
+    pub params: Params<B>,
+    pub embed: Embedding<B>,
     /// Named `decoder` in the checkpoint: blocks without cross-attention.
-    pub decoder: Stack,
+    pub decoder: Stack<B>,
     pub output: Param,
     pad: Vec<bool>,
-    logits: Vec<f32>,
-    dlogits: Vec<f32>,
-    dh: Vec<f32>,
+    logits: B::Buf,
+    dlogits: B::Buf,
+    dh: B::Buf,
     /// (B, T) of the last training forward.
     last: LastPass<(usize, usize)>,
     /// Decoding steps run their products in int8 (`--dtype int8`; see kernels::packed).
     pub int8_steps: bool,
+    be: B,
 }
 
 impl LanguageModel {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
+        Self::on(Cpu, config, seed)
+    }
+}
+
+impl<B: Backend> LanguageModel<B> {
+    /// A new model whose parameters and activations live on `be`; initialised on the host
+    /// from `seed` as on the CPU, so both devices start from the same weights.
+    pub fn on(be: B, config: ModelConfig, seed: u64) -> Result<Self> {
         check_family(&config, Family::Lm)?;
         let cfg = &config;
         let c = cfg.d_model;
@@ -58,41 +65,49 @@ impl LanguageModel {
         let tied = cfg.tie_output.then_some(embed.table);
         let output = output_weight(&mut pb, tied, cfg.vocab_size, c);
         Ok(Self {
-            params: pb.build(seed)?,
+            params: Params::upload(&be, pb.build(seed)?),
             config,
             embed,
             decoder,
             output,
             pad: Vec::new(),
-            logits: Vec::new(),
-            dlogits: Vec::new(),
-            dh: Vec::new(),
+            logits: B::Buf::default(),
+            dlogits: B::Buf::default(),
+            dh: B::Buf::default(),
             last: LastPass::Nothing,
             int8_steps: false,
+            be,
         })
     }
 
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
     /// Inference: tokens (B, T) → logits (B, T, V).
-    pub fn logits(&mut self, tokens: Tokens) -> Result<&[f32]> {
+    pub fn logits(&mut self, tokens: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("an inference forward");
         self.run(tokens, Mode::EVAL)
     }
 
-    fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
-        let p = &self.params.data;
+    fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<B::Ref<'_>> {
+        let be = &self.be;
+        let p = B::view(&self.params.data, self.params.len());
         let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
-        let x = self.embed.forward(&Cpu, p, tokens, mode)?;
+        let x = self.embed.forward(be, p, tokens, mode)?;
         tokens.padding_mask(self.config.pad_id, &mut self.pad);
         let masks = Masks {
             key_padding: Some(&self.pad),
             causal: true,
             window: None,
         };
-        let h = self.decoder.forward(&Cpu, p, x, b, t, &masks, None, mode);
-        let v = project_out(&Cpu, p, self.output, h, &mut self.logits, c);
-        Ok(&self.logits[..b * t * v])
+        let h = self.decoder.forward(be, p, x, b, t, &masks, None, mode);
+        let v = project_out(be, p, self.output, h, &mut self.logits, c);
+        Ok(B::view(&self.logits, b * t * v))
     }
+}
 
+impl LanguageModel {
     /// Start incremental decoding of `rows` sequences of at most `max_len` positions.
     pub fn start_decoding(&mut self, rows: usize, max_len: usize) -> KvCache {
         self.last = LastPass::Other("start_decoding");
@@ -109,16 +124,16 @@ impl LanguageModel {
     }
 }
 
-impl Model for LanguageModel {
+impl<B: Backend> Model<B> for LanguageModel<B> {
     type Batch = LmBatch;
 
     fn config(&self) -> &ModelConfig {
         &self.config
     }
-    fn params(&self) -> &Params {
+    fn params(&self) -> &Params<B> {
         &self.params
     }
-    fn params_mut(&mut self) -> &mut Params {
+    fn params_mut(&mut self) -> &mut Params<B> {
         &mut self.params
     }
 
@@ -129,16 +144,24 @@ impl Model for LanguageModel {
 
     /// Loss of predicting each next token (`target`, the input shifted by one), padding
     /// ignored.
-    fn forward(&mut self, batch: &LmBatch, mode: Mode) -> Result<Forward<'_>> {
+    fn forward(&mut self, batch: &LmBatch, mode: Mode) -> Result<Forward<'_, B>> {
         let (b, t, v) = (batch.batch, batch.len, self.config.vocab_size);
         let targets = Tokens::new(&batch.target, b, t)
             .map_err(|_| shape_err("targets", format!("{b} x {t}"), batch.target.len()))?;
         targets.check_vocab("targets", v)?;
         self.last = LastPass::Other("a failed forward");
         self.run(Tokens::new(&batch.input, b, t)?, mode)?;
-        let logits = &self.logits[..b * t * v];
+        let logits = B::view(&self.logits, b * t * v);
         let pad = Some(self.config.pad_id);
-        let loss = loss_of(&Cpu, logits, &mut self.dlogits, targets.ids, v, pad, mode)?;
+        let loss = loss_of(
+            &self.be,
+            logits,
+            &mut self.dlogits,
+            targets.ids,
+            v,
+            pad,
+            mode,
+        )?;
         self.last = LastPass::after_forward(mode, (b, t));
         Ok(Forward { loss, logits })
     }
@@ -148,26 +171,32 @@ impl Model for LanguageModel {
         super::grad_order(self.decoder.grad_order(), self.params.len())
     }
 
-    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+    fn backward_with(
+        &mut self,
+        scale: f32,
+        ready: &mut dyn FnMut(usize, B::Ref<'_>),
+    ) -> Result<()> {
         let (b, t) = self.last.take_for_backward()?;
         let (c, v) = (self.config.d_model, self.config.vocab_size);
-        let dlogits = &mut self.dlogits[..b * t * v];
-        scale_grad(&Cpu, dlogits, scale);
-        let (p, g) = (&self.params.data, &mut self.params.grad);
-        let dh = buf(&mut self.dh, b * t * c);
+        let (be, len) = (&self.be, self.params.len());
+        scale_grad(be, be.grow(&mut self.dlogits, b * t * v), scale);
+        let p = B::view(&self.params.data, len);
+        let mut g = be.grow(&mut self.params.grad, len);
+        let dh = be.grow(&mut self.dh, b * t * c);
         let h = self.decoder.output(b * t * c);
-        project_out_backward(&Cpu, p, g, self.output, h, dlogits, dh, c);
+        let dlogits = B::view(&self.dlogits, b * t * v);
+        project_out_backward(be, p, B::reborrow(&mut g), self.output, h, dlogits, dh, c);
         let dx = self.decoder.backward(
-            &Cpu,
+            be,
             p,
-            g,
-            &self.dh[..b * t * c],
+            B::reborrow(&mut g),
+            B::view(&self.dh, b * t * c),
             InputGrad::Wanted,
             None,
-            &mut super::count_blocks(ready),
+            &mut super::count_blocks::<B>(ready),
         );
-        self.embed.backward(&Cpu, p, g, dx);
-        Ok(())
+        self.embed.backward(be, p, g, dx);
+        be.sync()
     }
 }
 

@@ -32,7 +32,7 @@ pub use kv_cache::{Incremental, KvCache};
 pub use lm::LanguageModel;
 pub use seq2seq::Seq2Seq;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Cpu};
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::CrossEntropy;
@@ -159,24 +159,25 @@ pub struct Loss {
 }
 
 /// What a forward returns: the loss and the logits it came from.
-pub struct Forward<'a> {
+pub struct Forward<'a, B: Backend = Cpu> {
     pub loss: Loss,
     /// (B, T, V) for sequence models, (B, K) for the classifier.
-    pub logits: &'a [f32],
+    pub logits: B::Ref<'a>,
 }
 
-/// What the trainer, evaluation, benchmarks and checkpoints need from any model family.
-pub trait Model {
+/// What the trainer, evaluation, benchmarks and checkpoints need from any model family, on
+/// backend `B` (its parameters, activations and gradients live there).
+pub trait Model<B: Backend = Cpu> {
     /// Inputs and targets of one forward (`data::Seq2SeqBatch`, …).
     type Batch: crate::data::Rows;
     fn config(&self) -> &ModelConfig;
-    fn params(&self) -> &Params;
-    fn params_mut(&mut self) -> &mut Params;
+    fn params(&self) -> &Params<B>;
+    fn params_mut(&mut self) -> &mut Params<B>;
     /// Targets the loss of `batch` averages over (what the trainer weights micro-batches by).
     fn loss_count(&self, batch: &Self::Batch) -> usize;
     /// Forward over `batch` and its loss. In a training `mode` the activations and the loss
     /// gradient stay for [`Model::backward`]; an evaluation forward runs forward only.
-    fn forward(&mut self, batch: &Self::Batch, mode: Mode) -> Result<Forward<'_>>;
+    fn forward(&mut self, batch: &Self::Batch, mode: Mode) -> Result<Forward<'_, B>>;
     /// Add `scale × ∂loss/∂θ` of the last training forward into `params.grad` (the caller
     /// zeroes it). An error, never a wrong gradient, when something replaced that forward's
     /// activations (another forward, decoding) or there was none.
@@ -186,14 +187,17 @@ pub trait Model {
     /// [`Model::backward`], calling `ready(k, grad)` each time the first `k` ranges of
     /// [`Model::grad_order`] hold their final values: data-parallel training starts summing
     /// them across ranks while the rest of the backward runs.
-    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()>;
+    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, B::Ref<'_>))
+        -> Result<()>;
     /// The gradient buffer as ranges (covering it once) in the order `backward_with`
     /// finishes them.
     fn grad_order(&self) -> Vec<Range<usize>>;
 }
 
 /// A stack's per-block callback that tells `ready` how many blocks are finished.
-pub(crate) fn count_blocks<'a>(ready: &'a mut dyn FnMut(usize, &[f32])) -> impl FnMut(&[f32]) + 'a {
+pub(crate) fn count_blocks<'a, B: Backend>(
+    ready: &'a mut dyn FnMut(usize, B::Ref<'_>),
+) -> impl FnMut(B::Ref<'_>) + 'a {
     let mut finished = 0;
     move |g| {
         finished += 1;

@@ -282,7 +282,7 @@ impl Model for Seq2Seq {
         let dmemory = buf(&mut self.dmemory, b * s * c);
         dmemory.iter_mut().for_each(|v| *v = 0.0);
         let memory = self.encoder.output(b * s * c);
-        let mut done = super::count_blocks(ready);
+        let mut done = super::count_blocks::<Cpu>(ready);
         let dy = self.decoder.backward(
             &Cpu,
             p,
