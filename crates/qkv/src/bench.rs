@@ -406,22 +406,22 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-/// [`train_step`]'s encoder stack on the first GPU: the same `Stack` code on the CUDA
-/// backend, with parameters, gradients and AdamW's moments on the device (TF32 products, or
-/// bf16 operands with f32 sums). Each step is timed to its completion. Returns the times and
-/// the device's description. The other models' embeddings, losses and trainer are the CPU's
-/// so far: asking for them here is an error that says so.
+/// [`train_step`] on the first GPU: the same model code (the encoder stack, the
+/// sequence-to-sequence model or the language model) on the CUDA backend, with parameters,
+/// gradients and AdamW's moments on the device (TF32 products, or bf16 operands with f32
+/// sums). Each step is timed to its completion. Returns the times and the device's
+/// description. The classifier is the CPU's so far: asking for it is an error that says so.
 pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     use crate::backend::{Backend, Cuda};
     use crate::cuda::params::{DeviceAdamW, DeviceParams};
     use crate::cuda::{CudaError, Gpu};
 
-    if !matches!(b.model, BenchModel::Encoder | BenchModel::Lm) {
-        return Err(CudaError::Unsupported(format!(
-            "the {:?} train step on CUDA: the encoder stack and the language model run there \
-             so far",
-            b.model
-        ))
+    if b.model == BenchModel::Classifier {
+        return Err(CudaError::Unsupported(
+            "the classifier's train step on CUDA: the encoder stack, the sequence-to-sequence \
+             model and the language model run there so far"
+                .into(),
+        )
         .into());
     }
     let bf16 = match b.precision {
@@ -435,26 +435,23 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
         clip_norm: None,
         ..AdamWConfig::default()
     };
-    if b.model == BenchModel::Lm {
-        let tokens = bench_tokens(b);
-        let blocks: Vec<Vec<u32>> = tokens
-            .chunks(b.seq)
-            .map(|r| [r, &r[..1]].concat())
-            .collect();
-        let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
-        let batch = LmBatch::new(&blocks);
-        let mut model = LanguageModel::on(be, cfg, 1)?;
-        let mut opt = DeviceAdamW::new(&gpu, opt_cfg, model.params().len())?;
-        let times = time_steps(b.warmup, b.steps, &mut || {
-            gpu.zero(model.params_mut().grad.view_mut())?;
-            model.forward(&batch, Mode::train(0.0, 0.1, 0))?;
-            model.backward(1.0)?;
-            let p = model.params_mut();
-            opt.step_views(&gpu, &p.specs, p.data.view_mut(), p.grad.view_mut(), 1e-4)?;
-            gpu.synchronize()?;
-            Ok(())
-        })?;
-        return Ok((times, gpu.describe()));
+    let tokens = bench_tokens(b);
+    let rows: Vec<&[u32]> = tokens.chunks(b.seq).collect();
+    match b.model {
+        BenchModel::Seq2seq => {
+            let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r[1..], &r[1..])).collect();
+            let batch = Seq2SeqBatch::new(&pairs, 0, 1, 2);
+            let model = Seq2Seq::on(be, cfg, 1)?;
+            return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
+        }
+        BenchModel::Lm => {
+            let blocks: Vec<Vec<u32>> = rows.iter().map(|r| [*r, &r[..1]].concat()).collect();
+            let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
+            let batch = LmBatch::new(&blocks);
+            let model = LanguageModel::on(be, cfg, 1)?;
+            return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
+        }
+        BenchModel::Encoder | BenchModel::Classifier => {}
     }
     let mut pb = ParamBuilder::default();
     let mut stack: Stack<Cuda> = Stack::new(
@@ -500,6 +497,28 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
         stack.backward(&be, data, grad, (&dy).into(), input_grad, None, &mut |_| {});
         be.sync()?;
         opt.step(&gpu, &mut dev, 1e-4)?;
+        gpu.synchronize()?;
+        Ok(())
+    })?;
+    Ok((times, gpu.describe()))
+}
+
+/// [`time_model`] on the GPU: the model's parameters and AdamW's moments on the device, each
+/// step timed to its completion.
+fn time_model_cuda<M: Model<crate::backend::Cuda>>(
+    gpu: &crate::cuda::Gpu,
+    mut model: M,
+    batch: &M::Batch,
+    opt_cfg: AdamWConfig,
+    b: &TrainStepBench,
+) -> Result<(Vec<f64>, String)> {
+    let mut opt = crate::cuda::params::DeviceAdamW::new(gpu, opt_cfg, model.params().len())?;
+    let times = time_steps(b.warmup, b.steps, &mut || {
+        gpu.zero(model.params_mut().grad.view_mut())?;
+        model.forward(batch, Mode::train(0.0, 0.1, 0))?;
+        model.backward(1.0)?;
+        let p = model.params_mut();
+        opt.step_views(gpu, &p.specs, p.data.view_mut(), p.grad.view_mut(), 1e-4)?;
         gpu.synchronize()?;
         Ok(())
     })?;

@@ -263,6 +263,10 @@ impl Backend for Cpu {
         dropout::apply(x, drop);
     }
     #[inline]
+    fn zero(&self, x: &mut [f32]) {
+        x.iter_mut().for_each(|v| *v = 0.0);
+    }
+    #[inline]
     fn scale(&self, x: &mut [f32], s: f32) {
         x.iter_mut().for_each(|v| *v *= s);
     }

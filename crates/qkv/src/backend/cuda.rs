@@ -383,6 +383,9 @@ impl Backend for Cuda {
     fn dropout_apply(&self, x: DevMut<'_>, drop: Option<Dropout>) {
         self.run(|gpu| gpu.dropout_apply(x, drop));
     }
+    fn zero(&self, x: DevMut<'_>) {
+        self.run(|gpu| gpu.zero(x));
+    }
     fn scale(&self, x: DevMut<'_>, s: f32) {
         if s != 1.0 {
             self.run(|gpu| gpu.scale(x, s));

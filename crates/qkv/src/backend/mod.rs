@@ -217,6 +217,8 @@ pub trait Backend: Debug + 'static {
     fn add_rows(&self, x: Self::Mut<'_>, row: Self::Ref<'_>);
     /// `kernels::dropout::apply`: in place `x = dropout(x)`.
     fn dropout_apply(&self, x: Self::Mut<'_>, drop: Option<Dropout>);
+    /// `x = 0`.
+    fn zero(&self, x: Self::Mut<'_>);
     /// `x *= s` (a loss gradient's share of an accumulated update).
     fn scale(&self, x: Self::Mut<'_>, s: f32);
     /// A buffer holding `host` (moved on the CPU, copied to a device).

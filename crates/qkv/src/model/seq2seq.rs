@@ -6,10 +6,8 @@ use super::embedding::Embedding;
 use super::kv_cache::{decoder_step, Incremental, KvCache};
 use super::linear::{output_weight, project_out, project_out_backward};
 use super::stack::{InputGrad, Memory, Stack};
-use super::{
-    buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
-};
-use crate::backend::Cpu;
+use super::{check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens};
+use crate::backend::{Backend, Cpu};
 use crate::data::Seq2SeqBatch;
 use crate::error::{shape_err, Result};
 use crate::kernels::attention::Masks;
@@ -17,21 +15,21 @@ use crate::params::{Param, ParamBuilder, Params};
 use std::ops::Range;
 
 #[derive(Clone)]
-pub struct Seq2Seq {
+pub struct Seq2Seq<B: Backend = Cpu> {
     pub config: ModelConfig,
-    pub params: Params,
-    pub src_embed: Embedding,
-    pub tgt_embed: Embedding,
-    pub encoder: Stack,
-    pub decoder: Stack,
+    pub params: Params<B>,
+    pub src_embed: Embedding<B>,
+    pub tgt_embed: Embedding<B>,
+    pub encoder: Stack<B>,
+    pub decoder: Stack<B>,
     /// (Vt, C): `output.weight`, or the target (or shared) embedding table when tied.
     pub output: Param,
     src_pad: Vec<bool>,
     tgt_pad: Vec<bool>,
-    logits: Vec<f32>,
-    dlogits: Vec<f32>,
-    dmemory: Vec<f32>,
-    ddec: Vec<f32>,
+    logits: B::Buf,
+    dlogits: B::Buf,
+    dmemory: B::Buf,
+    ddec: B::Buf,
     /// (B, S) of the source the encoder holds, which `decode` must match.
     encoded: Option<(usize, usize)>,
     /// (B, S, T) of the last training forward.
@@ -41,10 +39,19 @@ pub struct Seq2Seq {
     /// Packed decoder weights shared with the other copies decoding the same call (see
     /// `kernels::packed::SharedPacks`); set by whoever made the copies, for that call only.
     pub(crate) shared_packs: Option<std::sync::Arc<crate::kernels::packed::SharedPacks>>,
+    be: B,
 }
 
 impl Seq2Seq {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
+        Self::on(Cpu, config, seed)
+    }
+}
+
+impl<B: Backend> Seq2Seq<B> {
+    /// A new model whose parameters and activations live on `be`; initialised on the host
+    /// from `seed` as on the CPU, so both devices start from the same weights.
+    pub fn on(be: B, config: ModelConfig, seed: u64) -> Result<Self> {
         check_family(&config, Family::Seq2seq)?;
         let cfg = &config;
         let (c, vt) = (cfg.d_model, cfg.tgt_vocab());
@@ -97,7 +104,7 @@ impl Seq2Seq {
         let tied = (cfg.share_embeddings || cfg.tie_output).then_some(tgt_embed.table);
         let output = output_weight(&mut pb, tied, vt, c);
         Ok(Self {
-            params: pb.build(seed)?,
+            params: Params::upload(&be, pb.build(seed)?),
             config,
             src_embed,
             tgt_embed,
@@ -106,38 +113,43 @@ impl Seq2Seq {
             output,
             src_pad: Vec::new(),
             tgt_pad: Vec::new(),
-            logits: Vec::new(),
-            dlogits: Vec::new(),
-            dmemory: Vec::new(),
-            ddec: Vec::new(),
+            logits: B::Buf::default(),
+            dlogits: B::Buf::default(),
+            dmemory: B::Buf::default(),
+            ddec: B::Buf::default(),
             encoded: None,
             last: LastPass::Nothing,
             int8_steps: false,
             shared_packs: None,
+            be,
         })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// Encode the source: (B, S) → memory (B, S, C). The encoder keeps it as its output,
     /// which [`Seq2Seq::decode`] reads until the next `encode`.
-    pub fn encode(&mut self, src: Tokens) -> Result<&[f32]> {
+    pub fn encode(&mut self, src: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("encode");
         self.run_encoder(src, Mode::EVAL)
     }
 
     /// Decode over the memory of the last [`Seq2Seq::encode`]: tgt_in (B, T) → logits
     /// (B, T, Vt). The batch must be the encoded source's.
-    pub fn decode(&mut self, tgt_in: Tokens) -> Result<&[f32]> {
+    pub fn decode(&mut self, tgt_in: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("decode");
         self.run_decoder(tgt_in, Mode::EVAL)
     }
 
     /// Inference over whole sequences: (src (B, S), tgt_in (B, T)) → logits (B, T, Vt).
-    pub fn logits(&mut self, src: Tokens, tgt_in: Tokens) -> Result<&[f32]> {
+    pub fn logits(&mut self, src: Tokens, tgt_in: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("an inference forward");
         self.run(src, tgt_in, Mode::EVAL)
     }
 
-    fn run(&mut self, src: Tokens, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
+    fn run(&mut self, src: Tokens, tgt_in: Tokens, mode: Mode) -> Result<B::Ref<'_>> {
         if src.batch != tgt_in.batch {
             return Err(shape_err(
                 "target batch",
@@ -149,10 +161,10 @@ impl Seq2Seq {
         self.run_decoder(tgt_in, mode)
     }
 
-    fn run_encoder(&mut self, src: Tokens, mode: Mode) -> Result<&[f32]> {
-        let p = &self.params.data;
+    fn run_encoder(&mut self, src: Tokens, mode: Mode) -> Result<B::Ref<'_>> {
+        let (be, p) = (&self.be, B::view(&self.params.data, self.params.len()));
         self.encoded = None;
-        let x = self.src_embed.forward(&Cpu, p, src, mode)?;
+        let x = self.src_embed.forward(be, p, src, mode)?;
         src.padding_mask(self.config.pad_id, &mut self.src_pad);
         let masks = Masks {
             key_padding: Some(&self.src_pad),
@@ -161,12 +173,12 @@ impl Seq2Seq {
         };
         let memory = self
             .encoder
-            .forward(&Cpu, p, x, src.batch, src.len, &masks, None, mode);
+            .forward(be, p, x, src.batch, src.len, &masks, None, mode);
         self.encoded = Some((src.batch, src.len));
         Ok(memory)
     }
 
-    fn run_decoder(&mut self, tgt_in: Tokens, mode: Mode) -> Result<&[f32]> {
+    fn run_decoder(&mut self, tgt_in: Tokens, mode: Mode) -> Result<B::Ref<'_>> {
         let (b, s) = match self.encoded {
             Some((b, s)) if b == tgt_in.batch => (b, s),
             Some((b, _)) => {
@@ -182,9 +194,9 @@ impl Seq2Seq {
                 ))
             }
         };
-        let p = &self.params.data;
+        let (be, p) = (&self.be, B::view(&self.params.data, self.params.len()));
         let c = self.config.d_model;
-        let y = self.tgt_embed.forward(&Cpu, p, tgt_in, mode)?;
+        let y = self.tgt_embed.forward(be, p, tgt_in, mode)?;
         tgt_in.padding_mask(self.config.pad_id, &mut self.tgt_pad);
         let masks = Masks {
             key_padding: Some(&self.tgt_pad),
@@ -198,11 +210,13 @@ impl Seq2Seq {
         };
         let h = self
             .decoder
-            .forward(&Cpu, p, y, b, tgt_in.len, &masks, Some(memory), mode);
-        let v = project_out(&Cpu, p, self.output, h, &mut self.logits, c);
-        Ok(&self.logits[..b * tgt_in.len * v])
+            .forward(be, p, y, b, tgt_in.len, &masks, Some(memory), mode);
+        let v = project_out(be, p, self.output, h, &mut self.logits, c);
+        Ok(B::view(&self.logits, b * tgt_in.len * v))
     }
+}
 
+impl Seq2Seq {
     /// Encode the source and start incremental decoding of its `B` rows for at most
     /// `max_len` target positions (BOS included): the cross-attention keys and values of every
     /// decoder layer are computed here, once.
@@ -229,16 +243,16 @@ impl Seq2Seq {
     }
 }
 
-impl Model for Seq2Seq {
+impl<B: Backend> Model<B> for Seq2Seq<B> {
     type Batch = Seq2SeqBatch;
 
     fn config(&self) -> &ModelConfig {
         &self.config
     }
-    fn params(&self) -> &Params {
+    fn params(&self) -> &Params<B> {
         &self.params
     }
-    fn params_mut(&mut self) -> &mut Params {
+    fn params_mut(&mut self) -> &mut Params<B> {
         &mut self.params
     }
 
@@ -247,7 +261,7 @@ impl Model for Seq2Seq {
     }
 
     /// Loss of predicting `tgt_out` from (src, tgt_in), padding ignored.
-    fn forward(&mut self, batch: &Seq2SeqBatch, mode: Mode) -> Result<Forward<'_>> {
+    fn forward(&mut self, batch: &Seq2SeqBatch, mode: Mode) -> Result<Forward<'_, B>> {
         let (b, s, t) = (batch.batch, batch.src_len, batch.tgt_len);
         let vt = self.config.tgt_vocab();
         let tgt_out = Tokens::new(&batch.tgt_out, b, t)
@@ -257,9 +271,17 @@ impl Model for Seq2Seq {
         let src = Tokens::new(&batch.src, b, s)?;
         let tgt_in = Tokens::new(&batch.tgt_in, b, t)?;
         self.run(src, tgt_in, mode)?;
-        let logits = &self.logits[..b * t * vt];
+        let logits = B::view(&self.logits, b * t * vt);
         let pad = Some(self.config.pad_id);
-        let loss = loss_of(&Cpu, logits, &mut self.dlogits, tgt_out.ids, vt, pad, mode)?;
+        let loss = loss_of(
+            &self.be,
+            logits,
+            &mut self.dlogits,
+            tgt_out.ids,
+            vt,
+            pad,
+            mode,
+        )?;
         self.last = LastPass::after_forward(mode, (b, s, t));
         Ok(Forward { loss, logits })
     }
@@ -270,40 +292,45 @@ impl Model for Seq2Seq {
         super::grad_order(blocks, self.params.len())
     }
 
-    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+    fn backward_with(
+        &mut self,
+        scale: f32,
+        ready: &mut dyn FnMut(usize, B::Ref<'_>),
+    ) -> Result<()> {
         let (b, s, t) = self.last.take_for_backward()?;
         let (c, vt) = (self.config.d_model, self.config.tgt_vocab());
-        let dlogits = &mut self.dlogits[..b * t * vt];
-        scale_grad(&Cpu, dlogits, scale);
-        let (p, g) = (&self.params.data, &mut self.params.grad);
+        let (be, len) = (&self.be, self.params.len());
+        scale_grad(be, be.grow(&mut self.dlogits, b * t * vt), scale);
+        let p = B::view(&self.params.data, len);
+        let mut g = be.grow(&mut self.params.grad, len);
         let h = self.decoder.output(b * t * c);
-        let ddec = buf(&mut self.ddec, b * t * c);
-        project_out_backward(&Cpu, p, g, self.output, h, dlogits, ddec, c);
-        let dmemory = buf(&mut self.dmemory, b * s * c);
-        dmemory.iter_mut().for_each(|v| *v = 0.0);
+        let dlogits = B::view(&self.dlogits, b * t * vt);
+        let ddec = be.grow(&mut self.ddec, b * t * c);
+        project_out_backward(be, p, B::reborrow(&mut g), self.output, h, dlogits, ddec, c);
+        be.zero(be.grow(&mut self.dmemory, b * s * c));
         let memory = self.encoder.output(b * s * c);
-        let mut done = super::count_blocks::<Cpu>(ready);
+        let mut done = super::count_blocks::<B>(ready);
         let dy = self.decoder.backward(
-            &Cpu,
+            be,
             p,
-            g,
-            &self.ddec[..b * t * c],
+            B::reborrow(&mut g),
+            B::view(&self.ddec, b * t * c),
             InputGrad::Wanted,
-            Some((memory, dmemory)),
+            Some((memory, be.grow(&mut self.dmemory, b * s * c))),
             &mut done,
         );
-        self.tgt_embed.backward(&Cpu, p, g, dy);
+        self.tgt_embed.backward(be, p, B::reborrow(&mut g), dy);
         let dx = self.encoder.backward(
-            &Cpu,
+            be,
             p,
-            g,
-            &self.dmemory[..b * s * c],
+            B::reborrow(&mut g),
+            B::view(&self.dmemory, b * s * c),
             InputGrad::Wanted,
             None,
             &mut done,
         );
-        self.src_embed.backward(&Cpu, p, g, dx);
-        Ok(())
+        self.src_embed.backward(be, p, g, dx);
+        be.sync()
     }
 }
 
