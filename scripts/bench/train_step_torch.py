@@ -95,28 +95,31 @@ class LM(nn.Module):
         return self.output(h)
 
 
-def build(a):
-    """Returns (model, loss_fn) where loss_fn() runs the forward pass and the loss."""
+def build(a, device="cpu"):
+    """Returns (model, loss_fn) where loss_fn() runs the forward pass and the loss; the model
+    and its data on `device` (scripts/gpu/bench_torch.py builds the same models on the GPU)."""
     B, T, C, V = a.batch, a.seq, a.d_model, a.vocab
+    randn = lambda *shape, **kw: torch.randn(*shape, device=device, **kw)  # noqa: E731
+    randint = lambda hi, shape: torch.randint(1, hi, shape, device=device)  # noqa: E731
     if a.model == "encoder":
         layer = nn.TransformerEncoderLayer(
             C, a.heads, a.d_ff, dropout=0.0, activation="relu", batch_first=True,
             norm_first=False)
-        model = nn.TransformerEncoder(layer, a.layers, enable_nested_tensor=False)
+        model = nn.TransformerEncoder(layer, a.layers, enable_nested_tensor=False).to(device)
         # Without --input-grad, x does not require grad and autograd skips the in-projection's
         # input-gradient product (7 matrix products in backward instead of 8).
-        x = torch.randn(B, T, C, requires_grad=a.input_grad)
-        target = torch.randn(B, T, C)
+        x = randn(B, T, C, requires_grad=a.input_grad)
+        target = randn(B, T, C)
 
         def loss_fn():
             x.grad = None
             return F.mse_loss(model(x), target)
         return model, loss_fn
     if a.model == "seq2seq":
-        model = Seq2Seq(a)
-        src = torch.randint(1, V, (B, T))
-        tgt_in = torch.randint(1, V, (B, T))
-        tgt_out = torch.randint(1, V, (B, T))
+        model = Seq2Seq(a).to(device)
+        src = randint(V, (B, T))
+        tgt_in = randint(V, (B, T))
+        tgt_out = randint(V, (B, T))
 
         def loss_fn():
             logits = model(src, tgt_in)
@@ -124,9 +127,9 @@ def build(a):
                                    label_smoothing=0.1)
         return model, loss_fn
     if a.model == "lm":
-        model = LM(a)
-        tokens = torch.randint(1, V, (B, T))
-        targets = torch.randint(1, V, (B, T))
+        model = LM(a).to(device)
+        tokens = randint(V, (B, T))
+        targets = randint(V, (B, T))
 
         def loss_fn():
             logits = model(tokens)

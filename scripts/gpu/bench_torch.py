@@ -4,13 +4,13 @@ scripts/gpu/run.sh.
 
     python3 scripts/gpu/bench_torch.py matmul --m 2048 --k 256 --n 768 --tb [--dtype bf16]
     python3 scripts/gpu/bench_torch.py attention --n 8192 [--backward] [--causal] [--dtype bf16]
-    python3 scripts/gpu/bench_torch.py train-step [--batch 32 --seq 64 --d-model 256 --heads 8
-        --d-ff 1024 --layers 1] [--dtype bf16]
+    python3 scripts/gpu/bench_torch.py train-step [--model encoder|seq2seq|lm] [--batch 32
+        --seq 64 --d-model 256 --heads 8 --d-ff 1024 --layers 1 --vocab 8000] [--dtype bf16]
 
-train-step is scripts/bench/train_step_torch.py's encoder step on the GPU, in eager mode:
-nn.TransformerEncoder (post-LN, ReLU, dropout 0; its attention is scaled_dot_product_attention)
-on a fixed random input, MSE against a fixed random target, backward, AdamW(lr=1e-4), with
-torch.autocast(bfloat16) for --dtype bf16; each step timed to its completion.
+train-step is scripts/bench/train_step_torch.py's step (its models and losses, built there) on
+the GPU, in eager mode (nn.Transformer's attention is scaled_dot_product_attention): forward,
+loss, backward, AdamW(lr=1e-4), zero_grad, with torch.autocast(bfloat16) for --dtype bf16;
+each step timed to its completion.
 
 f32 products run in TF32 (torch.backends.cuda.matmul.allow_tf32), as qkv's; attention is
 scaled_dot_product_attention, whose backend PyTorch picks (flash for bf16; the
@@ -18,8 +18,13 @@ memory-efficient kernel for f32) and names in the line. Times are CUDA-event med
 """
 import argparse
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import train_step_torch  # noqa: E402  (the CPU benchmark's models, built on the GPU here)
 
 
 def timed(fn, steps, warmup):
@@ -53,6 +58,8 @@ def main():
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--model", choices=["encoder", "seq2seq", "lm"], default="encoder")
+    p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true")
     p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
@@ -72,23 +79,19 @@ def main():
                     dtype="bf16" if a.dtype == "bf16" else "tf32", ms=round(ms, 4),
                     gflops=round(2 * a.m * a.k * a.n / (ms / 1e3) / 1e9, 1))
     elif a.what == "train-step":
-        layer = torch.nn.TransformerEncoderLayer(
-            a.d_model, a.heads, a.d_ff, dropout=0.0, activation="relu", batch_first=True,
-            norm_first=False)
-        model = torch.nn.TransformerEncoder(layer, a.layers, enable_nested_tensor=False).to(dev)
+        a.input_grad = False
+        model, loss_fn = train_step_torch.build(a, device=dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn(a.batch, a.seq, a.d_model, device=dev)
-        target = torch.randn(a.batch, a.seq, a.d_model, device=dev)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
-                loss = torch.nn.functional.mse_loss(model(x), target)
+                loss = loss_fn()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         ms, mn = timed(step, a.steps, a.warmup)
-        line.update(model="encoder", batch=a.batch, seq=a.seq, d_model=a.d_model, heads=a.heads,
+        line.update(model=a.model, batch=a.batch, seq=a.seq, d_model=a.d_model, heads=a.heads,
                     d_ff=a.d_ff, layers=a.layers, dtype=a.dtype, ms_per_step=round(ms, 3),
                     min_ms=round(mn, 3), tokens_per_s=round(a.batch * a.seq / (ms / 1e3)))
     else:

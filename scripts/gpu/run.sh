@@ -54,11 +54,15 @@ bench() {
             run "$py" scripts/gpu/bench_torch.py matmul --m "$1" --k "$2" --n "$3" ${4:-} --dtype "$dtype"
         done
     done
-    # The encoder-layer training step (issue 18's first target: B32 T64 d256 h8 ff1024).
+    # Training steps: the encoder layer (issue 18's first target: B32 T64 d256 h8 ff1024)
+    # and the paper's base model (6+6 layers, d512, h8, ff2048; 200 x 128 = 25.6k tokens).
+    base="--model seq2seq --layers 6 --d-model 512 --heads 8 --d-ff 2048 --batch 200 --seq 128"
     for dtype in f32 bf16; do
         run "$bin/qkv" bench train-step --device cuda --dtype "$dtype" --steps 30 --warmup 5
         run "$py" scripts/gpu/bench_torch.py train-step --batch 32 --dtype "$dtype" --steps 30 --warmup 5
     done
+    run "$bin/qkv" bench train-step --device cuda $base --dtype bf16 --steps 10 --warmup 3
+    run "$py" scripts/gpu/bench_torch.py train-step $base --dtype bf16 --steps 10 --warmup 3
     for flags in "" "--causal" "--backward" "--causal --backward"; do
         run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5
         run "$bin/qkv" bench attention --device cuda --n 8192 $flags --steps 5 --dtype bf16
