@@ -406,24 +406,15 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-/// [`train_step`] on the first GPU: the same model code (the encoder stack, the
-/// sequence-to-sequence model or the language model) on the CUDA backend, with parameters,
-/// gradients and AdamW's moments on the device (TF32 products, or bf16 operands with f32
-/// sums). Each step is timed to its completion. Returns the times and the device's
-/// description. The classifier is the CPU's so far: asking for it is an error that says so.
+/// [`train_step`] on the first GPU: the same model code (the encoder stack or any model
+/// family) on the CUDA backend, with parameters, gradients and AdamW's moments on the device
+/// (TF32 products, or bf16 operands with f32 sums). Each step is timed to its completion.
+/// Returns the times and the device's description.
 pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     use crate::backend::{Backend, Cuda};
     use crate::cuda::params::{DeviceAdamW, DeviceParams};
-    use crate::cuda::{CudaError, Gpu};
+    use crate::cuda::Gpu;
 
-    if b.model == BenchModel::Classifier {
-        return Err(CudaError::Unsupported(
-            "the classifier's train step on CUDA: the encoder stack, the sequence-to-sequence \
-             model and the language model run there so far"
-                .into(),
-        )
-        .into());
-    }
     let bf16 = match b.precision {
         Precision::F32 => false,
         Precision::Bf16 => true,
@@ -451,7 +442,17 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
             let model = LanguageModel::on(be, cfg, 1)?;
             return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
         }
-        BenchModel::Encoder | BenchModel::Classifier => {}
+        BenchModel::Classifier => {
+            let examples: Vec<(&[u32], u32)> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (*r, (i % 2) as u32))
+                .collect();
+            let batch = ClassifyBatch::new(&examples, 0);
+            let model = Classifier::on(be, cfg, 1)?;
+            return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
+        }
+        BenchModel::Encoder => {}
     }
     let mut pb = ParamBuilder::default();
     let mut stack: Stack<Cuda> = Stack::new(

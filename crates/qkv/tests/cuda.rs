@@ -1498,3 +1498,83 @@ fn a_sequence_to_sequence_model_on_the_cuda_backend_matches_the_cpu_backend() {
     assert_near(&what("logits"), &glogits, &logits, 5e-3);
     assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
 }
+
+#[test]
+fn pooling_forward_and_backward_match_the_cpu() {
+    use qkv::kernels::pool::{pool_backward, pool_forward, Pool};
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(61);
+    let (b, t, c) = (4, 9, 40);
+    let h = random_vec(&mut rng, b * t * c, 1.0);
+    let dp = random_vec(&mut rng, b * c, 1.0);
+    // Row 2 is all padding (the mean counts one position), row 1 half.
+    let pad: Vec<bool> = (0..b * t)
+        .map(|i| i / t == 2 || (i / t == 1 && i % t >= 4))
+        .collect();
+    for pool in [Pool::First, Pool::Mean] {
+        let mut want = vec![0.0; b * c];
+        pool_forward(&mut want, &h, &pad, t, c, pool);
+        let mut out = up(&g, &vec![1.0; b * c]);
+        g.pool_forward(&mut out, &up(&g, &h), &pad, t, c, pool)
+            .unwrap();
+        assert_near(&format!("{pool:?} pool"), &down(&g, &out), &want, 1e-6);
+        let mut want_dh = vec![0.0; b * t * c];
+        pool_backward(&mut want_dh, &dp, &pad, t, c, pool);
+        let mut dh = up(&g, &vec![1.0; b * t * c]);
+        g.pool_backward(&mut dh, &up(&g, &dp), &pad, t, c, pool)
+            .unwrap();
+        assert_near(
+            &format!("{pool:?} pool backward"),
+            &down(&g, &dh),
+            &want_dh,
+            1e-6,
+        );
+    }
+}
+
+/// The classifier, whole, in both poolings: loss, logits and every gradient from one seed.
+#[test]
+fn a_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
+    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::data::ClassifyBatch;
+    use qkv::model::config::{Family, ModelConfig, Pooling};
+    use qkv::model::{Classifier, Mode, Model};
+
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    let rows: Vec<(Vec<u32>, u32)> = (0..4)
+        .map(|r| {
+            (
+                (0..4 + 2 * r)
+                    .map(|i| (1 + (r * 7 + i * 3) % 49) as u32)
+                    .collect(),
+                r as u32 % 3,
+            )
+        })
+        .collect();
+    let examples: Vec<(&[u32], u32)> = rows.iter().map(|(x, y)| (&x[..], *y)).collect();
+    let batch = ClassifyBatch::new(&examples, 0);
+    let mode = Mode::train(0.1, 0.0, 43);
+    for pooling in [Pooling::Mean, Pooling::First] {
+        let mut cfg = ModelConfig::preset("tiny", Family::Classifier, 50).unwrap();
+        (cfg.n_classes, cfg.max_len, cfg.pooling) = (3, 16, pooling);
+        let mut cpu = Classifier::on(Cpu, cfg.clone(), 9).unwrap();
+        let mut dev = Classifier::on(Cuda::new(g.clone(), false), cfg, 9).unwrap();
+        let f = cpu.forward(&batch, mode).unwrap();
+        let (loss, logits) = (f.loss, f.logits.to_vec());
+        cpu.backward(1.0).unwrap();
+        let gf = dev.forward(&batch, mode).unwrap();
+        let gloss = gf.loss;
+        let glogits = g.to_host(gf.logits).unwrap();
+        dev.backward(1.0).unwrap();
+        let grad = g.to_host(Cuda::view(&dev.params().grad, dev.params().len()));
+        let what = |s: &str| format!("classifier, {pooling:?} pooling: {s}");
+        assert!(
+            (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean,
+            "{}",
+            what("loss")
+        );
+        assert_near(&what("logits"), &glogits, &logits, 5e-3);
+        assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
+    }
+}

@@ -14,6 +14,7 @@ use crate::kernels::layernorm;
 use crate::kernels::linear_attention::{linear_attention_backward, linear_attention_forward};
 use crate::kernels::loss::{self, CrossEntropy};
 use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
+use crate::kernels::pool::{self, Pool};
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
 use crate::params::{two_mut, Param};
@@ -299,6 +300,28 @@ impl Backend for Cpu {
         (t_len, c): (usize, usize),
     ) {
         embedding::embedding_backward(dtable, dpos, dout, tokens, scale, t_len, c);
+    }
+    #[inline]
+    fn pool_forward(
+        &self,
+        out: &mut [f32],
+        h: &[f32],
+        pad: &[bool],
+        (t, c): (usize, usize),
+        pool: Pool,
+    ) {
+        pool::pool_forward(out, h, pad, t, c, pool);
+    }
+    #[inline]
+    fn pool_backward(
+        &self,
+        dh: &mut [f32],
+        dpooled: &[f32],
+        pad: &[bool],
+        (t, c): (usize, usize),
+        pool: Pool,
+    ) {
+        pool::pool_backward(dh, dpooled, pad, t, c, pool);
     }
     #[inline]
     fn cross_entropy(

@@ -21,6 +21,7 @@ use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::CrossEntropy;
 use crate::kernels::matmul::Layout;
+use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
 use crate::params::Param;
@@ -428,6 +429,26 @@ impl Backend for Cuda {
             let tokens = gpu.stream().clone_htod(tokens)?;
             gpu.embedding_backward(dtable, dpos, dout, &tokens, scale, t_len, c)
         });
+    }
+    fn pool_forward(
+        &self,
+        out: DevMut<'_>,
+        h: DevRef<'_>,
+        pad: &[bool],
+        (t, c): (usize, usize),
+        pool: Pool,
+    ) {
+        self.run(|gpu| gpu.pool_forward(out, h, pad, t, c, pool));
+    }
+    fn pool_backward(
+        &self,
+        dh: DevMut<'_>,
+        dpooled: DevRef<'_>,
+        pad: &[bool],
+        (t, c): (usize, usize),
+        pool: Pool,
+    ) {
+        self.run(|gpu| gpu.pool_backward(dh, dpooled, pad, t, c, pool));
     }
     fn cross_entropy(
         &self,

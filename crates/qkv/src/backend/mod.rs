@@ -29,6 +29,7 @@ use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::CrossEntropy;
 use crate::kernels::matmul::Layout;
+use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
 use crate::params::Param;
@@ -248,6 +249,24 @@ pub trait Backend: Debug + 'static {
         tokens: &[u32],
         scale: f32,
         t_len_c: (usize, usize),
+    );
+    /// `kernels::pool::pool_forward`: out (B, C) from h (B, T, C); padding (B, T) on the host.
+    fn pool_forward(
+        &self,
+        out: Self::Mut<'_>,
+        h: Self::Ref<'_>,
+        pad: &[bool],
+        t_c: (usize, usize),
+        pool: Pool,
+    );
+    /// `kernels::pool::pool_backward`: dh (B, T, C), overwritten, from dpooled (B, C).
+    fn pool_backward(
+        &self,
+        dh: Self::Mut<'_>,
+        dpooled: Self::Ref<'_>,
+        pad: &[bool],
+        t_c: (usize, usize),
+        pool: Pool,
     );
     /// `kernels::loss::cross_entropy`: the loss of `logits` (N, V) against `targets` (N, on
     /// the host), and ∂(mean loss)/∂logits into `dlogits` when given. A device waits for

@@ -107,6 +107,11 @@ pub const SOURCES: &[Source] = &[
         ],
     },
     Source {
+        name: "pool",
+        text: include_str!("kernels/pool.cu"),
+        functions: &["pool_forward", "pool_backward"],
+    },
+    Source {
         name: "decode",
         text: include_str!("kernels/decode.cu"),
         functions: &["attention_one_query"],

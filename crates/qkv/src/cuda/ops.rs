@@ -14,6 +14,7 @@ use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::CrossEntropy;
 use crate::kernels::matmul::Layout;
+use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 
 /// Threads per block of the elementwise and per-row kernels: 8 warps.
@@ -599,6 +600,76 @@ impl Gpu {
         // SAFETY: matches activation.cu; d, pre and out hold (N, F), dbias (F).
         unsafe { b.launch(cfg) }?;
         Ok(())
+    }
+
+    /// [`crate::kernels::pool::pool_forward`]: out (B, C) from h (B, T, C); padding (B, T)
+    /// on the host, as batches hold it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pool_forward<'v>(
+        &self,
+        out: impl Into<DevMut<'v>>,
+        h: impl Into<DevRef<'v>>,
+        pad: &[bool],
+        t: usize,
+        c: usize,
+        pool: Pool,
+    ) -> Result<(), CudaError> {
+        let (out, h): (DevMut, DevRef) = (out.into(), h.into());
+        let kernel = "pool_forward";
+        let b = rows_of(kernel, out.len(), c)?;
+        need(
+            kernel,
+            &[("h", h.len(), b * t * c), ("padding", pad.len(), b * t)],
+        )?;
+        let pad = self.bytes(&pad[..b * t])?;
+        let ints = [b, t, c].map(|x| x as i32);
+        let code = (pool == Pool::Mean) as i32;
+        let func = self.function(kernel)?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&out).arg(&h).arg(&pad);
+        l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&code);
+        // SAFETY: matches pool.cu; out holds (B, C), h (B, T, C), the padding (B, T).
+        unsafe { l.launch(elementwise(b * c)) }?;
+        Ok(())
+    }
+
+    /// [`crate::kernels::pool::pool_backward`]: dh (B, T, C), overwritten, from dpooled (B, C).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pool_backward<'v>(
+        &self,
+        dh: impl Into<DevMut<'v>>,
+        dpooled: impl Into<DevRef<'v>>,
+        pad: &[bool],
+        t: usize,
+        c: usize,
+        pool: Pool,
+    ) -> Result<(), CudaError> {
+        let (dh, dpooled): (DevMut, DevRef) = (dh.into(), dpooled.into());
+        let kernel = "pool_backward";
+        let b = rows_of(kernel, dpooled.len(), c)?;
+        need(
+            kernel,
+            &[("dh", dh.len(), b * t * c), ("padding", pad.len(), b * t)],
+        )?;
+        let pad = self.bytes(&pad[..b * t])?;
+        let ints = [b, t, c].map(|x| x as i32);
+        let code = (pool == Pool::Mean) as i32;
+        let func = self.function(kernel)?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&dh).arg(&dpooled).arg(&pad);
+        l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&code);
+        // SAFETY: matches pool.cu; dh holds (B, T, C), dpooled (B, C), the padding (B, T).
+        unsafe { l.launch(elementwise(b * t * c)) }?;
+        Ok(())
+    }
+
+    /// A host mask as bytes on the device (at least one, so the buffer is never empty).
+    fn bytes(&self, mask: &[bool]) -> Result<CudaSlice<u8>, CudaError> {
+        let mut bytes: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        Ok(self.stream().clone_htod(&bytes)?)
     }
 
     /// [`crate::kernels::loss::cross_entropy`]: loss over the rows whose target is not

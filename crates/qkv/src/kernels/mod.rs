@@ -15,6 +15,7 @@ pub mod loss;
 pub mod matmul;
 pub mod optim;
 pub mod packed;
+pub mod pool;
 pub mod softmax;
 pub mod tile;
 

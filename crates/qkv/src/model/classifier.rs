@@ -7,36 +7,44 @@ use super::embedding::Embedding;
 use super::linear::BiasGrad;
 use super::linear::Linear;
 use super::stack::{InputGrad, Stack};
-use super::{
-    buf, check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens,
-};
-use crate::backend::Cpu;
+use super::{check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens};
+use crate::backend::{Backend, Cpu};
 use crate::data::ClassifyBatch;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::attention::Masks;
+use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 use crate::params::{ParamBuilder, Params};
 use std::ops::Range;
 
-pub struct Classifier {
+pub struct Classifier<B: Backend = Cpu> {
     pub config: ModelConfig,
-    pub params: Params,
-    pub embed: Embedding,
-    pub encoder: Stack,
+    pub params: Params<B>,
+    pub embed: Embedding<B>,
+    pub encoder: Stack<B>,
     /// None when `n_classes` is 0 (an embedding model).
     pub head: Option<Linear>,
     pad: Vec<bool>,
-    pooled: Vec<f32>, // (B, C)
-    logits: Vec<f32>, // (B, K)
-    dlogits: Vec<f32>,
-    dpooled: Vec<f32>,
-    dh: Vec<f32>, // (B, T, C)
+    pooled: B::Buf, // (B, C)
+    logits: B::Buf, // (B, K)
+    dlogits: B::Buf,
+    dpooled: B::Buf,
+    dh: B::Buf, // (B, T, C)
     /// (B, T) of the last training forward.
     last: LastPass<(usize, usize)>,
+    be: B,
 }
 
 impl Classifier {
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self> {
+        Self::on(Cpu, config, seed)
+    }
+}
+
+impl<B: Backend> Classifier<B> {
+    /// A new model whose parameters and activations live on `be`; initialised on the host
+    /// from `seed` as on the CPU, so both devices start from the same weights.
+    pub fn on(be: B, config: ModelConfig, seed: u64) -> Result<Self> {
         check_family(&config, Family::Classifier)?;
         let cfg = &config;
         let mut pb = ParamBuilder::default();
@@ -61,32 +69,28 @@ impl Classifier {
         let head = (cfg.n_classes > 0)
             .then(|| Linear::new(&mut pb, "head", cfg.d_model, cfg.n_classes, true));
         Ok(Self {
-            params: pb.build(seed)?,
+            params: Params::upload(&be, pb.build(seed)?),
             config,
             embed,
             encoder,
             head,
             pad: Vec::new(),
-            pooled: Vec::new(),
-            logits: Vec::new(),
-            dlogits: Vec::new(),
-            dpooled: Vec::new(),
-            dh: Vec::new(),
+            pooled: B::Buf::default(),
+            logits: B::Buf::default(),
+            dlogits: B::Buf::default(),
+            dpooled: B::Buf::default(),
+            dh: B::Buf::default(),
             last: LastPass::Nothing,
+            be,
         })
     }
 
-    /// Number of real (non-padding) tokens in row `b`, at least 1 to keep the mean defined.
-    fn real_tokens(pad: &[bool], b: usize, t: usize) -> usize {
-        pad[b * t..(b + 1) * t]
-            .iter()
-            .filter(|&&m| !m)
-            .count()
-            .max(1)
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// Inference: tokens (B, T) → logits (B, K).
-    pub fn logits(&mut self, tokens: Tokens) -> Result<&[f32]> {
+    pub fn logits(&mut self, tokens: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("an inference forward");
         self.run(tokens, Mode::EVAL)
     }
@@ -99,18 +103,38 @@ impl Classifier {
         })
     }
 
-    fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<&[f32]> {
+    fn run(&mut self, tokens: Tokens, mode: Mode) -> Result<B::Ref<'_>> {
         self.head()?;
         let b = tokens.batch;
         self.pool(tokens, mode)?;
-        let (k, c) = (self.config.n_classes, self.config.d_model);
-        let logits = buf(&mut self.logits, b * k);
+        let (k, c, be) = (self.config.n_classes, self.config.d_model, &self.be);
         if let Some(head) = &self.head {
-            head.forward(&Cpu, &self.params.data, &self.pooled[..b * c], logits);
+            let p = B::view(&self.params.data, self.params.len());
+            let logits = be.grow(&mut self.logits, b * k);
+            head.forward(be, p, B::view(&self.pooled, b * c), logits);
         }
-        Ok(&self.logits[..b * k])
+        Ok(B::view(&self.logits, b * k))
     }
 
+    /// Embedding → encoder → pooling into `self.pooled` (B, C).
+    fn pool(&mut self, tokens: Tokens, mode: Mode) -> Result<()> {
+        let (be, p) = (&self.be, B::view(&self.params.data, self.params.len()));
+        let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
+        let x = self.embed.forward(be, p, tokens, mode)?;
+        tokens.padding_mask(self.config.pad_id, &mut self.pad);
+        let masks = Masks {
+            key_padding: Some(&self.pad),
+            causal: false,
+            window: None,
+        };
+        let pool = pooling(&self.config);
+        let h = self.encoder.forward(be, p, x, b, t, &masks, None, mode);
+        be.pool_forward(be.grow(&mut self.pooled, b * c), h, &self.pad, (t, c), pool);
+        Ok(())
+    }
+}
+
+impl Classifier {
     /// Sentence embeddings: tokens (B, T) → pooled encoder states (B, C), each row scaled to
     /// unit L2 norm (sentence-transformers' `Normalize`). Evaluation mode.
     pub fn features(&mut self, tokens: Tokens) -> Result<&[f32]> {
@@ -124,47 +148,18 @@ impl Classifier {
         }
         Ok(&self.pooled[..b * c])
     }
-
-    /// Embedding → encoder → pooling into `self.pooled` (B, C).
-    fn pool(&mut self, tokens: Tokens, mode: Mode) -> Result<()> {
-        let p = &self.params.data;
-        let (b, t, c) = (tokens.batch, tokens.len, self.config.d_model);
-        let x = self.embed.forward(&Cpu, p, tokens, mode)?;
-        tokens.padding_mask(self.config.pad_id, &mut self.pad);
-        let masks = Masks {
-            key_padding: Some(&self.pad),
-            causal: false,
-            window: None,
-        };
-        let h = self.encoder.forward(&Cpu, p, x, b, t, &masks, None, mode);
-        let pooled = buf(&mut self.pooled, b * c);
-        for (row, out) in pooled.chunks_mut(c).enumerate() {
-            out.iter_mut().for_each(|v| *v = 0.0);
-            match self.config.pooling {
-                Pooling::First => out.copy_from_slice(&h[row * t * c..row * t * c + c]),
-                Pooling::Mean => {
-                    let inv = 1.0 / Self::real_tokens(&self.pad, row, t) as f32;
-                    for pos in (0..t).filter(|&pos| !self.pad[row * t + pos]) {
-                        let hr = &h[(row * t + pos) * c..(row * t + pos + 1) * c];
-                        out.iter_mut().zip(hr).for_each(|(o, v)| *o += v * inv);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
-impl Model for Classifier {
+impl<B: Backend> Model<B> for Classifier<B> {
     type Batch = ClassifyBatch;
 
     fn config(&self) -> &ModelConfig {
         &self.config
     }
-    fn params(&self) -> &Params {
+    fn params(&self) -> &Params<B> {
         &self.params
     }
-    fn params_mut(&mut self) -> &mut Params {
+    fn params_mut(&mut self) -> &mut Params<B> {
         &mut self.params
     }
 
@@ -173,7 +168,7 @@ impl Model for Classifier {
     }
 
     /// Loss of predicting each row's label.
-    fn forward(&mut self, batch: &ClassifyBatch, mode: Mode) -> Result<Forward<'_>> {
+    fn forward(&mut self, batch: &ClassifyBatch, mode: Mode) -> Result<Forward<'_, B>> {
         self.head()?;
         let (b, t, k) = (batch.batch, batch.len, self.config.n_classes);
         let labels = &batch.labels;
@@ -190,8 +185,8 @@ impl Model for Classifier {
         }
         self.last = LastPass::Other("a failed forward");
         self.run(Tokens::new(&batch.tokens, b, t)?, mode)?;
-        let logits = &self.logits[..b * k];
-        let loss = loss_of(&Cpu, logits, &mut self.dlogits, labels, k, None, mode)?;
+        let logits = B::view(&self.logits, b * k);
+        let loss = loss_of(&self.be, logits, &mut self.dlogits, labels, k, None, mode)?;
         self.last = LastPass::after_forward(mode, (b, t));
         Ok(Forward { loss, logits })
     }
@@ -201,51 +196,55 @@ impl Model for Classifier {
         super::grad_order(self.encoder.grad_order(), self.params.len())
     }
 
-    fn backward_with(&mut self, scale: f32, ready: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+    fn backward_with(
+        &mut self,
+        scale: f32,
+        ready: &mut dyn FnMut(usize, B::Ref<'_>),
+    ) -> Result<()> {
         let (b, t) = self.last.take_for_backward()?;
         let (c, k) = (self.config.d_model, self.config.n_classes);
         let head = self
             .head
             .as_ref()
             .ok_or_else(|| Error::Usage("no class head".into()))?;
-        let dlogits = &mut self.dlogits[..b * k];
-        scale_grad(&Cpu, dlogits, scale);
-        let (p, g) = (&self.params.data, &mut self.params.grad);
-        let dpooled = buf(&mut self.dpooled, b * c);
+        let (be, len) = (&self.be, self.params.len());
+        scale_grad(be, be.grow(&mut self.dlogits, b * k), scale);
+        let p = B::view(&self.params.data, len);
+        let mut g = be.grow(&mut self.params.grad, len);
+        let dpooled = be.grow(&mut self.dpooled, b * c);
+        let (pooled, dlogits) = (B::view(&self.pooled, b * c), B::view(&self.dlogits, b * k));
+        let g1 = B::reborrow(&mut g);
         head.backward(
-            &Cpu,
+            be,
             p,
-            g,
-            &self.pooled[..b * c],
+            g1,
+            pooled,
             dlogits,
             Some(dpooled),
             Acc::Set,
             BiasGrad::Compute,
         );
-        let dh = buf(&mut self.dh, b * t * c);
-        dh.iter_mut().for_each(|v| *v = 0.0);
-        for (row, dp) in self.dpooled[..b * c].chunks(c).enumerate() {
-            match self.config.pooling {
-                Pooling::First => dh[row * t * c..row * t * c + c].copy_from_slice(dp),
-                Pooling::Mean => {
-                    let inv = 1.0 / Self::real_tokens(&self.pad, row, t) as f32;
-                    for pos in (0..t).filter(|&pos| !self.pad[row * t + pos]) {
-                        let d = &mut dh[(row * t + pos) * c..(row * t + pos + 1) * c];
-                        d.iter_mut().zip(dp).for_each(|(o, v)| *o = v * inv);
-                    }
-                }
-            }
-        }
+        let dh = be.grow(&mut self.dh, b * t * c);
+        let pool = pooling(&self.config);
+        be.pool_backward(dh, B::view(&self.dpooled, b * c), &self.pad, (t, c), pool);
         let dx = self.encoder.backward(
-            &Cpu,
+            be,
             p,
-            g,
-            &self.dh[..b * t * c],
+            B::reborrow(&mut g),
+            B::view(&self.dh, b * t * c),
             InputGrad::Wanted,
             None,
-            &mut super::count_blocks::<Cpu>(ready),
+            &mut super::count_blocks::<B>(ready),
         );
-        self.embed.backward(&Cpu, p, g, dx);
-        Ok(())
+        self.embed.backward(be, p, g, dx);
+        be.sync()
+    }
+}
+
+/// The pooling kernel for the configured pooling.
+fn pooling(cfg: &ModelConfig) -> Pool {
+    match cfg.pooling {
+        Pooling::First => Pool::First,
+        Pooling::Mean => Pool::Mean,
     }
 }
