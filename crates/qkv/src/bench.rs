@@ -78,6 +78,40 @@ fn bench_tokens(b: &TrainStepBench) -> Vec<u32> {
         .collect()
 }
 
+/// A translation batch of the rows, each its own target (source and target T − 1 tokens).
+fn seq2seq_batch(rows: &[&[u32]]) -> Seq2SeqBatch {
+    let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r[1..], &r[1..])).collect();
+    Seq2SeqBatch::new(&pairs, 0, 1, 2)
+}
+
+/// A language-model batch: each row followed by its first token, so T tokens are predicted.
+fn lm_batch(rows: &[&[u32]]) -> LmBatch {
+    let blocks: Vec<Vec<u32>> = rows.iter().map(|r| [*r, &r[..1]].concat()).collect();
+    let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
+    LmBatch::new(&blocks)
+}
+
+/// A classification batch of the rows, labelled 0 and 1 in turn.
+fn classify_batch(rows: &[&[u32]]) -> ClassifyBatch {
+    let examples: Vec<(&[u32], u32)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (*r, (i % 2) as u32))
+        .collect();
+    ClassifyBatch::new(&examples, 0)
+}
+
+/// The encoder benchmark's stack of `b.layers` blocks and its parameters (on the host).
+fn encoder_stack<B: crate::backend::Backend>(
+    b: &TrainStepBench,
+    cfg: &ModelConfig,
+) -> Result<(Stack<B>, Params)> {
+    let mut pb = ParamBuilder::default();
+    let mut sites = SiteIds::default();
+    let stack = Stack::new(&mut pb, "encoder", b.layers, false, cfg, &mut sites);
+    Ok((stack, pb.build(1)?))
+}
+
 /// The encoder benchmark's input and target, (B·T, C) each: the same on either device.
 fn encoder_data(b: &TrainStepBench) -> (Vec<f32>, Vec<f32>) {
     let n = b.batch * b.seq * b.d_model;
@@ -100,16 +134,7 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
     let rows: Vec<&[u32]> = tokens.chunks(b.seq).collect();
     match b.model {
         BenchModel::Encoder => {
-            let mut pb = ParamBuilder::default();
-            let mut stack = Stack::new(
-                &mut pb,
-                "encoder",
-                b.layers,
-                false,
-                &cfg,
-                &mut SiteIds::default(),
-            );
-            let mut params: Params = pb.build(1)?;
+            let (mut stack, mut params) = encoder_stack::<Cpu>(b, &cfg)?;
             let mut opt = AdamW::new(opt_cfg, params.len());
             let (x, target) = encoder_data(b);
             let mut dy = vec![0.0f32; n * c];
@@ -151,23 +176,15 @@ pub fn train_step(b: &TrainStepBench) -> Result<Vec<f64>> {
             })
         }
         BenchModel::Seq2seq => {
-            let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r[1..], &r[1..])).collect();
-            let batch = Seq2SeqBatch::new(&pairs, 0, 1, 2);
+            let batch = seq2seq_batch(&rows);
             time_model(Seq2Seq::new(cfg.clone(), 1)?, &batch, &opt_cfg, b)
         }
         BenchModel::Lm => {
-            let blocks: Vec<Vec<u32>> = rows.iter().map(|r| [*r, &r[..1]].concat()).collect();
-            let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
-            let batch = LmBatch::new(&blocks);
+            let batch = lm_batch(&rows);
             time_model(LanguageModel::new(cfg.clone(), 1)?, &batch, &opt_cfg, b)
         }
         BenchModel::Classifier => {
-            let examples: Vec<(&[u32], u32)> = rows
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (*r, (i % 2) as u32))
-                .collect();
-            let batch = ClassifyBatch::new(&examples, 0);
+            let batch = classify_batch(&rows);
             time_model(Classifier::new(cfg.clone(), 1)?, &batch, &opt_cfg, b)
         }
     }
@@ -430,40 +447,20 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     let rows: Vec<&[u32]> = tokens.chunks(b.seq).collect();
     match b.model {
         BenchModel::Seq2seq => {
-            let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (&r[1..], &r[1..])).collect();
-            let batch = Seq2SeqBatch::new(&pairs, 0, 1, 2);
             let model = Seq2Seq::on(be, cfg, 1)?;
-            return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
+            return time_model_cuda(&gpu, model, &seq2seq_batch(&rows), opt_cfg, b);
         }
         BenchModel::Lm => {
-            let blocks: Vec<Vec<u32>> = rows.iter().map(|r| [*r, &r[..1]].concat()).collect();
-            let blocks: Vec<&[u32]> = blocks.iter().map(|r| r.as_slice()).collect();
-            let batch = LmBatch::new(&blocks);
             let model = LanguageModel::on(be, cfg, 1)?;
-            return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
+            return time_model_cuda(&gpu, model, &lm_batch(&rows), opt_cfg, b);
         }
         BenchModel::Classifier => {
-            let examples: Vec<(&[u32], u32)> = rows
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (*r, (i % 2) as u32))
-                .collect();
-            let batch = ClassifyBatch::new(&examples, 0);
             let model = Classifier::on(be, cfg, 1)?;
-            return time_model_cuda(&gpu, model, &batch, opt_cfg, b);
+            return time_model_cuda(&gpu, model, &classify_batch(&rows), opt_cfg, b);
         }
         BenchModel::Encoder => {}
     }
-    let mut pb = ParamBuilder::default();
-    let mut stack: Stack<Cuda> = Stack::new(
-        &mut pb,
-        "encoder",
-        b.layers,
-        false,
-        &cfg,
-        &mut SiteIds::default(),
-    );
-    let params: Params = pb.build(1)?;
+    let (mut stack, params) = encoder_stack::<Cuda>(b, &cfg)?;
     let mut dev = DeviceParams::upload(&gpu, &params)?;
     let mut opt = DeviceAdamW::new(&gpu, opt_cfg, params.len())?;
     let (x, target) = encoder_data(b);

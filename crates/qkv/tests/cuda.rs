@@ -1403,14 +1403,48 @@ fn embedding_projection_and_loss_on_the_cuda_backend_match_the_cpu_backend() {
     }
 }
 
+/// One training forward and backward (its loss gradient scaled by `scale`) of the same model
+/// on both backends: the loss, the logits and every parameter gradient agree.
+fn assert_models_agree<M, D>(
+    what: &str,
+    cpu: &mut M,
+    dev: &mut D,
+    g: &Gpu,
+    batch: &M::Batch,
+    mode: qkv::model::Mode,
+    scale: f32,
+) where
+    M: qkv::model::Model<qkv::backend::Cpu>,
+    D: qkv::model::Model<qkv::backend::Cuda, Batch = M::Batch>,
+{
+    use qkv::backend::{Backend, Cuda};
+    let f = cpu.forward(batch, mode).unwrap();
+    let (loss, logits) = (f.loss, f.logits.to_vec());
+    cpu.backward(scale).unwrap();
+    let gf = dev.forward(batch, mode).unwrap();
+    let gloss = gf.loss;
+    let glogits = g.to_host(gf.logits).unwrap();
+    dev.backward(scale).unwrap();
+    let grad = g.to_host(Cuda::view(&dev.params().grad, dev.params().len()));
+    let what = |s: &str| format!("{what}: {s}");
+    assert!(
+        (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean,
+        "{}",
+        what("loss")
+    );
+    assert_eq!(gloss.count, loss.count, "{}", what("counted targets"));
+    assert_near(&what("logits"), &glogits, &logits, 5e-3);
+    assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
+}
+
 /// The language model, whole: the same model code on both backends from the same seed gives
 /// the same loss, logits and gradients (pre-LN, learned positions, dropout, label smoothing).
 #[test]
 fn a_language_model_on_the_cuda_backend_matches_the_cpu_backend() {
-    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::backend::{Cpu, Cuda};
     use qkv::data::LmBatch;
     use qkv::model::config::{Family, ModelConfig, NormPlacement, Positional};
-    use qkv::model::{LanguageModel, Mode, Model};
+    use qkv::model::{LanguageModel, Mode};
 
     let Some(g) = gpu() else { return };
     let g = std::sync::Arc::new(g);
@@ -1430,23 +1464,7 @@ fn a_language_model_on_the_cuda_backend_matches_the_cpu_backend() {
     let batch = LmBatch::new(&blocks);
     let mode = Mode::train(0.1, 0.1, 31);
 
-    let f = cpu.forward(&batch, mode).unwrap();
-    let (loss, logits) = (f.loss, f.logits.to_vec());
-    cpu.backward(0.5).unwrap();
-    let gf = dev.forward(&batch, mode).unwrap();
-    let gloss = gf.loss;
-    let glogits = g.to_host(gf.logits).unwrap();
-    dev.backward(0.5).unwrap();
-    let grad = g.to_host(Cuda::view(&dev.params().grad, dev.params().len()));
-    let what = |s: &str| format!("language model: {s}");
-    assert!(
-        (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean,
-        "{}",
-        what("loss")
-    );
-    assert_eq!(gloss.count, loss.count, "{}", what("counted targets"));
-    assert_near(&what("logits"), &glogits, &logits, 5e-3);
-    assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
+    assert_models_agree("language model", &mut cpu, &mut dev, &g, &batch, mode, 0.5);
 }
 
 /// The paper's model, whole: encoder, decoder over the padded memory, tied projection, from
@@ -1454,10 +1472,10 @@ fn a_language_model_on_the_cuda_backend_matches_the_cpu_backend() {
 /// dropout, label smoothing, sources and targets of different lengths).
 #[test]
 fn a_sequence_to_sequence_model_on_the_cuda_backend_matches_the_cpu_backend() {
-    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::backend::{Cpu, Cuda};
     use qkv::data::Seq2SeqBatch;
     use qkv::model::config::{Family, ModelConfig};
-    use qkv::model::{Mode, Model, Seq2Seq};
+    use qkv::model::{Mode, Seq2Seq};
 
     let Some(g) = gpu() else { return };
     let g = std::sync::Arc::new(g);
@@ -1480,23 +1498,15 @@ fn a_sequence_to_sequence_model_on_the_cuda_backend_matches_the_cpu_backend() {
     let batch = Seq2SeqBatch::new(&pairs, 0, 1, 2);
     let mode = Mode::train(0.1, 0.1, 37);
 
-    let f = cpu.forward(&batch, mode).unwrap();
-    let (loss, logits) = (f.loss, f.logits.to_vec());
-    cpu.backward(1.0).unwrap();
-    let gf = dev.forward(&batch, mode).unwrap();
-    let gloss = gf.loss;
-    let glogits = g.to_host(gf.logits).unwrap();
-    dev.backward(1.0).unwrap();
-    let grad = g.to_host(Cuda::view(&dev.params().grad, dev.params().len()));
-    let what = |s: &str| format!("sequence to sequence: {s}");
-    assert!(
-        (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean,
-        "{}",
-        what("loss")
+    assert_models_agree(
+        "sequence to sequence",
+        &mut cpu,
+        &mut dev,
+        &g,
+        &batch,
+        mode,
+        1.0,
     );
-    assert_eq!(gloss.count, loss.count, "{}", what("counted targets"));
-    assert_near(&what("logits"), &glogits, &logits, 5e-3);
-    assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
 }
 
 #[test]
@@ -1515,13 +1525,13 @@ fn pooling_forward_and_backward_match_the_cpu() {
         let mut want = vec![0.0; b * c];
         pool_forward(&mut want, &h, &pad, t, c, pool);
         let mut out = up(&g, &vec![1.0; b * c]);
-        g.pool_forward(&mut out, &up(&g, &h), &pad, t, c, pool)
+        g.pool_forward(&mut out, &up(&g, &h), &pad, (t, c), pool)
             .unwrap();
         assert_near(&format!("{pool:?} pool"), &down(&g, &out), &want, 1e-6);
         let mut want_dh = vec![0.0; b * t * c];
         pool_backward(&mut want_dh, &dp, &pad, t, c, pool);
         let mut dh = up(&g, &vec![1.0; b * t * c]);
-        g.pool_backward(&mut dh, &up(&g, &dp), &pad, t, c, pool)
+        g.pool_backward(&mut dh, &up(&g, &dp), &pad, (t, c), pool)
             .unwrap();
         assert_near(
             &format!("{pool:?} pool backward"),
@@ -1535,10 +1545,10 @@ fn pooling_forward_and_backward_match_the_cpu() {
 /// The classifier, whole, in both poolings: loss, logits and every gradient from one seed.
 #[test]
 fn a_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
-    use qkv::backend::{Backend, Cpu, Cuda};
+    use qkv::backend::{Cpu, Cuda};
     use qkv::data::ClassifyBatch;
     use qkv::model::config::{Family, ModelConfig, Pooling};
-    use qkv::model::{Classifier, Mode, Model};
+    use qkv::model::{Classifier, Mode};
 
     let Some(g) = gpu() else { return };
     let g = std::sync::Arc::new(g);
@@ -1560,21 +1570,7 @@ fn a_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
         (cfg.n_classes, cfg.max_len, cfg.pooling) = (3, 16, pooling);
         let mut cpu = Classifier::on(Cpu, cfg.clone(), 9).unwrap();
         let mut dev = Classifier::on(Cuda::new(g.clone(), false), cfg, 9).unwrap();
-        let f = cpu.forward(&batch, mode).unwrap();
-        let (loss, logits) = (f.loss, f.logits.to_vec());
-        cpu.backward(1.0).unwrap();
-        let gf = dev.forward(&batch, mode).unwrap();
-        let gloss = gf.loss;
-        let glogits = g.to_host(gf.logits).unwrap();
-        dev.backward(1.0).unwrap();
-        let grad = g.to_host(Cuda::view(&dev.params().grad, dev.params().len()));
-        let what = |s: &str| format!("classifier, {pooling:?} pooling: {s}");
-        assert!(
-            (gloss.mean - loss.mean).abs() <= 1e-3 * loss.mean,
-            "{}",
-            what("loss")
-        );
-        assert_near(&what("logits"), &glogits, &logits, 5e-3);
-        assert_near(&what("gradients"), &grad.unwrap(), &cpu.params().grad, 5e-3);
+        let what = format!("classifier, {pooling:?} pooling");
+        assert_models_agree(&what, &mut cpu, &mut dev, &g, &batch, mode, 1.0);
     }
 }

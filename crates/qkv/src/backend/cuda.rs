@@ -438,7 +438,7 @@ impl Backend for Cuda {
         (t, c): (usize, usize),
         pool: Pool,
     ) {
-        self.run(|gpu| gpu.pool_forward(out, h, pad, t, c, pool));
+        self.run(|gpu| gpu.pool_forward(out, h, pad, (t, c), pool));
     }
     fn pool_backward(
         &self,
@@ -448,7 +448,7 @@ impl Backend for Cuda {
         (t, c): (usize, usize),
         pool: Pool,
     ) {
-        self.run(|gpu| gpu.pool_backward(dh, dpooled, pad, t, c, pool));
+        self.run(|gpu| gpu.pool_backward(dh, dpooled, pad, (t, c), pool));
     }
     fn cross_entropy(
         &self,

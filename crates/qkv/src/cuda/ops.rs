@@ -604,62 +604,71 @@ impl Gpu {
 
     /// [`crate::kernels::pool::pool_forward`]: out (B, C) from h (B, T, C); padding (B, T)
     /// on the host, as batches hold it.
-    #[allow(clippy::too_many_arguments)]
     pub fn pool_forward<'v>(
         &self,
         out: impl Into<DevMut<'v>>,
         h: impl Into<DevRef<'v>>,
         pad: &[bool],
-        t: usize,
-        c: usize,
+        (t, c): (usize, usize),
         pool: Pool,
     ) -> Result<(), CudaError> {
         let (out, h): (DevMut, DevRef) = (out.into(), h.into());
-        let kernel = "pool_forward";
-        let b = rows_of(kernel, out.len(), c)?;
-        need(
-            kernel,
-            &[("h", h.len(), b * t * c), ("padding", pad.len(), b * t)],
-        )?;
-        let pad = self.bytes(&pad[..b * t])?;
-        let ints = [b, t, c].map(|x| x as i32);
-        let code = (pool == Pool::Mean) as i32;
-        let func = self.function(kernel)?;
-        let mut l = self.stream().launch_builder(&func);
-        l.arg(&out).arg(&h).arg(&pad);
-        l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&code);
-        // SAFETY: matches pool.cu; out holds (B, C), h (B, T, C), the padding (B, T).
-        unsafe { l.launch(elementwise(b * c)) }?;
-        Ok(())
+        let b = rows_of("pool_forward", out.len(), c)?;
+        self.pool_launch(
+            "pool_forward",
+            (out, b * c),
+            (h, b * t * c),
+            pad,
+            [b, t, c],
+            pool,
+        )
     }
 
     /// [`crate::kernels::pool::pool_backward`]: dh (B, T, C), overwritten, from dpooled (B, C).
-    #[allow(clippy::too_many_arguments)]
     pub fn pool_backward<'v>(
         &self,
         dh: impl Into<DevMut<'v>>,
         dpooled: impl Into<DevRef<'v>>,
         pad: &[bool],
-        t: usize,
-        c: usize,
+        (t, c): (usize, usize),
         pool: Pool,
     ) -> Result<(), CudaError> {
         let (dh, dpooled): (DevMut, DevRef) = (dh.into(), dpooled.into());
-        let kernel = "pool_backward";
-        let b = rows_of(kernel, dpooled.len(), c)?;
+        let b = rows_of("pool_backward", dpooled.len(), c)?;
+        let (out, input) = ((dh, b * t * c), (dpooled, b * c));
+        self.pool_launch("pool_backward", out, input, pad, [b, t, c], pool)
+    }
+
+    /// Checks and launches one of pool.cu's kernels, which share their arguments: the output
+    /// and input with the lengths they need, the padding (B, T), the sizes, the pooling.
+    fn pool_launch(
+        &self,
+        kernel: &'static str,
+        (out, out_len): (DevMut, usize),
+        (input, input_len): (DevRef, usize),
+        pad: &[bool],
+        [b, t, c]: [usize; 3],
+        pool: Pool,
+    ) -> Result<(), CudaError> {
         need(
             kernel,
-            &[("dh", dh.len(), b * t * c), ("padding", pad.len(), b * t)],
+            &[
+                ("out", out.len(), out_len),
+                ("in", input.len(), input_len),
+                ("padding", pad.len(), b * t),
+            ],
         )?;
         let pad = self.bytes(&pad[..b * t])?;
         let ints = [b, t, c].map(|x| x as i32);
         let code = (pool == Pool::Mean) as i32;
         let func = self.function(kernel)?;
         let mut l = self.stream().launch_builder(&func);
-        l.arg(&dh).arg(&dpooled).arg(&pad);
+        l.arg(&out).arg(&input).arg(&pad);
         l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&code);
-        // SAFETY: matches pool.cu; dh holds (B, T, C), dpooled (B, C), the padding (B, T).
-        unsafe { l.launch(elementwise(b * t * c)) }?;
+        // SAFETY: both pool.cu kernels take (out, in, pad, B, T, C, pool); out, in and the
+        // padding were checked against the lengths the kernel reads, and a thread per output
+        // element is launched.
+        unsafe { l.launch(elementwise(out_len)) }?;
         Ok(())
     }
 

@@ -11,12 +11,23 @@ extern "C" __global__ void bias_act_forward(float* pre, float* post, const float
     if (act != ACT_IDENTITY) post[i] = act_apply(act, v);
 }
 
+// The end of a column sum over a block (32, 8): each thread's partial sum of column `col`
+// (its rows of the block's chunk) is added across the 8 row stripes and once into dbias[col].
+__device__ __forceinline__ void column_tile_sum(float acc, float* dbias, int col, int f) {
+    __shared__ float sums[8][33];
+    sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < f) {
+        for (int k = 1; k < 8; k++) acc += sums[k][threadIdx.x];
+        atomicAdd(&dbias[col], acc);
+    }
+}
+
 // In place d ← d · act'(pre) (d holds dpost on entry, dpre on exit; left as it is for
 // ACT_IDENTITY) and dbias += Σ_rows dpre, summed while dpre is in registers. Block (32, 8) over
 // a tile of 32 columns and a chunk of rows, as layernorm_param_grads.
 extern "C" __global__ void bias_act_backward(float* d, float* dbias, const float* pre, int n,
                                              int f, int act, int rows_per_chunk) {
-    __shared__ float sums[8][33];
     int col = blockIdx.x * 32 + threadIdx.x;
     int r0 = blockIdx.y * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
     float acc = 0.0f;
@@ -31,12 +42,7 @@ extern "C" __global__ void bias_act_backward(float* d, float* dbias, const float
             acc += g;
         }
     }
-    sums[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < f) {
-        for (int k = 1; k < 8; k++) acc += sums[k][threadIdx.x];
-        atomicAdd(&dbias[col], acc);
-    }
+    column_tile_sum(acc, dbias, col, f);
 }
 
 // bias_act_forward for a `post` that only bf16 products read (kernels::activation::
@@ -56,7 +62,6 @@ extern "C" __global__ void bias_act_forward_bf16(float* pre, unsigned short* pos
 extern "C" __global__ void bias_act_backward_bf16(const float* d, float* dbias, const float* pre,
                                                   unsigned short* out, int n, int f, int act,
                                                   int rows_per_chunk) {
-    __shared__ float sums[8][33];
     int col = blockIdx.x * 32 + threadIdx.x;
     int r0 = blockIdx.y * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
     float acc = 0.0f;
@@ -68,10 +73,5 @@ extern "C" __global__ void bias_act_backward_bf16(const float* d, float* dbias, 
             acc += g;
         }
     }
-    sums[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < f) {
-        for (int k = 1; k < 8; k++) acc += sums[k][threadIdx.x];
-        atomicAdd(&dbias[col], acc);
-    }
+    column_tile_sum(acc, dbias, col, f);
 }
