@@ -185,3 +185,40 @@ unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b DevMut<'_, T>> for LaunchArgs<'a> {
         self.arg(&arg.ptr)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address arithmetic every launch relies on, checked without a GPU: a slice starts
+    /// `start` elements (of its type's size) further, and splits are the parts asked for.
+    #[test]
+    fn views_address_their_elements_and_split_into_the_parts_asked_for() {
+        let base = DevRef::<f32>::from_raw(0x1000, 10);
+        let s = base.slice(2..7);
+        assert_eq!((s.addr(), s.len()), (0x1000 + 2 * 4, 5));
+        assert_eq!(s.slice(1..2).addr(), 0x1000 + 3 * 4);
+        let bits = DevRef::<u16>::from_raw(0x2000, 8).slice(3..8);
+        assert_eq!((bits.addr(), bits.len()), (0x2000 + 3 * 2, 5));
+
+        let mut m = DevMut::<f32>::from_ref(base);
+        let again = m.reborrow();
+        assert_eq!((again.shared().addr(), again.len()), (0x1000, 10));
+        let (a, b) = m.split(0..3, 5..10);
+        assert_eq!((a.shared().addr(), a.len()), (0x1000, 3));
+        assert_eq!((b.shared().addr(), b.len()), (0x1000 + 5 * 4, 5));
+        assert_eq!(DevRef::from(b).slice(4..5).addr(), 0x1000 + 9 * 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "2..5 of 4")]
+    fn a_slice_past_the_view_panics_as_slicing_does() {
+        DevRef::<f32>::from_raw(0, 4).slice(2..5);
+    }
+
+    #[test]
+    #[should_panic(expected = "must be disjoint")]
+    fn overlapping_parts_are_refused() {
+        DevMut::<f32>::unbacked(8).split(0..4, 3..8);
+    }
+}
