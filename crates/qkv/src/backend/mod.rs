@@ -1,6 +1,7 @@
 //! The seam between the layers and the hardware they run on (issue 18: one model code for the
 //! CPU and the GPU). A layer's forward and backward are written once against [`Backend`]; an
-//! implementation owns the buffers and runs the kernels: [`Cpu`] calls [`crate::kernels`].
+//! implementation owns the buffers and runs the kernels: [`Cpu`] calls [`crate::kernels`],
+//! [`Cuda`] launches their twins through [`crate::cuda::Gpu`].
 //!
 //! Buffers are the backend's: an owned, grow-only activation buffer ([`Backend::Buf`],
 //! reused while shapes do not grow, as `model::buf` did for `Vec<f32>`) and borrowed views
@@ -14,9 +15,10 @@
 //! kernels assert), and a device that fails asynchronously reports it where the caller
 //! next reads a result back, as CUDA does.
 //!
-//! Layers move onto the seam one at a time, leaves first (`Linear`, `LayerNorm`, `AddNorm`,
-//! `FeedForward` so far); a layer not yet moved calls the CPU kernels directly and passes
-//! [`Cpu`] to the ones below it.
+//! On the seam: every layer, block and stack, the embeddings, the loss and the three model
+//! families over whole sequences. The CPU's alone (`impl … <Cpu>` blocks): decoding steps over
+//! a `KvCache`, `Classifier::features`, and everything above the models (trainer, pipeline,
+//! serve), which pass [`Cpu`] down.
 
 mod cpu;
 mod cuda;
