@@ -330,6 +330,16 @@ fn device_cuda_without_a_gpu_says_what_is_missing() {
         &[
             "bench", "matmul", "--m", "8", "--k", "8", "--n", "8", "--device", "cuda",
         ][..],
+        &[
+            "bench",
+            "train-step",
+            "--model",
+            "lm",
+            "--steps",
+            "1",
+            "--device",
+            "cuda",
+        ][..],
     ] {
         let (ok, err) = qkv(args);
         assert!(!ok, "{args:?} succeeded without a GPU");

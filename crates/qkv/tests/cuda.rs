@@ -1574,3 +1574,36 @@ fn a_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
         assert_models_agree(&what, &mut cpu, &mut dev, &g, &batch, mode, 1.0);
     }
 }
+
+/// Attention kinds the GPU does not run are an error naming what to use, reported where the
+/// model next synchronises: never a wrong result.
+#[test]
+fn attention_kinds_the_gpu_does_not_run_are_named_errors() {
+    use qkv::backend::{Backend, Cuda};
+    use qkv::model::attention::SelfAttention;
+    use qkv::model::config::{AttentionKind, Family, ModelConfig};
+    use qkv::params::ParamBuilder;
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    let (batch, t) = (2, 5);
+    for (kind, named) in [
+        (AttentionKind::Materialized, "materialized attention"),
+        (AttentionKind::Linear, "linear attention"),
+    ] {
+        let mut cfg = ModelConfig::preset("tiny", Family::Lm, 50).unwrap();
+        cfg.attention = kind;
+        let mut pb = ParamBuilder::default();
+        let mut attn: SelfAttention<Cuda> = SelfAttention::new(&mut pb, "attn", &cfg);
+        let p = up(be.gpu(), &pb.build(1).unwrap().data);
+        let x = up(be.gpu(), &vec![0.5; batch * t * cfg.d_model]);
+        attn.forward(&be, (&p).into(), (&x).into(), batch, t, &Masks::default());
+        let err = be.sync().unwrap_err().to_string();
+        assert!(
+            err.contains(named) && err.contains("flash"),
+            "{kind:?}: {err}"
+        );
+        // The failure is reported once; the backend is usable again after.
+        be.sync().unwrap();
+    }
+}
