@@ -11,6 +11,22 @@ pub enum DtypeArg {
     Int8,
 }
 
+/// `--device`: the CPU, or the first NVIDIA GPU.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn device(self) -> qkv::backend::Device {
+        match self {
+            DeviceArg::Cpu => qkv::backend::Device::Cpu,
+            DeviceArg::Cuda => qkv::backend::Device::Cuda,
+        }
+    }
+}
+
 /// `--dtype` of the inference commands (a job's training precision is in its config).
 #[derive(clap::Args, Clone, Copy)]
 pub struct PrecisionArgs {

@@ -1,7 +1,7 @@
 //! `qkv bench`: the training-step, matrix-product and attention benchmarks of the library
 //! (`qkv::bench`), one JSON line each, and the load generator for `qkv serve`.
 
-use crate::args::{peak_rss_mb, print_profile, DtypeArg};
+use crate::args::{peak_rss_mb, print_profile, DeviceArg, DtypeArg};
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use qkv::bench::{self, BenchModel, TrainStepBench};
@@ -69,13 +69,6 @@ pub struct MatmulArgs {
     /// bf16 operands with f32 sums for bf16).
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
-}
-
-/// Where a benchmark runs.
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -3,6 +3,7 @@
 //! evaluation printed. Under `mpirun` (a build with the `mpi` feature) every process is a
 //! rank of one data-parallel run; rank 0 shows the progress.
 
+use crate::args::DeviceArg;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use qkv::job::Job;
@@ -32,6 +33,11 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
+    /// Where the model trains (overrides the job's `train.device`): the CPU, or the first
+    /// NVIDIA GPU (products in TF32, or bf16 with the job's `precision` "bf16"). Validation
+    /// and the final test run on the CPU.
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
     /// Under mpirun: seconds a rank waits for the others at any step before it names the
     /// ranks that did not arrive and stops the job.
     #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
@@ -159,8 +165,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(s) = args.seed {
         job.train.seed = s;
     }
+    if let Some(d) = args.device {
+        job.train.device = d.device();
+    }
     job.train.validate()?;
     if job.train.precision == qkv::kernels::matmul::Precision::Bf16
+        && job.train.device == qkv::backend::Device::Cpu
         && !qkv::kernels::bf16::available()
     {
         eprintln!("precision bf16: this CPU has no avx512_bf16, so the products run in f32");

@@ -6,10 +6,11 @@
 //! checkpoint under the real name. Loading checks every name, dtype and shape and reports the
 //! first mismatch; a truncated or corrupt file is an error, never a panic.
 
+use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::params::Params;
+use crate::params::{ParamSpec, Params};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -149,14 +150,18 @@ impl TensorFile {
 
 /// Save the model's parameters under their names (the config lives in `config.json` alone).
 pub fn save_params(path: &Path, params: &Params) -> Result<()> {
-    let tensors: Vec<_> = params
-        .specs
+    save_named(path, &params.specs, &params.data)
+}
+
+/// `data`'s parameters, laid out as `specs` say, under their names.
+fn save_named(path: &Path, specs: &[ParamSpec], data: &[f32]) -> Result<()> {
+    let tensors: Vec<_> = specs
         .iter()
         .map(|s| {
             (
                 s.name.clone(),
                 s.shape.clone(),
-                &params.data[s.offset..s.offset + s.len],
+                &data[s.offset..s.offset + s.len],
             )
         })
         .collect();
@@ -165,19 +170,32 @@ pub fn save_params(path: &Path, params: &Params) -> Result<()> {
 
 /// Load every parameter of `params` from `path`: names must match exactly (no missing, no extra).
 pub fn load_params(path: &Path, params: &mut Params) -> Result<()> {
+    load_named(path, &params.specs, &mut params.data)
+}
+
+/// [`load_params`] into `data`, laid out as `specs` say.
+pub(crate) fn load_named(path: &Path, specs: &[ParamSpec], data: &mut [f32]) -> Result<()> {
     let file = TensorFile::open(path)?;
     let names = file.names();
-    if let Some(extra) = names.iter().find(|n| params.spec(n).is_none()) {
+    if let Some(extra) = names.iter().find(|n| !specs.iter().any(|s| &s.name == *n)) {
         return Err(ck_err(
             path,
             format!("unexpected tensor '{extra}' (not a parameter of this model)"),
         ));
     }
-    for spec in params.specs.clone() {
+    for spec in specs {
         let v = file.f32_exact(&spec.name, &spec.shape)?;
-        params.data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
+        data[spec.offset..spec.offset + spec.len].copy_from_slice(&v);
     }
     Ok(())
+}
+
+/// [`load_params`] into a model's parameters on backend `be` (a device's are written from a
+/// host copy).
+pub fn load_params_on<B: Backend>(be: &B, path: &Path, params: &mut Params<B>) -> Result<()> {
+    let n = params.len();
+    let Params { specs, data, .. } = params;
+    be.host_mut(be.grow(data, n), &mut |d| load_named(path, specs, d))
 }
 
 /// Warm start: copy every parameter of `dir`'s weights whose name `params` has (the shapes
@@ -205,23 +223,39 @@ pub fn save(
     params: &Params,
     optimizer: Option<&AdamW>,
 ) -> Result<()> {
+    save_on(&Cpu, dir, config, params, optimizer)
+}
+
+/// [`save`] for a model and optimizer on backend `be` (a device's buffers are copied to the
+/// host first).
+pub fn save_on<B: Backend>(
+    be: &B,
+    dir: &Path,
+    config: &ModelConfig,
+    params: &Params<B>,
+    optimizer: Option<&AdamW<B>>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cfg = serde_json::to_string_pretty(config).map_err(|e| ck_err(dir, e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), cfg.as_bytes())?;
-    save_params(&dir.join(MODEL_FILE), params)?;
+    let n = params.len();
+    let data = be.to_host(B::view(&params.data, n))?;
+    save_named(&dir.join(MODEL_FILE), &params.specs, &data)?;
     if let Some(opt) = optimizer {
         let path = dir.join(OPTIMIZER_FILE);
+        let m = be.to_host(B::view(&opt.m, n))?;
+        let v = be.to_host(B::view(&opt.v, n))?;
         let mut tensors = Vec::new();
         for s in &params.specs {
             tensors.push((
                 format!("m.{}", s.name),
                 s.shape.clone(),
-                &opt.m[s.offset..s.offset + s.len],
+                &m[s.offset..s.offset + s.len],
             ));
             tensors.push((
                 format!("v.{}", s.name),
                 s.shape.clone(),
-                &opt.v[s.offset..s.offset + s.len],
+                &v[s.offset..s.offset + s.len],
             ));
         }
         let meta = HashMap::from([
@@ -248,6 +282,16 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
 
 /// Load parameters into a model built from `expected` config; the saved config must equal it.
 pub fn load(dir: &Path, expected: &ModelConfig, params: &mut Params) -> Result<()> {
+    load_on(&Cpu, dir, expected, params)
+}
+
+/// [`load`] into a model on backend `be`.
+pub fn load_on<B: Backend>(
+    be: &B,
+    dir: &Path,
+    expected: &ModelConfig,
+    params: &mut Params<B>,
+) -> Result<()> {
     let saved = load_config(dir)?;
     if &saved != expected {
         return Err(ck_err(
@@ -255,11 +299,12 @@ pub fn load(dir: &Path, expected: &ModelConfig, params: &mut Params) -> Result<(
             format!("config does not match the model: saved {saved:?}, model {expected:?}"),
         ));
     }
-    load_params(&dir.join(MODEL_FILE), params)
+    load_params_on(be, &dir.join(MODEL_FILE), params)
 }
 
 /// Load optimizer state saved by [`save`].
-pub fn load_optimizer(dir: &Path, params: &Params) -> Result<AdamW> {
+/// The moments are read to the host, whatever backend `params` are on.
+pub fn load_optimizer<B: Backend>(dir: &Path, params: &Params<B>) -> Result<AdamW> {
     let path = dir.join(OPTIMIZER_FILE);
     let file = TensorFile::open(&path)?;
     let meta = file.metadata();

@@ -1,7 +1,8 @@
 //! AdamW with global-norm gradient clipping over the flat parameter/gradient buffers.
 
+use crate::backend::{Backend, Cpu};
 use crate::error::{Error, Result};
-use crate::kernels::optim::{adamw_step, scale, sum_squares};
+use crate::kernels::optim::sum_squares;
 use crate::params::Params;
 use serde::{Deserialize, Serialize};
 
@@ -60,45 +61,70 @@ impl AdamWConfig {
     }
 }
 
-/// Optimizer state: first and second moments in the parameters' layout, and the step count.
+/// Optimizer state: first and second moments in the parameters' layout, on the parameters'
+/// backend, and the step count.
 #[derive(Clone, Debug)]
-pub struct AdamW {
+pub struct AdamW<B: Backend = Cpu> {
     pub config: AdamWConfig,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    pub m: B::Buf,
+    pub v: B::Buf,
     pub step: u64,
 }
 
 impl AdamW {
     pub fn new(config: AdamWConfig, n_params: usize) -> Self {
-        Self {
-            config,
-            m: vec![0.0; n_params],
-            v: vec![0.0; n_params],
-            step: 0,
-        }
+        Self::on(&Cpu, config, n_params)
     }
 
     /// Clip (if configured) and apply one update with learning rate `lr`.
     /// Returns the gradient norm before clipping. A non-finite gradient is an error naming the
     /// first parameter that holds one; the parameters are left untouched.
     pub fn step(&mut self, params: &mut Params, lr: f32) -> Result<f32> {
-        let norm = grad_norm(params)?;
-        if let Some(coef) = clip_coef(norm, self.config.clip_norm) {
-            scale(&mut params.grad, coef);
+        self.step_on(&Cpu, params, lr)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// Zero moments for `n_params` parameters on `be`.
+    pub fn on(be: &B, config: AdamWConfig, n_params: usize) -> Self {
+        Self {
+            config,
+            m: be.upload(vec![0.0; n_params]),
+            v: be.upload(vec![0.0; n_params]),
+            step: 0,
         }
+    }
+
+    /// A host optimizer state (a checkpoint's) on `be`.
+    pub fn upload(be: &B, host: AdamW) -> Self {
+        Self {
+            config: host.config,
+            m: be.upload(host.m),
+            v: be.upload(host.v),
+            step: host.step,
+        }
+    }
+
+    /// [`AdamW::step`] on `be`, where `params` and the moments live. The update is queued on
+    /// a device: a failure shows at the next read (the next loss).
+    pub fn step_on(&mut self, be: &B, params: &mut Params<B>, lr: f32) -> Result<f32> {
+        let n = params.len();
+        let norm = be.sum_squares(B::view(&params.grad, n)).sqrt() as f32;
+        if !norm.is_finite() {
+            be.sync()?;
+            let grad = be.to_host(B::view(&params.grad, n))?;
+            return Err(non_finite_gradient(&params.specs, &grad, norm));
+        }
+        let clip = clip_coef(norm, self.config.clip_norm);
         self.step += 1;
-        let c = &self.config;
-        adamw_step(
-            &mut params.data,
-            &params.grad,
-            &mut self.m,
-            &mut self.v,
+        be.adamw_step(
+            be.grow(&mut params.data, n),
+            be.grow(&mut params.grad, n),
+            be.grow(&mut self.m, n),
+            be.grow(&mut self.v, n),
+            clip,
+            &self.config,
             lr,
-            c.beta1,
-            c.beta2,
-            c.eps,
-            c.weight_decay,
             self.step,
         );
         Ok(norm)

@@ -171,6 +171,12 @@ impl<B: Backend> Params<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Zero the gradients on `be` (the trainer's job before each update).
+    pub fn zero_grad_on(&mut self, be: &B) {
+        let _p = crate::profile::scope("zero grad");
+        let n = self.len();
+        be.zero(be.grow(&mut self.grad, n));
+    }
 }
 
 impl Params {
@@ -178,8 +184,7 @@ impl Params {
         self.specs.iter().find(|s| s.name == name)
     }
     pub fn zero_grad(&mut self) {
-        let _p = crate::profile::scope("zero grad");
-        self.grad.iter_mut().for_each(|g| *g = 0.0);
+        self.zero_grad_on(&Cpu);
     }
     /// Slice of a named parameter (tests, checkpoints).
     pub fn get(&self, name: &str) -> Option<&[f32]> {

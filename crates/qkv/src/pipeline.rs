@@ -7,18 +7,23 @@
 //! (tokenizers, labels) to the other ranks, which prepare the same data from a private copy;
 //! only rank 0 writes into the run directory, so it need not be on a shared filesystem.
 
+use crate::backend::{Backend, Cuda, Device};
 use crate::data::{read_labelled, read_parallel, read_text};
 use crate::decode::DecodeConfig;
 use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
-use crate::model::{AnyModel, EncoderDecoder, Model};
+use crate::kernels::matmul::Precision;
+use crate::model::{AnyModel, EncoderDecoder, Model, ToBackend};
 use crate::model_dir::{ModelDir, ModelFiles};
 use crate::tasks::classify::{self, Classify};
 use crate::tasks::lm::{self, Lm};
 use crate::tasks::translate::{self, Summarize, Translate, TranslateOptions};
 use crate::tasks::{Prepared, Report, Task};
-use crate::train::{Observer, Outcome, RunDir, Trainer, TrainerState, BEST_DIR, METRICS_FILE};
+use crate::train::{
+    HostValidated, Observer, Outcome, RunDir, TrainData, Trainer, TrainerState, BEST_DIR,
+    METRICS_FILE,
+};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -36,7 +41,9 @@ pub struct TrainReport {
 }
 
 /// Train `job` in its run directory: a fresh run (refusing a directory that holds one), or
-/// with `resume` continued from its latest checkpoint. Progress goes to `observer`.
+/// with `resume` continued from its latest checkpoint. Progress goes to `observer`. On
+/// `train.device` cuda the model trains on the GPU; validation, the checkpoints' files and
+/// the test score are the CPU's, from the trained parameters.
 pub fn train(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
     train_with(job, resume, observer, Rc::new(Solo))
 }
@@ -49,6 +56,18 @@ pub fn train_with(
     observer: &mut dyn Observer,
     comm: Rc<dyn Collective>,
 ) -> Result<TrainReport> {
+    // The device first: a run that cannot start leaves no files behind.
+    let cuda = match job.train.device {
+        Device::Cpu => None,
+        Device::Cuda if comm.size() > 1 => {
+            return Err(Error::Config(
+                "train.device cuda trains on one GPU; data-parallel training (mpirun) runs on \
+                 CPUs"
+                    .into(),
+            ))
+        }
+        Device::Cuda => Some(Cuda::first_gpu(job.train.precision == Precision::Bf16)?),
+    };
     let out = job.out();
     if comm.is_root() {
         // A fresh run never mixes with (or prunes) an earlier run's checkpoints and metrics.
@@ -61,10 +80,10 @@ pub fn train_with(
         std::fs::create_dir_all(out).map_err(crate::checkpoint::io_err(out))?;
     }
     match job.task {
-        TaskKind::Translate => run::<Translate>(job, resume, observer, comm),
-        TaskKind::Classify => run::<Classify>(job, resume, observer, comm),
-        TaskKind::Lm => run::<Lm>(job, resume, observer, comm),
-        TaskKind::Summarize => run::<Summarize>(job, resume, observer, comm),
+        TaskKind::Translate => run::<Translate>(job, resume, observer, comm, cuda),
+        TaskKind::Classify => run::<Classify>(job, resume, observer, comm, cuda),
+        TaskKind::Lm => run::<Lm>(job, resume, observer, comm, cuda),
+        TaskKind::Summarize => run::<Summarize>(job, resume, observer, comm, cuda),
     }
 }
 
@@ -154,6 +173,7 @@ fn run<T: Task>(
     resume: bool,
     observer: &mut dyn Observer,
     comm: Rc<dyn Collective>,
+    cuda: Option<Cuda>,
 ) -> Result<TrainReport> {
     let (mut prepared, run) = prepare::<T>(job, observer, &*comm)?;
     let mut model = prepared.task.new_model(prepared.config.clone(), job)?;
@@ -181,8 +201,78 @@ fn run<T: Task>(
     }
     let best = job.out().join(BEST_DIR);
     let root = comm.is_root();
-    let mut trainer =
-        Trainer::new(model, job.train.clone(), run)?.with_collective(Rc::clone(&comm));
+    let start = Start {
+        job,
+        run,
+        latest,
+        resume,
+        comm: &comm,
+    };
+    let (trained, mut model) = match cuda {
+        None => train_on(model, &mut prepared.task, start, observer)?,
+        Some(be) => {
+            observer.on_message(&format!("training on {be:?}"));
+            let twin = model.to_backend(be)?;
+            let mut data = HostValidated {
+                task: &mut prepared.task,
+                host: model,
+            };
+            let (trained, _) = train_on(twin, &mut data, start, observer)?;
+            (trained, data.host)
+        }
+    };
+    let mut report = TrainReport {
+        outcome: trained.outcome,
+        last_step: trained.last_step,
+        state: trained.state,
+        parameters: model.params().len(),
+        best: best.clone(),
+        test: None,
+    };
+    if report.outcome == Outcome::Interrupted || !root {
+        return Ok(report);
+    }
+    crate::checkpoint::load(&best, &prepared.config, model.params_mut())?;
+    report.test = prepared.task.test(&mut model, &prepared.files, job)?;
+    if let Some(Report::Translate(r)) = &report.test {
+        let hyp = job.out().join("test.hyp");
+        std::fs::write(&hyp, r.hypotheses.join("\n") + "\n")
+            .map_err(crate::checkpoint::io_err(&hyp))?;
+    }
+    Ok(report)
+}
+
+/// Where a run starts: its job, run directory (rank 0's), the checkpoint it resumes from.
+struct Start<'a> {
+    job: &'a Job,
+    run: Option<RunDir>,
+    latest: Option<PathBuf>,
+    resume: bool,
+    comm: &'a Rc<dyn Collective>,
+}
+
+/// How [`train_on`] ended.
+struct Trained {
+    outcome: Outcome,
+    state: TrainerState,
+    last_step: u64,
+}
+
+/// Train `model` (on its backend) on `data` from `start`; returns the trained model.
+fn train_on<B: Backend, M: Model<B>>(
+    model: M,
+    data: &mut dyn TrainData<M, B>,
+    start: Start<'_>,
+    observer: &mut dyn Observer,
+) -> Result<(Trained, M)> {
+    let Start {
+        job,
+        run,
+        latest,
+        resume,
+        comm,
+    } = start;
+    let mut trainer = Trainer::new(model, job.train.clone(), run)?.with_collective(Rc::clone(comm));
     match latest {
         Some(dir) => {
             trainer.resume_from(&dir)?;
@@ -192,9 +282,9 @@ fn run<T: Task>(
                 trainer.state.step
             ));
         }
-        None if resume && root => observer.on_message(&format!(
+        None if resume && comm.is_root() => observer.on_message(&format!(
             "no checkpoint in {} yet; starting fresh",
-            best.parent().unwrap_or(Path::new(".")).display()
+            job.out().display()
         )),
         None => {}
     }
@@ -209,27 +299,13 @@ fn run<T: Task>(
             comm.size()
         ));
     }
-    let outcome = trainer.fit(&mut prepared.task, observer)?;
-    let mut report = TrainReport {
+    let outcome = trainer.fit(data, observer)?;
+    let trained = Trained {
         outcome,
-        last_step: trainer.last_step(),
         state: trainer.state.clone(),
-        parameters: trainer.model.params().len(),
-        best: best.clone(),
-        test: None,
+        last_step: trainer.last_step(),
     };
-    if report.outcome == Outcome::Interrupted || !root {
-        return Ok(report);
-    }
-    let mut model = trainer.model;
-    crate::checkpoint::load(&best, &prepared.config, model.params_mut())?;
-    report.test = prepared.task.test(&mut model, &prepared.files, job)?;
-    if let Some(Report::Translate(r)) = &report.test {
-        let hyp = job.out().join("test.hyp");
-        std::fs::write(&hyp, r.hypotheses.join("\n") + "\n")
-            .map_err(crate::checkpoint::io_err(&hyp))?;
-    }
-    Ok(report)
+    Ok((trained, trainer.model))
 }
 
 /// Score a translation or summarization model (or an [`crate::model::Ensemble`] of them) on

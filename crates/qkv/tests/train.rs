@@ -3,13 +3,14 @@
 
 mod common;
 use common::tiny;
+use qkv::backend::Cpu;
 use qkv::data::Seq2SeqBatch;
-use qkv::model::{Family, NormPlacement, Seq2Seq};
+use qkv::model::{Family, NormPlacement, Seq2Seq, ToBackend};
 use qkv::rng::Rng;
 use qkv::schedule::Schedule;
 use qkv::train::{
-    self, Observer, Outcome, Part, RunDir, StepLog, Tally, TrainConfig, TrainData, Trainer,
-    Validation,
+    self, HostValidated, Observer, Outcome, Part, RunDir, StepLog, Tally, TrainConfig, TrainData,
+    Trainer, Validation,
 };
 use std::path::Path;
 
@@ -156,6 +157,73 @@ fn resumed_run_reproduces_uninterrupted_losses_exactly() {
     let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().filter(|l| l.contains(",train,")).count(), 10);
     assert!(csv.lines().any(|l| l.contains(",valid,")));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Each update's loss and each validation's loss.
+#[derive(Default)]
+struct Seen {
+    losses: Vec<(u64, u32)>,
+    valid: Vec<(u64, u64)>,
+}
+impl Observer for Seen {
+    fn on_step(&mut self, log: &StepLog) {
+        self.losses.push((log.step, log.loss.to_bits()));
+    }
+    fn on_validation(&mut self, step: u64, v: &Validation) {
+        self.valid.push((step, v.loss.to_bits()));
+    }
+}
+
+/// [`run`] the way `train.device` cuda trains: the model's twin on another backend (here the
+/// CPU again) and the task validating a host copy of its parameters.
+fn run_twin(dir: &Path, cfg: &TrainConfig, resume: bool, seen: &mut Seen) -> Seq2Seq {
+    let host = model();
+    let twin = host.to_backend(Cpu).unwrap();
+    let mut t = Trainer::new(twin, cfg.clone(), Some(run_dir(dir))).unwrap();
+    if resume {
+        let last = run_dir(dir).latest().unwrap().unwrap();
+        t.resume_from(&last).unwrap();
+    }
+    let mut task = Data::new(cfg.seed);
+    let mut data = HostValidated {
+        task: &mut task,
+        host,
+    };
+    t.fit(&mut data, seen).unwrap();
+    t.model
+}
+
+#[test]
+fn a_twin_on_another_backend_trains_validates_and_resumes_as_the_model_itself() {
+    let tmp = std::env::temp_dir().join(format!("qkv-twin-{}", std::process::id()));
+    let (a, b, c) = (tmp.join("a"), tmp.join("b"), tmp.join("c"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let cfg = config(10);
+    let mut direct = Seen::default();
+    let mut t = Trainer::new(model(), cfg.clone(), Some(run_dir(&a))).unwrap();
+    t.fit(&mut Data::new(cfg.seed), &mut direct).unwrap();
+    let mut twin = Seen::default();
+    let twin_model = run_twin(&b, &cfg, false, &mut twin);
+    assert_eq!(twin.losses, direct.losses);
+    // Validation reads the twin's parameters: a stale host copy would score other losses.
+    assert!(direct.valid.len() >= 3);
+    assert_eq!(twin.valid, direct.valid);
+    assert_eq!(twin_model.params.data, t.model.params.data);
+    let (x, y) = (a.join("best"), b.join("best"));
+    let model_file = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(model_file(&x) == model_file(&y), "best/ weights differ");
+    let (ox, oy) = (
+        qkv::checkpoint::load_optimizer(&x, &t.model.params).unwrap(),
+        qkv::checkpoint::load_optimizer(&y, &t.model.params).unwrap(),
+    );
+    assert_eq!((ox.step, &ox.m, &ox.v), (oy.step, &oy.m, &oy.v));
+    // Interrupted at update 5 and resumed on the twin path: the uninterrupted run's losses.
+    run_twin(&c, &config(5), false, &mut Seen::default());
+    let mut rest = Seen::default();
+    let resumed = run_twin(&c, &cfg, true, &mut rest);
+    assert_eq!(rest.losses[..], direct.losses[5..]);
+    assert_eq!(resumed.params.data, t.model.params.data);
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

@@ -2,6 +2,7 @@
 //! path costs what it cost before the seam).
 
 use super::{Backend, HeadGrads, Heads, Operand};
+use crate::error::Result;
 use crate::kernels::activation::{self, Activation};
 use crate::kernels::attention::{
     attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef, Masks,
@@ -14,10 +15,13 @@ use crate::kernels::layernorm;
 use crate::kernels::linear_attention::{linear_attention_backward, linear_attention_forward};
 use crate::kernels::loss::{self, CrossEntropy};
 use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
+use crate::kernels::optim;
 use crate::kernels::pool::{self, Pool};
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
+use crate::optim::AdamWConfig;
 use crate::params::{two_mut, Param};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The CPU: buffers are `Vec`s, views are slices, ops are [`crate::kernels`].
@@ -274,6 +278,32 @@ impl Backend for Cpu {
     #[inline]
     fn upload(&self, host: Vec<f32>) -> Vec<f32> {
         host
+    }
+    fn to_host<'a>(&self, x: Self::Ref<'a>) -> Result<Cow<'a, [f32]>> {
+        Ok(Cow::Borrowed(x))
+    }
+    fn host_mut(&self, x: &mut [f32], f: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
+        f(x)
+    }
+    fn sum_squares(&self, x: &[f32]) -> f64 {
+        optim::sum_squares(x)
+    }
+    fn adamw_step(
+        &self,
+        data: &mut [f32],
+        grad: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        clip: Option<f32>,
+        c: &AdamWConfig,
+        lr: f32,
+        step: u64,
+    ) {
+        if let Some(coef) = clip {
+            optim::scale(grad, coef);
+        }
+        let (b1, b2, eps, wd) = (c.beta1, c.beta2, c.eps, c.weight_decay);
+        optim::adamw_step(data, grad, m, v, lr, b1, b2, eps, wd, step);
     }
 
     #[inline]

@@ -24,13 +24,17 @@ use crate::kernels::matmul::Layout;
 use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
+use crate::optim::AdamWConfig;
 use crate::params::Param;
+use std::borrow::Cow;
 
-/// One GPU, its product precision, and the first failure since the last [`Backend::sync`].
+/// One GPU, its product precision, and the first failure since the last [`Backend::sync`]
+/// (shared by the handle's clones: they queue on the same stream).
+#[derive(Clone)]
 pub struct Cuda {
     gpu: Arc<Gpu>,
     bf16: bool,
-    failed: Mutex<Option<CudaError>>,
+    failed: Arc<Mutex<Option<CudaError>>>,
 }
 
 impl fmt::Debug for Cuda {
@@ -47,8 +51,14 @@ impl Cuda {
         Self {
             gpu,
             bf16,
-            failed: Mutex::new(None),
+            failed: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// The backend on the first GPU, its products in bf16 (mixed precision) or TF32. Without
+    /// a usable GPU (driver, NVRTC, cuBLASLt) an error says what is missing.
+    pub fn first_gpu(bf16: bool) -> Result<Self> {
+        Ok(Self::new(Arc::new(Gpu::new(0)?), bf16))
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -399,6 +409,53 @@ impl Backend for Cuda {
             Ok(())
         });
         DevBuf(slice)
+    }
+
+    fn to_host<'a>(&self, x: Self::Ref<'a>) -> Result<Cow<'a, [f32]>> {
+        let mut host = Vec::new();
+        self.run(|gpu| {
+            host = gpu.to_host(x)?;
+            Ok(())
+        });
+        self.sync()?;
+        Ok(Cow::Owned(host))
+    }
+    fn host_mut(
+        &self,
+        mut x: DevMut<'_>,
+        f: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        let mut host = self.to_host(x.shared())?.into_owned();
+        f(&mut host)?;
+        self.run(|gpu| gpu.write(x.reborrow(), &host));
+        self.sync()
+    }
+    fn sum_squares(&self, x: DevRef<'_>) -> f64 {
+        let mut sum = f64::NAN;
+        self.run(|gpu| {
+            sum = gpu.sum_squares(x)?;
+            Ok(())
+        });
+        sum
+    }
+    fn adamw_step(
+        &self,
+        data: DevMut<'_>,
+        mut grad: DevMut<'_>,
+        m: DevMut<'_>,
+        v: DevMut<'_>,
+        clip: Option<f32>,
+        c: &AdamWConfig,
+        lr: f32,
+        step: u64,
+    ) {
+        self.run(|gpu| {
+            if let Some(coef) = clip {
+                gpu.scale(grad.reborrow(), coef)?;
+            }
+            let (b1, b2, eps, wd) = (c.beta1, c.beta2, c.eps, c.weight_decay);
+            gpu.adamw_step(data, grad.shared(), m, v, lr, b1, b2, eps, wd, step)
+        });
     }
 
     fn embedding_forward(

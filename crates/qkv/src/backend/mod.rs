@@ -34,13 +34,36 @@ use crate::kernels::matmul::Layout;
 use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 use crate::model::config::AttentionKind;
+use crate::optim::AdamWConfig;
 use crate::params::Param;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::ops::Range;
 
-/// Where a model's buffers live and its kernels run. Shapes in the ops' comments use N rows
+/// The hardware a job trains (or decodes) on: `"cpu"` (the default) or `"cuda"` (the first
+/// NVIDIA GPU). Serde data, as a job file writes it; the CLI's `--device` overrides it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// Where a model's buffers live and its kernels run: a handle (clones share the device and
+/// its error state). Shapes in the ops' comments use N rows
 /// of C (or F) columns; every view is row-major and dense.
-pub trait Backend: Debug + 'static {
+pub trait Backend: Clone + Debug + 'static {
     /// An owned f32 buffer (activations, saved statistics), grown on demand.
     type Buf: Default + Clone + Debug + Send;
     /// An owned buffer of bf16 bits: an activation kept only for products that read bf16.
@@ -226,6 +249,34 @@ pub trait Backend: Debug + 'static {
     fn scale(&self, x: Self::Mut<'_>, s: f32);
     /// A buffer holding `host` (moved on the CPU, copied to a device).
     fn upload(&self, host: Vec<f32>) -> Self::Buf;
+    /// The elements `x` views, on the host: borrowed on the CPU, copied from a device (which
+    /// waits for the ops before it and reports the first that failed).
+    fn to_host<'a>(&self, x: Self::Ref<'a>) -> crate::error::Result<Cow<'a, [f32]>>;
+    /// Run `f` over the elements `x` views, on the host: in place on the CPU; a device copies
+    /// them down, and back after `f` (checkpoints, averaging, sums across processes).
+    fn host_mut(
+        &self,
+        x: Self::Mut<'_>,
+        f: &mut dyn FnMut(&mut [f32]) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()>;
+
+    /// `kernels::optim::sum_squares`: Σ x², in f64. A device waits for it; if it failed, the
+    /// sum is NaN and [`Backend::sync`] says why.
+    fn sum_squares(&self, x: Self::Ref<'_>) -> f64;
+    /// `kernels::optim::adamw_step` with `config`'s settings and learning rate `lr` at update
+    /// `step`, after multiplying the gradients by `clip` when given (`kernels::optim::scale`).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        data: Self::Mut<'_>,
+        grad: Self::Mut<'_>,
+        m: Self::Mut<'_>,
+        v: Self::Mut<'_>,
+        clip: Option<f32>,
+        config: &AdamWConfig,
+        lr: f32,
+        step: u64,
+    );
 
     /// `kernels::embedding::embedding_forward`: `out = table[tokens]·scale + pos[t]`, with
     /// dropout. tokens: (N) on the host, as batches hold them, T per row; out: (N, C)
@@ -317,22 +368,22 @@ pub trait Backend: Debug + 'static {
 
 /// Per-head view of a buffer, as `kernels::attention::HeadsRef`: row t of batch b starts at
 /// `(b·len + t)·rs + offset`, head h `h·D` further.
-pub struct Heads<'a, B: Backend + ?Sized> {
+pub struct Heads<'a, B: Backend> {
     pub data: B::Ref<'a>,
     pub rs: usize,
     pub offset: usize,
 }
 
-impl<B: Backend + ?Sized> Clone for Heads<'_, B> {
+impl<B: Backend> Clone for Heads<'_, B> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<B: Backend + ?Sized> Copy for Heads<'_, B> {}
+impl<B: Backend> Copy for Heads<'_, B> {}
 
 /// Where an attention backward writes the gradients of q, k and v (width C = H·D each).
-pub enum HeadGrads<'a, B: Backend + ?Sized> {
+pub enum HeadGrads<'a, B: Backend> {
     /// Side by side in one (B·T, 3C) buffer: self-attention's fused projection.
     Fused(B::Mut<'a>),
     /// dQ in (B·Tq, C), dK and dV side by side in (B·Tk, 2C): cross-attention's.
@@ -341,15 +392,15 @@ pub enum HeadGrads<'a, B: Backend + ?Sized> {
 
 /// A product's operand: f32s, or bf16 bits a pass before it already rounded (rows padded as
 /// the CPU's bf16 product reads them; see `kernels::bf16::Operand`).
-pub enum Operand<'a, B: Backend + ?Sized> {
+pub enum Operand<'a, B: Backend> {
     F32(B::Ref<'a>),
     Bf16(B::Ref16<'a>),
 }
 
-impl<B: Backend + ?Sized> Clone for Operand<'_, B> {
+impl<B: Backend> Clone for Operand<'_, B> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<B: Backend + ?Sized> Copy for Operand<'_, B> {}
+impl<B: Backend> Copy for Operand<'_, B> {}

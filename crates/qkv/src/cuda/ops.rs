@@ -229,6 +229,27 @@ impl Gpu {
         Ok(host)
     }
 
+    /// `x = host` (lengths must agree; waits for the copy, so `host` may go right after).
+    pub fn write<'v>(&self, x: impl Into<DevMut<'v>>, host: &[f32]) -> Result<(), CudaError> {
+        let x: DevMut = x.into();
+        if host.len() != x.len() {
+            return Err(CudaError::Shape {
+                kernel: "write",
+                msg: format!("{} host elements into {} on the GPU", host.len(), x.len()),
+            });
+        }
+        // SAFETY: x lies inside a live allocation of host.len() elements; the synchronize
+        // below completes the copy before `host` can be dropped.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                x.shared().addr(),
+                host,
+                self.stream().cu_stream(),
+            )
+        }?;
+        self.synchronize()
+    }
+
     /// `x = 0`, on the stream.
     pub fn zero<'v>(&self, x: impl Into<DevMut<'v>>) -> Result<(), CudaError> {
         let x: DevMut = x.into();

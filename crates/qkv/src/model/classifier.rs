@@ -162,6 +162,9 @@ impl<B: Backend> Model<B> for Classifier<B> {
     fn params_mut(&mut self) -> &mut Params<B> {
         &mut self.params
     }
+    fn backend(&self) -> &B {
+        &self.be
+    }
 
     fn loss_count(&self, batch: &ClassifyBatch) -> usize {
         batch.batch

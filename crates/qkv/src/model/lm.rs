@@ -136,6 +136,9 @@ impl<B: Backend> Model<B> for LanguageModel<B> {
     fn params_mut(&mut self) -> &mut Params<B> {
         &mut self.params
     }
+    fn backend(&self) -> &B {
+        &self.be
+    }
 
     fn loss_count(&self, batch: &LmBatch) -> usize {
         let pad = self.config.pad_id;

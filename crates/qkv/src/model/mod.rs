@@ -173,6 +173,8 @@ pub trait Model<B: Backend = Cpu> {
     fn config(&self) -> &ModelConfig;
     fn params(&self) -> &Params<B>;
     fn params_mut(&mut self) -> &mut Params<B>;
+    /// Where the parameters live and the kernels run.
+    fn backend(&self) -> &B;
     /// Targets the loss of `batch` averages over (what the trainer weights micro-batches by).
     fn loss_count(&self, batch: &Self::Batch) -> usize;
     /// Forward over `batch` and its loss. In a training `mode` the activations and the loss
@@ -193,6 +195,32 @@ pub trait Model<B: Backend = Cpu> {
     /// finishes them.
     fn grad_order(&self) -> Vec<Range<usize>>;
 }
+
+/// A model family on the CPU that can make its twin on another backend: the same config and
+/// parameters (a job builds and warm-starts its model on the host, then trains the twin).
+pub trait ToBackend: Model + Sized {
+    /// This family on backend `B`.
+    type On<B: Backend>: Model<B, Batch = Self::Batch>;
+    /// A copy on `be`, with this model's parameters and zero gradients.
+    fn to_backend<B: Backend>(&self, be: B) -> Result<Self::On<B>>;
+}
+
+macro_rules! to_backend {
+    ($family:ident) => {
+        impl ToBackend for $family {
+            type On<B: Backend> = $family<B>;
+            fn to_backend<B: Backend>(&self, be: B) -> Result<$family<B>> {
+                let mut twin = $family::on(be.clone(), self.config.clone(), 0)?;
+                twin.params.data = be.upload(self.params.data.clone());
+                be.sync()?;
+                Ok(twin)
+            }
+        }
+    };
+}
+to_backend!(Seq2Seq);
+to_backend!(Classifier);
+to_backend!(LanguageModel);
 
 /// A stack's per-block callback that tells `ready` how many blocks are finished.
 pub(crate) fn count_blocks<'a, B: Backend>(

@@ -255,6 +255,9 @@ impl<B: Backend> Model<B> for Seq2Seq<B> {
     fn params_mut(&mut self) -> &mut Params<B> {
         &mut self.params
     }
+    fn backend(&self) -> &B {
+        &self.be
+    }
 
     fn loss_count(&self, batch: &Seq2SeqBatch) -> usize {
         batch.n_tokens

@@ -12,14 +12,14 @@ pub mod translate;
 use crate::data::{read_labelled, read_parallel, Tokenizer};
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::model::{Model, ModelConfig};
+use crate::model::{Model, ModelConfig, ToBackend};
 use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
 use crate::train::{Observer, TrainData};
 use std::path::Path;
 
 /// One task's side of a training job.
 pub trait Task: TrainData<Self::Model> + Sized {
-    type Model: Model;
+    type Model: Model + ToBackend;
 
     /// Read the job's data and make the model's files (tokenizers, labels, decoding
     /// defaults) and config. A tokenizer already in `run` (a resumed run's) is reused;

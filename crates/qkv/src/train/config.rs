@@ -2,6 +2,7 @@
 //! a default, so a job names only what it changes (as fairseq's and OpenNMT's options), and
 //! an unknown field is an error naming it.
 
+use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::kernels::matmul::Precision;
 use crate::optim::AdamWConfig;
@@ -50,6 +51,10 @@ pub struct TrainConfig {
     /// otherwise the validation loss. A decoding metric decodes the validation sources with
     /// the job's `decode` at every validation.
     pub best_metric: Option<BestMetric>,
+    /// Where the model trains: `"cpu"` (default) or `"cuda"` (the first NVIDIA GPU; its
+    /// products in TF32, or bf16 with `precision` `"bf16"`). Validation, checkpoints and the
+    /// final test run on the CPU from the trained parameters.
+    pub device: Device,
 }
 
 /// A score the best checkpoint can be chosen by; names as the metrics' own tools print
@@ -107,6 +112,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             average_last: 0,
             best_metric: None,
+            device: Device::Cpu,
         }
     }
 }

@@ -27,18 +27,19 @@ mod budget;
 mod config;
 mod run_dir;
 
-pub use average::average_checkpoints;
+pub use average::{average_checkpoints, average_checkpoints_on};
 pub use config::{BestMetric, TrainConfig};
 pub use run_dir::{
     load_state, load_train_config, read_metrics, MetricsRow, RowKind, RunDir, BEST_DIR,
     METRICS_FILE, TRAINER_STATE_FILE, TRAIN_CONFIG_FILE,
 };
 
+use crate::backend::{Backend, Cpu};
 use crate::data::Rows;
 use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::kernels::matmul::set_matmul_precision;
-use crate::model::{Mode, Model};
+use crate::model::{Mode, Model, ToBackend};
 use crate::optim::AdamW;
 use crate::rng::hash;
 use crate::schedule::Fitted;
@@ -126,12 +127,33 @@ impl Part {
     }
 }
 
-/// A task's data as the trainer sees it.
-pub trait TrainData<M: Model> {
+/// A task's data as the trainer sees it, for a model on backend `B`.
+pub trait TrainData<M: Model<B>, B: Backend = Cpu> {
     /// The batches of one epoch: a pure function of the epoch (and the job's seed).
     fn epoch(&self, epoch: u64) -> Result<Vec<M::Batch>>;
     /// Score the model on share `part` of the held-out data.
     fn validate(&mut self, model: &mut M, part: Part) -> Result<Tally>;
+}
+
+/// A task's data for the twin of `host` on another backend ([`ToBackend`]): the same batches,
+/// and validation on the CPU, by the task itself, with the twin's parameters copied into
+/// `host` first (decoding metrics such as BLEU decode on the CPU).
+pub struct HostValidated<'t, T, H> {
+    pub task: &'t mut T,
+    pub host: H,
+}
+
+impl<B: Backend, T: TrainData<H>, H: ToBackend> TrainData<H::On<B>, B> for HostValidated<'_, T, H> {
+    fn epoch(&self, epoch: u64) -> Result<Vec<H::Batch>> {
+        self.task.epoch(epoch)
+    }
+
+    fn validate(&mut self, model: &mut H::On<B>, part: Part) -> Result<Tally> {
+        let n = model.params().len();
+        let data = model.backend().to_host(B::view(&model.params().data, n))?;
+        self.host.params_mut().data.copy_from_slice(&data);
+        self.task.validate(&mut self.host, part)
+    }
 }
 
 /// Progress of one update, for progress bars and logs.
@@ -182,10 +204,11 @@ pub enum Outcome {
     Interrupted,
 }
 
-/// A model, its optimizer and the run's state: what a checkpoint holds.
-pub struct Trainer<M: Model> {
+/// A model, its optimizer and the run's state: what a checkpoint holds. The optimizer's
+/// moments live with the parameters, on the model's backend.
+pub struct Trainer<M: Model<B>, B: Backend = Cpu> {
     pub model: M,
-    pub opt: AdamW,
+    pub opt: AdamW<B>,
     pub state: TrainerState,
     pub cfg: TrainConfig,
     /// Where checkpoints and metrics go; `None` trains in memory (tests, benchmarks) or on
@@ -218,12 +241,12 @@ impl Clock {
     }
 }
 
-impl<M: Model> Trainer<M> {
+impl<B: Backend, M: Model<B>> Trainer<M, B> {
     /// A fresh run: new optimizer moments, step 0.
     pub fn new(model: M, cfg: TrainConfig, run: Option<RunDir>) -> Result<Self> {
         cfg.validate()?;
         Ok(Self {
-            opt: AdamW::new(cfg.optimizer.clone(), model.params().len()),
+            opt: AdamW::on(model.backend(), cfg.optimizer.clone(), model.params().len()),
             model,
             state: TrainerState::default(),
             cfg,
@@ -254,12 +277,16 @@ impl<M: Model> Trainer<M> {
                 comm.rank()
             )));
         }
-        comm.broadcast_f32(
+        let (be, n) = (self.model.backend().clone(), self.model.params().len());
+        let share = |buf: &mut B::Buf, what: &str| {
+            be.host_mut(be.grow(buf, n), &mut |h| comm.broadcast_f32(h, what))
+        };
+        share(
             &mut self.model.params_mut().data,
             "sharing rank 0's parameters",
         )?;
-        comm.broadcast_f32(&mut self.opt.m, "sharing rank 0's optimizer moments")?;
-        comm.broadcast_f32(&mut self.opt.v, "sharing rank 0's optimizer moments")?;
+        share(&mut self.opt.m, "sharing rank 0's optimizer moments")?;
+        share(&mut self.opt.v, "sharing rank 0's optimizer moments")?;
         let mut state = serde_json::to_vec(&(&self.state, self.opt.step))
             .map_err(|e| Error::Distributed(format!("encoding the trainer state: {e}")))?;
         comm.broadcast_bytes(&mut state, "sharing rank 0's trainer state")?;
@@ -270,9 +297,10 @@ impl<M: Model> Trainer<M> {
 
     /// Continue from checkpoint `dir`: its parameters, optimizer moments and trainer state.
     pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
-        let cfg = self.model.config().clone();
-        crate::checkpoint::load(dir, &cfg, self.model.params_mut())?;
-        self.opt = crate::checkpoint::load_optimizer(dir, self.model.params())?;
+        let (cfg, be) = (self.model.config().clone(), self.model.backend().clone());
+        crate::checkpoint::load_on(&be, dir, &cfg, self.model.params_mut())?;
+        let opt = crate::checkpoint::load_optimizer(dir, self.model.params())?;
+        self.opt = AdamW::upload(&be, opt);
         self.state = load_state(dir)?;
         Ok(())
     }
@@ -297,7 +325,7 @@ impl<M: Model> Trainer<M> {
     /// checkpoint at the end (and every `valid_every` / `save_every` updates).
     pub fn fit(
         &mut self,
-        data: &mut dyn TrainData<M>,
+        data: &mut dyn TrainData<M, B>,
         observer: &mut dyn Observer,
     ) -> Result<Outcome> {
         self.cfg.validate()?;
@@ -391,7 +419,7 @@ impl<M: Model> Trainer<M> {
     /// when this one runs out).
     fn update(
         &mut self,
-        data: &mut dyn TrainData<M>,
+        data: &mut dyn TrainData<M, B>,
         batches: &mut Vec<M::Batch>,
     ) -> Result<StepLog> {
         let step = self.state.step + 1;
@@ -420,7 +448,8 @@ impl<M: Model> Trainer<M> {
             .iter()
             .map(|&(g, i)| self.model.loss_count(&gens[g][i]))
             .sum();
-        self.model.params_mut().zero_grad();
+        let be = self.model.backend().clone();
+        self.model.params_mut().zero_grad_on(&be);
         let mut loss_sum = [0.0f64];
         // Data parallel: the last micro-batch's backward starts summing each bucket of
         // gradients across the ranks as soon as it has finished it.
@@ -461,7 +490,10 @@ impl<M: Model> Trainer<M> {
                     .backward_with(scale, &mut |k, grad| {
                         while started < k && failed.is_none() {
                             let r = buckets[started].clone();
-                            failed = comm.start_sum(r.start, &grad[r], &what).err();
+                            failed = be
+                                .to_host(B::sub(B::shorten(grad), r.clone()))
+                                .and_then(|g| comm.start_sum(r.start, &g, &what))
+                                .err();
                             started += 1;
                         }
                         if failed.is_none() {
@@ -478,9 +510,11 @@ impl<M: Model> Trainer<M> {
             loss_sum[0] += loss.mean as f64 * loss.count as f64;
         }
         if ranks {
+            let n = self.model.params().len();
             let grad = &mut self.model.params_mut().grad;
             for r in &buckets[started..] {
-                comm.start_sum(r.start, &grad[r.clone()], &what)?;
+                let g = be.to_host(B::sub(B::view(grad, n), r.clone()))?;
+                comm.start_sum(r.start, &g, &what)?;
             }
             if crate::profile::enabled() {
                 // Profiled runs time the wait for the slowest rank apart from the transfer.
@@ -488,7 +522,7 @@ impl<M: Model> Trainer<M> {
                 comm.sum_f64(&mut [0.0], &what)?;
             }
             let _p = crate::profile::scope("gradient all-reduce (after the backward)");
-            comm.finish_sums(grad, &what)?;
+            be.host_mut(be.grow(grad, n), &mut |g| comm.finish_sums(g, &what))?;
             comm.sum_f64(&mut loss_sum, &what)?;
         }
         let loss_sum = loss_sum[0];
@@ -496,7 +530,7 @@ impl<M: Model> Trainer<M> {
         let lr = self.schedule().lr(step);
         let grad_norm = self
             .opt
-            .step(self.model.params_mut(), lr)
+            .step_on(&be, self.model.params_mut(), lr)
             .map_err(|e| at_step(e, step))?;
         self.state.step = step;
         Ok(StepLog {
@@ -523,7 +557,7 @@ impl<M: Model> Trainer<M> {
     }
 
     /// Validate on every rank's share and sum the shares.
-    fn validation(&mut self, data: &mut dyn TrainData<M>) -> Result<Validation> {
+    fn validation(&mut self, data: &mut dyn TrainData<M, B>) -> Result<Validation> {
         let part = Part {
             rank: self.comm.rank(),
             size: self.comm.size(),
@@ -548,7 +582,7 @@ impl<M: Model> Trainer<M> {
     /// Validate, log it, and save `best/` when the score improved.
     fn validate(
         &mut self,
-        data: &mut dyn TrainData<M>,
+        data: &mut dyn TrainData<M, B>,
         observer: &mut dyn Observer,
         elapsed_s: f64,
     ) -> Result<f64> {
@@ -600,7 +634,7 @@ impl<M: Model> Trainer<M> {
     /// later fits, every 5% of the run, follow the speed until the cooldown begins.
     fn fit_horizon(
         &mut self,
-        data: &mut dyn TrainData<M>,
+        data: &mut dyn TrainData<M, B>,
         observer: &mut dyn Observer,
         clock: &Clock,
         speed: &budget::Speed,
@@ -647,7 +681,7 @@ impl<M: Model> Trainer<M> {
     /// `best/` when it beats every validation so far. The model keeps its final parameters.
     fn average_last(
         &mut self,
-        data: &mut dyn TrainData<M>,
+        data: &mut dyn TrainData<M, B>,
         observer: &mut dyn Observer,
     ) -> Result<()> {
         // Rank 0 reads the checkpoints; every rank validates the average.
@@ -669,13 +703,14 @@ impl<M: Model> Trainer<M> {
             return Ok(());
         }
         let last = self.model.params().data.clone();
+        let (be, len) = (self.model.backend().clone(), self.model.params().len());
         if !dirs.is_empty() {
-            average_checkpoints(&dirs, self.model.params_mut())?;
+            average_checkpoints_on(&be, &dirs, self.model.params_mut())?;
         }
-        self.comm.broadcast_f32(
-            &mut self.model.params_mut().data,
-            "sharing the averaged checkpoints",
-        )?;
+        let comm = Rc::clone(&self.comm);
+        be.host_mut(be.grow(&mut self.model.params_mut().data, len), &mut |h| {
+            comm.broadcast_f32(h, "sharing the averaged checkpoints")
+        })?;
         let v = self.validation(data)?;
         let score = v.score(self.cfg.best_metric);
         let better = score.is_finite() && self.state.best.is_none_or(|(best, _)| score > best);
@@ -687,13 +722,17 @@ impl<M: Model> Trainer<M> {
             }
         }
         observer.on_average(n, &v, better);
-        self.model.params_mut().data.copy_from_slice(&last);
+        self.model.params_mut().data = last;
         Ok(())
     }
 }
 
 /// The validation loss sums (no label smoothing) over share `part` of `batches`, forward only.
-pub fn loss_tally<M: Model>(model: &mut M, batches: &[M::Batch], part: Part) -> Result<Tally> {
+pub fn loss_tally<B: Backend, M: Model<B>>(
+    model: &mut M,
+    batches: &[M::Batch],
+    part: Part,
+) -> Result<Tally> {
     let mut tally = Tally::default();
     for b in &batches[part.of(batches.len())] {
         let loss = model.forward(b, Mode::EVAL)?.loss;
@@ -704,7 +743,7 @@ pub fn loss_tally<M: Model>(model: &mut M, batches: &[M::Batch], part: Part) -> 
 }
 
 /// Mean validation loss per target (no label smoothing) over `batches`, forward only.
-pub fn mean_loss<M: Model>(model: &mut M, batches: &[M::Batch]) -> Result<f64> {
+pub fn mean_loss<B: Backend, M: Model<B>>(model: &mut M, batches: &[M::Batch]) -> Result<f64> {
     Ok(loss_tally(model, batches, Part::WHOLE)?.validation().loss)
 }
 

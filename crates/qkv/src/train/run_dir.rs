@@ -11,6 +11,7 @@
 //! ([`RunDir::restore_interrupted`]).
 
 use super::{TrainConfig, TrainerState};
+use crate::backend::Backend;
 use crate::checkpoint::{self, io_err, json_err, write_atomic};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -148,11 +149,11 @@ impl RunDir {
     }
 
     /// Write a checkpoint into `name/` via `name.tmp/`.
-    pub(crate) fn save<M: Model>(
+    pub(crate) fn save<B: Backend, M: Model<B>>(
         &self,
         name: &str,
         model: &M,
-        opt: &AdamW,
+        opt: &AdamW<B>,
         state: &TrainerState,
         cfg: &TrainConfig,
     ) -> Result<PathBuf> {
@@ -161,7 +162,13 @@ impl RunDir {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
-        checkpoint::save(&tmp, model.config(), model.params(), Some(opt))?;
+        checkpoint::save_on(
+            model.backend(),
+            &tmp,
+            model.config(),
+            model.params(),
+            Some(opt),
+        )?;
         write_json(&tmp.join(TRAINER_STATE_FILE), state)?;
         write_json(&tmp.join(TRAIN_CONFIG_FILE), cfg)?;
         for f in &self.extra_files {
