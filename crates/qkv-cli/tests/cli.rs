@@ -352,6 +352,38 @@ fn device_cuda_without_a_gpu_says_what_is_missing() {
     }
 }
 
+/// `qkv train --device cuda` without a GPU: an error naming the setting and what is missing,
+/// before any data is read or the run directory made.
+#[test]
+fn train_on_cuda_without_a_gpu_says_what_is_missing_and_writes_nothing() {
+    if qkv::cuda::driver_available() {
+        eprintln!("skipping: this machine has an NVIDIA driver");
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("qkv-cuda-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let config =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/translate-en-es.json");
+    let (ok, err) = qkv(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert!(!ok, "trained on CUDA without a GPU");
+    assert!(
+        err.contains("train.device cuda")
+            && err.contains("libcuda.so")
+            && !err.contains("panicked")
+            && !err.contains("tokenizer"),
+        "{err}"
+    );
+    assert!(!out.exists(), "{} was created", out.display());
+}
+
 /// Arguments the GPU path cannot take are refused before any GPU is looked for.
 #[test]
 fn device_cuda_refuses_what_it_cannot_run_before_opening_a_gpu() {

@@ -66,7 +66,10 @@ pub fn train_with(
                     .into(),
             ))
         }
-        Device::Cuda => Some(Cuda::first_gpu(job.train.precision == Precision::Bf16)?),
+        Device::Cuda => Some(
+            Cuda::first_gpu(job.train.precision == Precision::Bf16)
+                .map_err(|e| Error::Config(format!("train.device cuda: {e}")))?,
+        ),
     };
     let out = job.out();
     if comm.is_root() {
