@@ -429,7 +429,6 @@ pub fn attention(b: &AttentionBench) -> Result<Vec<f64>> {
 /// Returns the times and the device's description.
 pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     use crate::backend::{Backend, Cuda};
-    use crate::cuda::params::{DeviceAdamW, DeviceParams};
     use crate::cuda::Gpu;
 
     let bf16 = match b.precision {
@@ -448,21 +447,22 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
     match b.model {
         BenchModel::Seq2seq => {
             let model = Seq2Seq::on(be, cfg, 1)?;
-            return time_model_cuda(&gpu, model, &seq2seq_batch(&rows), opt_cfg, b);
+            return time_model_cuda(model, &seq2seq_batch(&rows), opt_cfg, b);
         }
         BenchModel::Lm => {
             let model = LanguageModel::on(be, cfg, 1)?;
-            return time_model_cuda(&gpu, model, &lm_batch(&rows), opt_cfg, b);
+            return time_model_cuda(model, &lm_batch(&rows), opt_cfg, b);
         }
         BenchModel::Classifier => {
             let model = Classifier::on(be, cfg, 1)?;
-            return time_model_cuda(&gpu, model, &classify_batch(&rows), opt_cfg, b);
+            return time_model_cuda(model, &classify_batch(&rows), opt_cfg, b);
         }
         BenchModel::Encoder => {}
     }
     let (mut stack, params) = encoder_stack::<Cuda>(b, &cfg)?;
-    let mut dev = DeviceParams::upload(&gpu, &params)?;
-    let mut opt = DeviceAdamW::new(&gpu, opt_cfg, params.len())?;
+    let n = params.len();
+    let mut dev = Params::upload(&be, params);
+    let mut opt = AdamW::on(&be, opt_cfg, n);
     let (x, target) = encoder_data(b);
     let neg_target: Vec<f32> = target.iter().map(|t| -t).collect();
     let st = gpu.stream();
@@ -476,7 +476,7 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
         InputGrad::Skip
     };
     let times = time_steps(b.warmup, b.steps, &mut || {
-        let data = (&dev.data).into();
+        let data = Cuda::view(&dev.data, n);
         let y = stack.forward(
             &be,
             data,
@@ -490,12 +490,12 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
         // MSE loss: dL/dy = 2 (y − target) / numel
         be.residual_add((&mut dy).into(), y, (&neg_target).into(), None);
         gpu.scale(&mut dy, 2.0 / x.len() as f32)?;
-        dev.zero_grad(&gpu)?;
-        let (data, grad) = ((&dev.data).into(), (&mut dev.grad).into());
+        dev.zero_grad_on(&be);
+        let (data, grad) = (Cuda::view(&dev.data, n), be.grow(&mut dev.grad, n));
         stack.backward(&be, data, grad, (&dy).into(), input_grad, None, &mut |_| {});
         be.sync()?;
-        opt.step(&gpu, &mut dev, 1e-4)?;
-        gpu.synchronize()?;
+        opt.step_on(&be, &mut dev, 1e-4)?;
+        be.sync()?;
         Ok(())
     })?;
     Ok((times, gpu.describe()))
@@ -504,23 +504,23 @@ pub fn train_step_cuda(b: &TrainStepBench) -> Result<(Vec<f64>, String)> {
 /// [`time_model`] on the GPU: the model's parameters and AdamW's moments on the device, each
 /// step timed to its completion.
 fn time_model_cuda<M: Model<crate::backend::Cuda>>(
-    gpu: &crate::cuda::Gpu,
     mut model: M,
     batch: &M::Batch,
     opt_cfg: AdamWConfig,
     b: &TrainStepBench,
 ) -> Result<(Vec<f64>, String)> {
-    let mut opt = crate::cuda::params::DeviceAdamW::new(gpu, opt_cfg, model.params().len())?;
+    use crate::backend::Backend;
+    let be = model.backend().clone();
+    let mut opt = AdamW::on(&be, opt_cfg, model.params().len());
     let times = time_steps(b.warmup, b.steps, &mut || {
-        gpu.zero(model.params_mut().grad.view_mut())?;
+        model.params_mut().zero_grad_on(&be);
         model.forward(batch, Mode::train(0.0, 0.1, 0))?;
         model.backward(1.0)?;
-        let p = model.params_mut();
-        opt.step_views(gpu, &p.specs, p.data.view_mut(), p.grad.view_mut(), 1e-4)?;
-        gpu.synchronize()?;
+        opt.step_on(&be, model.params_mut(), 1e-4)?;
+        be.sync()?;
         Ok(())
     })?;
-    Ok((times, gpu.describe()))
+    Ok((times, be.gpu().describe()))
 }
 
 /// [`matmul`] on the first GPU (cuBLASLt): TF32 for f32, bf16 operands with f32 sums for bf16.

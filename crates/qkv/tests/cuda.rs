@@ -943,10 +943,12 @@ fn a_kernel_given_short_buffers_is_a_shape_error() {
 /// clipping active, three steps; a non-finite gradient names its parameter and changes nothing.
 #[test]
 fn adamw_step_on_device_parameters_matches_the_cpu_optimizer() {
-    use qkv::cuda::params::{DeviceAdamW, DeviceParams};
+    use qkv::backend::{Backend, Cuda};
     use qkv::model::{Family, ModelConfig, Seq2Seq};
     use qkv::optim::{AdamW, AdamWConfig};
+    use qkv::params::Params;
     let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
     let cfg = ModelConfig::preset("tiny", Family::Seq2seq, 50).unwrap();
     let mut model = Seq2Seq::new(cfg, 1).unwrap();
     let mut rng = Rng::new(12);
@@ -956,24 +958,30 @@ fn adamw_step_on_device_parameters_matches_the_cpu_optimizer() {
         ..AdamWConfig::default()
     };
     let mut cpu = AdamW::new(config.clone(), n);
-    let mut dev = DeviceParams::upload(&g, &model.params).unwrap();
-    let mut dev_opt = DeviceAdamW::new(&g, config, n).unwrap();
+    let mut dev = Params::upload(&be, model.params.clone());
+    let mut dev_opt = AdamW::on(&be, config, n);
+    let set_grad = |dev: &mut Params<Cuda>, grad: &[f32]| {
+        be.host_mut(be.grow(&mut dev.grad, n), &mut |h| {
+            h.copy_from_slice(grad);
+            Ok(())
+        })
+        .unwrap()
+    };
+    let values = |dev: &Params<Cuda>| be.to_host(Cuda::view(&dev.data, n)).unwrap().into_owned();
     for step in 0..3 {
         let grad = random_vec(&mut rng, n, 0.1);
         model.params.grad.copy_from_slice(&grad);
-        g.stream().memcpy_htod(&grad, &mut dev.grad).unwrap();
+        set_grad(&mut dev, &grad);
         let want = cpu.step(&mut model.params, 1e-3).unwrap();
-        let got = dev_opt.step(&g, &mut dev, 1e-3).unwrap();
+        let got = dev_opt.step_on(&be, &mut dev, 1e-3).unwrap();
         assert!(
             (got - want).abs() <= 1e-5 * want,
             "step {step}: norm {got} vs {want}"
         );
     }
-    let mut back = model.params.clone();
-    dev.download(&g, &mut back).unwrap();
     assert_near(
         "parameters after 3 steps",
-        &back.data,
+        &values(&dev),
         &model.params.data,
         1e-6,
     );
@@ -981,18 +989,17 @@ fn adamw_step_on_device_parameters_matches_the_cpu_optimizer() {
     let mut grad = vec![0.0f32; n];
     let spec = &model.params.specs[5];
     grad[spec.offset + 2] = f32::NAN;
-    g.stream().memcpy_htod(&grad, &mut dev.grad).unwrap();
-    let before = g.stream().clone_dtoh(&dev.data).unwrap();
-    let err = dev_opt.step(&g, &mut dev, 1e-3).unwrap_err().to_string();
+    set_grad(&mut dev, &grad);
+    let before = values(&dev);
+    let err = dev_opt
+        .step_on(&be, &mut dev, 1e-3)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&format!("gradient of {} (element 2)", spec.name)),
         "{err}"
     );
-    assert_eq!(
-        g.stream().clone_dtoh(&dev.data).unwrap(),
-        before,
-        "parameters changed"
-    );
+    assert_eq!(values(&dev), before, "parameters changed");
 }
 
 // The layers written against `qkv::backend::Backend`, on the `Cuda` backend against the `Cpu`
@@ -1606,4 +1613,125 @@ fn attention_kinds_the_gpu_does_not_run_are_named_errors() {
         // The failure is reported once; the backend is usable again after.
         be.sync().unwrap();
     }
+}
+
+/// Ten updates of the trainer (token-budget batches, accumulation, AdamW with clipping, the
+/// schedule, dropout, a checkpoint) on the CPU and on the GPU from the same weights, the GPU
+/// run as `train.device` cuda runs it (the model's twin, validation on a host copy): the loss
+/// trajectories, the validations and the saved weights agree within TF32's rounding.
+#[test]
+fn ten_trainer_updates_on_the_gpu_follow_the_cpu_trajectory() {
+    use qkv::backend::{Backend, Cuda};
+    use qkv::data::Seq2SeqBatch;
+    use qkv::model::{Family, Model, ModelConfig, Seq2Seq, ToBackend};
+    use qkv::schedule::Schedule;
+    use qkv::train::{
+        loss_tally, HostValidated, Observer, Part, RunDir, StepLog, Tally, TrainConfig, TrainData,
+        Trainer, Validation,
+    };
+
+    /// Reversed random strings, eight pairs a batch; validation on the first batch.
+    struct Reverse(Vec<Seq2SeqBatch>);
+    impl<B: Backend, M: Model<B, Batch = Seq2SeqBatch>> TrainData<M, B> for Reverse {
+        fn epoch(&self, _: u64) -> qkv::Result<Vec<Seq2SeqBatch>> {
+            Ok(self.0.clone())
+        }
+        fn validate(&mut self, m: &mut M, part: Part) -> qkv::Result<Tally> {
+            loss_tally(m, &self.0[..1], part)
+        }
+    }
+    #[derive(Default)]
+    struct Seen(Vec<f32>, Vec<f64>);
+    impl Observer for Seen {
+        fn on_step(&mut self, log: &StepLog) {
+            self.0.push(log.loss);
+        }
+        fn on_validation(&mut self, _: u64, v: &Validation) {
+            self.1.push(v.loss);
+        }
+    }
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    let mut rng = Rng::new(4);
+    let batches: Vec<Seq2SeqBatch> = (0..3)
+        .map(|_| {
+            let seqs: Vec<Vec<u32>> = (0..8)
+                .map(|_| {
+                    let len = 3 + rng.below(6) as usize;
+                    (0..len).map(|_| 3 + rng.below(40) as u32).collect()
+                })
+                .collect();
+            let rev: Vec<Vec<u32>> = seqs
+                .iter()
+                .map(|s| s.iter().rev().copied().collect())
+                .collect();
+            let pairs: Vec<(&[u32], &[u32])> = seqs
+                .iter()
+                .zip(&rev)
+                .map(|(s, t)| (&s[..], &t[..]))
+                .collect();
+            Seq2SeqBatch::new(&pairs, 0, 1, 2)
+        })
+        .collect();
+    let cfg = ModelConfig::preset("tiny", Family::Seq2seq, 50).unwrap();
+    let train = TrainConfig {
+        max_steps: 10,
+        accumulate: 2,
+        schedule: Schedule::Cosine {
+            peak: 3e-3,
+            min: 1e-4,
+            warmup: 3,
+            total: 10,
+        },
+        valid_every: 5,
+        save_every: 5,
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    let tmp = std::env::temp_dir().join(format!("qkv-cuda-trainer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let run = |name: &str| RunDir {
+        path: tmp.join(name),
+        extra_files: vec![],
+    };
+    let host = Seq2Seq::new(cfg, 1).unwrap();
+    let twin = host.to_backend(be).unwrap();
+    let mut cpu_seen = Seen::default();
+    let mut cpu = Trainer::new(host.clone(), train.clone(), Some(run("cpu"))).unwrap();
+    cpu.fit(&mut Reverse(batches.clone()), &mut cpu_seen)
+        .unwrap();
+    let mut gpu_seen = Seen::default();
+    let mut task = Reverse(batches);
+    let mut data = HostValidated {
+        task: &mut task,
+        host,
+    };
+    let mut dev = Trainer::new(twin, train, Some(run("cuda"))).unwrap();
+    dev.fit(&mut data, &mut gpu_seen).unwrap();
+
+    assert_eq!(gpu_seen.0.len(), 10);
+    for (i, (a, b)) in gpu_seen.0.iter().zip(&cpu_seen.0).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-2 * b,
+            "update {}: loss {a} vs {b}",
+            i + 1
+        );
+    }
+    assert_eq!(gpu_seen.1.len(), cpu_seen.1.len());
+    for (a, b) in gpu_seen.1.iter().zip(&cpu_seen.1) {
+        assert!((a - b).abs() <= 1e-2 * b, "validation loss {a} vs {b}");
+    }
+    let saved = |name: &str| {
+        let mut m = Seq2Seq::new(cpu.model.config.clone(), 2).unwrap();
+        qkv::checkpoint::load(
+            &tmp.join(name).join("best"),
+            &m.config.clone(),
+            &mut m.params,
+        )
+        .unwrap();
+        m.params.data
+    };
+    assert_near("saved weights", &saved("cuda"), &saved("cpu"), 2e-2);
+    let _ = std::fs::remove_dir_all(&tmp);
 }

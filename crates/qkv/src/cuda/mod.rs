@@ -13,7 +13,6 @@
 mod blas;
 mod nvrtc;
 pub mod ops;
-pub mod params;
 pub mod view;
 
 pub use blas::Mode;
