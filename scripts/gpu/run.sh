@@ -3,11 +3,13 @@
 # target/gpu/. CUDA's libraries come from the pip packages beside PyTorch (nvidia-*), the
 # driver from the system.
 #
-# Usage: scripts/gpu/run.sh [tests|bench|all]
+# Usage: scripts/gpu/run.sh [tests|bench|translate|all]
 #   tests   every test binary, GPU tests required (QKV_REQUIRE_CUDA=1)
 #   bench   qkv and PyTorch alternating on the same GPU: the training step's products, the
 #           encoder-layer training step, and attention at N 8192 (D 64, 8 heads), one JSON
 #           line each
+#   translate  the default translation job trained on the GPU for 60 s (TF32, then bf16),
+#           validated and tested on this machine's CPUs; its test BLEU against the CPU run's
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/gpu
@@ -71,12 +73,23 @@ bench() {
     done
 }
 
+translate() {
+    # Issue 18's fourth target: test BLEU >= the CPU run's with <= 60 s of training.
+    local out=${OUT:-runs}
+    for config in translate-en-es translate-en-es-bf16; do
+        rm -rf "$out/gpu-$config"
+        run "$bin/qkv" train --config "configs/$config.json" --device cuda --time-limit 60 \
+            --out "$out/gpu-$config"
+    done
+}
+
 case "${1:-tests}" in
 tests) tests ;;
 bench) bench ;;
-all) tests; bench ;;
+translate) translate ;;
+all) tests; bench; translate ;;
 *)
-    echo "unknown: $1 (tests, bench, all)" >&2
+    echo "unknown: $1 (tests, bench, translate, all)" >&2
     exit 2
     ;;
 esac
