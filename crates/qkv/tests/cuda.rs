@@ -1735,3 +1735,91 @@ fn ten_trainer_updates_on_the_gpu_follow_the_cpu_trajectory() {
     assert_near("saved weights", &saved("cuda"), &saved("cpu"), 2e-2);
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// The PyTorch golden fixtures (`scripts/reference/make_fixtures.py`: the three families, both
+/// norm placements) on the GPU: each fixture's model moved to the CUDA backend
+/// (`ToBackend`), against PyTorch's float64 logits, loss, every parameter gradient and 10-step
+/// AdamW loss trajectory. Tolerances, relative as `golden.rs`'s 1e-4 for the CPU in f32:
+/// 5e-3 with TF32 products (10-bit mantissas), 3e-2 with bf16 operands (8-bit).
+#[test]
+fn golden_fixtures_match_pytorch_on_the_gpu() {
+    use common::{fixture, fixture_case, Case};
+    use qkv::backend::Cuda;
+    use qkv::model::ToBackend;
+    let Some(g) = gpu() else { return };
+    let g = std::sync::Arc::new(g);
+    for (bf16, tol) in [(false, 5e-3), (true, 3e-2)] {
+        for name in [
+            "seq2seq_post",
+            "seq2seq_pre",
+            "classifier_post",
+            "classifier_pre",
+            "lm_post",
+            "lm_pre",
+        ] {
+            let f = fixture(name);
+            let be = Cuda::new(g.clone(), bf16);
+            let what = format!("{name} ({})", if bf16 { "bf16" } else { "tf32" });
+            match fixture_case(&f) {
+                Case::Seq2Seq(m, b) => golden_on(&what, &f, m.to_backend(be).unwrap(), &b, tol),
+                Case::Classifier(m, b) => golden_on(&what, &f, m.to_backend(be).unwrap(), &b, tol),
+                Case::Lm(m, b) => golden_on(&what, &f, m.to_backend(be).unwrap(), &b, tol),
+            }
+        }
+    }
+}
+
+/// `golden.rs`'s checks for a model on the CUDA backend, within `tol`.
+fn golden_on<M: qkv::model::Model<qkv::backend::Cuda>>(
+    what: &str,
+    f: &qkv::checkpoint::TensorFile,
+    mut m: M,
+    batch: &M::Batch,
+    tol: f32,
+) {
+    use common::{fixture_adamw, fixture_f32s, fixture_meta, train_mode};
+    use qkv::backend::{Backend, Cuda};
+    use qkv::model::Mode;
+    use qkv::optim::AdamW;
+    let (be, n) = (m.backend().clone(), m.params().len());
+    let logits = {
+        let out = m.forward(batch, Mode::EVAL).unwrap();
+        be.to_host(out.logits).unwrap().into_owned()
+    };
+    let e = rel_err(&logits, &fixture_f32s(f, "output.logits"));
+    assert!(e <= tol, "{what}: logits relative error {e:.2e}");
+    let ls = fixture_meta(f, "label_smoothing");
+    let loss_and_grad = |m: &mut M| {
+        m.params_mut().zero_grad_on(&be);
+        let loss = m.forward(batch, train_mode(ls)).unwrap().loss.mean;
+        m.backward(1.0).unwrap();
+        loss
+    };
+    let loss = loss_and_grad(&mut m);
+    let want = fixture_f32s(f, "output.loss")[0];
+    assert!(
+        (loss - want).abs() <= tol * want.abs(),
+        "{what}: loss {loss}, PyTorch {want}"
+    );
+    let grad = be.to_host(Cuda::view(&m.params().grad, n)).unwrap();
+    for s in &m.params().specs {
+        let want = fixture_f32s(f, &format!("grad.{}", s.name));
+        let e = rel_err(&grad[s.offset..s.offset + s.len], &want);
+        assert!(
+            e <= tol,
+            "{what}: gradient of {}: relative error {e:.2e}",
+            s.name
+        );
+    }
+    let mut opt = AdamW::on(&be, fixture_adamw(f), n);
+    let lr = fixture_meta(f, "lr");
+    for (i, &w) in fixture_f32s(f, "train.losses").iter().enumerate() {
+        let loss = loss_and_grad(&mut m);
+        let rel = (loss - w).abs() / w.abs();
+        assert!(
+            rel <= tol,
+            "{what}: loss at step {i} is {loss}, PyTorch {w}"
+        );
+        opt.step_on(&be, m.params_mut(), lr).unwrap();
+    }
+}

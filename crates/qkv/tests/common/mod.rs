@@ -1,7 +1,8 @@
 #![allow(dead_code)]
-use qkv::checkpoint::TensorFile;
+use qkv::checkpoint::{TensorData, TensorFile};
 use qkv::data::{ClassifyBatch, LmBatch, Seq2SeqBatch};
-use qkv::model::{Classifier, LanguageModel, Mode, Model, ModelConfig, Seq2Seq};
+use qkv::model::{Classifier, Family, LanguageModel, Mode, Model, ModelConfig, Seq2Seq};
+use qkv::optim::AdamWConfig;
 use qkv::params::Params;
 use qkv::rng::Rng;
 
@@ -178,11 +179,102 @@ pub fn tiny(
 
 /// A golden fixture of `tests/fixtures/` (written by scripts/reference/make_fixtures.py).
 pub fn fixture(name: &str) -> TensorFile {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let file = format!("{name}.safetensors");
+    let mut path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
-        .join(format!("{name}.safetensors"));
+        .join(&file);
+    if !path.exists() {
+        // A test binary carried to another machine (the GPU's: scripts/gpu/run.sh) runs from
+        // the repository's root there, not where it was built.
+        path = std::path::Path::new("tests/fixtures").join(&file);
+    }
     TensorFile::open(&path)
         .unwrap_or_else(|e| panic!("{e} (regenerate with scripts/reference/make_fixtures.py)"))
+}
+
+/// How close qkv (f32 on the CPU) must come to PyTorch's float64 fixtures.
+pub const TOL: f32 = 1e-4;
+
+pub fn fixture_ids(f: &TensorFile, name: &str) -> (Vec<u32>, Vec<usize>) {
+    match f.get(name).unwrap() {
+        (shape, TensorData::I64(v)) => (v.into_iter().map(|x| x as u32).collect(), shape),
+        _ => panic!("{name} is not int64"),
+    }
+}
+
+pub fn fixture_f32s(f: &TensorFile, name: &str) -> Vec<f32> {
+    match f.get(name).unwrap() {
+        (_, TensorData::F32(v)) => v,
+        _ => panic!("{name} is not f32"),
+    }
+}
+
+pub fn fixture_meta(f: &TensorFile, key: &str) -> f32 {
+    f.metadata()[key].parse().unwrap()
+}
+
+pub fn fixture_adamw(f: &TensorFile) -> AdamWConfig {
+    AdamWConfig {
+        beta1: fixture_meta(f, "beta1"),
+        beta2: fixture_meta(f, "beta2"),
+        eps: fixture_meta(f, "eps"),
+        weight_decay: fixture_meta(f, "weight_decay"),
+        clip_norm: Some(fixture_meta(f, "clip_norm")),
+    }
+}
+
+/// The fixture's model (any family) with its parameters and batch loaded.
+pub fn fixture_case(f: &TensorFile) -> Case {
+    let cfg: ModelConfig = serde_json::from_str(&f.metadata()["config"])
+        .expect("fixture config parses as ModelConfig");
+    let mut m = match cfg.family {
+        Family::Seq2seq => {
+            let ((src, ss), (tin, ts), (tout, _)) = (
+                fixture_ids(f, "input.src"),
+                fixture_ids(f, "input.tgt_in"),
+                fixture_ids(f, "input.tgt_out"),
+            );
+            let n_tokens = tout.iter().filter(|&&t| t != cfg.pad_id).count();
+            let batch = Seq2SeqBatch {
+                src,
+                tgt_in: tin,
+                tgt_out: tout,
+                batch: ss[0],
+                src_len: ss[1],
+                tgt_len: ts[1],
+                n_tokens,
+            };
+            Case::Seq2Seq(Seq2Seq::new(cfg, 0).unwrap(), batch)
+        }
+        Family::Classifier => {
+            let ((x, xs), (y, _)) = (
+                fixture_ids(f, "input.tokens"),
+                fixture_ids(f, "input.labels"),
+            );
+            let batch = ClassifyBatch {
+                tokens: x,
+                labels: y,
+                batch: xs[0],
+                len: xs[1],
+            };
+            Case::Classifier(Classifier::new(cfg, 0).unwrap(), batch)
+        }
+        Family::Lm => {
+            let ((x, xs), (y, _)) = (
+                fixture_ids(f, "input.tokens"),
+                fixture_ids(f, "input.targets"),
+            );
+            let batch = LmBatch {
+                input: x,
+                target: y,
+                batch: xs[0],
+                len: xs[1],
+            };
+            Case::Lm(LanguageModel::new(cfg, 0).unwrap(), batch)
+        }
+    };
+    load_params(f, m.params());
+    m
 }
 
 /// Every `param.*` tensor of the fixture is a parameter of the model, and vice versa.
