@@ -85,10 +85,6 @@ impl<B: Backend> Classifier<B> {
         })
     }
 
-    pub fn backend(&self) -> &B {
-        &self.be
-    }
-
     /// Inference: tokens (B, T) → logits (B, K).
     pub fn logits(&mut self, tokens: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("an inference forward");

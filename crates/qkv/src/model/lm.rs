@@ -80,10 +80,6 @@ impl<B: Backend> LanguageModel<B> {
         })
     }
 
-    pub fn backend(&self) -> &B {
-        &self.be
-    }
-
     /// Inference: tokens (B, T) → logits (B, T, V).
     pub fn logits(&mut self, tokens: Tokens) -> Result<B::Ref<'_>> {
         self.last = LastPass::Other("an inference forward");

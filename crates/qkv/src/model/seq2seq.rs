@@ -125,10 +125,6 @@ impl<B: Backend> Seq2Seq<B> {
         })
     }
 
-    pub fn backend(&self) -> &B {
-        &self.be
-    }
-
     /// Encode the source: (B, S) → memory (B, S, C). The encoder keeps it as its output,
     /// which [`Seq2Seq::decode`] reads until the next `encode`.
     pub fn encode(&mut self, src: Tokens) -> Result<B::Ref<'_>> {
