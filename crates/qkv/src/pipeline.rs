@@ -21,8 +21,7 @@ use crate::tasks::lm::{self, Lm};
 use crate::tasks::translate::{self, Summarize, Translate, TranslateOptions};
 use crate::tasks::{Prepared, Report, Task};
 use crate::train::{
-    HostValidated, Observer, Outcome, RunDir, TrainData, Trainer, TrainerState, BEST_DIR,
-    METRICS_FILE,
+    Observer, Outcome, RunDir, TrainData, Trainer, TrainerState, BEST_DIR, METRICS_FILE,
 };
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -42,8 +41,8 @@ pub struct TrainReport {
 
 /// Train `job` in its run directory: a fresh run (refusing a directory that holds one), or
 /// with `resume` continued from its latest checkpoint. Progress goes to `observer`. On
-/// `train.device` cuda the model trains on the GPU; validation, the checkpoints' files and
-/// the test score are the CPU's, from the trained parameters.
+/// `train.device` cuda the model trains and validates on the GPU (a decoding metric decodes
+/// on the CPU); the checkpoints' files and the test score are the CPU's.
 pub fn train(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
     train_with(job, resume, observer, Rc::new(Solo))
 }
@@ -216,12 +215,8 @@ fn run<T: Task>(
         Some(be) => {
             observer.on_message(&format!("training on {be:?}"));
             let twin = model.to_backend(be)?;
-            let mut data = HostValidated {
-                task: &mut prepared.task,
-                host: model,
-            };
-            let (trained, _) = train_on(twin, &mut data, start, observer)?;
-            (trained, data.host)
+            let (trained, _) = train_on(twin, &mut prepared.task, start, observer)?;
+            (trained, model)
         }
     };
     let mut report = TrainReport {

@@ -1616,8 +1616,8 @@ fn attention_kinds_the_gpu_does_not_run_are_named_errors() {
 }
 
 /// Ten updates of the trainer (token-budget batches, accumulation, AdamW with clipping, the
-/// schedule, dropout, a checkpoint) on the CPU and on the GPU from the same weights, the GPU
-/// run as `train.device` cuda runs it (the model's twin, validation on a host copy): the loss
+/// schedule, dropout, validation, checkpoints) on the CPU and on the GPU from the same weights,
+/// the GPU run as `train.device` cuda runs it (the model's `ToBackend` twin): the loss
 /// trajectories, the validations and the saved weights agree within TF32's rounding.
 #[test]
 fn ten_trainer_updates_on_the_gpu_follow_the_cpu_trajectory() {
@@ -1626,8 +1626,8 @@ fn ten_trainer_updates_on_the_gpu_follow_the_cpu_trajectory() {
     use qkv::model::{Family, Model, ModelConfig, Seq2Seq, ToBackend};
     use qkv::schedule::Schedule;
     use qkv::train::{
-        loss_tally, HostValidated, Observer, Part, RunDir, StepLog, Tally, TrainConfig, TrainData,
-        Trainer, Validation,
+        loss_tally, Observer, Part, RunDir, StepLog, Tally, TrainConfig, TrainData, Trainer,
+        Validation,
     };
 
     /// Reversed random strings, eight pairs a batch; validation on the first batch.
@@ -1698,17 +1698,12 @@ fn ten_trainer_updates_on_the_gpu_follow_the_cpu_trajectory() {
     let host = Seq2Seq::new(cfg, 1).unwrap();
     let twin = host.to_backend(be).unwrap();
     let mut cpu_seen = Seen::default();
-    let mut cpu = Trainer::new(host.clone(), train.clone(), Some(run("cpu"))).unwrap();
+    let mut cpu = Trainer::new(host, train.clone(), Some(run("cpu"))).unwrap();
     cpu.fit(&mut Reverse(batches.clone()), &mut cpu_seen)
         .unwrap();
     let mut gpu_seen = Seen::default();
-    let mut task = Reverse(batches);
-    let mut data = HostValidated {
-        task: &mut task,
-        host,
-    };
     let mut dev = Trainer::new(twin, train, Some(run("cuda"))).unwrap();
-    dev.fit(&mut data, &mut gpu_seen).unwrap();
+    dev.fit(&mut Reverse(batches), &mut gpu_seen).unwrap();
 
     assert_eq!(gpu_seen.0.len(), 10);
     for (i, (a, b)) in gpu_seen.0.iter().zip(&cpu_seen.0).enumerate() {
@@ -1822,4 +1817,78 @@ fn golden_on<M: qkv::model::Model<qkv::backend::Cuda>>(
         );
         opt.step_on(&be, m.params_mut(), lr).unwrap();
     }
+}
+
+/// `train.device` cuda end to end, as `qkv train --device cuda` runs it: a tiny translation
+/// job (BPE tokenizer, token batches, checkpoints, `best/` chosen by validation BLEU, which
+/// decodes on the CPU from the GPU model's parameters) trains on the GPU and its best
+/// checkpoint is scored on the test set; the same job on the CPU ends at a validation loss
+/// within 5%.
+#[test]
+fn a_translation_job_trains_on_the_gpu_end_to_end() {
+    use qkv::backend::Device;
+    use qkv::tasks::Report;
+    use qkv::train::{read_metrics, Outcome, RowKind};
+    if gpu().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qkv-cuda-job-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let words = [
+        "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho",
+    ];
+    let mut rng = Rng::new(9);
+    let mut corpus = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                let len = 2 + rng.below(5) as usize;
+                let s: Vec<&str> = (0..len).map(|_| words[rng.below(8) as usize]).collect();
+                let t: Vec<&str> = s.iter().rev().copied().collect();
+                format!("{}\t{}\n", s.join(" "), t.join(" "))
+            })
+            .collect()
+    };
+    for (file, n) in [("train.tsv", 300), ("valid.tsv", 20), ("test.tsv", 20)] {
+        std::fs::write(dir.join(file), corpus(n)).unwrap();
+    }
+    let config = r#"{
+  "task": "translate",
+  "data": { "train": "train.tsv", "valid": "valid.tsv", "test": "test.tsv" },
+  "tokenizer": { "vocab_size": 60 },
+  "model": { "preset": "tiny", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_len": 24, "dropout": 0.0 },
+  "train": {
+    "max_steps": 60, "max_tokens": 256,
+    "schedule": { "kind": "cosine", "peak": 0.003, "min": 0.0001, "warmup": 10, "total": 60 },
+    "valid_every": 20, "save_every": 20, "best_metric": "bleu", "device": "cuda"
+  },
+  "decode": { "beam": 2 },
+  "out": "run",
+  "samples": 1
+}"#;
+    let path = dir.join("job.json");
+    std::fs::write(&path, config).unwrap();
+    let mut job = qkv::job::Job::load(&path).unwrap();
+    let report = qkv::pipeline::train(&job, false, &mut ()).unwrap();
+    assert_eq!(report.outcome, Outcome::Finished);
+    match &report.test {
+        Some(Report::Translate(r)) => assert!(r.bleu.score.is_finite(), "{r}"),
+        other => panic!("no translation report: {other:?}"),
+    }
+    let last_valid = |run: &str| {
+        let rows = read_metrics(&dir.join(run).join("metrics.csv")).unwrap();
+        let v = rows.iter().rfind(|r| r.kind == RowKind::Valid).unwrap();
+        assert!(v.metric.as_ref().is_some_and(|m| m.0 == "bleu"), "{run}");
+        v.loss
+    };
+    let gpu_loss = last_valid("run");
+    job.train.device = Device::Cpu;
+    job.out = Some(dir.join("run-cpu"));
+    qkv::pipeline::train(&job, false, &mut ()).unwrap();
+    let cpu_loss = last_valid("run-cpu");
+    assert!(
+        (gpu_loss - cpu_loss).abs() <= 0.05 * cpu_loss,
+        "validation loss on the GPU {gpu_loss}, on the CPU {cpu_loss}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

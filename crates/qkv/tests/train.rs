@@ -3,14 +3,14 @@
 
 mod common;
 use common::tiny;
-use qkv::backend::Cpu;
+use qkv::backend::{Backend, Cpu};
 use qkv::data::Seq2SeqBatch;
 use qkv::model::{Family, NormPlacement, Seq2Seq, ToBackend};
 use qkv::rng::Rng;
 use qkv::schedule::Schedule;
 use qkv::train::{
-    self, HostValidated, Observer, Outcome, Part, RunDir, StepLog, Tally, TrainConfig, TrainData,
-    Trainer, Validation,
+    self, Observer, Outcome, Part, RunDir, StepLog, Tally, TrainConfig, TrainData, Trainer,
+    Validation,
 };
 use std::path::Path;
 
@@ -70,11 +70,11 @@ impl Data {
     }
 }
 
-impl TrainData<Seq2Seq> for Data {
+impl<B: Backend> TrainData<Seq2Seq<B>, B> for Data {
     fn epoch(&self, e: u64) -> qkv::Result<Vec<Seq2SeqBatch>> {
         Ok(epoch(&self.pairs, self.seed, e))
     }
-    fn validate(&mut self, m: &mut Seq2Seq, part: Part) -> qkv::Result<Tally> {
+    fn validate(&mut self, m: &mut Seq2Seq<B>, part: Part) -> qkv::Result<Tally> {
         match &mut self.score {
             Some(f) => Ok(f()),
             None => train::loss_tally(m, &self.valid, part),
@@ -175,22 +175,16 @@ impl Observer for Seen {
     }
 }
 
-/// [`run`] the way `train.device` cuda trains: the model's twin on another backend (here the
-/// CPU again) and the task validating a host copy of its parameters.
+/// [`run`] the way `train.device` cuda trains: the model built on the CPU, its twin on another
+/// backend (here the CPU again) trained.
 fn run_twin(dir: &Path, cfg: &TrainConfig, resume: bool, seen: &mut Seen) -> Seq2Seq {
-    let host = model();
-    let twin = host.to_backend(Cpu).unwrap();
+    let twin = model().to_backend(Cpu).unwrap();
     let mut t = Trainer::new(twin, cfg.clone(), Some(run_dir(dir))).unwrap();
     if resume {
         let last = run_dir(dir).latest().unwrap().unwrap();
         t.resume_from(&last).unwrap();
     }
-    let mut task = Data::new(cfg.seed);
-    let mut data = HostValidated {
-        task: &mut task,
-        host,
-    };
-    t.fit(&mut data, seen).unwrap();
+    t.fit(&mut Data::new(cfg.seed), seen).unwrap();
     t.model
 }
 
@@ -206,7 +200,6 @@ fn a_twin_on_another_backend_trains_validates_and_resumes_as_the_model_itself() 
     let mut twin = Seen::default();
     let twin_model = run_twin(&b, &cfg, false, &mut twin);
     assert_eq!(twin.losses, direct.losses);
-    // Validation reads the twin's parameters: a stale host copy would score other losses.
     assert!(direct.valid.len() >= 3);
     assert_eq!(twin.valid, direct.valid);
     assert_eq!(twin_model.params.data, t.model.params.data);

@@ -3,6 +3,7 @@
 //! BERT-family encoder can be fine-tuned with a new class head.
 
 use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
+use crate::backend::Backend;
 use crate::data::{batches_by_tokens, ClassifyBatch, Tokenizer};
 use crate::decode::argmax;
 use crate::error::{Error, Result};
@@ -10,7 +11,7 @@ use crate::hf::HfEncoder;
 use crate::job::Job;
 use crate::kernels::softmax::softmax_forward;
 use crate::metrics::{classification_report, ClassificationReport};
-use crate::model::{Classifier, ModelConfig, Tokens};
+use crate::model::{Classifier, Model, ModelConfig, Tokens};
 use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
 use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
 use std::fmt;
@@ -139,18 +140,17 @@ fn for_batches(
 }
 
 /// Class probabilities (N, K) of encoded inputs, batched by length.
-pub fn predict_ids(
-    model: &mut Classifier,
+pub fn predict_ids<B: Backend>(
+    model: &mut Classifier<B>,
     ids: &[Vec<u32>],
     pad: u32,
     max_tokens: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let k = model.config.n_classes;
+    let (k, be) = (model.config.n_classes, model.backend().clone());
     let mut out = vec![Vec::new(); ids.len()];
     for_batches(ids, pad, max_tokens, |b, idx| {
-        let mut probs = model
-            .logits(Tokens::new(&b.tokens, b.batch, b.len)?)?
-            .to_vec();
+        let logits = model.logits(Tokens::new(&b.tokens, b.batch, b.len)?)?;
+        let mut probs = be.to_host(logits)?.into_owned();
         softmax_forward(&mut probs, k);
         for (row, &i) in idx.iter().enumerate() {
             out[i] = probs[row * k..(row + 1) * k].to_vec();
@@ -281,14 +281,14 @@ pub struct Classify {
     seed: u64,
 }
 
-impl TrainData<Classifier> for Classify {
+impl<B: Backend> TrainData<Classifier<B>, B> for Classify {
     fn epoch(&self, epoch: u64) -> Result<Vec<ClassifyBatch>> {
         Ok(self
             .train
             .epoch_batches(self.pad, self.max_tokens, self.seed, epoch))
     }
 
-    fn validate(&mut self, model: &mut Classifier, part: Part) -> Result<Tally> {
+    fn validate(&mut self, model: &mut Classifier<B>, part: Part) -> Result<Tally> {
         let mine = part.of(self.valid_ids.len());
         let probs = predict_ids(
             model,

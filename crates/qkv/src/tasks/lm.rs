@@ -2,6 +2,7 @@
 //! character on held-out text, and generation from a prompt.
 
 use super::{tokenizer_for, Prepared, Report, Task};
+use crate::backend::Backend;
 use crate::data::{read_text, LmBatch, Tokenizer};
 use crate::decode::{generate, Choice};
 use crate::error::{Error, Result};
@@ -249,13 +250,13 @@ pub struct Lm {
     seed: u64,
 }
 
-impl TrainData<LanguageModel> for Lm {
+impl<B: Backend> TrainData<LanguageModel<B>, B> for Lm {
     fn epoch(&self, epoch: u64) -> Result<Vec<LmBatch>> {
         self.train
             .epoch_batches(self.block, self.max_tokens, self.seed, epoch)
     }
 
-    fn validate(&mut self, model: &mut LanguageModel, part: Part) -> Result<Tally> {
+    fn validate(&mut self, model: &mut LanguageModel<B>, part: Part) -> Result<Tally> {
         loss_tally(model, &self.valid, part)
     }
 }

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod lm;
 pub mod translate;
 
+use crate::backend::Cuda;
 use crate::data::{read_labelled, read_parallel, Tokenizer};
 use crate::error::{Error, Result};
 use crate::job::Job;
@@ -17,8 +18,11 @@ use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
 use crate::train::{Observer, TrainData};
 use std::path::Path;
 
-/// One task's side of a training job.
-pub trait Task: TrainData<Self::Model> + Sized {
+/// The model of task `T` on the GPU.
+type OnCuda<T> = <<T as Task>::Model as ToBackend>::On<Cuda>;
+
+/// One task's side of a training job: its data for the model on the CPU and on the GPU.
+pub trait Task: TrainData<Self::Model> + TrainData<OnCuda<Self>, Cuda> + Sized {
     type Model: Model + ToBackend;
 
     /// Read the job's data and make the model's files (tokenizers, labels, decoding

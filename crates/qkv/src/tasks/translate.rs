@@ -3,6 +3,7 @@
 //! two (one per side); their special-token ids must agree.
 
 use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
+use crate::backend::Backend;
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
 use crate::decode::{argmax, beam_search, greedy, sample_outputs, DecodeConfig};
 use crate::error::{Error, Result};
@@ -11,11 +12,12 @@ use crate::mbr::{self, Utility};
 use crate::metrics::rouge::{self, Rouge};
 use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
-use crate::model::{EncoderDecoder, KvCache, ModelConfig, Seq2Seq, Tokens};
+use crate::model::{EncoderDecoder, KvCache, Model, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
 use crate::rng::hash;
 use crate::train::{loss_tally, BestMetric, Observer, Part, Tally, TrainData};
 use rayon::prelude::*;
+use std::any::Any;
 use std::fmt;
 use std::path::Path;
 use std::time::Instant;
@@ -799,11 +801,15 @@ struct ValidDecode {
     metric: BestMetric,
     pairs: Vec<(String, String)>,
     files: ModelFiles,
+    /// What a model on another backend decodes with: a CPU model made at the first
+    /// validation and given the model's parameters at each (decoding runs on the CPU).
+    host: Option<Seq2Seq>,
 }
 
 impl ValidDecode {
     /// The metric over every validation pair (× 100, as reported).
-    fn score(&self, model: &mut Seq2Seq) -> Result<f64> {
+    fn score<B: Backend>(&mut self, model: &mut Seq2Seq<B>) -> Result<f64> {
+        let model = on_cpu(model, &mut self.host)?;
         let opts = TranslateOptions::new(&self.files.decode);
         let report = evaluate(model, &self.files, &self.pairs, &opts, 0)?;
         let rouge = |pick: fn(&Rouge) -> f64| -> Result<f64> {
@@ -832,16 +838,36 @@ impl ValidDecode {
     }
 }
 
-impl TrainData<Seq2Seq> for Translate {
+/// `model` itself on the CPU; otherwise `host`, a CPU model (made once) holding its parameters.
+fn on_cpu<'m, B: Backend>(
+    model: &'m mut Seq2Seq<B>,
+    host: &'m mut Option<Seq2Seq>,
+) -> Result<&'m mut Seq2Seq> {
+    // Stable Rust has no specialization; `Any` tells the CPU's model from a device's.
+    if (model as &dyn Any).is::<Seq2Seq>() {
+        let cpu = (model as &mut dyn Any).downcast_mut::<Seq2Seq>();
+        return Ok(cpu.expect("a Seq2Seq<Cpu>, checked above"));
+    }
+    let host = match host {
+        Some(h) => h,
+        None => host.insert(Seq2Seq::new(model.config.clone(), 0)?),
+    };
+    let n = model.params.len();
+    let data = model.backend().to_host(B::view(&model.params.data, n))?;
+    host.params.data.copy_from_slice(&data);
+    Ok(host)
+}
+
+impl<B: Backend> TrainData<Seq2Seq<B>, B> for Translate {
     fn epoch(&self, epoch: u64) -> Result<Vec<Seq2SeqBatch>> {
         Ok(self
             .train
             .epoch_batches(&self.target, self.max_tokens, self.seed, epoch))
     }
 
-    fn validate(&mut self, model: &mut Seq2Seq, part: Part) -> Result<Tally> {
+    fn validate(&mut self, model: &mut Seq2Seq<B>, part: Part) -> Result<Tally> {
         let mut tally = loss_tally(model, &self.valid, part)?;
-        if let Some(d) = &self.valid_decode {
+        if let Some(d) = &mut self.valid_decode {
             // Rank 0 decodes every pair and the ranks' sums hold its score once: corpus
             // BLEU and chrF do not split into shares, and sampling draws by a source's
             // index, which a share would renumber.
@@ -957,6 +983,7 @@ impl Translate {
                 metric,
                 pairs: valid_pairs,
                 files: files.clone(),
+                host: None,
             });
         let task = Translate {
             valid: valid_data.epoch_batches(tgt_tok, max_tokens, 0, 0),
@@ -1005,11 +1032,11 @@ impl Task for Translate {
 /// says it summarizes (`task.json`), so its test set and `qkv eval` are scored by ROUGE.
 pub struct Summarize(Translate);
 
-impl TrainData<Seq2Seq> for Summarize {
+impl<B: Backend> TrainData<Seq2Seq<B>, B> for Summarize {
     fn epoch(&self, epoch: u64) -> Result<Vec<Seq2SeqBatch>> {
-        self.0.epoch(epoch)
+        TrainData::<Seq2Seq<B>, B>::epoch(&self.0, epoch)
     }
-    fn validate(&mut self, model: &mut Seq2Seq, part: Part) -> Result<Tally> {
+    fn validate(&mut self, model: &mut Seq2Seq<B>, part: Part) -> Result<Tally> {
         self.0.validate(model, part)
     }
 }

@@ -39,7 +39,7 @@ use crate::data::Rows;
 use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::kernels::matmul::set_matmul_precision;
-use crate::model::{Mode, Model, ToBackend};
+use crate::model::{Mode, Model};
 use crate::optim::AdamW;
 use crate::rng::hash;
 use crate::schedule::Fitted;
@@ -133,27 +133,6 @@ pub trait TrainData<M: Model<B>, B: Backend = Cpu> {
     fn epoch(&self, epoch: u64) -> Result<Vec<M::Batch>>;
     /// Score the model on share `part` of the held-out data.
     fn validate(&mut self, model: &mut M, part: Part) -> Result<Tally>;
-}
-
-/// A task's data for the twin of `host` on another backend ([`ToBackend`]): the same batches,
-/// and validation on the CPU, by the task itself, with the twin's parameters copied into
-/// `host` first (decoding metrics such as BLEU decode on the CPU).
-pub struct HostValidated<'t, T, H> {
-    pub task: &'t mut T,
-    pub host: H,
-}
-
-impl<B: Backend, T: TrainData<H>, H: ToBackend> TrainData<H::On<B>, B> for HostValidated<'_, T, H> {
-    fn epoch(&self, epoch: u64) -> Result<Vec<H::Batch>> {
-        self.task.epoch(epoch)
-    }
-
-    fn validate(&mut self, model: &mut H::On<B>, part: Part) -> Result<Tally> {
-        let n = model.params().len();
-        let data = model.backend().to_host(B::view(&model.params().data, n))?;
-        self.host.params_mut().data.copy_from_slice(&data);
-        self.task.validate(&mut self.host, part)
-    }
 }
 
 /// Progress of one update, for progress bars and logs.
