@@ -15,10 +15,11 @@
 //! kernels assert), and a device that fails asynchronously reports it where the caller
 //! next reads a result back, as CUDA does.
 //!
-//! On the seam: every layer, block and stack, the embeddings, the loss and the three model
-//! families over whole sequences. The CPU's alone (`impl … <Cpu>` blocks): decoding steps over
-//! a `KvCache`, `Classifier::features`, and everything above the models (trainer, pipeline,
-//! serve), which pass [`Cpu`] down.
+//! On the seam: every layer, block and stack, the embeddings, the loss, the three model
+//! families over whole sequences, AdamW, the trainer and the tasks' validation (a job's
+//! `train.device` picks the backend; files and other processes see host copies,
+//! [`Backend::to_host`]). The CPU's alone (`impl … <Cpu>` blocks): decoding steps over a
+//! `KvCache`, `Classifier::features`, and what decodes (translation, evaluation, serve).
 
 mod cpu;
 mod cuda;

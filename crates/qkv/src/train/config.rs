@@ -52,8 +52,8 @@ pub struct TrainConfig {
     /// the job's `decode` at every validation.
     pub best_metric: Option<BestMetric>,
     /// Where the model trains: `"cpu"` (default) or `"cuda"` (the first NVIDIA GPU; its
-    /// products in TF32, or bf16 with `precision` `"bf16"`). Validation, checkpoints and the
-    /// final test run on the CPU from the trained parameters.
+    /// products in TF32, or bf16 with `precision` `"bf16"`), validating there; decoding (a
+    /// decoding `best_metric`, the final test) runs on the CPU from its parameters.
     pub device: Device,
 }
 
