@@ -1,8 +1,8 @@
 //! `qkv eval`: score a model directory on a test file (`qkv::pipeline::evaluate`).
 
-use crate::args::PrecisionArgs;
+use crate::args::{DeviceArg, PrecisionArgs};
 use crate::infer::Translator;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use qkv::model_dir::ModelDir;
 use qkv::pipeline::evaluate_translation;
 use qkv::tasks::Report;
@@ -27,6 +27,10 @@ pub struct EvalArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// Where the model runs: the CPU, or the first NVIDIA GPU (classifiers and language
+    /// models; translation decodes on the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -35,7 +39,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let mut dir = ModelDir::load(path)?;
         args.precision.apply_to(&mut dir.model)?;
         let decode = args.decode.over(&dir.files.decode)?;
-        qkv::pipeline::evaluate(&mut dir, &args.data, Some(&decode), args.max_tokens)?
+        let (data, max, device) = (&args.data, args.max_tokens, args.device.device());
+        qkv::pipeline::evaluate_on(&mut dir, data, Some(&decode), max, device)?
+    } else if args.device == DeviceArg::Cuda {
+        bail!("--device cuda: an ensemble translates, and decoding runs on the CPU only");
     } else {
         let (model, files) = crate::infer::load_translator(&args.model, args.precision)?;
         let decode = args.decode.over(&files.decode)?;

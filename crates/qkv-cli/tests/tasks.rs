@@ -98,6 +98,24 @@ fn translate_train_eval_translate_average_resume() {
     assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 800);
     assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 500);
     let best = run.join("best");
+    // Translation decodes, on the CPU only: `--device cuda` says so (GPU or not).
+    let test = dir.join("test.tsv");
+    let (ok, _, err) = qkv(
+        &[
+            "eval",
+            "--model",
+            best.to_str().unwrap(),
+            "--data",
+            test.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("decoding runs on the CPU only"),
+        "{err}"
+    );
     let (ok, out, err) = qkv(
         &[
             "eval",
@@ -319,6 +337,26 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     assert!(out.starts_with("to be or not to be"), "{out}");
     eval_of_an_empty_file_is_an_error(&best, "text");
+    // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
+    if !qkv::cuda::driver_available() {
+        let valid = dir.join("valid.txt");
+        let (ok, _, err) = qkv(
+            &[
+                "eval",
+                "--model",
+                best.to_str().unwrap(),
+                "--data",
+                valid.to_str().unwrap(),
+                "--device",
+                "cuda",
+            ],
+            None,
+        );
+        assert!(
+            !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
+            "{err}"
+        );
+    }
     // Text shorter than one block of max_len tokens names its file, in eval and in a job
     // (before any training).
     std::fs::write(dir.join("short.txt"), "to be\n").unwrap();

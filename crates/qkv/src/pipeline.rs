@@ -346,28 +346,61 @@ pub fn evaluate(
     decode: Option<&DecodeConfig>,
     max_tokens: usize,
 ) -> Result<Report> {
+    evaluate_on(dir, data, decode, max_tokens, Device::Cpu)
+}
+
+/// [`evaluate`] on `device`: on the GPU, a classifier or a language model scores there (in
+/// the calling thread's product precision: bf16, else TF32); translation and summarization
+/// decode, which runs on the CPU only, so they are an error there.
+pub fn evaluate_on(
+    dir: &mut ModelDir,
+    data: &Path,
+    decode: Option<&DecodeConfig>,
+    max_tokens: usize,
+    device: Device,
+) -> Result<Report> {
     let files = &dir.files;
-    match &mut dir.model {
-        AnyModel::Seq2Seq(m) => evaluate_translation(m, files, data, decode, max_tokens),
-        AnyModel::Classifier(m) => {
+    let cuda = || {
+        let bf16 = crate::kernels::matmul::matmul_precision() == Precision::Bf16;
+        Cuda::first_gpu(bf16).map_err(|e| Error::Config(format!("--device cuda: {e}")))
+    };
+    match (&mut dir.model, device) {
+        (AnyModel::Seq2Seq(m), Device::Cpu) => {
+            evaluate_translation(m, files, data, decode, max_tokens)
+        }
+        (AnyModel::Seq2Seq(_), Device::Cuda) => Err(Error::Config(
+            "--device cuda: translation and summarization decode, and decoding runs on the CPU \
+             only (leave out --device)"
+                .into(),
+        )),
+        (AnyModel::Classifier(m), device) => {
             let labels = files.labels.as_ref().ok_or_else(|| {
                 Error::Config("this model has no class labels (an embedding model)".into())
             })?;
             let examples = read_labelled(data, false)?.records;
             something_to_score(data, examples.is_empty(), "`label<TAB>text` examples")?;
-            let r = classify::evaluate(m, &files.tokenizer, labels, &examples, max_tokens)?;
+            let tok = &files.tokenizer;
+            let r = match device {
+                Device::Cpu => classify::evaluate(m, tok, labels, &examples, max_tokens)?,
+                Device::Cuda => {
+                    let mut twin = m.to_backend(cuda()?)?;
+                    classify::evaluate(&mut twin, tok, labels, &examples, max_tokens)?
+                }
+            };
             Ok(Report::Classify(r))
         }
-        AnyModel::Lm(m) => {
+        (AnyModel::Lm(m), device) => {
             let text = read_text(data)?;
             something_to_score(data, text.trim().is_empty(), "text")?;
-            Ok(Report::Lm(lm::evaluate(
-                m,
-                &files.tokenizer,
-                &text,
-                data,
-                max_tokens,
-            )?))
+            let tok = &files.tokenizer;
+            let r = match device {
+                Device::Cpu => lm::evaluate(m, tok, &text, data, max_tokens)?,
+                Device::Cuda => {
+                    let mut twin = m.to_backend(cuda()?)?;
+                    lm::evaluate(&mut twin, tok, &text, data, max_tokens)?
+                }
+            };
+            Ok(Report::Lm(r))
         }
     }
 }

@@ -1892,3 +1892,46 @@ fn a_translation_job_trains_on_the_gpu_end_to_end() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A language-model job trains on the GPU, and `qkv eval --device cuda` scores its best
+/// checkpoint there: the same loss as the CPU's evaluation within TF32's rounding.
+#[test]
+fn a_language_model_trains_and_evaluates_on_the_gpu() {
+    use qkv::backend::Device;
+    use qkv::model_dir::ModelDir;
+    use qkv::tasks::Report;
+    if gpu().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qkv-cuda-lm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = "to be or not to be that is the question\n".repeat(80);
+    std::fs::write(dir.join("text.txt"), &text).unwrap();
+    let config = r#"{
+  "task": "lm",
+  "data": { "train": "text.txt", "valid": "text.txt" },
+  "tokenizer": { "vocab_size": 60 },
+  "model": { "preset": "tiny", "d_model": 32, "n_heads": 2, "d_ff": 64, "max_len": 24 },
+  "train": { "max_steps": 40, "max_tokens": 256, "device": "cuda" },
+  "out": "run"
+}"#;
+    let path = dir.join("job.json");
+    std::fs::write(&path, config).unwrap();
+    let job = qkv::job::Job::load(&path).unwrap();
+    qkv::pipeline::train(&job, false, &mut ()).unwrap();
+    let mut best = ModelDir::load(&dir.join("run").join("best")).unwrap();
+    let data = dir.join("text.txt");
+    let loss = |r: Report| match r {
+        Report::Lm(r) => r.loss,
+        other => panic!("not a language-model report: {other:?}"),
+    };
+    let on_gpu = qkv::pipeline::evaluate_on(&mut best, &data, None, 1024, Device::Cuda).unwrap();
+    let on_cpu = qkv::pipeline::evaluate(&mut best, &data, None, 1024).unwrap();
+    let (g, c) = (loss(on_gpu), loss(on_cpu));
+    assert!(
+        (g - c).abs() <= 1e-3 * c,
+        "loss on the GPU {g}, on the CPU {c}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -247,8 +247,8 @@ impl fmt::Display for ClassifyReport {
 }
 
 /// Score `model` on `(label, text)` examples; an unknown label is an error naming it.
-pub fn evaluate(
-    model: &mut Classifier,
+pub fn evaluate<B: Backend>(
+    model: &mut Classifier<B>,
     tok: &Tokenizer,
     labels: &Labels,
     examples: &[(String, String)],

@@ -204,8 +204,8 @@ impl fmt::Display for LmReport {
 }
 
 /// Score `model` on `text`: non-overlapping blocks of its context length.
-pub fn evaluate(
-    model: &mut LanguageModel,
+pub fn evaluate<B: Backend>(
+    model: &mut LanguageModel<B>,
     tok: &Tokenizer,
     text: &str,
     path: &Path,
@@ -217,8 +217,8 @@ pub fn evaluate(
 }
 
 /// [`evaluate`] on a text already encoded (and checked to hold a block).
-fn evaluate_stream(
-    model: &mut LanguageModel,
+fn evaluate_stream<B: Backend>(
+    model: &mut LanguageModel<B>,
     stream: &TokenStream,
     max_tokens: usize,
 ) -> Result<LmReport> {
