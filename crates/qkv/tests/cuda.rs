@@ -1832,9 +1832,7 @@ fn a_translation_job_trains_on_the_gpu_end_to_end() {
     if gpu().is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("qkv-cuda-job-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("cuda-job");
     let words = [
         "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho",
     ];
@@ -1903,9 +1901,7 @@ fn a_language_model_trains_and_evaluates_on_the_gpu() {
     if gpu().is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("qkv-cuda-lm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("cuda-lm");
     let text = "to be or not to be that is the question\n".repeat(80);
     std::fs::write(dir.join("text.txt"), &text).unwrap();
     let config = r#"{
