@@ -27,6 +27,12 @@ impl DeviceArg {
     }
 }
 
+/// The first GPU for `--device cuda`, its products in bf16 with `--dtype bf16`, else TF32.
+pub fn first_gpu(precision: PrecisionArgs) -> Result<qkv::backend::Cuda> {
+    let bf16 = matches!(precision.dtype, DtypeArg::Bf16);
+    qkv::backend::Cuda::first_gpu(bf16).context("--device cuda")
+}
+
 /// `--dtype` of the inference commands (a job's training precision is in its config).
 #[derive(clap::Args, Clone, Copy)]
 pub struct PrecisionArgs {

@@ -1,10 +1,10 @@
 //! `qkv translate`, `qkv classify`, `qkv generate`, `qkv embed` (stdin → stdout, batched) and
 //! `qkv average`, over `qkv::model_dir::ModelDir` and the tasks' prediction functions.
 
-use crate::args::{name_input, stdin_lines, PrecisionArgs};
+use crate::args::{first_gpu, name_input, stdin_lines, DeviceArg, PrecisionArgs};
 use anyhow::{bail, Result};
 use qkv::decode::{argmax, Choice, DecodeConfig};
-use qkv::model::{AnyModel, EncoderDecoder, Ensemble, Seq2Seq};
+use qkv::model::{AnyModel, EncoderDecoder, Ensemble, Seq2Seq, ToBackend};
 use qkv::model_dir::{ModelDir, ModelFiles};
 use qkv::tasks::{classify, lm, translate};
 use std::io::Write;
@@ -196,6 +196,9 @@ pub struct ClassifyArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// Where the model runs: the CPU, or the first NVIDIA GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 /// One line per input: `label<TAB>probability`.
@@ -207,8 +210,15 @@ pub fn run_classify(a: ClassifyArgs) -> Result<()> {
         return Err(not_a(&a.model, "a classification model"));
     };
     let lines = stdin_lines()?;
-    let probs = classify::predict(model, &dir.files.tokenizer, &lines, a.max_tokens.max(1))
-        .map_err(|e| name_input(e, "stdin line"))?;
+    let (tok, max) = (&dir.files.tokenizer, a.max_tokens.max(1));
+    let probs = match a.device {
+        DeviceArg::Cpu => classify::predict(model, tok, &lines, max),
+        DeviceArg::Cuda => {
+            let mut twin = model.to_backend(first_gpu(a.precision)?)?;
+            classify::predict(&mut twin, tok, &lines, max)
+        }
+    }
+    .map_err(|e| name_input(e, "stdin line"))?;
     let mut stdout = std::io::stdout().lock();
     for p in probs {
         let k = argmax(&p);
@@ -293,6 +303,9 @@ pub struct EmbedArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// Where the model runs: the CPU, or the first NVIDIA GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 /// Sentence embeddings of stdin lines: one JSON array (mean-pooled, unit length) per line.
@@ -310,8 +323,14 @@ pub fn run_embed(a: EmbedArgs) -> Result<()> {
     };
     let lines = stdin_lines()?;
     let mut cut = 0;
-    let tok = &dir.files.tokenizer;
-    let out = classify::embed(model, tok, &lines, a.max_tokens.max(1), Some(&mut cut))?;
+    let (tok, max) = (&dir.files.tokenizer, a.max_tokens.max(1));
+    let out = match a.device {
+        DeviceArg::Cpu => classify::embed(model, tok, &lines, max, Some(&mut cut))?,
+        DeviceArg::Cuda => {
+            let mut twin = model.to_backend(first_gpu(a.precision)?)?;
+            classify::embed(&mut twin, tok, &lines, max, Some(&mut cut))?
+        }
+    };
     if cut > 0 {
         eprintln!(
             "{cut} lines were longer than the model's {} tokens and were cut to them (as \

@@ -288,6 +288,23 @@ fn classify_and_lm_train_and_predict() {
     let labels: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(labels, ["positive", "negative"]);
     eval_of_an_empty_file_is_an_error(&best, "`label<TAB>text` examples");
+    // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
+    if !qkv::cuda::driver_available() {
+        for command in ["classify", "embed"] {
+            let args = [
+                command,
+                "--model",
+                best.to_str().unwrap(),
+                "--device",
+                "cuda",
+            ];
+            let (ok, _, err) = qkv(&args, Some("happy day now\n"));
+            assert!(
+                !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
+                "{command}: {err}"
+            );
+        }
+    }
     // bf16 inference (f32 where the CPU lacks avx512_bf16) agrees with f32.
     let (ok, out16, err) = qkv(
         &[

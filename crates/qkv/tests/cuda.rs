@@ -1931,3 +1931,38 @@ fn a_language_model_trains_and_evaluates_on_the_gpu() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Inference on the GPU (`qkv classify|embed --device cuda`): a classifier's twin gives the
+/// CPU's class probabilities and unit-length sentence embeddings, over batches of varied
+/// lengths with padding.
+#[test]
+fn classifier_predictions_and_embeddings_on_the_gpu_match_the_cpu() {
+    use qkv::backend::Cuda;
+    use qkv::model::{Classifier, Family, NormPlacement, ToBackend};
+    use qkv::tasks::classify::{embed_ids, predict_ids};
+    let Some(g) = gpu() else { return };
+    let cfg = common::tiny(Family::Classifier, NormPlacement::Pre, true, false);
+    let pad = cfg.pad_id;
+    let mut cpu = Classifier::new(cfg, 3).unwrap();
+    let mut dev = cpu
+        .to_backend(Cuda::new(std::sync::Arc::new(g), false))
+        .unwrap();
+    let mut rng = Rng::new(8);
+    let ids: Vec<Vec<u32>> = (0..11)
+        .map(|_| {
+            let len = 2 + rng.below(9) as usize;
+            (0..len).map(|_| 1 + rng.below(12) as u32).collect()
+        })
+        .collect();
+    let flat = |rows: Vec<Vec<f32>>| rows.concat();
+    let (want, got) = (
+        flat(predict_ids(&mut cpu, &ids, pad, 40).unwrap()),
+        flat(predict_ids(&mut dev, &ids, pad, 40).unwrap()),
+    );
+    assert_near("class probabilities", &got, &want, 2e-3);
+    let (want, got) = (
+        flat(embed_ids(&mut cpu, &ids, pad, 40).unwrap()),
+        flat(embed_ids(&mut dev, &ids, pad, 40).unwrap()),
+    );
+    assert_near("embeddings", &got, &want, 2e-3);
+}

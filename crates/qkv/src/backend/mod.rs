@@ -18,8 +18,8 @@
 //! On the seam: every layer, block and stack, the embeddings, the loss, the three model
 //! families over whole sequences, AdamW, the trainer and the tasks' validation (a job's
 //! `train.device` picks the backend; files and other processes see host copies,
-//! [`Backend::to_host`]). The CPU's alone (`impl … <Cpu>` blocks): decoding steps over a
-//! `KvCache`, `Classifier::features`, and what decodes (translation, evaluation, serve).
+//! [`Backend::to_host`]), classification and embeddings. The CPU's alone (`impl … <Cpu>`
+//! blocks): decoding steps over a `KvCache` and what decodes (translation, generation, serve).
 
 mod cpu;
 mod cuda;

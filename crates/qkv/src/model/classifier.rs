@@ -15,6 +15,7 @@ use crate::kernels::attention::Masks;
 use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
 use crate::params::{ParamBuilder, Params};
+use std::borrow::Cow;
 use std::ops::Range;
 
 pub struct Classifier<B: Backend = Cpu> {
@@ -130,19 +131,24 @@ impl<B: Backend> Classifier<B> {
     }
 }
 
-impl Classifier {
+impl<B: Backend> Classifier<B> {
     /// Sentence embeddings: tokens (B, T) → pooled encoder states (B, C), each row scaled to
-    /// unit L2 norm (sentence-transformers' `Normalize`). Evaluation mode.
-    pub fn features(&mut self, tokens: Tokens) -> Result<&[f32]> {
+    /// unit L2 norm (sentence-transformers' `Normalize`), on the host. Evaluation mode.
+    pub fn features(&mut self, tokens: Tokens) -> Result<Cow<'_, [f32]>> {
         self.last = LastPass::Other("features");
-        let (b, c) = (tokens.batch, self.config.d_model);
+        let (n, c) = (tokens.batch * self.config.d_model, self.config.d_model);
         self.pool(tokens, Mode::EVAL)?;
-        for row in self.pooled[..b * c].chunks_mut(c) {
-            // F.normalize's eps keeps an all-zero row finite.
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            row.iter_mut().for_each(|v| *v /= norm);
-        }
-        Ok(&self.pooled[..b * c])
+        // On the host: a few floats per row, where the CPU has them already.
+        let be = &self.be;
+        be.host_mut(be.grow(&mut self.pooled, n), &mut |pooled| {
+            for row in pooled.chunks_mut(c) {
+                // F.normalize's eps keeps an all-zero row finite.
+                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+            Ok(())
+        })?;
+        be.to_host(B::view(&self.pooled, n))
     }
 }
 

@@ -162,8 +162,8 @@ pub fn predict_ids<B: Backend>(
 
 /// Unit-length sentence embeddings (N, C) of encoded inputs from the model's pooled encoder
 /// states, batched by length.
-pub fn embed_ids(
-    model: &mut Classifier,
+pub fn embed_ids<B: Backend>(
+    model: &mut Classifier<B>,
     ids: &[Vec<u32>],
     pad: u32,
     max_tokens: usize,
@@ -181,8 +181,8 @@ pub fn embed_ids(
 }
 
 /// Class probabilities of `texts`; a text longer than the model reads is an error.
-pub fn predict(
-    model: &mut Classifier,
+pub fn predict<B: Backend>(
+    model: &mut Classifier<B>,
     tok: &Tokenizer,
     texts: &[String],
     max_tokens: usize,
@@ -194,8 +194,8 @@ pub fn predict(
 /// Sentence embeddings of `texts`. A text longer than the model reads is cut to it and
 /// counted in `cut`, as sentence-transformers truncates at `max_seq_length` (the embeddings
 /// then match its to 1e-4); without `cut` it is an error naming the text.
-pub fn embed(
-    model: &mut Classifier,
+pub fn embed<B: Backend>(
+    model: &mut Classifier<B>,
     tok: &Tokenizer,
     texts: &[String],
     max_tokens: usize,
