@@ -219,6 +219,13 @@ pub fn translate_ids_with<M: EncoderDecoder>(
     pad: u32,
     opts: &TranslateOptions,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
+    if !opts.sample_ids.is_empty() && opts.sample_ids.len() != sources.len() {
+        return Err(Error::Usage(format!(
+            "sample_ids holds {} ids for {} sources: give one per source, or none",
+            opts.sample_ids.len(),
+            sources.len()
+        )));
+    }
     let order = longest_first(sources);
     let (continuous, chunk_tokens) = batching(opts);
     let chunks = chunk_by_tokens(sources, &order, chunk_tokens);
@@ -1181,6 +1188,11 @@ mod tests {
         let second = translate_ids(&mut model, &sources[4..], 1, 2, 0, &opts(vec![])).unwrap();
         assert_eq!(together[..4], first[..]);
         assert_eq!(together[4..], second[..]);
+        // Ids for some of the sources only is an error, not the index for the others.
+        let err = translate_ids(&mut model, &sources, 1, 2, 0, &opts(vec![0, 1]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 ids for 9 sources"), "{err}");
     }
 
     /// Greedy decoding with continuous batching gives every source what decoding its batch
