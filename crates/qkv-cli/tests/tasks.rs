@@ -290,7 +290,7 @@ fn classify_and_lm_train_and_predict() {
     eval_of_an_empty_file_is_an_error(&best, "`label<TAB>text` examples");
     // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
     if !qkv::cuda::driver_available() {
-        for command in ["classify", "embed"] {
+        for command in ["classify", "embed", "serve"] {
             let args = [
                 command,
                 "--model",
@@ -354,6 +354,21 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     assert!(out.starts_with("to be or not to be"), "{out}");
     eval_of_an_empty_file_is_an_error(&best, "text");
+    // A language model decodes: `serve --device cuda` says so before looking for a GPU.
+    let (ok, _, err) = qkv(
+        &[
+            "serve",
+            "--model",
+            best.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("decoding runs on the CPU only"),
+        "{err}"
+    );
     // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
     if !qkv::cuda::driver_available() {
         let valid = dir.join("valid.txt");

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics::Metrics;
 use qkv::decode::{argmax, Choice, DecodeConfig};
-use qkv::model::AnyModel;
+use qkv::model::{AnyModel, ToBackend};
 use qkv::model_dir::{ModelDir, ModelFiles};
 use qkv::tasks::{classify, lm, translate};
 use serde::Deserialize;
@@ -72,6 +72,10 @@ pub struct ServeArgs {
     pub timeout_ms: u64,
     #[command(flatten)]
     pub precision: crate::args::PrecisionArgs,
+    /// Where the model runs: the CPU, or the first NVIDIA GPU (classifiers and encoders:
+    /// translation and generation decode, on the CPU only).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::args::DeviceArg,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +161,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
         AnyModel::Classifier(_) => (vec![Endpoint::Embed], "encoder", max_len),
         AnyModel::Lm(_) => (vec![Endpoint::Generate], "lm", max_len.saturating_sub(2)),
     };
+    // The GPU's copy of an encoder, made before anything listens.
+    let gpu = match (&dir.model, a.device) {
+        (_, crate::args::DeviceArg::Cpu) => None,
+        (AnyModel::Classifier(m), crate::args::DeviceArg::Cuda) => {
+            Some(m.to_backend(crate::args::first_gpu(a.precision)?)?)
+        }
+        (_, crate::args::DeviceArg::Cuda) => anyhow::bail!(
+            "--device cuda: a {family} model decodes, and decoding runs on the CPU only (leave \
+             out --device)"
+        ),
+    };
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = sync_channel::<Request>(a.queue);
     let state = Arc::new(AppState {
@@ -185,7 +200,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .spawn(move || {
             // The precision is per thread, and this thread runs every forward pass.
             let _precision = precision.apply();
-            worker::run(dir, rx, policy, metrics)
+            worker::run(dir, gpu, rx, policy, metrics)
         })
         .context("starting the model worker")?;
 
@@ -200,7 +215,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", a.addr))?;
         let addr = listener.local_addr()?;
-        eprintln!("serving {} ({family}) on http://{addr}", a.model.display());
+        let on = match a.device {
+            crate::args::DeviceArg::Cpu => "",
+            crate::args::DeviceArg::Cuda => ", on the GPU",
+        };
+        eprintln!(
+            "serving {} ({family}{on}) on http://{addr}",
+            a.model.display()
+        );
         let app = router(state);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

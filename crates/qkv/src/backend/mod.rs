@@ -19,7 +19,7 @@
 //! families over whole sequences, AdamW, the trainer and the tasks' validation (a job's
 //! `train.device` picks the backend; files and other processes see host copies,
 //! [`Backend::to_host`]), classification and embeddings. The CPU's alone (`impl … <Cpu>`
-//! blocks): decoding steps over a `KvCache` and what decodes (translation, generation, serve).
+//! blocks): decoding steps over a `KvCache` and what decodes (translation, generation).
 
 mod cpu;
 mod cuda;
