@@ -5,7 +5,7 @@ use super::{Backend, HeadGrads, Heads, Operand};
 use crate::error::Result;
 use crate::kernels::activation::{self, Activation};
 use crate::kernels::attention::{
-    attention_backward, attention_forward, AttentionShape, HeadsMut, HeadsRef, Masks,
+    attention_backward, attention_forward, AttentionKind, AttentionShape, HeadsMut, HeadsRef, Masks,
 };
 use crate::kernels::bf16::{self, linear_bf16};
 use crate::kernels::dropout::{self, Dropout};
@@ -18,7 +18,6 @@ use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
 use crate::kernels::optim;
 use crate::kernels::pool::{self, Pool};
 use crate::kernels::Acc;
-use crate::model::config::AttentionKind;
 use crate::optim::AdamWConfig;
 use crate::params::{two_mut, Param};
 use std::borrow::Cow;

@@ -28,13 +28,12 @@ pub use cpu::Cpu;
 pub use cuda::{Cuda, DevBuf};
 
 use crate::kernels::activation::Activation;
-use crate::kernels::attention::{AttentionShape, Masks};
+use crate::kernels::attention::{AttentionKind, AttentionShape, Masks};
 use crate::kernels::dropout::Dropout;
 use crate::kernels::loss::CrossEntropy;
 use crate::kernels::matmul::Layout;
 use crate::kernels::pool::Pool;
 use crate::kernels::Acc;
-use crate::model::config::AttentionKind;
 use crate::optim::AdamWConfig;
 use crate::params::Param;
 use serde::{Deserialize, Serialize};

@@ -14,6 +14,22 @@ use rayon::prelude::*;
 use std::marker::PhantomData;
 use std::ops::Range;
 
+/// How attention is computed. The softmax kinds give the same function (Eq. 1) and differ only
+/// in memory and speed; `linear` is a different model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// Fused FlashAttention-2 kernel: scores never materialized, memory linear in T.
+    #[default]
+    Flash,
+    /// Scores materialized as a (B, H, Tq, Tk) tensor: the reference, and the only kind that
+    /// can return attention weights.
+    Materialized,
+    /// Linear attention with feature map elu(x)+1 (Katharopoulos et al., 2020); self-attention
+    /// only (cross-attention stays softmax).
+    Linear,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
     pub batch: usize,

@@ -54,21 +54,8 @@ pub enum Pooling {
     First,
 }
 
-/// How attention is computed. The softmax kinds give the same function (Eq. 1) and differ only
-/// in memory and speed; `linear` is a different model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttentionKind {
-    /// Fused FlashAttention-2 kernel: scores never materialized, memory linear in T.
-    #[default]
-    Flash,
-    /// Scores materialized as a (B, H, Tq, Tk) tensor: the reference, and the only kind that
-    /// can return attention weights.
-    Materialized,
-    /// Linear attention with feature map elu(x)+1 (Katharopoulos et al., 2020); self-attention
-    /// only (cross-attention stays softmax).
-    Linear,
-}
+/// Which attention kernel a model's layers use (the backends name their kernels by it).
+pub use crate::kernels::attention::AttentionKind;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
