@@ -62,6 +62,14 @@ fn eval_of_an_empty_file_is_an_error(model: &Path, what: &str) {
     assert_eq!(err.matches("to evaluate").count(), 1, "{err}");
 }
 
+/// `qkv eval --device cuda` of `model` on `data`: whether it succeeded, and its stderr.
+fn eval_on_cuda(model: &Path, data: &Path) -> (bool, String) {
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let args = ["eval", "--model", model, "--data", data, "--device", "cuda"];
+    let (ok, _, err) = qkv(&args, None);
+    (ok, err)
+}
+
 #[test]
 fn translate_train_eval_translate_average_resume() {
     let dir = scratch("translate");
@@ -99,19 +107,7 @@ fn translate_train_eval_translate_average_resume() {
     assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 500);
     let best = run.join("best");
     // Translation decodes, on the CPU only: `--device cuda` says so (GPU or not).
-    let test = dir.join("test.tsv");
-    let (ok, _, err) = qkv(
-        &[
-            "eval",
-            "--model",
-            best.to_str().unwrap(),
-            "--data",
-            test.to_str().unwrap(),
-            "--device",
-            "cuda",
-        ],
-        None,
-    );
+    let (ok, err) = eval_on_cuda(&best, &dir.join("test.tsv"));
     assert!(
         !ok && err.contains("decoding runs on the CPU only"),
         "{err}"
@@ -371,19 +367,7 @@ fn classify_and_lm_train_and_predict() {
     );
     // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
     if !qkv::cuda::driver_available() {
-        let valid = dir.join("valid.txt");
-        let (ok, _, err) = qkv(
-            &[
-                "eval",
-                "--model",
-                best.to_str().unwrap(),
-                "--data",
-                valid.to_str().unwrap(),
-                "--device",
-                "cuda",
-            ],
-            None,
-        );
+        let (ok, err) = eval_on_cuda(&best, &dir.join("valid.txt"));
         assert!(
             !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
             "{err}"

@@ -1554,7 +1554,7 @@ fn pooling_forward_and_backward_match_the_cpu() {
 fn a_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
     use qkv::backend::{Cpu, Cuda};
     use qkv::data::ClassifyBatch;
-    use qkv::model::config::{Family, ModelConfig, Pooling};
+    use qkv::model::config::{Family, ModelConfig, NormPlacement, Pooling, Positional};
     use qkv::model::{Classifier, Mode};
 
     let Some(g) = gpu() else { return };
@@ -1572,54 +1572,26 @@ fn a_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
     let examples: Vec<(&[u32], u32)> = rows.iter().map(|(x, y)| (&x[..], *y)).collect();
     let batch = ClassifyBatch::new(&examples, 0);
     let mode = Mode::train(0.1, 0.0, 43);
-    for pooling in [Pooling::Mean, Pooling::First] {
+    // The last: a BERT-family classifier as `pretrained` fine-tuning builds it from a Hugging
+    // Face encoder (learned positions, token types, embedding LayerNorm, GELU, post-LN).
+    for (pooling, bert) in [
+        (Pooling::Mean, false),
+        (Pooling::First, false),
+        (Pooling::Mean, true),
+    ] {
         let mut cfg = ModelConfig::preset("tiny", Family::Classifier, 50).unwrap();
         (cfg.n_classes, cfg.max_len, cfg.pooling) = (3, 16, pooling);
+        if bert {
+            (cfg.positional, cfg.token_types, cfg.embed_norm) = (Positional::Learned, 2, true);
+            (cfg.activation, cfg.norm, cfg.layer_norm_eps) =
+                (Activation::Gelu, NormPlacement::Post, 1e-12);
+            cfg.scale_embeddings = false;
+        }
         let mut cpu = Classifier::on(Cpu, cfg.clone(), 9).unwrap();
         let mut dev = Classifier::on(Cuda::new(g.clone(), false), cfg, 9).unwrap();
-        let what = format!("classifier, {pooling:?} pooling");
+        let what = format!("classifier, {pooling:?} pooling, BERT-style {bert}");
         assert_models_agree(&what, &mut cpu, &mut dev, &g, &batch, mode, 1.0);
     }
-}
-
-/// A BERT-family classifier as `pretrained` fine-tuning builds it from a Hugging Face encoder
-/// (learned positions, token types, LayerNorm on the embeddings, GELU, post-LN, eps 1e-12,
-/// mean pooling): on the GPU as on the CPU.
-#[test]
-fn a_bert_style_classifier_on_the_cuda_backend_matches_the_cpu_backend() {
-    use qkv::backend::{Cpu, Cuda};
-    use qkv::data::ClassifyBatch;
-    use qkv::kernels::activation::Activation;
-    use qkv::model::config::{Family, ModelConfig, NormPlacement, Pooling, Positional};
-    use qkv::model::{Classifier, Mode};
-
-    let Some(g) = gpu() else { return };
-    let g = std::sync::Arc::new(g);
-    let rows: Vec<(Vec<u32>, u32)> = (0..5)
-        .map(|r| {
-            let tokens = (0..3 + 3 * r).map(|i| (1 + (r * 11 + i * 5) % 49) as u32);
-            (tokens.collect(), r as u32 % 2)
-        })
-        .collect();
-    let examples: Vec<(&[u32], u32)> = rows.iter().map(|(x, y)| (&x[..], *y)).collect();
-    let batch = ClassifyBatch::new(&examples, 0);
-    let mut cfg = ModelConfig::preset("tiny", Family::Classifier, 50).unwrap();
-    (cfg.n_classes, cfg.max_len, cfg.pooling) = (2, 20, Pooling::Mean);
-    (cfg.positional, cfg.token_types, cfg.embed_norm) = (Positional::Learned, 2, true);
-    (cfg.activation, cfg.norm, cfg.layer_norm_eps) = (Activation::Gelu, NormPlacement::Post, 1e-12);
-    cfg.scale_embeddings = false;
-    let mut cpu = Classifier::on(Cpu, cfg.clone(), 4).unwrap();
-    let mut dev = Classifier::on(Cuda::new(g.clone(), false), cfg, 4).unwrap();
-    let mode = Mode::train(0.1, 0.0, 17);
-    assert_models_agree(
-        "BERT-style classifier",
-        &mut cpu,
-        &mut dev,
-        &g,
-        &batch,
-        mode,
-        1.0,
-    );
 }
 
 /// Attention kinds the GPU does not run are an error naming what to use, reported where the
