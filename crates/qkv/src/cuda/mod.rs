@@ -136,7 +136,7 @@ pub enum CudaError {
         status: String,
         log: String,
     },
-    #[error("CUDA driver: {0}")]
+    #[error("CUDA driver: {0}{hint}", hint = out_of_memory_hint(.0))]
     Driver(#[from] DriverError),
     #[error("cuBLASLt: {0:?}")]
     Blas(#[from] cudarc::cublaslt::result::CublasError),
@@ -146,6 +146,17 @@ pub enum CudaError {
     /// A kernel called with buffers that do not hold its shape.
     #[error("{kernel}: {msg}")]
     Shape { kernel: &'static str, msg: String },
+}
+
+/// What to change when the GPU's memory ran out (the commonest failure of a GPU run).
+fn out_of_memory_hint(e: &DriverError) -> &'static str {
+    match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            " (the GPU's memory is full: fewer tokens per batch need less, `train.max_tokens` \
+             or `--max-tokens`; bf16 products need less too)"
+        }
+        _ => "",
+    }
 }
 
 /// Whether the CUDA driver library (`libcuda.so`) can be loaded here.
@@ -275,5 +286,19 @@ impl Gpu {
     /// Waits for every kernel queued so far.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         Ok(self.stream.synchronize()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::sys::CUresult;
+
+    #[test]
+    fn out_of_memory_says_what_to_lower() {
+        let oom = DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        assert!(out_of_memory_hint(&oom).contains("train.max_tokens"));
+        let other = DriverError(CUresult::CUDA_ERROR_INVALID_VALUE);
+        assert_eq!(out_of_memory_hint(&other), "");
     }
 }
