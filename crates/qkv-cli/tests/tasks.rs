@@ -201,6 +201,10 @@ fn translate_train_eval_translate_average_resume() {
             .to_string()
     };
     assert_eq!(eval(&[best_s, best_s]), eval(&[best_s]));
+    let test = dir.join("test.tsv");
+    let args = ["eval", "--data", test.to_str().unwrap(), "--device", "cuda"];
+    let (ok, _, err) = qkv(&[&args[..], &["--model", best_s, best_s]].concat(), None);
+    assert!(!ok && err.contains("an ensemble translates"), "{err}");
     assert!(eval(&[&ckpts[0], &ckpts[1]]).contains("BLEU = "));
     // A fresh run never overwrites a used run directory; nbest must fit the beam.
     let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);

@@ -389,6 +389,7 @@ mod tests {
                 "decay",
             ),
             (r#""decode": {"beams": 4}"#, "beams"),
+            (r#""train": {"device": "tpu"}"#, "expected `cpu` or `cuda`"),
             (r#""tokenizer": {"size": 4}"#, "size"),
             (r#""train": {"label_smoothing": 1.5}"#, "label_smoothing"),
             (r#""train": {"time_limit_s": -5}"#, "time_limit_s"),

@@ -491,3 +491,59 @@ fn a_time_limit_fits_the_schedule_to_the_time_and_resume_keeps_it() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Data parallel on the GPU is not built: `train.device` cuda with more than one rank is an
+/// error naming both, before any GPU is looked for or any file is written.
+#[test]
+fn cuda_training_under_several_ranks_is_an_error() {
+    /// Rank 0 of two; never asked to move data.
+    struct TwoRanks;
+    impl qkv::dist::Collective for TwoRanks {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn sum_f64(&self, _: &mut [f64], what: &str) -> qkv::Result<()> {
+            panic!("{what}: no collective expected")
+        }
+        fn start_sum(&self, _: usize, _: &[f32], what: &str) -> qkv::Result<()> {
+            panic!("{what}: no collective expected")
+        }
+        fn progress(&self) -> qkv::Result<()> {
+            Ok(())
+        }
+        fn finish_sums(&self, _: &mut [f32], what: &str) -> qkv::Result<()> {
+            panic!("{what}: no collective expected")
+        }
+        fn broadcast_f32(&self, _: &mut [f32], what: &str) -> qkv::Result<()> {
+            panic!("{what}: no collective expected")
+        }
+        fn broadcast_f64(&self, _: &mut [f64], what: &str) -> qkv::Result<()> {
+            panic!("{what}: no collective expected")
+        }
+        fn broadcast_bytes(&self, _: &mut Vec<u8>, what: &str) -> qkv::Result<()> {
+            panic!("{what}: no collective expected")
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("qkv-cuda-ranks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["train.tsv", "valid.tsv"] {
+        std::fs::write(dir.join(f), "a b\tb a\n").unwrap();
+    }
+    let config = r#"{"task": "translate", "data": {"train": "train.tsv", "valid": "valid.tsv"},
+        "train": {"device": "cuda"}, "out": "run"}"#;
+    std::fs::write(dir.join("job.json"), config).unwrap();
+    let job = qkv::job::Job::load(&dir.join("job.json")).unwrap();
+    let err = qkv::pipeline::train_with(&job, false, &mut (), std::rc::Rc::new(TwoRanks))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.device cuda") && err.contains("mpirun"),
+        "{err}"
+    );
+    assert!(!dir.join("run").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
