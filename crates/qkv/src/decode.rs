@@ -3,7 +3,7 @@
 //! once. Rows that finish leave the cache, so long outputs do not slow down short ones.
 
 use crate::error::{Error, Result};
-use crate::model::{Incremental, KvCache};
+use crate::model::{Decoding, Incremental, KvCache};
 use crate::rng::{hash, Rng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -240,9 +240,9 @@ fn sample_token(logits: &[f32], s: &Sampling, rng: &mut Rng) -> usize {
 ///
 /// A sampled row draws from a generator seeded by its own choice's seed alone, so its sample
 /// is the same whatever it is batched with and at whichever row.
-pub fn generate<M: Incremental>(
+pub fn generate<B: Decoding, M: Incremental<B>>(
     model: &mut M,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B>,
     prefixes: &[Vec<u32>],
     eos: u32,
     choices: &[Choice],
@@ -252,9 +252,9 @@ pub fn generate<M: Incremental>(
 
 /// [`generate`], and with `rules` a row never takes a token they ban after its output so far
 /// (`min_len`, `no_repeat_ngram_size`, with the prefix's first token as BOS).
-fn generate_within<M: Incremental>(
+fn generate_within<B: Decoding, M: Incremental<B>>(
     model: &mut M,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B>,
     prefixes: &[Vec<u32>],
     eos: u32,
     choices: &[Choice],
@@ -344,9 +344,9 @@ fn generate_within<M: Incremental>(
 }
 
 /// Greedy decoding of every row from `bos`.
-pub fn greedy<M: Incremental>(
+pub fn greedy<B: Decoding, M: Incremental<B>>(
     model: &mut M,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B>,
     bos: u32,
     eos: u32,
 ) -> Result<Vec<Vec<u32>>> {
@@ -359,9 +359,9 @@ pub fn greedy<M: Incremental>(
 /// (fairseq's `--sampling` with `--beam n`). Sample `k` of input `i` draws from
 /// `sampling` seeded by `hash(seeds[i], k)`, so it is the same whatever it is batched with.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_outputs<M: Incremental>(
+pub fn sample_outputs<B: Decoding, M: Incremental<B>>(
     model: &mut M,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B>,
     bos: u32,
     eos: u32,
     n: usize,
@@ -512,9 +512,9 @@ crate::simd::multiversion! {
 /// EOS among the top `beam` finishes a hypothesis; an input is done once it has `beam`
 /// finished hypotheses; at the length limit (the cache's capacity) EOS is forced. Returns, per input, up to
 /// `nbest` hypotheses, best first.
-pub fn beam_search<M: Incremental>(
+pub fn beam_search<B: Decoding, M: Incremental<B>>(
     model: &mut M,
-    cache: &mut KvCache,
+    cache: &mut KvCache<B>,
     bos: u32,
     eos: u32,
     cfg: &BeamConfig,

@@ -1,18 +1,21 @@
 //! The CPU backend: plain slices and [`crate::kernels`], one call per op (inlined: the CPU
 //! path costs what it cost before the seam).
 
-use super::{Backend, HeadGrads, Heads, Operand};
+use super::{Backend, HeadGrads, Heads, KvLayout, Operand};
 use crate::error::Result;
 use crate::kernels::activation::{self, Activation};
 use crate::kernels::attention::{
-    attention_backward, attention_forward, AttentionKind, AttentionShape, HeadsMut, HeadsRef, Masks,
+    attention_backward, attention_forward, attention_one_query, AttentionKind, AttentionShape,
+    HeadsMut, HeadsRef, KvBlocks, Masks,
 };
 use crate::kernels::bf16::{self, linear_bf16};
 use crate::kernels::dropout::{self, Dropout};
 use crate::kernels::embedding;
 use crate::kernels::flash::{flash_backward, flash_forward};
 use crate::kernels::layernorm;
-use crate::kernels::linear_attention::{linear_attention_backward, linear_attention_forward};
+use crate::kernels::linear_attention::{
+    linear_attention_backward, linear_attention_forward, linear_attention_step,
+};
 use crate::kernels::loss::{self, CrossEntropy};
 use crate::kernels::matmul::{bf16_active, matmul_operands, Layout};
 use crate::kernels::optim;
@@ -99,6 +102,10 @@ impl Backend for Cpu {
     #[inline]
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a> {
         &mut x[..n]
+    }
+    #[inline]
+    fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a> {
+        &mut x[r]
     }
     #[inline]
     fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a> {
@@ -417,5 +424,58 @@ impl Backend for Cpu {
                 linear_attention_backward(dq, dk, dv, dout, out, saved, q, k, v, s, masks)
             }
         }
+    }
+
+    fn kv_append(
+        &self,
+        kv: &mut [f32],
+        rows: usize,
+        src: &[f32],
+        src_rs: usize,
+        width: usize,
+        block: &[usize],
+        pos: &[usize],
+    ) {
+        for (r, (&b, &t)) in block.iter().zip(pos).enumerate() {
+            let dst = (b * rows + t) * width;
+            kv[dst..dst + width].copy_from_slice(&src[r * src_rs..][..width]);
+        }
+    }
+
+    fn attention_one_query(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        q_rs: usize,
+        kv: &[f32],
+        layout: KvLayout,
+        block: &[usize],
+        keys: &[Range<usize>],
+        padding: Option<&[bool]>,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) {
+        let kv = KvBlocks {
+            data: kv,
+            rows: layout.rows,
+            rs: layout.rs,
+            k_offset: layout.k_offset,
+            v_offset: layout.v_offset,
+        };
+        attention_one_query(
+            out, q, q_rs, kv, block, keys, padding, heads, head_dim, scale,
+        );
+    }
+
+    fn linear_attention_step(
+        &self,
+        out: &mut [f32],
+        state: &mut [f32],
+        qkv: &[f32],
+        heads: usize,
+        head_dim: usize,
+    ) {
+        linear_attention_step(out, state, qkv, heads, head_dim);
     }
 }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
-use super::{Backend, HeadGrads, Heads, Operand};
-use crate::cuda::ops::{DevHeads, DevHeadsMut};
+use super::{Backend, HeadGrads, Heads, KvLayout, Operand};
+use crate::cuda::ops::{DevHeads, DevHeadsMut, DevKvBlocks};
 use crate::cuda::view::{DevMut, DevRef};
 use crate::cuda::{CudaError, Gpu};
 use crate::error::Result;
@@ -169,6 +169,15 @@ impl<T: DeviceRepr + ValidAsZeroBits> DevBuf<T> {
         }
     }
 
+    /// Elements held (0 before the first grow).
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |s| s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// All of the buffer, writable (a model's flat parameters or gradients).
     pub fn view_mut(&mut self) -> DevMut<'_, T> {
         match &mut self.0 {
@@ -225,6 +234,9 @@ impl Backend for Cuda {
     }
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a> {
         x.slice(0..n)
+    }
+    fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a> {
+        x.slice(r)
     }
     fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a> {
         g.slice(w.range())
@@ -580,5 +592,57 @@ impl Backend for Cuda {
                 gpu.flash_backward(dq, dk, dv, dout, out, saved, q, k, v, s, masks, scale)
             }
         });
+    }
+
+    fn kv_append(
+        &self,
+        kv: DevMut<'_>,
+        rows: usize,
+        src: DevRef<'_>,
+        src_rs: usize,
+        width: usize,
+        block: &[usize],
+        pos: &[usize],
+    ) {
+        self.run(|gpu| gpu.kv_append(kv, rows, src, src_rs, width, block, pos));
+    }
+
+    fn attention_one_query(
+        &self,
+        out: DevMut<'_>,
+        q: DevRef<'_>,
+        q_rs: usize,
+        kv: DevRef<'_>,
+        layout: KvLayout,
+        block: &[usize],
+        keys: &[Range<usize>],
+        padding: Option<&[bool]>,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) {
+        let kv = DevKvBlocks {
+            data: kv,
+            rows: layout.rows,
+            rs: layout.rs,
+            k_offset: layout.k_offset,
+            v_offset: layout.v_offset,
+        };
+        self.run(|gpu| {
+            gpu.attention_one_query(
+                out, q, q_rs, kv, block, keys, padding, heads, head_dim, scale,
+            )
+        });
+    }
+
+    fn linear_attention_step(
+        &self,
+        _: DevMut<'_>,
+        _: DevMut<'_>,
+        _: DevRef<'_>,
+        _: usize,
+        _: usize,
+    ) {
+        self.run(|_| flash_only(AttentionKind::Linear));
     }
 }

@@ -100,6 +100,8 @@ pub trait Backend: Clone + Debug + 'static {
     fn into_ref<'a>(x: Self::Mut<'a>) -> Self::Ref<'a>;
     /// The first `n` elements of `x`.
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a>;
+    /// Elements `r` of `x`, writable.
+    fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a>;
 
     /// One parameter's values in the flat buffer `p`.
     fn param<'a>(p: Self::Ref<'a>, w: Param) -> Self::Ref<'a> {
@@ -364,6 +366,60 @@ pub trait Backend: Clone + Debug + 'static {
         masks: &Masks,
         scale: f32,
     );
+
+    /// Incremental decoding's cache write: row r of `src` (`width` floats at row stride
+    /// `src_rs`) becomes position `pos[r]` of block `block[r]` of `kv`, blocks of `rows`
+    /// positions of `width` floats. `block`, `pos`: on the host, as decoding holds them.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append(
+        &self,
+        kv: Self::Mut<'_>,
+        rows: usize,
+        src: Self::Ref<'_>,
+        src_rs: usize,
+        width: usize,
+        block: &[usize],
+        pos: &[usize],
+    );
+    /// `kernels::attention::attention_one_query`: query row r (row stride `q_rs`) against
+    /// keys `keys[r]` (or `keys[0]` for every row) of block `block[r]` of `kv`, laid out as
+    /// `layout` says. out: (R, H·D); padding: (blocks, rows) on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_one_query(
+        &self,
+        out: Self::Mut<'_>,
+        q: Self::Ref<'_>,
+        q_rs: usize,
+        kv: Self::Ref<'_>,
+        layout: KvLayout,
+        block: &[usize],
+        keys: &[Range<usize>],
+        padding: Option<&[bool]>,
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+    );
+    /// `kernels::linear_attention::linear_attention_step`: one position of every row's
+    /// recurrent state (R rows of H·(D² + D) floats). out: (R, H·D); qkv: (R, 3·H·D)
+    fn linear_attention_step(
+        &self,
+        out: Self::Mut<'_>,
+        state: Self::Mut<'_>,
+        qkv: Self::Ref<'_>,
+        heads: usize,
+        head_dim: usize,
+    );
+}
+
+/// How a decoding cache's blocks hold keys and values (`kernels::attention::KvBlocks` less
+/// its data): `rows` positions of `rs` floats per block, key head h at columns
+/// `[k_offset + h·D, …)`, value head h at `[v_offset + h·D, …)`.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayout {
+    pub rows: usize,
+    pub rs: usize,
+    pub k_offset: usize,
+    pub v_offset: usize,
 }
 
 /// Per-head view of a buffer, as `kernels::attention::HeadsRef`: row t of batch b starts at

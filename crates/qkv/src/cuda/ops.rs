@@ -1635,4 +1635,67 @@ impl Gpu {
         unsafe { l.launch(cfg) }?;
         Ok(())
     }
+
+    /// The cache write of a decoding step (`Backend::kv_append`): row r of `src` (`width`
+    /// floats at row stride `src_rs`) to position `pos[r]` of block `block[r]` of `kv`, blocks
+    /// of `rows` positions of `width` floats. `block`, `pos` on the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append<'v>(
+        &self,
+        kv: impl Into<DevMut<'v>>,
+        rows: usize,
+        src: impl Into<DevRef<'v>>,
+        src_rs: usize,
+        width: usize,
+        block: &[usize],
+        pos: &[usize],
+    ) -> Result<(), CudaError> {
+        let (kv, src): (DevMut, DevRef) = (kv.into(), src.into());
+        let kernel = "kv_append";
+        let r = block.len();
+        if pos.len() != r {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!("{} positions for {r} rows", pos.len()),
+            });
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        need(kernel, &[("src", src.len(), (r - 1) * src_rs + width)])?;
+        // A block or position past the cache would write outside it.
+        let blocks = kv.len() / (rows * width).max(1);
+        if let Some(i) = (0..r).find(|&i| block[i] >= blocks || pos[i] >= rows) {
+            return Err(CudaError::Shape {
+                kernel,
+                msg: format!(
+                    "row {i} writes position {} of block {}: the cache holds {blocks} blocks \
+                     of {rows}",
+                    pos[i], block[i]
+                ),
+            });
+        }
+        let block: Vec<u32> = block.iter().map(|&b| b as u32).collect();
+        let block = self.stream().clone_htod(&block)?;
+        let pos: Vec<i32> = pos.iter().map(|&p| p as i32).collect();
+        let pos = self.stream().clone_htod(&pos)?;
+        let longs = [rows, width, src_rs].map(|x| x as i64);
+        let func = self.function(kernel)?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&kv)
+            .arg(&longs[0])
+            .arg(&longs[1])
+            .arg(&src)
+            .arg(&longs[2]);
+        l.arg(&block).arg(&pos);
+        let cfg = LaunchConfig {
+            grid_dim: (r as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches decode.cu's kv_append; every row's source lies in src and every
+        // (block, position) inside kv, checked above.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
 }

@@ -4,14 +4,12 @@
 //! Q from the decoder and K, V with one fused (2C, C) matrix from the encoder output
 //! ("memory"). Heads are strided views into those buffers (see `kernels::attention`).
 
-use super::buf;
 use super::config::{AttentionKind, ModelConfig};
 use super::kv_cache::{LayerKv, StepCtx};
 use super::linear::BiasGrad;
 use super::linear::Linear;
-use crate::backend::{Backend, Cpu, HeadGrads, Heads};
-use crate::kernels::attention::{attention_one_query, AttentionShape, KvBlocks, Masks};
-use crate::kernels::linear_attention::linear_attention_step;
+use crate::backend::{Backend, Cpu, HeadGrads, Heads, KvLayout};
+use crate::kernels::attention::{AttentionShape, Masks};
 use crate::kernels::Acc;
 use crate::params::ParamBuilder;
 use std::ops::Range;
@@ -423,85 +421,90 @@ impl Core<Cpu> {
     }
 }
 
-/// Incremental decoding (see `kv_cache`): one new position per row, on the CPU.
-impl SelfAttention<Cpu> {
+/// Incremental decoding (see `kv_cache`): one new position per row.
+impl<B: Backend> SelfAttention<B> {
     /// x: (R, C) for position `ctx.pos` → (R, C); appends this position's K, V to `kv`.
-    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], kv: &mut LayerKv, ctx: StepCtx) -> &[f32] {
+    pub(crate) fn step(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        kv: &mut LayerKv<B>,
+        ctx: StepCtx,
+    ) -> B::Ref<'_> {
         let c = self.c;
-        let r = x.len() / c;
-        let qkv = buf(&mut self.qkv_buf, r * 3 * c);
-        self.qkv.forward(&Cpu, p, x, qkv);
-        let d = c / self.heads;
+        let r = B::len(x) / c;
+        self.qkv
+            .forward(be, p, x, be.grow(&mut self.qkv_buf, r * 3 * c));
+        let qkv = B::view(&self.qkv_buf, r * 3 * c);
+        let (d, ctx_buf) = (c / self.heads, be.grow(&mut self.core.ctx, r * c));
         if self.core.kind == AttentionKind::Linear {
-            let ctx_buf = buf(&mut self.core.ctx, r * c);
-            linear_attention_step(
+            let state = be.grow(&mut kv.data, r * kv.state);
+            be.linear_attention_step(ctx_buf, state, qkv, self.heads, d);
+        } else {
+            let cache = ctx.blocks * kv.rows * 2 * c;
+            let data = be.grow(&mut kv.data, cache);
+            be.kv_append(
+                data,
+                kv.rows,
+                B::sub(qkv, c..r * 3 * c),
+                3 * c,
+                2 * c,
+                ctx.own,
+                ctx.pos,
+            );
+            let window = self.window;
+            let keys = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1;
+            self.core.spans.clear();
+            match ctx.pos {
+                [first, rest @ ..] if rest.iter().any(|p| p != first) => {
+                    self.core.spans.extend(ctx.pos.iter().map(|&p| keys(p)))
+                }
+                _ => self
+                    .core
+                    .spans
+                    .push(keys(ctx.pos.first().copied().unwrap_or(0))),
+            }
+            let layout = KvLayout {
+                rows: kv.rows,
+                rs: 2 * c,
+                k_offset: 0,
+                v_offset: c,
+            };
+            let scale = 1.0 / (d as f32).sqrt();
+            be.attention_one_query(
                 ctx_buf,
-                &mut kv.data,
-                &self.qkv_buf[..r * 3 * c],
+                qkv,
+                3 * c,
+                B::view(&kv.data, cache),
+                layout,
+                ctx.own,
+                &self.core.spans,
+                None,
                 self.heads,
                 d,
+                scale,
             );
-            self.out.forward(
-                &Cpu,
-                p,
-                &self.core.ctx[..r * c],
-                buf(&mut self.core.out, r * c),
-            );
-            return &self.core.out[..r * c];
         }
-        for row in 0..r {
-            let dst = (ctx.own[row] * kv.rows + ctx.pos[row]) * 2 * c;
-            kv.data[dst..dst + 2 * c].copy_from_slice(&qkv[row * 3 * c + c..(row + 1) * 3 * c]);
-        }
-        let window = self.window;
-        let keys = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w))..pos + 1;
-        self.core.spans.clear();
-        match ctx.pos {
-            [first, rest @ ..] if rest.iter().any(|p| p != first) => {
-                self.core.spans.extend(ctx.pos.iter().map(|&p| keys(p)))
-            }
-            _ => self
-                .core
-                .spans
-                .push(keys(ctx.pos.first().copied().unwrap_or(0))),
-        }
-        let blocks = KvBlocks {
-            data: &kv.data,
-            rows: kv.rows,
-            rs: 2 * c,
-            k_offset: 0,
-            v_offset: c,
-        };
-        let ctx_buf = buf(&mut self.core.ctx, r * c);
-        let scale = 1.0 / (d as f32).sqrt();
-        attention_one_query(
-            ctx_buf,
-            &self.qkv_buf,
-            3 * c,
-            blocks,
-            ctx.own,
-            &self.core.spans,
-            None,
-            self.heads,
-            d,
-            scale,
-        );
-        self.out.forward(
-            &Cpu,
-            p,
-            &self.core.ctx[..r * c],
-            buf(&mut self.core.out, r * c),
-        );
-        &self.core.out[..r * c]
+        let out = be.grow(&mut self.core.out, r * c);
+        self.out.forward(be, p, B::view(&self.core.ctx, r * c), out);
+        B::view(&self.core.out, r * c)
     }
 }
 
-impl CrossAttention<Cpu> {
+impl<B: Backend> CrossAttention<B> {
     /// Keys and values of the encoder output, computed once per source: memory (B, S, C) →
     /// (B, S, 2C).
-    pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> LayerKv {
-        let mut data = vec![0.0; memory.len() * 2];
-        self.kv.forward(&Cpu, p, memory, &mut data);
+    pub(crate) fn memory_kv(
+        &self,
+        be: &B,
+        p: B::Ref<'_>,
+        memory: B::Ref<'_>,
+        s_len: usize,
+    ) -> LayerKv<B> {
+        let mut data = B::Buf::default();
+        self.kv
+            .forward(be, p, memory, be.grow(&mut data, B::len(memory) * 2));
         LayerKv {
             data,
             rows: s_len,
@@ -510,12 +513,18 @@ impl CrossAttention<Cpu> {
     }
 
     /// x: (R, C) → (R, C), attending over the row's source in `kv` (B, S, 2C).
-    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], kv: &LayerKv, ctx: StepCtx) -> &[f32] {
+    pub(crate) fn step(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        kv: &LayerKv<B>,
+        ctx: StepCtx,
+    ) -> B::Ref<'_> {
         let c = self.c;
-        let r = x.len() / c;
-        self.q.forward(&Cpu, p, x, buf(&mut self.q_buf, r * c));
-        let blocks = KvBlocks {
-            data: &kv.data,
+        let r = B::len(x) / c;
+        self.q.forward(be, p, x, be.grow(&mut self.q_buf, r * c));
+        let layout = KvLayout {
             rows: kv.rows,
             rs: 2 * c,
             k_offset: 0,
@@ -531,12 +540,13 @@ impl CrossAttention<Cpu> {
         } else {
             self.core.spans.push(0..kv.rows);
         }
-        let ctx_buf = buf(&mut self.core.ctx, r * c);
-        attention_one_query(
-            ctx_buf,
-            &self.q_buf,
+        let sources = ctx.src_len.len() * kv.rows * 2 * c;
+        be.attention_one_query(
+            be.grow(&mut self.core.ctx, r * c),
+            B::view(&self.q_buf, r * c),
             c,
-            blocks,
+            B::view(&kv.data, sources),
+            layout,
             ctx.source_of,
             &self.core.spans,
             Some(ctx.src_padding),
@@ -544,12 +554,8 @@ impl CrossAttention<Cpu> {
             d,
             scale,
         );
-        self.out.forward(
-            &Cpu,
-            p,
-            &self.core.ctx[..r * c],
-            buf(&mut self.core.out, r * c),
-        );
-        &self.core.out[..r * c]
+        let out = be.grow(&mut self.core.out, r * c);
+        self.out.forward(be, p, B::view(&self.core.ctx, r * c), out);
+        B::view(&self.core.out, r * c)
     }
 }

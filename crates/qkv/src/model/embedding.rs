@@ -2,11 +2,11 @@
 //! BERT-family encoders add a token-type row and a LayerNorm before the dropout
 //! (`with_token_types`, `with_norm`).
 
-use super::{buf, config::Positional, norm::LayerNorm, Mode, Tokens};
+use super::{config::Positional, norm::LayerNorm, Mode, Tokens};
 use crate::backend::{Backend, Cpu};
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::dropout::Dropout;
-use crate::kernels::embedding::{embedding_forward, sinusoidal_table};
+use crate::kernels::embedding::sinusoidal_table;
 use crate::kernels::Acc;
 use crate::params::{Init, Param, ParamBuilder};
 
@@ -219,9 +219,15 @@ impl<B: Backend> Embedding<B> {
     }
 }
 
-impl Embedding<Cpu> {
+impl<B: Backend> Embedding<B> {
     /// Incremental decoding: ids (R) at position `pos` → (R, C), no dropout.
-    pub fn step(&mut self, p: &[f32], ids: &[u32], pos: &[usize]) -> Result<&[f32]> {
+    pub fn step(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        ids: &[u32],
+        pos: &[usize],
+    ) -> Result<B::Ref<'_>> {
         let one = Tokens::new(ids, ids.len(), 1)?;
         one.check_vocab(self.input, self.vocab())?;
         if pos.len() != ids.len() {
@@ -239,28 +245,30 @@ impl Embedding<Cpu> {
                 max_len: self.max_len,
             });
         }
-        let c = self.c;
-        let pos_rows: &[f32] = match &mut self.positions {
-            PositionTable::Sinusoidal(t) => t.ready(&Cpu),
-            PositionTable::Learned(pp) => pp.of(p),
+        let (c, rows) = (self.c, self.max_len * self.c);
+        let pos_rows = match &mut self.positions {
+            PositionTable::Sinusoidal(t) => B::view(t.ready(be), rows),
+            PositionTable::Learned(pp) => B::param(B::shorten(p), *pp),
         };
-        let out = buf(&mut self.out, ids.len() * c);
-        let (table, scale) = (self.table.of(p), self.scale);
+        let (table, scale) = (B::param(p, self.table), self.scale);
+        let out = be.grow(&mut self.out, ids.len() * c);
         // T = 1: a table of one position, starting at the rows' position.
-        let embed = |out: &mut [f32], ids: &[u32], at: usize| {
-            embedding_forward(out, ids, table, &pos_rows[at * c..], scale, 1, c, None)
-        };
         if pos.windows(2).all(|w| w[0] == w[1]) {
-            embed(out, ids, pos.first().copied().unwrap_or(0));
+            let at = pos.first().copied().unwrap_or(0);
+            let pos = B::sub(pos_rows, at * c..rows);
+            be.embedding_forward(out, ids, table, pos, scale, (1, c), None);
         } else {
             // An absorbing cache's rows are at different positions.
+            let mut out = out;
             for (r, &at) in pos.iter().enumerate() {
-                embed(&mut out[r * c..(r + 1) * c], &ids[r..r + 1], at);
+                let row = B::sub_mut(B::reborrow(&mut out), r * c..(r + 1) * c);
+                let pos = B::sub(pos_rows, at * c..rows);
+                be.embedding_forward(row, &ids[r..r + 1], table, pos, scale, (1, c), None);
             }
         }
         self.drop = None;
-        self.finish(&Cpu, p, ids.len() * c);
-        Ok(&self.out[..ids.len() * c])
+        self.finish(be, p, ids.len() * c);
+        Ok(B::view(&self.out, ids.len() * c))
     }
 }
 
@@ -275,7 +283,7 @@ mod tests {
     fn step_takes_a_position_per_row() {
         let mut pb = ParamBuilder::default();
         let (c, max_len) = (8, 6);
-        let mut e = Embedding::new(
+        let mut e = Embedding::<Cpu>::new(
             &mut pb,
             "embed",
             None,
@@ -290,14 +298,14 @@ mod tests {
         );
         let params = pb.build(3).unwrap();
         let p = &params.data;
-        let rows = e.step(p, &[4, 7, 9], &[0, 5, 2]).unwrap().to_vec();
+        let rows = e.step(&Cpu, p, &[4, 7, 9], &[0, 5, 2]).unwrap().to_vec();
         for (r, (&id, &at)) in [4u32, 7, 9].iter().zip(&[0usize, 5, 2]).enumerate() {
-            let alone = e.step(p, &[id], &[at]).unwrap();
+            let alone = e.step(&Cpu, p, &[id], &[at]).unwrap();
             assert_eq!(&rows[r * c..(r + 1) * c], alone, "row {r}");
         }
-        let err = e.step(p, &[4, 7], &[0]).unwrap_err().to_string();
+        let err = e.step(&Cpu, p, &[4, 7], &[0]).unwrap_err().to_string();
         assert!(err.contains("decoding step positions"), "{err}");
-        let err = e.step(p, &[4, 7], &[0, max_len]).unwrap_err().to_string();
+        let err = e.step(&Cpu, p, &[4, 7], &[0, max_len]).unwrap_err().to_string();
         assert!(err.contains(&format!("{}", max_len + 1)), "{err}");
     }
 }

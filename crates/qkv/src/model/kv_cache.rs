@@ -11,35 +11,56 @@
 use super::embedding::Embedding;
 use super::linear::project_out;
 use super::stack::Stack;
-use crate::backend::Cpu;
+use crate::backend::{Backend, Cpu, Cuda};
+use crate::cuda::view::DevRef;
 use crate::error::{shape_err, Error, Result};
 use crate::kernels::packed::{PackedScope, PackedWeights};
 use crate::params::Param;
+use std::borrow::Cow;
 
 /// One layer's keys and values: `blocks` blocks of `rows` positions of `[K | V]` (2C floats).
 /// A linear-attention layer keeps instead a fixed recurrent state of `state` floats per block
 /// (its (S, z) per head), whatever the position.
-#[derive(Clone, Debug, Default)]
-pub struct LayerKv {
-    pub data: Vec<f32>,
+#[derive(Clone, Debug)]
+pub struct LayerKv<B: Backend = Cpu> {
+    pub data: B::Buf,
     pub rows: usize,
     pub state: usize,
 }
 
-impl LayerKv {
+impl<B: Backend> LayerKv<B> {
     /// `state == 0`: blocks of room for `rows` positions, allocated at the first step
-    /// ([`KvCache::ensure_blocks`]); otherwise one zeroed recurrent state per block.
-    pub(crate) fn new(blocks: usize, rows: usize, state: usize) -> Self {
-        Self {
-            data: vec![0.0; blocks * state],
-            rows,
-            state,
-        }
+    /// ([`Decoding::ensure_blocks`]); otherwise one zeroed recurrent state per block.
+    pub(crate) fn new(be: &B, blocks: usize, rows: usize, state: usize) -> Self {
+        let data = match blocks * state {
+            0 => B::Buf::default(),
+            n => be.upload(vec![0.0; n]),
+        };
+        Self { data, rows, state }
     }
 }
 
+/// A backend that decodes: how a cache's self-attention blocks are allocated and handed
+/// between rows there (the layers' step ops are the seam's, [`Backend::kv_append`] and
+/// [`Backend::attention_one_query`]).
+pub trait Decoding: Backend {
+    /// Softmax-attention layers' blocks, up to the last one a row holds.
+    fn ensure_blocks(cache: &mut KvCache<Self>);
+    /// [`KvCache::reorder`].
+    fn reorder(cache: &mut KvCache<Self>, order: &[usize]);
+    /// Runs `step` (a step's products) in the cache's decoding session.
+    fn in_session<R>(
+        cache: &mut KvCache<Self>,
+        p: Self::Ref<'_>,
+        step: impl FnOnce(&mut KvCache<Self>) -> R,
+    ) -> R;
+}
+
+/// The keys and values decoded so far, on backend `B` (the rows' bookkeeping is on the host).
 #[derive(Clone, Debug)]
-pub struct KvCache {
+pub struct KvCache<B: Backend = Cpu> {
+    /// The backend the blocks are on.
+    pub(crate) be: B,
     /// Steps taken; for a cache whose rows started together (every cache but an absorbing
     /// one), each row's position: the next token goes to position `len`.
     pub len: usize,
@@ -50,10 +71,10 @@ pub struct KvCache {
     pub(crate) c: usize,
     /// Per decoder layer: self-attention keys/values in blocks of (capacity, 2C); row r's is
     /// block `own[r]`.
-    pub(crate) self_kv: Vec<LayerKv>,
+    pub(crate) self_kv: Vec<LayerKv<B>>,
     /// Per decoder layer: cross-attention keys/values, one block per source: (B, S, 2C).
     /// Empty for decoder-only models.
-    pub(crate) cross_kv: Vec<LayerKv>,
+    pub(crate) cross_kv: Vec<LayerKv<B>>,
     /// (B, S): `true` where the source is padding.
     pub(crate) src_padding: Vec<bool>,
     /// (B): keys in each source block (S, or fewer for a block absorbed from a batch of
@@ -70,19 +91,27 @@ pub struct KvCache {
     pub(crate) packed: PackedWeights,
     /// An ensemble's caches of its other models ([`super::ensemble`]), one each, with the same
     /// rows: [`Self::reorder`] and [`Self::absorb`] apply to them too, so they stay in step.
-    pub(crate) members: Vec<KvCache>,
+    pub(crate) members: Vec<KvCache<B>>,
 }
 
-impl KvCache {
+impl<B: Decoding> KvCache<B> {
     /// `state`: floats of recurrent state per row for linear-attention layers, else 0.
-    pub(crate) fn new(rows: usize, capacity: usize, c: usize, layers: usize, state: usize) -> Self {
+    pub(crate) fn new(
+        be: &B,
+        rows: usize,
+        capacity: usize,
+        c: usize,
+        layers: usize,
+        state: usize,
+    ) -> Self {
         Self {
+            be: be.clone(),
             len: 0,
             pos: vec![0; rows],
             capacity,
             c,
             self_kv: (0..layers)
-                .map(|_| LayerKv::new(rows, capacity, state))
+                .map(|_| LayerKv::new(be, rows, capacity, state))
                 .collect(),
             cross_kv: Vec::new(),
             src_padding: Vec::new(),
@@ -92,22 +121,6 @@ impl KvCache {
             spare: vec![Vec::new(); layers],
             packed: PackedWeights::default(),
             members: Vec::new(),
-        }
-    }
-
-    /// Softmax-attention layers' blocks, up to the last one a row holds, allocated when first
-    /// stepped: a fresh buffer is zeroed lazily by the allocator, so positions never decoded
-    /// are never touched, and a cache absorbed before its first step (continuous batching's
-    /// chunks) allocates none.
-    fn ensure_blocks(&mut self) {
-        let blocks = self.own.iter().max().map_or(0, |&b| b + 1);
-        for layer in self.self_kv.iter_mut().filter(|l| l.state == 0) {
-            let need = blocks * layer.rows * 2 * self.c;
-            if layer.data.is_empty() {
-                layer.data = vec![0.0; need];
-            } else if layer.data.len() < need {
-                layer.data.resize(need, 0.0);
-            }
         }
     }
 
@@ -126,6 +139,11 @@ impl KvCache {
         self.source_of[r]
     }
 
+    /// Self-attention blocks the rows hold (the last one's index + 1).
+    pub(crate) fn blocks(&self) -> usize {
+        self.own.iter().max().map_or(0, |&b| b + 1)
+    }
+
     /// Keep rows `order[i]` as the new row i (rows may repeat or be dropped): beam search calls
     /// this after choosing which hypotheses continue.
     ///
@@ -136,6 +154,160 @@ impl KvCache {
     /// attention reads (7.7% of a beam-4 translation's time). Linear-attention layers keep a
     /// fixed-size state per row and are copied into place.
     pub fn reorder(&mut self, order: &[usize]) {
+        B::reorder(self, order);
+        self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
+        self.pos = order.iter().map(|&r| self.pos[r]).collect();
+        self.members.iter_mut().for_each(|m| m.reorder(order));
+    }
+}
+
+/// Which block each row holds after `reorder(order)` when the buffer has `blocks` blocks
+/// (at least `order.len()`), and the copies that give every continuation of a parent but its
+/// first a block of its own: (parent row, from block, to block). A copy's target is a block
+/// no continuing row holds; none is another copy's source (every source block is held by its
+/// parent's first continuation).
+fn hand_blocks(own: &[usize], order: &[usize], blocks: usize) -> (Vec<usize>, Vec<[usize; 3]>) {
+    let mut taken = vec![false; blocks];
+    let mut mine = vec![usize::MAX; order.len()];
+    for (i, &parent) in order.iter().enumerate() {
+        let b = own[parent];
+        if !taken[b] {
+            taken[b] = true;
+            mine[i] = b;
+        }
+    }
+    let mut free = (0..taken.len()).filter(|&b| !taken[b]);
+    let mut copies = Vec::new();
+    for (i, &parent) in order.iter().enumerate() {
+        if mine[i] == usize::MAX {
+            // `taken` has a slot per continuing row, so a slot is free for each copy.
+            let to = free.next().expect("a free block for every copy");
+            mine[i] = to;
+            copies.push([parent, own[parent], to]);
+        }
+    }
+    (mine, copies)
+}
+
+impl Decoding for Cpu {
+    /// Allocated when first stepped: a fresh buffer is zeroed lazily by the allocator, so
+    /// positions never decoded are never touched, and a cache absorbed before its first step
+    /// (continuous batching's chunks) allocates none.
+    fn ensure_blocks(cache: &mut KvCache) {
+        let blocks = cache.blocks();
+        for layer in cache.self_kv.iter_mut().filter(|l| l.state == 0) {
+            let need = blocks * layer.rows * 2 * cache.c;
+            if layer.data.is_empty() {
+                layer.data = vec![0.0; need];
+            } else if layer.data.len() < need {
+                layer.data.resize(need, 0.0);
+            }
+        }
+    }
+
+    fn reorder(cache: &mut KvCache, order: &[usize]) {
+        cache.reorder_blocks(order);
+    }
+
+    /// The step's products run on this session's packed weights (see kernels::packed).
+    fn in_session<R>(cache: &mut KvCache, p: &[f32], step: impl FnOnce(&mut KvCache) -> R) -> R {
+        cache.packed.set_params(p);
+        let scope = PackedScope::install(std::mem::take(&mut cache.packed));
+        let out = step(cache);
+        cache.packed = scope.finish();
+        out
+    }
+}
+
+impl Decoding for Cuda {
+    /// Allocated when first stepped (a row's positions are written before they are read),
+    /// the blocks already held copied over when they grow.
+    fn ensure_blocks(cache: &mut KvCache<Cuda>) {
+        let blocks = cache.blocks();
+        let be = cache.be.clone();
+        for layer in cache.self_kv.iter_mut().filter(|l| l.state == 0) {
+            let (need, have) = (blocks * layer.rows * 2 * cache.c, layer.data.len());
+            if have < need {
+                let mut data = crate::backend::DevBuf::default();
+                be.copy(be.grow(&mut data, need), Cuda::view(&layer.data, have));
+                layer.data = data;
+            }
+        }
+    }
+
+    /// As the CPU's: blocks are handed to the rows that continue alone and copied for repeated
+    /// parents only (a copy per row per layer would be a launch each).
+    fn reorder(cache: &mut KvCache<Cuda>, order: &[usize]) {
+        let (be, w) = (cache.be.clone(), 2 * cache.c);
+        if cache.self_kv.iter().any(|l| l.state > 0) {
+            for layer in &mut cache.self_kv {
+                let block = layer.state;
+                let mut data = crate::backend::DevBuf::default();
+                let mut out = be.grow(&mut data, order.len() * block);
+                for (dst, &src) in order.iter().enumerate() {
+                    let to = Cuda::sub_mut(out.reborrow(), dst * block..(dst + 1) * block);
+                    be.copy(
+                        to,
+                        Cuda::sub(
+                            Cuda::view(&layer.data, layer.data.len()),
+                            src * block..(src + 1) * block,
+                        ),
+                    );
+                }
+                layer.data = data;
+            }
+            cache.own = (0..order.len()).collect();
+            return;
+        }
+        let blocks = cache
+            .self_kv
+            .first()
+            .map_or(0, |l| l.data.len() / (l.rows * w).max(1));
+        if order.len() > blocks {
+            for layer in &mut cache.self_kv {
+                let mut data = crate::backend::DevBuf::default();
+                let have = layer.data.len();
+                be.copy(
+                    be.grow(&mut data, order.len() * layer.rows * w),
+                    Cuda::view(&layer.data, have),
+                );
+                layer.data = data;
+            }
+        }
+        let (own, copies) = hand_blocks(&cache.own, order, blocks.max(order.len()));
+        for [parent, from, to] in copies {
+            let len = cache.pos[parent] * w;
+            for layer in &mut cache.self_kv {
+                let block = layer.rows * w;
+                let (from, to) = (
+                    from * block..from * block + len,
+                    to * block..to * block + len,
+                );
+                let all = layer.data.view_mut();
+                let (src, dst) = if from.start < to.start {
+                    all.split(from, to)
+                } else {
+                    let (dst, src) = all.split(to, from);
+                    (src, dst)
+                };
+                be.copy(dst, src.shared());
+            }
+        }
+        cache.own = own;
+    }
+
+    fn in_session<R>(
+        cache: &mut KvCache<Cuda>,
+        _: DevRef<'_>,
+        step: impl FnOnce(&mut KvCache<Cuda>) -> R,
+    ) -> R {
+        step(cache)
+    }
+}
+
+impl KvCache {
+    /// The CPU's [`Decoding::reorder`] of the blocks (see [`KvCache::reorder`]).
+    fn reorder_blocks(&mut self, order: &[usize]) {
         // Positions every block may hold (rows of an absorbing cache differ).
         let (n, w) = (self.pos.iter().copied().max().unwrap_or(0), 2 * self.c);
         let recurrent = self.self_kv.iter().any(|l| l.state > 0);
@@ -152,58 +324,36 @@ impl KvCache {
                 *spare = std::mem::replace(&mut layer.data, data);
             }
             self.own = (0..order.len()).collect();
-        } else {
-            let blocks = self
-                .self_kv
-                .first()
-                .map_or(0, |l| l.data.len() / (l.rows * w));
-            if order.len() > blocks {
-                // More rows than blocks (beam search's first step): a new, lazily zeroed
-                // buffer, so positions never decoded are never touched (resident memory
-                // follows the outputs' lengths, not the capacity).
-                for layer in &mut self.self_kv {
-                    let block = layer.rows * w;
-                    let mut data = vec![0.0; order.len() * block];
-                    for b in 0..blocks {
-                        data[b * block..][..n * w]
-                            .copy_from_slice(&layer.data[b * block..][..n * w]);
-                    }
-                    layer.data = data;
-                }
-            }
-            let mut taken = vec![false; blocks.max(order.len())];
-            let mut own = vec![usize::MAX; order.len()];
-            for (i, &parent) in order.iter().enumerate() {
-                let b = self.own[parent];
-                if !taken[b] {
-                    taken[b] = true;
-                    own[i] = b;
-                }
-            }
-            // Blocks no continuing row holds; none of them is a copy's source (every source
-            // block is held by its parent's first continuation).
-            let mut free = (0..taken.len()).filter(|&b| !taken[b]);
-            for (i, &parent) in order.iter().enumerate() {
-                if own[i] != usize::MAX {
-                    continue;
-                }
-                // `taken` has a slot per continuing row, so a slot is free for each copy.
-                let to = free.next().expect("a free block for every copy");
-                let from = self.own[parent];
-                let n = self.pos[parent];
-                own[i] = to;
-                for layer in &mut self.self_kv {
-                    let block = layer.rows * w;
-                    layer
-                        .data
-                        .copy_within(from * block..from * block + n * w, to * block);
-                }
-            }
-            self.own = own;
+            return;
         }
-        self.source_of = order.iter().map(|&r| self.source_of[r]).collect();
-        self.pos = order.iter().map(|&r| self.pos[r]).collect();
-        self.members.iter_mut().for_each(|m| m.reorder(order));
+        let blocks = self
+            .self_kv
+            .first()
+            .map_or(0, |l| l.data.len() / (l.rows * w));
+        if order.len() > blocks {
+            // More rows than blocks (beam search's first step): a new, lazily zeroed
+            // buffer, so positions never decoded are never touched (resident memory
+            // follows the outputs' lengths, not the capacity).
+            for layer in &mut self.self_kv {
+                let block = layer.rows * w;
+                let mut data = vec![0.0; order.len() * block];
+                for b in 0..blocks {
+                    data[b * block..][..n * w].copy_from_slice(&layer.data[b * block..][..n * w]);
+                }
+                layer.data = data;
+            }
+        }
+        let (own, copies) = hand_blocks(&self.own, order, blocks.max(order.len()));
+        for [parent, from, to] in copies {
+            let n = self.pos[parent];
+            for layer in &mut self.self_kv {
+                let block = layer.rows * w;
+                layer
+                    .data
+                    .copy_within(from * block..from * block + n * w, to * block);
+            }
+        }
+        self.own = own;
     }
 
     /// Whether rows may join this cache part-way ([`Self::absorb`]): softmax attention in
@@ -325,7 +475,7 @@ impl KvCache {
     }
 }
 
-impl KvCache {
+impl<B: Decoding> KvCache<B> {
     /// Errors (not panics) for a step that does not fit this cache.
     pub(crate) fn check_step(&self, tokens: &[u32], layers: usize, cross: bool) -> Result<()> {
         if tokens.len() != self.rows() {
@@ -358,38 +508,56 @@ impl KvCache {
 }
 
 /// A model that extends every row by one token per call, over a cache owned by the caller
-/// (greedy, beam search and sampling in `decode` are written against this).
-pub trait Incremental {
+/// (greedy, beam search and sampling in `decode` are written against this), on backend `B`.
+pub trait Incremental<B: Decoding = Cpu> {
     fn vocab(&self) -> usize;
-    /// tokens: (R) the newest token of each row → logits (R, V) for the next position.
-    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]>;
+    /// tokens: (R) the newest token of each row → logits (R, V) for the next position, on the
+    /// host (the search that picks tokens runs there).
+    fn step(&mut self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<&[f32]>;
+}
+
+/// A step's logits on the host: the CPU's as they are; a device's copied into `host` (which
+/// also reports a launch of the step that failed).
+pub(crate) fn host_logits<'a, B: Backend>(
+    be: &B,
+    logits: B::Ref<'a>,
+    host: &'a mut Vec<f32>,
+) -> Result<&'a [f32]> {
+    Ok(match be.to_host(logits)? {
+        Cow::Borrowed(x) => x,
+        Cow::Owned(x) => {
+            *host = x;
+            host
+        }
+    })
 }
 
 /// One incremental step of a decoder stack (a Seq2Seq's decoder or a language model): embed
 /// each row's newest token at position `cache.len`, run the stack over the cache, project to
 /// logits (R, V).
-pub(crate) fn decoder_step<'a>(
-    p: &[f32],
-    embed: &mut Embedding,
-    stack: &mut Stack,
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decoder_step<'a, B: Decoding>(
+    be: &B,
+    p: B::Ref<'_>,
+    embed: &mut Embedding<B>,
+    stack: &mut Stack<B>,
     output: Param,
-    logits: &'a mut Vec<f32>,
-    cache: &mut KvCache,
+    logits: &'a mut B::Buf,
+    cache: &mut KvCache<B>,
     tokens: &[u32],
-) -> Result<&'a [f32]> {
+) -> Result<B::Ref<'a>> {
     let cross = stack.layers.iter().any(|l| l.cross.is_some());
     cache.check_step(tokens, stack.layers.len(), cross)?;
-    cache.ensure_blocks();
-    let x = embed.step(p, tokens, &cache.pos)?;
-    // The step's products run on this session's packed weights (see kernels::packed).
-    cache.packed.set_params(p);
-    let scope = PackedScope::install(std::mem::take(&mut cache.packed));
-    let h = stack.step(p, x, cache);
-    let v = project_out(&Cpu, p, output, h, logits, embed.c);
-    cache.packed = scope.finish();
+    B::ensure_blocks(cache);
+    let c = embed.c;
+    let x = embed.step(be, p, tokens, &cache.pos)?;
+    let v = B::in_session(cache, p, |cache| {
+        let h = stack.step(be, p, x, cache);
+        project_out(be, p, output, h, logits, c)
+    });
     cache.len += 1;
     cache.pos.iter_mut().for_each(|p| *p += 1);
-    Ok(&logits[..tokens.len() * v])
+    Ok(B::view(logits, tokens.len() * v))
 }
 
 /// What one decoding step of a layer needs besides its own cache.
@@ -402,4 +570,6 @@ pub(crate) struct StepCtx<'a> {
     pub src_padding: &'a [bool],
     /// Per source block, its keys.
     pub src_len: &'a [usize],
+    /// Self-attention blocks the rows hold ([`KvCache::blocks`]).
+    pub blocks: usize,
 }

@@ -3,7 +3,7 @@
 
 use super::config::{Family, ModelConfig};
 use super::embedding::Embedding;
-use super::kv_cache::{decoder_step, Incremental, KvCache};
+use super::kv_cache::{decoder_step, host_logits, Decoding, Incremental, KvCache};
 use super::linear::{output_weight, project_out, project_out_backward};
 use super::stack::{InputGrad, Stack};
 use super::{check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens};
@@ -23,6 +23,8 @@ pub struct LanguageModel<B: Backend = Cpu> {
     pub output: Param,
     pad: Vec<bool>,
     logits: B::Buf,
+    /// A decoding step's logits copied to the host (a device model's; the CPU's are `logits`).
+    step_logits: Vec<f32>,
     dlogits: B::Buf,
     dh: B::Buf,
     /// (B, T) of the last training forward.
@@ -72,6 +74,7 @@ impl<B: Backend> LanguageModel<B> {
             output,
             pad: Vec::new(),
             logits: B::Buf::default(),
+            step_logits: Vec::new(),
             dlogits: B::Buf::default(),
             dh: B::Buf::default(),
             last: LastPass::Nothing,
@@ -103,12 +106,13 @@ impl<B: Backend> LanguageModel<B> {
     }
 }
 
-impl LanguageModel {
+impl<B: Decoding> LanguageModel<B> {
     /// Start incremental decoding of `rows` sequences of at most `max_len` positions.
-    pub fn start_decoding(&mut self, rows: usize, max_len: usize) -> KvCache {
+    pub fn start_decoding(&mut self, rows: usize, max_len: usize) -> KvCache<B> {
         self.last = LastPass::Other("start_decoding");
         let capacity = max_len.min(self.config.max_len);
         let mut cache = KvCache::new(
+            &self.be,
             rows,
             capacity,
             self.config.d_model,
@@ -199,16 +203,17 @@ impl<B: Backend> Model<B> for LanguageModel<B> {
     }
 }
 
-impl Incremental for LanguageModel {
+impl<B: Decoding> Incremental<B> for LanguageModel<B> {
     fn vocab(&self) -> usize {
         self.config.vocab_size
     }
 
-    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
+    fn step(&mut self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<&[f32]> {
         self.last = LastPass::Other("a decoding step");
-        let p = &self.params.data;
+        let (be, p) = (&self.be, B::view(&self.params.data, self.params.len()));
         let (embed, stack) = (&mut self.embed, &mut self.decoder);
-        decoder_step(
+        let logits = decoder_step(
+            be,
             p,
             embed,
             stack,
@@ -216,6 +221,7 @@ impl Incremental for LanguageModel {
             &mut self.logits,
             cache,
             tokens,
-        )
+        )?;
+        host_logits(be, logits, &mut self.step_logits)
     }
 }

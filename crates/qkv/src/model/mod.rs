@@ -28,7 +28,7 @@ pub mod stack;
 pub use classifier::Classifier;
 pub use config::{AttentionKind, Family, ModelConfig, NormPlacement, Pooling, Positional};
 pub use ensemble::{EncoderDecoder, Ensemble};
-pub use kv_cache::{Incremental, KvCache};
+pub use kv_cache::{Decoding, Incremental, KvCache};
 pub use lm::LanguageModel;
 pub use seq2seq::Seq2Seq;
 
@@ -405,14 +405,6 @@ pub(crate) fn check_family(config: &ModelConfig, family: Family) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Grow-only scratch buffer: `&mut v[..n]`, reallocating only when `n` exceeds the capacity seen so far.
-pub(crate) fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
-    &mut v[..n]
 }
 
 /// Check a loss (or any scalar) is finite, naming it.

@@ -3,7 +3,7 @@
 
 use super::config::{Family, ModelConfig};
 use super::embedding::Embedding;
-use super::kv_cache::{decoder_step, Incremental, KvCache};
+use super::kv_cache::{decoder_step, host_logits, Decoding, Incremental, KvCache};
 use super::linear::{output_weight, project_out, project_out_backward};
 use super::stack::{InputGrad, Memory, Stack};
 use super::{check_family, loss_of, scale_grad, Forward, LastPass, Mode, Model, SiteIds, Tokens};
@@ -27,6 +27,8 @@ pub struct Seq2Seq<B: Backend = Cpu> {
     src_pad: Vec<bool>,
     tgt_pad: Vec<bool>,
     logits: B::Buf,
+    /// A decoding step's logits copied to the host (a device model's; the CPU's are `logits`).
+    step_logits: Vec<f32>,
     dlogits: B::Buf,
     dmemory: B::Buf,
     ddec: B::Buf,
@@ -114,6 +116,7 @@ impl<B: Backend> Seq2Seq<B> {
             src_pad: Vec::new(),
             tgt_pad: Vec::new(),
             logits: B::Buf::default(),
+            step_logits: Vec::new(),
             dlogits: B::Buf::default(),
             dmemory: B::Buf::default(),
             ddec: B::Buf::default(),
@@ -212,25 +215,27 @@ impl<B: Backend> Seq2Seq<B> {
     }
 }
 
-impl Seq2Seq {
+impl<B: Decoding> Seq2Seq<B> {
     /// Encode the source and start incremental decoding of its `B` rows for at most
     /// `max_len` target positions (BOS included): the cross-attention keys and values of every
     /// decoder layer are computed here, once.
-    pub fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache> {
+    pub fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache<B>> {
         self.encode(src)?;
         self.last = LastPass::Other("start_decoding");
         let (b, s, c) = (src.batch, src.len, self.config.d_model);
         let capacity = max_len.min(self.config.max_len);
+        let be = &self.be;
         let mut cache = KvCache::new(
+            be,
             b,
             capacity,
             c,
             self.decoder.layers.len(),
             self.config.recurrent_state(),
         );
-        cache.cross_kv =
-            self.decoder
-                .memory_kv(&self.params.data, self.encoder.output(b * s * c), s);
+        let p = B::view(&self.params.data, self.params.len());
+        let memory = self.encoder.output(b * s * c);
+        cache.cross_kv = self.decoder.memory_kv(be, p, memory, s);
         cache.src_padding = self.src_pad.clone();
         cache.src_len = vec![s; b];
         cache.packed.int8 = self.int8_steps;
@@ -333,16 +338,17 @@ impl<B: Backend> Model<B> for Seq2Seq<B> {
     }
 }
 
-impl Incremental for Seq2Seq {
+impl<B: Decoding> Incremental<B> for Seq2Seq<B> {
     fn vocab(&self) -> usize {
         self.config.tgt_vocab()
     }
 
-    fn step(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<&[f32]> {
+    fn step(&mut self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<&[f32]> {
         self.last = LastPass::Other("a decoding step");
-        let p = &self.params.data;
+        let (be, p) = (&self.be, B::view(&self.params.data, self.params.len()));
         let (embed, stack) = (&mut self.tgt_embed, &mut self.decoder);
-        decoder_step(
+        let logits = decoder_step(
+            be,
             p,
             embed,
             stack,
@@ -350,6 +356,7 @@ impl Incremental for Seq2Seq {
             &mut self.logits,
             cache,
             tokens,
-        )
+        )?;
+        host_logits(be, logits, &mut self.step_logits)
     }
 }

@@ -5,13 +5,13 @@
 //!
 //! A block runs one of two ways, through one `forward`: over whole sequences (training,
 //! scoring, encoding; on any [`Backend`]), or one new position per row over a caller-owned
-//! [`KvCache`] (incremental decoding, on the CPU). Only the attention sublayers differ between
+//! [`KvCache`] (incremental decoding, on any [`Decoding`] backend). Only the attention sublayers differ between
 //! the two: a `Keys` value says which.
 
 use super::attention::{CrossAttention, SelfAttention};
 use super::config::{ModelConfig, NormPlacement};
 use super::feed_forward::FeedForward;
-use super::kv_cache::{KvCache, LayerKv, StepCtx};
+use super::kv_cache::{Decoding, KvCache, LayerKv, StepCtx};
 use super::norm::{final_output, AddNorm, LayerNorm, SublayerGrad};
 use super::{Mode, SiteIds};
 use crate::backend::{Backend, Cpu};
@@ -110,34 +110,34 @@ impl<B: Backend> Keys<B> for Sequence<'_, '_, B> {
 
 /// One new position per row: earlier positions (and the source's keys and values) are in
 /// this block's cache slots, and self-attention appends this position's keys and values.
-struct Step<'a> {
-    self_kv: &'a mut LayerKv,
-    cross_kv: Option<&'a LayerKv>,
+struct Step<'a, B: Backend> {
+    self_kv: &'a mut LayerKv<B>,
+    cross_kv: Option<&'a LayerKv<B>>,
     ctx: StepCtx<'a>,
 }
 
-impl Keys<Cpu> for Step<'_> {
+impl<B: Backend> Keys<B> for Step<'_, B> {
     fn self_attention<'a>(
         &mut self,
-        _: &Cpu,
-        attn: &'a mut SelfAttention,
-        p: &[f32],
-        x: &[f32],
-    ) -> &'a [f32] {
-        attn.step(p, x, self.self_kv, self.ctx)
+        be: &B,
+        attn: &'a mut SelfAttention<B>,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+    ) -> B::Ref<'a> {
+        attn.step(be, p, x, self.self_kv, self.ctx)
     }
     fn has_source(&self) -> bool {
         self.cross_kv.is_some()
     }
     fn cross_attention<'a>(
         &mut self,
-        _: &Cpu,
-        attn: &'a mut CrossAttention,
-        p: &[f32],
-        x: &[f32],
-    ) -> &'a [f32] {
+        be: &B,
+        attn: &'a mut CrossAttention<B>,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+    ) -> B::Ref<'a> {
         let kv = self.cross_kv.expect("cross-attention without a source");
-        attn.step(p, x, kv, self.ctx)
+        attn.step(be, p, x, kv, self.ctx)
     }
 }
 
@@ -339,8 +339,9 @@ impl<B: Backend> StackKeys<B> for Sequence<'_, '_, B> {
     }
 }
 
-impl StackKeys<Cpu> for KvCache {
-    fn block(&mut self, i: usize) -> impl Keys<Cpu> + '_ {
+impl<B: Decoding> StackKeys<B> for KvCache<B> {
+    fn block(&mut self, i: usize) -> impl Keys<B> + '_ {
+        let blocks = self.blocks();
         let KvCache {
             pos,
             self_kv,
@@ -360,6 +361,7 @@ impl StackKeys<Cpu> for KvCache {
                 source_of,
                 src_padding,
                 src_len,
+                blocks,
             },
         }
     }
@@ -511,18 +513,30 @@ impl<B: Backend> Stack<B> {
     }
 }
 
-impl Stack<Cpu> {
+impl<B: Decoding> Stack<B> {
     /// x: (R, C) embeddings of the newest position of each cache row → (R, C).
-    pub(crate) fn step(&mut self, p: &[f32], x: &[f32], cache: &mut KvCache) -> &[f32] {
-        self.run(&Cpu, p, x, cache, Mode::EVAL)
+    pub(crate) fn step(
+        &mut self,
+        be: &B,
+        p: B::Ref<'_>,
+        x: B::Ref<'_>,
+        cache: &mut KvCache<B>,
+    ) -> B::Ref<'_> {
+        self.run(be, p, x, cache, Mode::EVAL)
     }
 
     /// Cross-attention keys and values of every block for the memory (B, S, C).
-    pub(crate) fn memory_kv(&self, p: &[f32], memory: &[f32], s_len: usize) -> Vec<LayerKv> {
+    pub(crate) fn memory_kv(
+        &self,
+        be: &B,
+        p: B::Ref<'_>,
+        memory: B::Ref<'_>,
+        s_len: usize,
+    ) -> Vec<LayerKv<B>> {
         self.layers
             .iter()
             .filter_map(|l| l.cross.as_ref())
-            .map(|c| c.attn.memory_kv(p, memory, s_len))
+            .map(|c| c.attn.memory_kv(be, p, memory, s_len))
             .collect()
     }
 }

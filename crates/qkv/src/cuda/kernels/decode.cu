@@ -48,3 +48,16 @@ extern "C" __global__ void attention_one_query(float* out, const float* q, long 
         o[x] = acc * inv;
     }
 }
+
+// The cache write of a decoding step: row r of src (width floats at row stride src_rs)
+// becomes position pos[r] of block block[r] (blocks of `rows` positions of `width` floats).
+// One thread block per row: the rows go to different blocks, so one launch replaces a copy
+// per row. kernels::attention's callers do this with a slice copy per row on the CPU.
+extern "C" __global__ void kv_append(float* kv, long long rows, long long width,
+                                     const float* src, long long src_rs,
+                                     const unsigned* block, const int* pos) {
+    int r = blockIdx.x;
+    float* dst = kv + ((u64)block[r] * rows + pos[r]) * width;
+    const float* s = src + (u64)r * src_rs;
+    for (long long i = threadIdx.x; i < width; i += blockDim.x) dst[i] = s[i];
+}
