@@ -305,7 +305,10 @@ mod tests {
         }
         let err = e.step(&Cpu, p, &[4, 7], &[0]).unwrap_err().to_string();
         assert!(err.contains("decoding step positions"), "{err}");
-        let err = e.step(&Cpu, p, &[4, 7], &[0, max_len]).unwrap_err().to_string();
+        let err = e
+            .step(&Cpu, p, &[4, 7], &[0, max_len])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&format!("{}", max_len + 1)), "{err}");
     }
 }

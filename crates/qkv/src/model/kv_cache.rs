@@ -229,7 +229,10 @@ impl Decoding for Cuda {
             let (need, have) = (blocks * layer.rows * 2 * cache.c, layer.data.len());
             if have < need {
                 let mut data = crate::backend::DevBuf::default();
-                be.copy(be.grow(&mut data, need), Cuda::view(&layer.data, have));
+                let grown = be.grow(&mut data, need);
+                if have > 0 {
+                    be.copy(grown, Cuda::view(&layer.data, have));
+                }
                 layer.data = data;
             }
         }
@@ -267,17 +270,17 @@ impl Decoding for Cuda {
             for layer in &mut cache.self_kv {
                 let mut data = crate::backend::DevBuf::default();
                 let have = layer.data.len();
-                be.copy(
-                    be.grow(&mut data, order.len() * layer.rows * w),
-                    Cuda::view(&layer.data, have),
-                );
+                let grown = be.grow(&mut data, order.len() * layer.rows * w);
+                if have > 0 {
+                    be.copy(grown, Cuda::view(&layer.data, have));
+                }
                 layer.data = data;
             }
         }
         let (own, copies) = hand_blocks(&cache.own, order, blocks.max(order.len()));
         for [parent, from, to] in copies {
             let len = cache.pos[parent] * w;
-            for layer in &mut cache.self_kv {
+            for layer in cache.self_kv.iter_mut().filter(|_| len > 0) {
                 let block = layer.rows * w;
                 let (from, to) = (
                     from * block..from * block + len,
