@@ -1975,3 +1975,149 @@ fn classifier_predictions_and_embeddings_on_the_gpu_match_the_cpu() {
     );
     assert_near("embeddings", &got, &want, 2e-3);
 }
+
+/// Source rows with 0, 1, 2, … padding positions at their ends (the cross-attention mask
+/// matters), ids in 3..60.
+fn padded_sources(rng: &mut Rng, b: usize, s: usize) -> Vec<u32> {
+    let mut src: Vec<u32> = (0..b * s).map(|_| 3 + rng.below(57) as u32).collect();
+    for row in 0..b {
+        for pos in s - row.min(s - 1)..s {
+            src[row * s + pos] = 0;
+        }
+    }
+    src
+}
+
+/// KV-cache decoding on the GPU, teacher-forced through beam search's reorders (rows repeated,
+/// dropped and permuted; blocks handed over, copied for repeated parents, grown past the
+/// batch): every step's logits equal the GPU's own full forward over the row's history, and
+/// the CPU's step on the same weights (both norm placements; a window on the pre-LN model).
+#[test]
+fn kv_cache_decoding_on_the_gpu_equals_the_full_forward_and_the_cpu() {
+    use qkv::backend::{Cpu, Cuda};
+    use qkv::model::config::{Family, ModelConfig, NormPlacement};
+    use qkv::model::{Incremental, Seq2Seq, ToBackend, Tokens};
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    for norm in [NormPlacement::Post, NormPlacement::Pre] {
+        let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 60).unwrap();
+        (cfg.norm, cfg.max_len, cfg.dropout) = (norm, 32, 0.0);
+        if norm == NormPlacement::Pre {
+            cfg.attention_window = Some(3);
+        }
+        let mut cpu = Seq2Seq::on(Cpu, cfg, 9).unwrap();
+        let mut dev = cpu.to_backend(be.clone()).unwrap();
+        let mut rng = Rng::new(4);
+        let (b, s, t) = (3, 7, 6);
+        let src = padded_sources(&mut rng, b, s);
+        let v = cpu.vocab();
+        let tokens = Tokens::new(&src, b, s).unwrap();
+        let mut cache = cpu.start_decoding(tokens, t).unwrap();
+        let mut dev_cache = dev.start_decoding(tokens, t).unwrap();
+        // Per cache row: (source row, tokens fed so far).
+        let mut rows: Vec<(usize, Vec<u32>)> = (0..b).map(|i| (i, Vec::new())).collect();
+        let orders: [&[usize]; 5] = [
+            &[0, 0, 1, 1, 1, 2],
+            &[5, 1, 1, 0, 3],
+            &[4, 4, 4, 0],
+            &[3, 1, 1],
+            &[2, 0, 1, 2, 2],
+        ];
+        for (pos, order) in std::iter::once(&[][..]).chain(orders).enumerate() {
+            if pos > 0 {
+                cache.reorder(order);
+                dev_cache.reorder(order);
+                rows = order.iter().map(|&r| rows[r].clone()).collect();
+            }
+            let ids: Vec<u32> = (0..rows.len()).map(|_| 3 + rng.below(57) as u32).collect();
+            for (row, &id) in rows.iter_mut().zip(&ids) {
+                row.1.push(id);
+            }
+            let want = cpu.step(&mut cache, &ids).unwrap().to_vec();
+            let got = dev.step(&mut dev_cache, &ids).unwrap().to_vec();
+            let what = format!("{norm:?} step {pos}");
+            assert_near(&format!("{what}: GPU step vs CPU step"), &got, &want, 5e-3);
+            for (r, (source, history)) in rows.iter().enumerate() {
+                let one = Tokens::new(&src[source * s..(source + 1) * s], 1, s).unwrap();
+                let full = dev
+                    .logits(one, Tokens::new(history, 1, history.len()).unwrap())
+                    .unwrap();
+                let full = be.gpu().to_host(full).unwrap();
+                assert_near(
+                    &format!("{what} row {r}: GPU step vs GPU full forward"),
+                    &got[r * v..(r + 1) * v],
+                    &full[pos * v..(pos + 1) * v],
+                    5e-3,
+                );
+            }
+        }
+        // The cache is full: one more step is an error, not a launch past the blocks.
+        assert!(dev.step(&mut dev_cache, &[3; 5]).is_err());
+    }
+}
+
+/// Beam search and greedy decoding on the GPU give the CPU's outputs on the same weights
+/// (scaled up so the model is confident: TF32's rounding then decides no choice), and a
+/// language model generates the CPU's tokens.
+#[test]
+fn beam_search_and_generation_on_the_gpu_give_the_cpus_outputs() {
+    use qkv::backend::{Cpu, Cuda};
+    use qkv::decode::{beam_search, generate, greedy, BeamConfig, Choice};
+    use qkv::model::config::{Family, ModelConfig};
+    use qkv::model::{LanguageModel, Seq2Seq, ToBackend, Tokens};
+
+    let Some(g) = gpu() else { return };
+    let be = Cuda::new(std::sync::Arc::new(g), false);
+    let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 60).unwrap();
+    (cfg.max_len, cfg.dropout) = (32, 0.0);
+    let mut cpu = Seq2Seq::on(Cpu, cfg, 11).unwrap();
+    qkv::model::Model::params_mut(&mut cpu)
+        .data
+        .iter_mut()
+        .for_each(|w| *w *= 3.0);
+    let mut dev = cpu.to_backend(be.clone()).unwrap();
+    let mut rng = Rng::new(6);
+    let (b, s, max) = (4, 8, 14);
+    let src = padded_sources(&mut rng, b, s);
+    let tokens = Tokens::new(&src, b, s).unwrap();
+    let cfg = BeamConfig {
+        beam: 4,
+        nbest: 2,
+        ..BeamConfig::default()
+    };
+    let mut cache = cpu.start_decoding(tokens, max).unwrap();
+    let want = beam_search(&mut cpu, &mut cache, 1, 2, &cfg).unwrap();
+    let mut cache = dev.start_decoding(tokens, max).unwrap();
+    let got = beam_search(&mut dev, &mut cache, 1, 2, &cfg).unwrap();
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        for (k, (w, g)) in w.iter().zip(g).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "input {i} hypothesis {k}");
+            assert!(
+                (g.log_prob - w.log_prob).abs() <= 1e-3 * (1.0 + w.log_prob.abs()),
+                "input {i} hypothesis {k}: log p {} on the GPU, {} on the CPU",
+                g.log_prob,
+                w.log_prob
+            );
+        }
+    }
+    let mut cache = cpu.start_decoding(tokens, max).unwrap();
+    let want = greedy(&mut cpu, &mut cache, 1, 2).unwrap();
+    let mut cache = dev.start_decoding(tokens, max).unwrap();
+    assert_eq!(greedy(&mut dev, &mut cache, 1, 2).unwrap(), want, "greedy");
+
+    let mut cfg = ModelConfig::preset("tiny", Family::Lm, 60).unwrap();
+    (cfg.max_len, cfg.dropout) = (32, 0.0);
+    let mut cpu = LanguageModel::on(Cpu, cfg, 12).unwrap();
+    qkv::model::Model::params_mut(&mut cpu)
+        .data
+        .iter_mut()
+        .for_each(|w| *w *= 3.0);
+    let mut dev = cpu.to_backend(be).unwrap();
+    let prompts = vec![vec![1, 7, 9], vec![1, 30, 31], vec![1, 5, 5]];
+    let mut cache = cpu.start_decoding(3, 24);
+    let want = generate(&mut cpu, &mut cache, &prompts, 2, &[Choice::Greedy]).unwrap();
+    let mut cache = dev.start_decoding(3, 24);
+    let got = generate(&mut dev, &mut cache, &prompts, 2, &[Choice::Greedy]).unwrap();
+    assert_eq!(got, want, "language model");
+}
