@@ -29,8 +29,20 @@ impl DeviceArg {
 
 /// The first GPU for `--device cuda`, its products in bf16 with `--dtype bf16`, else TF32.
 pub fn first_gpu(precision: PrecisionArgs) -> Result<qkv::backend::Cuda> {
-    let bf16 = matches!(precision.dtype, DtypeArg::Bf16);
+    let bf16 = gpu_bf16(precision)?;
     qkv::backend::Cuda::first_gpu(bf16).context("--device cuda")
+}
+
+/// Whether `--device cuda`'s products are bf16 (`--dtype bf16`) rather than TF32; `--dtype
+/// int8` is the CPU's decoding kernels, an error there.
+pub fn gpu_bf16(precision: PrecisionArgs) -> Result<bool> {
+    match precision.dtype {
+        DtypeArg::Int8 => anyhow::bail!(
+            "--dtype int8 runs decoding steps on the CPU's int8 kernels; with --device cuda use \
+             --dtype f32 (TF32 products) or bf16"
+        ),
+        dtype => Ok(matches!(dtype, DtypeArg::Bf16)),
+    }
 }
 
 /// `--dtype` of the inference commands (a job's training precision is in its config).

@@ -27,13 +27,16 @@ pub struct EvalArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub precision: PrecisionArgs,
-    /// Where the model runs: the CPU, or the first NVIDIA GPU (classifiers and language
-    /// models; translation decodes on the CPU).
+    /// Where the model runs: the CPU, or the first NVIDIA GPU (one model: an ensemble
+    /// decodes on the CPU).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    if args.device == DeviceArg::Cuda {
+        crate::args::gpu_bf16(args.precision)?;
+    }
     let _precision = args.precision.apply();
     let report = if let [path] = &args.model[..] {
         let mut dir = ModelDir::load(path)?;
@@ -42,7 +45,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let (data, max, device) = (&args.data, args.max_tokens, args.device.device());
         qkv::pipeline::evaluate_on(&mut dir, data, Some(&decode), max, device)?
     } else if args.device == DeviceArg::Cuda {
-        bail!("--device cuda: an ensemble translates, and decoding runs on the CPU only");
+        bail!("--device cuda decodes one model: an ensemble decodes on the CPU");
     } else {
         let (model, files) = crate::infer::load_translator(&args.model, args.precision)?;
         let decode = args.decode.over(&files.decode)?;

@@ -4,7 +4,7 @@
 use crate::args::{first_gpu, name_input, stdin_lines, DeviceArg, PrecisionArgs};
 use anyhow::{bail, Result};
 use qkv::decode::{argmax, Choice, DecodeConfig};
-use qkv::model::{AnyModel, EncoderDecoder, Ensemble, Seq2Seq, ToBackend};
+use qkv::model::{AnyModel, Decoding, EncoderDecoder, Ensemble, Seq2Seq, ToBackend};
 use qkv::model_dir::{ModelDir, ModelFiles};
 use qkv::tasks::{classify, lm, translate};
 use std::io::Write;
@@ -100,6 +100,10 @@ pub struct TranslateArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// Where the model decodes: the CPU, or the first NVIDIA GPU (one model; batches of
+    /// --max-tokens decode whole there).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 fn load(path: &Path) -> Result<ModelDir> {
@@ -156,14 +160,24 @@ pub fn run_translate(a: TranslateArgs) -> Result<()> {
             opts.decode.beam
         );
     }
+    let gpu = match (a.device, &model) {
+        (DeviceArg::Cpu, _) => None,
+        (DeviceArg::Cuda, Translator::Ensemble(_)) => {
+            bail!("--device cuda decodes one model: an ensemble decodes on the CPU")
+        }
+        (DeviceArg::Cuda, Translator::One(_)) => Some(first_gpu(a.precision)?),
+    };
     let lines = stdin_lines()?;
-    match &mut model {
-        Translator::One(m) => translate_lines(&mut **m, &files, &lines, &opts),
-        Translator::Ensemble(m) => translate_lines(m, &files, &lines, &opts),
+    match (&mut model, gpu) {
+        (Translator::One(m), Some(gpu)) => {
+            translate_lines(&mut m.to_backend(gpu)?, &files, &lines, &opts)
+        }
+        (Translator::One(m), None) => translate_lines(&mut **m, &files, &lines, &opts),
+        (Translator::Ensemble(m), _) => translate_lines(m, &files, &lines, &opts),
     }
 }
 
-fn translate_lines<M: EncoderDecoder>(
+fn translate_lines<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     files: &ModelFiles,
     lines: &[String],
@@ -252,6 +266,9 @@ pub struct GenerateArgs {
     pub seed: u64,
     #[command(flatten)]
     pub precision: PrecisionArgs,
+    /// Where the model generates: the CPU, or the first NVIDIA GPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -283,8 +300,14 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         .unwrap_or(d.max_new_tokens)
         .min(model.config.max_len.saturating_sub(1));
     let tok = &dir.files.tokenizer;
-    let out = lm::complete(model, tok, &prompts, max_new, &choices)
-        .map_err(|e| name_input(e, "prompt"))?;
+    let out = match a.device {
+        DeviceArg::Cpu => lm::complete(model, tok, &prompts, max_new, &choices),
+        DeviceArg::Cuda => {
+            let mut twin = model.to_backend(first_gpu(a.precision)?)?;
+            lm::complete(&mut twin, tok, &prompts, max_new, &choices)
+        }
+    }
+    .map_err(|e| name_input(e, "prompt"))?;
     let mut stdout = std::io::stdout().lock();
     for text in out {
         writeln!(stdout, "{text}")?;

@@ -106,10 +106,37 @@ fn translate_train_eval_translate_average_resume() {
     assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 800);
     assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 500);
     let best = run.join("best");
-    // Translation decodes, on the CPU only: `--device cuda` says so (GPU or not).
-    let (ok, err) = eval_on_cuda(&best, &dir.join("test.tsv"));
+    // `--device cuda` decodes on the GPU: without one, `eval` and `translate` name what is
+    // missing; `--dtype int8` (the CPU's kernels) is an error there, GPU or not.
+    if !qkv::cuda::driver_available() {
+        let (ok, err) = eval_on_cuda(&best, &dir.join("test.tsv"));
+        assert!(!ok && err.contains("libcuda.so"), "{err}");
+        let args = [
+            "translate",
+            "--model",
+            best.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ];
+        let (ok, _, err) = qkv(&args, Some("the king\n"));
+        assert!(
+            !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
+            "{err}"
+        );
+    }
+    let args = [
+        "translate",
+        "--model",
+        best.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ];
+    let (ok, _, err) = qkv(
+        &[&args[..], &["--dtype", "int8"]].concat(),
+        Some("the king\n"),
+    );
     assert!(
-        !ok && err.contains("decoding runs on the CPU only"),
+        !ok && err.contains("--dtype int8 runs decoding steps"),
         "{err}"
     );
     let (ok, out, err) = qkv(
@@ -204,7 +231,16 @@ fn translate_train_eval_translate_average_resume() {
     let test = dir.join("test.tsv");
     let args = ["eval", "--data", test.to_str().unwrap(), "--device", "cuda"];
     let (ok, _, err) = qkv(&[&args[..], &["--model", best_s, best_s]].concat(), None);
-    assert!(!ok && err.contains("an ensemble translates"), "{err}");
+    assert!(
+        !ok && err.contains("an ensemble decodes on the CPU"),
+        "{err}"
+    );
+    let args = ["translate", "--device", "cuda", "--model", best_s, best_s];
+    let (ok, _, err) = qkv(&args, Some("the king\n"));
+    assert!(
+        !ok && err.contains("an ensemble decodes on the CPU"),
+        "{err}"
+    );
     assert!(eval(&[&ckpts[0], &ckpts[1]]).contains("BLEU = "));
     // A fresh run never overwrites a used run directory; nbest must fit the beam.
     let (ok, _, err) = qkv(&["train", "--config", cfg.to_str().unwrap()], None);
@@ -354,23 +390,22 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     assert!(out.starts_with("to be or not to be"), "{out}");
     eval_of_an_empty_file_is_an_error(&best, "text");
-    // A language model decodes: `serve --device cuda` says so before looking for a GPU.
-    let (ok, _, err) = qkv(
-        &[
-            "serve",
-            "--model",
-            best.to_str().unwrap(),
-            "--device",
-            "cuda",
-        ],
-        None,
-    );
-    assert!(
-        !ok && err.contains("decoding runs on the CPU only"),
-        "{err}"
-    );
-    // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
+    // `--device cuda` without a GPU: an error naming what is missing, never a CPU run (a
+    // server that would decode on the CPU, generation, evaluation).
     if !qkv::cuda::driver_available() {
+        let best_s = best.to_str().unwrap();
+        for args in [
+            &["serve", "--model", best_s, "--device", "cuda"][..],
+            &[
+                "generate", "--model", best_s, "--prompt", "to be", "--device", "cuda",
+            ],
+        ] {
+            let (ok, _, err) = qkv(args, None);
+            assert!(
+                !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
+                "{args:?}: {err}"
+            );
+        }
         let (ok, err) = eval_on_cuda(&best, &dir.join("valid.txt"));
         assert!(
             !ok && err.contains("--device cuda") && err.contains("libcuda.so"),

@@ -14,7 +14,7 @@ use crate::dist::{Collective, Solo};
 use crate::error::{Error, Result};
 use crate::job::{Job, TaskKind};
 use crate::kernels::matmul::Precision;
-use crate::model::{AnyModel, EncoderDecoder, Model, ToBackend};
+use crate::model::{AnyModel, Decoding, EncoderDecoder, Model, ToBackend};
 use crate::model_dir::{ModelDir, ModelFiles};
 use crate::tasks::classify::{self, Classify};
 use crate::tasks::lm::{self, Lm};
@@ -308,7 +308,7 @@ fn train_on<B: Backend, M: Model<B>>(
 
 /// Score a translation or summarization model (or an [`crate::model::Ensemble`] of them) on
 /// `source<TAB>target` pairs, as [`evaluate`] does.
-pub fn evaluate_translation<M: EncoderDecoder>(
+pub fn evaluate_translation<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     files: &ModelFiles,
     data: &Path,
@@ -349,9 +349,8 @@ pub fn evaluate(
     evaluate_on(dir, data, decode, max_tokens, Device::Cpu)
 }
 
-/// [`evaluate`] on `device`: on the GPU, a classifier or a language model scores there (in
-/// the calling thread's product precision: bf16, else TF32); translation and summarization
-/// decode, which runs on the CPU only, so they are an error there.
+/// [`evaluate`] on `device`: on the GPU the model's copy there scores (in the calling thread's
+/// product precision: bf16, else TF32), translation and summarization decoding there too.
 pub fn evaluate_on(
     dir: &mut ModelDir,
     data: &Path,
@@ -368,11 +367,10 @@ pub fn evaluate_on(
         (AnyModel::Seq2Seq(m), Device::Cpu) => {
             evaluate_translation(m, files, data, decode, max_tokens)
         }
-        (AnyModel::Seq2Seq(_), Device::Cuda) => Err(Error::Config(
-            "--device cuda: translation and summarization decode, and decoding runs on the CPU \
-             only (leave out --device)"
-                .into(),
-        )),
+        (AnyModel::Seq2Seq(m), Device::Cuda) => {
+            let mut twin = m.to_backend(cuda()?)?;
+            evaluate_translation(&mut twin, files, data, decode, max_tokens)
+        }
         (AnyModel::Classifier(m), device) => {
             let labels = files.labels.as_ref().ok_or_else(|| {
                 Error::Config("this model has no class labels (an embedding model)".into())

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics::Metrics;
 use qkv::decode::{argmax, Choice, DecodeConfig};
-use qkv::model::{AnyModel, ToBackend};
+use qkv::model::AnyModel;
 use qkv::model_dir::{ModelDir, ModelFiles};
 use qkv::tasks::{classify, lm, translate};
 use serde::Deserialize;
@@ -72,8 +72,8 @@ pub struct ServeArgs {
     pub timeout_ms: u64,
     #[command(flatten)]
     pub precision: crate::args::PrecisionArgs,
-    /// Where the model runs: the CPU, or the first NVIDIA GPU (classifiers and encoders:
-    /// translation and generation decode, on the CPU only).
+    /// Where the model runs: the CPU, or the first NVIDIA GPU (its copy there, made before
+    /// the server listens).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: crate::args::DeviceArg,
 }
@@ -161,16 +161,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         AnyModel::Classifier(_) => (vec![Endpoint::Embed], "encoder", max_len),
         AnyModel::Lm(_) => (vec![Endpoint::Generate], "lm", max_len.saturating_sub(2)),
     };
-    // The GPU's copy of an encoder, made before anything listens.
-    let gpu = match (&dir.model, a.device) {
-        (_, crate::args::DeviceArg::Cpu) => None,
-        (AnyModel::Classifier(m), crate::args::DeviceArg::Cuda) => {
-            Some(m.to_backend(crate::args::first_gpu(a.precision)?)?)
+    // The model's GPU copy, made before anything listens.
+    let gpu = match a.device {
+        crate::args::DeviceArg::Cpu => None,
+        crate::args::DeviceArg::Cuda => {
+            Some(dir.model.to_backend(crate::args::first_gpu(a.precision)?)?)
         }
-        (_, crate::args::DeviceArg::Cuda) => anyhow::bail!(
-            "--device cuda: a {family} model decodes, and decoding runs on the CPU only (leave \
-             out --device)"
-        ),
     };
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = sync_channel::<Request>(a.queue);
@@ -200,7 +196,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .spawn(move || {
             // The precision is per thread, and this thread runs every forward pass.
             let _precision = precision.apply();
-            worker::run(dir, gpu, rx, policy, metrics)
+            match gpu {
+                Some(model) => worker::run(model, dir.files, rx, policy, metrics),
+                None => worker::run(dir.model, dir.files, rx, policy, metrics),
+            }
         })
         .context("starting the model worker")?;
 

@@ -6,11 +6,10 @@
 //! handlers tokenized them, and outputs go back as ids.
 
 use super::metrics::Metrics;
-use qkv::backend::Cuda;
 use qkv::decode::Choice;
 use qkv::mbr::Utility;
-use qkv::model::{AnyModel, Classifier};
-use qkv::model_dir::ModelDir;
+use qkv::model::{AnyModel, Decoding, EncoderDecoder, Seq2Seq};
+use qkv::model_dir::ModelFiles;
 use qkv::tasks::{classify, lm, translate};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -107,14 +106,16 @@ pub struct BatchPolicy {
     pub window: Duration,
 }
 
-/// Serve `dir`'s model, or `gpu`, its copy on the GPU, where one is given.
-pub fn run(
-    mut dir: ModelDir,
-    mut gpu: Option<Classifier<Cuda>>,
+/// Serve `model` (a loaded directory's, or its copy on the GPU) with the directory's `files`.
+pub fn run<B: Decoding>(
+    mut model: AnyModel<B>,
+    files: ModelFiles,
     rx: Receiver<Request>,
     policy: BatchPolicy,
     metrics: Arc<Metrics>,
-) {
+) where
+    Seq2Seq<B>: EncoderDecoder<B>,
+{
     // Translation's per-thread model copies, kept from batch to batch.
     let mut workers = translate::DecodeWorkers::default();
     while let Ok(first) = rx.recv() {
@@ -139,23 +140,25 @@ pub fn run(
             let (group, rest): (Vec<Request>, Vec<Request>) =
                 requests.into_iter().partition(|j| j.work.group() == key);
             requests = rest;
-            run_group(&mut dir, gpu.as_mut(), &mut workers, group, &metrics);
+            run_group(&mut model, &files, &mut workers, group, &metrics);
         }
     }
 }
 
 /// One batched model call for requests of one group; each request gets its slice of the results.
-fn run_group(
-    dir: &mut ModelDir,
-    gpu: Option<&mut Classifier<Cuda>>,
-    workers: &mut translate::DecodeWorkers,
+fn run_group<B: Decoding>(
+    model: &mut AnyModel<B>,
+    files: &ModelFiles,
+    workers: &mut translate::DecodeWorkers<Seq2Seq<B>>,
     group: Vec<Request>,
     metrics: &Metrics,
-) {
+) where
+    Seq2Seq<B>: EncoderDecoder<B>,
+{
     let counts: Vec<usize> = group.iter().map(|j| j.work.inputs()).collect();
     let total: usize = counts.iter().sum();
     metrics.batch(total);
-    let result = call_model(dir, gpu, workers, &group).and_then(|r| {
+    let result = call_model(model, files, workers, &group).and_then(|r| {
         let got = match &r {
             Reply::Texts(t) => t.len(),
             Reply::Rows(rows) => rows.len(),
@@ -183,24 +186,18 @@ fn run_group(
 /// default `--max-tokens`).
 const ENCODER_BATCH_TOKENS: usize = 8192;
 
-fn call_model(
-    dir: &mut ModelDir,
-    gpu: Option<&mut Classifier<Cuda>>,
-    workers: &mut translate::DecodeWorkers,
+fn call_model<B: Decoding>(
+    model: &mut AnyModel<B>,
+    files: &ModelFiles,
+    workers: &mut translate::DecodeWorkers<Seq2Seq<B>>,
     group: &[Request],
-) -> Result<Reply, String> {
+) -> Result<Reply, String>
+where
+    Seq2Seq<B>: EncoderDecoder<B>,
+{
     let rows: Vec<Vec<u32>> = group.iter().flat_map(|j| j.work.rows()).collect();
-    let files = &dir.files;
     let (tok, tgt) = (&files.tokenizer, files.target_tokenizer());
-    if let Some(m) = gpu {
-        let out = match &group[0].work {
-            Work::Classify { .. } => classify::predict_ids(m, &rows, tok.pad, ENCODER_BATCH_TOKENS),
-            Work::Embed { .. } => classify::embed_ids(m, &rows, tok.pad, ENCODER_BATCH_TOKENS),
-            work => return Err(format!("this model cannot serve {work:?}")),
-        };
-        return out.map(Reply::Rows).map_err(|e| e.to_string());
-    }
-    let out = match (&group[0].work, &mut dir.model) {
+    let out = match (&group[0].work, model) {
         (Work::Translate { beam, .. }, AnyModel::Seq2Seq(m)) => {
             let opts = translate::TranslateOptions {
                 decode: qkv::decode::DecodeConfig {

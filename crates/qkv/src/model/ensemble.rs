@@ -14,19 +14,20 @@
 //! `members`, and its `reorder` and `absorb` apply to them, so beam search and continuous
 //! batching need not know there is more than one model.
 
-use super::kv_cache::{Incremental, KvCache};
-use super::{Seq2Seq, Tokens};
+use super::kv_cache::{Decoding, Incremental, KvCache};
+use super::{Model, Seq2Seq, Tokens};
+use crate::backend::Cpu;
 use crate::error::{Error, Result};
 use crate::kernels::packed::SharedPacks;
 use std::sync::Arc;
 
-/// What the translation pipeline ([`crate::tasks::translate`]) decodes with: one
-/// [`Seq2Seq`] or an [`Ensemble`] of them.
-pub trait EncoderDecoder: Incremental + Clone + Send {
+/// What the translation pipeline ([`crate::tasks::translate`]) decodes with on backend `B`:
+/// one [`Seq2Seq`] or (on the CPU) an [`Ensemble`] of them.
+pub trait EncoderDecoder<B: Decoding = Cpu>: Incremental<B> + Clone + Send {
     /// Longest sequence (source, or output with BOS) the model reads.
     fn max_len(&self) -> usize;
     /// Encode a batch of sources and start a cache of `max_len` output positions (at most).
-    fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache>;
+    fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache<B>>;
     /// Take `other`'s parameter values (a decoding copy refreshed for a call).
     fn refresh_from(&mut self, other: &Self);
     /// Parameter vectors (models): each gets its own [`SharedPacks`] in [`Self::share_packs`].
@@ -36,16 +37,23 @@ pub trait EncoderDecoder: Incremental + Clone + Send {
     fn share_packs(&mut self, packs: Vec<Arc<SharedPacks>>);
 }
 
-impl EncoderDecoder for Seq2Seq {
+impl<B: Decoding> EncoderDecoder<B> for Seq2Seq<B>
+where
+    Seq2Seq<B>: Send,
+{
     fn max_len(&self) -> usize {
         self.config.max_len
     }
-    fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache> {
+    fn start_decoding(&mut self, src: Tokens, max_len: usize) -> Result<KvCache<B>> {
         Seq2Seq::start_decoding(self, src, max_len)
     }
     fn refresh_from(&mut self, other: &Self) {
         if self.config == other.config {
-            self.params.data.copy_from_slice(&other.params.data);
+            let (be, n) = (self.backend().clone(), self.params.len());
+            be.copy(
+                be.grow(&mut self.params.data, n),
+                B::view(&other.params.data, n),
+            );
         } else {
             *self = other.clone();
         }

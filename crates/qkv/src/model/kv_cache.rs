@@ -44,10 +44,18 @@ impl<B: Backend> LayerKv<B> {
 /// between rows there (the layers' step ops are the seam's, [`Backend::kv_append`] and
 /// [`Backend::attention_one_query`]).
 pub trait Decoding: Backend {
+    /// Whether decoding runs on host threads: batches decode in parallel on copies of the
+    /// model, and greedy decoding batches continuously (caches absorb rows). A device decodes
+    /// one batch at a time, each as large as the token budget allows.
+    const HOST: bool;
     /// Softmax-attention layers' blocks, up to the last one a row holds.
     fn ensure_blocks(cache: &mut KvCache<Self>);
     /// [`KvCache::reorder`].
     fn reorder(cache: &mut KvCache<Self>, order: &[usize]);
+    /// Whether `cache` may take rows part-way ([`KvCache::absorb`]).
+    fn absorbs_rows(cache: &KvCache<Self>) -> bool;
+    /// [`KvCache::absorb`].
+    fn absorb(cache: &mut KvCache<Self>, other: KvCache<Self>) -> Result<()>;
     /// Runs `step` (a step's products) in the cache's decoding session.
     fn in_session<R>(
         cache: &mut KvCache<Self>,
@@ -159,6 +167,21 @@ impl<B: Decoding> KvCache<B> {
         self.pos = order.iter().map(|&r| self.pos[r]).collect();
         self.members.iter_mut().for_each(|m| m.reorder(order));
     }
+
+    /// Whether rows may join this cache part-way ([`Self::absorb`]): on the CPU, with softmax
+    /// attention in every layer, its own and its ensemble members' (a linear attention
+    /// layer's state is not kept per block).
+    pub fn absorbs_rows(&self) -> bool {
+        B::absorbs_rows(self)
+    }
+
+    /// Continuous batching: add the rows of `other`, a freshly started cache (other sources,
+    /// same model), after this cache's rows, at position 0 while this cache's rows go on
+    /// from theirs. Source blocks and self-attention blocks that no row reads any more are
+    /// dropped, so a cache that absorbs batch after batch holds only the rows being decoded.
+    pub fn absorb(&mut self, other: KvCache<B>) -> Result<()> {
+        B::absorb(self, other)
+    }
 }
 
 /// Which block each row holds after `reorder(order)` when the buffer has `blocks` blocks
@@ -190,6 +213,15 @@ fn hand_blocks(own: &[usize], order: &[usize], blocks: usize) -> (Vec<usize>, Ve
 }
 
 impl Decoding for Cpu {
+    const HOST: bool = true;
+
+    fn absorbs_rows(cache: &KvCache) -> bool {
+        cache.self_kv.iter().all(|l| l.state == 0) && cache.members.iter().all(|m| m.absorbs_rows())
+    }
+
+    fn absorb(cache: &mut KvCache, other: KvCache) -> Result<()> {
+        cache.absorb_rows(other)
+    }
     /// Allocated when first stepped: a fresh buffer is zeroed lazily by the allocator, so
     /// positions never decoded are never touched, and a cache absorbed before its first step
     /// (continuous batching's chunks) allocates none.
@@ -220,6 +252,17 @@ impl Decoding for Cpu {
 }
 
 impl Decoding for Cuda {
+    const HOST: bool = false;
+
+    fn absorbs_rows(_: &KvCache<Cuda>) -> bool {
+        false
+    }
+
+    fn absorb(_: &mut KvCache<Cuda>, _: KvCache<Cuda>) -> Result<()> {
+        Err(Error::Usage(
+            "continuous batching (a cache absorbing rows) runs on the CPU only".into(),
+        ))
+    }
     /// Allocated when first stepped (a row's positions are written before they are read),
     /// the blocks already held copied over when they grow.
     fn ensure_blocks(cache: &mut KvCache<Cuda>) {
@@ -359,13 +402,6 @@ impl KvCache {
         self.own = own;
     }
 
-    /// Whether rows may join this cache part-way ([`Self::absorb`]): softmax attention in
-    /// every layer, its own and its ensemble members' (a linear attention layer's state is not
-    /// kept per block).
-    pub fn absorbs_rows(&self) -> bool {
-        self.self_kv.iter().all(|l| l.state == 0) && self.members.iter().all(|m| m.absorbs_rows())
-    }
-
     /// Whether [`Self::absorb`] can take `other`'s rows: a fresh cache of the same model
     /// whose outputs fit this one's capacity, with softmax attention (a linear
     /// attention layer's state is not kept per block).
@@ -381,11 +417,8 @@ impl KvCache {
             && (self.members.iter().zip(&other.members)).all(|(a, b)| a.can_absorb(b))
     }
 
-    /// Continuous batching: add the rows of `other`, a freshly started cache (other sources,
-    /// same model), after this cache's rows, at position 0 while this cache's rows go on
-    /// from theirs. Source blocks and self-attention blocks that no row reads any more are
-    /// dropped, so a cache that absorbs batch after batch holds only the rows being decoded.
-    pub fn absorb(&mut self, mut other: KvCache) -> Result<()> {
+    /// The CPU's [`KvCache::absorb`].
+    fn absorb_rows(&mut self, mut other: KvCache) -> Result<()> {
         if !self.can_absorb(&other) {
             return Err(Error::Usage(
                 "a cache absorbs only a fresh cache of the same model whose outputs fit \

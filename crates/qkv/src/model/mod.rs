@@ -327,16 +327,25 @@ pub(crate) fn scale_grad<B: Backend>(be: &B, d: B::Mut<'_>, scale: f32) {
     }
 }
 
-/// A model of any family: the one place that switches on [`Family`].
+/// A model of any family, on backend `B`: the one place that switches on [`Family`].
 // One per loaded model directory: boxing the variants would save nothing worth an indirection.
 #[allow(clippy::large_enum_variant)]
-pub enum AnyModel {
-    Seq2Seq(Seq2Seq),
-    Classifier(Classifier),
-    Lm(LanguageModel),
+pub enum AnyModel<B: Backend = Cpu> {
+    Seq2Seq(Seq2Seq<B>),
+    Classifier(Classifier<B>),
+    Lm(LanguageModel<B>),
 }
 
 impl AnyModel {
+    /// The same model on `be` (its [`ToBackend`] twin): the GPU copy of a loaded directory.
+    pub fn to_backend<B: Backend>(&self, be: B) -> Result<AnyModel<B>> {
+        Ok(match self {
+            AnyModel::Seq2Seq(m) => AnyModel::Seq2Seq(m.to_backend(be)?),
+            AnyModel::Classifier(m) => AnyModel::Classifier(m.to_backend(be)?),
+            AnyModel::Lm(m) => AnyModel::Lm(m.to_backend(be)?),
+        })
+    }
+
     /// Run decoding steps' products in int8 (per-channel weight scales, per-row activation
     /// scales; `--dtype int8`). Only models that decode have steps; the CPU needs AVX2.
     pub fn set_int8_steps(&mut self, on: bool) -> Result<()> {
@@ -368,7 +377,9 @@ impl AnyModel {
             Family::Lm => AnyModel::Lm(LanguageModel::new(config, seed)?),
         })
     }
+}
 
+impl<B: Backend> AnyModel<B> {
     pub fn config(&self) -> &ModelConfig {
         match self {
             AnyModel::Seq2Seq(m) => &m.config,
@@ -377,7 +388,7 @@ impl AnyModel {
         }
     }
 
-    pub fn params(&self) -> &Params {
+    pub fn params(&self) -> &Params<B> {
         match self {
             AnyModel::Seq2Seq(m) => &m.params,
             AnyModel::Classifier(m) => &m.params,
@@ -385,7 +396,7 @@ impl AnyModel {
         }
     }
 
-    pub fn params_mut(&mut self) -> &mut Params {
+    pub fn params_mut(&mut self) -> &mut Params<B> {
         match self {
             AnyModel::Seq2Seq(m) => &mut m.params,
             AnyModel::Classifier(m) => &mut m.params,

@@ -8,7 +8,7 @@ use crate::decode::{generate, Choice};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::metrics::bits_per_char;
-use crate::model::{LanguageModel, Mode, Model, ModelConfig};
+use crate::model::{Decoding, LanguageModel, Mode, Model, ModelConfig};
 use crate::model_dir::{ModelFiles, TOKENIZER_FILE};
 use crate::rng::{hash, Rng};
 use crate::train::{loss_tally, Observer, Part, Tally, TrainData};
@@ -132,8 +132,8 @@ pub fn encode_prompts(
 /// Continue encoded prompts (from [`encode_prompts`]): at most `max_new` tokens each,
 /// stopping at EOS, each chosen by its own `choices[i]` (or `choices[0]` for all). Returns
 /// the new tokens of each.
-pub fn complete_ids(
-    model: &mut LanguageModel,
+pub fn complete_ids<B: Decoding>(
+    model: &mut LanguageModel<B>,
     prefixes: &[Vec<u32>],
     eos: u32,
     max_new: usize,
@@ -161,8 +161,8 @@ pub fn decode_completion(tok: &Tokenizer, prefix: &[u32], new: &[u32]) -> Result
 
 /// Continue each prompt; returns prompt and continuation as one text. A prompt that leaves
 /// no room in the model's context is an error naming it.
-pub fn complete(
-    model: &mut LanguageModel,
+pub fn complete<B: Decoding>(
+    model: &mut LanguageModel<B>,
     tok: &Tokenizer,
     prompts: &[String],
     max_new: usize,

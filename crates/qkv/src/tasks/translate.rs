@@ -3,7 +3,6 @@
 //! two (one per side); their special-token ids must agree.
 
 use super::{read_pairs, tokenizer_for, Prepared, Report, Task};
-use crate::backend::Backend;
 use crate::data::{batches_by_tokens, Seq2SeqBatch, Tokenizer};
 use crate::decode::{argmax, beam_search, greedy, sample_outputs, DecodeConfig};
 use crate::error::{Error, Result};
@@ -12,12 +11,11 @@ use crate::mbr::{self, Utility};
 use crate::metrics::rouge::{self, Rouge};
 use crate::metrics::sacrebleu::{corpus_bleu, corpus_chrf, BleuOptions, BleuScore};
 use crate::metrics::sacrebleu::{ChrfOptions, ChrfScore};
-use crate::model::{EncoderDecoder, KvCache, Model, ModelConfig, Seq2Seq, Tokens};
+use crate::model::{Decoding, EncoderDecoder, KvCache, ModelConfig, Seq2Seq, Tokens};
 use crate::model_dir::{ModelFiles, TARGET_TOKENIZER_FILE, TOKENIZER_FILE};
 use crate::rng::hash;
 use crate::train::{loss_tally, BestMetric, Observer, Part, Tally, TrainData};
 use rayon::prelude::*;
-use std::any::Any;
 use std::fmt;
 use std::path::Path;
 use std::time::Instant;
@@ -121,7 +119,7 @@ impl TranslateOptions {
 }
 
 /// The longest source a model reads: `max_len` positions, one of them EOS.
-pub fn source_limit<M: EncoderDecoder>(model: &M) -> usize {
+pub fn source_limit<B: Decoding, M: EncoderDecoder<B>>(model: &M) -> usize {
     model.max_len() - 1
 }
 
@@ -170,7 +168,7 @@ pub fn encode_sources(
 /// to keep two cores busy (one thread runs `gemm` at ~92 GFLOP/s on a Zen3 core, two at
 /// ~150–170 on the step's shapes), and beam bookkeeping between the products is serial. A
 /// batch decodes the same whichever worker takes it, so outputs do not depend on threads.
-pub fn translate_ids<M: EncoderDecoder>(
+pub fn translate_ids<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     sources: &[Vec<u32>],
     bos: u32,
@@ -195,9 +193,12 @@ impl<M> Default for DecodeWorkers<M> {
     }
 }
 
-impl<M: EncoderDecoder> DecodeWorkers<M> {
+impl<M> DecodeWorkers<M> {
     /// `n` copies holding `model`'s current parameters.
-    fn refresh(&mut self, model: &M, n: usize) {
+    fn refresh<B: Decoding>(&mut self, model: &M, n: usize)
+    where
+        M: EncoderDecoder<B>,
+    {
         self.copies.truncate(n);
         for c in &mut self.copies {
             c.refresh_from(model);
@@ -210,7 +211,7 @@ impl<M: EncoderDecoder> DecodeWorkers<M> {
 
 /// [`translate_ids`] on the caller's [`DecodeWorkers`].
 #[allow(clippy::too_many_arguments)]
-pub fn translate_ids_with<M: EncoderDecoder>(
+pub fn translate_ids_with<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     workers: &mut DecodeWorkers<M>,
     sources: &[Vec<u32>],
@@ -227,7 +228,7 @@ pub fn translate_ids_with<M: EncoderDecoder>(
         )));
     }
     let order = longest_first(sources);
-    let (continuous, chunk_tokens) = batching(opts);
+    let (continuous, chunk_tokens) = batching::<B>(opts);
     let chunks = chunk_by_tokens(sources, &order, chunk_tokens);
     let mut out = vec![Vec::new(); sources.len()];
     // One worker's share: the chunks `take` hands it, as (source index, outputs).
@@ -242,7 +243,11 @@ pub fn translate_ids_with<M: EncoderDecoder>(
         }
         Ok(mine)
     };
-    let threads = rayon::current_num_threads().min(chunks.len());
+    // A device decodes on the model alone (copies would queue on the same device).
+    let threads = match B::HOST {
+        true => rayon::current_num_threads().min(chunks.len()),
+        false => 1,
+    };
     if threads <= 1 {
         let mut all = chunks.iter().copied();
         for (i, h) in decode(model, &mut || all.next())? {
@@ -304,10 +309,13 @@ pub fn translate_ids_with<M: EncoderDecoder>(
 /// while the step's products lose little (the packed kernel runs at ~90 GFLOP/s from 6 rows
 /// up). Measured on the default job's test set (Zen3, 2 threads, BENCHMARKS.md): chunks of
 /// 1,024 / 768 / 512 / 320 / 256 / 192 / 128 tokens took 2.97 / 2.95 / 2.83 / 2.83 / 2.63 /
-/// 2.69 / 3.19 s (medians of alternating runs), peak memory 0.50 → 0.33 GB.
-fn batching(opts: &TranslateOptions) -> (bool, usize) {
+/// 2.69 / 3.19 s (medians of alternating runs), peak memory 0.50 → 0.33 GB. A device
+/// ([`Decoding::HOST`] false) decodes whole batches of `max_tokens`: its steps are launches,
+/// and fewer, larger ones keep it busy.
+fn batching<B: Decoding>(opts: &TranslateOptions) -> (bool, usize) {
     let beam = opts.decode.beam(opts.nbest);
-    let continuous = beam.beam <= 1
+    let continuous = B::HOST
+        && beam.beam <= 1
         && beam.nbest <= 1
         && !beam.constrains()
         && !opts.decode.sampling
@@ -347,16 +355,16 @@ fn chunk_by_tokens<'a>(
 
 /// A model copy that decodes on the call's shared packed weights until dropped (also when
 /// its thread unwinds), so no later decoding can meet packs of older parameter values.
-struct SharingPacks<'a, M: EncoderDecoder>(&'a mut M);
+struct SharingPacks<'a, B: Decoding, M: EncoderDecoder<B>>(&'a mut M, std::marker::PhantomData<B>);
 
-impl<'a, M: EncoderDecoder> SharingPacks<'a, M> {
+impl<'a, B: Decoding, M: EncoderDecoder<B>> SharingPacks<'a, B, M> {
     fn new(m: &'a mut M, packs: Vec<std::sync::Arc<crate::kernels::packed::SharedPacks>>) -> Self {
         m.share_packs(packs);
-        Self(m)
+        Self(m, std::marker::PhantomData)
     }
 }
 
-impl<M: EncoderDecoder> Drop for SharingPacks<'_, M> {
+impl<B: Decoding, M: EncoderDecoder<B>> Drop for SharingPacks<'_, B, M> {
     fn drop(&mut self) {
         self.0.share_packs(Vec::new());
     }
@@ -367,13 +375,13 @@ type TakeChunk<'c> = dyn FnMut() -> Option<&'c [usize]> + 'c;
 
 /// The sources `chunk` (indices into `sources`) as one padded batch: the encoder run over
 /// them and a decoding cache for their outputs.
-fn start_batch<M: EncoderDecoder>(
+fn start_batch<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     sources: &[Vec<u32>],
     chunk: &[usize],
     pad: u32,
     opts: &TranslateOptions,
-) -> Result<KvCache> {
+) -> Result<KvCache<B>> {
     let rows = chunk.len();
     let longest = longest_of(sources, chunk);
     let mut src = Vec::with_capacity(rows * longest);
@@ -393,7 +401,7 @@ fn longest_of(sources: &[Vec<u32>], chunk: &[usize]) -> usize {
 
 /// The output positions of a chunk's cache (its capacity): each position fed (BOS first)
 /// yields one token, so outputs hold at most this many tokens, EOS included.
-fn out_len<M: EncoderDecoder>(
+fn out_len<B: Decoding, M: EncoderDecoder<B>>(
     model: &M,
     sources: &[Vec<u32>],
     chunk: &[usize],
@@ -411,7 +419,7 @@ fn out_len<M: EncoderDecoder>(
 /// the chunk's rows instead measured 7–10% slower, with 1.5× about the same. Every row decodes
 /// as it would in its own batch: its own positions, its source's keys, its batch's length
 /// limit. Returns (source index, outputs) for every source of every chunk taken.
-fn greedy_continuous<M: EncoderDecoder>(
+fn greedy_continuous<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     sources: &[Vec<u32>],
     take: &mut TakeChunk<'_>,
@@ -427,7 +435,7 @@ fn greedy_continuous<M: EncoderDecoder>(
         limit: usize,
     }
     let mut done = Vec::new();
-    let mut cache: Option<KvCache> = None;
+    let mut cache: Option<KvCache<B>> = None;
     let (mut rows, mut next) = (Vec::<Row>::new(), Vec::<u32>::new());
     let mut pending = take();
     let mut refill_below = 0;
@@ -497,7 +505,7 @@ fn greedy_continuous<M: EncoderDecoder>(
 }
 
 /// Decode the sources `chunk` (indices into `sources`) as one padded batch.
-fn translate_batch<M: EncoderDecoder>(
+fn translate_batch<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     sources: &[Vec<u32>],
     chunk: &[usize],
@@ -580,7 +588,7 @@ pub struct Translated {
 /// Translate (or summarize) `texts`. A text longer than the model reads is an error naming
 /// it for a translation model; a summarizer (`files.task`) reads its start, as it was
 /// trained to, and counts it in [`Translated::cut`].
-pub fn translate<M: EncoderDecoder>(
+pub fn translate<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     files: &ModelFiles,
     texts: &[String],
@@ -715,7 +723,7 @@ impl fmt::Display for TranslateReport {
 
 /// Translate the sources of `pairs` and score against their targets (sacreBLEU's BLEU and
 /// chrF, and ROUGE for a summarizer: `files.task`); `samples` sentences are kept as examples.
-pub fn evaluate<M: EncoderDecoder>(
+pub fn evaluate<B: Decoding, M: EncoderDecoder<B>>(
     model: &mut M,
     files: &ModelFiles,
     pairs: &[(String, String)],
@@ -808,15 +816,14 @@ struct ValidDecode {
     metric: BestMetric,
     pairs: Vec<(String, String)>,
     files: ModelFiles,
-    /// What a model on another backend decodes with: a CPU model made at the first
-    /// validation and given the model's parameters at each (decoding runs on the CPU).
-    host: Option<Seq2Seq>,
 }
 
 impl ValidDecode {
     /// The metric over every validation pair (× 100, as reported).
-    fn score<B: Backend>(&mut self, model: &mut Seq2Seq<B>) -> Result<f64> {
-        let model = on_cpu(model, &mut self.host)?;
+    fn score<B: Decoding>(&mut self, model: &mut Seq2Seq<B>) -> Result<f64>
+    where
+        Seq2Seq<B>: EncoderDecoder<B>,
+    {
         let opts = TranslateOptions::new(&self.files.decode);
         let report = evaluate(model, &self.files, &self.pairs, &opts, 0)?;
         let rouge = |pick: fn(&Rouge) -> f64| -> Result<f64> {
@@ -845,27 +852,10 @@ impl ValidDecode {
     }
 }
 
-/// `model` itself on the CPU; otherwise `host`, a CPU model (made once) holding its parameters.
-fn on_cpu<'m, B: Backend>(
-    model: &'m mut Seq2Seq<B>,
-    host: &'m mut Option<Seq2Seq>,
-) -> Result<&'m mut Seq2Seq> {
-    // Stable Rust has no specialization; `Any` tells the CPU's model from a device's.
-    if (model as &dyn Any).is::<Seq2Seq>() {
-        let cpu = (model as &mut dyn Any).downcast_mut::<Seq2Seq>();
-        return Ok(cpu.expect("a Seq2Seq<Cpu>, checked above"));
-    }
-    let host = match host {
-        Some(h) => h,
-        None => host.insert(Seq2Seq::new(model.config.clone(), 0)?),
-    };
-    let n = model.params.len();
-    let data = model.backend().to_host(B::view(&model.params.data, n))?;
-    host.params.data.copy_from_slice(&data);
-    Ok(host)
-}
-
-impl<B: Backend> TrainData<Seq2Seq<B>, B> for Translate {
+impl<B: Decoding> TrainData<Seq2Seq<B>, B> for Translate
+where
+    Seq2Seq<B>: EncoderDecoder<B>,
+{
     fn epoch(&self, epoch: u64) -> Result<Vec<Seq2SeqBatch>> {
         Ok(self
             .train
@@ -990,7 +980,6 @@ impl Translate {
                 metric,
                 pairs: valid_pairs,
                 files: files.clone(),
-                host: None,
             });
         let task = Translate {
             valid: valid_data.epoch_batches(tgt_tok, max_tokens, 0, 0),
@@ -1039,7 +1028,10 @@ impl Task for Translate {
 /// says it summarizes (`task.json`), so its test set and `qkv eval` are scored by ROUGE.
 pub struct Summarize(Translate);
 
-impl<B: Backend> TrainData<Seq2Seq<B>, B> for Summarize {
+impl<B: Decoding> TrainData<Seq2Seq<B>, B> for Summarize
+where
+    Seq2Seq<B>: EncoderDecoder<B>,
+{
     fn epoch(&self, epoch: u64) -> Result<Vec<Seq2SeqBatch>> {
         TrainData::<Seq2Seq<B>, B>::epoch(&self.0, epoch)
     }
