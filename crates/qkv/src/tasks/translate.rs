@@ -1245,7 +1245,7 @@ mod tests {
             let eos = (3..23).max_by_key(|&t| firsts(t)).unwrap();
             let continuous = run(eos);
             let order = longest_first(&sources);
-            let (batched_continuously, chunk_tokens) = batching(&opts);
+            let (batched_continuously, chunk_tokens) = batching::<crate::backend::Cpu>(&opts);
             assert!(batched_continuously);
             let chunks = chunk_by_tokens(&sources, &order, chunk_tokens);
             assert!(chunks.len() > 4, "{} batches", chunks.len());
