@@ -9,7 +9,9 @@
 #           encoder-layer training step, and attention at N 8192 (D 64, 8 heads), one JSON
 #           line each
 #   translate  the default translation job trained on the GPU for 60 s (TF32, then bf16),
-#           validated and tested on this machine's CPUs; its test BLEU against the CPU run's
+#           validated there and tested on this machine's CPUs (its test BLEU against the CPU
+#           run's); then its test set decoded on the GPU (`qkv eval --device cuda`: BLEU and
+#           seconds against the CPU's decoding of the same checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/gpu
@@ -80,6 +82,11 @@ translate() {
         rm -rf "$out/gpu-$config"
         run "$bin/qkv" train --config "configs/$config.json" --device cuda --time-limit 60 \
             --out "$out/gpu-$config"
+    done
+    local test=data/translate-en-es/test.tsv.gz best="$out/gpu-translate-en-es/best"
+    for device in cuda cpu; do
+        echo "decoding the test set: --device $device"
+        run "$bin/qkv" eval --model "$best" --data "$test" --device "$device"
     done
 }
 

@@ -18,8 +18,10 @@
 //! On the seam: every layer, block and stack, the embeddings, the loss, the three model
 //! families over whole sequences, AdamW, the trainer and the tasks' validation (a job's
 //! `train.device` picks the backend; files and other processes see host copies,
-//! [`Backend::to_host`]), classification and embeddings. The CPU's alone (`impl … <Cpu>`
-//! blocks): decoding steps over a `KvCache` and what decodes (translation, generation).
+//! [`Backend::to_host`]), classification and embeddings, and decoding steps over a
+//! `KvCache<B>` ([`Backend::kv_append`], [`Backend::attention_one_query`]; the search that
+//! picks tokens runs on the host). The CPU's alone: continuous batching (a cache absorbing
+//! rows), int8 decoding steps, ensembles, linear attention's decoding state.
 
 mod cpu;
 mod cuda;

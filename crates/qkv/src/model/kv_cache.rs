@@ -7,6 +7,11 @@
 //! Rows need not be at the same position: [`KvCache::absorb`] adds the rows of a freshly
 //! started cache to one whose rows are part-way through their outputs (continuous batching:
 //! a batch's last, longest outputs are decoded together with the next batch's first tokens).
+//!
+//! The blocks live on the model's backend (`KvCache<B>`): a step's layers write and read them
+//! through the seam's ops, and [`Decoding`] says how a backend allocates and hands over
+//! blocks. The rows' bookkeeping (positions, block and source indices) stays on the host,
+//! where the search that reorders them runs; a device is sent it with each step's launches.
 
 use super::embedding::Embedding;
 use super::linear::project_out;
