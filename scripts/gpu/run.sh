@@ -10,8 +10,8 @@
 #           line each
 #   translate  the default translation job trained on the GPU for 60 s (TF32, then bf16),
 #           validated there and tested on this machine's CPUs (its test BLEU against the CPU
-#           run's); then its test set decoded on the GPU (`qkv eval --device cuda`: BLEU and
-#           seconds against the CPU's decoding of the same checkpoint)
+#           run's); then its test set decoded on the GPU and on the CPU (`qkv bench translate
+#           --device`: one JSON line each, target tokens/s and BLEU of the same checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/gpu
@@ -85,8 +85,7 @@ translate() {
     done
     local test=data/translate-en-es/test.tsv.gz best="$out/gpu-translate-en-es/best"
     for device in cuda cpu; do
-        echo "decoding the test set: --device $device"
-        run "$bin/qkv" eval --model "$best" --data "$test" --device "$device"
+        run "$bin/qkv" bench translate --model "$best" --data "$test" --device "$device"
     done
 }
 

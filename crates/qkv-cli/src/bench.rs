@@ -39,6 +39,9 @@ pub struct TranslateArgs {
     output: Option<std::path::PathBuf>,
     #[command(flatten)]
     precision: crate::args::PrecisionArgs,
+    /// Where the model decodes: the CPU, or the first NVIDIA GPU (TF32, or bf16 products).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
 }
 
 #[derive(clap::Args)]
@@ -297,11 +300,18 @@ fn matmul(a: MatmulArgs, threads: usize) -> Result<()> {
 }
 
 fn translate(a: TranslateArgs, threads: usize) -> Result<()> {
+    let dtype = match a.device {
+        DeviceArg::Cpu => effective_dtype(a.precision.dtype),
+        DeviceArg::Cuda if crate::args::gpu_bf16(a.precision)? => "bf16",
+        DeviceArg::Cuda => "tf32",
+    };
     let _precision = a.precision.apply();
     let mut dir = qkv::model_dir::ModelDir::load(&a.model)?;
     a.precision.apply_to(&mut dir.model)?;
     let decode = a.decode.over(&dir.files.decode)?;
-    let report = qkv::pipeline::evaluate(&mut dir, &a.data, Some(&decode), a.max_tokens.max(1))?;
+    let (data, max) = (&a.data, a.max_tokens.max(1));
+    let device = a.device.device();
+    let report = qkv::pipeline::evaluate_on(&mut dir, data, Some(&decode), max, device)?;
     let qkv::tasks::Report::Translate(r) = report else {
         bail!("{}: not a translation model", a.model.display());
     };
@@ -310,7 +320,7 @@ fn translate(a: TranslateArgs, threads: usize) -> Result<()> {
             .with_context(|| format!("writing {}", out.display()))?;
     }
     let line = serde_json::json!({
-        "impl": "qkv", "bench": "translate", "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(), "dtype": effective_dtype(a.precision.dtype),
+        "impl": "qkv", "bench": "translate", "device": device.name(), "isa": qkv::simd::isa(), "gemm_isa": qkv::simd::gemm_isa(), "dtype": dtype,
         "threads": threads, "beam": decode.beam, "mbr": decode.mbr, "mbr_references": decode.references(), "max_tokens": a.max_tokens,
         "sentences": r.sentences, "seconds": round(r.seconds, 3),
         "target_tokens": r.target_tokens,

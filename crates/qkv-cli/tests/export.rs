@@ -90,6 +90,33 @@ fn bench_translate_prints_one_json_line() {
         ["avx512", "avx2", "baseline"].contains(&line["isa"].as_str().unwrap()),
         "{line}"
     );
+    assert_eq!(line["device"], "cpu");
+    // On the GPU: int8 is the CPU's, and without a GPU the error names what is missing.
+    let on_gpu = |extra: &[&str]| {
+        let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+        let args = [
+            "bench",
+            "translate",
+            "--model",
+            m,
+            "--data",
+            d,
+            "--device",
+            "cuda",
+        ];
+        let (ok, _, err) = qkv(&[&args[..], extra].concat(), None);
+        assert!(!ok, "{err}");
+        err
+    };
+    let err = on_gpu(&["--dtype", "int8"]);
+    assert!(err.contains("--dtype int8 runs decoding steps"), "{err}");
+    if !qkv::cuda::driver_available() {
+        let err = on_gpu(&[]);
+        assert!(
+            err.contains("--device cuda") && err.contains("libcuda.so"),
+            "{err}"
+        );
+    }
 
     let lm = tiny_model(Family::Lm, "bench-translate-lm");
     let (ok, _, err) = qkv(
