@@ -107,6 +107,21 @@ impl Backend for Cpu {
     fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a> {
         &mut x[r]
     }
+    fn split_mut<'a>(
+        x: Self::Mut<'a>,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (Self::Mut<'a>, Self::Mut<'a>) {
+        assert!(
+            a.end <= b.start,
+            "{a:?} and {b:?} must be disjoint and in order"
+        );
+        let (lo, hi) = x.split_at_mut(b.start);
+        (&mut lo[a], &mut hi[..b.len()])
+    }
+    fn buf_len(b: &Vec<f32>) -> usize {
+        b.len()
+    }
     #[inline]
     fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a> {
         w.of_mut(g)

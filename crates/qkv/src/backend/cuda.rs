@@ -238,6 +238,16 @@ impl Backend for Cuda {
     fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a> {
         x.slice(r)
     }
+    fn split_mut<'a>(
+        x: Self::Mut<'a>,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (Self::Mut<'a>, Self::Mut<'a>) {
+        x.split(a, b)
+    }
+    fn buf_len(b: &DevBuf<f32>) -> usize {
+        b.len()
+    }
     fn param_mut<'a>(g: Self::Mut<'a>, w: Param) -> Self::Mut<'a> {
         g.slice(w.range())
     }

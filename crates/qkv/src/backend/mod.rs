@@ -104,6 +104,14 @@ pub trait Backend: Clone + Debug + 'static {
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a>;
     /// Elements `r` of `x`, writable.
     fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a>;
+    /// Two disjoint parts of `x`, elements `a` and `b` (`a` before `b`), as `split_at_mut`.
+    fn split_mut<'a>(
+        x: Self::Mut<'a>,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (Self::Mut<'a>, Self::Mut<'a>);
+    /// Elements `b` holds.
+    fn buf_len(b: &Self::Buf) -> usize;
 
     /// One parameter's values in the flat buffer `p`.
     fn param<'a>(p: Self::Ref<'a>, w: Param) -> Self::Ref<'a> {

@@ -268,83 +268,12 @@ impl Decoding for Cuda {
             "continuous batching (a cache absorbing rows) runs on the CPU only".into(),
         ))
     }
-    /// Allocated when first stepped (a row's positions are written before they are read),
-    /// the blocks already held copied over when they grow.
     fn ensure_blocks(cache: &mut KvCache<Cuda>) {
-        let blocks = cache.blocks();
-        let be = cache.be.clone();
-        for layer in cache.self_kv.iter_mut().filter(|l| l.state == 0) {
-            let (need, have) = (blocks * layer.rows * 2 * cache.c, layer.data.len());
-            if have < need {
-                let mut data = crate::backend::DevBuf::default();
-                let grown = be.grow(&mut data, need);
-                if have > 0 {
-                    be.copy(grown, Cuda::view(&layer.data, have));
-                }
-                layer.data = data;
-            }
-        }
+        device_ensure_blocks(cache);
     }
 
-    /// As the CPU's: blocks are handed to the rows that continue alone and copied for repeated
-    /// parents only (a copy per row per layer would be a launch each).
     fn reorder(cache: &mut KvCache<Cuda>, order: &[usize]) {
-        let (be, w) = (cache.be.clone(), 2 * cache.c);
-        if cache.self_kv.iter().any(|l| l.state > 0) {
-            for layer in &mut cache.self_kv {
-                let block = layer.state;
-                let mut data = crate::backend::DevBuf::default();
-                let mut out = be.grow(&mut data, order.len() * block);
-                for (dst, &src) in order.iter().enumerate() {
-                    let to = Cuda::sub_mut(out.reborrow(), dst * block..(dst + 1) * block);
-                    be.copy(
-                        to,
-                        Cuda::sub(
-                            Cuda::view(&layer.data, layer.data.len()),
-                            src * block..(src + 1) * block,
-                        ),
-                    );
-                }
-                layer.data = data;
-            }
-            cache.own = (0..order.len()).collect();
-            return;
-        }
-        let blocks = cache
-            .self_kv
-            .first()
-            .map_or(0, |l| l.data.len() / (l.rows * w).max(1));
-        if order.len() > blocks {
-            for layer in &mut cache.self_kv {
-                let mut data = crate::backend::DevBuf::default();
-                let have = layer.data.len();
-                let grown = be.grow(&mut data, order.len() * layer.rows * w);
-                if have > 0 {
-                    be.copy(grown, Cuda::view(&layer.data, have));
-                }
-                layer.data = data;
-            }
-        }
-        let (own, copies) = hand_blocks(&cache.own, order, blocks.max(order.len()));
-        for [parent, from, to] in copies {
-            let len = cache.pos[parent] * w;
-            for layer in cache.self_kv.iter_mut().filter(|_| len > 0) {
-                let block = layer.rows * w;
-                let (from, to) = (
-                    from * block..from * block + len,
-                    to * block..to * block + len,
-                );
-                let all = layer.data.view_mut();
-                let (src, dst) = if from.start < to.start {
-                    all.split(from, to)
-                } else {
-                    let (dst, src) = all.split(to, from);
-                    (src, dst)
-                };
-                be.copy(dst, src.shared());
-            }
-        }
-        cache.own = own;
+        device_reorder(cache, order);
     }
 
     fn in_session<R>(
@@ -354,6 +283,89 @@ impl Decoding for Cuda {
     ) -> R {
         step(cache)
     }
+}
+
+/// A device's [`Decoding::ensure_blocks`], written against the seam (the CPU runs it in
+/// tests): blocks are allocated when first stepped (a row's positions are written before
+/// they are read), and a grown buffer is a new one with the blocks already held copied over.
+fn device_ensure_blocks<B: Decoding>(cache: &mut KvCache<B>) {
+    let (blocks, be) = (cache.blocks(), cache.be.clone());
+    for layer in cache.self_kv.iter_mut().filter(|l| l.state == 0) {
+        let need = blocks * layer.rows * 2 * cache.c;
+        grow_copying(&be, &mut layer.data, need);
+    }
+}
+
+/// `data` holding at least `n` elements, its contents kept: a new buffer, the old copied in.
+fn grow_copying<B: Backend>(be: &B, data: &mut B::Buf, n: usize) {
+    let have = B::buf_len(data);
+    if have < n {
+        let mut grown = B::Buf::default();
+        if have > 0 {
+            be.copy(
+                B::prefix_mut(be.grow(&mut grown, n), have),
+                B::view(data, have),
+            );
+        } else {
+            be.grow(&mut grown, n);
+        }
+        *data = grown;
+    }
+}
+
+/// A device's [`Decoding::reorder`] of the blocks, written against the seam (the CPU runs it
+/// in tests): as the CPU's, blocks are handed to the rows that continue alone and copied for
+/// repeated parents only (a copy per row per layer would be a launch each). Linear-attention
+/// states are gathered into a new buffer.
+fn device_reorder<B: Decoding>(cache: &mut KvCache<B>, order: &[usize]) {
+    let (be, w) = (cache.be.clone(), 2 * cache.c);
+    if cache.self_kv.iter().any(|l| l.state > 0) {
+        for layer in &mut cache.self_kv {
+            let block = layer.state;
+            let mut data = B::Buf::default();
+            {
+                let mut out = be.grow(&mut data, order.len() * block);
+                let old = B::view(&layer.data, B::buf_len(&layer.data));
+                for (dst, &src) in order.iter().enumerate() {
+                    let to = B::sub_mut(B::reborrow(&mut out), dst * block..(dst + 1) * block);
+                    be.copy(to, B::sub(old, src * block..(src + 1) * block));
+                }
+            }
+            layer.data = data;
+        }
+        cache.own = (0..order.len()).collect();
+        return;
+    }
+    let blocks = cache
+        .self_kv
+        .first()
+        .map_or(0, |l| B::buf_len(&l.data) / (l.rows * w).max(1));
+    if order.len() > blocks {
+        for layer in &mut cache.self_kv {
+            grow_copying(&be, &mut layer.data, order.len() * layer.rows * w);
+        }
+    }
+    let (own, copies) = hand_blocks(&cache.own, order, blocks.max(order.len()));
+    for [parent, from, to] in copies {
+        let len = cache.pos[parent] * w;
+        for layer in cache.self_kv.iter_mut().filter(|_| len > 0) {
+            let block = layer.rows * w;
+            let n = B::buf_len(&layer.data);
+            let all = be.grow(&mut layer.data, n);
+            let (from, to) = (
+                from * block..from * block + len,
+                to * block..to * block + len,
+            );
+            let (src, dst) = if from.start < to.start {
+                B::split_mut(all, from, to)
+            } else {
+                let (dst, src) = B::split_mut(all, to, from);
+                (src, dst)
+            };
+            be.copy(dst, B::into_ref(src));
+        }
+    }
+    cache.own = own;
 }
 
 impl KvCache {
@@ -613,4 +625,71 @@ pub(crate) struct StepCtx<'a> {
     pub src_len: &'a [usize],
     /// Self-attention blocks the rows hold ([`KvCache::blocks`]).
     pub blocks: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AttentionKind, Family, ModelConfig, Seq2Seq, Tokens};
+    use crate::rng::Rng;
+
+    /// The GPU's block logic ([`device_ensure_blocks`], [`device_reorder`]: new buffers with
+    /// the old blocks copied in, copies between blocks of one buffer in either direction)
+    /// run on CPU buffers: through beam search's reorders (rows repeated, dropped, permuted;
+    /// blocks grown past the batch) every step's logits equal the full forward over each
+    /// row's history, with softmax attention (blocks) and linear attention (states).
+    #[test]
+    fn the_devices_block_logic_keeps_every_rows_history() {
+        for attention in [AttentionKind::Flash, AttentionKind::Linear] {
+            let mut cfg = ModelConfig::preset("tiny", Family::Seq2seq, 13).unwrap();
+            (cfg.max_len, cfg.dropout, cfg.attention) = (16, 0.0, attention);
+            let mut model = Seq2Seq::new(cfg, 9).unwrap();
+            let mut rng = Rng::new(4);
+            let (b, s, t) = (3, 5, 6);
+            let src: Vec<u32> = (0..b * s).map(|_| 3 + rng.below(10) as u32).collect();
+            let v = model.config.tgt_vocab();
+            let mut cache = model
+                .start_decoding(Tokens::new(&src, b, s).unwrap(), t)
+                .unwrap();
+            let mut rows: Vec<(usize, Vec<u32>)> = (0..b).map(|i| (i, Vec::new())).collect();
+            let orders: [&[usize]; 5] = [
+                &[0, 0, 1, 1, 1, 2],
+                &[5, 1, 1, 0, 3],
+                &[4, 4, 4, 0],
+                &[3, 1, 1],
+                &[2, 0, 1, 2, 2],
+            ];
+            for (pos, order) in std::iter::once(&[][..]).chain(orders).enumerate() {
+                if pos > 0 {
+                    device_reorder(&mut cache, order);
+                    cache.source_of = order.iter().map(|&r| cache.source_of[r]).collect();
+                    cache.pos = order.iter().map(|&r| cache.pos[r]).collect();
+                    rows = order.iter().map(|&r| rows[r].clone()).collect();
+                }
+                // The CPU's own `ensure_blocks` then finds the blocks already there.
+                device_ensure_blocks(&mut cache);
+                let ids: Vec<u32> = (0..rows.len()).map(|_| 1 + rng.below(12) as u32).collect();
+                for (row, &id) in rows.iter_mut().zip(&ids) {
+                    row.1.push(id);
+                }
+                let step = model.step(&mut cache, &ids).unwrap().to_vec();
+                for (r, (source, history)) in rows.iter().enumerate() {
+                    let one = Tokens::new(&src[source * s..(source + 1) * s], 1, s).unwrap();
+                    let tgt = Tokens::new(history, 1, history.len()).unwrap();
+                    let full = model.logits(one, tgt).unwrap();
+                    let want = &full[pos * v..(pos + 1) * v];
+                    let got = &step[r * v..(r + 1) * v];
+                    let err = got
+                        .iter()
+                        .zip(want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0f32, f32::max);
+                    assert!(
+                        err < 1e-4,
+                        "{attention:?} step {pos} row {r}: max error {err}"
+                    );
+                }
+            }
+        }
+    }
 }
