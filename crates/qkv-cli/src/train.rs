@@ -34,8 +34,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Where the model trains (overrides the job's `train.device`): the CPU, or the first
-    /// NVIDIA GPU (products in TF32, or bf16 with the job's `precision` "bf16"). Decoding
-    /// (a BLEU `best_metric`, the final test) runs on the CPU.
+    /// NVIDIA GPU (products in TF32, or bf16 with the job's `precision` "bf16"), which also
+    /// validates (a BLEU `best_metric` decodes there); the final test runs on the CPU.
     #[arg(long, value_enum)]
     pub device: Option<DeviceArg>,
     /// Under mpirun: seconds a rank waits for the others at any step before it names the

@@ -52,8 +52,9 @@ pub struct TrainConfig {
     /// the job's `decode` at every validation.
     pub best_metric: Option<BestMetric>,
     /// Where the model trains: `"cpu"` (default) or `"cuda"` (the first NVIDIA GPU; its
-    /// products in TF32, or bf16 with `precision` `"bf16"`), validating there; decoding (a
-    /// decoding `best_metric`, the final test) runs on the CPU from its parameters.
+    /// products in TF32, or bf16 with `precision` `"bf16"`), validating there (a decoding
+    /// `best_metric` decodes there too); the final test runs on the CPU from the best
+    /// checkpoint's parameters.
     pub device: Device,
 }
 
