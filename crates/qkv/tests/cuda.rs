@@ -7,7 +7,7 @@
 //! agree exactly (the same counter-based hash).
 
 mod common;
-use common::{random_vec, rel_err};
+use common::{padded_source, random_vec, rel_err, BEAM_ORDERS};
 use cudarc::driver::CudaSlice;
 use qkv::cuda::ops::{DevHeads, DevHeadsMut, DevKvBlocks};
 use qkv::cuda::{CudaError, Gpu};
@@ -1990,18 +1990,6 @@ fn classifier_predictions_and_embeddings_on_the_gpu_match_the_cpu() {
     assert_near("embeddings", &got, &want, 2e-3);
 }
 
-/// Source rows with 0, 1, 2, … padding positions at their ends (the cross-attention mask
-/// matters), ids in 3..60.
-fn padded_sources(rng: &mut Rng, b: usize, s: usize) -> Vec<u32> {
-    let mut src: Vec<u32> = (0..b * s).map(|_| 3 + rng.below(57) as u32).collect();
-    for row in 0..b {
-        for pos in s - row.min(s - 1)..s {
-            src[row * s + pos] = 0;
-        }
-    }
-    src
-}
-
 /// KV-cache decoding on the GPU, teacher-forced through beam search's reorders (rows repeated,
 /// dropped and permuted; blocks handed over, copied for repeated parents, grown past the
 /// batch): every step's logits equal the GPU's own full forward over the row's history, and
@@ -2024,21 +2012,14 @@ fn kv_cache_decoding_on_the_gpu_equals_the_full_forward_and_the_cpu() {
         let mut dev = cpu.to_backend(be.clone()).unwrap();
         let mut rng = Rng::new(4);
         let (b, s, t) = (3, 7, 6);
-        let src = padded_sources(&mut rng, b, s);
+        let src = padded_source(&mut rng, b, s, 60);
         let v = cpu.vocab();
         let tokens = Tokens::new(&src, b, s).unwrap();
         let mut cache = cpu.start_decoding(tokens, t).unwrap();
         let mut dev_cache = dev.start_decoding(tokens, t).unwrap();
         // Per cache row: (source row, tokens fed so far).
         let mut rows: Vec<(usize, Vec<u32>)> = (0..b).map(|i| (i, Vec::new())).collect();
-        let orders: [&[usize]; 5] = [
-            &[0, 0, 1, 1, 1, 2],
-            &[5, 1, 1, 0, 3],
-            &[4, 4, 4, 0],
-            &[3, 1, 1],
-            &[2, 0, 1, 2, 2],
-        ];
-        for (pos, order) in std::iter::once(&[][..]).chain(orders).enumerate() {
+        for (pos, order) in std::iter::once(&[][..]).chain(BEAM_ORDERS).enumerate() {
             if pos > 0 {
                 cache.reorder(order);
                 dev_cache.reorder(order);
@@ -2093,7 +2074,7 @@ fn beam_search_and_generation_on_the_gpu_give_the_cpus_outputs() {
     let mut dev = cpu.to_backend(be.clone()).unwrap();
     let mut rng = Rng::new(6);
     let (b, s, max) = (4, 8, 14);
-    let src = padded_sources(&mut rng, b, s);
+    let src = padded_source(&mut rng, b, s, 60);
     let tokens = Tokens::new(&src, b, s).unwrap();
     let cfg = BeamConfig {
         beam: 4,

@@ -2,29 +2,12 @@
 //! agree with each other where they must.
 
 mod common;
-use common::{rel_err, tiny};
+use common::{padded_source, random_ids, rel_err, tiny, BEAM_ORDERS};
 use qkv::decode::{beam_search, generate, greedy, sample_outputs, BeamConfig, Choice, Sampling};
 use qkv::model::{
     AttentionKind, Family, Incremental, LanguageModel, NormPlacement, Seq2Seq, Tokens,
 };
 use qkv::rng::Rng;
-
-fn random_ids(rng: &mut Rng, n: usize, lo: u32, vocab: u32) -> Vec<u32> {
-    (0..n)
-        .map(|_| lo + rng.below((vocab - lo) as u64) as u32)
-        .collect()
-}
-
-/// Source rows with different amounts of padding, so the cross-attention mask matters.
-fn padded_source(rng: &mut Rng, b: usize, s: usize) -> Vec<u32> {
-    let mut src = random_ids(rng, b * s, 3, 13);
-    for row in 0..b {
-        for pos in s - row.min(s - 1)..s {
-            src[row * s + pos] = 0;
-        }
-    }
-    src
-}
 
 #[test]
 fn seq2seq_cached_steps_equal_full_forward() {
@@ -33,7 +16,7 @@ fn seq2seq_cached_steps_equal_full_forward() {
         let mut model = Seq2Seq::new(cfg, 5).unwrap();
         let mut rng = Rng::new(1);
         let (b, s, t) = (3, 7, 6);
-        let src = padded_source(&mut rng, b, s);
+        let src = padded_source(&mut rng, b, s, 13);
         let tgt = random_ids(&mut rng, b * t, 1, model.vocab() as u32);
         let full = model
             .logits(
@@ -69,21 +52,14 @@ fn reordered_cache_rows_equal_full_forward_of_their_histories() {
     let mut model = Seq2Seq::new(cfg, 9).unwrap();
     let mut rng = Rng::new(4);
     let (b, s, t) = (3, 7, 6);
-    let src = padded_source(&mut rng, b, s);
+    let src = padded_source(&mut rng, b, s, 13);
     let v = model.vocab();
     let mut cache = model
         .start_decoding(Tokens::new(&src, b, s).unwrap(), t)
         .unwrap();
     // Per cache row: (source row, tokens fed so far).
     let mut rows: Vec<(usize, Vec<u32>)> = (0..b).map(|i| (i, Vec::new())).collect();
-    let orders: [&[usize]; 5] = [
-        &[0, 0, 1, 1, 1, 2],
-        &[5, 1, 1, 0, 3],
-        &[4, 4, 4, 0],
-        &[3, 1, 1],
-        &[2, 0, 1, 2, 2],
-    ];
-    for (pos, order) in std::iter::once(&[][..]).chain(orders).enumerate() {
+    for (pos, order) in std::iter::once(&[][..]).chain(BEAM_ORDERS).enumerate() {
         if pos > 0 {
             cache.reorder(order);
             rows = order.iter().map(|&r| rows[r].clone()).collect();
@@ -123,7 +99,7 @@ fn int8_steps_stay_close_to_f32_steps() {
     let cfg = tiny(Family::Seq2seq, NormPlacement::Pre, true, false);
     let mut rng = Rng::new(6);
     let (b, s, t) = (3, 7, 6);
-    let src = padded_source(&mut rng, b, s);
+    let src = padded_source(&mut rng, b, s, 13);
     let mut logits = Vec::new();
     for int8 in [false, true] {
         let mut model = Seq2Seq::new(cfg.clone(), 9).unwrap();
@@ -193,7 +169,7 @@ fn beam_of_one_equals_greedy_and_wider_beams_score_no_worse() {
     let mut model = Seq2Seq::new(cfg, 3).unwrap();
     let mut rng = Rng::new(4);
     let (b, s) = (4, 6);
-    let src = padded_source(&mut rng, b, s);
+    let src = padded_source(&mut rng, b, s, 13);
     let tokens = Tokens::new(&src, b, s).unwrap();
     let mut cache = model.start_decoding(tokens, 12).unwrap();
     let g = greedy(&mut model, &mut cache, 1, 2).unwrap();
@@ -314,7 +290,7 @@ fn min_len_and_no_repeat_ngram_constrain_beam_search() {
     let mut model = Seq2Seq::new(cfg, 11).unwrap();
     let mut rng = Rng::new(9);
     let (b, s, cap) = (6, 6, 15);
-    let src = padded_source(&mut rng, b, s);
+    let src = padded_source(&mut rng, b, s, 13);
     let tokens = Tokens::new(&src, b, s).unwrap();
     let (bos, eos) = (1, 2);
     let bigrams_repeat = |t: &[u32]| {
@@ -362,7 +338,7 @@ fn seq2seq_samples_follow_their_seed_and_the_rules() {
     let mut model = Seq2Seq::new(cfg, 11).unwrap();
     let mut rng = Rng::new(9);
     let (b, s, cap, n) = (4, 6, 15, 5);
-    let src = padded_source(&mut rng, b, s);
+    let src = padded_source(&mut rng, b, s, 13);
     let (bos, eos) = (1, 2);
     let sampling = Sampling {
         temperature: 1.5,

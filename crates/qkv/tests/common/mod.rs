@@ -30,6 +30,35 @@ pub fn random_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * scale).collect()
 }
 
+/// `n` ids drawn from `lo..vocab`.
+pub fn random_ids(rng: &mut Rng, n: usize, lo: u32, vocab: u32) -> Vec<u32> {
+    (0..n)
+        .map(|_| lo + rng.below((vocab - lo) as u64) as u32)
+        .collect()
+}
+
+/// `b` sources of `s` ids from `3..vocab`, row r ending in r padding positions (0), so the
+/// cross-attention mask matters.
+pub fn padded_source(rng: &mut Rng, b: usize, s: usize, vocab: u32) -> Vec<u32> {
+    let mut src = random_ids(rng, b * s, 3, vocab);
+    for row in 0..b {
+        for pos in s - row.min(s - 1)..s {
+            src[row * s + pos] = 0;
+        }
+    }
+    src
+}
+
+/// Beam search's reorders of a 3-row cache, one per step after the first: rows repeated,
+/// dropped and permuted, the rows growing past the batch and shrinking again.
+pub const BEAM_ORDERS: [&[usize]; 5] = [
+    &[0, 0, 1, 1, 1, 2],
+    &[5, 1, 1, 0, 3],
+    &[4, 4, 4, 0],
+    &[3, 1, 1],
+    &[2, 0, 1, 2, 2],
+];
+
 /// One model of any family with one batch: a loss function of the parameters, for gradient
 /// checks, golden tests and training tests.
 #[allow(clippy::large_enum_variant)]
