@@ -42,7 +42,7 @@ pub struct TrainReport {
 /// Train `job` in its run directory: a fresh run (refusing a directory that holds one), or
 /// with `resume` continued from its latest checkpoint. Progress goes to `observer`. On
 /// `train.device` cuda the model trains and validates on the GPU (a decoding metric decodes
-/// on the CPU); the checkpoints' files and the test score are the CPU's.
+/// there too); the checkpoints' files and the test score are the CPU's.
 pub fn train(job: &Job, resume: bool, observer: &mut dyn Observer) -> Result<TrainReport> {
     train_with(job, resume, observer, Rc::new(Solo))
 }

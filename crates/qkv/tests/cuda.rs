@@ -1624,7 +1624,41 @@ fn attention_kinds_the_gpu_does_not_run_are_named_errors() {
         );
         // The failure is reported once; the backend is usable again after.
         be.sync().unwrap();
+        // A model of that kind is refused when it is moved to the GPU, before any work.
+        let cpu = qkv::model::LanguageModel::new(cfg, 1).unwrap();
+        let err = qkv::model::ToBackend::to_backend(&cpu, be.clone()).err();
+        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(named), "{kind:?}: {err:?}");
     }
+}
+
+/// The cache's block copies in one launch: the CPU's `copy_within` results, and copies whose
+/// targets overlap (which one launch would race on) refused.
+#[test]
+fn block_copies_within_a_buffer_match_the_cpu() {
+    use qkv::backend::{Backend, Cpu};
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(12);
+    let data = random_vec(&mut rng, 10 * 700, 1.0);
+    // Blocks of 700: copies up and down, an empty one, one of a whole block.
+    let copies = [
+        (0, 2100, 500),
+        (700, 4900, 650),
+        (6300, 1400, 3),
+        (3500, 5600, 0),
+        (2800, 5600, 700),
+    ];
+    let mut want = data.clone();
+    Cpu.copy_within(&mut want, &copies);
+    let mut dev = up(&g, &data);
+    g.copy_within(&mut dev, &copies).unwrap();
+    assert_eq!(down(&g, &dev), want);
+    let err = g
+        .copy_within(&mut dev, &[(0, 700, 10), (1400, 705, 10)])
+        .unwrap_err();
+    assert!(err.to_string().contains("overlaps"), "{err}");
+    let err = g.copy_within(&mut dev, &[(0, 6995, 10)]).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
 }
 
 /// Ten updates of the trainer (token-budget batches, accumulation, AdamW with clipping, the
@@ -2049,6 +2083,12 @@ fn kv_cache_decoding_on_the_gpu_equals_the_full_forward_and_the_cpu() {
         }
         // The cache is full: one more step is an error, not a launch past the blocks.
         assert!(dev.step(&mut dev_cache, &[3; 5]).is_err());
+        // int8 steps are the CPU's kernels: an error on the GPU, not f32 steps in silence.
+        dev.int8_steps = true;
+        let mut int8_cache = dev.start_decoding(tokens, t).unwrap();
+        let err = dev.step(&mut int8_cache, &[1; 3]).unwrap_err().to_string();
+        assert!(err.contains("int8"), "{err}");
+        dev.int8_steps = false;
     }
 }
 

@@ -107,18 +107,6 @@ impl Backend for Cpu {
     fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a> {
         &mut x[r]
     }
-    fn split_mut<'a>(
-        x: Self::Mut<'a>,
-        a: Range<usize>,
-        b: Range<usize>,
-    ) -> (Self::Mut<'a>, Self::Mut<'a>) {
-        assert!(
-            a.end <= b.start,
-            "{a:?} and {b:?} must be disjoint and in order"
-        );
-        let (lo, hi) = x.split_at_mut(b.start);
-        (&mut lo[a], &mut hi[..b.len()])
-    }
     fn buf_len(b: &Vec<f32>) -> usize {
         b.len()
     }
@@ -134,6 +122,9 @@ impl Backend for Cpu {
     #[inline]
     fn bf16_products(&self) -> bool {
         bf16_active()
+    }
+    fn runs_attention(&self, _: AttentionKind) -> Result<()> {
+        Ok(())
     }
     fn sync(&self) -> crate::error::Result<()> {
         Ok(())
@@ -481,6 +472,12 @@ impl Backend for Cpu {
         attention_one_query(
             out, q, q_rs, kv, block, keys, padding, heads, head_dim, scale,
         );
+    }
+
+    fn copy_within(&self, data: &mut [f32], copies: &[(usize, usize, usize)]) {
+        for &(from, to, len) in copies {
+            data.copy_within(from..from + len, to);
+        }
     }
 
     fn linear_attention_step(

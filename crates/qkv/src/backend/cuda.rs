@@ -121,7 +121,9 @@ fn flash_only(kind: AttentionKind) -> Result<(), CudaError> {
                 .into(),
         )),
         AttentionKind::Linear => Err(CudaError::Unsupported(
-            "linear attention is not on CUDA: use \"attention\": \"flash\"".into(),
+            "linear attention is not on CUDA: use \"attention\": \"flash\" (a model trained \
+             with linear attention runs on the CPU)"
+                .into(),
         )),
     }
 }
@@ -238,13 +240,6 @@ impl Backend for Cuda {
     fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a> {
         x.slice(r)
     }
-    fn split_mut<'a>(
-        x: Self::Mut<'a>,
-        a: Range<usize>,
-        b: Range<usize>,
-    ) -> (Self::Mut<'a>, Self::Mut<'a>) {
-        x.split(a, b)
-    }
     fn buf_len(b: &DevBuf<f32>) -> usize {
         b.len()
     }
@@ -257,6 +252,10 @@ impl Backend for Cuda {
 
     fn bf16_products(&self) -> bool {
         self.bf16
+    }
+
+    fn runs_attention(&self, kind: AttentionKind) -> Result<()> {
+        Ok(flash_only(kind)?)
     }
 
     fn sync(&self) -> Result<()> {
@@ -643,6 +642,10 @@ impl Backend for Cuda {
                 out, q, q_rs, kv, block, keys, padding, heads, head_dim, scale,
             )
         });
+    }
+
+    fn copy_within(&self, data: DevMut<'_>, copies: &[(usize, usize, usize)]) {
+        self.run(|gpu| gpu.copy_within(data, copies));
     }
 
     fn linear_attention_step(

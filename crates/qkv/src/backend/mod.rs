@@ -104,12 +104,6 @@ pub trait Backend: Clone + Debug + 'static {
     fn prefix_mut<'a>(x: Self::Mut<'a>, n: usize) -> Self::Mut<'a>;
     /// Elements `r` of `x`, writable.
     fn sub_mut<'a>(x: Self::Mut<'a>, r: Range<usize>) -> Self::Mut<'a>;
-    /// Two disjoint parts of `x`, elements `a` and `b` (`a` before `b`), as `split_at_mut`.
-    fn split_mut<'a>(
-        x: Self::Mut<'a>,
-        a: Range<usize>,
-        b: Range<usize>,
-    ) -> (Self::Mut<'a>, Self::Mut<'a>);
     /// Elements `b` holds.
     fn buf_len(b: &Self::Buf) -> usize;
 
@@ -124,6 +118,10 @@ pub trait Backend: Clone + Debug + 'static {
 
     /// Whether products round their operands to bf16 (f32 accumulation).
     fn bf16_products(&self) -> bool;
+
+    /// An error naming `kind` where this backend does not run it (checked when a model is
+    /// moved here, so a model that cannot run is refused before any work).
+    fn runs_attention(&self, kind: AttentionKind) -> crate::error::Result<()>;
 
     /// Waits for the ops queued so far and reports the first that failed since the last
     /// call (a device's launches fail asynchronously; the CPU's ops cannot fail).
@@ -409,6 +407,10 @@ pub trait Backend: Clone + Debug + 'static {
         head_dim: usize,
         scale: f32,
     );
+    /// Within `data`, in order: `len` elements from `from` to `to` for every `(from, to, len)`
+    /// (a decoding cache's blocks copied for beam search; no copy's target overlaps a later
+    /// copy's source).
+    fn copy_within(&self, data: Self::Mut<'_>, copies: &[(usize, usize, usize)]);
     /// `kernels::linear_attention::linear_attention_step`: one position of every row's
     /// recurrent state (R rows of H·(D² + D) floats). out: (R, H·D); qkv: (R, 3·H·D)
     fn linear_attention_step(

@@ -113,7 +113,7 @@ pub const SOURCES: &[Source] = &[
     Source {
         name: "decode",
         text: include_str!("kernels/decode.cu"),
-        functions: &["attention_one_query", "kv_append"],
+        functions: &["attention_one_query", "kv_append", "copy_within"],
     },
     Source {
         name: "optim",

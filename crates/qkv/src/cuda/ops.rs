@@ -1698,4 +1698,58 @@ impl Gpu {
         unsafe { l.launch(cfg) }?;
         Ok(())
     }
+
+    /// `Backend::copy_within`: `len` elements from `from` to `to` inside `data` for every
+    /// `(from, to, len)`; the targets must be disjoint and overlap no source (checked).
+    pub fn copy_within<'v>(
+        &self,
+        data: impl Into<DevMut<'v>>,
+        copies: &[(usize, usize, usize)],
+    ) -> Result<(), CudaError> {
+        let data: DevMut = data.into();
+        let kernel = "copy_within";
+        let copies: Vec<_> = copies.iter().filter(|c| c.2 > 0).copied().collect();
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let overlap = |a: usize, b: usize, n: usize, m: usize| a < b + m && b < a + n;
+        for (i, &(from, to, len)) in copies.iter().enumerate() {
+            if from.max(to) + len > data.len() {
+                return Err(CudaError::Shape {
+                    kernel,
+                    msg: format!(
+                        "copy {i} ({from} → {to}, {len}) outside {} elements",
+                        data.len()
+                    ),
+                });
+            }
+            // Run at once, a copy must not write what another reads or writes.
+            if let Some(j) = (copies.iter().enumerate()).position(|(j, &(f, t, n))| {
+                (j != i && overlap(to, t, len, n)) || overlap(to, f, len, n)
+            }) {
+                return Err(CudaError::Shape {
+                    kernel,
+                    msg: format!("copy {i}'s target overlaps copy {j}"),
+                });
+            }
+        }
+        let spans: Vec<i64> = (copies.iter())
+            .flat_map(|&(from, to, len)| [from as i64, to as i64, len as i64])
+            .collect();
+        let spans = self.stream().clone_htod(&spans)?;
+        let longest = copies.iter().map(|c| c.2).max().unwrap_or(0);
+        let func = self.function(kernel)?;
+        let mut l = self.stream().launch_builder(&func);
+        l.arg(&data).arg(&spans);
+        let cfg = LaunchConfig {
+            grid_dim: (longest.div_ceil(256).min(64) as u32, copies.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches decode.cu's copy_within; every copy lies inside `data` and no
+        // target overlaps another copy's target or any source (checked above), so the
+        // copies' threads never race.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
 }

@@ -173,6 +173,43 @@ impl<B: Decoding> KvCache<B> {
         self.members.iter_mut().for_each(|m| m.reorder(order));
     }
 
+    /// A copy of this cache, its blocks copied on the backend (a device that runs out of
+    /// memory reports it at the next step, as every op does, where `clone` would panic).
+    pub fn duplicate(&self) -> Self {
+        let be = &self.be;
+        let copy = |layers: &[LayerKv<B>]| -> Vec<LayerKv<B>> {
+            (layers.iter())
+                .map(|l| {
+                    let (n, mut data) = (B::buf_len(&l.data), B::Buf::default());
+                    if n > 0 {
+                        be.copy(be.grow(&mut data, n), B::view(&l.data, n));
+                    }
+                    LayerKv {
+                        data,
+                        rows: l.rows,
+                        state: l.state,
+                    }
+                })
+                .collect()
+        };
+        Self {
+            be: be.clone(),
+            len: self.len,
+            pos: self.pos.clone(),
+            capacity: self.capacity,
+            c: self.c,
+            self_kv: copy(&self.self_kv),
+            cross_kv: copy(&self.cross_kv),
+            src_padding: self.src_padding.clone(),
+            src_len: self.src_len.clone(),
+            source_of: self.source_of.clone(),
+            own: self.own.clone(),
+            spare: vec![Vec::new(); self.spare.len()],
+            packed: self.packed.clone(),
+            members: self.members.iter().map(|m| m.duplicate()).collect(),
+        }
+    }
+
     /// Whether rows may join this cache part-way ([`Self::absorb`]): on the CPU, with softmax
     /// attention in every layer, its own and its ensemble members' (a linear attention
     /// layer's state is not kept per block).
@@ -315,8 +352,8 @@ fn grow_copying<B: Backend>(be: &B, data: &mut B::Buf, n: usize) {
 
 /// A device's [`Decoding::reorder`] of the blocks, written against the seam (the CPU runs it
 /// in tests): as the CPU's, blocks are handed to the rows that continue alone and copied for
-/// repeated parents only (a copy per row per layer would be a launch each). Linear-attention
-/// states are gathered into a new buffer.
+/// repeated parents only, all of a layer's copies in one op (a copy per row per layer would
+/// be a launch each). Linear-attention states are gathered into a new buffer.
 fn device_reorder<B: Decoding>(cache: &mut KvCache<B>, order: &[usize]) {
     let (be, w) = (cache.be.clone(), 2 * cache.c);
     if cache.self_kv.iter().any(|l| l.state > 0) {
@@ -346,23 +383,14 @@ fn device_reorder<B: Decoding>(cache: &mut KvCache<B>, order: &[usize]) {
         }
     }
     let (own, copies) = hand_blocks(&cache.own, order, blocks.max(order.len()));
-    for [parent, from, to] in copies {
-        let len = cache.pos[parent] * w;
-        for layer in cache.self_kv.iter_mut().filter(|_| len > 0) {
+    if !copies.is_empty() {
+        for layer in &mut cache.self_kv {
             let block = layer.rows * w;
+            let spans: Vec<_> = (copies.iter())
+                .map(|&[parent, from, to]| (from * block, to * block, cache.pos[parent] * w))
+                .collect();
             let n = B::buf_len(&layer.data);
-            let all = be.grow(&mut layer.data, n);
-            let (from, to) = (
-                from * block..from * block + len,
-                to * block..to * block + len,
-            );
-            let (src, dst) = if from.start < to.start {
-                B::split_mut(all, from, to)
-            } else {
-                let (dst, src) = B::split_mut(all, to, from);
-                (src, dst)
-            };
-            be.copy(dst, B::into_ref(src));
+            be.copy_within(be.grow(&mut layer.data, n), &spans);
         }
     }
     cache.own = own;
@@ -601,6 +629,13 @@ pub(crate) fn decoder_step<'a, B: Decoding>(
 ) -> Result<B::Ref<'a>> {
     let cross = stack.layers.iter().any(|l| l.cross.is_some());
     cache.check_step(tokens, stack.layers.len(), cross)?;
+    if cache.packed.int8 && !B::HOST {
+        return Err(Error::Config(
+            "int8 decoding steps run on the CPU's int8 kernels: turn int8_steps off on a \
+             device"
+                .into(),
+        ));
+    }
     B::ensure_blocks(cache);
     let c = embed.c;
     let x = embed.step(be, p, tokens, &cache.pos)?;
@@ -637,7 +672,8 @@ mod tests {
     /// the old blocks copied in, copies between blocks of one buffer in either direction)
     /// run on CPU buffers: through beam search's reorders (rows repeated, dropped, permuted;
     /// blocks grown past the batch) every step's logits equal the full forward over each
-    /// row's history, with softmax attention (blocks) and linear attention (states).
+    /// row's history, with softmax attention (blocks) and linear attention (states); a
+    /// duplicated cache steps as the cache does.
     #[test]
     fn the_devices_block_logic_keeps_every_rows_history() {
         for attention in [AttentionKind::Flash, AttentionKind::Linear] {
@@ -672,7 +708,15 @@ mod tests {
                 for (row, &id) in rows.iter_mut().zip(&ids) {
                     row.1.push(id);
                 }
+                // A duplicate (blocks copied through the seam) takes the step to the same
+                // logits.
+                let mut copy = cache.duplicate();
+                let stepped = model.step(&mut copy, &ids).unwrap().to_vec();
                 let step = model.step(&mut cache, &ids).unwrap().to_vec();
+                assert_eq!(
+                    stepped, step,
+                    "{attention:?} step {pos}: the duplicate's step"
+                );
                 for (r, (source, history)) in rows.iter().enumerate() {
                     let one = Tokens::new(&src[source * s..(source + 1) * s], 1, s).unwrap();
                     let tgt = Tokens::new(history, 1, history.len()).unwrap();

@@ -210,6 +210,7 @@ macro_rules! to_backend {
         impl ToBackend for $family {
             type On<B: Backend> = $family<B>;
             fn to_backend<B: Backend>(&self, be: B) -> Result<$family<B>> {
+                be.runs_attention(self.config.attention)?;
                 let mut twin = $family::on(be.clone(), self.config.clone(), 0)?;
                 twin.params.data = be.upload(self.params.data.clone());
                 be.sync()?;

@@ -529,7 +529,7 @@ fn translate_batch<B: Decoding, M: EncoderDecoder<B>>(
     let sampling = opts.decode.sampling(0);
     let references = opts.decode.references();
     // The references decode on a copy of the encoded batch, drawn apart from the candidates.
-    let mut reference_cache = (references > 0).then(|| cache.clone());
+    let mut reference_cache = (references > 0).then(|| cache.duplicate());
     let mut outputs = if opts.decode.sampling {
         sample_outputs(
             model,

@@ -52,7 +52,7 @@ extern "C" __global__ void attention_one_query(float* out, const float* q, long 
 // The cache write of a decoding step: row r of src (width floats at row stride src_rs)
 // becomes position pos[r] of block block[r] (blocks of `rows` positions of `width` floats).
 // One thread block per row: the rows go to different blocks, so one launch replaces a copy
-// per row. kernels::attention's callers do this with a slice copy per row on the CPU.
+// per row (the CPU's Backend::kv_append copies a slice per row).
 extern "C" __global__ void kv_append(float* kv, long long rows, long long width,
                                      const float* src, long long src_rs,
                                      const unsigned* block, const int* pos) {
@@ -60,4 +60,16 @@ extern "C" __global__ void kv_append(float* kv, long long rows, long long width,
     float* dst = kv + ((u64)block[r] * rows + pos[r]) * width;
     const float* s = src + (u64)r * src_rs;
     for (long long i = threadIdx.x; i < width; i += blockDim.x) dst[i] = s[i];
+}
+
+// Copies inside one buffer (a decoding cache's blocks, for beam search's repeated parents):
+// copy i moves spans[3i+2] floats from offset spans[3i] to offset spans[3i+1]. The targets
+// are disjoint and none is a source, so every copy runs at once: one launch per layer
+// instead of one copy per row. Grid: (chunks of each copy, copies).
+extern "C" __global__ void copy_within(float* data, const long long* spans) {
+    int i = blockIdx.y;
+    long long from = spans[3 * i], to = spans[3 * i + 1], len = spans[3 * i + 2];
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x; x < len; x += stride)
+        data[to + x] = data[from + x];
 }
