@@ -62,12 +62,17 @@ fn eval_of_an_empty_file_is_an_error(model: &Path, what: &str) {
     assert_eq!(err.matches("to evaluate").count(), 1, "{err}");
 }
 
-/// `qkv eval --device cuda` of `model` on `data`: whether it succeeded, and its stderr.
-fn eval_on_cuda(model: &Path, data: &Path) -> (bool, String) {
-    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
-    let args = ["eval", "--model", model, "--data", data, "--device", "cuda"];
-    let (ok, _, err) = qkv(&args, None);
-    (ok, err)
+/// Without a GPU, `qkv args` (a `--device cuda` command) fails naming what is missing: never
+/// a CPU run in its place.
+fn needs_a_gpu(args: &[&str], stdin: Option<&str>) {
+    if qkv::cuda::driver_available() {
+        return;
+    }
+    let (ok, _, err) = qkv(args, stdin);
+    assert!(
+        !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
+        "{args:?}: {err}"
+    );
 }
 
 #[test]
@@ -108,22 +113,23 @@ fn translate_train_eval_translate_average_resume() {
     let best = run.join("best");
     // `--device cuda` decodes on the GPU: without one, `eval` and `translate` name what is
     // missing; `--dtype int8` (the CPU's kernels) is an error there, GPU or not.
-    if !qkv::cuda::driver_available() {
-        let (ok, err) = eval_on_cuda(&best, &dir.join("test.tsv"));
-        assert!(!ok && err.contains("libcuda.so"), "{err}");
-        let args = [
-            "translate",
-            "--model",
-            best.to_str().unwrap(),
-            "--device",
-            "cuda",
-        ];
-        let (ok, _, err) = qkv(&args, Some("the king\n"));
-        assert!(
-            !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
-            "{err}"
-        );
-    }
+    let (best_s, test_s) = (best.to_str().unwrap(), dir.join("test.tsv"));
+    let eval = [
+        "eval",
+        "--model",
+        best_s,
+        "--data",
+        test_s.to_str().unwrap(),
+    ];
+    needs_a_gpu(&[&eval[..], &["--device", "cuda"]].concat(), None);
+    let translate = ["translate", "--model", best_s, "--device", "cuda"];
+    needs_a_gpu(&translate, Some("the king\n"));
+    let args = [&eval[..], &["--device", "cuda", "--dtype", "int8"]].concat();
+    let (ok, _, err) = qkv(&args, None);
+    assert!(
+        !ok && err.contains("--dtype int8 runs decoding steps"),
+        "{err}"
+    );
     let args = [
         "translate",
         "--model",
@@ -324,22 +330,15 @@ fn classify_and_lm_train_and_predict() {
     let labels: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
     assert_eq!(labels, ["positive", "negative"]);
     eval_of_an_empty_file_is_an_error(&best, "`label<TAB>text` examples");
-    // `--device cuda` without a GPU: an error naming what is missing, never a CPU run.
-    if !qkv::cuda::driver_available() {
-        for command in ["classify", "embed", "serve"] {
-            let args = [
-                command,
-                "--model",
-                best.to_str().unwrap(),
-                "--device",
-                "cuda",
-            ];
-            let (ok, _, err) = qkv(&args, Some("happy day now\n"));
-            assert!(
-                !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
-                "{command}: {err}"
-            );
-        }
+    for command in ["classify", "embed", "serve"] {
+        let args = [
+            command,
+            "--model",
+            best.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ];
+        needs_a_gpu(&args, Some("happy day now\n"));
     }
     // bf16 inference (f32 where the CPU lacks avx512_bf16) agrees with f32.
     let (ok, out16, err) = qkv(
@@ -390,28 +389,17 @@ fn classify_and_lm_train_and_predict() {
     assert!(ok, "{err}");
     assert!(out.starts_with("to be or not to be"), "{out}");
     eval_of_an_empty_file_is_an_error(&best, "text");
-    // `--device cuda` without a GPU: an error naming what is missing, never a CPU run (a
-    // server that would decode on the CPU, generation, evaluation).
-    if !qkv::cuda::driver_available() {
-        let best_s = best.to_str().unwrap();
-        for args in [
-            &["serve", "--model", best_s, "--device", "cuda"][..],
-            &[
-                "generate", "--model", best_s, "--prompt", "to be", "--device", "cuda",
-            ],
-        ] {
-            let (ok, _, err) = qkv(args, None);
-            assert!(
-                !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
-                "{args:?}: {err}"
-            );
-        }
-        let (ok, err) = eval_on_cuda(&best, &dir.join("valid.txt"));
-        assert!(
-            !ok && err.contains("--device cuda") && err.contains("libcuda.so"),
-            "{err}"
-        );
-    }
+    // A server, generation and evaluation on the GPU.
+    let best_s = best.to_str().unwrap();
+    needs_a_gpu(&["serve", "--model", best_s, "--device", "cuda"], None);
+    let prompt = ["--prompt", "to be", "--device", "cuda"];
+    needs_a_gpu(
+        &[&["generate", "--model", best_s][..], &prompt].concat(),
+        None,
+    );
+    let valid = dir.join("valid.txt");
+    let eval = ["eval", "--model", best_s, "--data", valid.to_str().unwrap()];
+    needs_a_gpu(&[&eval[..], &["--device", "cuda"]].concat(), None);
     // Text shorter than one block of max_len tokens names its file, in eval and in a job
     // (before any training).
     std::fs::write(dir.join("short.txt"), "to be\n").unwrap();
