@@ -937,6 +937,24 @@ fn a_kernel_given_short_buffers_is_a_shape_error() {
         err.to_string().contains("out holds 10 elements, 16 needed"),
         "{err}"
     );
+    // A decoding step's cache write past its blocks or positions names the row.
+    let (mut kv, src) = (z(2 * 4 * 6), z(3 * 6));
+    let err = g
+        .kv_append(&mut kv, 4, &src, 6, 6, &[0, 2, 1], &[0, 0, 0])
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("row 1 writes position 0 of block 2"),
+        "{err}"
+    );
+    let err = g
+        .kv_append(&mut kv, 4, &src, 6, 6, &[0, 1, 1], &[0, 4, 0])
+        .unwrap_err();
+    assert!(err.to_string().contains("row 1 writes position 4"), "{err}");
+    let err = g
+        .kv_append(&mut kv, 4, &src, 6, 6, &[0, 1], &[0, 0, 0])
+        .unwrap_err();
+    assert!(err.to_string().contains("3 positions for 2 rows"), "{err}");
 }
 
 /// The optimizer step on the GPU against the CPU's, over a real model's parameter layout:
@@ -2083,6 +2101,10 @@ fn kv_cache_decoding_on_the_gpu_equals_the_full_forward_and_the_cpu() {
         }
         // The cache is full: one more step is an error, not a launch past the blocks.
         assert!(dev.step(&mut dev_cache, &[3; 5]).is_err());
+        // Continuous batching (a cache taking another's rows) is the CPU's: a named error.
+        let fresh = dev.start_decoding(tokens, t).unwrap();
+        let err = dev_cache.absorb(fresh).unwrap_err().to_string();
+        assert!(err.contains("continuous batching"), "{err}");
         // int8 steps are the CPU's kernels: an error on the GPU, not f32 steps in silence.
         dev.int8_steps = true;
         let mut int8_cache = dev.start_decoding(tokens, t).unwrap();
